@@ -1,0 +1,62 @@
+//! The conformance suite on the SQLite backend, plus what only SQLite has: a file.
+
+mod conformance;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use arca_store::{SqliteConfig, SqliteStore, StoreError, StoreExt};
+use conformance::Fixture;
+
+fn fixture(case: &str) -> Fixture {
+    fixture_with_timeout(case, arca_store::limits::MAX_TRANSACTION_DURATION)
+}
+
+fn fixture_with_timeout(case: &str, timeout: Duration) -> Fixture {
+    let dir = tempfile::Builder::new().prefix(case).tempdir().unwrap();
+    let mut config = SqliteConfig::new(dir.path().join("store.db"));
+    config.transaction_timeout = timeout;
+    Fixture {
+        store: Box::new(SqliteStore::open(config).unwrap()),
+        root: b"t/".to_vec(),
+        keep_alive: Box::new(dir),
+    }
+}
+
+suite!(fixture, fixture_with_timeout);
+
+#[test]
+fn commits_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let version = {
+        let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        store.transact(|tx| tx.set(b"k", b"v")).unwrap().commit.version.unwrap()
+    };
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    assert_eq!(store.transact(|tx| tx.get(b"k")).unwrap().value, Some(b"v".to_vec()));
+    let next = store.transact(|tx| tx.set(b"k", b"w")).unwrap().commit.version.unwrap();
+    assert!(next > version, "commit versions keep increasing across restarts");
+}
+
+#[test]
+fn the_store_file_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = SqliteStore::open(SqliteConfig::new(&path)).unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+}
+
+#[test]
+fn a_file_that_is_not_a_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    std::fs::write(&path, b"this is not a database, just some bytes that are long enough").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(SqliteStore::open(SqliteConfig::new(&path)).is_err());
+}
