@@ -23,6 +23,22 @@
 //! its futures. Async callers run transactions on a blocking thread (`spawn_blocking`) or a
 //! dedicated committer thread.
 //!
+//! ```
+//! use arca_store::{SqliteConfig, SqliteStore, StoreError, StoreExt, tuple};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = SqliteStore::open(SqliteConfig::new(dir.path().join("store.db")))?;
+//! let key = tuple::pack(&["kv".into(), "secret/app/db".into()]);
+//! let committed = store.transact(|tx| {
+//!     let seen = tx.get(&key)?;
+//!     tx.set(&key, b"ciphertext")?;
+//!     Ok::<_, StoreError>(seen.is_none())
+//! })?;
+//! assert!(committed.value, "the key was new");
+//! assert!(committed.commit.version.is_some());
+//! # Ok::<(), StoreError>(())
+//! ```
+//!
 //! Invariants: a transaction that returns an error, or whose closure fails, leaves no trace;
 //! commit versions and versionstamps strictly increase across commits; no error message
 //! contains a key or a value.
