@@ -1,0 +1,425 @@
+//! The audit event and its versioned, canonical binary encoding.
+//!
+//! Format v1, big-endian, fields in this order:
+//!
+//! ```text
+//! u8      format version (1)
+//! u64     time, milliseconds since the Unix epoch
+//! str     request id
+//! str     cluster, str region, str node
+//! str     actor entity, opt<str> actor token accessor
+//! str     source address, opt<str> proxy address (set when a trusted proxy header was honoured)
+//! u8      operation code (see Operation)
+//! str     path
+//! opt<u64> secret version
+//! u8      outcome (0 ok, 1 denied, 2 error) [, str error code when 2]
+//! ```
+//!
+//! `str` is a u16 length then UTF-8 bytes; `opt<T>` is a tag byte 0 (absent) or 1 then `T`.
+//! Decoding is strict: unknown versions, codes and tags, invalid UTF-8, over-long fields and
+//! trailing bytes are errors, never panics.
+
+use std::fmt;
+
+/// The encoding version [`Event::encode`] writes.
+pub const FORMAT_V1: u8 = 1;
+/// Longest string field, in bytes.
+pub const MAX_FIELD_BYTES: usize = 4096;
+
+/// Who made the request. Never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The identity: `root`, `token:<display name>`, `approle:<role>`, `anonymous` when the
+    /// request carried no valid token.
+    pub entity: String,
+    /// The token's accessor, a public handle for lookup and revocation.
+    pub token_accessor: Option<String>,
+}
+
+/// Where the request came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The client's address: the peer address, or the address named by a trusted proxy's
+    /// header when one is configured and present.
+    pub address: String,
+    /// The proxy's own address, when the client address came from its header.
+    pub proxy: Option<String>,
+}
+
+/// What happened to the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Denied,
+    /// Failed; the stable error code (never a message, which might echo input).
+    Error { code: String },
+}
+
+macro_rules! operations {
+    ($($(#[$doc:meta])* $name:ident = $code:literal, $label:literal;)*) => {
+        /// What the request asked for. Codes are stable: never reuse or renumber one.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Operation {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Operation {
+            /// Every operation, for exhaustive tests and metrics.
+            pub const ALL: &[Operation] = &[$(Operation::$name,)*];
+
+            pub fn code(self) -> u8 {
+                match self {
+                    $(Operation::$name => $code,)*
+                }
+            }
+
+            pub fn from_code(code: u8) -> Option<Self> {
+                match code {
+                    $($code => Some(Operation::$name),)*
+                    _ => None,
+                }
+            }
+
+            /// A stable name, `area.action`, for logs, metrics and exports.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Operation::$name => $label,)*
+                }
+            }
+        }
+    };
+}
+
+operations! {
+    Init = 1, "operator.init";
+    Unseal = 2, "operator.unseal";
+    Seal = 3, "operator.seal";
+    Status = 4, "operator.status";
+    Rotate = 5, "operator.rotate";
+    KvRead = 10, "kv.read";
+    KvWrite = 11, "kv.write";
+    KvPatch = 12, "kv.patch";
+    KvList = 13, "kv.list";
+    KvDelete = 14, "kv.delete";
+    KvUndelete = 15, "kv.undelete";
+    KvDestroy = 16, "kv.destroy";
+    KvReadMetadata = 17, "kv.metadata.read";
+    KvWriteMetadata = 18, "kv.metadata.write";
+    KvDeleteMetadata = 19, "kv.metadata.delete";
+    TokenCreate = 30, "token.create";
+    TokenLookup = 31, "token.lookup";
+    TokenRenew = 32, "token.renew";
+    TokenRevoke = 33, "token.revoke";
+    AppRoleWrite = 40, "approle.write";
+    AppRoleRead = 41, "approle.read";
+    AppRoleSecretId = 42, "approle.secret_id";
+    AppRoleLogin = 43, "approle.login";
+    AppRoleDelete = 44, "approle.delete";
+    AppRoleList = 45, "approle.list";
+    PolicyWrite = 50, "policy.write";
+    PolicyRead = 51, "policy.read";
+    PolicyList = 52, "policy.list";
+    PolicyDelete = 53, "policy.delete";
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One audited request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub time_unix_ms: u64,
+    pub request_id: String,
+    pub cluster: String,
+    pub region: String,
+    pub node: String,
+    pub actor: Actor,
+    pub source: Source,
+    pub operation: Operation,
+    /// The logical path the request named (`secret/data/app/db`, `auth/token/create`).
+    pub path: String,
+    /// The secret version read or written, when there is one.
+    pub secret_version: Option<u64>,
+    pub outcome: Outcome,
+}
+
+/// Why bytes are not a canonical encoded event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("unsupported event format version {0}")]
+    UnknownVersion(u8),
+    #[error("event ends early")]
+    Truncated,
+    #[error("unknown operation code {0}")]
+    UnknownOperation(u8),
+    #[error("bad tag {tag} for {field}")]
+    BadTag { field: &'static str, tag: u8 },
+    #[error("{field} is longer than {MAX_FIELD_BYTES} bytes")]
+    FieldTooLong { field: &'static str },
+    #[error("{field} is not valid UTF-8")]
+    InvalidUtf8 { field: &'static str },
+    #[error("{0} bytes after the end of the event")]
+    TrailingBytes(usize),
+}
+
+impl Event {
+    /// The canonical encoding. Over-long string fields are cut at [`MAX_FIELD_BYTES`] (on a
+    /// character boundary) so that encoding never fails and stays canonical.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + self.path.len());
+        out.push(FORMAT_V1);
+        out.extend_from_slice(&self.time_unix_ms.to_be_bytes());
+        put_str(&mut out, &self.request_id);
+        put_str(&mut out, &self.cluster);
+        put_str(&mut out, &self.region);
+        put_str(&mut out, &self.node);
+        put_str(&mut out, &self.actor.entity);
+        put_opt_str(&mut out, self.actor.token_accessor.as_deref());
+        put_str(&mut out, &self.source.address);
+        put_opt_str(&mut out, self.source.proxy.as_deref());
+        out.push(self.operation.code());
+        put_str(&mut out, &self.path);
+        match self.secret_version {
+            None => out.push(0),
+            Some(version) => {
+                out.push(1);
+                out.extend_from_slice(&version.to_be_bytes());
+            }
+        }
+        match &self.outcome {
+            Outcome::Ok => out.push(0),
+            Outcome::Denied => out.push(1),
+            Outcome::Error { code } => {
+                out.push(2);
+                put_str(&mut out, code);
+            }
+        }
+        out
+    }
+
+    /// Decodes what [`Event::encode`] produced, and nothing else.
+    pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+        let mut r = Reader { bytes, at: 0 };
+        let version = r.u8()?;
+        if version != FORMAT_V1 {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let time_unix_ms = r.u64()?;
+        let request_id = r.str("request id")?;
+        let cluster = r.str("cluster")?;
+        let region = r.str("region")?;
+        let node = r.str("node")?;
+        let entity = r.str("actor entity")?;
+        let token_accessor = r.opt_str("token accessor")?;
+        let address = r.str("source address")?;
+        let proxy = r.opt_str("proxy address")?;
+        let code = r.u8()?;
+        let operation = Operation::from_code(code).ok_or(DecodeError::UnknownOperation(code))?;
+        let path = r.str("path")?;
+        let secret_version = match r.u8()? {
+            0 => None,
+            1 => Some(r.u64()?),
+            tag => return Err(DecodeError::BadTag { field: "secret version", tag }),
+        };
+        let outcome = match r.u8()? {
+            0 => Outcome::Ok,
+            1 => Outcome::Denied,
+            2 => Outcome::Error { code: r.str("error code")? },
+            tag => return Err(DecodeError::BadTag { field: "outcome", tag }),
+        };
+        let left = bytes.len() - r.at;
+        if left != 0 {
+            return Err(DecodeError::TrailingBytes(left));
+        }
+        Ok(Event {
+            time_unix_ms,
+            request_id,
+            cluster,
+            region,
+            node,
+            actor: Actor { entity, token_accessor },
+            source: Source { address, proxy },
+            operation,
+            path,
+            secret_version,
+            outcome,
+        })
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    if s.len() <= MAX_FIELD_BYTES {
+        return s;
+    }
+    let mut end = MAX_FIELD_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let s = truncate(s);
+    // MAX_FIELD_BYTES < u16::MAX, so the length fits.
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self.at.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let slice = self.bytes.get(self.at..end).ok_or(DecodeError::Truncated)?;
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let raw = self.take(8)?;
+        let mut buf = [0; 8];
+        buf.copy_from_slice(raw);
+        Ok(u64::from_be_bytes(buf))
+    }
+
+    fn str(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let raw = self.take(2)?;
+        let len = usize::from(u16::from_be_bytes([raw[0], raw[1]]));
+        if len > MAX_FIELD_BYTES {
+            return Err(DecodeError::FieldTooLong { field });
+        }
+        let raw = self.take(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::InvalidUtf8 { field })
+    }
+
+    fn opt_str(&mut self, field: &'static str) -> Result<Option<String>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.str(field)?)),
+            tag => Err(DecodeError::BadTag { field, tag }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Event {
+        Event {
+            time_unix_ms: 1_764_000_000_000,
+            request_id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
+            cluster: "prod".into(),
+            region: "eu-west".into(),
+            node: "node-a".into(),
+            actor: Actor { entity: "approle:billing".into(), token_accessor: Some("acc123".into()) },
+            source: Source { address: "10.0.0.7:51234".into(), proxy: None },
+            operation: Operation::KvRead,
+            path: "secret/data/app/db".into(),
+            secret_version: Some(3),
+            outcome: Outcome::Ok,
+        }
+    }
+
+    #[test]
+    fn known_encoding_is_stable() {
+        let bytes = sample().encode();
+        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(&bytes[1..9], &1_764_000_000_000u64.to_be_bytes());
+        assert_eq!(Event::decode(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn operation_codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for op in Operation::ALL {
+            assert!(seen.insert(op.code()), "duplicate code {}", op.code());
+            assert_eq!(Operation::from_code(op.code()), Some(*op));
+        }
+    }
+
+    #[test]
+    fn rejects_what_encode_would_not_produce() {
+        let bytes = sample().encode();
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(Event::decode(&trailing), Err(DecodeError::TrailingBytes(1)));
+        let mut version = bytes.clone();
+        version[0] = 2;
+        assert_eq!(Event::decode(&version), Err(DecodeError::UnknownVersion(2)));
+        for cut in 0..bytes.len() {
+            assert!(Event::decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+        }
+    }
+
+    #[test]
+    fn overlong_fields_are_cut_on_a_character_boundary() {
+        let mut event = sample();
+        event.path = "é".repeat(MAX_FIELD_BYTES);
+        let decoded = Event::decode(&event.encode()).unwrap();
+        assert!(decoded.path.len() <= MAX_FIELD_BYTES);
+        assert!(event.path.starts_with(&decoded.path));
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            Just(Outcome::Ok),
+            Just(Outcome::Denied),
+            "[a-z_]{0,12}".prop_map(|code| Outcome::Error { code }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(time in any::<u64>(), id in ".{0,40}", path in ".{0,80}",
+                       accessor in proptest::option::of("[a-f0-9]{0,24}"),
+                       proxy in proptest::option::of("[0-9.:]{0,21}"),
+                       version in proptest::option::of(any::<u64>()),
+                       op in proptest::sample::select(Operation::ALL), outcome in outcome()) {
+            let event = Event {
+                time_unix_ms: time,
+                request_id: id,
+                cluster: "c".into(),
+                region: "r".into(),
+                node: "n".into(),
+                actor: Actor { entity: "token:x".into(), token_accessor: accessor },
+                source: Source { address: "127.0.0.1:1".into(), proxy },
+                operation: op,
+                path,
+                secret_version: version,
+                outcome,
+            };
+            prop_assert_eq!(Event::decode(&event.encode()).unwrap(), event);
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(event) = Event::decode(&bytes) {
+                prop_assert_eq!(event.encode(), bytes, "accepted bytes must be canonical");
+            }
+        }
+    }
+}
