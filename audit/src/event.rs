@@ -52,7 +52,9 @@ pub enum Outcome {
     Ok,
     Denied,
     /// Failed; the stable error code (never a message, which might echo input).
-    Error { code: String },
+    Error {
+        code: String,
+    },
 }
 
 macro_rules! operations {

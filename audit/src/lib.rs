@@ -15,4 +15,4 @@
 
 mod event;
 
-pub use event::{Actor, DecodeError, Event, Operation, Outcome, Source};
+pub use event::{Actor, DecodeError, Event, FORMAT_V1, MAX_FIELD_BYTES, Operation, Outcome, Source};
