@@ -405,9 +405,11 @@ impl Barrier {
             State::Sealed => Vec::new(),
             State::Collecting(shares) => shares,
         };
-        if shares.iter().any(|s| s[0] == share[0]) && seal.shares > 1 {
+        if seal.shares > 1 && shares.iter().any(|s| s[0] == share[0]) {
+            // Giving the same share again changes nothing (requests may be retried).
+            let progress = shares.len() as u8;
             *state = State::Collecting(shares);
-            return Err(BarrierError::InvalidShare("this share was already given"));
+            return Ok(UnsealProgress { sealed: true, progress, threshold: seal.threshold });
         }
         shares.push(share);
         if shares.len() < usize::from(seal.threshold) {

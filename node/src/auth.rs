@@ -1,0 +1,500 @@
+//! Identities: tokens and AppRole machine login.
+//!
+//! Tokens are 256-bit random strings (`arca_` + base64url), shown once and stored only as
+//! their SHA-256 (the store key), compared again in constant time on use. Each token has a
+//! public **accessor** — audit events and revocation name it, never the token — policies, a
+//! TTL (renewable up to a maximum), and a parent: revoking a token revokes its children.
+//!
+//! AppRole: a role binds policies and TTLs; a machine logs in with the role's role id and a
+//! secret id (issued per machine, stored hashed, with its own TTL) and receives a token.
+
+use std::sync::Arc;
+
+use arca_audit::{Actor, Operation};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::ApiError;
+use crate::keys;
+use crate::node::{Audited, Env, Node, RequestContext, credential_hash};
+use crate::policy::{self, Capability};
+
+/// Default token TTL: 24 hours.
+pub const DEFAULT_TTL_SECS: u64 = 24 * 3600;
+/// Longest TTL a token may have, and the longest it may be renewed to: 32 days.
+pub const MAX_TTL_SECS: u64 = 32 * 24 * 3600;
+const MAX_POLICIES: usize = 64;
+
+/// A stored token (under its hash).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    pub accessor: String,
+    pub policies: Vec<String>,
+    /// `root`, `token:<display name>` or `approle:<role>`.
+    pub entity: String,
+    pub display_name: String,
+    pub created_unix_ms: u64,
+    /// `None`: never expires (the root token).
+    pub expire_unix_ms: Option<u64>,
+    /// The latest the token can be renewed to.
+    pub max_expire_unix_ms: Option<u64>,
+    pub ttl_secs: u64,
+    pub renewable: bool,
+    /// The accessor of the token that created this one.
+    pub parent: Option<String>,
+}
+
+impl TokenRecord {
+    pub fn is_expired(&self, now_unix_ms: u64) -> bool {
+        self.expire_unix_ms.is_some_and(|e| now_unix_ms >= e)
+    }
+}
+
+/// A newly created token, returned once.
+#[derive(Clone)]
+pub struct NewToken {
+    pub token: Zeroizing<String>,
+    pub record: TokenRecord,
+}
+
+impl std::fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewToken").field("token", &"<redacted>").field("record", &self.record).finish()
+    }
+}
+
+fn random_token() -> Zeroizing<String> {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    rand::fill(&mut raw[..]);
+    Zeroizing::new(format!("arca_{}", URL_SAFE_NO_PAD.encode(&raw[..])))
+}
+
+fn random_id() -> String {
+    let mut raw = [0u8; 16];
+    rand::fill(&mut raw);
+    hex::encode(raw)
+}
+
+/// What a new token should be.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSpec {
+    pub policies: Vec<String>,
+    pub ttl_secs: Option<u64>,
+    pub display_name: String,
+    pub entity: String,
+    pub renewable: bool,
+    pub parent: Option<String>,
+}
+
+fn validate_policies(policies: &[String]) -> Result<(), ApiError> {
+    if policies.len() > MAX_POLICIES {
+        return Err(ApiError::invalid(format!("at most {MAX_POLICIES} policies")));
+    }
+    for name in policies {
+        policy::validate_name(name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn validate_ttl(ttl_secs: Option<u64>) -> Result<u64, ApiError> {
+    match ttl_secs {
+        None => Ok(DEFAULT_TTL_SECS),
+        Some(0) => Err(ApiError::invalid("ttl must be positive")),
+        Some(t) if t > MAX_TTL_SECS => {
+            Err(ApiError::invalid(format!("ttl exceeds the maximum of {MAX_TTL_SECS} seconds")))
+        }
+        Some(t) => Ok(t),
+    }
+}
+
+fn validate_display_name(name: &str) -> Result<(), ApiError> {
+    if name.len() > 128 || name.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid("display name: at most 128 printable characters"));
+    }
+    Ok(())
+}
+
+/// Creates and stores a token (inside the caller's transaction).
+pub(crate) fn mint(env: &mut Env<'_>, spec: TokenSpec) -> Result<NewToken, ApiError> {
+    let ttl = validate_ttl(spec.ttl_secs)?;
+    let token = random_token();
+    let hash = credential_hash(&token);
+    let now = env.now_unix_ms;
+    let never_expires = spec.policies.iter().any(|p| p == "root") && spec.ttl_secs.is_none();
+    let record = TokenRecord {
+        hash: hex::encode(hash),
+        accessor: random_id(),
+        policies: spec.policies,
+        entity: spec.entity,
+        display_name: spec.display_name,
+        created_unix_ms: now,
+        expire_unix_ms: (!never_expires).then(|| now + ttl * 1000),
+        max_expire_unix_ms: (!never_expires).then(|| now + MAX_TTL_SECS * 1000),
+        ttl_secs: if never_expires { 0 } else { ttl },
+        renewable: spec.renewable && !never_expires,
+        parent: spec.parent,
+    };
+    env.put_json(&keys::token(&hash), &record)?;
+    env.put_sealed(&keys::accessor(&record.accessor), record.hash.as_bytes())?;
+    if let Some(parent) = &record.parent {
+        env.tx.set(&keys::child(parent, &record.accessor), b"")?;
+    }
+    Ok(NewToken { token, record })
+}
+
+fn record_by_accessor(env: &mut Env<'_>, accessor: &str) -> Result<Option<TokenRecord>, ApiError> {
+    if accessor.len() > 64 {
+        return Err(ApiError::invalid("accessor too long"));
+    }
+    let Some(hash_hex) = env.get_sealed(&keys::accessor(accessor))? else {
+        return Ok(None);
+    };
+    let hash = hex::decode(&*hash_hex).map_err(|_| ApiError::Internal)?;
+    env.get_json(&keys::token(&hash))
+}
+
+/// Revokes a token and, recursively, every token it created.
+fn revoke_tree(env: &mut Env<'_>, record: &TokenRecord) -> Result<usize, ApiError> {
+    let mut revoked = 0;
+    let mut pending = vec![record.clone()];
+    while let Some(token) = pending.pop() {
+        let (begin, end) = keys::children_range(&keys::children(&token.accessor));
+        for kv in env.tx.get_range(&begin, &end, Default::default())? {
+            let child = arca_store::tuple::unpack(&kv.key)
+                .ok()
+                .and_then(|t| t.last().and_then(|e| e.as_str().map(str::to_owned)))
+                .ok_or(ApiError::Internal)?;
+            if let Some(child_record) = record_by_accessor(env, &child)? {
+                pending.push(child_record);
+            }
+        }
+        env.tx.clear_range(&begin, &end)?;
+        let hash = hex::decode(&token.hash).map_err(|_| ApiError::Internal)?;
+        env.tx.clear(&keys::token(&hash))?;
+        env.tx.clear(&keys::accessor(&token.accessor))?;
+        if let Some(parent) = &token.parent {
+            env.tx.clear(&keys::child(parent, &token.accessor))?;
+        }
+        revoked += 1;
+    }
+    Ok(revoked)
+}
+
+/// A token creation request.
+#[derive(Debug, Clone, Default)]
+pub struct CreateTokenRequest {
+    pub policies: Vec<String>,
+    pub ttl_secs: Option<u64>,
+    pub display_name: String,
+    pub renewable: bool,
+    /// No parent: not revoked with its creator (needs `sudo` on `auth/token/create-orphan`).
+    pub orphan: bool,
+}
+
+/// An AppRole role as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppRole {
+    pub name: String,
+    pub role_id: String,
+    pub policies: Vec<String>,
+    pub token_ttl_secs: u64,
+    pub secret_id_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SecretIdRecord {
+    accessor: String,
+    created_unix_ms: u64,
+    expire_unix_ms: Option<u64>,
+}
+
+/// AppRole role settings to write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteRoleRequest {
+    pub name: String,
+    pub policies: Vec<String>,
+    pub token_ttl_secs: Option<u64>,
+    /// 0: secret ids never expire.
+    pub secret_id_ttl_secs: Option<u64>,
+}
+
+/// An issued secret id, returned once.
+pub struct NewSecretId {
+    pub secret_id: Zeroizing<String>,
+    pub accessor: String,
+    pub expire_unix_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for NewSecretId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSecretId")
+            .field("secret_id", &"<redacted>")
+            .field("accessor", &self.accessor)
+            .finish()
+    }
+}
+
+fn validate_role_name(name: &str) -> Result<(), ApiError> {
+    policy::validate_name(name)
+        .map_err(|_| ApiError::invalid("role name: 1 to 128 characters from a-z, 0-9, '-', '_', '.'"))
+}
+
+impl Node {
+    pub async fn token_create(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        req: CreateTokenRequest,
+    ) -> Audited<NewToken> {
+        self.execute(ctx, Operation::TokenCreate, "auth/token/create".into(), move |env| {
+            validate_policies(&req.policies)?;
+            validate_display_name(&req.display_name)?;
+            validate_ttl(req.ttl_secs)?;
+            let parent = env.authorize("auth/token/create", &[Capability::Create, Capability::Update])?;
+            let parent_is_root = parent.policies.iter().any(|p| p == "root");
+            if req.orphan && !env.allowed(&parent, "auth/token/create-orphan", &[Capability::Sudo])? {
+                return Err(ApiError::PermissionDenied);
+            }
+            let policies =
+                if req.policies.is_empty() { parent.policies.clone() } else { req.policies.clone() };
+            if !parent_is_root && policies.iter().any(|p| !parent.policies.contains(p)) {
+                // A child token gets at most its parent's policies.
+                return Err(ApiError::PermissionDenied);
+            }
+            let display =
+                if req.display_name.is_empty() { "token".to_owned() } else { req.display_name.clone() };
+            mint(
+                env,
+                TokenSpec {
+                    policies,
+                    ttl_secs: Some(req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
+                    entity: format!("token:{display}"),
+                    display_name: display,
+                    renewable: req.renewable,
+                    parent: (!req.orphan).then(|| parent.accessor.clone()),
+                },
+            )
+        })
+        .await
+    }
+
+    /// Looks up the caller's own token, or (with `update` on `auth/token/lookup-accessor`)
+    /// another token by accessor.
+    pub async fn token_lookup(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        accessor: Option<String>,
+    ) -> Audited<TokenRecord> {
+        let path = if accessor.is_some() { "auth/token/lookup-accessor" } else { "auth/token/lookup-self" };
+        self.execute(ctx, Operation::TokenLookup, path.into(), move |env| match &accessor {
+            None => env.authenticate(),
+            Some(accessor) => {
+                env.authorize("auth/token/lookup-accessor", &[Capability::Update])?;
+                record_by_accessor(env, accessor)?
+                    .ok_or_else(|| ApiError::NotFound("no token with that accessor".into()))
+            }
+        })
+        .await
+    }
+
+    /// Renews the caller's own token by `increment_secs` (default: its TTL), up to its maximum.
+    pub async fn token_renew(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        increment_secs: Option<u64>,
+    ) -> Audited<TokenRecord> {
+        self.execute(ctx, Operation::TokenRenew, "auth/token/renew-self".into(), move |env| {
+            let mut record = env.authenticate()?;
+            if !record.renewable {
+                return Err(ApiError::FailedPrecondition("this token is not renewable".into()));
+            }
+            let increment = validate_ttl(increment_secs.or(Some(record.ttl_secs)))?;
+            let wanted = env.now_unix_ms + increment * 1000;
+            record.expire_unix_ms = Some(record.max_expire_unix_ms.map_or(wanted, |max| wanted.min(max)));
+            let hash = hex::decode(&record.hash).map_err(|_| ApiError::Internal)?;
+            env.put_json(&keys::token(&hash), &record)?;
+            Ok(record)
+        })
+        .await
+    }
+
+    /// Revokes the caller's own token, or another by accessor (with `update` on
+    /// `auth/token/revoke-accessor`), and every token descended from it.
+    pub async fn token_revoke(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        accessor: Option<String>,
+    ) -> Audited<usize> {
+        let path = if accessor.is_some() { "auth/token/revoke-accessor" } else { "auth/token/revoke-self" };
+        self.execute(ctx, Operation::TokenRevoke, path.into(), move |env| {
+            let target = match &accessor {
+                None => env.authenticate()?,
+                Some(accessor) => {
+                    env.authorize("auth/token/revoke-accessor", &[Capability::Update])?;
+                    record_by_accessor(env, accessor)?
+                        .ok_or_else(|| ApiError::NotFound("no token with that accessor".into()))?
+                }
+            };
+            revoke_tree(env, &target)
+        })
+        .await
+    }
+
+    pub async fn approle_write(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        req: WriteRoleRequest,
+    ) -> Audited<AppRole> {
+        let path = format!("auth/approle/role/{}", req.name);
+        self.execute(ctx, Operation::AppRoleWrite, path.clone(), move |env| {
+            validate_role_name(&req.name)?;
+            validate_policies(&req.policies)?;
+            let token_ttl = validate_ttl(req.token_ttl_secs)?;
+            let secret_id_ttl = match req.secret_id_ttl_secs {
+                None => 0,
+                Some(t) if t > MAX_TTL_SECS * 12 => return Err(ApiError::invalid("secret id ttl too long")),
+                Some(t) => t,
+            };
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            let existing: Option<AppRole> = env.get_json(&keys::approle(&req.name))?;
+            let role_id = existing.map_or_else(random_id, |r| r.role_id);
+            let role = AppRole {
+                name: req.name.clone(),
+                role_id,
+                policies: req.policies.clone(),
+                token_ttl_secs: token_ttl,
+                secret_id_ttl_secs: secret_id_ttl,
+            };
+            env.put_json(&keys::approle(&role.name), &role)?;
+            env.put_sealed(&keys::approle_id(&credential_hash(&role.role_id)), role.name.as_bytes())?;
+            Ok(role)
+        })
+        .await
+    }
+
+    pub async fn approle_read(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<AppRole> {
+        let path = format!("auth/approle/role/{name}");
+        self.execute(ctx, Operation::AppRoleRead, path.clone(), move |env| {
+            validate_role_name(&name)?;
+            env.authorize(&path, &[Capability::Read])?;
+            env.get_json(&keys::approle(&name))?.ok_or_else(|| ApiError::NotFound("no such role".into()))
+        })
+        .await
+    }
+
+    pub async fn approle_delete(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("auth/approle/role/{name}");
+        self.execute(ctx, Operation::AppRoleDelete, path.clone(), move |env| {
+            validate_role_name(&name)?;
+            env.authorize(&path, &[Capability::Delete])?;
+            let role: AppRole = env
+                .get_json(&keys::approle(&name))?
+                .ok_or_else(|| ApiError::NotFound("no such role".into()))?;
+            env.tx.clear(&keys::approle(&name))?;
+            env.tx.clear(&keys::approle_id(&credential_hash(&role.role_id)))?;
+            let (begin, end) = keys::children_range(&keys::secret_ids(&name));
+            env.tx.clear_range(&begin, &end)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn approle_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
+        self.execute(ctx, Operation::AppRoleList, "auth/approle/role".into(), move |env| {
+            env.authorize("auth/approle/role", &[Capability::List])?;
+            let (begin, end) = keys::children_range(&keys::approles());
+            let mut names = Vec::new();
+            for kv in env.tx.get_range(&begin, &end, Default::default())? {
+                let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
+                names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
+            }
+            Ok(names)
+        })
+        .await
+    }
+
+    /// Issues a secret id for a role.
+    pub async fn approle_secret_id(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        name: String,
+    ) -> Audited<NewSecretId> {
+        let path = format!("auth/approle/role/{name}/secret-id");
+        self.execute(ctx, Operation::AppRoleSecretId, path.clone(), move |env| {
+            validate_role_name(&name)?;
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            let role: AppRole = env
+                .get_json(&keys::approle(&name))?
+                .ok_or_else(|| ApiError::NotFound("no such role".into()))?;
+            let secret_id = random_token();
+            let record = SecretIdRecord {
+                accessor: random_id(),
+                created_unix_ms: env.now_unix_ms,
+                expire_unix_ms: (role.secret_id_ttl_secs > 0)
+                    .then(|| env.now_unix_ms + role.secret_id_ttl_secs * 1000),
+            };
+            env.put_json(&keys::secret_id(&name, &credential_hash(&secret_id)), &record)?;
+            Ok(NewSecretId { secret_id, accessor: record.accessor, expire_unix_ms: record.expire_unix_ms })
+        })
+        .await
+    }
+
+    /// Exchanges a role id and secret id for a token. Wrong credentials are a denial.
+    pub async fn approle_login(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        role_id: Zeroizing<String>,
+        secret_id: Zeroizing<String>,
+    ) -> Audited<NewToken> {
+        self.execute(ctx, Operation::AppRoleLogin, "auth/approle/login".into(), move |env| {
+            if env.node.barrier.is_sealed() {
+                return Err(ApiError::Sealed);
+            }
+            if role_id.len() > 256 || secret_id.len() > 256 {
+                return Err(ApiError::Unauthenticated);
+            }
+            let name = env
+                .get_sealed(&keys::approle_id(&credential_hash(&role_id)))?
+                .ok_or(ApiError::Unauthenticated)?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| ApiError::Internal)?;
+            env.actor = Actor { entity: format!("approle:{name}"), token_accessor: None };
+            let role: AppRole = env.get_json(&keys::approle(&name))?.ok_or(ApiError::Unauthenticated)?;
+            let secret_key = keys::secret_id(&name, &credential_hash(&secret_id));
+            let record: SecretIdRecord = env.get_json(&secret_key)?.ok_or(ApiError::Unauthenticated)?;
+            if record.expire_unix_ms.is_some_and(|e| env.now_unix_ms >= e) {
+                return Err(ApiError::Unauthenticated);
+            }
+            let token = mint(
+                env,
+                TokenSpec {
+                    policies: role.policies.clone(),
+                    ttl_secs: Some(role.token_ttl_secs),
+                    display_name: format!("approle-{name}"),
+                    entity: format!("approle:{name}"),
+                    renewable: true,
+                    parent: None,
+                },
+            )?;
+            env.actor.token_accessor = Some(token.record.accessor.clone());
+            Ok(token)
+        })
+        .await
+    }
+
+    /// Reads a role's role id.
+    pub async fn approle_role_id(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<String> {
+        let path = format!("auth/approle/role/{name}/role-id");
+        self.execute(ctx, Operation::AppRoleRead, path.clone(), move |env| {
+            validate_role_name(&name)?;
+            env.authorize(&path, &[Capability::Read])?;
+            let role: AppRole = env
+                .get_json(&keys::approle(&name))?
+                .ok_or_else(|| ApiError::NotFound("no such role".into()))?;
+            Ok(role.role_id)
+        })
+        .await
+    }
+}

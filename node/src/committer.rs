@@ -1,0 +1,127 @@
+//! Group commit: the audit-first request path's engine.
+//!
+//! Every request becomes a [`Job`]: a closure that performs the request's reads and writes in
+//! a store transaction and returns the request's encoded audit event. One committer thread
+//! takes whatever jobs are waiting (up to [`MAX_BATCH`]), runs them one after another in
+//! **one** transaction, appends each job's event to the region's pending audit queue under a
+//! versionstamped key in that same transaction, and commits. Only then is each request told
+//! its outcome and its event's durable position. The fsync of one commit is shared by the
+//! whole batch, and while it runs the next batch gathers.
+//!
+//! If the commit fails, every request of the batch fails: no request is answered without its
+//! audit event durable (fail closed). On a conflict (another node committed to the same store)
+//! the whole batch is re-run from scratch, so jobs must be free of side effects outside the
+//! transaction.
+//!
+//! Jobs in one batch see each other's writes in batch order: the batch is serializable as
+//! that order.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arca_store::{Store, StoreError, StoreExt, Transaction, Versionstamp};
+use tokio::sync::oneshot;
+
+/// Most jobs in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+/// A request's work: its reads and writes in `tx`; returns its encoded audit event.
+/// Errors of the request itself are *not* errors here: they are recorded in the event.
+/// A `StoreError` aborts the attempt (and, if retryable, re-runs the batch).
+pub type JobFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<Vec<u8>, StoreError> + Send>;
+
+struct Job {
+    run: JobFn,
+    done: oneshot::Sender<Result<Versionstamp, CommitFailed>>,
+}
+
+/// The batch holding a request could not be committed; the request was not served.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the audit log could not be committed")]
+pub struct CommitFailed;
+
+/// Statistics for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct CommitStats {
+    pub batches: u64,
+    pub jobs: u64,
+    pub failed_batches: u64,
+    pub commit_seconds_total: f64,
+}
+
+/// Handle to the committer thread. Dropping every handle stops the thread.
+#[derive(Debug, Clone)]
+pub struct Committer {
+    queue: mpsc::Sender<Job>,
+    stats: Arc<Mutex<CommitStats>>,
+}
+
+impl Committer {
+    /// Starts the committer thread for `store`, appending events under `audit_prefix`.
+    pub fn start(store: Arc<dyn Store>, audit_prefix: Vec<u8>) -> Self {
+        let (queue, jobs) = mpsc::channel::<Job>();
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("arca-committer".into())
+            .spawn(move || run(store.as_ref(), &audit_prefix, jobs, &thread_stats))
+            .expect("spawn the committer thread");
+        Committer { queue, stats }
+    }
+
+    /// Submits a job and waits until its batch committed.
+    pub async fn submit(&self, run: JobFn) -> Result<Versionstamp, CommitFailed> {
+        let (done, wait) = oneshot::channel();
+        self.queue.send(Job { run, done }).map_err(|_| CommitFailed)?;
+        wait.await.map_err(|_| CommitFailed)?
+    }
+
+    pub fn stats(&self) -> CommitStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn run(store: &dyn Store, audit_prefix: &[u8], jobs: mpsc::Receiver<Job>, stats: &Mutex<CommitStats>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let outcome = store.transact(|tx| {
+            let mut orders = Vec::with_capacity(batch.len());
+            for job in batch.iter_mut() {
+                let event = (job.run)(tx)?;
+                orders.push(tx.set_versionstamped_key(audit_prefix, b"", &event)?);
+            }
+            Ok::<_, StoreError>(orders)
+        });
+        let elapsed = started.elapsed().as_secs_f64();
+        let size = batch.len();
+        let failed = outcome.is_err();
+        match outcome {
+            Ok(committed) => {
+                for (job, order) in batch.into_iter().zip(committed.value) {
+                    let position = committed.commit.versionstamp(order).ok_or(CommitFailed);
+                    // The requester may have gone away; its event is durable regardless.
+                    let _ = job.done.send(position);
+                }
+            }
+            Err(err) => {
+                tracing::error!(code = err.code(), error = %err, jobs = size, "audit batch failed to commit; failing its requests");
+                for job in batch {
+                    let _ = job.done.send(Err(CommitFailed));
+                }
+            }
+        }
+        let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.batches += 1;
+        stats.jobs += size as u64;
+        stats.commit_seconds_total += elapsed;
+        stats.failed_batches += u64::from(failed);
+    }
+}

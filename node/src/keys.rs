@@ -1,0 +1,102 @@
+//! The node's keyspace, tuple-encoded, one prefix per concern:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `("sys","seal")` | seal parameters and the sealed root key (JSON) |
+//! | `("sys","keyring")` | the keyring, encrypted under the root key |
+//! | `("sys","token",<sha256>)` | token record (barrier) |
+//! | `("sys","accessor",<accessor>)` | token hash (barrier) |
+//! | `("sys","child",<parent accessor>,<child accessor>)` | empty: revocation tree |
+//! | `("sys","policy",<name>)` | policy text (barrier) |
+//! | `("sys","approle",<name>)` | role (barrier) |
+//! | `("sys","approle-id",<sha256 of role id>)` | role name (barrier) |
+//! | `("sys","secret-id",<role>,<sha256 of secret id>)` | secret id record (barrier) |
+//! | `("kv",<mount>,"m",<path>)` | secret metadata (barrier) |
+//! | `("kv",<mount>,"v",<path>,<version>)` | secret version data (barrier) |
+//! | `("audit",<region>,"pending",<versionstamp>)` | encoded audit event (plain: no secrets) |
+//!
+//! Every barrier value is encrypted with its own key as AAD.
+
+use arca_store::tuple::{Element, pack};
+
+pub fn seal() -> Vec<u8> {
+    pack(&["sys".into(), "seal".into()])
+}
+
+pub fn keyring() -> Vec<u8> {
+    pack(&["sys".into(), "keyring".into()])
+}
+
+pub fn token(hash: &[u8]) -> Vec<u8> {
+    pack(&["sys".into(), "token".into(), Element::Bytes(hash.to_vec())])
+}
+
+pub fn accessor(accessor: &str) -> Vec<u8> {
+    pack(&["sys".into(), "accessor".into(), accessor.into()])
+}
+
+pub fn children(parent: &str) -> Vec<u8> {
+    pack(&["sys".into(), "child".into(), parent.into()])
+}
+
+pub fn child(parent: &str, child: &str) -> Vec<u8> {
+    pack(&["sys".into(), "child".into(), parent.into(), child.into()])
+}
+
+pub fn policies() -> Vec<u8> {
+    pack(&["sys".into(), "policy".into()])
+}
+
+pub fn policy(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "policy".into(), name.into()])
+}
+
+pub fn approles() -> Vec<u8> {
+    pack(&["sys".into(), "approle".into()])
+}
+
+pub fn approle(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "approle".into(), name.into()])
+}
+
+pub fn approle_id(role_id_hash: &[u8]) -> Vec<u8> {
+    pack(&["sys".into(), "approle-id".into(), Element::Bytes(role_id_hash.to_vec())])
+}
+
+pub fn secret_ids(role: &str) -> Vec<u8> {
+    pack(&["sys".into(), "secret-id".into(), role.into()])
+}
+
+pub fn secret_id(role: &str, secret_id_hash: &[u8]) -> Vec<u8> {
+    pack(&["sys".into(), "secret-id".into(), role.into(), Element::Bytes(secret_id_hash.to_vec())])
+}
+
+pub fn kv_meta(mount: &str, path: &str) -> Vec<u8> {
+    pack(&["kv".into(), mount.into(), "m".into(), path.into()])
+}
+
+/// The key prefix of every metadata key whose path starts with `prefix` (the string
+/// element is left open, so the range covers every continuation of it).
+pub fn kv_meta_prefix(mount: &str, prefix: &str) -> Vec<u8> {
+    let mut key = pack(&["kv".into(), mount.into(), "m".into()]);
+    key.push(0x02); // the tuple layer's string code, without the terminator
+    key.extend_from_slice(prefix.as_bytes());
+    key
+}
+
+pub fn kv_version(mount: &str, path: &str, version: u64) -> Vec<u8> {
+    pack(&["kv".into(), mount.into(), "v".into(), path.into(), version.into()])
+}
+
+pub fn audit_pending(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "pending".into()])
+}
+
+/// The range of every key that extends `prefix` with more tuple elements.
+pub fn children_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut begin = prefix.to_vec();
+    begin.push(0x00);
+    let mut end = prefix.to_vec();
+    end.push(0xFF);
+    (begin, end)
+}

@@ -1,0 +1,600 @@
+//! Versioned secrets with KV v2 semantics.
+//!
+//! Each secret has metadata (current version, max versions, check-and-set requirement,
+//! custom metadata, per-version created/deleted/destroyed state) and up to `max_versions`
+//! versions of data — a map of string to string. Everything is stored through the barrier,
+//! each value bound (AAD) to its own key: path and version.
+//!
+//! Policies see Vault's paths: `<mount>/data/<path>` for data, `<mount>/metadata/<path>` for
+//! metadata and listing, `<mount>/delete|undelete|destroy/<path>` for version management.
+//!
+//! A read returns ciphertext from the transaction; it is decrypted only after the request's
+//! audit event committed (the audit-first rule), by [`Node::kv_read`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arca_audit::Operation;
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::ApiError;
+use crate::keys;
+use crate::node::{Audited, Env, Node, RequestContext};
+use crate::policy::Capability;
+
+/// The only mount until mounts can be managed.
+pub const DEFAULT_MOUNT: &str = "secret";
+/// Longest secret path, in bytes.
+pub const MAX_PATH_BYTES: usize = 512;
+/// Largest secret: its data encoded as JSON, in bytes.
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
+/// Most keys in one secret.
+pub const MAX_DATA_KEYS: usize = 256;
+/// Versions kept when max_versions is 0 (unset).
+pub const DEFAULT_MAX_VERSIONS: u32 = 10;
+const MAX_CUSTOM_METADATA: usize = 64;
+const MAX_LIST_KEYS: usize = 10_000;
+
+/// A secret's data. Redacted in `Debug`, zeroized on drop.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretData(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretData").field("keys", &self.0.len()).finish_non_exhaustive()
+    }
+}
+
+impl Drop for SecretData {
+    fn drop(&mut self) {
+        for value in self.0.values_mut() {
+            value.zeroize();
+        }
+    }
+}
+
+/// State of one version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionMeta {
+    pub created_unix_ms: u64,
+    pub deletion_unix_ms: Option<u64>,
+    pub destroyed: bool,
+}
+
+/// A secret's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Metadata {
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    pub current_version: u64,
+    pub max_versions: u32,
+    pub cas_required: bool,
+    pub custom_metadata: BTreeMap<String, String>,
+    pub versions: BTreeMap<u64, VersionMeta>,
+}
+
+impl Metadata {
+    pub fn oldest_version(&self) -> u64 {
+        self.versions.keys().next().copied().unwrap_or(0)
+    }
+
+    fn effective_max_versions(&self) -> usize {
+        if self.max_versions == 0 { DEFAULT_MAX_VERSIONS as usize } else { self.max_versions as usize }
+    }
+}
+
+/// A version read: its data and state.
+#[derive(Debug, Clone)]
+pub struct SecretVersion {
+    pub data: SecretData,
+    pub version: u64,
+    pub meta: VersionMeta,
+    pub custom_metadata: BTreeMap<String, String>,
+}
+
+/// Metadata changes; `None` leaves a field as is.
+#[derive(Debug, Clone, Default)]
+pub struct MetadataUpdate {
+    pub max_versions: Option<u32>,
+    pub cas_required: Option<bool>,
+    pub custom_metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Checks a mount name.
+pub fn validate_mount(mount: &str) -> Result<(), ApiError> {
+    if mount == DEFAULT_MOUNT {
+        Ok(())
+    } else if mount.is_empty() || mount.len() > 64 || mount.contains('/') {
+        Err(ApiError::invalid("mount: a name of 1 to 64 characters without '/'"))
+    } else {
+        Err(ApiError::NotFound("no such mount".into()))
+    }
+}
+
+/// Checks a secret path: 1–512 bytes of printable characters, segments separated by single
+/// `/`, none empty, `.` or `..`, no leading or trailing `/`.
+pub fn validate_path(path: &str) -> Result<(), ApiError> {
+    if path.is_empty() || path.len() > MAX_PATH_BYTES {
+        return Err(ApiError::invalid(format!("path: 1 to {MAX_PATH_BYTES} bytes")));
+    }
+    if path.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid("path: control characters are not allowed"));
+    }
+    if path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(ApiError::invalid(
+            "path: segments must be non-empty and not '.' or '..', with no leading or trailing '/'",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a list prefix: empty, or a path followed by `/`.
+fn validate_prefix(prefix: &str) -> Result<(), ApiError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    match prefix.strip_suffix('/') {
+        Some(dir) => validate_path(dir),
+        None => validate_path(prefix),
+    }
+}
+
+fn validate_data(data: &SecretData) -> Result<(), ApiError> {
+    if data.0.len() > MAX_DATA_KEYS {
+        return Err(ApiError::invalid(format!("a secret holds at most {MAX_DATA_KEYS} keys")));
+    }
+    let mut size = 2;
+    for (key, value) in &data.0 {
+        if key.is_empty() || key.len() > 256 || key.chars().any(|c| c.is_control()) {
+            return Err(ApiError::invalid("data keys: 1 to 256 printable characters"));
+        }
+        size += key.len() + value.len() + 6;
+    }
+    if size > MAX_DATA_BYTES {
+        return Err(ApiError::invalid(format!("secret data exceeds {MAX_DATA_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+fn validate_custom(custom: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if custom.len() > MAX_CUSTOM_METADATA
+        || custom
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 512 || k.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid(format!(
+            "custom metadata: at most {MAX_CUSTOM_METADATA} keys of 1 to 128 bytes, values up to 512 bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn api_path(mount: &str, kind: &str, path: &str) -> String {
+    format!("{mount}/{kind}/{path}")
+}
+
+fn load_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Option<Metadata>, ApiError> {
+    env.get_json(&keys::kv_meta(mount, path))
+}
+
+fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Metadata, ApiError> {
+    load_meta(env, mount, path)?.ok_or_else(|| ApiError::NotFound("no secret at this path".into()))
+}
+
+fn check_cas(meta: Option<&Metadata>, cas: Option<u64>) -> Result<(), ApiError> {
+    let current = meta.map_or(0, |m| m.current_version);
+    if meta.is_some_and(|m| m.cas_required) && cas.is_none() {
+        return Err(ApiError::FailedPrecondition(
+            "check-and-set is required for this secret: pass cas".into(),
+        ));
+    }
+    match cas {
+        Some(expected) if expected != current => Err(ApiError::FailedPrecondition(format!(
+            "check-and-set failed: cas {expected} does not match the current version {current}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a new version (inside the transaction) and prunes versions beyond the maximum.
+fn write_version(
+    env: &mut Env<'_>,
+    mount: &str,
+    path: &str,
+    meta: Option<Metadata>,
+    data: &SecretData,
+) -> Result<u64, ApiError> {
+    let now = env.now_unix_ms;
+    let mut meta = meta.unwrap_or(Metadata { created_unix_ms: now, ..Metadata::default() });
+    let version = meta.current_version + 1;
+    let json = Zeroizing::new(serde_json::to_vec(data).map_err(|_| ApiError::Internal)?);
+    env.put_sealed(&keys::kv_version(mount, path, version), &json)?;
+    meta.current_version = version;
+    meta.updated_unix_ms = now;
+    meta.versions
+        .insert(version, VersionMeta { created_unix_ms: now, deletion_unix_ms: None, destroyed: false });
+    while meta.versions.len() > meta.effective_max_versions() {
+        let oldest = meta.oldest_version();
+        meta.versions.remove(&oldest);
+        env.tx.clear(&keys::kv_version(mount, path, oldest))?;
+    }
+    env.put_json(&keys::kv_meta(mount, path), &meta)?;
+    env.secret_version = Some(version);
+    Ok(version)
+}
+
+/// The versions a delete/undelete/destroy names: the given ones, or the current one.
+fn target_versions(meta: &Metadata, versions: &[u64]) -> Result<Vec<u64>, ApiError> {
+    if versions.len() > 1000 {
+        return Err(ApiError::invalid("at most 1000 versions at once"));
+    }
+    if versions.is_empty() {
+        return Ok(vec![meta.current_version]);
+    }
+    Ok(versions.to_vec())
+}
+
+/// Ciphertext read inside the transaction, decrypted after commit.
+struct SealedRead {
+    ciphertext: Vec<u8>,
+    aad: Vec<u8>,
+    version: u64,
+    meta: VersionMeta,
+    custom_metadata: BTreeMap<String, String>,
+}
+
+impl Node {
+    /// Reads the current version, or `version`. The value is decrypted only after the
+    /// request's audit event is durable.
+    pub async fn kv_read(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        version: Option<u64>,
+    ) -> Audited<SecretVersion> {
+        let audit_path = api_path(&mount, "data", &path);
+        let read = self
+            .execute(ctx, Operation::KvRead, audit_path.clone(), move |env| {
+                validate_mount(&mount)?;
+                validate_path(&path)?;
+                env.authorize(&audit_path, &[Capability::Read])?;
+                let meta = require_meta(env, &mount, &path)?;
+                let version = match version {
+                    Some(0) | None => meta.current_version,
+                    Some(v) => v,
+                };
+                env.secret_version = Some(version);
+                let vmeta = meta
+                    .versions
+                    .get(&version)
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound("no such version".into()))?;
+                if vmeta.destroyed {
+                    return Err(ApiError::NotFound("this version was destroyed".into()));
+                }
+                if vmeta.deletion_unix_ms.is_some() {
+                    return Err(ApiError::NotFound("this version is deleted".into()));
+                }
+                let aad = keys::kv_version(&mount, &path, version);
+                let ciphertext = env.tx.get(&aad)?.ok_or(ApiError::Internal)?;
+                Ok(SealedRead {
+                    ciphertext,
+                    aad,
+                    version,
+                    meta: vmeta,
+                    custom_metadata: meta.custom_metadata,
+                })
+            })
+            .await;
+        let Audited { result, position } = read;
+        let result = result.and_then(|sealed| {
+            let plain = self.decrypt(&sealed.ciphertext, &sealed.aad)?;
+            let data: SecretData = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+            Ok(SecretVersion {
+                data,
+                version: sealed.version,
+                meta: sealed.meta,
+                custom_metadata: sealed.custom_metadata,
+            })
+        });
+        Audited { result, position }
+    }
+
+    /// Writes a new version; `cas` must equal the current version when given (0: must not
+    /// exist) or when the secret requires check-and-set.
+    pub async fn kv_write(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        data: SecretData,
+        cas: Option<u64>,
+    ) -> Audited<u64> {
+        let audit_path = api_path(&mount, "data", &path);
+        self.execute(ctx, Operation::KvWrite, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            validate_data(&data)?;
+            let record = env.authenticate()?;
+            let meta = load_meta(env, &mount, &path)?;
+            let needed = if meta.as_ref().is_some_and(|m| m.current_version > 0) {
+                Capability::Update
+            } else {
+                Capability::Create
+            };
+            if !env.allowed(&record, &audit_path, &[needed])? {
+                return Err(ApiError::PermissionDenied);
+            }
+            check_cas(meta.as_ref(), cas)?;
+            write_version(env, &mount, &path, meta, &data)
+        })
+        .await
+    }
+
+    /// Writes a new version from the current one with `set` applied and `remove` removed.
+    pub async fn kv_patch(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        set: SecretData,
+        remove: Vec<String>,
+        cas: Option<u64>,
+    ) -> Audited<u64> {
+        let audit_path = api_path(&mount, "data", &path);
+        self.execute(ctx, Operation::KvPatch, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            validate_data(&set)?;
+            if set.0.is_empty() && remove.is_empty() {
+                return Err(ApiError::invalid("patch: nothing to change"));
+            }
+            env.authorize(&audit_path, &[Capability::Patch])?;
+            let meta = require_meta(env, &mount, &path)?;
+            check_cas(Some(&meta), cas)?;
+            let current = meta.current_version;
+            let state =
+                meta.versions.get(&current).ok_or_else(|| ApiError::NotFound("no current version".into()))?;
+            if state.destroyed || state.deletion_unix_ms.is_some() {
+                return Err(ApiError::NotFound("the current version is deleted or destroyed".into()));
+            }
+            let plain =
+                env.get_sealed(&keys::kv_version(&mount, &path, current))?.ok_or(ApiError::Internal)?;
+            let mut data: SecretData = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+            for key in &remove {
+                data.0.remove(key);
+            }
+            for (key, value) in &set.0 {
+                data.0.insert(key.clone(), value.clone());
+            }
+            validate_data(&data)?;
+            write_version(env, &mount, &path, Some(meta), &data)
+        })
+        .await
+    }
+
+    /// Lists the names directly under `prefix` (empty, or ending in `/`); folders end in `/`.
+    pub async fn kv_list(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        prefix: String,
+    ) -> Audited<Vec<String>> {
+        let audit_path = api_path(&mount, "metadata", &prefix);
+        self.execute(ctx, Operation::KvList, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_prefix(&prefix)?;
+            let prefix = if prefix.is_empty() || prefix.ends_with('/') {
+                prefix.clone()
+            } else {
+                format!("{prefix}/")
+            };
+            env.authorize(&audit_path, &[Capability::List])?;
+            let begin = keys::kv_meta_prefix(&mount, &prefix);
+            let end = arca_store::prefix_end(&begin).ok_or(ApiError::Internal)?;
+            let rows = env.tx.get_range(&begin, &end, arca_store::RangeOptions::limit(MAX_LIST_KEYS))?;
+            let mut names = std::collections::BTreeSet::new();
+            for kv in rows {
+                let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
+                let Some(full) = tuple.last().and_then(|e| e.as_str()) else { continue };
+                let Some(rest) = full.strip_prefix(prefix.as_str()) else { continue };
+                let name = match rest.find('/') {
+                    Some(i) => &rest[..=i],
+                    None => rest,
+                };
+                names.insert(name.to_owned());
+            }
+            Ok(names.into_iter().collect())
+        })
+        .await
+    }
+
+    /// Soft-deletes versions (default: the current one); undelete restores them.
+    pub async fn kv_delete(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+    ) -> Audited<Vec<u64>> {
+        let (audit_path, cap) = if versions.is_empty() {
+            (api_path(&mount, "data", &path), Capability::Delete)
+        } else {
+            (api_path(&mount, "delete", &path), Capability::Update)
+        };
+        self.execute(ctx, Operation::KvDelete, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            env.authorize(&audit_path, &[cap])?;
+            let mut meta = require_meta(env, &mount, &path)?;
+            let now = env.now_unix_ms;
+            let mut changed = Vec::new();
+            for version in target_versions(&meta, &versions)? {
+                if let Some(v) = meta.versions.get_mut(&version)
+                    && !v.destroyed
+                    && v.deletion_unix_ms.is_none()
+                {
+                    v.deletion_unix_ms = Some(now);
+                    changed.push(version);
+                }
+            }
+            meta.updated_unix_ms = now;
+            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            env.secret_version = changed.first().copied();
+            Ok(changed)
+        })
+        .await
+    }
+
+    pub async fn kv_undelete(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+    ) -> Audited<Vec<u64>> {
+        let audit_path = api_path(&mount, "undelete", &path);
+        self.execute(ctx, Operation::KvUndelete, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            if versions.is_empty() {
+                return Err(ApiError::invalid("undelete: name the versions"));
+            }
+            env.authorize(&audit_path, &[Capability::Update])?;
+            let mut meta = require_meta(env, &mount, &path)?;
+            let mut changed = Vec::new();
+            for version in target_versions(&meta, &versions)? {
+                if let Some(v) = meta.versions.get_mut(&version)
+                    && !v.destroyed
+                    && v.deletion_unix_ms.is_some()
+                {
+                    v.deletion_unix_ms = None;
+                    changed.push(version);
+                }
+            }
+            meta.updated_unix_ms = env.now_unix_ms;
+            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            env.secret_version = changed.first().copied();
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Destroys versions for good: their data is removed from the store.
+    pub async fn kv_destroy(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+    ) -> Audited<Vec<u64>> {
+        let audit_path = api_path(&mount, "destroy", &path);
+        self.execute(ctx, Operation::KvDestroy, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            if versions.is_empty() {
+                return Err(ApiError::invalid("destroy: name the versions"));
+            }
+            env.authorize(&audit_path, &[Capability::Update])?;
+            let mut meta = require_meta(env, &mount, &path)?;
+            let mut changed = Vec::new();
+            for version in target_versions(&meta, &versions)? {
+                if let Some(v) = meta.versions.get_mut(&version)
+                    && !v.destroyed
+                {
+                    v.destroyed = true;
+                    env.tx.clear(&keys::kv_version(&mount, &path, version))?;
+                    changed.push(version);
+                }
+            }
+            meta.updated_unix_ms = env.now_unix_ms;
+            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            env.secret_version = changed.first().copied();
+            Ok(changed)
+        })
+        .await
+    }
+
+    pub async fn kv_read_metadata(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+    ) -> Audited<Metadata> {
+        let audit_path = api_path(&mount, "metadata", &path);
+        self.execute(ctx, Operation::KvReadMetadata, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            env.authorize(&audit_path, &[Capability::Read])?;
+            require_meta(env, &mount, &path)
+        })
+        .await
+    }
+
+    pub async fn kv_write_metadata(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        update: MetadataUpdate,
+    ) -> Audited<Metadata> {
+        let audit_path = api_path(&mount, "metadata", &path);
+        self.execute(ctx, Operation::KvWriteMetadata, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            if let Some(custom) = &update.custom_metadata {
+                validate_custom(custom)?;
+            }
+            if update.max_versions.is_some_and(|m| m > 1000) {
+                return Err(ApiError::invalid("max_versions: at most 1000"));
+            }
+            env.authorize(&audit_path, &[Capability::Create, Capability::Update])?;
+            let now = env.now_unix_ms;
+            let mut meta = load_meta(env, &mount, &path)?
+                .unwrap_or(Metadata { created_unix_ms: now, ..Metadata::default() });
+            if let Some(max) = update.max_versions {
+                meta.max_versions = max;
+            }
+            if let Some(cas) = update.cas_required {
+                meta.cas_required = cas;
+            }
+            if let Some(custom) = &update.custom_metadata {
+                meta.custom_metadata = custom.clone();
+            }
+            while meta.versions.len() > meta.effective_max_versions() {
+                let oldest = meta.oldest_version();
+                meta.versions.remove(&oldest);
+                env.tx.clear(&keys::kv_version(&mount, &path, oldest))?;
+            }
+            meta.updated_unix_ms = now;
+            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            Ok(meta)
+        })
+        .await
+    }
+
+    /// Deletes a secret entirely: metadata and every version.
+    pub async fn kv_delete_metadata(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+    ) -> Audited<()> {
+        let audit_path = api_path(&mount, "metadata", &path);
+        self.execute(ctx, Operation::KvDeleteMetadata, audit_path.clone(), move |env| {
+            validate_mount(&mount)?;
+            validate_path(&path)?;
+            env.authorize(&audit_path, &[Capability::Delete])?;
+            let meta = require_meta(env, &mount, &path)?;
+            for version in meta.versions.keys() {
+                env.tx.clear(&keys::kv_version(&mount, &path, *version))?;
+            }
+            env.tx.clear(&keys::kv_meta(&mount, &path))?;
+            Ok(())
+        })
+        .await
+    }
+}

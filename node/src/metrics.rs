@@ -1,0 +1,108 @@
+//! Prometheus metrics, rendered in the text exposition format by `/metrics`.
+//!
+//! Request counts and latency by operation and outcome; the committer's batch sizes and
+//! commit latency; seal state. Labels are operation names and outcomes only — never paths,
+//! which may be sensitive in aggregate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use arca_audit::Operation;
+
+use crate::committer::CommitStats;
+
+const BUCKETS_SECONDS: [f64; 12] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS_SECONDS.len()],
+    count: u64,
+    sum_seconds: f64,
+}
+
+/// The node's metrics registry.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn observe_request(&self, op: Operation, outcome: &'static str, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let h = requests.entry((op.name(), outcome)).or_default();
+        for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
+            if seconds <= *bound {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum_seconds += seconds;
+    }
+
+    /// Renders every metric.
+    pub fn render(&self, sealed: bool, commits: &CommitStats) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP arca_requests_total Requests served, by operation and outcome.\n");
+        out.push_str("# TYPE arca_request_duration_seconds histogram\n");
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for ((op, outcome), h) in requests.iter() {
+            let labels = format!("operation=\"{op}\",outcome=\"{outcome}\"");
+            for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "arca_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(out, "arca_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "arca_request_duration_seconds_sum{{{labels}}} {}", h.sum_seconds);
+            let _ = writeln!(out, "arca_request_duration_seconds_count{{{labels}}} {}", h.count);
+        }
+        out.push_str("# TYPE arca_requests_total counter\n");
+        for ((op, outcome), h) in requests.iter() {
+            let _ =
+                writeln!(out, "arca_requests_total{{operation=\"{op}\",outcome=\"{outcome}\"}} {}", h.count);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP arca_audit_batches_total Audit group-commit transactions.\n# TYPE arca_audit_batches_total counter\narca_audit_batches_total {}",
+            commits.batches
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE arca_audit_batch_failures_total counter\narca_audit_batch_failures_total {}",
+            commits.failed_batches
+        );
+        let _ = writeln!(
+            out,
+            "# HELP arca_audit_events_total Audit events committed or attempted.\n# TYPE arca_audit_events_total counter\narca_audit_events_total {}",
+            commits.jobs
+        );
+        let _ = writeln!(
+            out,
+            "# HELP arca_audit_commit_seconds_total Time spent committing audit batches.\n# TYPE arca_audit_commit_seconds_total counter\narca_audit_commit_seconds_total {}",
+            commits.commit_seconds_total
+        );
+        let mean = if commits.batches == 0 { 0.0 } else { commits.jobs as f64 / commits.batches as f64 };
+        let _ = writeln!(
+            out,
+            "# HELP arca_audit_batch_size_mean Mean requests per audit commit.\n# TYPE arca_audit_batch_size_mean gauge\narca_audit_batch_size_mean {mean}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP arca_sealed Whether this node is sealed.\n# TYPE arca_sealed gauge\narca_sealed {}",
+            u8::from(sealed)
+        );
+        out
+    }
+}

@@ -1,0 +1,331 @@
+//! The node: request context, authentication and authorization inside the request's
+//! transaction, and [`Node::execute`], which runs every request through the group committer
+//! so that its audit event is durable before it is answered.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arca_audit::{Actor, Event, Operation, Outcome, Source};
+use arca_store::{Store, StoreError, Transaction, Versionstamp};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::auth::TokenRecord;
+use crate::barrier::Barrier;
+use crate::committer::Committer;
+use crate::error::ApiError;
+use crate::policy::{self, Capability, Policy};
+use crate::{keys, metrics::Metrics};
+
+/// Names of this node, recorded in every audit event.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub cluster: String,
+    pub region: String,
+    pub node: String,
+}
+
+/// What the transport layer knows about a request.
+pub struct RequestContext {
+    pub request_id: String,
+    /// The bearer token, if any. Never logged, never audited.
+    pub token: Option<Zeroizing<String>>,
+    pub source: Source,
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("request_id", &self.request_id)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl RequestContext {
+    /// A context with a fresh random request id.
+    pub fn new(token: Option<Zeroizing<String>>, source: Source) -> Self {
+        let mut id = [0u8; 16];
+        rand::fill(&mut id);
+        RequestContext { request_id: hex::encode(id), token, source }
+    }
+}
+
+/// A request's result with the durable position of its audit event.
+#[derive(Debug)]
+pub struct Audited<T> {
+    pub result: Result<T, ApiError>,
+    /// `None` only when the audit event could not be committed (and then `result` is an error).
+    pub position: Option<Versionstamp>,
+}
+
+impl<T> Audited<T> {
+    pub fn position_hex(&self) -> Option<String> {
+        self.position.map(|p| hex::encode(p.as_bytes()))
+    }
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// SHA-256, the form in which tokens and other bearer credentials are stored.
+pub(crate) fn credential_hash(credential: &str) -> [u8; 32] {
+    Sha256::digest(credential.as_bytes()).into()
+}
+
+/// Shared state of a node.
+pub struct Node {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) barrier: Barrier,
+    pub(crate) committer: Committer,
+    pub(crate) identity: NodeIdentity,
+    pub(crate) metrics: Metrics,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("identity", &self.identity).field("barrier", &self.barrier).finish()
+    }
+}
+
+/// The environment of a request's work inside the batch transaction.
+#[allow(missing_debug_implementations)] // holds a transaction and a token: nothing to show
+pub struct Env<'a> {
+    pub tx: &'a mut dyn Transaction,
+    pub node: &'a Node,
+    pub now_unix_ms: u64,
+    pub actor: Actor,
+    pub secret_version: Option<u64>,
+    token: Option<&'a str>,
+}
+
+impl Env<'_> {
+    /// Reads and decrypts a barrier value.
+    pub fn get_sealed(&mut self, key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ApiError> {
+        let Some(ct) = self.tx.get(key)? else {
+            return Ok(None);
+        };
+        match self.node.barrier.decrypt(&ct, key) {
+            Err(crate::barrier::BarrierError::UnknownTerm(_)) => {
+                // Another node rotated the keyring: load the stored one and try again.
+                let wrapped = self.tx.get(&keys::keyring())?.ok_or(ApiError::Internal)?;
+                self.node.barrier.reload_keyring(&wrapped)?;
+                Ok(Some(self.node.barrier.decrypt(&ct, key)?))
+            }
+            other => Ok(Some(other?)),
+        }
+    }
+
+    /// Reads and decrypts a JSON barrier value.
+    pub fn get_json<T: serde::de::DeserializeOwned>(&mut self, key: &[u8]) -> Result<Option<T>, ApiError> {
+        match self.get_sealed(key)? {
+            None => Ok(None),
+            Some(plain) => serde_json::from_slice(&plain).map(Some).map_err(|_| {
+                tracing::error!("stored record failed to parse");
+                ApiError::Internal
+            }),
+        }
+    }
+
+    /// Encrypts and writes a barrier value.
+    pub fn put_sealed(&mut self, key: &[u8], plaintext: &[u8]) -> Result<(), ApiError> {
+        let ct = self.node.barrier.encrypt(plaintext, key)?;
+        self.tx.set(key, &ct)?;
+        Ok(())
+    }
+
+    pub fn put_json<T: serde::Serialize>(&mut self, key: &[u8], value: &T) -> Result<(), ApiError> {
+        let json = Zeroizing::new(serde_json::to_vec(value).map_err(|_| ApiError::Internal)?);
+        self.put_sealed(key, &json)
+    }
+
+    /// The caller's token record, verified: present, known, unexpired. Records the actor.
+    pub fn authenticate(&mut self) -> Result<TokenRecord, ApiError> {
+        if self.node.barrier.is_sealed() {
+            return Err(ApiError::Sealed);
+        }
+        let token = self.token.ok_or(ApiError::Unauthenticated)?;
+        if token.len() > 256 {
+            return Err(ApiError::Unauthenticated);
+        }
+        let hash = credential_hash(token);
+        let record: TokenRecord = self.get_json(&keys::token(&hash))?.ok_or(ApiError::Unauthenticated)?;
+        // The lookup was by hash; compare again in constant time against the stored hash.
+        let stored = hex::decode(&record.hash).unwrap_or_default();
+        if !bool::from(stored.ct_eq(&hash)) {
+            return Err(ApiError::Unauthenticated);
+        }
+        self.actor = Actor { entity: record.entity.clone(), token_accessor: Some(record.accessor.clone()) };
+        if record.is_expired(self.now_unix_ms) {
+            return Err(ApiError::Unauthenticated);
+        }
+        Ok(record)
+    }
+
+    /// Authenticates, then checks that the token's policies grant one of `capabilities` on
+    /// `path`. Deny by default.
+    pub fn authorize(&mut self, path: &str, capabilities: &[Capability]) -> Result<TokenRecord, ApiError> {
+        let record = self.authenticate()?;
+        if self.allowed(&record, path, capabilities)? { Ok(record) } else { Err(ApiError::PermissionDenied) }
+    }
+
+    /// Whether `record`'s policies grant one of `capabilities` on `path`.
+    pub fn allowed(
+        &mut self,
+        record: &TokenRecord,
+        path: &str,
+        capabilities: &[Capability],
+    ) -> Result<bool, ApiError> {
+        if record.policies.iter().any(|p| p == "root") {
+            return Ok(true);
+        }
+        let mut policies = Vec::with_capacity(record.policies.len());
+        for name in &record.policies {
+            if let Some(text) = self.get_sealed(&keys::policy(name))? {
+                let text = std::str::from_utf8(&text).map_err(|_| ApiError::Internal)?;
+                policies.push(policy::parse(text).map_err(|_| ApiError::Internal)?);
+            }
+        }
+        let granted: BTreeSet<Capability> = policy::capabilities(policies.iter(), path);
+        Ok(capabilities.iter().any(|c| granted.contains(c)))
+    }
+
+    /// The policies of a token, parsed (for callers that check several paths).
+    pub fn load_policies(&mut self, names: &[String]) -> Result<Vec<Policy>, ApiError> {
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(text) = self.get_sealed(&keys::policy(name))? {
+                let text = std::str::from_utf8(&text).map_err(|_| ApiError::Internal)?;
+                out.push(policy::parse(text).map_err(|_| ApiError::Internal)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Node {
+    pub fn new(store: Arc<dyn Store>, identity: NodeIdentity) -> Arc<Self> {
+        let committer = Committer::start(store.clone(), keys::audit_pending(&identity.region));
+        Arc::new(Node {
+            store,
+            barrier: Barrier::default(),
+            committer,
+            identity,
+            metrics: Metrics::default(),
+        })
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.identity
+    }
+
+    pub fn barrier(&self) -> &Barrier {
+        &self.barrier
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn committer(&self) -> &Committer {
+        &self.committer
+    }
+
+    /// Decrypts `ciphertext` read at `aad`, reloading the keyring from the store once if
+    /// another node rotated it since this node loaded it.
+    pub(crate) fn decrypt(&self, ciphertext: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        use arca_store::StoreExt as _;
+        match self.barrier.decrypt(ciphertext, aad) {
+            Err(crate::barrier::BarrierError::UnknownTerm(_)) => {
+                let wrapped =
+                    self.store.transact(|tx| tx.get(&keys::keyring()))?.value.ok_or(ApiError::Internal)?;
+                self.barrier.reload_keyring(&wrapped)?;
+                Ok(self.barrier.decrypt(ciphertext, aad)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Runs `work` inside the next batch transaction with an audit event for it, and answers
+    /// only once that event is durable. `work` may run more than once (conflict retries) and
+    /// must only touch the store through `Env`.
+    pub async fn execute<T, F>(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        op: Operation,
+        path: String,
+        work: F,
+    ) -> Audited<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Env<'_>) -> Result<T, ApiError> + Send + 'static,
+    {
+        let started = std::time::Instant::now();
+        let slot: Arc<std::sync::Mutex<Option<Result<T, ApiError>>>> = Arc::default();
+        let job_slot = slot.clone();
+        let node = self.clone();
+        let mut work = work;
+        let RequestContext { request_id, token, source } = ctx;
+        let span = tracing::info_span!("request", op = op.name(), request_id = %request_id);
+        let job = Box::new(move |tx: &mut dyn Transaction| -> Result<Vec<u8>, StoreError> {
+            let now = now_unix_ms();
+            let mut env = Env {
+                tx,
+                node: &node,
+                now_unix_ms: now,
+                actor: Actor { entity: "anonymous".into(), token_accessor: None },
+                secret_version: None,
+                token: token.as_deref().map(String::as_str),
+            };
+            let result = match work(&mut env) {
+                // A store error aborts the batch attempt: retried with it when retryable,
+                // otherwise the whole batch fails closed. It never ends up in an event.
+                Err(ApiError::Store(err)) => return Err(err),
+                other => other,
+            };
+            let outcome = match &result {
+                Ok(_) => Outcome::Ok,
+                Err(err) if err.is_denial() => Outcome::Denied,
+                Err(err) => Outcome::Error { code: err.code().into() },
+            };
+            let event = Event {
+                time_unix_ms: now,
+                request_id: request_id.clone(),
+                cluster: node.identity.cluster.clone(),
+                region: node.identity.region.clone(),
+                node: node.identity.node.clone(),
+                actor: env.actor,
+                source: source.clone(),
+                operation: op,
+                path: path.clone(),
+                secret_version: env.secret_version,
+                outcome,
+            };
+            *job_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            Ok(event.encode())
+        });
+        let committed = {
+            let _enter = span.enter();
+            self.committer.submit(job).await
+        };
+        let audited = match committed {
+            Ok(position) => {
+                let result =
+                    slot.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(Err(ApiError::Internal));
+                Audited { result, position: Some(position) }
+            }
+            Err(_) => Audited { result: Err(ApiError::Unavailable), position: None },
+        };
+        let outcome = match &audited.result {
+            Ok(_) => "ok",
+            Err(err) if err.is_denial() => "denied",
+            Err(_) => "error",
+        };
+        self.metrics.observe_request(op, outcome, started.elapsed());
+        audited
+    }
+}

@@ -1,0 +1,226 @@
+//! Operator and policy endpoints: init, unseal, seal, status, key rotation; policy CRUD.
+
+use std::sync::Arc;
+
+use arca_audit::Operation;
+use zeroize::Zeroizing;
+
+use crate::auth::{self, NewToken, TokenSpec};
+use crate::barrier::{self, BarrierError, Keyring, SealConfig, UnsealProgress};
+use crate::error::ApiError;
+use crate::keys;
+use crate::node::{Audited, Env, Node, RequestContext};
+use crate::policy::{self, Capability};
+
+/// What `init` hands the operator, once.
+pub struct InitResult {
+    pub shares: Vec<Zeroizing<String>>,
+    pub threshold: u8,
+    pub root_token: NewToken,
+}
+
+impl std::fmt::Debug for InitResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitResult")
+            .field("shares", &self.shares.len())
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The node's seal status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub initialized: bool,
+    pub sealed: bool,
+    pub shares: u8,
+    pub threshold: u8,
+    pub progress: u8,
+    pub keyring_term: Option<u32>,
+}
+
+fn load_seal(env: &mut Env<'_>) -> Result<Option<SealConfig>, ApiError> {
+    match env.tx.get(&keys::seal())? {
+        None => Ok(None),
+        Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(|_| BarrierError::CorruptSealData.into()),
+    }
+}
+
+impl Node {
+    /// Initializes the store: key hierarchy, Shamir shares, root token.
+    pub async fn operator_init(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        shares: u8,
+        threshold: u8,
+    ) -> Audited<InitResult> {
+        let audited = self
+            .execute(ctx, Operation::Init, "sys/init".into(), move |env| {
+                if load_seal(env)?.is_some() {
+                    return Err(ApiError::FailedPrecondition("the store is already initialized".into()));
+                }
+                let init = barrier::initialize(shares, threshold, env.now_unix_ms)?;
+                env.tx
+                    .set(&keys::seal(), &serde_json::to_vec(&init.seal).map_err(|_| ApiError::Internal)?)?;
+                env.tx.set(&keys::keyring(), &init.wrapped_keyring)?;
+                // The root token must be encrypted under the new keyring: unseal with it now.
+                // Should the commit fail, the caller seals again.
+                env.node.barrier.install(init.root.clone(), init.keyring.clone());
+                let root_token = auth::mint(
+                    env,
+                    TokenSpec {
+                        policies: vec!["root".into()],
+                        ttl_secs: None,
+                        display_name: "root".into(),
+                        entity: "root".into(),
+                        renewable: false,
+                        parent: None,
+                    },
+                )?;
+                env.actor.entity = "root".into();
+                env.actor.token_accessor = Some(root_token.record.accessor.clone());
+                Ok(InitResult { shares: init.shares, threshold, root_token })
+            })
+            .await;
+        if audited.result.is_err() && audited.position.is_none() {
+            self.barrier.seal();
+        }
+        audited
+    }
+
+    /// Adds one unseal key share.
+    pub async fn operator_unseal(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        share: Zeroizing<String>,
+    ) -> Audited<UnsealProgress> {
+        self.execute(ctx, Operation::Unseal, "sys/unseal".into(), move |env| {
+            let seal = load_seal(env)?.ok_or(ApiError::NotInitialized)?;
+            if !env.node.barrier.is_sealed() {
+                return Ok(UnsealProgress { sealed: false, progress: 0, threshold: seal.threshold });
+            }
+            let wrapped = env.tx.get(&keys::keyring())?.ok_or(BarrierError::CorruptSealData)?;
+            Ok(env.node.barrier.submit_share(&seal, &wrapped, &share)?)
+        })
+        .await
+    }
+
+    /// Seals this node (needs `update` and `sudo` on `sys/seal`).
+    pub async fn operator_seal(self: &Arc<Self>, ctx: RequestContext) -> Audited<()> {
+        let audited = self
+            .execute(ctx, Operation::Seal, "sys/seal".into(), move |env| {
+                let record = env.authorize("sys/seal", &[Capability::Update])?;
+                if !env.allowed(&record, "sys/seal", &[Capability::Sudo])? {
+                    return Err(ApiError::PermissionDenied);
+                }
+                Ok(())
+            })
+            .await;
+        if audited.result.is_ok() {
+            self.barrier.seal();
+            tracing::warn!("node sealed by operator request");
+        }
+        audited
+    }
+
+    pub async fn operator_status(self: &Arc<Self>, ctx: RequestContext) -> Audited<Status> {
+        self.execute(ctx, Operation::Status, "sys/seal-status".into(), move |env| {
+            let seal = load_seal(env)?;
+            Ok(Status {
+                initialized: seal.is_some(),
+                sealed: env.node.barrier.is_sealed(),
+                shares: seal.as_ref().map_or(0, |s| s.shares),
+                threshold: seal.as_ref().map_or(0, |s| s.threshold),
+                progress: env.node.barrier.progress(),
+                keyring_term: env.node.barrier.active_term(),
+            })
+        })
+        .await
+    }
+
+    /// Adds a keyring term that encrypts from now on (needs `update` on `sys/rotate`).
+    pub async fn operator_rotate(self: &Arc<Self>, ctx: RequestContext) -> Audited<u32> {
+        let audited = self
+            .execute(ctx, Operation::Rotate, "sys/rotate".into(), move |env| {
+                env.authorize("sys/rotate", &[Capability::Update])?;
+                // Start from the stored keyring: another node may have rotated already.
+                let stored = env.tx.get(&keys::keyring())?.ok_or(BarrierError::CorruptSealData)?;
+                env.node.barrier.reload_keyring(&stored)?;
+                let (next, wrapped) = env.node.barrier.rotated(env.now_unix_ms)?;
+                env.tx.set(&keys::keyring(), &wrapped)?;
+                Ok(next)
+            })
+            .await;
+        let Audited { result, position } = audited;
+        let result = result.and_then(|next: Keyring| {
+            let term = next.active_term();
+            self.barrier.install_keyring(next)?;
+            Ok(term)
+        });
+        Audited { result, position }
+    }
+
+    pub async fn policy_write(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        name: String,
+        text: String,
+    ) -> Audited<()> {
+        let path = format!("sys/policies/acl/{name}");
+        self.execute(ctx, Operation::PolicyWrite, path.clone(), move |env| {
+            policy::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+            if name == "root" {
+                return Err(ApiError::invalid("the root policy cannot be changed"));
+            }
+            policy::parse(&text).map_err(|e| ApiError::invalid(format!("policy: {e}")))?;
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            env.put_sealed(&keys::policy(&name), text.as_bytes())
+        })
+        .await
+    }
+
+    pub async fn policy_read(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<String> {
+        let path = format!("sys/policies/acl/{name}");
+        self.execute(ctx, Operation::PolicyRead, path.clone(), move |env| {
+            policy::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+            env.authorize(&path, &[Capability::Read])?;
+            let text = env
+                .get_sealed(&keys::policy(&name))?
+                .ok_or_else(|| ApiError::NotFound("no such policy".into()))?;
+            String::from_utf8(text.to_vec()).map_err(|_| ApiError::Internal)
+        })
+        .await
+    }
+
+    pub async fn policy_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
+        self.execute(ctx, Operation::PolicyList, "sys/policies/acl".into(), move |env| {
+            env.authorize("sys/policies/acl", &[Capability::List])?;
+            let (begin, end) = keys::children_range(&keys::policies());
+            let mut names = vec!["root".to_owned()];
+            for kv in env.tx.get_range(&begin, &end, Default::default())? {
+                let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
+                names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await
+    }
+
+    pub async fn policy_delete(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("sys/policies/acl/{name}");
+        self.execute(ctx, Operation::PolicyDelete, path.clone(), move |env| {
+            policy::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+            if name == "root" {
+                return Err(ApiError::invalid("the root policy cannot be deleted"));
+            }
+            env.authorize(&path, &[Capability::Delete])?;
+            if env.tx.get(&keys::policy(&name))?.is_none() {
+                return Err(ApiError::NotFound("no such policy".into()));
+            }
+            env.tx.clear(&keys::policy(&name))?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,522 @@
+//! The node in process, on a real SQLite store: secrets, identities, policies, and the
+//! audit-first request path (one durable event per request, fail closed).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arca_audit::{Event, Operation, Outcome, Source};
+use arca_node::auth::{CreateTokenRequest, WriteRoleRequest};
+use arca_node::error::ApiError;
+use arca_node::keys;
+use arca_node::kv::{MetadataUpdate, SecretData};
+use arca_node::node::{Node, NodeIdentity, RequestContext};
+use arca_store::{
+    CommitInfo, KeyValue, RangeOptions, SqliteConfig, SqliteStore, Store, StoreError, StoreExt, Transaction,
+    prefix_end,
+};
+use zeroize::Zeroizing;
+
+const SECRET_VALUE: &str = "correct-horse-battery-staple-7f3a";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    store: Arc<FaultyStore>,
+    node: Arc<Node>,
+    root: String,
+}
+
+/// A real SQLite store whose commits can be made to fail: the fault injector for the
+/// fail-closed test.
+#[derive(Debug)]
+struct FaultyStore {
+    inner: SqliteStore,
+    fail_commits: AtomicBool,
+}
+
+struct FaultyTxn<'a> {
+    inner: Box<dyn Transaction + 'a>,
+    fail: &'a AtomicBool,
+}
+
+impl Transaction for FaultyTxn<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_snapshot(key)
+    }
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        opts: RangeOptions,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.get_range(begin, end, opts)
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(key, value)
+    }
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.inner.clear(key)
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        self.inner.clear_range(begin, end)
+    }
+    fn set_versionstamped_key(
+        &mut self,
+        prefix: &[u8],
+        suffix: &[u8],
+        value: &[u8],
+    ) -> Result<u16, StoreError> {
+        self.inner.set_versionstamped_key(prefix, suffix, value)
+    }
+    fn maybe_committed(&self) -> bool {
+        self.inner.maybe_committed()
+    }
+    fn commit(&mut self) -> Result<CommitInfo, StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Io {
+                context: "injected: the disk is gone",
+                source: std::io::Error::other("injected fault"),
+            });
+        }
+        self.inner.commit()
+    }
+    fn on_error(&mut self, err: &StoreError) -> Result<(), StoreError> {
+        self.inner.on_error(err)
+    }
+}
+
+impl Store for FaultyStore {
+    fn engine(&self) -> &'static str {
+        "sqlite-faulty"
+    }
+    fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
+        Ok(Box::new(FaultyTxn { inner: self.inner.begin()?, fail: &self.fail_commits }))
+    }
+}
+
+fn ctx(token: Option<&str>) -> RequestContext {
+    RequestContext::new(
+        token.map(|t| Zeroizing::new(t.to_owned())),
+        Source { address: "127.0.0.1:40000".into(), proxy: None },
+    )
+}
+
+fn identity() -> NodeIdentity {
+    NodeIdentity { cluster: "test".into(), region: "local".into(), node: "node-a".into() }
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("arca.db");
+    let store = Arc::new(FaultyStore {
+        inner: SqliteStore::open(SqliteConfig::new(&db)).unwrap(),
+        fail_commits: AtomicBool::new(false),
+    });
+    let node = Node::new(store.clone(), identity());
+    let init = node.operator_init(ctx(None), 1, 1).await.result.unwrap();
+    let root = init.root_token.token.to_string();
+    Harness { _dir: dir, db, store, node, root }
+}
+
+fn data(pairs: &[(&str, &str)]) -> SecretData {
+    SecretData(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+}
+
+fn audit_events(store: &dyn Store) -> Vec<Event> {
+    let prefix = keys::audit_pending("local");
+    let rows = store
+        .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
+    rows.iter().map(|kv| Event::decode(&kv.value).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn versions_round_trip_with_kv_v2_semantics() {
+    let h = harness().await;
+    let n = &h.node;
+    let put = |v: &str| {
+        n.kv_write(ctx(Some(&h.root)), "secret".into(), "app/db".into(), data(&[("password", v)]), None)
+    };
+    assert_eq!(put("one").await.result.unwrap(), 1);
+    assert_eq!(put("two").await.result.unwrap(), 2);
+
+    let latest = n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), None).await;
+    assert!(latest.position.is_some(), "the reply carries the audit position");
+    let latest = latest.result.unwrap();
+    assert_eq!((latest.version, latest.data.0["password"].as_str()), (2, "two"));
+    let first =
+        n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), Some(1)).await.result.unwrap();
+    assert_eq!(first.data.0["password"], "one");
+
+    // Check-and-set.
+    let stale = n
+        .kv_write(ctx(Some(&h.root)), "secret".into(), "app/db".into(), data(&[("password", "x")]), Some(1))
+        .await;
+    assert!(matches!(stale.result, Err(ApiError::FailedPrecondition(_))));
+    let fresh =
+        n.kv_write(ctx(Some(&h.root)), "secret".into(), "app/new".into(), data(&[("a", "b")]), Some(0)).await;
+    assert_eq!(fresh.result.unwrap(), 1);
+
+    // Patch keeps other keys.
+    let patched = n
+        .kv_patch(
+            ctx(Some(&h.root)),
+            "secret".into(),
+            "app/db".into(),
+            data(&[("user", "svc")]),
+            vec![],
+            None,
+        )
+        .await
+        .result
+        .unwrap();
+    assert_eq!(patched, 3);
+    let v3 = n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), None).await.result.unwrap();
+    assert_eq!(v3.data.0, BTreeMap::from([("password".into(), "two".into()), ("user".into(), "svc".into())]));
+
+    // List.
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "app/nested/deep".into(), data(&[("k", "v")]), None)
+        .await
+        .result
+        .unwrap();
+    let top = n.kv_list(ctx(Some(&h.root)), "secret".into(), "".into()).await.result.unwrap();
+    assert_eq!(top, vec!["app/".to_string()]);
+    let app = n.kv_list(ctx(Some(&h.root)), "secret".into(), "app/".into()).await.result.unwrap();
+    assert_eq!(app, vec!["db".to_string(), "nested/".into(), "new".into()]);
+
+    // Soft delete, undelete, destroy.
+    let deleted =
+        n.kv_delete(ctx(Some(&h.root)), "secret".into(), "app/db".into(), vec![]).await.result.unwrap();
+    assert_eq!(deleted, vec![3]);
+    let gone = n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), None).await.result;
+    assert!(matches!(gone, Err(ApiError::NotFound(_))));
+    n.kv_undelete(ctx(Some(&h.root)), "secret".into(), "app/db".into(), vec![3]).await.result.unwrap();
+    assert!(n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), None).await.result.is_ok());
+    n.kv_destroy(ctx(Some(&h.root)), "secret".into(), "app/db".into(), vec![1]).await.result.unwrap();
+    let destroyed = n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), Some(1)).await.result;
+    assert!(matches!(destroyed, Err(ApiError::NotFound(_))));
+    let undestroy =
+        n.kv_undelete(ctx(Some(&h.root)), "secret".into(), "app/db".into(), vec![1]).await.result.unwrap();
+    assert!(undestroy.is_empty(), "a destroyed version cannot be undeleted");
+
+    // Metadata: max versions prunes, custom metadata is kept.
+    let meta = n
+        .kv_write_metadata(
+            ctx(Some(&h.root)),
+            "secret".into(),
+            "app/db".into(),
+            MetadataUpdate {
+                max_versions: Some(2),
+                cas_required: None,
+                custom_metadata: Some(BTreeMap::from([("owner".into(), "team-a".into())])),
+            },
+        )
+        .await
+        .result
+        .unwrap();
+    assert_eq!(meta.versions.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(meta.custom_metadata["owner"], "team-a");
+    n.kv_delete_metadata(ctx(Some(&h.root)), "secret".into(), "app/db".into()).await.result.unwrap();
+    assert!(matches!(
+        n.kv_read_metadata(ctx(Some(&h.root)), "secret".into(), "app/db".into()).await.result,
+        Err(ApiError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn policies_deny_by_default_and_tokens_carry_them() {
+    let h = harness().await;
+    let n = &h.node;
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "app/db".into(), data(&[("p", "1")]), None)
+        .await
+        .result
+        .unwrap();
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "ops/key".into(), data(&[("p", "2")]), None)
+        .await
+        .result
+        .unwrap();
+    n.policy_write(
+        ctx(Some(&h.root)),
+        "app-read".into(),
+        r#"path "secret/data/app/*" { capabilities = ["read"] }"#.into(),
+    )
+    .await
+    .result
+    .unwrap();
+    let app = n
+        .token_create(
+            ctx(Some(&h.root)),
+            CreateTokenRequest { policies: vec!["app-read".into()], ..Default::default() },
+        )
+        .await
+        .result
+        .unwrap();
+    let token = app.token.to_string();
+    assert!(n.kv_read(ctx(Some(&token)), "secret".into(), "app/db".into(), None).await.result.is_ok());
+    let denied = n.kv_read(ctx(Some(&token)), "secret".into(), "ops/key".into(), None).await;
+    assert!(matches!(denied.result, Err(ApiError::PermissionDenied)));
+    assert!(denied.position.is_some(), "denials are audited too");
+    let write =
+        n.kv_write(ctx(Some(&token)), "secret".into(), "app/db".into(), data(&[("p", "x")]), None).await;
+    assert!(matches!(write.result, Err(ApiError::PermissionDenied)));
+    // A child cannot have policies its parent lacks.
+    let escalate = n
+        .token_create(
+            ctx(Some(&token)),
+            CreateTokenRequest { policies: vec!["root".into()], ..Default::default() },
+        )
+        .await;
+    assert!(matches!(escalate.result, Err(ApiError::PermissionDenied)));
+    // Garbage tokens are denials.
+    let bad = n.kv_read(ctx(Some("arca_not-a-token")), "secret".into(), "app/db".into(), None).await;
+    assert!(matches!(bad.result, Err(ApiError::Unauthenticated)));
+
+    // Revoking the parent revokes the child.
+    let parent = n.token_create(ctx(Some(&h.root)), CreateTokenRequest::default()).await.result.unwrap();
+    let child = n.token_create(ctx(Some(&parent.token)), CreateTokenRequest::default()).await.result.unwrap();
+    assert!(n.token_lookup(ctx(Some(&child.token)), None).await.result.is_ok());
+    assert_eq!(n.token_revoke(ctx(Some(&parent.token)), None).await.result.unwrap(), 2);
+    assert!(matches!(
+        n.token_lookup(ctx(Some(&child.token)), None).await.result,
+        Err(ApiError::Unauthenticated)
+    ));
+}
+
+#[tokio::test]
+async fn approle_login_issues_a_token_with_the_role_policies() {
+    let h = harness().await;
+    let n = &h.node;
+    n.policy_write(
+        ctx(Some(&h.root)),
+        "billing".into(),
+        r#"path "secret/data/billing/*" { capabilities = ["read", "create", "update"] }"#.into(),
+    )
+    .await
+    .result
+    .unwrap();
+    let role = n
+        .approle_write(
+            ctx(Some(&h.root)),
+            WriteRoleRequest {
+                name: "billing".into(),
+                policies: vec!["billing".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .result
+        .unwrap();
+    let secret_id = n.approle_secret_id(ctx(Some(&h.root)), "billing".into()).await.result.unwrap();
+    let login = n
+        .approle_login(ctx(None), Zeroizing::new(role.role_id.clone()), secret_id.secret_id.clone())
+        .await
+        .result
+        .unwrap();
+    assert_eq!(login.record.entity, "approle:billing");
+    let token = login.token.to_string();
+    assert!(
+        n.kv_write(ctx(Some(&token)), "secret".into(), "billing/api".into(), data(&[("k", "v")]), None)
+            .await
+            .result
+            .is_ok()
+    );
+    assert!(matches!(
+        n.kv_write(ctx(Some(&token)), "secret".into(), "other".into(), data(&[("k", "v")]), None)
+            .await
+            .result,
+        Err(ApiError::PermissionDenied)
+    ));
+    let wrong =
+        n.approle_login(ctx(None), Zeroizing::new(role.role_id), Zeroizing::new("arca_wrong".into())).await;
+    assert!(matches!(wrong.result, Err(ApiError::Unauthenticated)));
+}
+
+#[tokio::test]
+async fn every_request_has_exactly_one_durable_event_without_secrets() {
+    let h = harness().await;
+    let n = &h.node;
+    let mut positions = Vec::new();
+    let put =
+        n.kv_write(ctx(Some(&h.root)), "secret".into(), "a".into(), data(&[("v", SECRET_VALUE)]), None).await;
+    positions.push(put.position.unwrap());
+    let read = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), None).await;
+    assert_eq!(read.result.as_ref().unwrap().data.0["v"], SECRET_VALUE);
+    positions.push(read.position.unwrap());
+    let denied = n.kv_read(ctx(None), "secret".into(), "a".into(), None).await;
+    positions.push(denied.position.unwrap());
+    let invalid = n.kv_read(ctx(Some(&h.root)), "secret".into(), "../etc".into(), None).await;
+    assert!(matches!(invalid.result, Err(ApiError::InvalidArgument(_))));
+    positions.push(invalid.position.unwrap());
+
+    let events = audit_events(h.store.as_ref());
+    // init + the four requests above.
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[0].operation, Operation::Init);
+    let outcomes: Vec<_> = events[1..].iter().map(|e| (e.operation, e.outcome.clone())).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (Operation::KvWrite, Outcome::Ok),
+            (Operation::KvRead, Outcome::Ok),
+            (Operation::KvRead, Outcome::Denied),
+            (Operation::KvRead, Outcome::Error { code: "invalid_argument".into() }),
+        ]
+    );
+    assert_eq!(events[2].secret_version, Some(1));
+    assert_eq!(events[2].actor.entity, "root");
+    assert_eq!(events[3].actor.entity, "anonymous");
+    for pair in positions.windows(2) {
+        assert!(pair[0] < pair[1], "positions follow request order");
+    }
+    // No event carries the value or the token.
+    let prefix = keys::audit_pending("local");
+    let raw = h
+        .store
+        .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
+    for kv in raw {
+        let text = String::from_utf8_lossy(&kv.value);
+        assert!(!text.contains(SECRET_VALUE) && !text.contains(&h.root), "an event leaked a secret");
+    }
+    // The database file holds ciphertext only.
+    drop(h.node);
+    let bytes = std::fs::read(&h.db).unwrap();
+    let wal = std::fs::read(h.db.with_extension("db-wal")).unwrap_or_default();
+    for file in [&bytes, &wal] {
+        assert!(
+            !file.windows(SECRET_VALUE.len()).any(|w| w == SECRET_VALUE.as_bytes()),
+            "plaintext in the store file"
+        );
+        assert!(!file.windows(h.root.len()).any(|w| w == h.root.as_bytes()), "a token in the store file");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_fails_requests_closed() {
+    let h = harness().await;
+    let n = &h.node;
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "a".into(), data(&[("v", SECRET_VALUE)]), None)
+        .await
+        .result
+        .unwrap();
+    let before = audit_events(h.store.as_ref()).len();
+    h.store.fail_commits.store(true, Ordering::SeqCst);
+    let read = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), None).await;
+    assert!(matches!(read.result, Err(ApiError::Unavailable)), "{:?}", read.result.map(|_| ()));
+    assert!(read.position.is_none());
+    let write =
+        n.kv_write(ctx(Some(&h.root)), "secret".into(), "a".into(), data(&[("v", "new")]), None).await;
+    assert!(write.result.is_err());
+    h.store.fail_commits.store(false, Ordering::SeqCst);
+    assert_eq!(audit_events(h.store.as_ref()).len(), before, "nothing was committed while failing");
+    let after = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), None).await.result.unwrap();
+    assert_eq!(
+        (after.version, after.data.0["v"].as_str()),
+        (1, SECRET_VALUE),
+        "the failed write changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn ciphertexts_cannot_be_moved_between_versions() {
+    let h = harness().await;
+    let n = &h.node;
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "a".into(), data(&[("v", "one")]), None)
+        .await
+        .result
+        .unwrap();
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "a".into(), data(&[("v", "two")]), None)
+        .await
+        .result
+        .unwrap();
+    h.store
+        .transact(|tx| {
+            let v1 = tx.get(&keys::kv_version("secret", "a", 1))?.unwrap();
+            tx.set(&keys::kv_version("secret", "a", 2), &v1)
+        })
+        .unwrap();
+    let swapped = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), Some(2)).await.result;
+    assert!(matches!(swapped, Err(ApiError::Internal)), "a moved ciphertext must not decrypt");
+}
+
+#[tokio::test]
+async fn seal_unseal_and_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap());
+    let node = Node::new(store.clone(), identity());
+    let init = node.operator_init(ctx(None), 3, 2).await.result.unwrap();
+    let root = init.root_token.token.to_string();
+    node.kv_write(ctx(Some(&root)), "secret".into(), "a".into(), data(&[("v", "before")]), None)
+        .await
+        .result
+        .unwrap();
+    assert_eq!(node.operator_rotate(ctx(Some(&root))).await.result.unwrap(), 2);
+    node.kv_write(ctx(Some(&root)), "secret".into(), "a".into(), data(&[("v", "after")]), None)
+        .await
+        .result
+        .unwrap();
+
+    // A second node on the same store starts sealed.
+    let other = Node::new(store, identity());
+    let status = other.operator_status(ctx(None)).await.result.unwrap();
+    assert!(status.initialized && status.sealed);
+    assert!(matches!(
+        other.kv_read(ctx(Some(&root)), "secret".into(), "a".into(), None).await.result,
+        Err(ApiError::Sealed)
+    ));
+    let progress = other.operator_unseal(ctx(None), init.shares[2].clone()).await.result.unwrap();
+    assert!(progress.sealed && progress.progress == 1);
+    let progress = other.operator_unseal(ctx(None), init.shares[0].clone()).await.result.unwrap();
+    assert!(!progress.sealed);
+    let v1 = other.kv_read(ctx(Some(&root)), "secret".into(), "a".into(), Some(1)).await.result.unwrap();
+    let v2 = other.kv_read(ctx(Some(&root)), "secret".into(), "a".into(), Some(2)).await.result.unwrap();
+    assert_eq!((v1.data.0["v"].as_str(), v2.data.0["v"].as_str()), ("before", "after"));
+
+    node.operator_seal(ctx(Some(&root))).await.result.unwrap();
+    assert!(node.barrier().is_sealed());
+    assert!(matches!(
+        node.kv_read(ctx(Some(&root)), "secret".into(), "a".into(), None).await.result,
+        Err(ApiError::Sealed)
+    ));
+    assert!(matches!(node.operator_init(ctx(None), 1, 1).await.result, Err(ApiError::FailedPrecondition(_))));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let h = harness().await;
+    let n = &h.node;
+    let big = "x".repeat(arca_node::kv::MAX_DATA_BYTES + 1);
+    for (path, payload) in [
+        ("a", data(&[("v", big.as_str())])),
+        ("", data(&[("v", "1")])),
+        ("/lead", data(&[("v", "1")])),
+        ("a//b", data(&[("v", "1")])),
+        ("a/../b", data(&[("v", "1")])),
+        ("ctl\u{7}", data(&[("v", "1")])),
+        ("a", data(&[("", "1")])),
+    ] {
+        let res = n.kv_write(ctx(Some(&h.root)), "secret".into(), path.into(), payload, None).await;
+        assert!(matches!(res.result, Err(ApiError::InvalidArgument(_))), "{path:?}");
+    }
+    assert!(matches!(
+        n.kv_write(ctx(Some(&h.root)), "nope".into(), "a".into(), data(&[("v", "1")]), None).await.result,
+        Err(ApiError::NotFound(_))
+    ));
+    let bad_policy = n
+        .policy_write(ctx(Some(&h.root)), "p".into(), "path \"a\" { capabilities = [\"reed\"] }".into())
+        .await;
+    match bad_policy.result {
+        Err(ApiError::InvalidArgument(msg)) => assert!(msg.contains("line 1"), "{msg}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let listed = n.kv_list(ctx(Some(&h.root)), "secret".into(), "".into()).await.result.unwrap();
+    assert!(listed.is_empty(), "nothing was written: {listed:?}");
+    assert_eq!(n.policy_list(ctx(Some(&h.root))).await.result.unwrap(), vec!["root".to_string()]);
+}
