@@ -16,10 +16,19 @@
 pub mod auth;
 pub mod barrier;
 pub mod committer;
+pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod keys;
 pub mod kv;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod server;
 pub mod sys;
+
+/// Generated gRPC types and services (`proto/arca.proto`).
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("arca.v1");
+}

@@ -52,7 +52,7 @@ impl Metrics {
     /// Renders every metric.
     pub fn render(&self, sealed: bool, commits: &CommitStats) -> String {
         let mut out = String::new();
-        out.push_str("# HELP arca_requests_total Requests served, by operation and outcome.\n");
+        out.push_str("# HELP arca_request_duration_seconds Request latency, by operation and outcome.\n");
         out.push_str("# TYPE arca_request_duration_seconds histogram\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         for ((op, outcome), h) in requests.iter() {
@@ -68,6 +68,7 @@ impl Metrics {
             let _ = writeln!(out, "arca_request_duration_seconds_sum{{{labels}}} {}", h.sum_seconds);
             let _ = writeln!(out, "arca_request_duration_seconds_count{{{labels}}} {}", h.count);
         }
+        out.push_str("# HELP arca_requests_total Requests served, by operation and outcome.\n");
         out.push_str("# TYPE arca_requests_total counter\n");
         for ((op, outcome), h) in requests.iter() {
             let _ =

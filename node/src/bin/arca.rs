@@ -1,1 +1,876 @@
-fn main() {}
+//! `arca`: the arca CLI.
+//!
+//! Address and token come from `--addr`/`ARCA_ADDR` (default `http://127.0.0.1:8400`) and
+//! `--token`/`ARCA_TOKEN`. Output is human-readable, or JSON with `--format json`
+//! (`-format=json` works too, as with Vault's CLI).
+//!
+//! Exit codes: 0 success; 1 local error (arguments, files, connection); 2 usage error;
+//! 3 denied (missing/invalid token or policy); 4 not found; 5 any other server error
+//! (invalid argument, failed precondition, sealed, unavailable, internal).
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::process::ExitCode;
+
+use arca_node::grpc::AUDIT_POSITION_HEADER;
+use arca_node::proto;
+use arca_node::proto::arca_client::ArcaClient;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+#[derive(Parser)]
+#[command(name = "arca", version, about = "arca, the audit-first secrets store: command-line client")]
+struct Cli {
+    /// Server address.
+    #[arg(long, short = 'a', global = true, env = "ARCA_ADDR", default_value = "http://127.0.0.1:8400")]
+    addr: String,
+    /// Token (prefer ARCA_TOKEN: arguments are visible to other local users).
+    #[arg(long, short = 't', global = true, env = "ARCA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to verify the server with https addresses.
+    #[arg(long, global = true, env = "ARCA_CACERT")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Versioned secrets.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// AppRole machine login.
+    #[command(subcommand)]
+    Approle(AppRoleCommand),
+    /// Init, unseal, seal, status, key rotation.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+#[derive(Args)]
+struct PathArg {
+    /// `<mount>/<path>`, e.g. `secret/app/db`.
+    path: String,
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Write a new version: `arca kv put secret/app/db user=svc password=@file token=-`.
+    Put {
+        path: String,
+        /// key=value pairs; a value of @FILE reads a file, - reads standard input.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// Read the current version, or --version N.
+    Get {
+        path: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// Print only this key's value.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// Write a new version from the current one with the given keys set or removed.
+    Patch {
+        path: String,
+        pairs: Vec<String>,
+        #[arg(long)]
+        remove: Vec<String>,
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// List the names under a folder, e.g. `secret/` or `secret/app/`.
+    List { path: String },
+    /// Soft-delete the current version, or --versions.
+    Delete {
+        path: String,
+        #[arg(long, value_delimiter = ',')]
+        versions: Vec<u64>,
+    },
+    /// Restore soft-deleted versions.
+    Undelete {
+        path: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        versions: Vec<u64>,
+    },
+    /// Remove versions' data for good.
+    Destroy {
+        path: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        versions: Vec<u64>,
+    },
+    /// Secret metadata.
+    #[command(subcommand)]
+    Metadata(MetadataCommand),
+}
+
+#[derive(Subcommand)]
+enum MetadataCommand {
+    Get(PathArg),
+    Put {
+        path: String,
+        #[arg(long)]
+        max_versions: Option<u32>,
+        #[arg(long)]
+        cas_required: Option<bool>,
+        /// key=value custom metadata (replaces the stored map).
+        #[arg(long)]
+        custom: Vec<String>,
+    },
+    /// Delete the secret entirely: metadata and every version.
+    Delete(PathArg),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    Create {
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        /// Time to live, in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long, default_value = "")]
+        display_name: String,
+        #[arg(long)]
+        renewable: bool,
+        #[arg(long)]
+        orphan: bool,
+    },
+    /// Look up your own token, or another by --accessor.
+    Lookup {
+        #[arg(long, default_value = "")]
+        accessor: String,
+    },
+    /// Renew your own token.
+    Renew {
+        #[arg(long)]
+        increment: Option<u64>,
+    },
+    /// Revoke your own token, or another by --accessor (and its children).
+    Revoke {
+        #[arg(long, default_value = "")]
+        accessor: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Write a policy from a file (- for standard input).
+    Write {
+        name: String,
+        file: String,
+    },
+    Read {
+        name: String,
+    },
+    List,
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppRoleCommand {
+    Write {
+        name: String,
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        #[arg(long)]
+        token_ttl: Option<u64>,
+        #[arg(long)]
+        secret_id_ttl: Option<u64>,
+    },
+    Read {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    List,
+    RoleId {
+        name: String,
+    },
+    SecretId {
+        name: String,
+    },
+    /// Log in; the role id and secret id may come from ARCA_ROLE_ID / ARCA_SECRET_ID.
+    Login {
+        #[arg(long, env = "ARCA_ROLE_ID", hide_env_values = true)]
+        role_id: String,
+        #[arg(long, env = "ARCA_SECRET_ID", hide_env_values = true)]
+        secret_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    Init {
+        #[arg(long, default_value_t = 5)]
+        key_shares: u32,
+        #[arg(long, default_value_t = 3)]
+        key_threshold: u32,
+    },
+    /// Give one unseal key share (omit it, or pass -, to read it from standard input).
+    Unseal {
+        share: Option<String>,
+    },
+    Seal,
+    Status,
+    Rotate,
+}
+
+/// A failure, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        let code = match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => 3,
+            Code::NotFound => 4,
+            Code::Unavailable
+                if status.message().contains("tcp connect") || status.message().contains("transport") =>
+            {
+                1
+            }
+            _ => 5,
+        };
+        Failure { code, message: status.message().to_owned() }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(err: std::io::Error) -> Self {
+        Failure { code: 1, message: err.to_string() }
+    }
+}
+
+fn local(message: impl Into<String>) -> Failure {
+    Failure { code: 1, message: message.into() }
+}
+
+struct Client {
+    inner: ArcaClient<Channel>,
+    token: Option<String>,
+}
+
+impl Client {
+    async fn connect(cli: &Cli) -> Result<Self, Failure> {
+        let mut endpoint = Endpoint::from_shared(cli.addr.clone())
+            .map_err(|_| local(format!("invalid address {}", cli.addr)))?;
+        if cli.addr.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &cli.ca_cert {
+                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| local(format!("tls: {e}")))?;
+        }
+        let channel =
+            endpoint.connect().await.map_err(|e| local(format!("cannot connect to {}: {e}", cli.addr)))?;
+        Ok(Client { inner: ArcaClient::new(channel), token: cli.token.clone().filter(|t| !t.is_empty()) })
+    }
+
+    fn req<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+}
+
+fn position<T>(response: &Response<T>) -> Value {
+    response
+        .metadata()
+        .get(AUDIT_POSITION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map_or(Value::Null, |p| json!(p))
+}
+
+/// Splits `mount/path` into its mount and path.
+fn split_mount(full: &str) -> Result<(String, String), Failure> {
+    let full = full.trim_start_matches('/');
+    match full.split_once('/') {
+        Some((mount, path)) if !mount.is_empty() => Ok((mount.to_owned(), path.to_owned())),
+        _ => Err(local(format!("expected <mount>/<path>, e.g. secret/app/db; got {full:?}"))),
+    }
+}
+
+fn read_value(spec: &str) -> Result<String, Failure> {
+    if spec == "-" {
+        let mut value = String::new();
+        std::io::stdin().read_to_string(&mut value)?;
+        return Ok(value.trim_end_matches('\n').to_owned());
+    }
+    if let Some(file) = spec.strip_prefix('@') {
+        return std::fs::read_to_string(file).map_err(|e| local(format!("{file}: {e}")));
+    }
+    Ok(spec.to_owned())
+}
+
+fn parse_pairs(pairs: &[String]) -> Result<HashMap<String, String>, Failure> {
+    let mut map = HashMap::new();
+    for pair in pairs {
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            local(format!("expected key=value, got {:?}", pair.split('=').next().unwrap_or("")))
+        })?;
+        map.insert(key.to_owned(), read_value(value)?);
+    }
+    Ok(map)
+}
+
+fn print(format: Format, human: impl FnOnce() -> String, value: Value) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
+        Format::Human => {
+            let text = human();
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    }
+}
+
+fn table(rows: &[(String, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("{k:<width$}    {v}")).collect::<Vec<_>>().join("\n")
+}
+
+fn token_json(info: &proto::TokenInfo) -> Value {
+    json!({
+        "accessor": info.accessor, "policies": info.policies, "entity": info.entity,
+        "display_name": info.display_name, "created_unix_ms": info.created_unix_ms,
+        "expire_unix_ms": info.expire_unix_ms, "ttl_secs": info.ttl_secs,
+        "renewable": info.renewable, "parent_accessor": info.parent_accessor,
+    })
+}
+
+fn token_rows(info: &proto::TokenInfo) -> Vec<(String, String)> {
+    vec![
+        ("accessor".into(), info.accessor.clone()),
+        ("policies".into(), info.policies.join(",")),
+        ("entity".into(), info.entity.clone()),
+        (
+            "expire_unix_ms".into(),
+            if info.expire_unix_ms == 0 { "never".into() } else { info.expire_unix_ms.to_string() },
+        ),
+        ("renewable".into(), info.renewable.to_string()),
+    ]
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let format = cli.format;
+    let mut c = Client::connect(&cli).await?;
+    match cli.command {
+        Command::Kv(cmd) => kv(&mut c, format, cmd).await,
+        Command::Token(cmd) => token(&mut c, format, cmd).await,
+        Command::Policy(cmd) => policy(&mut c, format, cmd).await,
+        Command::Approle(cmd) => approle(&mut c, format, cmd).await,
+        Command::Operator(cmd) => operator(&mut c, format, cmd).await,
+    }
+}
+
+async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
+    match cmd {
+        KvCommand::Put { path, pairs, cas } => {
+            let (mount, path) = split_mount(&path)?;
+            let data = parse_pairs(&pairs)?;
+            let r = c.inner.kv_put(c.req(proto::KvPutRequest { mount, path, data, cas })).await?;
+            let version = r.get_ref().version;
+            print(
+                format,
+                || format!("Success! version {version}"),
+                json!({"version": version, "audit_position": position(&r)}),
+            );
+        }
+        KvCommand::Get { path, version, field } => {
+            let (mount, path) = split_mount(&path)?;
+            let r = c.inner.kv_get(c.req(proto::KvGetRequest { mount, path, version })).await?;
+            let pos = position(&r);
+            let g = r.into_inner();
+            if let Some(field) = field {
+                let value = g
+                    .data
+                    .get(&field)
+                    .ok_or(Failure { code: 4, message: format!("no key {field:?} in this secret") })?;
+                match format {
+                    Format::Human => println!("{value}"),
+                    Format::Json => println!("{}", json!({ field: value })),
+                }
+                return Ok(());
+            }
+            let mut data: Vec<_> = g.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            data.sort();
+            print(
+                format,
+                || format!("version    {}\n\n{}", g.version, table(&data)),
+                json!({"data": g.data, "version": g.version, "created_unix_ms": g.created_unix_ms,
+                       "custom_metadata": g.custom_metadata, "audit_position": pos}),
+            );
+        }
+        KvCommand::Patch { path, pairs, remove, cas } => {
+            let (mount, path) = split_mount(&path)?;
+            let set = parse_pairs(&pairs)?;
+            let r = c.inner.kv_patch(c.req(proto::KvPatchRequest { mount, path, set, remove, cas })).await?;
+            let version = r.get_ref().version;
+            print(
+                format,
+                || format!("Success! version {version}"),
+                json!({"version": version, "audit_position": position(&r)}),
+            );
+        }
+        KvCommand::List { path } => {
+            let full = path.trim_start_matches('/');
+            let (mount, prefix) = full
+                .split_once('/')
+                .map_or((full.to_owned(), String::new()), |(m, p)| (m.to_owned(), p.to_owned()));
+            let r = c.inner.kv_list(c.req(proto::KvListRequest { mount, prefix })).await?;
+            let names = r.get_ref().names.clone();
+            print(format, || names.join("\n"), json!({"keys": names, "audit_position": position(&r)}));
+        }
+        KvCommand::Delete { path, versions } => versions_op(c, format, "deleted", path, versions, 0).await?,
+        KvCommand::Undelete { path, versions } => {
+            versions_op(c, format, "undeleted", path, versions, 1).await?
+        }
+        KvCommand::Destroy { path, versions } => {
+            versions_op(c, format, "destroyed", path, versions, 2).await?
+        }
+        KvCommand::Metadata(cmd) => match cmd {
+            MetadataCommand::Get(PathArg { path }) => {
+                let (mount, path) = split_mount(&path)?;
+                let r = c.inner.kv_read_metadata(c.req(proto::KvPathRequest { mount, path })).await?;
+                print_metadata(format, r);
+            }
+            MetadataCommand::Put { path, max_versions, cas_required, custom } => {
+                let (mount, path) = split_mount(&path)?;
+                let replace = !custom.is_empty();
+                let custom_metadata = parse_pairs(&custom)?;
+                let r = c
+                    .inner
+                    .kv_write_metadata(c.req(proto::KvWriteMetadataRequest {
+                        mount,
+                        path,
+                        max_versions,
+                        cas_required,
+                        custom_metadata,
+                        replace_custom_metadata: replace,
+                    }))
+                    .await?;
+                print_metadata(format, r);
+            }
+            MetadataCommand::Delete(PathArg { path }) => {
+                let (mount, path) = split_mount(&path)?;
+                let r = c.inner.kv_delete_metadata(c.req(proto::KvPathRequest { mount, path })).await?;
+                print(
+                    format,
+                    || "Success! deleted every version and the metadata".into(),
+                    json!({"audit_position": position(&r)}),
+                );
+            }
+        },
+    }
+    Ok(())
+}
+
+fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
+    let pos = position(&r);
+    let m = r.into_inner();
+    let versions: Vec<Value> = m
+        .versions
+        .iter()
+        .map(|v| json!({"version": v.version, "created_unix_ms": v.created_unix_ms, "deletion_unix_ms": v.deletion_unix_ms, "destroyed": v.destroyed}))
+        .collect();
+    let human = || {
+        let mut rows = vec![
+            ("current_version".to_owned(), m.current_version.to_string()),
+            ("oldest_version".into(), m.oldest_version.to_string()),
+            ("max_versions".into(), m.max_versions.to_string()),
+            ("cas_required".into(), m.cas_required.to_string()),
+        ];
+        for (k, v) in &m.custom_metadata {
+            rows.push((format!("custom.{k}"), v.clone()));
+        }
+        for v in &m.versions {
+            let state = if v.destroyed {
+                "destroyed"
+            } else if v.deletion_unix_ms > 0 {
+                "deleted"
+            } else {
+                "live"
+            };
+            rows.push((format!("version {}", v.version), state.into()));
+        }
+        table(&rows)
+    };
+    print(
+        format,
+        human,
+        json!({"current_version": m.current_version, "oldest_version": m.oldest_version, "max_versions": m.max_versions,
+               "cas_required": m.cas_required, "custom_metadata": m.custom_metadata, "versions": versions,
+               "created_unix_ms": m.created_unix_ms, "updated_unix_ms": m.updated_unix_ms, "audit_position": pos}),
+    );
+}
+
+async fn versions_op(
+    c: &mut Client,
+    format: Format,
+    verb: &str,
+    path: String,
+    versions: Vec<u64>,
+    which: u8,
+) -> Result<(), Failure> {
+    let (mount, path) = split_mount(&path)?;
+    let req = c.req(proto::KvVersionsRequest { mount, path, versions });
+    let r = match which {
+        0 => c.inner.kv_delete(req).await?,
+        1 => c.inner.kv_undelete(req).await?,
+        _ => c.inner.kv_destroy(req).await?,
+    };
+    let changed = r.get_ref().versions.clone();
+    let list = changed.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    print(
+        format,
+        || format!("Success! {verb} versions: {list}"),
+        json!({"versions": changed, "audit_position": position(&r)}),
+    );
+    Ok(())
+}
+
+async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), Failure> {
+    match cmd {
+        TokenCommand::Create { policies, ttl, display_name, renewable, orphan } => {
+            let r = c
+                .inner
+                .token_create(c.req(proto::TokenCreateRequest {
+                    policies,
+                    ttl_secs: ttl,
+                    display_name,
+                    renewable,
+                    orphan,
+                }))
+                .await?;
+            let pos = position(&r);
+            let auth = r.into_inner();
+            let info = auth.info.unwrap_or_default();
+            let mut rows = vec![("token".to_owned(), auth.token.clone())];
+            rows.extend(token_rows(&info));
+            print(
+                format,
+                || table(&rows),
+                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos}),
+            );
+        }
+        TokenCommand::Lookup { accessor } => {
+            let r = c.inner.token_lookup(c.req(proto::TokenAccessorRequest { accessor })).await?;
+            let pos = position(&r);
+            let info = r.into_inner();
+            print(
+                format,
+                || table(&token_rows(&info)),
+                json!({"info": token_json(&info), "audit_position": pos}),
+            );
+        }
+        TokenCommand::Renew { increment } => {
+            let r =
+                c.inner.token_renew(c.req(proto::TokenRenewRequest { increment_secs: increment })).await?;
+            let pos = position(&r);
+            let info = r.into_inner();
+            print(
+                format,
+                || table(&token_rows(&info)),
+                json!({"info": token_json(&info), "audit_position": pos}),
+            );
+        }
+        TokenCommand::Revoke { accessor } => {
+            let r = c.inner.token_revoke(c.req(proto::TokenAccessorRequest { accessor })).await?;
+            let n = r.get_ref().revoked;
+            print(
+                format,
+                || format!("Success! revoked {n} token(s)"),
+                json!({"revoked": n, "audit_position": position(&r)}),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<(), Failure> {
+    match cmd {
+        PolicyCommand::Write { name, file } => {
+            let text = read_value(&if file == "-" { file } else { format!("@{file}") })?;
+            let r = c
+                .inner
+                .policy_write(c.req(proto::PolicyWriteRequest { name: name.clone(), policy: text }))
+                .await?;
+            print(
+                format,
+                || format!("Success! wrote policy {name}"),
+                json!({"name": name, "audit_position": position(&r)}),
+            );
+        }
+        PolicyCommand::Read { name } => {
+            let r = c.inner.policy_read(c.req(proto::PolicyName { name })).await?;
+            let pos = position(&r);
+            let p = r.into_inner();
+            print(
+                format,
+                || p.policy.clone(),
+                json!({"name": p.name, "policy": p.policy, "audit_position": pos}),
+            );
+        }
+        PolicyCommand::List => {
+            let r = c.inner.policy_list(c.req(proto::Empty {})).await?;
+            let names = r.get_ref().names.clone();
+            print(format, || names.join("\n"), json!({"policies": names, "audit_position": position(&r)}));
+        }
+        PolicyCommand::Delete { name } => {
+            let r = c.inner.policy_delete(c.req(proto::PolicyName { name: name.clone() })).await?;
+            print(
+                format,
+                || format!("Success! deleted policy {name}"),
+                json!({"name": name, "audit_position": position(&r)}),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<(), Failure> {
+    let role_json = |r: &proto::AppRoleInfo| json!({"name": r.name, "policies": r.policies, "token_ttl_secs": r.token_ttl_secs, "secret_id_ttl_secs": r.secret_id_ttl_secs});
+    let role_rows = |r: &proto::AppRoleInfo| {
+        table(&[
+            ("name".into(), r.name.clone()),
+            ("policies".into(), r.policies.join(",")),
+            ("token_ttl_secs".into(), r.token_ttl_secs.to_string()),
+            ("secret_id_ttl_secs".into(), r.secret_id_ttl_secs.to_string()),
+        ])
+    };
+    match cmd {
+        AppRoleCommand::Write { name, policies, token_ttl, secret_id_ttl } => {
+            let r = c
+                .inner
+                .app_role_write(c.req(proto::AppRoleWriteRequest {
+                    name,
+                    policies,
+                    token_ttl_secs: token_ttl,
+                    secret_id_ttl_secs: secret_id_ttl,
+                }))
+                .await?;
+            let role = r.get_ref().clone();
+            print(
+                format,
+                || role_rows(&role),
+                json!({"role": role_json(&role), "audit_position": position(&r)}),
+            );
+        }
+        AppRoleCommand::Read { name } => {
+            let r = c.inner.app_role_read(c.req(proto::AppRoleName { name })).await?;
+            let role = r.get_ref().clone();
+            print(
+                format,
+                || role_rows(&role),
+                json!({"role": role_json(&role), "audit_position": position(&r)}),
+            );
+        }
+        AppRoleCommand::Delete { name } => {
+            let r = c.inner.app_role_delete(c.req(proto::AppRoleName { name: name.clone() })).await?;
+            print(
+                format,
+                || format!("Success! deleted role {name}"),
+                json!({"audit_position": position(&r)}),
+            );
+        }
+        AppRoleCommand::List => {
+            let r = c.inner.app_role_list(c.req(proto::Empty {})).await?;
+            let names = r.get_ref().names.clone();
+            print(format, || names.join("\n"), json!({"roles": names, "audit_position": position(&r)}));
+        }
+        AppRoleCommand::RoleId { name } => {
+            let r = c.inner.app_role_role_id(c.req(proto::AppRoleName { name })).await?;
+            let id = r.get_ref().role_id.clone();
+            print(format, || id.clone(), json!({"role_id": id, "audit_position": position(&r)}));
+        }
+        AppRoleCommand::SecretId { name } => {
+            let r = c.inner.app_role_secret_id(c.req(proto::AppRoleName { name })).await?;
+            let s = r.get_ref().clone();
+            print(
+                format,
+                || {
+                    table(&[
+                        ("secret_id".into(), s.secret_id.clone()),
+                        ("accessor".into(), s.accessor.clone()),
+                    ])
+                },
+                json!({"secret_id": s.secret_id, "accessor": s.accessor, "expire_unix_ms": s.expire_unix_ms, "audit_position": position(&r)}),
+            );
+        }
+        AppRoleCommand::Login { role_id, secret_id } => {
+            let r = c.inner.app_role_login(c.req(proto::AppRoleLoginRequest { role_id, secret_id })).await?;
+            let pos = position(&r);
+            let auth = r.into_inner();
+            let info = auth.info.unwrap_or_default();
+            let mut rows = vec![("token".to_owned(), auth.token.clone())];
+            rows.extend(token_rows(&info));
+            print(
+                format,
+                || table(&rows),
+                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos}),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn status_json(s: &proto::SealStatus) -> Value {
+    json!({"initialized": s.initialized, "sealed": s.sealed, "key_shares": s.key_shares, "key_threshold": s.key_threshold,
+           "progress": s.progress, "keyring_term": s.keyring_term, "cluster": s.cluster, "region": s.region, "node": s.node})
+}
+
+fn status_rows(s: &proto::SealStatus) -> String {
+    table(&[
+        ("initialized".into(), s.initialized.to_string()),
+        ("sealed".into(), s.sealed.to_string()),
+        ("key shares".into(), s.key_shares.to_string()),
+        ("key threshold".into(), s.key_threshold.to_string()),
+        ("unseal progress".into(), format!("{}/{}", s.progress, s.key_threshold)),
+        ("keyring term".into(), s.keyring_term.to_string()),
+        ("node".into(), format!("{}/{}/{}", s.cluster, s.region, s.node)),
+    ])
+}
+
+async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Result<(), Failure> {
+    match cmd {
+        OperatorCommand::Init { key_shares, key_threshold } => {
+            let r = c.inner.init(c.req(proto::InitRequest { key_shares, key_threshold })).await?;
+            let pos = position(&r);
+            let i = r.into_inner();
+            let human = || {
+                let mut out: Vec<String> = i
+                    .key_shares
+                    .iter()
+                    .enumerate()
+                    .map(|(n, s)| format!("Unseal Key {}: {s}", n + 1))
+                    .collect();
+                out.push(format!("\nInitial Root Token: {}", i.root_token));
+                out.push(format!(
+                    "\nThe node is unsealed. Other nodes need {} of these {} key shares to unseal.\nStore them apart; they are shown only once.",
+                    i.key_threshold,
+                    i.key_shares.len()
+                ));
+                out.join("\n")
+            };
+            print(
+                format,
+                human,
+                json!({"unseal_keys": i.key_shares, "unseal_threshold": i.key_threshold, "root_token": i.root_token, "audit_position": pos}),
+            );
+        }
+        OperatorCommand::Unseal { share } => {
+            let key_share = match share.as_deref() {
+                None | Some("-") => read_value("-")?,
+                Some(s) => s.to_owned(),
+            };
+            let r = c.inner.unseal(c.req(proto::UnsealRequest { key_share })).await?;
+            let s = r.get_ref().clone();
+            print(
+                format,
+                || status_rows(&s),
+                json!({"status": status_json(&s), "audit_position": position(&r)}),
+            );
+        }
+        OperatorCommand::Seal => {
+            let r = c.inner.seal(c.req(proto::Empty {})).await?;
+            print(format, || "Success! the node is sealed".into(), json!({"audit_position": position(&r)}));
+        }
+        OperatorCommand::Status => {
+            let r = c.inner.status(c.req(proto::Empty {})).await?;
+            let s = r.get_ref().clone();
+            print(
+                format,
+                || status_rows(&s),
+                json!({"status": status_json(&s), "audit_position": position(&r)}),
+            );
+        }
+        OperatorCommand::Rotate => {
+            let r = c.inner.rotate(c.req(proto::Empty {})).await?;
+            let term = r.get_ref().keyring_term;
+            print(
+                format,
+                || format!("Success! keyring term {term} now encrypts new data"),
+                json!({"keyring_term": term, "audit_position": position(&r)}),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Accepts Vault-style single-dash long options (`-format=json`, `-key-shares 5`).
+fn normalize_args() -> Vec<String> {
+    const LONG: &[&str] = &[
+        "format",
+        "key-shares",
+        "key-threshold",
+        "addr",
+        "token",
+        "ca-cert",
+        "version",
+        "field",
+        "cas",
+        "versions",
+    ];
+    std::env::args()
+        .enumerate()
+        .map(|(i, arg)| {
+            let name = arg
+                .strip_prefix('-')
+                .filter(|r| !r.starts_with('-'))
+                .map(|r| r.split('=').next().unwrap_or(r));
+            match name {
+                Some(name) if i > 0 && LONG.contains(&name) => format!("-{arg}"),
+                _ => arg,
+            }
+        })
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(normalize_args());
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("arca: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("Error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}

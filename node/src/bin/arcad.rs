@@ -1,1 +1,183 @@
-fn main() {}
+//! `arcad`: the arca server.
+//!
+//! - `arcad dev [--data-dir DIR]`: a single-node dev server on the embedded store, initialised
+//!   and unsealed, plaintext gRPC on loopback. Development only.
+//! - `arcad server --config FILE`: the real mode (TOML config, TLS); starts sealed.
+//! - `arcad check-config FILE`: validates a config file and exits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use arca_node::config::{Config, Engine, LogFormat};
+use arca_node::grpc::ProxyConfig;
+use arca_node::node::{Node, NodeIdentity};
+use arca_node::server::{self, BoxError, ServeOptions, TlsFiles};
+use arca_store::{SqliteConfig, SqliteStore, Store};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "arcad", version, about = "arca, the audit-first secrets store: server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Single-node development server: initialised, unsealed, plaintext on loopback.
+    Dev {
+        /// Where the store, the dev unseal key and the root token live.
+        #[arg(long, default_value = ".arca-dev")]
+        data_dir: PathBuf,
+        /// gRPC address (loopback only in dev mode).
+        #[arg(long, default_value = "127.0.0.1:8400")]
+        grpc_addr: SocketAddr,
+        /// Prometheus metrics address.
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        metrics_addr: SocketAddr,
+        /// This node's name in audit events.
+        #[arg(long, default_value = "dev")]
+        node_id: String,
+        #[arg(long, default_value = "local")]
+        region: String,
+    },
+    /// Production server from a config file.
+    Server {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file.
+    CheckConfig { file: PathBuf },
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn open_sqlite(path: &Path) -> Result<Arc<dyn Store>, BoxError> {
+    Ok(Arc::new(SqliteStore::open(SqliteConfig::new(path))?))
+}
+
+async fn dev(
+    data_dir: PathBuf,
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    node_id: String,
+    region: String,
+) -> Result<(), BoxError> {
+    if !grpc_addr.ip().is_loopback() || !metrics_addr.ip().is_loopback() {
+        return Err("arcad dev listens on loopback addresses only".into());
+    }
+    std::fs::create_dir_all(&data_dir)?;
+    std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let store = open_sqlite(&data_dir.join("arca.db"))?;
+    let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
+    server::dev_bootstrap(&node, &data_dir).await?;
+    let opts = ServeOptions {
+        grpc_addr,
+        tls: None,
+        metrics_addr: Some(metrics_addr),
+        proxy: ProxyConfig::default(),
+    };
+    server::serve(node, opts, shutdown_signal()).await
+}
+
+async fn run_server(config: Config) -> Result<(), BoxError> {
+    let store: Arc<dyn Store> = match config.storage.engine {
+        Engine::Sqlite => {
+            let path = config.storage.path.as_deref().ok_or("storage.path is required")?;
+            open_sqlite(path)?
+        }
+        Engine::Fdb => open_fdb(&config)?,
+    };
+    let identity = NodeIdentity {
+        cluster: config.node.cluster.clone().unwrap_or_else(|| "arca".into()),
+        region: config.node.region.clone().unwrap_or_else(|| "local".into()),
+        node: config
+            .node
+            .id
+            .clone()
+            .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into())),
+    };
+    let node = Node::new(store, identity);
+    let l = config.listener;
+    let tls = match (l.tls_cert_file, l.tls_key_file) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: l.client_ca_file }),
+        _ => None,
+    };
+    let opts = ServeOptions {
+        grpc_addr: l.grpc_addr,
+        tls,
+        metrics_addr: l.metrics_addr,
+        proxy: ProxyConfig { header: l.proxy_header, trusted: l.trusted_proxies },
+    };
+    tracing::info!("starting sealed: unseal with `arca operator unseal`");
+    server::serve(node, opts, shutdown_signal()).await
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(config: &Config) -> Result<Arc<dyn Store>, BoxError> {
+    use arca_store::fdb::{FdbConfig, FdbNetwork, FdbStore};
+    // The network must outlive every store; the server runs until the process exits.
+    let network: &'static FdbNetwork = Box::leak(Box::new(FdbNetwork::boot()?));
+    let fdb_config = FdbConfig { cluster_file: config.storage.cluster_file.clone(), ..FdbConfig::default() };
+    Ok(Arc::new(FdbStore::open(network, fdb_config)?))
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(_config: &Config) -> Result<Arc<dyn Store>, BoxError> {
+    Err("this arcad was built without FoundationDB support (--features fdb)".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("arcad: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Dev { data_dir, grpc_addr, metrics_addr, node_id, region } => {
+            init_logging("info", LogFormat::Text);
+            runtime.block_on(dev(data_dir, grpc_addr, metrics_addr, node_id, region))
+        }
+        Command::Server { config } => match Config::load(&config) {
+            Ok(config) => {
+                init_logging(&config.log.level, config.log.format);
+                runtime.block_on(run_server(config))
+            }
+            Err(err) => Err(err.into()),
+        },
+        Command::CheckConfig { file } => {
+            Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("arcad: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! `arcad server`'s configuration file (TOML). Unknown keys are errors.
+//!
+//! ```toml
+//! [node]
+//! id = "node-a"          # default: the host name
+//! region = "eu-west"     # default: "local"
+//! cluster = "arca"       # default: "arca"
+//!
+//! [storage]
+//! engine = "sqlite"      # or "fdb" (build with --features fdb)
+//! path = "/var/lib/arca/arca.db"   # sqlite
+//! # cluster_file = "/etc/foundationdb/fdb.cluster"   # fdb
+//!
+//! [listener]
+//! grpc_addr = "0.0.0.0:8400"
+//! tls_cert_file = "/etc/arca/tls.crt"
+//! tls_key_file = "/etc/arca/tls.key"
+//! # client_ca_file = "/etc/arca/clients-ca.crt"   # require client certificates (mTLS)
+//! # dangerous_plaintext = false   # plaintext only on a loopback address
+//! metrics_addr = "127.0.0.1:9400"
+//! # proxy_header = "x-forwarded-for"
+//! # trusted_proxies = ["10.0.0.2"]
+//!
+//! [log]
+//! level = "info"         # a tracing filter
+//! format = "text"        # or "json"
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeSection,
+    pub storage: StorageSection,
+    pub listener: ListenerSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: Option<String>,
+    pub region: Option<String>,
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum Engine {
+    Sqlite,
+    Fdb,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub engine: Engine,
+    pub path: Option<PathBuf>,
+    pub cluster_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub grpc_addr: SocketAddr,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub dangerous_plaintext: bool,
+    pub metrics_addr: Option<SocketAddr>,
+    pub proxy_header: Option<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { level: default_level(), format: LogFormat::Text }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => {
+                ConfigError::Parse { path: path.display().to_string(), message }
+            }
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: "config".into(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.storage.engine {
+            Engine::Sqlite if self.storage.path.is_none() => {
+                return Err(ConfigError::Invalid("storage.path is required for the sqlite engine".into()));
+            }
+            Engine::Fdb if !cfg!(feature = "fdb") => {
+                return Err(ConfigError::Invalid(
+                    "storage.engine = \"fdb\" needs arcad built with --features fdb".into(),
+                ));
+            }
+            _ => {}
+        }
+        let l = &self.listener;
+        match (&l.tls_cert_file, &l.tls_key_file) {
+            (Some(_), Some(_)) => {}
+            (None, None) if l.dangerous_plaintext => {
+                if !l.grpc_addr.ip().is_loopback() {
+                    return Err(ConfigError::Invalid(
+                        "dangerous_plaintext is only allowed on a loopback address".into(),
+                    ));
+                }
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "listener.tls_cert_file and tls_key_file are required (or dangerous_plaintext on loopback)".into(),
+                ));
+            }
+            _ => return Err(ConfigError::Invalid("set both listener.tls_cert_file and tls_key_file".into())),
+        }
+        if l.client_ca_file.is_some() && l.tls_cert_file.is_none() {
+            return Err(ConfigError::Invalid("client_ca_file needs TLS".into()));
+        }
+        if l.proxy_header.is_some() != !l.trusted_proxies.is_empty() {
+            return Err(ConfigError::Invalid("set proxy_header and trusted_proxies together".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [node]
+        id = "a"
+        [storage]
+        engine = "sqlite"
+        path = "/tmp/x.db"
+        [listener]
+        grpc_addr = "127.0.0.1:8400"
+        dangerous_plaintext = true
+    "#;
+
+    #[test]
+    fn accepts_a_valid_file() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.node.id.as_deref(), Some("a"));
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_unsafe_settings() {
+        let unknown = GOOD.replace("id = \"a\"", "id = \"a\"\ncolour = \"blue\"");
+        assert!(matches!(Config::parse(&unknown), Err(ConfigError::Parse { .. })));
+        let public_plaintext = GOOD.replace("127.0.0.1:8400", "0.0.0.0:8400");
+        assert!(matches!(Config::parse(&public_plaintext), Err(ConfigError::Invalid(_))));
+        let no_tls = GOOD.replace("dangerous_plaintext = true", "");
+        assert!(matches!(Config::parse(&no_tls), Err(ConfigError::Invalid(_))));
+        let no_path = GOOD.replace("path = \"/tmp/x.db\"", "");
+        assert!(matches!(Config::parse(&no_path), Err(ConfigError::Invalid(_))));
+    }
+}

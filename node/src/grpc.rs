@@ -1,0 +1,437 @@
+//! The gRPC API (tonic): maps each RPC onto a [`Node`] operation.
+//!
+//! Every response carries the request's audit position in `x-arca-audit-position`. The token
+//! comes from `authorization: Bearer …` or `x-arca-token`. The client address is the peer
+//! address, or — only when the peer is a configured trusted proxy — the first address in the
+//! configured proxy header, with the proxy's own address recorded beside it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use arca_audit::Source;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::auth::{CreateTokenRequest, NewToken, TokenRecord, WriteRoleRequest};
+use crate::kv::{self, Metadata, MetadataUpdate, SecretData};
+use crate::node::{Audited, Node, RequestContext};
+use crate::proto;
+use crate::proto::arca_server::{Arca, ArcaServer};
+
+/// Largest request message accepted, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// The response metadata key carrying the audit position.
+pub const AUDIT_POSITION_HEADER: &str = "x-arca-audit-position";
+
+/// Which proxies may name the client address, and in which header.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyConfig {
+    pub header: Option<String>,
+    pub trusted: Vec<IpAddr>,
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    node: Arc<Node>,
+    proxy: Arc<ProxyConfig>,
+}
+
+impl Service {
+    pub fn new(node: Arc<Node>, proxy: ProxyConfig) -> Self {
+        Service { node, proxy: Arc::new(proxy) }
+    }
+
+    /// The tonic server for this service, with the request size limit applied.
+    pub fn into_server(self) -> ArcaServer<Self> {
+        ArcaServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    fn context<T>(&self, request: &Request<T>) -> RequestContext {
+        let meta = request.metadata();
+        let bearer = meta
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
+        let token = bearer.or_else(|| meta.get("x-arca-token").and_then(|v| v.to_str().ok()).map(str::trim));
+        let token = token.filter(|t| !t.is_empty()).map(|t| Zeroizing::new(t.to_owned()));
+        let peer = request.remote_addr();
+        RequestContext::new(token, self.source(peer, request.metadata()))
+    }
+
+    fn source(&self, peer: Option<SocketAddr>, meta: &tonic::metadata::MetadataMap) -> Source {
+        let peer_text = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        if let (Some(header), Some(peer)) = (&self.proxy.header, peer)
+            && self.proxy.trusted.contains(&peer.ip())
+            && let Some(forwarded) = meta.get(header.as_str()).and_then(|v| v.to_str().ok())
+            && let Some(first) =
+                forwarded.split(',').next().map(str::trim).filter(|f| f.parse::<IpAddr>().is_ok())
+        {
+            return Source { address: first.to_owned(), proxy: Some(peer_text) };
+        }
+        Source { address: peer_text, proxy: None }
+    }
+}
+
+/// Turns an audited result into a response, attaching the audit position either way.
+fn respond<T, R>(audited: Audited<T>, build: impl FnOnce(T) -> R) -> Result<Response<R>, Status> {
+    let position = audited.position_hex();
+    let attach = |meta: &mut tonic::metadata::MetadataMap| {
+        if let Some(p) = &position
+            && let Ok(value) = MetadataValue::try_from(p.as_str())
+        {
+            meta.insert(AUDIT_POSITION_HEADER, value);
+        }
+    };
+    match audited.result {
+        Ok(value) => {
+            let mut response = Response::new(build(value));
+            attach(response.metadata_mut());
+            Ok(response)
+        }
+        Err(err) => {
+            let mut status = Status::from(err);
+            attach(status.metadata_mut());
+            Err(status)
+        }
+    }
+}
+
+fn mount(m: String) -> String {
+    if m.is_empty() { kv::DEFAULT_MOUNT.to_owned() } else { m }
+}
+
+/// Values past 255 become 255, which `init` refuses (at most 32 shares) — audited like any
+/// other bad input.
+fn narrow(value: u32) -> u8 {
+    u8::try_from(value).unwrap_or(u8::MAX)
+}
+
+fn token_info(r: TokenRecord) -> proto::TokenInfo {
+    proto::TokenInfo {
+        accessor: r.accessor,
+        policies: r.policies,
+        entity: r.entity,
+        display_name: r.display_name,
+        created_unix_ms: r.created_unix_ms,
+        expire_unix_ms: r.expire_unix_ms.unwrap_or(0),
+        ttl_secs: r.ttl_secs,
+        renewable: r.renewable,
+        parent_accessor: r.parent.unwrap_or_default(),
+    }
+}
+
+fn token_auth(t: NewToken) -> proto::TokenAuth {
+    proto::TokenAuth { token: t.token.to_string(), info: Some(token_info(t.record)) }
+}
+
+fn metadata(m: Metadata) -> proto::KvMetadata {
+    proto::KvMetadata {
+        created_unix_ms: m.created_unix_ms,
+        updated_unix_ms: m.updated_unix_ms,
+        current_version: m.current_version,
+        oldest_version: m.oldest_version(),
+        max_versions: m.max_versions,
+        cas_required: m.cas_required,
+        versions: m
+            .versions
+            .iter()
+            .map(|(v, s)| proto::KvVersionMeta {
+                version: *v,
+                created_unix_ms: s.created_unix_ms,
+                deletion_unix_ms: s.deletion_unix_ms.unwrap_or(0),
+                destroyed: s.destroyed,
+            })
+            .collect(),
+        custom_metadata: m.custom_metadata.into_iter().collect(),
+    }
+}
+
+fn role_info(r: crate::auth::AppRole) -> proto::AppRoleInfo {
+    proto::AppRoleInfo {
+        name: r.name,
+        policies: r.policies,
+        token_ttl_secs: r.token_ttl_secs,
+        secret_id_ttl_secs: r.secret_id_ttl_secs,
+    }
+}
+
+fn accessor(a: String) -> Option<String> {
+    (!a.is_empty()).then_some(a)
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Arca for Service {
+    async fn init(&self, request: Request<proto::InitRequest>) -> Reply<proto::InitResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let (shares, threshold) = (narrow(r.key_shares), narrow(r.key_threshold));
+        respond(self.node.operator_init(ctx, shares, threshold).await, |i| proto::InitResponse {
+            key_shares: i.shares.iter().map(|s| s.to_string()).collect(),
+            key_threshold: i.threshold.into(),
+            root_token: i.root_token.token.to_string(),
+        })
+    }
+
+    async fn unseal(&self, request: Request<proto::UnsealRequest>) -> Reply<proto::SealStatus> {
+        let ctx = self.context(&request);
+        let share = Zeroizing::new(request.into_inner().key_share);
+        let id = self.node.identity().clone();
+        let term = self.node.barrier().active_term();
+        respond(self.node.operator_unseal(ctx, share).await, |p| proto::SealStatus {
+            initialized: true,
+            sealed: p.sealed,
+            key_threshold: p.threshold.into(),
+            progress: p.progress.into(),
+            keyring_term: term.unwrap_or(0),
+            cluster: id.cluster,
+            region: id.region,
+            node: id.node,
+            ..Default::default()
+        })
+    }
+
+    async fn seal(&self, request: Request<proto::Empty>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.operator_seal(ctx).await, |()| proto::Empty {})
+    }
+
+    async fn status(&self, request: Request<proto::Empty>) -> Reply<proto::SealStatus> {
+        let ctx = self.context(&request);
+        let id = self.node.identity().clone();
+        respond(self.node.operator_status(ctx).await, |s| proto::SealStatus {
+            initialized: s.initialized,
+            sealed: s.sealed,
+            key_shares: s.shares.into(),
+            key_threshold: s.threshold.into(),
+            progress: s.progress.into(),
+            keyring_term: s.keyring_term.unwrap_or(0),
+            cluster: id.cluster,
+            region: id.region,
+            node: id.node,
+        })
+    }
+
+    async fn rotate(&self, request: Request<proto::Empty>) -> Reply<proto::RotateResponse> {
+        let ctx = self.context(&request);
+        respond(self.node.operator_rotate(ctx).await, |term| proto::RotateResponse { keyring_term: term })
+    }
+
+    async fn kv_put(&self, request: Request<proto::KvPutRequest>) -> Reply<proto::KvWriteResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let data = SecretData(r.data.into_iter().collect());
+        respond(self.node.kv_write(ctx, mount(r.mount), r.path, data, r.cas).await, |version| {
+            proto::KvWriteResponse { version }
+        })
+    }
+
+    async fn kv_get(&self, request: Request<proto::KvGetRequest>) -> Reply<proto::KvGetResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_read(ctx, mount(r.mount), r.path, r.version).await, |s| proto::KvGetResponse {
+            data: s.data.0.clone().into_iter().collect(),
+            version: s.version,
+            created_unix_ms: s.meta.created_unix_ms,
+            custom_metadata: s.custom_metadata.clone().into_iter().collect(),
+        })
+    }
+
+    async fn kv_patch(&self, request: Request<proto::KvPatchRequest>) -> Reply<proto::KvWriteResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let set = SecretData(r.set.into_iter().collect());
+        respond(self.node.kv_patch(ctx, mount(r.mount), r.path, set, r.remove, r.cas).await, |version| {
+            proto::KvWriteResponse { version }
+        })
+    }
+
+    async fn kv_list(&self, request: Request<proto::KvListRequest>) -> Reply<proto::NameList> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_list(ctx, mount(r.mount), r.prefix).await, |names| proto::NameList { names })
+    }
+
+    async fn kv_delete(
+        &self,
+        request: Request<proto::KvVersionsRequest>,
+    ) -> Reply<proto::KvVersionsResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_delete(ctx, mount(r.mount), r.path, r.versions).await, |versions| {
+            proto::KvVersionsResponse { versions }
+        })
+    }
+
+    async fn kv_undelete(
+        &self,
+        request: Request<proto::KvVersionsRequest>,
+    ) -> Reply<proto::KvVersionsResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_undelete(ctx, mount(r.mount), r.path, r.versions).await, |versions| {
+            proto::KvVersionsResponse { versions }
+        })
+    }
+
+    async fn kv_destroy(
+        &self,
+        request: Request<proto::KvVersionsRequest>,
+    ) -> Reply<proto::KvVersionsResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_destroy(ctx, mount(r.mount), r.path, r.versions).await, |versions| {
+            proto::KvVersionsResponse { versions }
+        })
+    }
+
+    async fn kv_read_metadata(&self, request: Request<proto::KvPathRequest>) -> Reply<proto::KvMetadata> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_read_metadata(ctx, mount(r.mount), r.path).await, metadata)
+    }
+
+    async fn kv_write_metadata(
+        &self,
+        request: Request<proto::KvWriteMetadataRequest>,
+    ) -> Reply<proto::KvMetadata> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let custom: BTreeMap<String, String> = r.custom_metadata.into_iter().collect();
+        let update = MetadataUpdate {
+            max_versions: r.max_versions,
+            cas_required: r.cas_required,
+            custom_metadata: (r.replace_custom_metadata || !custom.is_empty()).then_some(custom),
+        };
+        respond(self.node.kv_write_metadata(ctx, mount(r.mount), r.path, update).await, metadata)
+    }
+
+    async fn kv_delete_metadata(&self, request: Request<proto::KvPathRequest>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_delete_metadata(ctx, mount(r.mount), r.path).await, |()| proto::Empty {})
+    }
+
+    async fn token_create(&self, request: Request<proto::TokenCreateRequest>) -> Reply<proto::TokenAuth> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let req = CreateTokenRequest {
+            policies: r.policies,
+            ttl_secs: r.ttl_secs,
+            display_name: r.display_name,
+            renewable: r.renewable,
+            orphan: r.orphan,
+        };
+        respond(self.node.token_create(ctx, req).await, token_auth)
+    }
+
+    async fn token_lookup(&self, request: Request<proto::TokenAccessorRequest>) -> Reply<proto::TokenInfo> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.token_lookup(ctx, accessor(r.accessor)).await, token_info)
+    }
+
+    async fn token_renew(&self, request: Request<proto::TokenRenewRequest>) -> Reply<proto::TokenInfo> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.token_renew(ctx, r.increment_secs).await, token_info)
+    }
+
+    async fn token_revoke(
+        &self,
+        request: Request<proto::TokenAccessorRequest>,
+    ) -> Reply<proto::TokenRevokeResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.token_revoke(ctx, accessor(r.accessor)).await, |n| proto::TokenRevokeResponse {
+            revoked: n as u64,
+        })
+    }
+
+    async fn app_role_write(
+        &self,
+        request: Request<proto::AppRoleWriteRequest>,
+    ) -> Reply<proto::AppRoleInfo> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let req = WriteRoleRequest {
+            name: r.name,
+            policies: r.policies,
+            token_ttl_secs: r.token_ttl_secs,
+            secret_id_ttl_secs: r.secret_id_ttl_secs,
+        };
+        respond(self.node.approle_write(ctx, req).await, role_info)
+    }
+
+    async fn app_role_read(&self, request: Request<proto::AppRoleName>) -> Reply<proto::AppRoleInfo> {
+        let ctx = self.context(&request);
+        respond(self.node.approle_read(ctx, request.into_inner().name).await, role_info)
+    }
+
+    async fn app_role_delete(&self, request: Request<proto::AppRoleName>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.approle_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
+    }
+
+    async fn app_role_list(&self, request: Request<proto::Empty>) -> Reply<proto::NameList> {
+        let ctx = self.context(&request);
+        respond(self.node.approle_list(ctx).await, |names| proto::NameList { names })
+    }
+
+    async fn app_role_role_id(&self, request: Request<proto::AppRoleName>) -> Reply<proto::RoleIdResponse> {
+        let ctx = self.context(&request);
+        respond(self.node.approle_role_id(ctx, request.into_inner().name).await, |role_id| {
+            proto::RoleIdResponse { role_id }
+        })
+    }
+
+    async fn app_role_secret_id(
+        &self,
+        request: Request<proto::AppRoleName>,
+    ) -> Reply<proto::SecretIdResponse> {
+        let ctx = self.context(&request);
+        respond(self.node.approle_secret_id(ctx, request.into_inner().name).await, |s| {
+            proto::SecretIdResponse {
+                secret_id: s.secret_id.to_string(),
+                accessor: s.accessor.clone(),
+                expire_unix_ms: s.expire_unix_ms.unwrap_or(0),
+            }
+        })
+    }
+
+    async fn app_role_login(&self, request: Request<proto::AppRoleLoginRequest>) -> Reply<proto::TokenAuth> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(
+            self.node.approle_login(ctx, Zeroizing::new(r.role_id), Zeroizing::new(r.secret_id)).await,
+            token_auth,
+        )
+    }
+
+    async fn policy_write(&self, request: Request<proto::PolicyWriteRequest>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.policy_write(ctx, r.name, r.policy).await, |()| proto::Empty {})
+    }
+
+    async fn policy_read(&self, request: Request<proto::PolicyName>) -> Reply<proto::PolicyText> {
+        let ctx = self.context(&request);
+        let name = request.into_inner().name;
+        let echo = name.clone();
+        respond(self.node.policy_read(ctx, name).await, |policy| proto::PolicyText { name: echo, policy })
+    }
+
+    async fn policy_list(&self, request: Request<proto::Empty>) -> Reply<proto::NameList> {
+        let ctx = self.context(&request);
+        respond(self.node.policy_list(ctx).await, |names| proto::NameList { names })
+    }
+
+    async fn policy_delete(&self, request: Request<proto::PolicyName>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.policy_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
+    }
+}

@@ -1,0 +1,164 @@
+//! Running a node: the gRPC listener (TLS or loopback plaintext), the `/metrics` endpoint,
+//! and `arcad dev`'s bootstrap (initialise and unseal a single-node dev store).
+
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arca_audit::Source;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use zeroize::Zeroizing;
+
+use crate::grpc::{ProxyConfig, Service};
+use crate::node::{Node, RequestContext};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// TLS files for the gRPC listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How to serve a node.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub grpc_addr: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub proxy: ProxyConfig,
+}
+
+/// Serves until `shutdown` completes. Prints `arcad: grpc listening on ADDR` (and metrics)
+/// on stdout once bound, so scripts and tests learn the ports (useful with port 0).
+pub async fn serve(
+    node: Arc<Node>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    if opts.tls.is_none() && !opts.grpc_addr.ip().is_loopback() {
+        return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
+    }
+    let listener = TcpListener::bind(opts.grpc_addr).await?;
+    let grpc_addr = listener.local_addr()?;
+    let mut builder = Server::builder();
+    if let Some(tls) = &opts.tls {
+        let cert = std::fs::read(&tls.cert)?;
+        let key = Zeroizing::new(std::fs::read(&tls.key)?);
+        refuse_shared_key_file(&tls.key)?;
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, &*key));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        builder = builder.tls_config(config)?;
+    } else {
+        tracing::warn!(%grpc_addr, "serving gRPC in PLAINTEXT on loopback: development only");
+    }
+    if let Some(addr) = opts.metrics_addr {
+        let metrics_listener = TcpListener::bind(addr).await?;
+        println!("arcad: metrics listening on {}", metrics_listener.local_addr()?);
+        tokio::spawn(serve_metrics(node.clone(), metrics_listener));
+    }
+    println!("arcad: grpc listening on {grpc_addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
+    let service = Service::new(node, opts.proxy).into_server();
+    builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .await?;
+    Ok(())
+}
+
+fn refuse_shared_key_file(path: &Path) -> Result<(), BoxError> {
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!("{} is accessible to group or others; chmod 600 it", path.display()).into());
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 responder for `GET /metrics`.
+async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut read = 0;
+            while read < buf.len() {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf[read..]))
+                    .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => read += n,
+                }
+                if buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let (status, body) = if buf[..read].starts_with(b"GET /metrics ") {
+                ("200 OK", node.metrics().render(node.barrier().is_sealed(), &node.committer().stats()))
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// Writes `contents` to a new file readable by the owner only.
+fn write_private(path: &Path, contents: &str) -> Result<(), BoxError> {
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn local_context() -> RequestContext {
+    RequestContext::new(None, Source { address: "local:arcad-dev".into(), proxy: None })
+}
+
+/// `arcad dev`: initialises the store on first start (one key share, kept in the data dir —
+/// development only) and unseals it on every start. Returns the root token's file.
+pub async fn dev_bootstrap(node: &Arc<Node>, data_dir: &Path) -> Result<PathBuf, BoxError> {
+    let share_file = data_dir.join("unseal-key");
+    let token_file = data_dir.join("root-token");
+    let status = node.operator_status(local_context()).await.result?;
+    if !status.initialized {
+        let init = node.operator_init(local_context(), 1, 1).await.result?;
+        write_private(&share_file, &init.shares[0])?;
+        write_private(&token_file, &init.root_token.token)?;
+        println!("arcad dev: initialised a new store in {}", data_dir.display());
+        println!("arcad dev: Root Token: {}", &*init.root_token.token);
+    } else {
+        refuse_shared_key_file(&share_file)?;
+        let share = Zeroizing::new(std::fs::read_to_string(&share_file)?.trim().to_owned());
+        let progress = node.operator_unseal(local_context(), share).await.result?;
+        if progress.sealed {
+            return Err("the stored dev unseal key did not unseal the store".into());
+        }
+    }
+    eprintln!(
+        "WARNING: arcad dev keeps its unseal key in {} and serves plaintext gRPC on loopback.\n\
+         WARNING: never use dev mode for real secrets.",
+        share_file.display()
+    );
+    println!("arcad dev: root token in {}", token_file.display());
+    Ok(token_file)
+}
