@@ -1,0 +1,223 @@
+//! End to end: real `arcad dev` processes on loopback, driven by the real `arca` binary.
+//! Readiness is learned from the server's own "listening" line, never from sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use arca_audit::{Event, Operation, Outcome};
+use arca_store::{RangeOptions, SqliteConfig, SqliteStore, StoreExt, prefix_end};
+use serde_json::Value;
+
+const SECRET: &str = "e2e-Secret-Value-91c2";
+
+struct Server {
+    child: Child,
+    addr: String,
+    stderr_log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `arcad dev` on free ports and waits (up to 30 s) for its listening line.
+fn start(data_dir: &Path, node_id: &str) -> Server {
+    let stderr_log = data_dir.with_file_name(format!("{node_id}.stderr"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
+        .args(["dev", "--data-dir"])
+        .arg(data_dir)
+        .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--node-id", node_id])
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("arcad: grpc listening on ") {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("arcad did not start listening in time");
+    Server { child, addr: format!("http://{addr}"), stderr_log }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn arca(server: &Server, token: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arca"));
+    cmd.args(args).env("ARCA_ADDR", &server.addr).env_remove("ARCA_TOKEN");
+    if let Some(token) = token {
+        cmd.env("ARCA_TOKEN", token);
+    }
+    let out = cmd.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `arca --format json …`, expects success, returns the JSON.
+fn ok_json(server: &Server, token: Option<&str>, args: &[&str], calls: &mut usize) -> Value {
+    let mut full = vec!["--format", "json"];
+    full.extend_from_slice(args);
+    let run = arca(server, token, &full);
+    *calls += 1;
+    assert_eq!(run.code, 0, "arca {args:?} failed: {}", run.stderr);
+    let value: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(value["audit_position"].is_string(), "every reply carries its audit position: {value}");
+    value
+}
+
+fn fails(server: &Server, token: Option<&str>, args: &[&str], code: i32, calls: &mut usize) -> String {
+    let run = arca(server, token, args);
+    *calls += 1;
+    assert_eq!(run.code, code, "arca {args:?}: expected exit {code}, got {} ({})", run.code, run.stderr);
+    run.stderr
+}
+
+fn audit_events(db: &Path) -> Vec<Event> {
+    let store = SqliteStore::open(SqliteConfig::new(db)).unwrap();
+    let prefix = arca_node::keys::audit_pending("local");
+    let rows = store.transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default())).unwrap().value;
+    rows.iter().map(|kv| Event::decode(&kv.value).unwrap()).collect()
+}
+
+#[test]
+fn the_cli_drives_a_dev_server_through_every_capability() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data, "node-a");
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap();
+    let root = Some(root.trim());
+    let mut calls = 0;
+
+    // Versions.
+    assert_eq!(ok_json(&server, root, &["kv", "put", "secret/app/db", &format!("password={SECRET}")], &mut calls)["version"], 1);
+    assert_eq!(ok_json(&server, root, &["kv", "put", "secret/app/db", "password=second"], &mut calls)["version"], 2);
+    let got = ok_json(&server, root, &["kv", "get", "secret/app/db"], &mut calls);
+    assert_eq!((got["version"].as_u64(), got["data"]["password"].as_str()), (Some(2), Some("second")));
+    let v1 = ok_json(&server, root, &["kv", "get", "--version", "1", "secret/app/db"], &mut calls);
+    assert_eq!(v1["data"]["password"], SECRET);
+    let field = arca(&server, root, &["kv", "get", "-field=password", "secret/app/db"]);
+    calls += 1;
+    assert_eq!(field.stdout.trim(), "second");
+    ok_json(&server, root, &["kv", "patch", "secret/app/db", "user=svc"], &mut calls);
+    ok_json(&server, root, &["kv", "put", "secret/app/cache", "url=redis://x"], &mut calls);
+    let listed = ok_json(&server, root, &["kv", "list", "secret/app/"], &mut calls);
+    assert_eq!(listed["keys"], serde_json::json!(["cache", "db"]));
+    let meta = ok_json(&server, root, &["kv", "metadata", "get", "secret/app/db"], &mut calls);
+    assert_eq!(meta["current_version"], 3);
+
+    // Delete, undelete, destroy.
+    ok_json(&server, root, &["kv", "delete", "secret/app/db"], &mut calls);
+    fails(&server, root, &["kv", "get", "secret/app/db"], 4, &mut calls);
+    ok_json(&server, root, &["kv", "undelete", "--versions", "3", "secret/app/db"], &mut calls);
+    assert_eq!(ok_json(&server, root, &["kv", "get", "secret/app/db"], &mut calls)["version"], 3);
+    ok_json(&server, root, &["kv", "destroy", "--versions", "1", "secret/app/db"], &mut calls);
+    fails(&server, root, &["kv", "get", "--version", "1", "secret/app/db"], 4, &mut calls);
+
+    // A policy that allows one path and not another, on a token made for it.
+    let policy_file = dir.path().join("app.hcl");
+    std::fs::write(&policy_file, "path \"secret/data/app/*\" {\n  capabilities = [\"read\"]\n}\n").unwrap();
+    ok_json(&server, root, &["policy", "write", "app-read", policy_file.to_str().unwrap()], &mut calls);
+    ok_json(&server, root, &["kv", "put", "secret/ops/key", "k=v"], &mut calls);
+    let created = ok_json(&server, root, &["token", "create", "--policy", "app-read", "--ttl", "600"], &mut calls);
+    let app_token = created["token"].as_str().unwrap().to_owned();
+    let app = Some(app_token.as_str());
+    ok_json(&server, app, &["kv", "get", "secret/app/cache"], &mut calls);
+    fails(&server, app, &["kv", "get", "secret/ops/key"], 3, &mut calls);
+    fails(&server, app, &["kv", "put", "secret/app/cache", "url=evil"], 3, &mut calls);
+    let looked = ok_json(&server, app, &["token", "lookup"], &mut calls);
+    assert_eq!(looked["info"]["policies"], serde_json::json!(["app-read"]));
+    fails(&server, Some("arca_wrong"), &["kv", "get", "secret/app/cache"], 3, &mut calls);
+    fails(&server, None, &["kv", "get", "secret/app/cache"], 3, &mut calls);
+
+    // AppRole.
+    ok_json(&server, root, &["approle", "write", "billing", "--policy", "app-read"], &mut calls);
+    let role_id = ok_json(&server, root, &["approle", "role-id", "billing"], &mut calls)["role_id"].as_str().unwrap().to_owned();
+    let secret_id = ok_json(&server, root, &["approle", "secret-id", "billing"], &mut calls)["secret_id"].as_str().unwrap().to_owned();
+    let login = ok_json(&server, None, &["approle", "login", "--role-id", &role_id, "--secret-id", &secret_id], &mut calls);
+    let machine = login["token"].as_str().unwrap().to_owned();
+    assert_eq!(login["info"]["entity"], "approle:billing");
+    ok_json(&server, Some(&machine), &["kv", "get", "secret/app/cache"], &mut calls);
+    fails(&server, None, &["approle", "login", "--role-id", &role_id, "--secret-id", "arca_bad"], 3, &mut calls);
+
+    // Token renew and revoke.
+    ok_json(&server, Some(&machine), &["token", "renew"], &mut calls);
+    ok_json(&server, Some(&machine), &["token", "revoke"], &mut calls);
+    fails(&server, Some(&machine), &["kv", "get", "secret/app/cache"], 3, &mut calls);
+
+    // Bad input: a clear error, nothing changed.
+    let big = format!("v={}", "x".repeat(70_000));
+    let err = fails(&server, root, &["kv", "put", "secret/app/db", &big], 5, &mut calls);
+    assert!(err.contains("exceeds"), "{err}");
+    let err = fails(&server, root, &["kv", "put", "secret/a//b", "k=v"], 5, &mut calls);
+    assert!(err.contains("path"), "{err}");
+    let bad_policy = dir.path().join("bad.hcl");
+    std::fs::write(&bad_policy, "path \"x\" { capabilities = [\"reed\"] }").unwrap();
+    let err = fails(&server, root, &["policy", "write", "bad", bad_policy.to_str().unwrap()], 5, &mut calls);
+    assert!(err.contains("line 1"), "{err}");
+    assert_eq!(ok_json(&server, root, &["kv", "get", "secret/app/db"], &mut calls)["version"], 3);
+
+    // Operator commands.
+    let status = ok_json(&server, None, &["operator", "status"], &mut calls);
+    assert_eq!((status["status"]["initialized"].as_bool(), status["status"]["sealed"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(ok_json(&server, root, &["operator", "rotate"], &mut calls)["keyring_term"], 2);
+    assert_eq!(ok_json(&server, root, &["kv", "get", "--version", "2", "secret/app/db"], &mut calls)["data"]["password"], "second");
+
+    // The audit queue holds exactly one event per request: the dev bootstrap's status and
+    // init, then one per `arca` invocation above.
+    let events = audit_events(&data.join("arca.db"));
+    assert_eq!(events.len(), 2 + calls, "one audit event per request");
+    assert_eq!((events[0].operation, events[1].operation), (Operation::Status, Operation::Init));
+    let denials = events.iter().filter(|e| e.outcome == Outcome::Denied).count();
+    assert_eq!(denials, 6, "every denial is audited");
+    assert!(events.iter().all(|e| e.node == "node-a" && e.source.address.starts_with("127.0.0.1:") || e.source.address == "local:arcad-dev"));
+
+    // Nothing secret in the node's logs (at trace level) or in the events.
+    let logs = std::fs::read_to_string(&server.stderr_log).unwrap();
+    for secret in [SECRET, root.unwrap(), app_token.as_str(), machine.as_str(), secret_id.as_str()] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+        assert!(events.iter().all(|e| !format!("{e:?}").contains(secret)), "a secret reached an audit event");
+    }
+}
+
+#[test]
+fn two_nodes_on_one_store_serve_the_same_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let a = start(&data, "node-a");
+    let b = start(&data, "node-b");
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap();
+    let root = Some(root.trim());
+    let mut calls = 0;
+    for i in 1..=5u64 {
+        let (writer, reader) = if i % 2 == 1 { (&a, &b) } else { (&b, &a) };
+        let value = format!("value-{i}");
+        assert_eq!(ok_json(writer, root, &["kv", "put", "secret/shared", &format!("v={value}")], &mut calls)["version"], i);
+        let read = ok_json(reader, root, &["kv", "get", "secret/shared"], &mut calls);
+        assert_eq!((read["version"].as_u64(), read["data"]["v"].as_str()), (Some(i), Some(value.as_str())));
+    }
+    // Rotation on one node; the other reads data encrypted under the new term.
+    ok_json(&a, root, &["operator", "rotate"], &mut calls);
+    ok_json(&a, root, &["kv", "put", "secret/shared", "v=after-rotation"], &mut calls);
+    assert_eq!(ok_json(&b, root, &["kv", "get", "secret/shared"], &mut calls)["data"]["v"], "after-rotation");
+    let events = audit_events(&data.join("arca.db"));
+    let from_b = events.iter().filter(|e| e.node == "node-b").count();
+    assert!(from_b >= 6, "node b audited its own requests in the shared log");
+}
