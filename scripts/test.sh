@@ -16,9 +16,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # No FoundationDB server or client library can be installed here: the fdb backend and its
 # conformance suite are type-checked and linted against the real API, never linked.
-step "fdb backend: check and clippy"
-cargo check -p arca-store --all-targets --features fdb --locked
-cargo clippy -p arca-store --all-targets --features fdb --locked -- -D warnings
+step "fdb backend: check and clippy (store, and arcad built with fdb)"
+cargo check -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked
+cargo clippy -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked -- -D warnings
 
 step "tests"
 cargo test --workspace --locked

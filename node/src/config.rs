@@ -169,7 +169,7 @@ impl Config {
         if l.client_ca_file.is_some() && l.tls_cert_file.is_none() {
             return Err(ConfigError::Invalid("client_ca_file needs TLS".into()));
         }
-        if l.proxy_header.is_some() != !l.trusted_proxies.is_empty() {
+        if l.proxy_header.is_some() == l.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid("set proxy_header and trusted_proxies together".into()));
         }
         Ok(())

@@ -93,7 +93,10 @@ fn fails(server: &Server, token: Option<&str>, args: &[&str], code: i32, calls: 
 fn audit_events(db: &Path) -> Vec<Event> {
     let store = SqliteStore::open(SqliteConfig::new(db)).unwrap();
     let prefix = arca_node::keys::audit_pending("local");
-    let rows = store.transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default())).unwrap().value;
+    let rows = store
+        .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
     rows.iter().map(|kv| Event::decode(&kv.value).unwrap()).collect()
 }
 
@@ -102,13 +105,19 @@ fn the_cli_drives_a_dev_server_through_every_capability() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = start(&data, "node-a");
-    let root = std::fs::read_to_string(data.join("root-token")).unwrap();
-    let root = Some(root.trim());
+    let root_token = std::fs::read_to_string(data.join("root-token")).unwrap();
+    let root = Some(root_token.trim());
     let mut calls = 0;
 
     // Versions.
-    assert_eq!(ok_json(&server, root, &["kv", "put", "secret/app/db", &format!("password={SECRET}")], &mut calls)["version"], 1);
-    assert_eq!(ok_json(&server, root, &["kv", "put", "secret/app/db", "password=second"], &mut calls)["version"], 2);
+    assert_eq!(
+        ok_json(&server, root, &["kv", "put", "secret/app/db", &format!("password={SECRET}")], &mut calls)["version"],
+        1
+    );
+    assert_eq!(
+        ok_json(&server, root, &["kv", "put", "secret/app/db", "password=second"], &mut calls)["version"],
+        2
+    );
     let got = ok_json(&server, root, &["kv", "get", "secret/app/db"], &mut calls);
     assert_eq!((got["version"].as_u64(), got["data"]["password"].as_str()), (Some(2), Some("second")));
     let v1 = ok_json(&server, root, &["kv", "get", "--version", "1", "secret/app/db"], &mut calls);
@@ -136,7 +145,8 @@ fn the_cli_drives_a_dev_server_through_every_capability() {
     std::fs::write(&policy_file, "path \"secret/data/app/*\" {\n  capabilities = [\"read\"]\n}\n").unwrap();
     ok_json(&server, root, &["policy", "write", "app-read", policy_file.to_str().unwrap()], &mut calls);
     ok_json(&server, root, &["kv", "put", "secret/ops/key", "k=v"], &mut calls);
-    let created = ok_json(&server, root, &["token", "create", "--policy", "app-read", "--ttl", "600"], &mut calls);
+    let created =
+        ok_json(&server, root, &["token", "create", "--policy", "app-read", "--ttl", "600"], &mut calls);
     let app_token = created["token"].as_str().unwrap().to_owned();
     let app = Some(app_token.as_str());
     ok_json(&server, app, &["kv", "get", "secret/app/cache"], &mut calls);
@@ -149,13 +159,30 @@ fn the_cli_drives_a_dev_server_through_every_capability() {
 
     // AppRole.
     ok_json(&server, root, &["approle", "write", "billing", "--policy", "app-read"], &mut calls);
-    let role_id = ok_json(&server, root, &["approle", "role-id", "billing"], &mut calls)["role_id"].as_str().unwrap().to_owned();
-    let secret_id = ok_json(&server, root, &["approle", "secret-id", "billing"], &mut calls)["secret_id"].as_str().unwrap().to_owned();
-    let login = ok_json(&server, None, &["approle", "login", "--role-id", &role_id, "--secret-id", &secret_id], &mut calls);
+    let role_id = ok_json(&server, root, &["approle", "role-id", "billing"], &mut calls)["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret_id = ok_json(&server, root, &["approle", "secret-id", "billing"], &mut calls)["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let login = ok_json(
+        &server,
+        None,
+        &["approle", "login", "--role-id", &role_id, "--secret-id", &secret_id],
+        &mut calls,
+    );
     let machine = login["token"].as_str().unwrap().to_owned();
     assert_eq!(login["info"]["entity"], "approle:billing");
     ok_json(&server, Some(&machine), &["kv", "get", "secret/app/cache"], &mut calls);
-    fails(&server, None, &["approle", "login", "--role-id", &role_id, "--secret-id", "arca_bad"], 3, &mut calls);
+    fails(
+        &server,
+        None,
+        &["approle", "login", "--role-id", &role_id, "--secret-id", "arca_bad"],
+        3,
+        &mut calls,
+    );
 
     // Token renew and revoke.
     ok_json(&server, Some(&machine), &["token", "renew"], &mut calls);
@@ -176,9 +203,15 @@ fn the_cli_drives_a_dev_server_through_every_capability() {
 
     // Operator commands.
     let status = ok_json(&server, None, &["operator", "status"], &mut calls);
-    assert_eq!((status["status"]["initialized"].as_bool(), status["status"]["sealed"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(
+        (status["status"]["initialized"].as_bool(), status["status"]["sealed"].as_bool()),
+        (Some(true), Some(false))
+    );
     assert_eq!(ok_json(&server, root, &["operator", "rotate"], &mut calls)["keyring_term"], 2);
-    assert_eq!(ok_json(&server, root, &["kv", "get", "--version", "2", "secret/app/db"], &mut calls)["data"]["password"], "second");
+    assert_eq!(
+        ok_json(&server, root, &["kv", "get", "--version", "2", "secret/app/db"], &mut calls)["data"]["password"],
+        "second"
+    );
 
     // The audit queue holds exactly one event per request: the dev bootstrap's status and
     // init, then one per `arca` invocation above.
@@ -187,11 +220,12 @@ fn the_cli_drives_a_dev_server_through_every_capability() {
     assert_eq!((events[0].operation, events[1].operation), (Operation::Status, Operation::Init));
     let denials = events.iter().filter(|e| e.outcome == Outcome::Denied).count();
     assert_eq!(denials, 6, "every denial is audited");
-    assert!(events.iter().all(|e| e.node == "node-a" && e.source.address.starts_with("127.0.0.1:") || e.source.address == "local:arcad-dev"));
+    assert!(events.iter().all(|e| e.node == "node-a" && e.source.address.starts_with("127.0.0.1:")
+        || e.source.address == "local:arcad-dev"));
 
     // Nothing secret in the node's logs (at trace level) or in the events.
     let logs = std::fs::read_to_string(&server.stderr_log).unwrap();
-    for secret in [SECRET, root.unwrap(), app_token.as_str(), machine.as_str(), secret_id.as_str()] {
+    for secret in [SECRET, root_token.trim(), app_token.as_str(), machine.as_str(), secret_id.as_str()] {
         assert!(!logs.contains(secret), "a secret reached the logs");
         assert!(events.iter().all(|e| !format!("{e:?}").contains(secret)), "a secret reached an audit event");
     }
@@ -209,7 +243,10 @@ fn two_nodes_on_one_store_serve_the_same_data() {
     for i in 1..=5u64 {
         let (writer, reader) = if i % 2 == 1 { (&a, &b) } else { (&b, &a) };
         let value = format!("value-{i}");
-        assert_eq!(ok_json(writer, root, &["kv", "put", "secret/shared", &format!("v={value}")], &mut calls)["version"], i);
+        assert_eq!(
+            ok_json(writer, root, &["kv", "put", "secret/shared", &format!("v={value}")], &mut calls)["version"],
+            i
+        );
         let read = ok_json(reader, root, &["kv", "get", "secret/shared"], &mut calls);
         assert_eq!((read["version"].as_u64(), read["data"]["v"].as_str()), (Some(i), Some(value.as_str())));
     }

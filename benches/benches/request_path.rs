@@ -1,0 +1,138 @@
+//! The in-process request path: policy evaluation, barrier encryption and decryption, audit
+//! event encoding — and a whole audited read through the node (group commit, fsync'd
+//! SQLite), one at a time and 64 concurrent.
+//!
+//! `cargo bench -p arca-benches --bench request_path`
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use arca_audit::{Actor, Event, Operation, Outcome, Source};
+use arca_node::barrier::{self, Barrier};
+use arca_node::kv::SecretData;
+use arca_node::node::{Node, NodeIdentity, RequestContext};
+use arca_node::policy::{self, Capability};
+use arca_store::{SqliteConfig, SqliteStore};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use zeroize::Zeroizing;
+
+fn policy_text() -> String {
+    let mut text = String::new();
+    for team in ["billing", "search", "payments", "identity", "ads", "infra", "data", "ml", "web", "mobile"] {
+        text.push_str(&format!("path \"secret/data/{team}/*\" {{ capabilities = [\"read\", \"list\"] }}\n"));
+        text.push_str(&format!("path \"secret/data/{team}/admin/+\" {{ capabilities = [\"deny\"] }}\n"));
+    }
+    text
+}
+
+fn event() -> Event {
+    Event {
+        time_unix_ms: 1_764_000_000_000,
+        request_id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
+        cluster: "prod".into(),
+        region: "eu-west".into(),
+        node: "node-a".into(),
+        actor: Actor {
+            entity: "approle:payments".into(),
+            token_accessor: Some("9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d".into()),
+        },
+        source: Source { address: "10.1.2.3:51234".into(), proxy: None },
+        operation: Operation::KvRead,
+        path: "secret/data/payments/stripe".into(),
+        secret_version: Some(7),
+        outcome: Outcome::Ok,
+    }
+}
+
+fn pieces(c: &mut Criterion) {
+    let init = barrier::initialize(1, 1, 0).expect("init");
+    let barrier = Barrier::default();
+    barrier.install(init.root, init.keyring);
+    let plaintext = vec![0x42u8; 1024];
+    let aad = b"kv/secret/payments/stripe/7";
+    let ciphertext = barrier.encrypt(&plaintext, aad).expect("encrypt");
+    let policy = policy::parse(&policy_text()).expect("policy");
+    let ev = event();
+
+    let mut group = c.benchmark_group("request_path");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("barrier_encrypt_1KiB", |b| {
+        b.iter(|| barrier.encrypt(black_box(&plaintext), aad).expect("encrypt"))
+    });
+    group.bench_function("barrier_decrypt_1KiB", |b| {
+        b.iter(|| barrier.decrypt(black_box(&ciphertext), aad).expect("decrypt"))
+    });
+    group.bench_function("policy_evaluate_20_rules", |b| {
+        b.iter(|| policy::allows([&policy], black_box("secret/data/payments/stripe"), Capability::Read))
+    });
+    group.bench_function("audit_event_encode", |b| b.iter(|| black_box(&ev).encode()));
+    group.bench_function("policy_check_decrypt_encode", |b| {
+        b.iter(|| {
+            assert!(policy::allows([&policy], "secret/data/payments/stripe", Capability::Read));
+            let plain = barrier.decrypt(&ciphertext, aad).expect("decrypt");
+            black_box((plain, ev.encode()))
+        })
+    });
+    group.finish();
+}
+
+fn audited_reads(c: &mut Criterion) {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("bench.db"))).expect("store"));
+    let node =
+        Node::new(store, NodeIdentity { cluster: "bench".into(), region: "local".into(), node: "n".into() });
+    let ctx = |token: Option<&str>| {
+        RequestContext::new(
+            token.map(|t| Zeroizing::new(t.to_owned())),
+            Source { address: "127.0.0.1:1".into(), proxy: None },
+        )
+    };
+    let root = rt.block_on(async {
+        let init = node.operator_init(ctx(None), 1, 1).await.result.expect("init");
+        let root = init.root_token.token.to_string();
+        let data = SecretData([("password".to_owned(), "x".repeat(1024))].into());
+        node.kv_write(ctx(Some(&root)), "secret".into(), "bench/db".into(), data, None)
+            .await
+            .result
+            .expect("write");
+        root
+    });
+
+    let mut group = c.benchmark_group("node");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("audited_read_sequential", |b| {
+        b.iter(|| {
+            rt.block_on(node.kv_read(ctx(Some(&root)), "secret".into(), "bench/db".into(), None))
+                .result
+                .expect("read")
+        })
+    });
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("audited_read_64_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..64)
+                    .map(|_| {
+                        let node = node.clone();
+                        let root = root.clone();
+                        tokio::spawn(async move {
+                            node.kv_read(ctx(Some(&root)), "secret".into(), "bench/db".into(), None)
+                                .await
+                                .result
+                                .expect("read")
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.expect("task");
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, pieces, audited_reads);
+criterion_main!(benches);
