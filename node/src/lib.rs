@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod barrier;
+pub mod codec;
 pub mod committer;
 pub mod config;
 pub mod error;

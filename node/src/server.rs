@@ -49,7 +49,20 @@ pub async fn serve(
         return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
     }
     let listener = TcpListener::bind(opts.grpc_addr).await?;
+    serve_listener(node, listener, opts, shutdown).await
+}
+
+/// Like [`serve`], on an already bound listener (`opts.grpc_addr` is ignored).
+pub async fn serve_listener(
+    node: Arc<Node>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
     let grpc_addr = listener.local_addr()?;
+    if opts.tls.is_none() && !grpc_addr.ip().is_loopback() {
+        return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
+    }
     let mut builder = Server::builder();
     if let Some(tls) = &opts.tls {
         let cert = std::fs::read(&tls.cert)?;

@@ -1,0 +1,215 @@
+//! The gRPC surface in process: TLS and mutual TLS, the trusted-proxy header, request size
+//! limits and malformed protobuf.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arca_audit::Event;
+use arca_node::grpc::{AUDIT_POSITION_HEADER, ProxyConfig};
+use arca_node::node::{Node, NodeIdentity, RequestContext};
+use arca_node::proto;
+use arca_node::proto::arca_client::ArcaClient;
+use arca_node::server::{ServeOptions, TlsFiles, serve_listener};
+use arca_store::{RangeOptions, SqliteConfig, SqliteStore, Store, StoreExt, prefix_end};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request};
+
+struct Running {
+    addr: SocketAddr,
+    store: Arc<dyn Store>,
+    root: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn run(proxy: ProxyConfig, tls: Option<TlsFiles>) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("a.db"))).unwrap());
+    let node = Node::new(
+        store.clone(),
+        NodeIdentity { cluster: "t".into(), region: "local".into(), node: "n".into() },
+    );
+    let ctx = RequestContext::new(None, arca_audit::Source { address: "test".into(), proxy: None });
+    let root = node.operator_init(ctx, 1, 1).await.result.unwrap().root_token.token.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let opts = ServeOptions { grpc_addr: addr, tls, metrics_addr: None, proxy };
+    tokio::spawn(serve_listener(node, listener, opts, async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, store, root, _stop: stop, _dir: dir }
+}
+
+async fn plain_client(addr: SocketAddr) -> ArcaClient<Channel> {
+    // connect() completes once the server accepts: no sleeping for readiness.
+    ArcaClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+fn events(store: &dyn Store) -> Vec<Event> {
+    let prefix = arca_node::keys::audit_pending("local");
+    let rows = store
+        .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
+    rows.iter().map(|kv| Event::decode(&kv.value).unwrap()).collect()
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct WrongShape {
+    /// `KvPutRequest.path` is a string; send a varint in its place.
+    #[prost(uint64, tag = "2")]
+    path: u64,
+}
+
+#[tokio::test]
+async fn malformed_protobuf_is_an_invalid_argument() {
+    let server = run(ProxyConfig::default(), None).await;
+    let channel = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<WrongShape, proto::KvWriteResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arca.v1.Arca/KvPut");
+    let status = grpc.unary(authed(WrongShape { path: 7 }, &server.root), path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("malformed request"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused_and_change_nothing() {
+    let server = run(ProxyConfig::default(), None).await;
+    let mut client = plain_client(server.addr).await;
+    let before = events(server.store.as_ref()).len();
+    let huge = proto::KvPutRequest {
+        mount: String::new(),
+        path: "big".into(),
+        data: [("v".to_owned(), "x".repeat(300 * 1024))].into(),
+        cas: None,
+    };
+    let status = client.kv_put(authed(huge, &server.root)).await.unwrap_err();
+    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status:?}");
+    let get = client
+        .kv_get(authed(proto::KvGetRequest { path: "big".into(), ..Default::default() }, &server.root))
+        .await;
+    assert_eq!(get.unwrap_err().code(), Code::NotFound);
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "only the read was served (and audited)");
+}
+
+#[tokio::test]
+async fn replies_carry_the_audit_position_even_on_errors() {
+    let server = run(ProxyConfig::default(), None).await;
+    let mut client = plain_client(server.addr).await;
+    let ok = client.status(Request::new(proto::Empty {})).await.unwrap();
+    assert!(ok.metadata().get(AUDIT_POSITION_HEADER).is_some());
+    let denied = client
+        .kv_get(Request::new(proto::KvGetRequest { path: "x".into(), ..Default::default() }))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::Unauthenticated);
+    assert!(denied.metadata().get(AUDIT_POSITION_HEADER).is_some());
+}
+
+#[tokio::test]
+async fn the_proxy_header_counts_only_from_trusted_proxies() {
+    let header = "x-forwarded-for".to_owned();
+    let trusted =
+        run(ProxyConfig { header: Some(header.clone()), trusted: vec!["127.0.0.1".parse().unwrap()] }, None)
+            .await;
+    let untrusted =
+        run(ProxyConfig { header: Some(header), trusted: vec!["10.9.9.9".parse().unwrap()] }, None).await;
+    for server in [&trusted, &untrusted] {
+        let mut client = plain_client(server.addr).await;
+        let mut request = Request::new(proto::Empty {});
+        request.metadata_mut().insert("x-forwarded-for", "203.0.113.9, 10.0.0.1".parse().unwrap());
+        client.status(request).await.unwrap();
+    }
+    let via_proxy = events(trusted.store.as_ref()).pop().unwrap();
+    assert_eq!(via_proxy.source.address, "203.0.113.9");
+    assert!(via_proxy.source.proxy.unwrap().starts_with("127.0.0.1:"));
+    let direct = events(untrusted.store.as_ref()).pop().unwrap();
+    assert!(direct.source.address.starts_with("127.0.0.1:"), "an untrusted peer cannot name the client");
+    assert_eq!(direct.source.proxy, None);
+}
+
+struct Pki {
+    ca_pem: String,
+    dir: tempfile::TempDir,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki() -> (Pki, TlsFiles) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert =
+        CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&server_key, &ca).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert =
+        CertificateParams::new(vec!["client".to_owned()]).unwrap().signed_by(&client_key, &ca).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, contents: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        path
+    };
+    let files = TlsFiles {
+        cert: write("server.crt", &server_cert.pem()),
+        key: write("server.key", &server_key.serialize_pem()),
+        client_ca: Some(write("ca.crt", &ca.pem())),
+    };
+    (
+        Pki { ca_pem: ca.pem(), client_cert: client_cert.pem(), client_key: client_key.serialize_pem(), dir },
+        files,
+    )
+}
+
+async fn tls_client(
+    addr: SocketAddr,
+    pki: &Pki,
+    with_cert: bool,
+) -> Result<ArcaClient<Channel>, tonic::transport::Error> {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca_pem)).domain_name("localhost");
+    if with_cert {
+        tls = tls.identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    }
+    let channel =
+        Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(tls)?.connect().await?;
+    Ok(ArcaClient::new(channel))
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls() {
+    let (pki, mut files) = pki();
+    let _keep = &pki.dir;
+    files.client_ca = None;
+    let tls_only = run(ProxyConfig::default(), Some(files.clone())).await;
+    let mut client = tls_client(tls_only.addr, &pki, false).await.unwrap();
+    assert!(client.status(Request::new(proto::Empty {})).await.unwrap().get_ref().initialized);
+    // A plaintext client cannot talk to a TLS listener.
+    let plain = Endpoint::from_shared(format!("http://{}", tls_only.addr)).unwrap().connect().await;
+    if let Ok(channel) = plain {
+        assert!(ArcaClient::new(channel).status(Request::new(proto::Empty {})).await.is_err());
+    }
+
+    let (pki, files) = self::pki();
+    let mutual = run(ProxyConfig::default(), Some(files)).await;
+    let mut with_cert = tls_client(mutual.addr, &pki, true).await.unwrap();
+    assert!(with_cert.status(Request::new(proto::Empty {})).await.is_ok());
+    let without = match tls_client(mutual.addr, &pki, false).await {
+        Err(_) => true,
+        Ok(mut client) => client.status(Request::new(proto::Empty {})).await.is_err(),
+    };
+    assert!(without, "mTLS must refuse a client without a certificate");
+}
