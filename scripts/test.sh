@@ -21,4 +21,9 @@ cargo check -p arca-store -p arca-node --all-targets --features arca-store/fdb,a
 cargo clippy -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked -- -D warnings
 
 step "tests"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
