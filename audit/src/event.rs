@@ -123,6 +123,10 @@ operations! {
     PolicyRead = 51, "policy.read";
     PolicyList = 52, "policy.list";
     PolicyDelete = 53, "policy.delete";
+    CertRoleWrite = 60, "cert.role.write";
+    CertRoleRead = 61, "cert.role.read";
+    CertRoleDelete = 62, "cert.role.delete";
+    CertLogin = 63, "cert.login";
 }
 
 impl fmt::Display for Operation {

@@ -498,3 +498,141 @@ impl Node {
         .await
     }
 }
+
+/// A certificate role: a client certificate (pinned by its SHA-256 fingerprint) that may log
+/// in over mutual TLS and receive a token with the role's policies.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRole {
+    pub name: String,
+    /// Hex SHA-256 of the certificate's DER encoding.
+    pub certificate_sha256: String,
+    pub policies: Vec<String>,
+    pub token_ttl_secs: u64,
+}
+
+/// The DER bytes of the first certificate in a PEM text.
+pub fn pem_certificate_der(pem: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::engine::general_purpose::STANDARD;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let bad = || ApiError::invalid("certificate: expected a PEM certificate");
+    if pem.len() > 64 * 1024 {
+        return Err(ApiError::invalid("certificate: larger than 64 KiB"));
+    }
+    let start = pem.find(BEGIN).ok_or_else(bad)? + BEGIN.len();
+    let end = pem[start..].find(END).ok_or_else(bad)? + start;
+    let body: String = pem[start..end].chars().filter(|c| !c.is_whitespace()).collect();
+    let der = STANDARD.decode(body).map_err(|_| bad())?;
+    // A DER certificate is a SEQUENCE.
+    if der.first() != Some(&0x30) {
+        return Err(bad());
+    }
+    Ok(der)
+}
+
+/// A certificate role to write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteCertRoleRequest {
+    pub name: String,
+    pub certificate_pem: String,
+    pub policies: Vec<String>,
+    pub token_ttl_secs: Option<u64>,
+}
+
+impl Node {
+    pub async fn cert_role_write(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        req: WriteCertRoleRequest,
+    ) -> Audited<CertRole> {
+        let path = format!("auth/cert/role/{}", req.name);
+        self.execute(ctx, Operation::CertRoleWrite, path.clone(), move |env| {
+            validate_role_name(&req.name)?;
+            validate_policies(&req.policies)?;
+            let ttl = validate_ttl(req.token_ttl_secs)?;
+            let fingerprint = credential_hash_bytes(&pem_certificate_der(&req.certificate_pem)?);
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            if let Some(old) = env.get_json::<CertRole>(&keys::cert_role(&req.name))? {
+                let old_fp = hex::decode(&old.certificate_sha256).map_err(|_| ApiError::Internal)?;
+                env.tx.clear(&keys::cert_fingerprint(&old_fp))?;
+            }
+            let role = CertRole {
+                name: req.name.clone(),
+                certificate_sha256: hex::encode(fingerprint),
+                policies: req.policies.clone(),
+                token_ttl_secs: ttl,
+            };
+            env.put_json(&keys::cert_role(&role.name), &role)?;
+            env.put_sealed(&keys::cert_fingerprint(&fingerprint), role.name.as_bytes())?;
+            Ok(role)
+        })
+        .await
+    }
+
+    pub async fn cert_role_read(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<CertRole> {
+        let path = format!("auth/cert/role/{name}");
+        self.execute(ctx, Operation::CertRoleRead, path.clone(), move |env| {
+            validate_role_name(&name)?;
+            env.authorize(&path, &[Capability::Read])?;
+            env.get_json(&keys::cert_role(&name))?
+                .ok_or_else(|| ApiError::NotFound("no such certificate role".into()))
+        })
+        .await
+    }
+
+    pub async fn cert_role_delete(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("auth/cert/role/{name}");
+        self.execute(ctx, Operation::CertRoleDelete, path.clone(), move |env| {
+            validate_role_name(&name)?;
+            env.authorize(&path, &[Capability::Delete])?;
+            let role: CertRole = env
+                .get_json(&keys::cert_role(&name))?
+                .ok_or_else(|| ApiError::NotFound("no such certificate role".into()))?;
+            let fp = hex::decode(&role.certificate_sha256).map_err(|_| ApiError::Internal)?;
+            env.tx.clear(&keys::cert_fingerprint(&fp))?;
+            env.tx.clear(&keys::cert_role(&name))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Logs in with the client certificate the TLS layer verified (`peer_certificate_der`:
+    /// the leaf, DER). No certificate, or one no role pins, is a denial.
+    pub async fn cert_login(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        peer_certificate_der: Option<Vec<u8>>,
+    ) -> Audited<NewToken> {
+        self.execute(ctx, Operation::CertLogin, "auth/cert/login".into(), move |env| {
+            if env.node.barrier.is_sealed() {
+                return Err(ApiError::Sealed);
+            }
+            let der = peer_certificate_der.as_ref().ok_or(ApiError::Unauthenticated)?;
+            let fingerprint = credential_hash_bytes(der);
+            let name =
+                env.get_sealed(&keys::cert_fingerprint(&fingerprint))?.ok_or(ApiError::Unauthenticated)?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| ApiError::Internal)?;
+            env.actor = Actor { entity: format!("cert:{name}"), token_accessor: None };
+            let role: CertRole = env.get_json(&keys::cert_role(&name))?.ok_or(ApiError::Unauthenticated)?;
+            let token = mint(
+                env,
+                TokenSpec {
+                    policies: role.policies.clone(),
+                    ttl_secs: Some(role.token_ttl_secs),
+                    display_name: format!("cert-{name}"),
+                    entity: format!("cert:{name}"),
+                    renewable: true,
+                    parent: None,
+                },
+            )?;
+            env.actor.token_accessor = Some(token.record.accessor.clone());
+            Ok(token)
+        })
+        .await
+    }
+}
+
+fn credential_hash_bytes(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}

@@ -14,7 +14,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::auth::{CreateTokenRequest, NewToken, TokenRecord, WriteRoleRequest};
+use crate::auth::{CreateTokenRequest, NewToken, TokenRecord, WriteCertRoleRequest, WriteRoleRequest};
 use crate::kv::{self, Metadata, MetadataUpdate, SecretData};
 use crate::node::{Audited, Node, RequestContext};
 use crate::proto;
@@ -155,6 +155,15 @@ fn role_info(r: crate::auth::AppRole) -> proto::AppRoleInfo {
         policies: r.policies,
         token_ttl_secs: r.token_ttl_secs,
         secret_id_ttl_secs: r.secret_id_ttl_secs,
+    }
+}
+
+fn cert_role_info(r: crate::auth::CertRole) -> proto::CertRoleInfo {
+    proto::CertRoleInfo {
+        name: r.name,
+        certificate_sha256: r.certificate_sha256,
+        policies: r.policies,
+        token_ttl_secs: r.token_ttl_secs,
     }
 }
 
@@ -410,6 +419,38 @@ impl Arca for Service {
             self.node.approle_login(ctx, Zeroizing::new(r.role_id), Zeroizing::new(r.secret_id)).await,
             token_auth,
         )
+    }
+
+    async fn cert_role_write(
+        &self,
+        request: Request<proto::CertRoleWriteRequest>,
+    ) -> Reply<proto::CertRoleInfo> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let req = WriteCertRoleRequest {
+            name: r.name,
+            certificate_pem: r.certificate_pem,
+            policies: r.policies,
+            token_ttl_secs: r.token_ttl_secs,
+        };
+        respond(self.node.cert_role_write(ctx, req).await, cert_role_info)
+    }
+
+    async fn cert_role_read(&self, request: Request<proto::CertRoleName>) -> Reply<proto::CertRoleInfo> {
+        let ctx = self.context(&request);
+        respond(self.node.cert_role_read(ctx, request.into_inner().name).await, cert_role_info)
+    }
+
+    async fn cert_role_delete(&self, request: Request<proto::CertRoleName>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.cert_role_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
+    }
+
+    async fn cert_login(&self, request: Request<proto::Empty>) -> Reply<proto::TokenAuth> {
+        let ctx = self.context(&request);
+        // The TLS layer has verified the chain against the configured client CA.
+        let leaf = request.peer_certs().and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        respond(self.node.cert_login(ctx, leaf).await, token_auth)
     }
 
     async fn policy_write(&self, request: Request<proto::PolicyWriteRequest>) -> Reply<proto::Empty> {

@@ -11,6 +11,8 @@
 //! | `("sys","approle",<name>)` | role (barrier) |
 //! | `("sys","approle-id",<sha256 of role id>)` | role name (barrier) |
 //! | `("sys","secret-id",<role>,<sha256 of secret id>)` | secret id record (barrier) |
+//! | `("sys","cert-role",<name>)` | certificate role (barrier) |
+//! | `("sys","cert-fp",<sha256 of the certificate>)` | certificate role name (barrier) |
 //! | `("kv",<mount>,"m",<path>)` | secret metadata (barrier) |
 //! | `("kv",<mount>,"v",<path>,<version>)` | secret version data (barrier) |
 //! | `("audit",<region>,"pending",<versionstamp>)` | encoded audit event (plain: no secrets) |
@@ -69,6 +71,14 @@ pub fn secret_ids(role: &str) -> Vec<u8> {
 
 pub fn secret_id(role: &str, secret_id_hash: &[u8]) -> Vec<u8> {
     pack(&["sys".into(), "secret-id".into(), role.into(), Element::Bytes(secret_id_hash.to_vec())])
+}
+
+pub fn cert_role(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "cert-role".into(), name.into()])
+}
+
+pub fn cert_fingerprint(fingerprint: &[u8]) -> Vec<u8> {
+    pack(&["sys".into(), "cert-fp".into(), Element::Bytes(fingerprint.to_vec())])
 }
 
 pub fn kv_meta(mount: &str, path: &str) -> Vec<u8> {

@@ -212,4 +212,56 @@ async fn tls_and_mutual_tls() {
         Ok(mut client) => client.status(Request::new(proto::Empty {})).await.is_err(),
     };
     assert!(without, "mTLS must refuse a client without a certificate");
+
+    // Certificate identity: before a role pins the certificate, login is a denial.
+    let denied = with_cert.cert_login(Request::new(proto::Empty {})).await.unwrap_err();
+    assert_eq!(denied.code(), Code::Unauthenticated);
+    let role = proto::CertRoleWriteRequest {
+        name: "web".into(),
+        certificate_pem: pki.client_cert.clone(),
+        policies: vec!["web".into()],
+        token_ttl_secs: Some(600),
+    };
+    with_cert.cert_role_write(authed(role, &mutual.root)).await.unwrap();
+    let policy = proto::PolicyWriteRequest {
+        name: "web".into(),
+        policy: r#"path "secret/data/web/*" { capabilities = ["read", "create"] }"#.into(),
+    };
+    with_cert.policy_write(authed(policy, &mutual.root)).await.unwrap();
+    let login = with_cert.cert_login(Request::new(proto::Empty {})).await.unwrap().into_inner();
+    assert_eq!(login.info.as_ref().unwrap().entity, "cert:web");
+    let put = proto::KvPutRequest {
+        path: "web/tls".into(),
+        data: [("k".to_owned(), "v".to_owned())].into(),
+        ..Default::default()
+    };
+    with_cert.kv_put(authed(put, &login.token)).await.unwrap();
+    let other = proto::KvPutRequest {
+        path: "ops/x".into(),
+        data: [("k".to_owned(), "v".to_owned())].into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        with_cert.kv_put(authed(other, &login.token)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let bad_pem = proto::CertRoleWriteRequest {
+        name: "x".into(),
+        certificate_pem: "not a pem".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        with_cert.cert_role_write(authed(bad_pem, &mutual.root)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    // Over plain TLS (no client certificate) the login is denied.
+    let (pki2, mut files2) = self::pki();
+    files2.client_ca = None;
+    let no_mtls = run(ProxyConfig::default(), Some(files2)).await;
+    let mut anon = tls_client(no_mtls.addr, &pki2, false).await.unwrap();
+    assert_eq!(
+        anon.cert_login(Request::new(proto::Empty {})).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 }

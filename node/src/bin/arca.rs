@@ -32,6 +32,12 @@ struct Cli {
     /// CA certificate (PEM) to verify the server with https addresses.
     #[arg(long, global = true, env = "ARCA_CACERT")]
     ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, and `arca cert login`.
+    #[arg(long, global = true, env = "ARCA_CLIENT_CERT")]
+    client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "ARCA_CLIENT_KEY")]
+    client_key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "human")]
     format: Format,
@@ -59,9 +65,35 @@ enum Command {
     /// AppRole machine login.
     #[command(subcommand)]
     Approle(AppRoleCommand),
+    /// Client-certificate login over mutual TLS.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Init, unseal, seal, status, key rotation.
     #[command(subcommand)]
     Operator(OperatorCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Pin a client certificate to a role with policies.
+    Write {
+        name: String,
+        /// The client certificate (PEM) this role accepts.
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        #[arg(long)]
+        token_ttl: Option<u64>,
+    },
+    Read {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Log in with --client-cert/--client-key (over https).
+    Login,
 }
 
 #[derive(Args)]
@@ -285,6 +317,16 @@ impl Client {
             if let Some(ca) = &cli.ca_cert {
                 tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
             }
+            match (&cli.client_cert, &cli.client_key) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(
+                        std::fs::read(cert)?,
+                        std::fs::read(key)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => return Err(local("give both --client-cert and --client-key")),
+            }
             endpoint = endpoint.tls_config(tls).map_err(|e| local(format!("tls: {e}")))?;
         }
         let channel =
@@ -390,6 +432,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Token(cmd) => token(&mut c, format, cmd).await,
         Command::Policy(cmd) => policy(&mut c, format, cmd).await,
         Command::Approle(cmd) => approle(&mut c, format, cmd).await,
+        Command::Cert(cmd) => cert(&mut c, format, cmd).await,
         Command::Operator(cmd) => operator(&mut c, format, cmd).await,
     }
 }
@@ -730,6 +773,70 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
         }
         AppRoleCommand::Login { role_id, secret_id } => {
             let r = c.inner.app_role_login(c.req(proto::AppRoleLoginRequest { role_id, secret_id })).await?;
+            let pos = position(&r);
+            let auth = r.into_inner();
+            let info = auth.info.unwrap_or_default();
+            let mut rows = vec![("token".to_owned(), auth.token.clone())];
+            rows.extend(token_rows(&info));
+            print(
+                format,
+                || table(&rows),
+                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos}),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Failure> {
+    let info_json = |r: &proto::CertRoleInfo| json!({"name": r.name, "certificate_sha256": r.certificate_sha256, "policies": r.policies, "token_ttl_secs": r.token_ttl_secs});
+    let info_rows = |r: &proto::CertRoleInfo| {
+        table(&[
+            ("name".into(), r.name.clone()),
+            ("certificate_sha256".into(), r.certificate_sha256.clone()),
+            ("policies".into(), r.policies.join(",")),
+            ("token_ttl_secs".into(), r.token_ttl_secs.to_string()),
+        ])
+    };
+    match cmd {
+        CertCommand::Write { name, cert, policies, token_ttl } => {
+            let certificate_pem =
+                std::fs::read_to_string(&cert).map_err(|e| local(format!("{}: {e}", cert.display())))?;
+            let r = c
+                .inner
+                .cert_role_write(c.req(proto::CertRoleWriteRequest {
+                    name,
+                    certificate_pem,
+                    policies,
+                    token_ttl_secs: token_ttl,
+                }))
+                .await?;
+            let role = r.get_ref().clone();
+            print(
+                format,
+                || info_rows(&role),
+                json!({"role": info_json(&role), "audit_position": position(&r)}),
+            );
+        }
+        CertCommand::Read { name } => {
+            let r = c.inner.cert_role_read(c.req(proto::CertRoleName { name })).await?;
+            let role = r.get_ref().clone();
+            print(
+                format,
+                || info_rows(&role),
+                json!({"role": info_json(&role), "audit_position": position(&r)}),
+            );
+        }
+        CertCommand::Delete { name } => {
+            let r = c.inner.cert_role_delete(c.req(proto::CertRoleName { name: name.clone() })).await?;
+            print(
+                format,
+                || format!("Success! deleted certificate role {name}"),
+                json!({"audit_position": position(&r)}),
+            );
+        }
+        CertCommand::Login => {
+            let r = c.inner.cert_login(c.req(proto::Empty {})).await?;
             let pos = position(&r);
             let auth = r.into_inner();
             let info = auth.info.unwrap_or_default();
