@@ -21,6 +21,9 @@
 #![forbid(unsafe_code)]
 
 pub mod event;
+pub mod checkpoint;
 pub mod merkle;
+pub mod note;
+pub mod tiles;
 
 pub use event::{Actor, DecodeError, Event, FORMAT_V1, MAX_FIELD_BYTES, Operation, Outcome, Source};
