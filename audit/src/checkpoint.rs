@@ -52,7 +52,8 @@ impl Checkpoint {
     pub fn parse(text: &str) -> Result<Checkpoint, CheckpointError> {
         let body = text.strip_suffix('\n').ok_or(CheckpointError::Malformed("must end with a newline"))?;
         let mut lines = body.split('\n');
-        let origin = lines.next().filter(|o| !o.is_empty()).ok_or(CheckpointError::Malformed("missing origin"))?;
+        let origin =
+            lines.next().filter(|o| !o.is_empty()).ok_or(CheckpointError::Malformed("missing origin"))?;
         let size_text = lines.next().ok_or(CheckpointError::Malformed("missing size"))?;
         let canonical = size_text == "0" || (!size_text.starts_with('0') && !size_text.is_empty());
         if !canonical || !size_text.bytes().all(|b| b.is_ascii_digit()) {
@@ -75,7 +76,10 @@ impl Checkpoint {
     /// Signs the checkpoint: the signer's key name must be the origin.
     pub fn sign(&self, signer: &NoteSigner) -> Result<String, CheckpointError> {
         if signer.name() != self.origin {
-            return Err(CheckpointError::WrongOrigin { expected: self.origin.clone(), found: signer.name().to_owned() });
+            return Err(CheckpointError::WrongOrigin {
+                expected: self.origin.clone(),
+                found: signer.name().to_owned(),
+            });
         }
         Ok(signer.sign(&self.to_text())?)
     }
@@ -112,7 +116,10 @@ pub fn open(signed: &str, verifier: &NoteVerifier) -> Result<VerifiedCheckpoint,
     let verified = note::open(signed, verifier)?;
     let checkpoint = Checkpoint::parse(&verified.text)?;
     if checkpoint.origin != verifier.name() {
-        return Err(CheckpointError::WrongOrigin { expected: verifier.name().to_owned(), found: checkpoint.origin });
+        return Err(CheckpointError::WrongOrigin {
+            expected: verifier.name().to_owned(),
+            found: checkpoint.origin,
+        });
     }
     Ok(VerifiedCheckpoint { checkpoint, note: signed.to_owned() })
 }
@@ -126,7 +133,9 @@ mod tests {
         let signer = NoteSigner::from_seed("arca/prod/eu", &[9; 32]).unwrap();
         let cp = Checkpoint { origin: "arca/prod/eu".into(), size: 1234, root: [7; 32], extensions: vec![] };
         let signed = cp.sign(&signer).unwrap();
-        assert!(signed.starts_with("arca/prod/eu\n1234\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n\n\u{2014} arca/prod/eu "));
+        assert!(signed.starts_with(
+            "arca/prod/eu\n1234\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n\n\u{2014} arca/prod/eu "
+        ));
         let verified = open(&signed, &signer.verifier()).unwrap();
         assert_eq!(verified.checkpoint(), &cp);
         let other = NoteSigner::from_seed("arca/prod/us", &[9; 32]).unwrap();

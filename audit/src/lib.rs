@@ -20,10 +20,11 @@
 
 #![forbid(unsafe_code)]
 
-pub mod event;
 pub mod checkpoint;
+pub mod event;
 pub mod merkle;
 pub mod note;
 pub mod tiles;
+pub mod verify;
 
 pub use event::{Actor, DecodeError, Event, FORMAT_V1, MAX_FIELD_BYTES, Operation, Outcome, Source};

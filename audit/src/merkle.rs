@@ -90,7 +90,11 @@ pub fn root<S: HashSource>(src: &mut S, size: u64) -> Result<Hash, S::Error> {
 }
 
 /// The inclusion proof of leaf `index` in the tree of `size` leaves (RFC 6962 PATH).
-pub fn inclusion_proof<S: HashSource>(src: &mut S, index: u64, size: u64) -> Result<Result<Vec<Hash>, ProofError>, S::Error> {
+pub fn inclusion_proof<S: HashSource>(
+    src: &mut S,
+    index: u64,
+    size: u64,
+) -> Result<Result<Vec<Hash>, ProofError>, S::Error> {
     if index >= size {
         return Ok(Err(ProofError::IndexOutOfRange { index, size }));
     }
@@ -112,7 +116,11 @@ pub fn inclusion_proof<S: HashSource>(src: &mut S, index: u64, size: u64) -> Res
 }
 
 /// The consistency proof between the trees of `old` and `new` leaves (RFC 6962 PROOF).
-pub fn consistency_proof<S: HashSource>(src: &mut S, old: u64, new: u64) -> Result<Result<Vec<Hash>, ProofError>, S::Error> {
+pub fn consistency_proof<S: HashSource>(
+    src: &mut S,
+    old: u64,
+    new: u64,
+) -> Result<Result<Vec<Hash>, ProofError>, S::Error> {
     if old > new {
         return Ok(Err(ProofError::BadSizes { old, new }));
     }
@@ -146,7 +154,13 @@ pub fn consistency_proof<S: HashSource>(src: &mut S, old: u64, new: u64) -> Resu
 
 /// Verifies that `leaf` is leaf `index` of the tree of `size` leaves with root `root`
 /// (RFC 9162 §2.1.3.2).
-pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> Result<(), ProofError> {
+pub fn verify_inclusion(
+    index: u64,
+    size: u64,
+    leaf: &Hash,
+    proof: &[Hash],
+    root: &Hash,
+) -> Result<(), ProofError> {
     if index >= size {
         return Err(ProofError::IndexOutOfRange { index, size });
     }
@@ -181,7 +195,13 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root
 
 /// Verifies that the tree of `old` leaves with root `old_root` is a prefix of the tree of
 /// `new` leaves with root `new_root` (RFC 9162 §2.1.4.2).
-pub fn verify_consistency(old: u64, new: u64, old_root: &Hash, new_root: &Hash, proof: &[Hash]) -> Result<(), ProofError> {
+pub fn verify_consistency(
+    old: u64,
+    new: u64,
+    old_root: &Hash,
+    new_root: &Hash,
+    proof: &[Hash],
+) -> Result<(), ProofError> {
     if old > new {
         return Err(ProofError::BadSizes { old, new });
     }
@@ -359,7 +379,8 @@ mod tests {
         hex::decode(s).unwrap().try_into().unwrap()
     }
 
-    const LEAVES: [&str; 8] = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"];
+    const LEAVES: [&str; 8] =
+        ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"];
     const ROOTS: [&str; 8] = [
         "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
         "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
@@ -381,7 +402,10 @@ mod tests {
 
     #[test]
     fn rfc6962_roots() {
-        assert_eq!(hex::encode(empty_root()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            hex::encode(empty_root()),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         let mut tree = vector_tree();
         let mut frontier = Frontier::new();
         for (i, expected) in ROOTS.iter().enumerate() {
@@ -394,17 +418,31 @@ mod tests {
     #[test]
     fn rfc6962_proof_vectors() {
         let mut tree = vector_tree();
-        let inclusion = ["bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b", "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0", "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"].map(h);
+        let inclusion = [
+            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+            "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+        ]
+        .map(h);
         assert_eq!(inclusion_proof(&mut tree, 5, 8).unwrap().unwrap(), inclusion);
         verify_inclusion(5, 8, &tree.leaves()[5], &inclusion, &h(ROOTS[7])).unwrap();
         assert!(verify_inclusion(4, 8, &tree.leaves()[5], &inclusion, &h(ROOTS[7])).is_err());
         assert_eq!(inclusion_proof(&mut tree, 2, 3).unwrap().unwrap(), vec![h(ROOTS[1])]);
 
-        let consistency = ["0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a", "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0", "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7"].map(h);
+        let consistency = [
+            "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+            "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+        ]
+        .map(h);
         assert_eq!(consistency_proof(&mut tree, 6, 8).unwrap().unwrap(), consistency);
         verify_consistency(6, 8, &h(ROOTS[5]), &h(ROOTS[7]), &consistency).unwrap();
         assert!(verify_consistency(6, 8, &h(ROOTS[4]), &h(ROOTS[7]), &consistency).is_err());
-        let two_five = ["5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e", "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b"].map(h);
+        let two_five = [
+            "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+        ]
+        .map(h);
         assert_eq!(consistency_proof(&mut tree, 2, 5).unwrap().unwrap(), two_five);
         verify_consistency(2, 5, &h(ROOTS[1]), &h(ROOTS[4]), &two_five).unwrap();
     }

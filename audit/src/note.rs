@@ -71,7 +71,8 @@ impl NoteVerifier {
         if key_id(name, &public) != id {
             return Err(NoteError::MalformedKey("key id does not match the key"));
         }
-        let key = VerifyingKey::from_bytes(&public).map_err(|_| NoteError::MalformedKey("invalid Ed25519 point"))?;
+        let key = VerifyingKey::from_bytes(&public)
+            .map_err(|_| NoteError::MalformedKey("invalid Ed25519 point"))?;
         if key.is_weak() {
             return Err(NoteError::MalformedKey("weak Ed25519 key"));
         }
@@ -96,7 +97,8 @@ fn parse_id(id_hex: &str) -> Result<[u8; 4], NoteError> {
     }
     let mut id = [0u8; 4];
     for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16).map_err(|_| NoteError::MalformedKey("key id"))?;
+        *byte = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| NoteError::MalformedKey("key id"))?;
     }
     Ok(id)
 }
@@ -131,13 +133,16 @@ impl NoteSigner {
 
     /// Parses a `PRIVATE+KEY+<name>+<id>+<base64(0x01 ‖ seed)>` string.
     pub fn parse(skey: &str) -> Result<Self, NoteError> {
-        let rest = skey.strip_prefix("PRIVATE+KEY+").ok_or(NoteError::MalformedKey("expected PRIVATE+KEY+"))?;
+        let rest =
+            skey.strip_prefix("PRIVATE+KEY+").ok_or(NoteError::MalformedKey("expected PRIVATE+KEY+"))?;
         let mut parts = rest.splitn(3, '+');
         let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(NoteError::MalformedKey("expected name+id+key"));
         };
         let id = parse_id(id_hex)?;
-        let raw = zeroize::Zeroizing::new(B64.decode(key_b64).map_err(|_| NoteError::MalformedKey("key is not base64"))?);
+        let raw = zeroize::Zeroizing::new(
+            B64.decode(key_b64).map_err(|_| NoteError::MalformedKey("key is not base64"))?,
+        );
         if raw.len() != 33 || raw[0] != ALG_ED25519 {
             return Err(NoteError::MalformedKey("not an Ed25519 key"));
         }
@@ -203,8 +208,11 @@ pub fn open(note: &str, verifier: &NoteVerifier) -> Result<VerifiedNote, NoteErr
         return Err(NoteError::MalformedNote("too many signatures"));
     }
     for line in lines {
-        let rest = line.strip_prefix(SIG_PREFIX).ok_or(NoteError::MalformedNote("signature line must start with an em dash"))?;
-        let (name, blob) = rest.split_once(' ').ok_or(NoteError::MalformedNote("signature line: name and signature"))?;
+        let rest = line
+            .strip_prefix(SIG_PREFIX)
+            .ok_or(NoteError::MalformedNote("signature line must start with an em dash"))?;
+        let (name, blob) =
+            rest.split_once(' ').ok_or(NoteError::MalformedNote("signature line: name and signature"))?;
         if !valid_name(name) {
             return Err(NoteError::MalformedNote("signature line: invalid key name"));
         }
@@ -215,7 +223,8 @@ pub fn open(note: &str, verifier: &NoteVerifier) -> Result<VerifiedNote, NoteErr
         if name != verifier.name || raw[..4] != verifier.id {
             continue;
         }
-        let sig_bytes: [u8; 64] = raw[4..].try_into().map_err(|_| NoteError::BadSignature(verifier.name.clone()))?;
+        let sig_bytes: [u8; 64] =
+            raw[4..].try_into().map_err(|_| NoteError::BadSignature(verifier.name.clone()))?;
         let signature = Signature::from_bytes(&sig_bytes);
         verifier
             .key
@@ -255,8 +264,14 @@ mod tests {
         let other = NoteSigner::from_seed("PeterNeumann", &[7; 32]).unwrap();
         let forged = other.sign(TEXT).unwrap();
         assert!(matches!(open(&forged, &verifier), Err(NoteError::NotSigned(_))));
-        assert!(NoteVerifier::parse("PeterNeumann+c74f20a4+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW").is_err());
-        assert!(NoteVerifier::parse("Peter Neumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW").is_err());
+        assert!(
+            NoteVerifier::parse("PeterNeumann+c74f20a4+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW")
+                .is_err()
+        );
+        assert!(
+            NoteVerifier::parse("Peter Neumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW")
+                .is_err()
+        );
         for bad in ["", "text without newline", "a\n\n- x y\n", "a\n\n\u{2014} PeterNeumann !!!\n"] {
             assert!(open(bad, &verifier).is_err(), "{bad:?}");
         }

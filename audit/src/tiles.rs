@@ -88,11 +88,15 @@ pub fn parse_path(path: &str) -> Result<TilePath, TileError> {
     let mut index: u64 = 0;
     let groups: Vec<&str> = index_part.split('/').collect();
     for (i, group) in groups.iter().enumerate() {
-        let digits = if i + 1 < groups.len() { group.strip_prefix('x').ok_or(TileError::BadPath)? } else { group };
+        let digits =
+            if i + 1 < groups.len() { group.strip_prefix('x').ok_or(TileError::BadPath)? } else { group };
         if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(TileError::BadPath);
         }
-        index = index.checked_mul(1000).and_then(|n| n.checked_add(digits.parse::<u64>().ok()?)).ok_or(TileError::BadPath)?;
+        index = index
+            .checked_mul(1000)
+            .and_then(|n| n.checked_add(digits.parse::<u64>().ok()?))
+            .ok_or(TileError::BadPath)?;
     }
     if index_path(index) != index_part {
         return Err(TileError::BadPath);
@@ -171,7 +175,10 @@ impl<R: TileReader> TileHashSource<R> {
 pub enum TileSourceError<E> {
     Read(E),
     /// A tile was shorter than the tree needs.
-    ShortTile { level: u32, index: u64 },
+    ShortTile {
+        level: u32,
+        index: u64,
+    },
 }
 
 impl<R: TileReader> HashSource for TileHashSource<R> {
@@ -186,7 +193,8 @@ impl<R: TileReader> HashSource for TileHashSource<R> {
         let offset = (first % TILE_WIDTH) as usize;
         let width = tile_width(tile_level, tile_index, self.size);
         if !self.cache.contains_key(&(tile_level, tile_index)) {
-            let hashes = self.reader.read_tile(tile_level, tile_index, width).map_err(TileSourceError::Read)?;
+            let hashes =
+                self.reader.read_tile(tile_level, tile_index, width).map_err(TileSourceError::Read)?;
             self.cache.insert((tile_level, tile_index), hashes);
         }
         let hashes = &self.cache[&(tile_level, tile_index)];
@@ -208,7 +216,9 @@ mod tests {
         assert_eq!(tile_path(1, 5, 17), "tile/1/005.p/17");
         assert_eq!(entries_path(0, 3), "tile/entries/000.p/3");
         assert_eq!(entries_path(1000, 256), "tile/entries/x001/000");
-        for path in ["tile/0/x001/x234/067", "tile/1/005.p/17", "tile/entries/000.p/3", "tile/entries/x001/000"] {
+        for path in
+            ["tile/0/x001/x234/067", "tile/1/005.p/17", "tile/entries/000.p/3", "tile/entries/x001/000"]
+        {
             let parsed = parse_path(path).unwrap();
             let back = match parsed {
                 TilePath::Hashes { level, index, width } => tile_path(level, index, width),
@@ -216,7 +226,18 @@ mod tests {
             };
             assert_eq!(back, path);
         }
-        for bad in ["tile/0/1", "tile/0/x000/001", "tile/0/001.p/0", "tile/0/001.p/256", "tile/0/001.p/07", "tile/8/001", "tile/00/001", "tile/0/abc", "tiles/0/001", "tile/0/x1/001"] {
+        for bad in [
+            "tile/0/1",
+            "tile/0/x000/001",
+            "tile/0/001.p/0",
+            "tile/0/001.p/256",
+            "tile/0/001.p/07",
+            "tile/8/001",
+            "tile/00/001",
+            "tile/0/abc",
+            "tiles/0/001",
+            "tile/0/x1/001",
+        ] {
             assert!(parse_path(bad).is_err(), "{bad}");
         }
     }
@@ -254,7 +275,8 @@ mod tests {
             let mut tiles = TileHashSource::new(Tiles(tree.clone()), size);
             assert_eq!(root(&mut tiles, size).unwrap(), expected, "size {size}");
             let proof = merkle::inclusion_proof(&mut tiles, size / 2, size).unwrap().unwrap();
-            merkle::verify_inclusion(size / 2, size, &tree.leaves()[(size / 2) as usize], &proof, &expected).unwrap();
+            merkle::verify_inclusion(size / 2, size, &tree.leaves()[(size / 2) as usize], &proof, &expected)
+                .unwrap();
         }
     }
 }
