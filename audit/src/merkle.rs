@@ -72,7 +72,7 @@ fn largest_power_of_two_below(n: u64) -> u64 {
 /// MTH of leaves `[lo, hi)`, from complete subtrees.
 fn range_hash<S: HashSource>(src: &mut S, lo: u64, hi: u64) -> Result<Hash, S::Error> {
     let n = hi - lo;
-    if n.is_power_of_two() && lo % n == 0 {
+    if n.is_power_of_two() && lo.is_multiple_of(n) {
         return src.subtree(n.trailing_zeros(), lo >> n.trailing_zeros());
     }
     let k = largest_power_of_two_below(n);
@@ -338,7 +338,7 @@ impl MemoryTree {
         }
         self.levels[0].push(leaf);
         let mut level = 0;
-        while self.levels[level].len() % 2 == 0 {
+        while self.levels[level].len().is_multiple_of(2) {
             let row = &self.levels[level];
             let parent = node_hash(&row[row.len() - 2], &row[row.len() - 1]);
             if self.levels.len() == level + 1 {

@@ -113,7 +113,7 @@ pub fn parse_path(path: &str) -> Result<TilePath, TileError> {
 
 /// Splits tile data into hashes.
 pub fn tile_hashes(data: &[u8]) -> Result<Vec<Hash>, TileError> {
-    if data.len() % 32 != 0 || data.len() as u64 > TILE_WIDTH * 32 || data.is_empty() {
+    if !data.len().is_multiple_of(32) || data.len() as u64 > TILE_WIDTH * 32 || data.is_empty() {
         return Err(TileError::BadTile);
     }
     Ok(data.chunks_exact(32).map(|c| c.try_into().expect("32-byte chunk")).collect())

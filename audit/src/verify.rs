@@ -62,6 +62,9 @@ pub enum VerifyError {
     Forked { size: u64 },
 }
 
+/// Vets one entry's contents (e.g. decodes it as an event): `Err` names what is wrong.
+pub type EntryCheck<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
+
 /// A checkpoint seen before, to check that the log only grew since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
@@ -75,7 +78,7 @@ pub fn verify_log(
     reader: &mut dyn LogReader,
     verifier: &NoteVerifier,
     seen: Option<Seen>,
-    check_entry: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+    check_entry: EntryCheck<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, VerifyError> {
     let note = reader
