@@ -208,6 +208,14 @@ impl Event {
         out
     }
 
+    /// The time field of an encoded event, without decoding the rest.
+    pub fn peek_time_unix_ms(bytes: &[u8]) -> Option<u64> {
+        if bytes.first() != Some(&FORMAT_V1) {
+            return None;
+        }
+        Some(u64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?))
+    }
+
     /// Decodes what [`Event::encode`] produced, and nothing else.
     pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         let mut r = Reader { bytes, at: 0 };

@@ -26,10 +26,17 @@ use tokio::sync::oneshot;
 /// Most jobs in one transaction.
 pub const MAX_BATCH: usize = 256;
 
-/// A request's work: its reads and writes in `tx`; returns its encoded audit event.
+/// What a job hands the committer: its encoded audit event and the request id it records.
+#[derive(Debug)]
+pub struct JobOutput {
+    pub event: Vec<u8>,
+    pub request_id: String,
+}
+
+/// A request's work: its reads and writes in `tx`; returns its audit event.
 /// Errors of the request itself are *not* errors here: they are recorded in the event.
 /// A `StoreError` aborts the attempt (and, if retryable, re-runs the batch).
-pub type JobFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<Vec<u8>, StoreError> + Send>;
+pub type JobFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<JobOutput, StoreError> + Send>;
 
 struct Job {
     run: JobFn,
@@ -58,14 +65,14 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer thread for `store`, appending events under `audit_prefix`.
-    pub fn start(store: Arc<dyn Store>, audit_prefix: Vec<u8>) -> Self {
+    /// Starts the committer thread for `store`, appending events to `region`'s queue.
+    pub fn start(store: Arc<dyn Store>, region: String) -> Self {
         let (queue, jobs) = mpsc::channel::<Job>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("arca-committer".into())
-            .spawn(move || run(store.as_ref(), &audit_prefix, jobs, &thread_stats))
+            .spawn(move || run(store.as_ref(), &region, jobs, &thread_stats))
             .expect("spawn the committer thread");
         Committer { queue, stats }
     }
@@ -82,7 +89,8 @@ impl Committer {
     }
 }
 
-fn run(store: &dyn Store, audit_prefix: &[u8], jobs: mpsc::Receiver<Job>, stats: &Mutex<CommitStats>) {
+fn run(store: &dyn Store, region: &str, jobs: mpsc::Receiver<Job>, stats: &Mutex<CommitStats>) {
+    let events = crate::keys::audit_events(region);
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -95,8 +103,15 @@ fn run(store: &dyn Store, audit_prefix: &[u8], jobs: mpsc::Receiver<Job>, stats:
         let outcome = store.transact(|tx| {
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
-                let event = (job.run)(tx)?;
-                orders.push(tx.set_versionstamped_key(audit_prefix, b"", &event)?);
+                let out = (job.run)(tx)?;
+                let order = tx.set_versionstamped_key(&events, b"", &out.event)?;
+                // request id → position, for inclusion proofs by request id.
+                tx.set_versionstamped_key(
+                    &crate::keys::audit_rid(region, &out.request_id),
+                    b"",
+                    &order.to_be_bytes(),
+                )?;
+                orders.push(order);
             }
             Ok::<_, StoreError>(orders)
         });

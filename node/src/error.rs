@@ -105,3 +105,12 @@ impl From<ApiError> for tonic::Status {
         }
     }
 }
+
+impl arca_store::TxnError for ApiError {
+    fn as_store_error(&self) -> Option<&StoreError> {
+        match self {
+            ApiError::Store(err) => Some(err),
+            _ => None,
+        }
+    }
+}

@@ -24,6 +24,8 @@ use crate::proto::arca_server::{Arca, ArcaServer};
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// The response metadata key carrying the audit position.
 pub const AUDIT_POSITION_HEADER: &str = "x-arca-audit-position";
+/// The response metadata key carrying the request id recorded in the audit event.
+pub const REQUEST_ID_HEADER: &str = "x-arca-request-id";
 
 /// Which proxies may name the client address, and in which header.
 #[derive(Debug, Clone, Default)]
@@ -78,11 +80,15 @@ impl Service {
 /// Turns an audited result into a response, attaching the audit position either way.
 fn respond<T, R>(audited: Audited<T>, build: impl FnOnce(T) -> R) -> Result<Response<R>, Status> {
     let position = audited.position_hex();
+    let request_id = audited.request_id.clone();
     let attach = |meta: &mut tonic::metadata::MetadataMap| {
         if let Some(p) = &position
             && let Ok(value) = MetadataValue::try_from(p.as_str())
         {
             meta.insert(AUDIT_POSITION_HEADER, value);
+        }
+        if let Ok(value) = MetadataValue::try_from(request_id.as_str()) {
+            meta.insert(REQUEST_ID_HEADER, value);
         }
     };
     match audited.result {

@@ -15,7 +15,15 @@
 //! | `("sys","cert-fp",<sha256 of the certificate>)` | certificate role name (barrier) |
 //! | `("kv",<mount>,"m",<path>)` | secret metadata (barrier) |
 //! | `("kv",<mount>,"v",<path>,<version>)` | secret version data (barrier) |
-//! | `("audit",<region>,"pending",<versionstamp>)` | encoded audit event (plain: no secrets) |
+//! | `("audit",<region>,"e",<versionstamp>)` | encoded audit event (plain: no secrets), in log order |
+//! | `("audit",<region>,"rid",<request id>,<versionstamp>)` | the event's user order: request id → position |
+//! | `("audit",<region>,"state")` | sequencer state: size, right edge, cursor, last checkpoint |
+//! | `("audit",<region>,"lease")` | sequencer leadership lease |
+//! | `("audit",<region>,"tile",<level>,<index>)` | a hash tile (its current width) |
+//! | `("audit",<region>,"bundle",<index>)` | versionstamp of the first entry of entry bundle `index` |
+//! | `("audit",<region>,"batch",<versionstamp>)` | leaf index of the first entry of an integrated batch |
+//! | `("audit",<region>,"vkey")` | the log's verifier key (public) |
+//! | `("sys","audit-key",<region>)` | the log's signing key seed (barrier) |
 //!
 //! Every barrier value is encrypted with its own key as AAD.
 
@@ -98,8 +106,42 @@ pub fn kv_version(mount: &str, path: &str, version: u64) -> Vec<u8> {
     pack(&["kv".into(), mount.into(), "v".into(), path.into(), version.into()])
 }
 
-pub fn audit_pending(region: &str) -> Vec<u8> {
-    pack(&["audit".into(), region.into(), "pending".into()])
+/// The region's event queue: every event, sequenced and not yet sequenced, in versionstamp
+/// order — which is leaf order.
+pub fn audit_events(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "e".into()])
+}
+
+pub fn audit_rid(region: &str, request_id: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "rid".into(), request_id.into()])
+}
+
+pub fn audit_state(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "state".into()])
+}
+
+pub fn audit_lease(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "lease".into()])
+}
+
+pub fn audit_tile(region: &str, level: u32, index: u64) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "tile".into(), level.into(), index.into()])
+}
+
+pub fn audit_bundle(region: &str, index: u64) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "bundle".into(), index.into()])
+}
+
+pub fn audit_batches(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "batch".into()])
+}
+
+pub fn audit_vkey(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "vkey".into()])
+}
+
+pub fn audit_signing_key(region: &str) -> Vec<u8> {
+    pack(&["sys".into(), "audit-key".into(), region.into()])
 }
 
 /// The range of every key that extends `prefix` with more tuple elements.

@@ -289,7 +289,7 @@ impl Node {
                 })
             })
             .await;
-        let Audited { result, position } = read;
+        let Audited { result, request_id, position } = read;
         let result = result.and_then(|sealed| {
             let plain = self.decrypt(&sealed.ciphertext, &sealed.aad)?;
             let data: SecretData = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
@@ -300,7 +300,7 @@ impl Node {
                 custom_metadata: sealed.custom_metadata,
             })
         });
-        Audited { result, position }
+        Audited { result, request_id, position }
     }
 
     /// Writes a new version; `cas` must equal the current version when given (0: must not

@@ -25,6 +25,7 @@ pub mod kv;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod sequencer;
 pub mod server;
 pub mod sys;
 

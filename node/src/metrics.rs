@@ -27,6 +27,8 @@ struct Histogram {
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+    /// Per integrated batch: the largest delay from event time to signed checkpoint.
+    integration: Mutex<(Histogram, u64)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -47,6 +49,21 @@ impl Metrics {
         }
         h.count += 1;
         h.sum_seconds += seconds;
+    }
+
+    /// Records an integrated batch of `count` entries with delays `(min, max)` in ms.
+    pub fn observe_integration(&self, count: u64, delay_ms: (u64, u64)) {
+        let seconds = delay_ms.1 as f64 / 1000.0;
+        let mut guard = self.integration.lock().unwrap_or_else(|p| p.into_inner());
+        let (h, entries) = &mut *guard;
+        for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
+            if seconds <= *bound {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum_seconds += seconds;
+        *entries += count;
     }
 
     /// Renders every metric.

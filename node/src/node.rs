@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::TokenRecord;
 use crate::barrier::Barrier;
-use crate::committer::Committer;
+use crate::committer::{Committer, JobOutput};
 use crate::error::ApiError;
 use crate::policy::{self, Capability, Policy};
 use crate::{keys, metrics::Metrics};
@@ -58,6 +58,8 @@ impl RequestContext {
 #[derive(Debug)]
 pub struct Audited<T> {
     pub result: Result<T, ApiError>,
+    /// The request id recorded in the event (for an inclusion proof by request id).
+    pub request_id: String,
     /// `None` only when the audit event could not be committed (and then `result` is an error).
     pub position: Option<Versionstamp>,
 }
@@ -209,7 +211,7 @@ impl Env<'_> {
 
 impl Node {
     pub fn new(store: Arc<dyn Store>, identity: NodeIdentity) -> Arc<Self> {
-        let committer = Committer::start(store.clone(), keys::audit_pending(&identity.region));
+        let committer = Committer::start(store.clone(), identity.region.clone());
         Arc::new(Node {
             store,
             barrier: Barrier::default(),
@@ -270,8 +272,9 @@ impl Node {
         let node = self.clone();
         let mut work = work;
         let RequestContext { request_id, token, source } = ctx;
+        let reply_id = request_id.clone();
         let span = tracing::info_span!("request", op = op.name(), request_id = %request_id);
-        let job = Box::new(move |tx: &mut dyn Transaction| -> Result<Vec<u8>, StoreError> {
+        let job = Box::new(move |tx: &mut dyn Transaction| -> Result<JobOutput, StoreError> {
             let now = now_unix_ms();
             let mut env = Env {
                 tx,
@@ -306,7 +309,7 @@ impl Node {
                 outcome,
             };
             *job_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            Ok(event.encode())
+            Ok(JobOutput { event: event.encode(), request_id: request_id.clone() })
         });
         let committed = {
             let _enter = span.enter();
@@ -316,9 +319,9 @@ impl Node {
             Ok(position) => {
                 let result =
                     slot.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(Err(ApiError::Internal));
-                Audited { result, position: Some(position) }
+                Audited { result, request_id: reply_id, position: Some(position) }
             }
-            Err(_) => Audited { result: Err(ApiError::Unavailable), position: None },
+            Err(_) => Audited { result: Err(ApiError::Unavailable), request_id: reply_id, position: None },
         };
         let outcome = match &audited.result {
             Ok(_) => "ok",

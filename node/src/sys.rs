@@ -151,13 +151,13 @@ impl Node {
                 Ok(next)
             })
             .await;
-        let Audited { result, position } = audited;
+        let Audited { result, request_id, position } = audited;
         let result = result.and_then(|next: Keyring| {
             let term = next.active_term();
             self.barrier.install_keyring(next)?;
             Ok(term)
         });
-        Audited { result, position }
+        Audited { result, request_id, position }
     }
 
     pub async fn policy_write(

@@ -92,7 +92,7 @@ fn fails(server: &Server, token: Option<&str>, args: &[&str], code: i32, calls: 
 
 fn audit_events(db: &Path) -> Vec<Event> {
     let store = SqliteStore::open(SqliteConfig::new(db)).unwrap();
-    let prefix = arca_node::keys::audit_pending("local");
+    let prefix = arca_node::keys::audit_events("local");
     let rows = store
         .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
         .unwrap()

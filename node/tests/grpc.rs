@@ -54,7 +54,7 @@ fn authed<T>(message: T, token: &str) -> Request<T> {
 }
 
 fn events(store: &dyn Store) -> Vec<Event> {
-    let prefix = arca_node::keys::audit_pending("local");
+    let prefix = arca_node::keys::audit_events("local");
     let rows = store
         .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
         .unwrap()

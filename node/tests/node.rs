@@ -127,7 +127,7 @@ fn data(pairs: &[(&str, &str)]) -> SecretData {
 }
 
 fn audit_events(store: &dyn Store) -> Vec<Event> {
-    let prefix = keys::audit_pending("local");
+    let prefix = keys::audit_events("local");
     let rows = store
         .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
         .unwrap()
@@ -374,7 +374,7 @@ async fn every_request_has_exactly_one_durable_event_without_secrets() {
         assert!(pair[0] < pair[1], "positions follow request order");
     }
     // No event carries the value or the token.
-    let prefix = keys::audit_pending("local");
+    let prefix = keys::audit_events("local");
     let raw = h
         .store
         .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))

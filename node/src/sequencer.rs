@@ -1,0 +1,515 @@
+//! The sequencer: turns the region's event queue into a signed, append-only Merkle log.
+//!
+//! One node per region leads, through a lease in the store. Each step, in **one** store
+//! transaction, the leader reads the events after its cursor (versionstamp order is leaf
+//! order), assigns them the next dense leaf indexes, appends their hashes to the level-0
+//! tiles (and completed subtrees to the tiles above), records where each entry bundle
+//! starts, signs a C2SP checkpoint for the new size and stores it with the new state. The
+//! checkpoint is therefore durable exactly when the tiles it covers are, and it is only
+//! served (published) from the store: a crash at any point before the commit leaves no
+//! trace, and a retry re-integrates the same events in the same order — the log cannot
+//! fork, whoever leads. The lease only keeps nodes from wasting work on conflicts.
+//!
+//! Entries stay where the request path wrote them (`("audit",region,"e",stamp)`); entry
+//! bundles are read from there. The signing key is behind the barrier: a sealed node does
+//! not sequence.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use arca_audit::Event;
+use arca_audit::checkpoint::Checkpoint;
+use arca_audit::merkle::{self, Frontier, Hash};
+use arca_audit::note::NoteSigner;
+use arca_audit::tiles::{self, TILE_HEIGHT, TILE_WIDTH, TileHashSource, TileReader};
+use arca_store::{RangeOptions, StoreExt, Transaction, Versionstamp, prefix_end};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::ApiError;
+use crate::keys;
+use crate::node::{Node, now_unix_ms};
+
+/// How a node sequences.
+#[derive(Debug, Clone)]
+pub struct SequencerConfig {
+    /// Pause between steps when there is nothing to do. Default 20 ms.
+    pub interval: Duration,
+    /// Leadership lease. Default 2 s.
+    pub lease_ttl: Duration,
+    /// Most entries per checkpoint. Default 16384.
+    pub max_batch: usize,
+}
+
+impl Default for SequencerConfig {
+    fn default() -> Self {
+        SequencerConfig {
+            interval: Duration::from_millis(20),
+            lease_ttl: Duration::from_secs(2),
+            max_batch: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    size: u64,
+    /// The frontier's hashes (hex), largest subtree first.
+    frontier: Vec<String>,
+    /// Hex of the last integrated event's 12-byte versionstamp.
+    cursor: Option<String>,
+    /// The last signed checkpoint.
+    checkpoint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lease {
+    holder: String,
+    expires_unix_ms: u64,
+}
+
+/// The log's origin line and key name.
+pub fn origin(cluster: &str, region: &str) -> String {
+    format!("arca/{cluster}/{region}")
+}
+
+/// Aborts the process when `ARCA_FAILPOINT` names `point`: crash testing.
+fn failpoint(point: &str) {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    if ARMED.get_or_init(|| std::env::var("ARCA_FAILPOINT").ok()).as_deref() == Some(point) {
+        eprintln!("arcad: failpoint {point} reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// What one step integrated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Integrated {
+    pub first_index: u64,
+    pub count: u64,
+    pub size: u64,
+    /// Milliseconds from each entry's event time to the commit of its checkpoint: (min, max).
+    pub delay_ms: (u64, u64),
+}
+
+fn load_state(tx: &mut dyn Transaction, region: &str) -> Result<State, ApiError> {
+    match tx.get(&keys::audit_state(region))? {
+        None => Ok(State::default()),
+        Some(raw) => serde_json::from_slice(&raw).map_err(|_| ApiError::Internal),
+    }
+}
+
+fn frontier_of(state: &State) -> Result<Frontier, ApiError> {
+    let hashes: Result<Vec<Hash>, _> = state
+        .frontier
+        .iter()
+        .map(|h| hex::decode(h).ok().and_then(|b| b.try_into().ok()).ok_or(ApiError::Internal))
+        .collect();
+    Frontier::from_parts(state.size, hashes?).ok_or(ApiError::Internal)
+}
+
+/// The log's signer; created (and its vkey published) on first use. Needs the barrier open.
+fn signer(node: &Node, tx: &mut dyn Transaction, origin: &str) -> Result<NoteSigner, ApiError> {
+    let region = &node.identity().region;
+    let key = keys::audit_signing_key(region);
+    let seed = match tx.get(&key)? {
+        Some(ct) => node.decrypt(&ct, &key)?,
+        None => {
+            let mut seed = Zeroizing::new(vec![0u8; 32]);
+            rand::fill(&mut seed[..]);
+            let ct = node.barrier().encrypt(&seed, &key)?;
+            tx.set(&key, &ct)?;
+            let signer = NoteSigner::from_seed(origin, &seed[..].try_into().map_err(|_| ApiError::Internal)?)
+                .map_err(|_| ApiError::Internal)?;
+            tx.set(&keys::audit_vkey(region), signer.verifier().vkey().as_bytes())?;
+            seed
+        }
+    };
+    let seed: Zeroizing<[u8; 32]> = Zeroizing::new(seed[..].try_into().map_err(|_| ApiError::Internal)?);
+    NoteSigner::from_seed(origin, &seed).map_err(|_| ApiError::Internal)
+}
+
+/// Tiles of one region, read inside a transaction, at the widths a tree size needs.
+struct StoreTiles<'a> {
+    tx: &'a mut dyn Transaction,
+    region: &'a str,
+}
+
+impl TileReader for StoreTiles<'_> {
+    type Error = ApiError;
+
+    fn read_tile(&mut self, level: u32, index: u64, width: u64) -> Result<Vec<Hash>, ApiError> {
+        let data = self.tx.get(&keys::audit_tile(self.region, level, index))?.ok_or(ApiError::Internal)?;
+        let need = (width * 32) as usize;
+        if data.len() < need {
+            return Err(ApiError::Internal);
+        }
+        tiles::tile_hashes(&data[..need]).map_err(|_| ApiError::Internal)
+    }
+}
+
+/// What one committed step did: first index, count, new size, oldest and newest event time.
+type Step = (u64, u64, u64, u64, u64);
+
+/// One integration step. `Ok(None)`: not the leader, or nothing to integrate.
+pub fn integrate(
+    node: &Node,
+    holder: &str,
+    config: &SequencerConfig,
+) -> Result<Option<Integrated>, ApiError> {
+    if node.barrier().is_sealed() {
+        return Ok(None);
+    }
+    let region = node.identity().region.clone();
+    let origin = origin(&node.identity().cluster, &region);
+    let events = keys::audit_events(&region);
+    let events_end = prefix_end(&events).ok_or(ApiError::Internal)?;
+    let committed = node.store.transact(|tx| -> Result<Option<Step>, ApiError> {
+        let now = now_unix_ms();
+        let lease_key = keys::audit_lease(&region);
+        let lease: Option<Lease> = tx.get(&lease_key)?.and_then(|raw| serde_json::from_slice(&raw).ok());
+        if let Some(lease) = &lease
+            && lease.holder != holder
+            && lease.expires_unix_ms > now
+        {
+            return Ok(None);
+        }
+        let ttl_ms = config.lease_ttl.as_millis() as u64;
+        // Renew at half-life, or when the configured TTL shrank below what is held.
+        let renew = lease.as_ref().is_none_or(|l| {
+            l.holder != holder || l.expires_unix_ms < now + ttl_ms / 2 || l.expires_unix_ms > now + ttl_ms
+        });
+        if renew {
+            let fresh = Lease { holder: holder.to_owned(), expires_unix_ms: now + ttl_ms };
+            tx.set(&lease_key, &serde_json::to_vec(&fresh).map_err(|_| ApiError::Internal)?)?;
+        }
+
+        let mut state = load_state(tx, &region)?;
+        let mut begin = events.clone();
+        if let Some(cursor) = &state.cursor {
+            begin.extend_from_slice(&hex::decode(cursor).map_err(|_| ApiError::Internal)?);
+            begin.push(0x00);
+        }
+        let batch = tx.get_range(&begin, &events_end, RangeOptions::limit(config.max_batch))?;
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        failpoint("sequencer.after-read");
+
+        let first_index = state.size;
+        let mut frontier = frontier_of(&state)?;
+        let mut touched: BTreeMap<(u32, u64), Vec<u8>> = BTreeMap::new();
+        let mut oldest_ms = u64::MAX;
+        let mut newest_ms = 0;
+        for kv in &batch {
+            let index = frontier.size();
+            let stamp = &kv.key[events.len()..];
+            if index % TILE_WIDTH == 0 {
+                tx.set(&keys::audit_bundle(&region, index / TILE_WIDTH), stamp)?;
+            }
+            if let Some(t) = Event::peek_time_unix_ms(&kv.value) {
+                oldest_ms = oldest_ms.min(t);
+                newest_ms = newest_ms.max(t);
+            }
+            let leaf = merkle::leaf_hash(&kv.value);
+            append_hash(tx, &region, &mut touched, 0, index, &leaf)?;
+            for (level, sub_index, hash) in frontier.push(leaf) {
+                if level % TILE_HEIGHT == 0 {
+                    let tile_level = level / TILE_HEIGHT;
+                    append_hash(tx, &region, &mut touched, tile_level, sub_index, &hash)?;
+                }
+            }
+        }
+        for ((level, index), data) in &touched {
+            tx.set(&keys::audit_tile(&region, *level, *index), data)?;
+        }
+        failpoint("sequencer.after-tiles");
+
+        let first_stamp = &batch[0].key[events.len()..];
+        let mut batch_key = keys::audit_batches(&region);
+        batch_key.extend_from_slice(first_stamp);
+        tx.set(&batch_key, &first_index.to_be_bytes())?;
+
+        let checkpoint = Checkpoint {
+            origin: origin.clone(),
+            size: frontier.size(),
+            root: frontier.root(),
+            extensions: vec![],
+        };
+        let signed = checkpoint.sign(&signer(node, tx, &origin)?).map_err(|_| ApiError::Internal)?;
+        failpoint("sequencer.after-sign");
+
+        let last = batch.last().map(|kv| hex::encode(&kv.key[events.len()..]));
+        state = State {
+            size: frontier.size(),
+            frontier: frontier.hashes().iter().map(hex::encode).collect(),
+            cursor: last,
+            checkpoint: signed,
+        };
+        tx.set(&keys::audit_state(&region), &serde_json::to_vec(&state).map_err(|_| ApiError::Internal)?)?;
+        failpoint("sequencer.before-commit");
+        Ok(Some((first_index, batch.len() as u64, frontier.size(), oldest_ms, newest_ms)))
+    })?;
+    failpoint("sequencer.after-commit");
+    let Some((first_index, count, size, oldest_ms, newest_ms)) = committed.value else {
+        return Ok(None);
+    };
+    let now = now_unix_ms();
+    let delay_ms = (now.saturating_sub(newest_ms), now.saturating_sub(oldest_ms));
+    node.metrics().observe_integration(count, delay_ms);
+    tracing::debug!(first_index, count, size, "audit entries integrated");
+    Ok(Some(Integrated { first_index, count, size, delay_ms }))
+}
+
+/// Appends `hash` as position `index` at tile level `level`, loading the right-edge tile from
+/// the store the first time it is touched.
+fn append_hash(
+    tx: &mut dyn Transaction,
+    region: &str,
+    touched: &mut BTreeMap<(u32, u64), Vec<u8>>,
+    level: u32,
+    index: u64,
+    hash: &Hash,
+) -> Result<(), ApiError> {
+    let tile_index = index / TILE_WIDTH;
+    let offset = (index % TILE_WIDTH) as usize;
+    let tile = match touched.entry((level, tile_index)) {
+        std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::btree_map::Entry::Vacant(entry) => {
+            let existing = if offset == 0 {
+                Vec::new()
+            } else {
+                tx.get(&keys::audit_tile(region, level, tile_index))?.unwrap_or_default()
+            };
+            entry.insert(existing)
+        }
+    };
+    if tile.len() != offset * 32 {
+        tracing::error!(
+            level,
+            tile_index,
+            offset,
+            len = tile.len(),
+            "audit tile does not end where the tree does"
+        );
+        return Err(ApiError::Internal);
+    }
+    tile.extend_from_slice(hash);
+    Ok(())
+}
+
+/// Runs the sequencer on a thread until the node is dropped.
+pub fn start(node: &Arc<Node>, config: SequencerConfig) {
+    let weak: Weak<Node> = Arc::downgrade(node);
+    let mut instance = [0u8; 8];
+    rand::fill(&mut instance);
+    let holder = format!("{}:{}", node.identity().node, hex::encode(instance));
+    std::thread::Builder::new()
+        .name("arca-sequencer".into())
+        .spawn(move || {
+            loop {
+                let Some(node) = weak.upgrade() else { break };
+                let started = Instant::now();
+                let outcome = integrate(&node, &holder, &config);
+                drop(node);
+                match outcome {
+                    // A full batch: more may be waiting, go again at once.
+                    Ok(Some(done)) if done.count as usize >= config.max_batch => continue,
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(code = err.code(), "sequencer step failed; retrying"),
+                }
+                std::thread::sleep(config.interval.saturating_sub(started.elapsed()));
+            }
+        })
+        .expect("spawn the sequencer thread");
+}
+
+/// Which leaf an inclusion proof is for.
+#[derive(Debug, Clone)]
+pub enum LeafRef {
+    Index(u64),
+    RequestId(String),
+    /// The 12-byte audit position a reply carried.
+    Position(Versionstamp),
+}
+
+/// An inclusion proof against the latest signed checkpoint.
+#[derive(Debug, Clone)]
+pub struct InclusionProof {
+    pub index: u64,
+    pub size: u64,
+    pub hashes: Vec<Hash>,
+    pub checkpoint: String,
+    /// The entry itself (the encoded event).
+    pub entry: Vec<u8>,
+}
+
+/// A consistency proof between two sizes.
+#[derive(Debug, Clone)]
+pub struct ConsistencyProof {
+    pub old_size: u64,
+    pub new_size: u64,
+    pub hashes: Vec<Hash>,
+}
+
+impl Node {
+    /// The latest signed checkpoint of this node's region, if any.
+    pub fn audit_checkpoint(&self) -> Result<Option<String>, ApiError> {
+        let region = self.identity().region.clone();
+        let state = self.store.transact(|tx| load_state(tx, &region))?.value;
+        Ok((!state.checkpoint.is_empty()).then_some(state.checkpoint))
+    }
+
+    /// The log's verifier key, once the sequencer created it.
+    pub fn audit_vkey(&self) -> Result<Option<String>, ApiError> {
+        let key = keys::audit_vkey(&self.identity().region);
+        let raw = self.store.transact(|tx| tx.get(&key))?.value;
+        Ok(raw.map(|r| String::from_utf8_lossy(&r).into_owned()))
+    }
+
+    /// Hash tile `(level, index)` at `width` hashes, if the log is that far.
+    pub fn audit_tile(&self, level: u32, index: u64, width: u64) -> Result<Option<Vec<u8>>, ApiError> {
+        let key = keys::audit_tile(&self.identity().region, level, index);
+        let raw = self.store.transact(|tx| tx.get(&key))?.value;
+        let need = (width * 32) as usize;
+        Ok(raw.filter(|r| r.len() >= need).map(|mut r| {
+            r.truncate(need);
+            r
+        }))
+    }
+
+    /// Entry bundle `index` with `width` entries, if the log is that far.
+    pub fn audit_entries(&self, index: u64, width: u64) -> Result<Option<Vec<u8>>, ApiError> {
+        let region = self.identity().region.clone();
+        let read = self.store.transact(|tx| {
+            let state = load_state(tx, &region)?;
+            if state.size < index * TILE_WIDTH + width {
+                return Ok::<_, ApiError>(None);
+            }
+            let Some(stamp) = tx.get(&keys::audit_bundle(&region, index))? else { return Ok(None) };
+            let mut begin = keys::audit_events(&region);
+            let end = prefix_end(&begin).ok_or(ApiError::Internal)?;
+            begin.extend_from_slice(&stamp);
+            Ok(Some(tx.get_range(&begin, &end, RangeOptions::limit(width as usize))?))
+        })?;
+        let Some(rows) = read.value else { return Ok(None) };
+        if rows.len() as u64 != width {
+            return Ok(None);
+        }
+        let mut bundle = Vec::new();
+        for row in rows {
+            tiles::bundle_push(&mut bundle, &row.value).map_err(|_| ApiError::Internal)?;
+        }
+        Ok(Some(bundle))
+    }
+
+    /// An inclusion proof for one entry against the latest checkpoint.
+    pub fn audit_inclusion_proof(&self, leaf: LeafRef) -> Result<InclusionProof, ApiError> {
+        let region = self.identity().region.clone();
+        let events = keys::audit_events(&region);
+        let proof = self.store.transact(|tx| {
+            let state = load_state(tx, &region)?;
+            if state.size == 0 {
+                return Err(ApiError::NotFound("the log has no checkpoint yet".into()));
+            }
+            let index = match &leaf {
+                LeafRef::Index(i) => *i,
+                LeafRef::RequestId(id) => {
+                    if id.len() > 128 {
+                        return Err(ApiError::invalid("request id too long"));
+                    }
+                    let prefix = keys::audit_rid(&region, id);
+                    let rows = tx.get_range(
+                        &prefix,
+                        &prefix_end(&prefix).ok_or(ApiError::Internal)?,
+                        RangeOptions::limit(1),
+                    )?;
+                    let row = rows
+                        .first()
+                        .ok_or_else(|| ApiError::NotFound("no audit event with that request id".into()))?;
+                    let tx_stamp: [u8; 10] = row.key[prefix.len()..prefix.len() + 10]
+                        .try_into()
+                        .map_err(|_| ApiError::Internal)?;
+                    let order =
+                        u16::from_be_bytes(row.value[..2].try_into().map_err(|_| ApiError::Internal)?);
+                    position_index(tx, &region, &state, Versionstamp::new(tx_stamp, order))?
+                }
+                LeafRef::Position(stamp) => position_index(tx, &region, &state, *stamp)?,
+            };
+            if index >= state.size {
+                return Err(ApiError::NotFound("that entry is not yet covered by a checkpoint".into()));
+            }
+            let size = state.size;
+            let mut source = TileHashSource::new(StoreTiles { tx, region: &region }, size);
+            let hashes = merkle::inclusion_proof(&mut source, index, size)
+                .map_err(|_| ApiError::Internal)?
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            // The entry itself, from its bundle.
+            let Some(stamp) = tx.get(&keys::audit_bundle(&region, index / TILE_WIDTH))? else {
+                return Err(ApiError::Internal);
+            };
+            let mut begin = events.clone();
+            begin.extend_from_slice(&stamp);
+            let end = prefix_end(&events).ok_or(ApiError::Internal)?;
+            let rows = tx.get_range(&begin, &end, RangeOptions::limit((index % TILE_WIDTH + 1) as usize))?;
+            let entry = rows.last().ok_or(ApiError::Internal)?.value.clone();
+            Ok(InclusionProof { index, size, hashes, checkpoint: state.checkpoint, entry })
+        })?;
+        Ok(proof.value)
+    }
+
+    /// A consistency proof from `old_size` to the latest checkpoint's size (or `new_size`).
+    pub fn audit_consistency_proof(
+        &self,
+        old_size: u64,
+        new_size: Option<u64>,
+    ) -> Result<ConsistencyProof, ApiError> {
+        let region = self.identity().region.clone();
+        let proof = self.store.transact(|tx| {
+            let state = load_state(tx, &region)?;
+            let new = new_size.unwrap_or(state.size);
+            if new > state.size || old_size > new {
+                return Err(ApiError::invalid(format!("sizes must satisfy old <= new <= {}", state.size)));
+            }
+            let mut source = TileHashSource::new(StoreTiles { tx, region: &region }, new);
+            let hashes = merkle::consistency_proof(&mut source, old_size, new)
+                .map_err(|_| ApiError::Internal)?
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            Ok(ConsistencyProof { old_size, new_size: new, hashes })
+        })?;
+        Ok(proof.value)
+    }
+}
+
+/// The leaf index of the event at `stamp`: the first index of its batch plus its rank there.
+fn position_index(
+    tx: &mut dyn Transaction,
+    region: &str,
+    state: &State,
+    stamp: Versionstamp,
+) -> Result<u64, ApiError> {
+    if let Some(cursor) = &state.cursor
+        && hex::decode(cursor).map_err(|_| ApiError::Internal)?.as_slice() < stamp.as_bytes().as_slice()
+    {
+        return Err(ApiError::NotFound("that entry is not yet covered by a checkpoint".into()));
+    }
+    let batches = keys::audit_batches(region);
+    let mut upto = batches.clone();
+    upto.extend_from_slice(stamp.as_bytes());
+    upto.push(0x00);
+    let rows = tx.get_range(&batches, &upto, RangeOptions::limit(1).reversed())?;
+    let row = rows.first().ok_or_else(|| ApiError::NotFound("no entry at that position".into()))?;
+    let first_index = u64::from_be_bytes(row.value[..8].try_into().map_err(|_| ApiError::Internal)?);
+    let events = keys::audit_events(region);
+    let mut begin = events.clone();
+    begin.extend_from_slice(&row.key[batches.len()..]);
+    let mut end = events;
+    end.extend_from_slice(stamp.as_bytes());
+    end.push(0x00);
+    let within = tx.get_range(&begin, &end, RangeOptions::default())?;
+    match within.last() {
+        Some(last) if last.key.ends_with(stamp.as_bytes()) => Ok(first_index + within.len() as u64 - 1),
+        _ => Err(ApiError::NotFound("no entry at that position".into())),
+    }
+}
