@@ -17,7 +17,7 @@
 //! tls_key_file = "/etc/arca/tls.key"
 //! # client_ca_file = "/etc/arca/clients-ca.crt"   # require client certificates (mTLS)
 //! # dangerous_plaintext = false   # plaintext only on a loopback address
-//! metrics_addr = "127.0.0.1:9400"
+//! http_addr = "127.0.0.1:8200"       # /metrics and the audit log (TLS when configured)
 //! # proxy_header = "x-forwarded-for"
 //! # trusted_proxies = ["10.0.0.2"]
 //!
@@ -74,7 +74,7 @@ pub struct ListenerSection {
     pub client_ca_file: Option<PathBuf>,
     #[serde(default)]
     pub dangerous_plaintext: bool,
-    pub metrics_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     pub proxy_header: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<IpAddr>,

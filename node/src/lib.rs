@@ -20,6 +20,7 @@ pub mod committer;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod keys;
 pub mod kv;
 pub mod metrics;

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arca_audit::Source;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -34,12 +33,14 @@ pub struct TlsFiles {
 pub struct ServeOptions {
     pub grpc_addr: SocketAddr,
     pub tls: Option<TlsFiles>,
-    pub metrics_addr: Option<SocketAddr>,
+    /// The HTTP listener: `/metrics` and the audit log (`/audit/<region>/…`).
+    pub http_addr: Option<SocketAddr>,
     pub proxy: ProxyConfig,
 }
 
-/// Serves until `shutdown` completes. Prints `arcad: grpc listening on ADDR` (and metrics)
-/// on stdout once bound, so scripts and tests learn the ports (useful with port 0).
+/// Serves until `shutdown` completes. Prints `arcad: grpc listening on ADDR` (and
+/// `arcad: http listening on ADDR`) on stdout once bound, so scripts and tests learn the
+/// ports (useful with port 0).
 pub async fn serve(
     node: Arc<Node>,
     opts: ServeOptions,
@@ -76,10 +77,17 @@ pub async fn serve_listener(
     } else {
         tracing::warn!(%grpc_addr, "serving gRPC in PLAINTEXT on loopback: development only");
     }
-    if let Some(addr) = opts.metrics_addr {
-        let metrics_listener = TcpListener::bind(addr).await?;
-        println!("arcad: metrics listening on {}", metrics_listener.local_addr()?);
-        tokio::spawn(serve_metrics(node.clone(), metrics_listener));
+    if let Some(addr) = opts.http_addr {
+        if opts.tls.is_none() && !addr.ip().is_loopback() {
+            return Err("refusing to serve plaintext HTTP on a non-loopback address".into());
+        }
+        let http_listener = TcpListener::bind(addr).await?;
+        let tls = match &opts.tls {
+            Some(files) => Some(http_tls_config(files)?),
+            None => None,
+        };
+        println!("arcad: http listening on {}", http_listener.local_addr()?);
+        tokio::spawn(serve_http(node.clone(), http_listener, tls));
     }
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
@@ -100,35 +108,44 @@ fn refuse_shared_key_file(path: &Path) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// A minimal HTTP/1.1 responder for `GET /metrics`.
-async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+/// The HTTP listener's TLS settings: the gRPC listener's certificate, no client certificate
+/// (what it serves is public).
+fn http_tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve_http(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let app = crate::http::router(node);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let node = node.clone();
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let service = TowerToHyperService::new(app.clone());
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut read = 0;
-            while read < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf[read..]))
-                    .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => read += n,
-                }
-                if buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let (status, body) = if buf[..read].starts_with(b"GET /metrics ") {
-                ("200 OK", node.metrics().render(node.barrier().is_sealed(), &node.committer().stats()))
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
+            let builder = Builder::new(TokioExecutor::new());
+            let served = match acceptor {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls_stream) => builder.serve_connection(TokioIo::new(tls_stream), service).await,
+                    Err(_) => return,
+                },
+                None => builder.serve_connection(TokioIo::new(stream), service).await,
             };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
+            if let Err(err) = served {
+                tracing::debug!(error = %err, "http connection ended with an error");
+            }
         });
     }
 }

@@ -32,7 +32,7 @@ fn start(data_dir: &Path, node_id: &str) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
         .args(["dev", "--data-dir"])
         .arg(data_dir)
-        .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--node-id", node_id])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--node-id", node_id])
         .env("RUST_LOG", "trace")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_log).unwrap())

@@ -6,7 +6,8 @@
 //!
 //! Exit codes: 0 success; 1 local error (arguments, files, connection); 2 usage error;
 //! 3 denied (missing/invalid token or policy); 4 not found; 5 any other server error
-//! (invalid argument, failed precondition, sealed, unavailable, internal).
+//! (invalid argument, failed precondition, sealed, unavailable, internal); 6 the audit log
+//! or a proof does not verify.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -68,9 +69,77 @@ enum Command {
     /// Client-certificate login over mutual TLS.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The signed audit log: verify it, follow it, prove an entry is in it.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Init, unseal, seal, status, key rotation.
     #[command(subcommand)]
     Operator(OperatorCommand),
+}
+
+#[derive(Args)]
+struct LogSource {
+    /// The log's URL, e.g. http://127.0.0.1:8200/audit/local
+    #[arg(long, conflicts_with = "dir")]
+    url: Option<String>,
+    /// A directory holding the log in the tlog-tiles layout (an archive).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct LogKey {
+    /// The log's verifier key (`arca/<cluster>/<region>+<id>+<key>`).
+    #[arg(long, env = "ARCA_AUDIT_VKEY", conflicts_with = "vkey_file")]
+    vkey: Option<String>,
+    /// A file holding the verifier key.
+    #[arg(long)]
+    vkey_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the whole log: every entry against the tiles, the root against the signed
+    /// checkpoint, and (with --state) consistency with the checkpoint verified last time.
+    Verify {
+        #[command(flatten)]
+        source: LogSource,
+        #[command(flatten)]
+        key: LogKey,
+        /// Remembers the last verified checkpoint; created if missing.
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
+    },
+    /// Print entries as they are sequenced (from --from; --follow keeps polling).
+    Tail {
+        #[command(flatten)]
+        source: LogSource,
+        #[command(flatten)]
+        key: LogKey,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Fetch and verify an inclusion proof for one entry.
+    Proof {
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        key: LogKey,
+        #[arg(long, conflicts_with_all = ["index", "position"])]
+        request_id: Option<String>,
+        #[arg(long, conflicts_with = "position")]
+        index: Option<u64>,
+        /// The `audit_position` a reply carried.
+        #[arg(long)]
+        position: Option<String>,
+    },
+    /// Fetch the log's verifier key (pin it; do not fetch it for every verification).
+    Vkey {
+        #[arg(long)]
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +495,9 @@ fn token_rows(info: &proto::TokenInfo) -> Vec<(String, String)> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let format = cli.format;
+    if let Command::Audit(cmd) = cli.command {
+        return audit::run(format == Format::Json, cmd);
+    }
     let mut c = Client::connect(&cli).await?;
     match cli.command {
         Command::Kv(cmd) => kv(&mut c, format, cmd).await,
@@ -433,6 +505,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Policy(cmd) => policy(&mut c, format, cmd).await,
         Command::Approle(cmd) => approle(&mut c, format, cmd).await,
         Command::Cert(cmd) => cert(&mut c, format, cmd).await,
+        Command::Audit(_) => unreachable!("handled above without a gRPC connection"),
         Command::Operator(cmd) => operator(&mut c, format, cmd).await,
     }
 }
@@ -933,6 +1006,250 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
         }
     }
     Ok(())
+}
+
+mod audit {
+    //! `arca audit …`: reading and verifying the published log over HTTP or from a directory.
+
+    use std::io::{IsTerminal as _, Write as _};
+    use std::path::PathBuf;
+
+    use arca_audit::checkpoint;
+    use arca_audit::merkle::{leaf_hash, verify_inclusion};
+    use arca_audit::note::NoteVerifier;
+    use arca_audit::tiles;
+    use arca_audit::verify::{LogReader, Seen, verify_log};
+    use arca_audit::Event;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use serde_json::{Value, json};
+
+    use super::{AuditCommand, Failure, LogKey, LogSource, local};
+
+    const MAX_FILE_BYTES: u64 = 16 << 20;
+
+    enum Source {
+        Http { base: String, agent: ureq::Agent },
+        Dir(PathBuf),
+    }
+
+    impl Source {
+        fn new(source: &LogSource) -> Result<Self, Failure> {
+            match (&source.url, &source.dir) {
+                (Some(url), None) => Ok(Source::Http { base: url.trim_end_matches('/').to_owned(), agent: agent() }),
+                (None, Some(dir)) => Ok(Source::Dir(dir.clone())),
+                _ => Err(local("give --url or --dir")),
+            }
+        }
+
+        fn get(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+            match self {
+                Source::Http { base, agent } => http_get(agent, &format!("{base}/{path}")),
+                Source::Dir(dir) => match std::fs::metadata(dir.join(path)) {
+                    Ok(meta) if meta.len() > MAX_FILE_BYTES => Err(format!("{path} is larger than 16 MiB")),
+                    Ok(_) => std::fs::read(dir.join(path)).map(Some).map_err(|e| e.to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                },
+            }
+        }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    }
+
+    fn http_get(agent: &ureq::Agent, url: &str) -> Result<Option<Vec<u8>>, String> {
+        let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+        match response.status().as_u16() {
+            200 => response.body_mut().with_config().limit(MAX_FILE_BYTES).read_to_vec().map(Some).map_err(|e| e.to_string()),
+            404 => Ok(None),
+            code => Err(format!("HTTP {code}")),
+        }
+    }
+
+    impl LogReader for Source {
+        fn checkpoint(&mut self) -> Result<String, String> {
+            let raw = self.get("checkpoint")?.ok_or("the log has no checkpoint")?;
+            String::from_utf8(raw).map_err(|_| "the checkpoint is not UTF-8".to_owned())
+        }
+
+        fn tile(&mut self, level: u32, index: u64, width: u64) -> Result<Option<Vec<u8>>, String> {
+            if let Some(tile) = self.get(&tiles::tile_path(level, index, width))? {
+                return Ok(Some(tile));
+            }
+            // A wider (or full) tile holds the narrower one as its prefix.
+            let full = self.get(&tiles::tile_path(level, index, tiles::TILE_WIDTH))?;
+            Ok(full.filter(|t| t.len() as u64 >= width * 32).map(|mut t| {
+                t.truncate((width * 32) as usize);
+                t
+            }))
+        }
+
+        fn entries(&mut self, index: u64, width: u64) -> Result<Option<Vec<u8>>, String> {
+            self.get(&tiles::entries_path(index, width))
+        }
+    }
+
+    fn verifier(key: &LogKey) -> Result<NoteVerifier, Failure> {
+        let text = match (&key.vkey, &key.vkey_file) {
+            (Some(v), None) => v.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| local(format!("{}: {e}", f.display())))?,
+            _ => return Err(local("give the log's verifier key: --vkey or --vkey-file")),
+        };
+        NoteVerifier::parse(text.trim()).map_err(|e| local(format!("verifier key: {e}")))
+    }
+
+    /// A verification failure: the log is not what it claims (exit code 6).
+    fn invalid(message: String) -> Failure {
+        Failure { code: 6, message }
+    }
+
+    fn load_seen(state: &Option<PathBuf>) -> Result<Option<Seen>, Failure> {
+        let Some(path) = state else { return Ok(None) };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(local(format!("{}: {e}", path.display()))),
+        };
+        let value: Value = serde_json::from_str(&text).map_err(|_| local(format!("{}: not a state file", path.display())))?;
+        let size = value["size"].as_u64().ok_or_else(|| local("state file: size"))?;
+        let root = value["root"]
+            .as_str()
+            .and_then(|r| B64.decode(r).ok())
+            .and_then(|r| <[u8; 32]>::try_from(r).ok())
+            .ok_or_else(|| local("state file: root"))?;
+        Ok(Some(Seen { size, root }))
+    }
+
+    pub(super) fn run(json_out: bool, cmd: AuditCommand) -> Result<(), Failure> {
+        match cmd {
+            AuditCommand::Verify { source, key, state } => {
+                let verifier = verifier(&key)?;
+                let mut reader = Source::new(&source)?;
+                let seen = load_seen(&state)?;
+                let show_progress = std::io::stderr().is_terminal();
+                let mut progress = |done: u64, total: u64| {
+                    if show_progress && (done % 16 == 0 || done == total) {
+                        eprint!("\rverifying: {done}/{total} entry bundles ({}%)", done * 100 / total.max(1));
+                        let _ = std::io::stderr().flush();
+                    }
+                };
+                let mut check = |_: u64, entry: &[u8]| Event::decode(entry).map(drop).map_err(|e| e.to_string());
+                let report = verify_log(&mut reader, &verifier, seen, &mut check, &mut progress)
+                    .map_err(|e| invalid(format!("the log does NOT verify: {e}")))?;
+                if show_progress {
+                    eprintln!();
+                }
+                if let Some(path) = &state {
+                    let saved = json!({"size": report.checkpoint.size(), "root": B64.encode(report.checkpoint.root()), "checkpoint": report.checkpoint.note()});
+                    std::fs::write(path, serde_json::to_vec_pretty(&saved).unwrap_or_default())?;
+                }
+                let origin = report.checkpoint.checkpoint().origin.clone();
+                if json_out {
+                    println!("{}", json!({"verified": true, "origin": origin, "size": report.entries, "tiles": report.tiles,
+                        "root": B64.encode(report.checkpoint.root()), "consistent_with_size": seen.map(|s| s.size)}));
+                } else {
+                    println!("OK: log {origin} verifies: {} entries, {} tiles, signed checkpoint root {}", report.entries, report.tiles, B64.encode(report.checkpoint.root()));
+                    if let Some(seen) = seen {
+                        println!("OK: consistent with the checkpoint of size {} verified before", seen.size);
+                    }
+                }
+                Ok(())
+            }
+            AuditCommand::Tail { source, key, from, follow } => {
+                let verifier = verifier(&key)?;
+                let mut reader = Source::new(&source)?;
+                let mut next = from;
+                loop {
+                    let note = reader.checkpoint().map_err(local)?;
+                    let cp = checkpoint::open(&note, &verifier).map_err(|e| invalid(format!("checkpoint: {e}")))?;
+                    while next < cp.size() {
+                        let bundle_index = next / tiles::TILE_WIDTH;
+                        let width = tiles::tile_width(0, bundle_index, cp.size());
+                        let bundle = reader
+                            .entries(bundle_index, width)
+                            .map_err(local)?
+                            .ok_or_else(|| invalid(format!("{} is missing", tiles::entries_path(bundle_index, width))))?;
+                        let entries = tiles::bundle_entries(&bundle).map_err(|e| invalid(e.to_string()))?;
+                        for (i, entry) in entries.iter().enumerate().skip((next % tiles::TILE_WIDTH) as usize) {
+                            let index = bundle_index * tiles::TILE_WIDTH + i as u64;
+                            print_event(json_out, index, entry);
+                            next = index + 1;
+                        }
+                    }
+                    if !follow {
+                        return Ok(());
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+            AuditCommand::Proof { url, key, request_id, index, position } => {
+                let verifier = verifier(&key)?;
+                let query = match (request_id, index, position) {
+                    (Some(r), None, None) => format!("request_id={r}"),
+                    (None, Some(i), None) => format!("index={i}"),
+                    (None, None, Some(p)) => format!("position={p}"),
+                    _ => return Err(local("give one of --request-id, --index, --position")),
+                };
+                let base = url.trim_end_matches('/');
+                let body = http_get(&agent(), &format!("{base}/proof/inclusion?{query}"))
+                    .map_err(local)?
+                    .ok_or(Failure { code: 4, message: "no such entry in the log (or not yet sequenced)".into() })?;
+                let proof: Value = serde_json::from_slice(&body).map_err(|_| invalid("the proof is not JSON".into()))?;
+                let cp = checkpoint::open(proof["checkpoint"].as_str().unwrap_or_default(), &verifier)
+                    .map_err(|e| invalid(format!("checkpoint: {e}")))?;
+                let entry = proof["entry"].as_str().and_then(|e| B64.decode(e).ok()).ok_or_else(|| invalid("entry".into()))?;
+                let hashes: Vec<[u8; 32]> = proof["hashes"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|h| h.as_str().and_then(|h| B64.decode(h).ok()).and_then(|h| h.try_into().ok())).collect())
+                    .unwrap_or_default();
+                let index = proof["index"].as_u64().ok_or_else(|| invalid("index".into()))?;
+                verify_inclusion(index, cp.size(), &leaf_hash(&entry), &hashes, cp.root())
+                    .map_err(|e| invalid(format!("the inclusion proof does NOT verify: {e}")))?;
+                if json_out {
+                    println!("{}", json!({"verified": true, "index": index, "size": cp.size(), "event": event_json(&entry)}));
+                } else {
+                    println!("OK: entry {index} is in the log of size {} (signed checkpoint verified)", cp.size());
+                    print_event(false, index, &entry);
+                }
+                Ok(())
+            }
+            AuditCommand::Vkey { url } => {
+                let body = http_get(&agent(), &format!("{}/vkey", url.trim_end_matches('/')))
+                    .map_err(local)?
+                    .ok_or(Failure { code: 4, message: "the log has no key yet".into() })?;
+                print!("{}", String::from_utf8_lossy(&body));
+                Ok(())
+            }
+        }
+    }
+
+    fn event_json(entry: &[u8]) -> Value {
+        match Event::decode(entry) {
+            Ok(e) => json!({
+                "time_unix_ms": e.time_unix_ms, "request_id": e.request_id, "cluster": e.cluster, "region": e.region,
+                "node": e.node, "entity": e.actor.entity, "token_accessor": e.actor.token_accessor,
+                "source": e.source.address, "proxy": e.source.proxy, "operation": e.operation.name(), "path": e.path,
+                "secret_version": e.secret_version,
+                "outcome": match &e.outcome { arca_audit::Outcome::Ok => "ok".to_owned(), arca_audit::Outcome::Denied => "denied".into(), arca_audit::Outcome::Error { code } => format!("error:{code}") },
+            }),
+            Err(err) => json!({"undecodable": err.to_string()}),
+        }
+    }
+
+    fn print_event(json_out: bool, index: u64, entry: &[u8]) {
+        let e = event_json(entry);
+        if json_out {
+            println!("{}", json!({"index": index, "event": e}));
+        } else {
+            println!(
+                "{index:>8}  {}  {:<20} {:<8} {} {}  from {}",
+                e["time_unix_ms"], e["operation"].as_str().unwrap_or("?"), e["outcome"].as_str().unwrap_or("?"),
+                e["entity"].as_str().unwrap_or("?"), e["path"].as_str().unwrap_or(""), e["source"].as_str().unwrap_or("")
+            );
+        }
+    }
 }
 
 /// Accepts Vault-style single-dash long options (`-format=json`, `-key-shares 5`).

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arca_node::config::{Config, Engine, LogFormat};
 use arca_node::grpc::ProxyConfig;
 use arca_node::node::{Node, NodeIdentity};
+use arca_node::sequencer::{self, SequencerConfig};
 use arca_node::server::{self, BoxError, ServeOptions, TlsFiles};
 use arca_store::{SqliteConfig, SqliteStore, Store};
 use clap::{Parser, Subcommand};
@@ -34,9 +35,9 @@ enum Command {
         /// gRPC address (loopback only in dev mode).
         #[arg(long, default_value = "127.0.0.1:8400")]
         grpc_addr: SocketAddr,
-        /// Prometheus metrics address.
-        #[arg(long, default_value = "127.0.0.1:9400")]
-        metrics_addr: SocketAddr,
+        /// HTTP address: /metrics and the audit log (/audit/<region>/…).
+        #[arg(long, default_value = "127.0.0.1:8200")]
+        http_addr: SocketAddr,
         /// This node's name in audit events.
         #[arg(long, default_value = "dev")]
         node_id: String,
@@ -80,11 +81,11 @@ fn open_sqlite(path: &Path) -> Result<Arc<dyn Store>, BoxError> {
 async fn dev(
     data_dir: PathBuf,
     grpc_addr: SocketAddr,
-    metrics_addr: SocketAddr,
+    http_addr: SocketAddr,
     node_id: String,
     region: String,
 ) -> Result<(), BoxError> {
-    if !grpc_addr.ip().is_loopback() || !metrics_addr.ip().is_loopback() {
+    if !grpc_addr.ip().is_loopback() || !http_addr.ip().is_loopback() {
         return Err("arcad dev listens on loopback addresses only".into());
     }
     std::fs::create_dir_all(&data_dir)?;
@@ -92,12 +93,8 @@ async fn dev(
     let store = open_sqlite(&data_dir.join("arca.db"))?;
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
-    let opts = ServeOptions {
-        grpc_addr,
-        tls: None,
-        metrics_addr: Some(metrics_addr),
-        proxy: ProxyConfig::default(),
-    };
+    sequencer::start(&node, SequencerConfig::default());
+    let opts = ServeOptions { grpc_addr, tls: None, http_addr: Some(http_addr), proxy: ProxyConfig::default() };
     server::serve(node, opts, shutdown_signal()).await
 }
 
@@ -119,6 +116,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
             .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into())),
     };
     let node = Node::new(store, identity);
+    sequencer::start(&node, SequencerConfig::default());
     let l = config.listener;
     let tls = match (l.tls_cert_file, l.tls_key_file) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: l.client_ca_file }),
@@ -127,7 +125,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
     let opts = ServeOptions {
         grpc_addr: l.grpc_addr,
         tls,
-        metrics_addr: l.metrics_addr,
+        http_addr: l.http_addr,
         proxy: ProxyConfig { header: l.proxy_header, trusted: l.trusted_proxies },
     };
     tracing::info!("starting sealed: unseal with `arca operator unseal`");
@@ -158,9 +156,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Dev { data_dir, grpc_addr, metrics_addr, node_id, region } => {
+        Command::Dev { data_dir, grpc_addr, http_addr, node_id, region } => {
             init_logging("info", LogFormat::Text);
-            runtime.block_on(dev(data_dir, grpc_addr, metrics_addr, node_id, region))
+            runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region))
         }
         Command::Server { config } => match Config::load(&config) {
             Ok(config) => {
