@@ -113,11 +113,11 @@ pub fn verify_log(
         let tile = read_tile(reader, 0, n, width)?;
         for (i, entry) in entries.iter().enumerate() {
             let index = n * TILE_WIDTH + i as u64;
-            check_entry(index, entry).map_err(|message| VerifyError::BadEntry { index, message })?;
             let hash = leaf_hash(entry);
             if tile[i] != hash {
                 return Err(VerifyError::EntryMismatch { index, tile: tile_path });
             }
+            check_entry(index, entry).map_err(|message| VerifyError::BadEntry { index, message })?;
             for (level, index, hash) in frontier.push(hash) {
                 if level % TILE_HEIGHT == 0 && level / TILE_HEIGHT < 8 {
                     let row = &mut expected_rows[(level / TILE_HEIGHT) as usize];

@@ -53,7 +53,11 @@ fn error(err: ApiError) -> Response {
 }
 
 fn check_region(node: &Node, region: &str) -> Result<(), Response> {
-    if region == node.identity().region { Ok(()) } else { Err(text(StatusCode::NOT_FOUND, "no such region on this node\n")) }
+    if region == node.identity().region {
+        Ok(())
+    } else {
+        Err(text(StatusCode::NOT_FOUND, "no such region on this node\n"))
+    }
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
@@ -62,7 +66,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 }
 
 /// Runs blocking store reads off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::Internal)?
 }
 
@@ -101,13 +107,19 @@ async fn tile(State(node): State<Arc<Node>>, Path((region, rest)): Path<(String,
     })
     .await;
     match found {
-        Ok(Some(bytes)) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Ok(Some(bytes)) => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
         Ok(None) => text(StatusCode::NOT_FOUND, "no such tile (yet)\n"),
         Err(err) => error(err),
     }
 }
 
-async fn inclusion(State(node): State<Arc<Node>>, Path(region): Path<String>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn inclusion(
+    State(node): State<Arc<Node>>,
+    Path(region): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     if let Err(r) = check_region(&node, &region) {
         return r;
     }
@@ -139,7 +151,11 @@ async fn inclusion(State(node): State<Arc<Node>>, Path(region): Path<String>, Qu
     }
 }
 
-async fn consistency(State(node): State<Arc<Node>>, Path(region): Path<String>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn consistency(
+    State(node): State<Arc<Node>>,
+    Path(region): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     if let Err(r) = check_region(&node, &region) {
         return r;
     }

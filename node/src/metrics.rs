@@ -116,6 +116,28 @@ impl Metrics {
             out,
             "# HELP arca_audit_batch_size_mean Mean requests per audit commit.\n# TYPE arca_audit_batch_size_mean gauge\narca_audit_batch_size_mean {mean}"
         );
+        {
+            let guard = self.integration.lock().unwrap_or_else(|p| p.into_inner());
+            let (h, entries) = &*guard;
+            let _ = writeln!(
+                out,
+                "# HELP arca_audit_integrated_entries_total Entries this node integrated into the signed log.\n# TYPE arca_audit_integrated_entries_total counter\narca_audit_integrated_entries_total {entries}"
+            );
+            out.push_str("# HELP arca_audit_integration_delay_seconds Per checkpoint, the oldest entry's delay from event to signed checkpoint.\n# TYPE arca_audit_integration_delay_seconds histogram\n");
+            for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "arca_audit_integration_delay_seconds_bucket{{le=\"{bound}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(out, "arca_audit_integration_delay_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "arca_audit_integration_delay_seconds_sum {}\narca_audit_integration_delay_seconds_count {}",
+                h.sum_seconds, h.count
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP arca_sealed Whether this node is sealed.\n# TYPE arca_sealed gauge\narca_sealed {}",

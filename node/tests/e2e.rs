@@ -1,104 +1,12 @@
 //! End to end: real `arcad dev` processes on loopback, driven by the real `arca` binary.
 //! Readiness is learned from the server's own "listening" line, never from sleeps.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-use arca_audit::{Event, Operation, Outcome};
-use arca_store::{RangeOptions, SqliteConfig, SqliteStore, StoreExt, prefix_end};
-use serde_json::Value;
+use arca_audit::{Operation, Outcome};
+use common::{arca, audit_events, fails, ok_json, start, wait_for_log};
 
 const SECRET: &str = "e2e-Secret-Value-91c2";
-
-struct Server {
-    child: Child,
-    addr: String,
-    stderr_log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `arcad dev` on free ports and waits (up to 30 s) for its listening line.
-fn start(data_dir: &Path, node_id: &str) -> Server {
-    let stderr_log = data_dir.with_file_name(format!("{node_id}.stderr"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
-        .args(["dev", "--data-dir"])
-        .arg(data_dir)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--node-id", node_id])
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("arcad: grpc listening on ") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("arcad did not start listening in time");
-    Server { child, addr: format!("http://{addr}"), stderr_log }
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn arca(server: &Server, token: Option<&str>, args: &[&str]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arca"));
-    cmd.args(args).env("ARCA_ADDR", &server.addr).env_remove("ARCA_TOKEN");
-    if let Some(token) = token {
-        cmd.env("ARCA_TOKEN", token);
-    }
-    let out = cmd.output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Runs `arca --format json …`, expects success, returns the JSON.
-fn ok_json(server: &Server, token: Option<&str>, args: &[&str], calls: &mut usize) -> Value {
-    let mut full = vec!["--format", "json"];
-    full.extend_from_slice(args);
-    let run = arca(server, token, &full);
-    *calls += 1;
-    assert_eq!(run.code, 0, "arca {args:?} failed: {}", run.stderr);
-    let value: Value = serde_json::from_str(&run.stdout).unwrap();
-    assert!(value["audit_position"].is_string(), "every reply carries its audit position: {value}");
-    value
-}
-
-fn fails(server: &Server, token: Option<&str>, args: &[&str], code: i32, calls: &mut usize) -> String {
-    let run = arca(server, token, args);
-    *calls += 1;
-    assert_eq!(run.code, code, "arca {args:?}: expected exit {code}, got {} ({})", run.code, run.stderr);
-    run.stderr
-}
-
-fn audit_events(db: &Path) -> Vec<Event> {
-    let store = SqliteStore::open(SqliteConfig::new(db)).unwrap();
-    let prefix = arca_node::keys::audit_events("local");
-    let rows = store
-        .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
-        .unwrap()
-        .value;
-    rows.iter().map(|kv| Event::decode(&kv.value).unwrap()).collect()
-}
 
 #[test]
 fn the_cli_drives_a_dev_server_through_every_capability() {
@@ -222,6 +130,33 @@ fn the_cli_drives_a_dev_server_through_every_capability() {
     assert_eq!(denials, 6, "every denial is audited");
     assert!(events.iter().all(|e| e.node == "node-a" && e.source.address.starts_with("127.0.0.1:")
         || e.source.address == "local:arcad-dev"));
+
+    // The signed log covers every event and verifies; an inclusion proof by request id verifies.
+    let get = ok_json(&server, root, &["kv", "get", "secret/app/cache"], &mut calls);
+    let request_id = get["request_id"].as_str().unwrap().to_owned();
+    wait_for_log(&server, 2 + calls as u64, std::time::Duration::from_secs(30));
+    let vkey = common::vkey(&server);
+    let state = dir.path().join("audit-state.json");
+    let verify = arca(
+        &server,
+        None,
+        &["audit", "verify", "--url", &server.log_url, "--vkey", &vkey, "--state", state.to_str().unwrap()],
+    );
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    assert!(verify.stdout.contains(&format!("{} entries", 2 + calls)), "{}", verify.stdout);
+    let proof = arca(
+        &server,
+        None,
+        &["audit", "proof", "--url", &server.log_url, "--vkey", &vkey, "--request-id", &request_id],
+    );
+    assert_eq!(proof.code, 0, "{}", proof.stderr);
+    assert!(proof.stdout.contains("kv.read"), "{}", proof.stdout);
+    let tail = arca(
+        &server,
+        None,
+        &["--format", "json", "audit", "tail", "--url", &server.log_url, "--vkey", &vkey],
+    );
+    assert_eq!(tail.stdout.lines().count(), 2 + calls);
 
     // Nothing secret in the node's logs (at trace level) or in the events.
     let logs = std::fs::read_to_string(&server.stderr_log).unwrap();

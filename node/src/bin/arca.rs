@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::Read as _;
 use std::process::ExitCode;
 
-use arca_node::grpc::AUDIT_POSITION_HEADER;
+use arca_node::grpc::{AUDIT_POSITION_HEADER, REQUEST_ID_HEADER};
 use arca_node::proto;
 use arca_node::proto::arca_client::ArcaClient;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -414,6 +414,10 @@ impl Client {
     }
 }
 
+fn request_id<T>(response: &Response<T>) -> Value {
+    response.metadata().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map_or(Value::Null, |p| json!(p))
+}
+
 fn position<T>(response: &Response<T>) -> Value {
     response
         .metadata()
@@ -520,13 +524,13 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
             print(
                 format,
                 || format!("Success! version {version}"),
-                json!({"version": version, "audit_position": position(&r)}),
+                json!({"version": version, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         KvCommand::Get { path, version, field } => {
             let (mount, path) = split_mount(&path)?;
             let r = c.inner.kv_get(c.req(proto::KvGetRequest { mount, path, version })).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let g = r.into_inner();
             if let Some(field) = field {
                 let value = g
@@ -545,7 +549,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
                 format,
                 || format!("version    {}\n\n{}", g.version, table(&data)),
                 json!({"data": g.data, "version": g.version, "created_unix_ms": g.created_unix_ms,
-                       "custom_metadata": g.custom_metadata, "audit_position": pos}),
+                       "custom_metadata": g.custom_metadata, "audit_position": pos, "request_id": rid}),
             );
         }
         KvCommand::Patch { path, pairs, remove, cas } => {
@@ -556,7 +560,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
             print(
                 format,
                 || format!("Success! version {version}"),
-                json!({"version": version, "audit_position": position(&r)}),
+                json!({"version": version, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         KvCommand::List { path } => {
@@ -566,7 +570,11 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
                 .map_or((full.to_owned(), String::new()), |(m, p)| (m.to_owned(), p.to_owned()));
             let r = c.inner.kv_list(c.req(proto::KvListRequest { mount, prefix })).await?;
             let names = r.get_ref().names.clone();
-            print(format, || names.join("\n"), json!({"keys": names, "audit_position": position(&r)}));
+            print(
+                format,
+                || names.join("\n"),
+                json!({"keys": names, "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
         }
         KvCommand::Delete { path, versions } => versions_op(c, format, "deleted", path, versions, 0).await?,
         KvCommand::Undelete { path, versions } => {
@@ -604,7 +612,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
                 print(
                     format,
                     || "Success! deleted every version and the metadata".into(),
-                    json!({"audit_position": position(&r)}),
+                    json!({"audit_position": position(&r), "request_id": request_id(&r)}),
                 );
             }
         },
@@ -613,7 +621,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
 }
 
 fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
-    let pos = position(&r);
+    let (pos, rid) = (position(&r), request_id(&r));
     let m = r.into_inner();
     let versions: Vec<Value> = m
         .versions
@@ -647,7 +655,7 @@ fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
         human,
         json!({"current_version": m.current_version, "oldest_version": m.oldest_version, "max_versions": m.max_versions,
                "cas_required": m.cas_required, "custom_metadata": m.custom_metadata, "versions": versions,
-               "created_unix_ms": m.created_unix_ms, "updated_unix_ms": m.updated_unix_ms, "audit_position": pos}),
+               "created_unix_ms": m.created_unix_ms, "updated_unix_ms": m.updated_unix_ms, "audit_position": pos, "request_id": rid}),
     );
 }
 
@@ -671,7 +679,7 @@ async fn versions_op(
     print(
         format,
         || format!("Success! {verb} versions: {list}"),
-        json!({"versions": changed, "audit_position": position(&r)}),
+        json!({"versions": changed, "audit_position": position(&r), "request_id": request_id(&r)}),
     );
     Ok(())
 }
@@ -689,7 +697,7 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
                     orphan,
                 }))
                 .await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let auth = r.into_inner();
             let info = auth.info.unwrap_or_default();
             let mut rows = vec![("token".to_owned(), auth.token.clone())];
@@ -697,28 +705,28 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
             print(
                 format,
                 || table(&rows),
-                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos}),
+                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
             );
         }
         TokenCommand::Lookup { accessor } => {
             let r = c.inner.token_lookup(c.req(proto::TokenAccessorRequest { accessor })).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let info = r.into_inner();
             print(
                 format,
                 || table(&token_rows(&info)),
-                json!({"info": token_json(&info), "audit_position": pos}),
+                json!({"info": token_json(&info), "audit_position": pos, "request_id": rid}),
             );
         }
         TokenCommand::Renew { increment } => {
             let r =
                 c.inner.token_renew(c.req(proto::TokenRenewRequest { increment_secs: increment })).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let info = r.into_inner();
             print(
                 format,
                 || table(&token_rows(&info)),
-                json!({"info": token_json(&info), "audit_position": pos}),
+                json!({"info": token_json(&info), "audit_position": pos, "request_id": rid}),
             );
         }
         TokenCommand::Revoke { accessor } => {
@@ -727,7 +735,7 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
             print(
                 format,
                 || format!("Success! revoked {n} token(s)"),
-                json!({"revoked": n, "audit_position": position(&r)}),
+                json!({"revoked": n, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
     }
@@ -745,30 +753,34 @@ async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<()
             print(
                 format,
                 || format!("Success! wrote policy {name}"),
-                json!({"name": name, "audit_position": position(&r)}),
+                json!({"name": name, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         PolicyCommand::Read { name } => {
             let r = c.inner.policy_read(c.req(proto::PolicyName { name })).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let p = r.into_inner();
             print(
                 format,
                 || p.policy.clone(),
-                json!({"name": p.name, "policy": p.policy, "audit_position": pos}),
+                json!({"name": p.name, "policy": p.policy, "audit_position": pos, "request_id": rid}),
             );
         }
         PolicyCommand::List => {
             let r = c.inner.policy_list(c.req(proto::Empty {})).await?;
             let names = r.get_ref().names.clone();
-            print(format, || names.join("\n"), json!({"policies": names, "audit_position": position(&r)}));
+            print(
+                format,
+                || names.join("\n"),
+                json!({"policies": names, "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
         }
         PolicyCommand::Delete { name } => {
             let r = c.inner.policy_delete(c.req(proto::PolicyName { name: name.clone() })).await?;
             print(
                 format,
                 || format!("Success! deleted policy {name}"),
-                json!({"name": name, "audit_position": position(&r)}),
+                json!({"name": name, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
     }
@@ -800,7 +812,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             print(
                 format,
                 || role_rows(&role),
-                json!({"role": role_json(&role), "audit_position": position(&r)}),
+                json!({"role": role_json(&role), "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         AppRoleCommand::Read { name } => {
@@ -809,7 +821,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             print(
                 format,
                 || role_rows(&role),
-                json!({"role": role_json(&role), "audit_position": position(&r)}),
+                json!({"role": role_json(&role), "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         AppRoleCommand::Delete { name } => {
@@ -817,18 +829,26 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             print(
                 format,
                 || format!("Success! deleted role {name}"),
-                json!({"audit_position": position(&r)}),
+                json!({"audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         AppRoleCommand::List => {
             let r = c.inner.app_role_list(c.req(proto::Empty {})).await?;
             let names = r.get_ref().names.clone();
-            print(format, || names.join("\n"), json!({"roles": names, "audit_position": position(&r)}));
+            print(
+                format,
+                || names.join("\n"),
+                json!({"roles": names, "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
         }
         AppRoleCommand::RoleId { name } => {
             let r = c.inner.app_role_role_id(c.req(proto::AppRoleName { name })).await?;
             let id = r.get_ref().role_id.clone();
-            print(format, || id.clone(), json!({"role_id": id, "audit_position": position(&r)}));
+            print(
+                format,
+                || id.clone(),
+                json!({"role_id": id, "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
         }
         AppRoleCommand::SecretId { name } => {
             let r = c.inner.app_role_secret_id(c.req(proto::AppRoleName { name })).await?;
@@ -841,12 +861,12 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
                         ("accessor".into(), s.accessor.clone()),
                     ])
                 },
-                json!({"secret_id": s.secret_id, "accessor": s.accessor, "expire_unix_ms": s.expire_unix_ms, "audit_position": position(&r)}),
+                json!({"secret_id": s.secret_id, "accessor": s.accessor, "expire_unix_ms": s.expire_unix_ms, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         AppRoleCommand::Login { role_id, secret_id } => {
             let r = c.inner.app_role_login(c.req(proto::AppRoleLoginRequest { role_id, secret_id })).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let auth = r.into_inner();
             let info = auth.info.unwrap_or_default();
             let mut rows = vec![("token".to_owned(), auth.token.clone())];
@@ -854,7 +874,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             print(
                 format,
                 || table(&rows),
-                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos}),
+                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
             );
         }
     }
@@ -888,7 +908,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             print(
                 format,
                 || info_rows(&role),
-                json!({"role": info_json(&role), "audit_position": position(&r)}),
+                json!({"role": info_json(&role), "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         CertCommand::Read { name } => {
@@ -897,7 +917,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             print(
                 format,
                 || info_rows(&role),
-                json!({"role": info_json(&role), "audit_position": position(&r)}),
+                json!({"role": info_json(&role), "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         CertCommand::Delete { name } => {
@@ -905,12 +925,12 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             print(
                 format,
                 || format!("Success! deleted certificate role {name}"),
-                json!({"audit_position": position(&r)}),
+                json!({"audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         CertCommand::Login => {
             let r = c.inner.cert_login(c.req(proto::Empty {})).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let auth = r.into_inner();
             let info = auth.info.unwrap_or_default();
             let mut rows = vec![("token".to_owned(), auth.token.clone())];
@@ -918,7 +938,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             print(
                 format,
                 || table(&rows),
-                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos}),
+                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
             );
         }
     }
@@ -946,7 +966,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
     match cmd {
         OperatorCommand::Init { key_shares, key_threshold } => {
             let r = c.inner.init(c.req(proto::InitRequest { key_shares, key_threshold })).await?;
-            let pos = position(&r);
+            let (pos, rid) = (position(&r), request_id(&r));
             let i = r.into_inner();
             let human = || {
                 let mut out: Vec<String> = i
@@ -966,7 +986,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             print(
                 format,
                 human,
-                json!({"unseal_keys": i.key_shares, "unseal_threshold": i.key_threshold, "root_token": i.root_token, "audit_position": pos}),
+                json!({"unseal_keys": i.key_shares, "unseal_threshold": i.key_threshold, "root_token": i.root_token, "audit_position": pos, "request_id": rid}),
             );
         }
         OperatorCommand::Unseal { share } => {
@@ -979,12 +999,16 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             print(
                 format,
                 || status_rows(&s),
-                json!({"status": status_json(&s), "audit_position": position(&r)}),
+                json!({"status": status_json(&s), "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         OperatorCommand::Seal => {
             let r = c.inner.seal(c.req(proto::Empty {})).await?;
-            print(format, || "Success! the node is sealed".into(), json!({"audit_position": position(&r)}));
+            print(
+                format,
+                || "Success! the node is sealed".into(),
+                json!({"audit_position": position(&r), "request_id": request_id(&r)}),
+            );
         }
         OperatorCommand::Status => {
             let r = c.inner.status(c.req(proto::Empty {})).await?;
@@ -992,7 +1016,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             print(
                 format,
                 || status_rows(&s),
-                json!({"status": status_json(&s), "audit_position": position(&r)}),
+                json!({"status": status_json(&s), "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         OperatorCommand::Rotate => {
@@ -1001,7 +1025,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             print(
                 format,
                 || format!("Success! keyring term {term} now encrypts new data"),
-                json!({"keyring_term": term, "audit_position": position(&r)}),
+                json!({"keyring_term": term, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
     }
@@ -1014,12 +1038,12 @@ mod audit {
     use std::io::{IsTerminal as _, Write as _};
     use std::path::PathBuf;
 
+    use arca_audit::Event;
     use arca_audit::checkpoint;
     use arca_audit::merkle::{leaf_hash, verify_inclusion};
     use arca_audit::note::NoteVerifier;
     use arca_audit::tiles;
     use arca_audit::verify::{LogReader, Seen, verify_log};
-    use arca_audit::Event;
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD as B64;
     use serde_json::{Value, json};
@@ -1036,7 +1060,9 @@ mod audit {
     impl Source {
         fn new(source: &LogSource) -> Result<Self, Failure> {
             match (&source.url, &source.dir) {
-                (Some(url), None) => Ok(Source::Http { base: url.trim_end_matches('/').to_owned(), agent: agent() }),
+                (Some(url), None) => {
+                    Ok(Source::Http { base: url.trim_end_matches('/').to_owned(), agent: agent() })
+                }
                 (None, Some(dir)) => Ok(Source::Dir(dir.clone())),
                 _ => Err(local("give --url or --dir")),
             }
@@ -1062,7 +1088,13 @@ mod audit {
     fn http_get(agent: &ureq::Agent, url: &str) -> Result<Option<Vec<u8>>, String> {
         let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
         match response.status().as_u16() {
-            200 => response.body_mut().with_config().limit(MAX_FILE_BYTES).read_to_vec().map(Some).map_err(|e| e.to_string()),
+            200 => response
+                .body_mut()
+                .with_config()
+                .limit(MAX_FILE_BYTES)
+                .read_to_vec()
+                .map(Some)
+                .map_err(|e| e.to_string()),
             404 => Ok(None),
             code => Err(format!("HTTP {code}")),
         }
@@ -1094,7 +1126,9 @@ mod audit {
     fn verifier(key: &LogKey) -> Result<NoteVerifier, Failure> {
         let text = match (&key.vkey, &key.vkey_file) {
             (Some(v), None) => v.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| local(format!("{}: {e}", f.display())))?,
+            (None, Some(f)) => {
+                std::fs::read_to_string(f).map_err(|e| local(format!("{}: {e}", f.display())))?
+            }
             _ => return Err(local("give the log's verifier key: --vkey or --vkey-file")),
         };
         NoteVerifier::parse(text.trim()).map_err(|e| local(format!("verifier key: {e}")))
@@ -1112,7 +1146,8 @@ mod audit {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(local(format!("{}: {e}", path.display()))),
         };
-        let value: Value = serde_json::from_str(&text).map_err(|_| local(format!("{}: not a state file", path.display())))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|_| local(format!("{}: not a state file", path.display())))?;
         let size = value["size"].as_u64().ok_or_else(|| local("state file: size"))?;
         let root = value["root"]
             .as_str()
@@ -1135,7 +1170,8 @@ mod audit {
                         let _ = std::io::stderr().flush();
                     }
                 };
-                let mut check = |_: u64, entry: &[u8]| Event::decode(entry).map(drop).map_err(|e| e.to_string());
+                let mut check =
+                    |_: u64, entry: &[u8]| Event::decode(entry).map(drop).map_err(|e| e.to_string());
                 let report = verify_log(&mut reader, &verifier, seen, &mut check, &mut progress)
                     .map_err(|e| invalid(format!("the log does NOT verify: {e}")))?;
                 if show_progress {
@@ -1147,10 +1183,18 @@ mod audit {
                 }
                 let origin = report.checkpoint.checkpoint().origin.clone();
                 if json_out {
-                    println!("{}", json!({"verified": true, "origin": origin, "size": report.entries, "tiles": report.tiles,
-                        "root": B64.encode(report.checkpoint.root()), "consistent_with_size": seen.map(|s| s.size)}));
+                    println!(
+                        "{}",
+                        json!({"verified": true, "origin": origin, "size": report.entries, "tiles": report.tiles,
+                        "root": B64.encode(report.checkpoint.root()), "consistent_with_size": seen.map(|s| s.size)})
+                    );
                 } else {
-                    println!("OK: log {origin} verifies: {} entries, {} tiles, signed checkpoint root {}", report.entries, report.tiles, B64.encode(report.checkpoint.root()));
+                    println!(
+                        "OK: log {origin} verifies: {} entries, {} tiles, signed checkpoint root {}",
+                        report.entries,
+                        report.tiles,
+                        B64.encode(report.checkpoint.root())
+                    );
                     if let Some(seen) = seen {
                         println!("OK: consistent with the checkpoint of size {} verified before", seen.size);
                     }
@@ -1163,16 +1207,18 @@ mod audit {
                 let mut next = from;
                 loop {
                     let note = reader.checkpoint().map_err(local)?;
-                    let cp = checkpoint::open(&note, &verifier).map_err(|e| invalid(format!("checkpoint: {e}")))?;
+                    let cp = checkpoint::open(&note, &verifier)
+                        .map_err(|e| invalid(format!("checkpoint: {e}")))?;
                     while next < cp.size() {
                         let bundle_index = next / tiles::TILE_WIDTH;
                         let width = tiles::tile_width(0, bundle_index, cp.size());
-                        let bundle = reader
-                            .entries(bundle_index, width)
-                            .map_err(local)?
-                            .ok_or_else(|| invalid(format!("{} is missing", tiles::entries_path(bundle_index, width))))?;
+                        let bundle =
+                            reader.entries(bundle_index, width).map_err(local)?.ok_or_else(|| {
+                                invalid(format!("{} is missing", tiles::entries_path(bundle_index, width)))
+                            })?;
                         let entries = tiles::bundle_entries(&bundle).map_err(|e| invalid(e.to_string()))?;
-                        for (i, entry) in entries.iter().enumerate().skip((next % tiles::TILE_WIDTH) as usize) {
+                        for (i, entry) in entries.iter().enumerate().skip((next % tiles::TILE_WIDTH) as usize)
+                        {
                             let index = bundle_index * tiles::TILE_WIDTH + i as u64;
                             print_event(json_out, index, entry);
                             next = index + 1;
@@ -1195,22 +1241,41 @@ mod audit {
                 let base = url.trim_end_matches('/');
                 let body = http_get(&agent(), &format!("{base}/proof/inclusion?{query}"))
                     .map_err(local)?
-                    .ok_or(Failure { code: 4, message: "no such entry in the log (or not yet sequenced)".into() })?;
-                let proof: Value = serde_json::from_slice(&body).map_err(|_| invalid("the proof is not JSON".into()))?;
+                    .ok_or(Failure {
+                        code: 4,
+                        message: "no such entry in the log (or not yet sequenced)".into(),
+                    })?;
+                let proof: Value =
+                    serde_json::from_slice(&body).map_err(|_| invalid("the proof is not JSON".into()))?;
                 let cp = checkpoint::open(proof["checkpoint"].as_str().unwrap_or_default(), &verifier)
                     .map_err(|e| invalid(format!("checkpoint: {e}")))?;
-                let entry = proof["entry"].as_str().and_then(|e| B64.decode(e).ok()).ok_or_else(|| invalid("entry".into()))?;
+                let entry = proof["entry"]
+                    .as_str()
+                    .and_then(|e| B64.decode(e).ok())
+                    .ok_or_else(|| invalid("entry".into()))?;
                 let hashes: Vec<[u8; 32]> = proof["hashes"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|h| h.as_str().and_then(|h| B64.decode(h).ok()).and_then(|h| h.try_into().ok())).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|h| {
+                                h.as_str().and_then(|h| B64.decode(h).ok()).and_then(|h| h.try_into().ok())
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let index = proof["index"].as_u64().ok_or_else(|| invalid("index".into()))?;
                 verify_inclusion(index, cp.size(), &leaf_hash(&entry), &hashes, cp.root())
                     .map_err(|e| invalid(format!("the inclusion proof does NOT verify: {e}")))?;
                 if json_out {
-                    println!("{}", json!({"verified": true, "index": index, "size": cp.size(), "event": event_json(&entry)}));
+                    println!(
+                        "{}",
+                        json!({"verified": true, "index": index, "size": cp.size(), "event": event_json(&entry)})
+                    );
                 } else {
-                    println!("OK: entry {index} is in the log of size {} (signed checkpoint verified)", cp.size());
+                    println!(
+                        "OK: entry {index} is in the log of size {} (signed checkpoint verified)",
+                        cp.size()
+                    );
                     print_event(false, index, &entry);
                 }
                 Ok(())
@@ -1245,8 +1310,12 @@ mod audit {
         } else {
             println!(
                 "{index:>8}  {}  {:<20} {:<8} {} {}  from {}",
-                e["time_unix_ms"], e["operation"].as_str().unwrap_or("?"), e["outcome"].as_str().unwrap_or("?"),
-                e["entity"].as_str().unwrap_or("?"), e["path"].as_str().unwrap_or(""), e["source"].as_str().unwrap_or("")
+                e["time_unix_ms"],
+                e["operation"].as_str().unwrap_or("?"),
+                e["outcome"].as_str().unwrap_or("?"),
+                e["entity"].as_str().unwrap_or("?"),
+                e["path"].as_str().unwrap_or(""),
+                e["source"].as_str().unwrap_or("")
             );
         }
     }

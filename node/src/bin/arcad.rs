@@ -94,7 +94,8 @@ async fn dev(
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
     sequencer::start(&node, SequencerConfig::default());
-    let opts = ServeOptions { grpc_addr, tls: None, http_addr: Some(http_addr), proxy: ProxyConfig::default() };
+    let opts =
+        ServeOptions { grpc_addr, tls: None, http_addr: Some(http_addr), proxy: ProxyConfig::default() };
     server::serve(node, opts, shutdown_signal()).await
 }
 

@@ -1,0 +1,164 @@
+//! Helpers shared by the end-to-end tests: real `arcad` processes on loopback, the real
+//! `arca` binary, and direct reads of the store file.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use arca_audit::Event;
+use arca_store::{RangeOptions, SqliteConfig, SqliteStore, StoreExt, prefix_end};
+use serde_json::Value;
+
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    /// The log's URL: `http://…/audit/local`.
+    pub log_url: String,
+    pub stderr_log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `arcad dev` on free ports and waits (up to 30 s) for its listening lines.
+pub fn start(data_dir: &Path, node_id: &str) -> Server {
+    start_with(data_dir, node_id, &[])
+}
+
+/// Starts `arcad dev` without waiting for it (for runs that are meant to crash).
+pub fn spawn(data_dir: &Path, node_id: &str, env: &[(&str, &str)]) -> Child {
+    let stderr_log = data_dir.with_file_name(format!("{node_id}.stderr"));
+    Command::new(env!("CARGO_BIN_EXE_arcad"))
+        .args(["dev", "--data-dir"])
+        .arg(data_dir)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--node-id", node_id])
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr_log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Like [`start`], with extra environment variables.
+pub fn start_with(data_dir: &Path, node_id: &str, env: &[(&str, &str)]) -> Server {
+    let stderr_log = data_dir.with_file_name(format!("{node_id}.stderr"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
+        .args(["dev", "--data-dir"])
+        .arg(data_dir)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--node-id", node_id])
+        .env("RUST_LOG", "trace")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("arcad: grpc listening on ") {
+                let _ = tx.send(("grpc", addr.to_owned()));
+            }
+            if let Some(addr) = line.strip_prefix("arcad: http listening on ") {
+                let _ = tx.send(("http", addr.to_owned()));
+            }
+        }
+    });
+    let (mut grpc, mut http) = (None, None);
+    while grpc.is_none() || http.is_none() {
+        let (kind, addr) =
+            rx.recv_timeout(Duration::from_secs(30)).expect("arcad did not start listening in time");
+        if kind == "grpc" { grpc = Some(addr) } else { http = Some(addr) }
+    }
+    let (grpc, http) = (grpc.unwrap(), http.unwrap());
+    Server {
+        child,
+        addr: format!("http://{grpc}"),
+        log_url: format!("http://{http}/audit/local"),
+        stderr_log,
+    }
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn arca(server: &Server, token: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arca"));
+    cmd.args(args).env("ARCA_ADDR", &server.addr).env_remove("ARCA_TOKEN");
+    if let Some(token) = token {
+        cmd.env("ARCA_TOKEN", token);
+    }
+    let out = cmd.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `arca --format json …`, expects success, returns the JSON.
+pub fn ok_json(server: &Server, token: Option<&str>, args: &[&str], calls: &mut usize) -> Value {
+    let mut full = vec!["--format", "json"];
+    full.extend_from_slice(args);
+    let run = arca(server, token, &full);
+    *calls += 1;
+    assert_eq!(run.code, 0, "arca {args:?} failed: {}", run.stderr);
+    let value: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(value["audit_position"].is_string(), "every reply carries its audit position: {value}");
+    value
+}
+
+pub fn fails(server: &Server, token: Option<&str>, args: &[&str], code: i32, calls: &mut usize) -> String {
+    let run = arca(server, token, args);
+    *calls += 1;
+    assert_eq!(run.code, code, "arca {args:?}: expected exit {code}, got {} ({})", run.code, run.stderr);
+    run.stderr
+}
+
+pub fn audit_events(db: &Path) -> Vec<Event> {
+    let store = SqliteStore::open(SqliteConfig::new(db)).unwrap();
+    let prefix = arca_node::keys::audit_events("local");
+    let rows = store
+        .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
+    rows.iter().map(|kv| Event::decode(&kv.value).unwrap()).collect()
+}
+
+/// Polls the log's checkpoint (up to `deadline`) until it covers at least `size` entries.
+pub fn wait_for_log(server: &Server, size: u64, deadline: Duration) -> u64 {
+    let started = Instant::now();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    loop {
+        if let Ok(mut response) = agent.get(format!("{}/checkpoint", server.log_url)).call()
+            && response.status() == 200
+        {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            let seen: u64 = text.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0);
+            if seen >= size {
+                return seen;
+            }
+        }
+        assert!(started.elapsed() < deadline, "the log did not reach {size} entries within {deadline:?}");
+        // Poll, not wait: the condition is re-checked every round.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log's verifier key, as the node publishes it.
+pub fn vkey(server: &Server) -> String {
+    let run = arca(server, None, &["audit", "vkey", "--url", &server.log_url]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    run.stdout.trim().to_owned()
+}
