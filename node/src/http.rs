@@ -73,7 +73,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn checkpoint(State(node): State<Arc<Node>>, Path(region): Path<String>) -> Response {
-    if let Err(r) = check_region(&node, &region) {
+    if let Some(r) = wrong_region(&node, &region) {
         return r;
     }
     match blocking(move || node.audit_checkpoint()).await {
@@ -84,7 +84,7 @@ async fn checkpoint(State(node): State<Arc<Node>>, Path(region): Path<String>) -
 }
 
 async fn vkey(State(node): State<Arc<Node>>, Path(region): Path<String>) -> Response {
-    if let Err(r) = check_region(&node, &region) {
+    if let Some(r) = wrong_region(&node, &region) {
         return r;
     }
     match blocking(move || node.audit_vkey()).await {
@@ -95,7 +95,7 @@ async fn vkey(State(node): State<Arc<Node>>, Path(region): Path<String>) -> Resp
 }
 
 async fn tile(State(node): State<Arc<Node>>, Path((region, rest)): Path<(String, String)>) -> Response {
-    if let Err(r) = check_region(&node, &region) {
+    if let Some(r) = wrong_region(&node, &region) {
         return r;
     }
     let Ok(path) = tiles::parse_path(&format!("tile/{rest}")) else {
@@ -120,7 +120,7 @@ async fn inclusion(
     Path(region): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = check_region(&node, &region) {
+    if let Some(r) = wrong_region(&node, &region) {
         return r;
     }
     let leaf = if let Some(id) = q.get("request_id") {
@@ -156,7 +156,7 @@ async fn consistency(
     Path(region): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = check_region(&node, &region) {
+    if let Some(r) = wrong_region(&node, &region) {
         return r;
     }
     let Some(Ok(old)) = q.get("old").map(|o| o.parse::<u64>()) else {
