@@ -52,12 +52,9 @@ fn error(err: ApiError) -> Response {
     text(status, format!("{err}\n"))
 }
 
-fn check_region(node: &Node, region: &str) -> Result<(), Response> {
-    if region == node.identity().region {
-        Ok(())
-    } else {
-        Err(text(StatusCode::NOT_FOUND, "no such region on this node\n"))
-    }
+/// `Some(404)` when `region` is not this node's.
+fn wrong_region(node: &Node, region: &str) -> Option<Response> {
+    (region != node.identity().region).then(|| text(StatusCode::NOT_FOUND, "no such region on this node\n"))
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
