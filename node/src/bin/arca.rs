@@ -1165,7 +1165,7 @@ mod audit {
                 let seen = load_seen(&state)?;
                 let show_progress = std::io::stderr().is_terminal();
                 let mut progress = |done: u64, total: u64| {
-                    if show_progress && (done % 16 == 0 || done == total) {
+                    if show_progress && (done.is_multiple_of(16) || done == total) {
                         eprint!("\rverifying: {done}/{total} entry bundles ({}%)", done * 100 / total.max(1));
                         let _ = std::io::stderr().flush();
                     }
