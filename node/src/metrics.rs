@@ -29,6 +29,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
     /// Per integrated batch: the largest delay from event time to signed checkpoint.
     integration: Mutex<(Histogram, u64)>,
+    /// The last delays (ms, per batch, the oldest entry's), for quantiles in benchmarks.
+    recent_delays_ms: Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -64,6 +66,20 @@ impl Metrics {
         h.count += 1;
         h.sum_seconds += seconds;
         *entries += count;
+        drop(guard);
+        let mut recent = self.recent_delays_ms.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == 10_000 {
+            recent.pop_front();
+        }
+        recent.push_back(delay_ms.1);
+    }
+
+    /// The recent per-batch integration delays (ms), sorted.
+    pub fn recent_integration_delays_ms(&self) -> Vec<u64> {
+        let mut delays: Vec<u64> =
+            self.recent_delays_ms.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        delays.sort_unstable();
+        delays
     }
 
     /// Renders every metric.
