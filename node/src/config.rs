@@ -21,6 +21,11 @@
 //! # proxy_header = "x-forwarded-for"
 //! # trusted_proxies = ["10.0.0.2"]
 //!
+//! [sequencer]           # the audit log's sequencer (all optional)
+//! interval_ms = 20
+//! lease_ttl_ms = 2000
+//! max_entries_per_checkpoint = 16384
+//!
 //! [log]
 //! level = "info"         # a tracing filter
 //! format = "text"        # or "json"
@@ -39,7 +44,28 @@ pub struct Config {
     pub storage: StorageSection,
     pub listener: ListenerSection,
     #[serde(default)]
+    pub sequencer: SequencerSection,
+    #[serde(default)]
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SequencerSection {
+    pub interval_ms: Option<u64>,
+    pub lease_ttl_ms: Option<u64>,
+    pub max_entries_per_checkpoint: Option<usize>,
+}
+
+impl SequencerSection {
+    pub fn to_config(&self) -> crate::sequencer::SequencerConfig {
+        let default = crate::sequencer::SequencerConfig::default();
+        crate::sequencer::SequencerConfig {
+            interval: self.interval_ms.map_or(default.interval, std::time::Duration::from_millis),
+            lease_ttl: self.lease_ttl_ms.map_or(default.lease_ttl, std::time::Duration::from_millis),
+            max_batch: self.max_entries_per_checkpoint.unwrap_or(default.max_batch),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -168,6 +194,15 @@ impl Config {
         }
         if l.client_ca_file.is_some() && l.tls_cert_file.is_none() {
             return Err(ConfigError::Invalid("client_ca_file needs TLS".into()));
+        }
+        let seq = &self.sequencer;
+        if seq.max_entries_per_checkpoint.is_some_and(|n| n == 0 || n > 1_000_000)
+            || seq.interval_ms.is_some_and(|i| i == 0 || i > 1000)
+            || seq.lease_ttl_ms.is_some_and(|t| !(100..=60_000).contains(&t))
+        {
+            return Err(ConfigError::Invalid(
+                "sequencer: max_entries_per_checkpoint 1..=1000000, interval_ms 1..=1000 (a checkpoint at least every second), lease_ttl_ms 100..=60000".into(),
+            ));
         }
         if l.proxy_header.is_some() == l.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid("set proxy_header and trusted_proxies together".into()));

@@ -117,7 +117,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
             .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into())),
     };
     let node = Node::new(store, identity);
-    sequencer::start(&node, SequencerConfig::default());
+    sequencer::start(&node, config.sequencer.to_config());
     let l = config.listener;
     let tls = match (l.tls_cert_file, l.tls_key_file) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: l.client_ca_file }),
