@@ -193,3 +193,103 @@ fn two_nodes_on_one_store_serve_the_same_data() {
     let from_b = events.iter().filter(|e| e.node == "node-b").count();
     assert!(from_b >= 6, "node b audited its own requests in the shared log");
 }
+
+#[test]
+fn server_mode_over_tls_starts_sealed_and_unseals_with_key_shares() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_params = {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p
+    };
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let (cert_file, key_file, ca_file) =
+        (write("tls.crt", &cert.pem()), write("tls.key", &key.serialize_pem()), write("ca.crt", &ca.pem()));
+    let config = write(
+        "arcad.toml",
+        &format!(
+            "[node]\nid = \"prod-1\"\nregion = \"local\"\ncluster = \"prod\"\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n[listener]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            dir.path().join("arca.db").display(),
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_arcad")).arg("check-config").arg(&config).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let bad = write(
+        "bad.toml",
+        "[storage]\nengine = \"sqlite\"\npath = \"x\"\n[listener]\ngrpc_addr = \"0.0.0.0:1\"\ncolour = 1\n",
+    );
+    let check = Command::new(env!("CARGO_BIN_EXE_arcad")).arg("check-config").arg(&bad).output().unwrap();
+    assert!(!check.status.success() && String::from_utf8_lossy(&check.stderr).contains("colour"));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
+        .args(["server", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("arcad exited").unwrap();
+        if let Some(a) = line.strip_prefix("arcad: grpc listening on ") {
+            break a.to_owned();
+        }
+    };
+    let url = format!("https://{addr}");
+    let run = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arca"));
+        cmd.args(["--format", "json", "--ca-cert"])
+            .arg(&ca_file)
+            .args(args)
+            .env("ARCA_ADDR", &url)
+            .env_remove("ARCA_TOKEN");
+        if let Some(t) = token {
+            cmd.env("ARCA_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let status: serde_json::Value =
+        serde_json::from_slice(&run(None, &["operator", "status"]).stdout).unwrap();
+    assert_eq!(
+        (status["status"]["initialized"].as_bool(), status["status"]["node"].as_str()),
+        (Some(false), Some("prod-1"))
+    );
+    let init = run(None, &["operator", "init", "-key-shares", "3", "-key-threshold", "2"]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let init: serde_json::Value = serde_json::from_slice(&init.stdout).unwrap();
+    let root = init["root_token"].as_str().unwrap().to_owned();
+    let shares: Vec<String> =
+        init["unseal_keys"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+    assert!(run(Some(&root), &["kv", "put", "secret/tls", "k=v"]).status.success());
+    assert!(run(Some(&root), &["operator", "seal"]).status.success());
+    assert_eq!(run(Some(&root), &["kv", "get", "secret/tls"]).status.code(), Some(5), "sealed");
+    assert!(run(None, &["operator", "unseal", &shares[2]]).status.success());
+    assert!(run(None, &["operator", "unseal", &shares[0]]).status.success());
+    let got: serde_json::Value =
+        serde_json::from_slice(&run(Some(&root), &["kv", "get", "secret/tls"]).stdout).unwrap();
+    assert_eq!(got["data"]["k"], "v");
+    // Without the CA, the client refuses the server.
+    let untrusted = Command::new(env!("CARGO_BIN_EXE_arca"))
+        .args(["operator", "status"])
+        .env("ARCA_ADDR", &url)
+        .output()
+        .unwrap();
+    assert!(!untrusted.status.success());
+    let _ = child.kill();
+    let _ = child.wait();
+}
