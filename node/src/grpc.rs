@@ -64,17 +64,23 @@ impl Service {
     }
 
     fn source(&self, peer: Option<SocketAddr>, meta: &tonic::metadata::MetadataMap) -> Source {
-        let peer_text = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-        if let (Some(header), Some(peer)) = (&self.proxy.header, peer)
-            && self.proxy.trusted.contains(&peer.ip())
-            && let Some(forwarded) = meta.get(header.as_str()).and_then(|v| v.to_str().ok())
-            && let Some(first) =
-                forwarded.split(',').next().map(str::trim).filter(|f| f.parse::<IpAddr>().is_ok())
-        {
-            return Source { address: first.to_owned(), proxy: Some(peer_text) };
-        }
-        Source { address: peer_text, proxy: None }
+        let forwarded = self.proxy.header.as_deref().and_then(|h| meta.get(h)).and_then(|v| v.to_str().ok());
+        client_source(&self.proxy, peer, forwarded)
     }
+}
+
+/// The client's address: the peer, or — only when the peer is a trusted proxy — the first
+/// address in the proxy's header, with the proxy recorded beside it.
+pub fn client_source(proxy: &ProxyConfig, peer: Option<SocketAddr>, forwarded: Option<&str>) -> Source {
+    let peer_text = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+    if let Some(peer) = peer
+        && proxy.trusted.contains(&peer.ip())
+        && let Some(first) =
+            forwarded.and_then(|f| f.split(',').next()).map(str::trim).filter(|f| f.parse::<IpAddr>().is_ok())
+    {
+        return Source { address: first.to_owned(), proxy: Some(peer_text) };
+    }
+    Source { address: peer_text, proxy: None }
 }
 
 /// Turns an audited result into a response, attaching the audit position either way.

@@ -1,4 +1,5 @@
-//! The node's HTTP listener: Prometheus `/metrics`, and the audit log published in the C2SP
+//! The node's HTTP listener: the Vault-compatible API (`/v1/…`, see [`crate::vault`]),
+//! Prometheus `/metrics`, and the audit log published in the C2SP
 //! tlog-tiles layout under `/audit/<region>/` (`checkpoint`, `tile/<L>/<N>[.p/<W>]`,
 //! `tile/entries/<N>[.p/<W>]`), with its verifier key and proofs:
 //!
@@ -27,8 +28,11 @@ use crate::error::ApiError;
 use crate::node::Node;
 use crate::sequencer::LeafRef;
 
-/// The HTTP routes of a node.
-pub fn router(node: Arc<Node>) -> Router {
+/// The HTTP routes of a node: the Vault-compatible API under `/v1/`, metrics, the audit log.
+pub fn router(node: Arc<Node>, proxy: crate::grpc::ProxyConfig) -> Router {
+    let vault = Router::new()
+        .route("/v1/{*path}", axum::routing::any(crate::vault::handle))
+        .with_state(crate::vault::HttpState { node: node.clone(), proxy: Arc::new(proxy) });
     Router::new()
         .route("/metrics", get(metrics))
         .route("/audit/{region}/checkpoint", get(checkpoint))
@@ -37,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/audit/{region}/proof/inclusion", get(inclusion))
         .route("/audit/{region}/proof/consistency", get(consistency))
         .with_state(node)
+        .merge(vault)
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {

@@ -13,6 +13,7 @@
 //! | `("sys","secret-id",<role>,<sha256 of secret id>)` | secret id record (barrier) |
 //! | `("sys","cert-role",<name>)` | certificate role (barrier) |
 //! | `("sys","cert-fp",<sha256 of the certificate>)` | certificate role name (barrier) |
+//! | `("sys","mount",<name>)` | a KV v2 mount (JSON, plain: no secrets) |
 //! | `("kv",<mount>,"m",<path>)` | secret metadata (barrier) |
 //! | `("kv",<mount>,"v",<path>,<version>)` | secret version data (barrier) |
 //! | `("audit",<region>,"e",<versionstamp>)` | encoded audit event (plain: no secrets), in log order |
@@ -87,6 +88,19 @@ pub fn cert_role(name: &str) -> Vec<u8> {
 
 pub fn cert_fingerprint(fingerprint: &[u8]) -> Vec<u8> {
     pack(&["sys".into(), "cert-fp".into(), Element::Bytes(fingerprint.to_vec())])
+}
+
+pub fn mounts() -> Vec<u8> {
+    pack(&["sys".into(), "mount".into()])
+}
+
+pub fn mount(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "mount".into(), name.into()])
+}
+
+/// Every key of a KV mount's data.
+pub fn kv_mount(mount: &str) -> Vec<u8> {
+    pack(&["kv".into(), mount.into()])
 }
 
 pub fn kv_meta(mount: &str, path: &str) -> Vec<u8> {

@@ -102,15 +102,39 @@ pub struct MetadataUpdate {
     pub custom_metadata: Option<BTreeMap<String, String>>,
 }
 
-/// Checks a mount name.
+/// Mount names that belong to the system.
+const RESERVED_MOUNTS: &[&str] = &["sys", "auth", "audit", "identity", "cubbyhole", "v1"];
+
+/// Checks a mount name's syntax: 1–64 characters from a-z, 0-9, '-', '_', '.'.
 pub fn validate_mount(mount: &str) -> Result<(), ApiError> {
-    if mount == DEFAULT_MOUNT {
+    let ok = !mount.is_empty()
+        && mount.len() <= 64
+        && mount.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && mount != "."
+        && mount != ".."
+        && !RESERVED_MOUNTS.contains(&mount);
+    if ok {
         Ok(())
-    } else if mount.is_empty() || mount.len() > 64 || mount.contains('/') {
-        Err(ApiError::invalid("mount: a name of 1 to 64 characters without '/'"))
     } else {
-        Err(ApiError::NotFound("no such mount".into()))
+        Err(ApiError::invalid("mount: 1 to 64 characters from a-z, 0-9, '-', '_', '.' (not a reserved name)"))
     }
+}
+
+/// A KV v2 mount as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mount {
+    pub name: String,
+    pub description: String,
+    pub created_unix_ms: u64,
+}
+
+/// Checks the mount's syntax and that it exists (inside the request's transaction).
+fn check_mount(env: &mut Env<'_>, mount: &str) -> Result<(), ApiError> {
+    validate_mount(mount)?;
+    if env.tx.get(&keys::mount(mount))?.is_none() {
+        return Err(ApiError::NotFound(format!("no secrets engine mounted at {mount}/")));
+    }
+    Ok(())
 }
 
 /// Checks a secret path: 1–512 bytes of printable characters, segments separated by single
@@ -258,7 +282,7 @@ impl Node {
         let audit_path = api_path(&mount, "data", &path);
         let read = self
             .execute(ctx, Operation::KvRead, audit_path.clone(), move |env| {
-                validate_mount(&mount)?;
+                check_mount(env, &mount)?;
                 validate_path(&path)?;
                 env.authorize(&audit_path, &[Capability::Read])?;
                 let meta = require_meta(env, &mount, &path)?;
@@ -315,7 +339,7 @@ impl Node {
     ) -> Audited<u64> {
         let audit_path = api_path(&mount, "data", &path);
         self.execute(ctx, Operation::KvWrite, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             validate_data(&data)?;
             let record = env.authenticate()?;
@@ -346,7 +370,7 @@ impl Node {
     ) -> Audited<u64> {
         let audit_path = api_path(&mount, "data", &path);
         self.execute(ctx, Operation::KvPatch, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             validate_data(&set)?;
             if set.0.is_empty() && remove.is_empty() {
@@ -385,7 +409,7 @@ impl Node {
     ) -> Audited<Vec<String>> {
         let audit_path = api_path(&mount, "metadata", &prefix);
         self.execute(ctx, Operation::KvList, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_prefix(&prefix)?;
             let prefix = if prefix.is_empty() || prefix.ends_with('/') {
                 prefix.clone()
@@ -426,7 +450,7 @@ impl Node {
             (api_path(&mount, "delete", &path), Capability::Update)
         };
         self.execute(ctx, Operation::KvDelete, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             env.authorize(&audit_path, &[cap])?;
             let mut meta = require_meta(env, &mount, &path)?;
@@ -458,7 +482,7 @@ impl Node {
     ) -> Audited<Vec<u64>> {
         let audit_path = api_path(&mount, "undelete", &path);
         self.execute(ctx, Operation::KvUndelete, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             if versions.is_empty() {
                 return Err(ApiError::invalid("undelete: name the versions"));
@@ -493,7 +517,7 @@ impl Node {
     ) -> Audited<Vec<u64>> {
         let audit_path = api_path(&mount, "destroy", &path);
         self.execute(ctx, Operation::KvDestroy, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             if versions.is_empty() {
                 return Err(ApiError::invalid("destroy: name the versions"));
@@ -526,7 +550,7 @@ impl Node {
     ) -> Audited<Metadata> {
         let audit_path = api_path(&mount, "metadata", &path);
         self.execute(ctx, Operation::KvReadMetadata, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             env.authorize(&audit_path, &[Capability::Read])?;
             require_meta(env, &mount, &path)
@@ -543,7 +567,7 @@ impl Node {
     ) -> Audited<Metadata> {
         let audit_path = api_path(&mount, "metadata", &path);
         self.execute(ctx, Operation::KvWriteMetadata, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             if let Some(custom) = &update.custom_metadata {
                 validate_custom(custom)?;
@@ -585,7 +609,7 @@ impl Node {
     ) -> Audited<()> {
         let audit_path = api_path(&mount, "metadata", &path);
         self.execute(ctx, Operation::KvDeleteMetadata, audit_path.clone(), move |env| {
-            validate_mount(&mount)?;
+            check_mount(env, &mount)?;
             validate_path(&path)?;
             env.authorize(&audit_path, &[Capability::Delete])?;
             let meta = require_meta(env, &mount, &path)?;

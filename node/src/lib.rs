@@ -29,6 +29,7 @@ pub mod policy;
 pub mod sequencer;
 pub mod server;
 pub mod sys;
+pub mod vault;
 
 /// Generated gRPC types and services (`proto/arca.proto`).
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all, clippy::pedantic)]

@@ -252,6 +252,26 @@ impl Node {
         }
     }
 
+    /// Records a request refused before it reached any operation (unknown route, malformed or
+    /// oversized body), so that it too has its audit event, and returns the error.
+    pub async fn reject(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        path: String,
+        error: impl Fn() -> ApiError + Send + 'static,
+    ) -> Audited<()> {
+        self.execute(ctx, Operation::Rejected, path, move |env| {
+            // Name the caller when the token is valid; a bad token changes nothing here.
+            if !env.node.barrier.is_sealed()
+                && let Err(ApiError::Store(err)) = env.authenticate()
+            {
+                return Err(ApiError::Store(err));
+            }
+            Err(error())
+        })
+        .await
+    }
+
     /// Runs `work` inside the next batch transaction with an audit event for it, and answers
     /// only once that event is durable. `work` may run more than once (conflict retries) and
     /// must only touch the store through `Env`.

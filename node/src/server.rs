@@ -87,7 +87,7 @@ pub async fn serve_listener(
             None => None,
         };
         println!("arcad: http listening on {}", http_listener.local_addr()?);
-        tokio::spawn(serve_http(node.clone(), http_listener, tls));
+        tokio::spawn(serve_http(node.clone(), http_listener, tls, opts.proxy.clone()));
     }
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
@@ -124,15 +124,21 @@ fn http_tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BoxErr
     Ok(Arc::new(config))
 }
 
-async fn serve_http(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+async fn serve_http(
+    node: Arc<Node>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    proxy: ProxyConfig,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
-    let app = crate::http::router(node);
+    let app = crate::http::router(node, proxy);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let service = TowerToHyperService::new(app.clone());
+        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let app = app.clone().layer(axum::Extension(crate::vault::PeerAddr(Some(peer))));
+        let service = TowerToHyperService::new(app);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let builder = Builder::new(TokioExecutor::new());

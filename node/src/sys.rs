@@ -9,6 +9,7 @@ use crate::auth::{self, NewToken, TokenSpec};
 use crate::barrier::{self, BarrierError, Keyring, SealConfig, UnsealProgress};
 use crate::error::ApiError;
 use crate::keys;
+use crate::kv::{DEFAULT_MOUNT, Mount, validate_mount};
 use crate::node::{Audited, Env, Node, RequestContext};
 use crate::policy::{self, Capability};
 
@@ -79,6 +80,15 @@ impl Node {
                 )?;
                 env.actor.entity = "root".into();
                 env.actor.token_accessor = Some(root_token.record.accessor.clone());
+                let secret = Mount {
+                    name: DEFAULT_MOUNT.into(),
+                    description: "key/value secret storage".into(),
+                    created_unix_ms: env.now_unix_ms,
+                };
+                env.tx.set(
+                    &keys::mount(DEFAULT_MOUNT),
+                    &serde_json::to_vec(&secret).map_err(|_| ApiError::Internal)?,
+                )?;
                 Ok(InitResult { shares: init.shares, threshold, root_token })
             })
             .await;
@@ -220,6 +230,87 @@ impl Node {
             }
             env.tx.clear(&keys::policy(&name))?;
             Ok(())
+        })
+        .await
+    }
+}
+
+fn read_mounts(env: &mut Env<'_>) -> Result<Vec<Mount>, ApiError> {
+    let (begin, end) = keys::children_range(&keys::mounts());
+    let mut mounts = Vec::new();
+    for kv in env.tx.get_range(&begin, &end, Default::default())? {
+        mounts.push(serde_json::from_slice(&kv.value).map_err(|_| ApiError::Internal)?);
+    }
+    Ok(mounts)
+}
+
+impl Node {
+    /// Enables a KV v2 mount (needs `create`/`update` on `sys/mounts/<name>`).
+    pub async fn mount_enable(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        name: String,
+        description: String,
+    ) -> Audited<Mount> {
+        let path = format!("sys/mounts/{name}");
+        self.execute(ctx, Operation::MountWrite, path.clone(), move |env| {
+            validate_mount(&name)?;
+            if description.len() > 1024 {
+                return Err(ApiError::invalid("description: at most 1024 bytes"));
+            }
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            if env.tx.get(&keys::mount(&name))?.is_some() {
+                return Err(ApiError::invalid(format!("path is already in use at {name}/")));
+            }
+            let mount = Mount {
+                name: name.clone(),
+                description: description.clone(),
+                created_unix_ms: env.now_unix_ms,
+            };
+            env.tx.set(&keys::mount(&name), &serde_json::to_vec(&mount).map_err(|_| ApiError::Internal)?)?;
+            Ok(mount)
+        })
+        .await
+    }
+
+    /// Disables a mount and deletes everything stored in it (needs `delete` on `sys/mounts/<name>`).
+    pub async fn mount_disable(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("sys/mounts/{name}");
+        self.execute(ctx, Operation::MountDelete, path.clone(), move |env| {
+            validate_mount(&name)?;
+            env.authorize(&path, &[Capability::Delete, Capability::Update])?;
+            if env.tx.get(&keys::mount(&name))?.is_none() {
+                return Err(ApiError::NotFound(format!("no secrets engine mounted at {name}/")));
+            }
+            let (begin, end) = keys::children_range(&keys::kv_mount(&name));
+            env.tx.clear_range(&begin, &end)?;
+            env.tx.clear(&keys::mount(&name))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Lists mounts (needs `read` on `sys/mounts`).
+    pub async fn mount_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<Mount>> {
+        self.execute(ctx, Operation::MountList, "sys/mounts".into(), move |env| {
+            env.authorize("sys/mounts", &[Capability::Read, Capability::List])?;
+            read_mounts(env)
+        })
+        .await
+    }
+
+    /// The mount serving `path` (any authenticated token may ask, as with Vault's
+    /// `sys/internal/ui/mounts`).
+    pub async fn mount_for_path(self: &Arc<Self>, ctx: RequestContext, path: String) -> Audited<Mount> {
+        let audit_path = format!("sys/internal/ui/mounts/{path}");
+        self.execute(ctx, Operation::MountRead, audit_path, move |env| {
+            env.authenticate()?;
+            let first = path.trim_start_matches('/').split('/').next().unwrap_or_default().to_owned();
+            validate_mount(&first).map_err(|_| ApiError::NotFound("no mount serves this path".into()))?;
+            match env.tx.get(&keys::mount(&first))? {
+                Some(raw) => serde_json::from_slice(&raw).map_err(|_| ApiError::Internal),
+                None => Err(ApiError::NotFound("no mount serves this path".into())),
+            }
         })
         .await
     }

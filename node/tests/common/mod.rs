@@ -18,6 +18,8 @@ pub struct Server {
     pub addr: String,
     /// The log's URL: `http://…/audit/local`.
     pub log_url: String,
+    /// The HTTP listener: `http://host:port` (the Vault-compatible API is under `/v1/`).
+    pub http: String,
     pub stderr_log: PathBuf,
 }
 
@@ -83,6 +85,7 @@ pub fn start_with(data_dir: &Path, node_id: &str, env: &[(&str, &str)]) -> Serve
         child,
         addr: format!("http://{grpc}"),
         log_url: format!("http://{http}/audit/local"),
+        http: format!("http://{http}"),
         stderr_log,
     }
 }

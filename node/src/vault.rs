@@ -1,0 +1,830 @@
+//! The Vault-compatible HTTP API (`/v1/…`), so that existing Vault and OpenBao clients —
+//! the `vault`/`bao` CLIs, `bao agent`, `hvac`, the Go SDK — work against arca unchanged.
+//!
+//! Every request goes through the same audit-first path as gRPC (a [`Node`] operation, one
+//! audit event each); requests refused before any operation (unknown route, malformed or
+//! oversized body) are audited as `api.rejected`. Errors use Vault's shape
+//! (`{"errors": [...]}`) and status codes: 400 bad input, 403 missing or invalid token or
+//! capability, 404 not found (`{"errors": []}`), 405 wrong method, 413 body too large,
+//! 503 sealed or storage unavailable.
+//!
+//! Supported: KV v2 on any mount (`data`, `metadata`, `delete`, `undelete`, `destroy`,
+//! `LIST` and `?list=true`, `options.cas`, `?version=`), `sys/mounts`,
+//! `sys/internal/ui/mounts`, token and AppRole auth, ACL policies, and `sys/health`,
+//! `seal-status`, `init`, `unseal`, `seal`, `leader`. Secret values are strings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Extension, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Map, Value, json};
+use zeroize::Zeroizing;
+
+use crate::auth::{AppRole, CreateTokenRequest, NewToken, TokenRecord, WriteRoleRequest};
+use crate::error::ApiError;
+use crate::grpc::{AUDIT_POSITION_HEADER, ProxyConfig, REQUEST_ID_HEADER};
+use crate::kv::{Metadata, MetadataUpdate, SecretData};
+use crate::node::{Audited, Node, RequestContext, now_unix_ms};
+
+/// Largest request body accepted, in bytes (as the gRPC API).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// The peer address of an HTTP connection, set by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub Option<SocketAddr>);
+
+/// Shared state of the HTTP handlers.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    pub node: Arc<Node>,
+    pub proxy: Arc<ProxyConfig>,
+}
+
+/// `2026-11-26T20:37:14.123000000Z` from milliseconds since the epoch.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let nanos = (unix_ms % 1000) * 1_000_000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Vault durations: a number of seconds, or a string like `90`, `90s`, `15m`, `1h`, `2d`, or
+/// Go's form `1h0m0s` (what the CLIs send).
+fn duration_secs(value: &Value) -> Result<Option<u64>, ApiError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(n) => {
+            n.as_u64().map(Some).ok_or_else(|| ApiError::invalid("durations are whole seconds"))
+        }
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => {
+            parse_duration(s).map(Some).ok_or_else(|| ApiError::invalid(format!("invalid duration {s:?}")))
+        }
+        _ => Err(ApiError::invalid("durations are numbers or strings")),
+    }
+}
+
+fn parse_duration(s: &str) -> Option<u64> {
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().ok();
+    }
+    let mut total_ms: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let factor_ms = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        total_ms = total_ms.checked_add(n.checked_mul(factor_ms)?)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total_ms / 1000)
+}
+
+fn strings(value: &Value, field: &str) -> Result<Vec<String>, ApiError> {
+    match value {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => {
+            Ok(s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect())
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::invalid(format!("{field}: a list of strings")))
+            })
+            .collect(),
+        _ => Err(ApiError::invalid(format!("{field}: a list of strings"))),
+    }
+}
+
+fn versions(value: &Value) -> Result<Vec<u64>, ApiError> {
+    match value {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| match v {
+                Value::Number(n) => n.as_u64().ok_or_else(|| ApiError::invalid("versions: whole numbers")),
+                Value::String(s) => s.parse().map_err(|_| ApiError::invalid("versions: whole numbers")),
+                _ => Err(ApiError::invalid("versions: whole numbers")),
+            })
+            .collect(),
+        Value::String(s) => s
+            .split(',')
+            .map(|v| v.trim().parse().map_err(|_| ApiError::invalid("versions: whole numbers")))
+            .collect(),
+        _ => Err(ApiError::invalid("versions: a list of numbers")),
+    }
+}
+
+fn string_map(value: &Value, field: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    match value {
+        Value::Null => Ok(BTreeMap::new()),
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(ApiError::invalid(format!("{field}: arca stores string values only (key {k:?})"))),
+            })
+            .collect(),
+        _ => Err(ApiError::invalid(format!("{field}: an object of strings"))),
+    }
+}
+
+fn errors(status: StatusCode, messages: &[String]) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], json!({ "errors": messages }).to_string())
+        .into_response()
+}
+
+fn api_error(err: &ApiError) -> Response {
+    match err {
+        ApiError::InvalidArgument(m) | ApiError::FailedPrecondition(m) => {
+            errors(StatusCode::BAD_REQUEST, std::slice::from_ref(m))
+        }
+        ApiError::Unauthenticated | ApiError::PermissionDenied => {
+            errors(StatusCode::FORBIDDEN, &["permission denied".into()])
+        }
+        ApiError::NotFound(_) => errors(StatusCode::NOT_FOUND, &[]),
+        ApiError::Sealed => errors(StatusCode::SERVICE_UNAVAILABLE, &["Vault is sealed".into()]),
+        ApiError::NotInitialized => {
+            errors(StatusCode::SERVICE_UNAVAILABLE, &["Vault is not initialized".into()])
+        }
+        ApiError::Unavailable | ApiError::Store(_) => {
+            errors(StatusCode::SERVICE_UNAVAILABLE, &[err.to_string()])
+        }
+        _ => errors(StatusCode::INTERNAL_SERVER_ERROR, &["internal error".into()]),
+    }
+}
+
+/// Vault's response envelope.
+fn envelope(request_id: &str, data: Value, auth: Value) -> Value {
+    json!({
+        "request_id": request_id, "lease_id": "", "renewable": false, "lease_duration": 0,
+        "data": data, "wrap_info": null, "warnings": null, "auth": auth,
+    })
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// Turns an audited result into a response, with the audit headers either way.
+fn reply<T>(audited: Audited<T>, ok: impl FnOnce(T, &str) -> Response) -> Response {
+    let mut response = match audited.result {
+        Ok(value) => ok(value, &audited.request_id),
+        Err(err) => api_error(&err),
+    };
+    let headers = response.headers_mut();
+    if let Some(position) = audited.position.map(|p| hex::encode(p.as_bytes()))
+        && let Ok(value) = HeaderValue::from_str(&position)
+    {
+        headers.insert(AUDIT_POSITION_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&audited.request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn token_auth(t: &NewToken) -> Value {
+    let r = &t.record;
+    json!({
+        "client_token": t.token.as_str(), "accessor": r.accessor, "policies": r.policies, "token_policies": r.policies,
+        "identity_policies": null, "metadata": null, "lease_duration": r.ttl_secs, "renewable": r.renewable,
+        "entity_id": "", "token_type": "service", "orphan": r.parent.is_none(), "mfa_requirement": null, "num_uses": 0,
+    })
+}
+
+fn token_data(r: &TokenRecord, id: Option<&str>) -> Value {
+    let now = now_unix_ms();
+    json!({
+        "accessor": r.accessor, "creation_time": r.created_unix_ms / 1000, "creation_ttl": r.ttl_secs,
+        "display_name": r.display_name, "entity_id": "", "expire_time": r.expire_unix_ms.map(rfc3339),
+        "explicit_max_ttl": 0, "id": id.unwrap_or(""), "issue_time": rfc3339(r.created_unix_ms), "meta": null,
+        "num_uses": 0, "orphan": r.parent.is_none(), "path": "auth/token/create", "policies": r.policies,
+        "renewable": r.renewable, "ttl": r.expire_unix_ms.map_or(0, |e| e.saturating_sub(now) / 1000), "type": "service",
+    })
+}
+
+fn version_meta(version: u64, m: &crate::kv::VersionMeta, custom: &BTreeMap<String, String>) -> Value {
+    json!({
+        "created_time": rfc3339(m.created_unix_ms), "custom_metadata": if custom.is_empty() { Value::Null } else { json!(custom) },
+        "deletion_time": m.deletion_unix_ms.map(rfc3339).unwrap_or_default(), "destroyed": m.destroyed, "version": version,
+    })
+}
+
+fn metadata_json(m: &Metadata) -> Value {
+    let versions: Map<String, Value> = m
+        .versions
+        .iter()
+        .map(|(v, s)| {
+            (v.to_string(), json!({"created_time": rfc3339(s.created_unix_ms), "deletion_time": s.deletion_unix_ms.map(rfc3339).unwrap_or_default(), "destroyed": s.destroyed}))
+        })
+        .collect();
+    json!({
+        "cas_required": m.cas_required, "created_time": rfc3339(m.created_unix_ms), "current_version": m.current_version,
+        "custom_metadata": if m.custom_metadata.is_empty() { Value::Null } else { json!(m.custom_metadata) },
+        "delete_version_after": "0s", "max_versions": m.max_versions, "oldest_version": m.oldest_version(),
+        "updated_time": rfc3339(m.updated_unix_ms), "versions": versions,
+    })
+}
+
+fn role_json(r: &AppRole) -> Value {
+    json!({
+        "token_policies": r.policies, "policies": r.policies, "token_ttl": r.token_ttl_secs, "token_max_ttl": 0,
+        "secret_id_ttl": r.secret_id_ttl_secs, "secret_id_num_uses": 0, "bind_secret_id": true, "token_type": "default",
+    })
+}
+
+fn mount_json(m: &crate::kv::Mount) -> Value {
+    json!({
+        "type": "kv", "description": m.description, "options": {"version": "2"}, "local": false, "seal_wrap": false,
+        "external_entropy_access": false, "config": {"default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": false},
+        "accessor": format!("kv_{}", m.name), "uuid": "", "plugin_version": "", "running_plugin_version": "", "running_sha256": "",
+    })
+}
+
+/// The `/v1/*` handler.
+pub async fn handle(
+    State(state): State<HttpState>,
+    peer: Option<Extension<PeerAddr>>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let peer = peer.and_then(|Extension(p)| p.0);
+    let ctx = context(&state.proxy, peer, &parts.headers);
+    let node = state.node.clone();
+    let path = parts.uri.path().strip_prefix("/v1/").unwrap_or_default().trim_end_matches('/').to_owned();
+    let query: BTreeMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let list = parts.method.as_str() == "LIST"
+        || (parts.method == Method::GET && query.get("list").is_some_and(|v| v == "true"));
+    let body = match read_body(body).await {
+        Ok(body) => body,
+        Err((status, message)) => {
+            let rejected = node.reject(ctx, path, move || ApiError::invalid(message.clone())).await;
+            let mut response = reply(rejected, |(), _| no_content());
+            *response.status_mut() = status;
+            return response;
+        }
+    };
+    match dispatch(&node, ctx, &parts.method, list, &path, &query, body).await {
+        Ok(response) => response,
+        Err((ctx, err)) => {
+            let route = path.clone();
+            let status = match &err {
+                Reject::NoRoute => StatusCode::NOT_FOUND,
+                Reject::Method => StatusCode::METHOD_NOT_ALLOWED,
+                Reject::Bad(_) => StatusCode::BAD_REQUEST,
+            };
+            let message = match err {
+                Reject::NoRoute => format!("no handler for route \"{route}\". route entry not found."),
+                Reject::Method => "unsupported operation".to_owned(),
+                Reject::Bad(m) => m,
+            };
+            let rejected = node
+                .reject(ctx, route, {
+                    let message = message.clone();
+                    move || ApiError::invalid(message.clone())
+                })
+                .await;
+            let position = rejected.position;
+            let mut response = errors(status, &[message]);
+            if let Some(p) = position.map(|p| hex::encode(p.as_bytes()))
+                && let Ok(value) = HeaderValue::from_str(&p)
+            {
+                response.headers_mut().insert(AUDIT_POSITION_HEADER, value);
+            }
+            response
+        }
+    }
+}
+
+fn context(proxy: &ProxyConfig, peer: Option<SocketAddr>, headers: &HeaderMap) -> RequestContext {
+    let token = headers
+        .get("x-vault-token")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| Zeroizing::new(t.to_owned()));
+    let forwarded = proxy.header.as_deref().and_then(|h| headers.get(h)).and_then(|v| v.to_str().ok());
+    RequestContext::new(token, crate::grpc::client_source(proxy, peer, forwarded))
+}
+
+async fn read_body(body: Body) -> Result<Value, (StatusCode, String)> {
+    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+        (StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY_BYTES} bytes"))
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        // `bao write -f` sends `null`.
+        Ok(Value::Null) => Ok(Value::Object(Map::new())),
+        Ok(_) => Err((StatusCode::BAD_REQUEST, "failed to parse JSON input: expected an object".into())),
+        Err(e) => Err((StatusCode::BAD_REQUEST, format!("failed to parse JSON input: {e}"))),
+    }
+}
+
+enum Reject {
+    NoRoute,
+    Method,
+    Bad(String),
+}
+
+type Dispatched = Result<Response, (RequestContext, Reject)>;
+
+async fn dispatch(
+    node: &Arc<Node>,
+    ctx: RequestContext,
+    method: &Method,
+    list: bool,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    body: Value,
+) -> Dispatched {
+    let segments: Vec<&str> = path.split('/').collect();
+    let m = method.as_str();
+    let write = matches!(m, "POST" | "PUT");
+    macro_rules! bad {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(err) => return Err((ctx, Reject::Bad(err.to_string()))),
+            }
+        };
+    }
+    let response = match (segments.as_slice(), m) {
+        (["sys", "health"], "GET" | "HEAD") => {
+            let audited = node.operator_status(ctx).await;
+            reply(audited, |s, _| {
+                let status = if !s.initialized {
+                    StatusCode::NOT_IMPLEMENTED
+                } else if s.sealed {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                let id = node.identity();
+                json_response(
+                    status,
+                    json!({
+                        "initialized": s.initialized, "sealed": s.sealed, "standby": false, "performance_standby": false,
+                        "replication_performance_mode": "disabled", "replication_dr_mode": "disabled",
+                        "server_time_utc": now_unix_ms() / 1000, "version": concat!("arca-", env!("CARGO_PKG_VERSION")),
+                        "cluster_name": id.cluster, "cluster_id": "",
+                    }),
+                )
+            })
+        }
+        (["sys", "seal-status"], "GET") => {
+            let audited = node.operator_status(ctx).await;
+            reply(audited, |s, _| {
+                json_response(
+                    StatusCode::OK,
+                    seal_status(node, s.initialized, s.sealed, s.shares, s.threshold, s.progress),
+                )
+            })
+        }
+        (["sys", "leader"], "GET") => {
+            let audited = node.operator_status(ctx).await;
+            reply(audited, |_, _| {
+                json_response(
+                    StatusCode::OK,
+                    json!({"ha_enabled": false, "is_self": true, "active_time": "0001-01-01T00:00:00Z", "leader_address": "", "leader_cluster_address": "", "performance_standby": false, "raft_committed_index": 0, "raft_applied_index": 0}),
+                )
+            })
+        }
+        (["sys", "init"], "GET") => {
+            let audited = node.operator_status(ctx).await;
+            reply(audited, |s, _| json_response(StatusCode::OK, json!({"initialized": s.initialized})))
+        }
+        (["sys", "init"], "PUT" | "POST") => {
+            let shares = body["secret_shares"].as_u64().unwrap_or(5).min(255) as u8;
+            let threshold = body["secret_threshold"].as_u64().unwrap_or(3).min(255) as u8;
+            let audited = node.operator_init(ctx, shares, threshold).await;
+            reply(audited, |i, _| {
+                let hex_keys: Vec<String> = i.shares.iter().map(|s| s.to_string()).collect();
+                let b64_keys: Vec<String> = i
+                    .shares
+                    .iter()
+                    .map(|s| B64.encode(hex::decode(s.as_str()).unwrap_or_default()))
+                    .collect();
+                json_response(
+                    StatusCode::OK,
+                    json!({"keys": hex_keys, "keys_base64": b64_keys, "root_token": i.root_token.token.as_str()}),
+                )
+            })
+        }
+        (["sys", "unseal"], "PUT" | "POST") => {
+            let key = body["key"].as_str().unwrap_or_default().trim().to_owned();
+            // Vault accepts hex or base64 key shares.
+            let key = if hex::decode(&key).is_ok() {
+                key
+            } else {
+                B64.decode(&key).map(hex::encode).unwrap_or(key)
+            };
+            let audited = node.operator_unseal(ctx, Zeroizing::new(key)).await;
+            let status = node.barrier().is_sealed();
+            reply(audited, |p, _| {
+                json_response(
+                    StatusCode::OK,
+                    seal_status(node, true, status && p.sealed, 0, p.threshold, p.progress),
+                )
+            })
+        }
+        (["sys", "seal"], "PUT" | "POST") => reply(node.operator_seal(ctx).await, |(), _| no_content()),
+        (["sys", "mounts"], "GET") => reply(node.mount_list(ctx).await, |mounts, rid| {
+            let mut map = Map::new();
+            for mount in &mounts {
+                map.insert(format!("{}/", mount.name), mount_json(mount));
+            }
+            let mut body = envelope(rid, Value::Object(map.clone()), Value::Null);
+            if let Value::Object(top) = &mut body {
+                top.extend(map);
+            }
+            json_response(StatusCode::OK, body)
+        }),
+        (["sys", "mounts", name], "POST" | "PUT") => {
+            let kind = body["type"].as_str().unwrap_or_default();
+            let version = body["options"]["version"].as_str().unwrap_or("");
+            if !(kind == "kv-v2" || (kind == "kv" && version == "2")) {
+                return Err((
+                    ctx,
+                    Reject::Bad(format!(
+                        "arca mounts KV version 2 only (type \"kv-v2\", or \"kv\" with options.version \"2\"); got {kind:?}"
+                    )),
+                ));
+            }
+            let description = body["description"].as_str().unwrap_or_default().to_owned();
+            reply(node.mount_enable(ctx, (*name).to_owned(), description).await, |_, _| no_content())
+        }
+        (["sys", "mounts", name], "DELETE") => {
+            reply(node.mount_disable(ctx, (*name).to_owned()).await, |(), _| no_content())
+        }
+        (["sys", "internal", "ui", "mounts", rest @ ..], "GET") => {
+            reply(node.mount_for_path(ctx, rest.join("/")).await, |mount, rid| {
+                let mut data = mount_json(&mount);
+                data["path"] = json!(format!("{}/", mount.name));
+                json_response(StatusCode::OK, envelope(rid, data, Value::Null))
+            })
+        }
+        (["sys", "auth"], "GET") => reply(node.operator_status(ctx).await, |_, rid| {
+            let methods = json!({
+                "token/": {"type": "token", "description": "token based credentials", "accessor": "auth_token", "options": null, "config": {}},
+                "approle/": {"type": "approle", "description": "machine login", "accessor": "auth_approle", "options": null, "config": {}},
+            });
+            json_response(StatusCode::OK, envelope(rid, methods, Value::Null))
+        }),
+        (["sys", "auth", "approle" | "token"], "POST" | "PUT") => {
+            // Both methods are always enabled: enabling them again is a no-op.
+            reply(node.operator_status(ctx).await, |_, _| no_content())
+        }
+        (["sys", "policies", "acl"] | ["sys", "policy"], _) if list || m == "GET" => {
+            reply(node.policy_list(ctx).await, |names, rid| {
+                json_response(
+                    StatusCode::OK,
+                    envelope(rid, json!({"keys": names, "policies": names}), Value::Null),
+                )
+            })
+        }
+        (["sys", "policies", "acl", name] | ["sys", "policy", name], "GET") => {
+            let name = (*name).to_owned();
+            reply(node.policy_read(ctx, name.clone()).await, |text, rid| {
+                json_response(
+                    StatusCode::OK,
+                    envelope(rid, json!({"name": name, "policy": text, "rules": text}), Value::Null),
+                )
+            })
+        }
+        (["sys", "policies", "acl", name] | ["sys", "policy", name], "PUT" | "POST") => {
+            let text = body["policy"].as_str().or(body["rules"].as_str()).unwrap_or_default().to_owned();
+            reply(node.policy_write(ctx, (*name).to_owned(), text).await, |(), _| no_content())
+        }
+        (["sys", "policies", "acl", name] | ["sys", "policy", name], "DELETE") => {
+            reply(node.policy_delete(ctx, (*name).to_owned()).await, |(), _| no_content())
+        }
+        (["auth", "token", kind @ ("create" | "create-orphan")], "POST" | "PUT") => {
+            let req = CreateTokenRequest {
+                policies: bad!(strings(&body["policies"], "policies")),
+                ttl_secs: bad!(duration_secs(&body["ttl"])),
+                display_name: body["display_name"].as_str().unwrap_or_default().to_owned(),
+                renewable: body["renewable"].as_bool().unwrap_or(true),
+                orphan: *kind == "create-orphan" || body["no_parent"].as_bool().unwrap_or(false),
+            };
+            reply(node.token_create(ctx, req).await, |t, rid| {
+                json_response(StatusCode::OK, envelope(rid, Value::Null, token_auth(&t)))
+            })
+        }
+        (["auth", "token", "lookup-self"], "GET" | "POST") => {
+            let own = ctx.token.as_ref().map(|t| t.to_string());
+            reply(node.token_lookup(ctx, None).await, |r, rid| {
+                json_response(StatusCode::OK, envelope(rid, token_data(&r, own.as_deref()), Value::Null))
+            })
+        }
+        (["auth", "token", "lookup"], "POST" | "PUT") => {
+            let token = Zeroizing::new(body["token"].as_str().unwrap_or_default().to_owned());
+            reply(node.token_lookup_by_token(ctx, token).await, |r, rid| {
+                json_response(StatusCode::OK, envelope(rid, token_data(&r, None), Value::Null))
+            })
+        }
+        (["auth", "token", "lookup-accessor"], "POST" | "PUT") => {
+            let accessor = body["accessor"].as_str().unwrap_or_default().to_owned();
+            if accessor.is_empty() {
+                return Err((ctx, Reject::Bad("missing accessor".into())));
+            }
+            reply(node.token_lookup(ctx, Some(accessor)).await, |r, rid| {
+                json_response(StatusCode::OK, envelope(rid, token_data(&r, None), Value::Null))
+            })
+        }
+        (["auth", "token", "renew-self"], "POST" | "PUT") => {
+            let increment = bad!(duration_secs(&body["increment"]));
+            let own = ctx.token.clone();
+            reply(node.token_renew(ctx, increment).await, |r, rid| {
+                let auth = token_auth(&NewToken { token: own.unwrap_or_default(), record: r });
+                json_response(StatusCode::OK, envelope(rid, Value::Null, auth))
+            })
+        }
+        (["auth", "token", "revoke-self"], "POST" | "PUT") => {
+            reply(node.token_revoke(ctx, None).await, |_, _| no_content())
+        }
+        (["auth", "token", "revoke"], "POST" | "PUT") => {
+            let token = Zeroizing::new(body["token"].as_str().unwrap_or_default().to_owned());
+            reply(node.token_revoke_by_token(ctx, token).await, |_, _| no_content())
+        }
+        (["auth", "token", "revoke-accessor"], "POST" | "PUT") => {
+            let accessor = body["accessor"].as_str().unwrap_or_default().to_owned();
+            reply(node.token_revoke(ctx, Some(accessor)).await, |_, _| no_content())
+        }
+        (["auth", "approle", "login"], "POST" | "PUT") => {
+            let role_id = Zeroizing::new(body["role_id"].as_str().unwrap_or_default().to_owned());
+            let secret_id = Zeroizing::new(body["secret_id"].as_str().unwrap_or_default().to_owned());
+            reply(node.approle_login(ctx, role_id, secret_id).await, |t, rid| {
+                json_response(StatusCode::OK, envelope(rid, Value::Null, token_auth(&t)))
+            })
+        }
+        (["auth", "approle", "role"], _) if list => reply(node.approle_list(ctx).await, |names, rid| {
+            json_response(StatusCode::OK, envelope(rid, json!({"keys": names}), Value::Null))
+        }),
+        (["auth", "approle", "role", name], "POST" | "PUT") => {
+            let policies =
+                if body["token_policies"].is_null() { &body["policies"] } else { &body["token_policies"] };
+            let req = WriteRoleRequest {
+                name: (*name).to_owned(),
+                policies: bad!(strings(policies, "token_policies")),
+                token_ttl_secs: bad!(duration_secs(&body["token_ttl"])),
+                secret_id_ttl_secs: bad!(duration_secs(&body["secret_id_ttl"])),
+            };
+            reply(node.approle_write(ctx, req).await, |_, _| no_content())
+        }
+        (["auth", "approle", "role", name], "GET") => {
+            reply(node.approle_read(ctx, (*name).to_owned()).await, |r, rid| {
+                json_response(StatusCode::OK, envelope(rid, role_json(&r), Value::Null))
+            })
+        }
+        (["auth", "approle", "role", name], "DELETE") => {
+            reply(node.approle_delete(ctx, (*name).to_owned()).await, |(), _| no_content())
+        }
+        (["auth", "approle", "role", name, "role-id"], "GET") => {
+            reply(node.approle_role_id(ctx, (*name).to_owned()).await, |id, rid| {
+                json_response(StatusCode::OK, envelope(rid, json!({"role_id": id}), Value::Null))
+            })
+        }
+        (["auth", "approle", "role", name, "secret-id"], "POST" | "PUT") => {
+            reply(node.approle_secret_id(ctx, (*name).to_owned()).await, |s, rid| {
+                let ttl = s.expire_unix_ms.map_or(0, |e| e.saturating_sub(now_unix_ms()) / 1000);
+                json_response(
+                    StatusCode::OK,
+                    envelope(
+                        rid,
+                        json!({"secret_id": s.secret_id.as_str(), "secret_id_accessor": s.accessor, "secret_id_ttl": ttl, "secret_id_num_uses": 0}),
+                        Value::Null,
+                    ),
+                )
+            })
+        }
+        ([mount, "data", rest @ ..], _) if !rest.is_empty() => {
+            let (mount, secret) = ((*mount).to_owned(), rest.join("/"));
+            match m {
+                "GET" => {
+                    let version = match query.get("version") {
+                        None => None,
+                        Some(v) => Some(bad!(
+                            v.parse::<u64>().map_err(|_| ApiError::invalid("version must be a number"))
+                        )),
+                    };
+                    reply(node.kv_read(ctx, mount, secret, version).await, |s, rid| {
+                        let meta = version_meta(s.version, &s.meta, &s.custom_metadata);
+                        json_response(
+                            StatusCode::OK,
+                            envelope(rid, json!({"data": s.data.0, "metadata": meta}), Value::Null),
+                        )
+                    })
+                }
+                "POST" | "PUT" => {
+                    let data = SecretData(bad!(string_map(&body["data"], "data")));
+                    let cas = body["options"]["cas"].as_u64();
+                    reply(node.kv_write(ctx, mount, secret, data, cas).await, |version, rid| {
+                        let meta = version_meta(
+                            version,
+                            &crate::kv::VersionMeta {
+                                created_unix_ms: now_unix_ms(),
+                                deletion_unix_ms: None,
+                                destroyed: false,
+                            },
+                            &BTreeMap::new(),
+                        );
+                        json_response(StatusCode::OK, envelope(rid, meta, Value::Null))
+                    })
+                }
+                "PATCH" => {
+                    let Value::Object(fields) = &body["data"] else {
+                        return Err((ctx, Reject::Bad("patch: data must be an object".into())));
+                    };
+                    let mut set = BTreeMap::new();
+                    let mut remove = Vec::new();
+                    for (k, v) in fields {
+                        match v {
+                            Value::Null => remove.push(k.clone()),
+                            Value::String(s) => {
+                                set.insert(k.clone(), s.clone());
+                            }
+                            _ => {
+                                return Err((
+                                    ctx,
+                                    Reject::Bad(format!("data: arca stores string values only (key {k:?})")),
+                                ));
+                            }
+                        }
+                    }
+                    let cas = body["options"]["cas"].as_u64();
+                    reply(
+                        node.kv_patch(ctx, mount, secret, SecretData(set), remove, cas).await,
+                        |version, rid| {
+                            let meta = version_meta(
+                                version,
+                                &crate::kv::VersionMeta {
+                                    created_unix_ms: now_unix_ms(),
+                                    deletion_unix_ms: None,
+                                    destroyed: false,
+                                },
+                                &BTreeMap::new(),
+                            );
+                            json_response(StatusCode::OK, envelope(rid, meta, Value::Null))
+                        },
+                    )
+                }
+                "DELETE" => reply(node.kv_delete(ctx, mount, secret, Vec::new()).await, |_, _| no_content()),
+                _ => return Err((ctx, Reject::Method)),
+            }
+        }
+        ([mount, verb @ ("delete" | "undelete" | "destroy"), rest @ ..], "POST" | "PUT")
+            if !rest.is_empty() =>
+        {
+            let (mount, secret) = ((*mount).to_owned(), rest.join("/"));
+            let versions = bad!(versions(&body["versions"]));
+            let audited = match *verb {
+                "delete" => {
+                    if versions.is_empty() {
+                        return Err((ctx, Reject::Bad("no version number provided".into())));
+                    }
+                    node.kv_delete(ctx, mount, secret, versions).await
+                }
+                "undelete" => node.kv_undelete(ctx, mount, secret, versions).await,
+                _ => node.kv_destroy(ctx, mount, secret, versions).await,
+            };
+            reply(audited, |_, _| no_content())
+        }
+        ([_, "delete" | "undelete" | "destroy", rest @ ..], _) if !rest.is_empty() => {
+            return Err((ctx, Reject::Method));
+        }
+        ([mount, "metadata", rest @ ..], _) => {
+            let (mount, secret) = ((*mount).to_owned(), rest.join("/"));
+            if list {
+                return Ok(reply(node.kv_list(ctx, mount, secret).await, |keys, rid| {
+                    if keys.is_empty() {
+                        errors(StatusCode::NOT_FOUND, &[])
+                    } else {
+                        json_response(StatusCode::OK, envelope(rid, json!({"keys": keys}), Value::Null))
+                    }
+                }));
+            }
+            match m {
+                "GET" => reply(node.kv_read_metadata(ctx, mount, secret).await, |meta, rid| {
+                    json_response(StatusCode::OK, envelope(rid, metadata_json(&meta), Value::Null))
+                }),
+                "POST" | "PUT" | "PATCH" => {
+                    let update = MetadataUpdate {
+                        max_versions: body["max_versions"]
+                            .as_u64()
+                            .map(|v| v.min(u64::from(u32::MAX)) as u32),
+                        cas_required: body["cas_required"].as_bool(),
+                        custom_metadata: if body["custom_metadata"].is_null() {
+                            None
+                        } else {
+                            Some(bad!(string_map(&body["custom_metadata"], "custom_metadata")))
+                        },
+                    };
+                    reply(node.kv_write_metadata(ctx, mount, secret, update).await, |_, _| no_content())
+                }
+                "DELETE" => reply(node.kv_delete_metadata(ctx, mount, secret).await, |(), _| no_content()),
+                _ => return Err((ctx, Reject::Method)),
+            }
+        }
+        _ if write || matches!(m, "GET" | "DELETE" | "LIST" | "PATCH" | "HEAD") => {
+            return Err((ctx, Reject::NoRoute));
+        }
+        _ => return Err((ctx, Reject::Method)),
+    };
+    Ok(response)
+}
+
+fn seal_status(
+    node: &Node,
+    initialized: bool,
+    sealed: bool,
+    shares: u8,
+    threshold: u8,
+    progress: u8,
+) -> Value {
+    let id = node.identity();
+    json!({
+        "type": "shamir", "initialized": initialized, "sealed": sealed, "t": threshold, "n": shares, "progress": progress,
+        "nonce": "", "version": concat!("arca-", env!("CARGO_PKG_VERSION")), "build_date": "", "migration": false,
+        "cluster_name": id.cluster, "cluster_id": "", "recovery_seal": false, "storage_type": "arca",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123000000Z");
+        assert_eq!(rfc3339(1_795_727_994_955), "2026-11-26T20:39:54.955000000Z");
+    }
+
+    #[test]
+    fn durations_parse_like_vault() {
+        assert_eq!(duration_secs(&json!("1h")).unwrap(), Some(3600));
+        assert_eq!(duration_secs(&json!("90")).unwrap(), Some(90));
+        assert_eq!(duration_secs(&json!(45)).unwrap(), Some(45));
+        assert_eq!(duration_secs(&json!(null)).unwrap(), None);
+        assert_eq!(duration_secs(&json!("1h0m0s")).unwrap(), Some(3600));
+        assert_eq!(duration_secs(&json!("2m30s")).unwrap(), Some(150));
+        assert!(duration_secs(&json!("1y")).is_err());
+        assert!(duration_secs(&json!("-5s")).is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! The Vault-compatible HTTP API driven by real third-party clients as separate processes:
+//! OpenBao's `bao` CLI and `bao agent`, and Python's `hvac`. `scripts/setup.sh` installs them
+//! into `.tools/`. Plus Vault's error statuses and bodies, each request audited once.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, audit_events, start};
+use serde_json::Value;
+
+fn tools() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools");
+    assert!(dir.join("bao").exists(), "the bao CLI is missing: run scripts/setup.sh (the test command does)");
+    dir
+}
+
+struct Dev {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    server: Server,
+    root: String,
+}
+
+fn dev() -> Dev {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data, "node-a");
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    Dev { _dir: dir, data, server, root }
+}
+
+fn bao(dev: &Dev, token: &str, args: &[&str]) -> Output {
+    Command::new(tools().join("bao"))
+        .args(args)
+        .env("BAO_ADDR", &dev.server.http)
+        .env("BAO_TOKEN", token)
+        .env("HOME", dev._dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn bao_ok(dev: &Dev, args: &[&str]) -> String {
+    let out = bao(dev, &dev.root, args);
+    assert!(out.status.success(), "bao {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `bao <command…> -format=json <args…>`.
+fn bao_json(dev: &Dev, command: &[&str], args: &[&str]) -> Value {
+    let mut full = command.to_vec();
+    full.push("-format=json");
+    full.extend_from_slice(args);
+    serde_json::from_str(&bao_ok(dev, &full)).unwrap()
+}
+
+#[test]
+fn the_bao_cli_manages_secrets_tokens_policies_and_approle() {
+    let dev = dev();
+    bao_ok(&dev, &["kv", "put", "secret/app/db", "password=one", "user=svc"]);
+    bao_ok(&dev, &["kv", "put", "secret/app/db", "password=two", "user=svc"]);
+    let got = bao_json(&dev, &["kv", "get"], &["secret/app/db"]);
+    assert_eq!(got["data"]["data"]["password"], "two");
+    assert_eq!(got["data"]["metadata"]["version"], 2);
+    assert_eq!(bao_ok(&dev, &["kv", "get", "-version=1", "-field=password", "secret/app/db"]), "one");
+    assert_eq!(bao_json(&dev, &["kv", "list"], &["secret/app"]), serde_json::json!(["db"]));
+    assert_eq!(bao_json(&dev, &["kv", "metadata", "get"], &["secret/app/db"])["data"]["current_version"], 2);
+    bao_ok(&dev, &["kv", "delete", "secret/app/db"]);
+    assert!(
+        !bao(&dev, &dev.root, &["kv", "get", "secret/app/db"]).status.success(),
+        "a deleted version is gone"
+    );
+    bao_ok(&dev, &["kv", "undelete", "-versions=2", "secret/app/db"]);
+    assert_eq!(bao_ok(&dev, &["kv", "get", "-field=password", "secret/app/db"]), "two");
+    bao_ok(&dev, &["kv", "destroy", "-versions=1", "secret/app/db"]);
+    assert!(!bao(&dev, &dev.root, &["kv", "get", "-version=1", "secret/app/db"]).status.success());
+    bao_ok(&dev, &["kv", "metadata", "put", "-max-versions=3", "secret/app/db"]);
+    assert_eq!(bao_json(&dev, &["kv", "metadata", "get"], &["secret/app/db"])["data"]["max_versions"], 3);
+
+    // Policies and tokens.
+    let policy = dev._dir.path().join("app.hcl");
+    std::fs::write(&policy, "path \"secret/data/app/*\" {\n  capabilities = [\"read\"]\n}\n").unwrap();
+    bao_ok(&dev, &["policy", "write", "app-read", policy.to_str().unwrap()]);
+    let token = bao_json(&dev, &["token", "create"], &["-policy=app-read", "-ttl=1h"]);
+    let app_token = token["auth"]["client_token"].as_str().unwrap().to_owned();
+    let looked = bao(&dev, &app_token, &["token", "lookup", "-format=json"]);
+    let looked: Value = serde_json::from_slice(&looked.stdout).unwrap();
+    assert_eq!(looked["data"]["policies"], serde_json::json!(["app-read"]));
+    assert!(
+        bao(&dev, &app_token, &["kv", "get", "secret/app/db"]).status.success(),
+        "the policy allows reading app/*"
+    );
+    let denied = bao(&dev, &app_token, &["kv", "put", "secret/app/db", "password=evil"]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+
+    // AppRole through generic writes, as teams script it.
+    bao_ok(&dev, &["auth", "enable", "approle"]);
+    bao_ok(&dev, &["write", "auth/approle/role/web", "token_policies=app-read", "token_ttl=1h"]);
+    let role_id = bao_ok(&dev, &["read", "-field=role_id", "auth/approle/role/web/role-id"]);
+    let secret_id = bao_ok(&dev, &["write", "-f", "-field=secret_id", "auth/approle/role/web/secret-id"]);
+    let login = bao_json(
+        &dev,
+        &["write"],
+        &["auth/approle/login", &format!("role_id={role_id}"), &format!("secret_id={secret_id}")],
+    );
+    let machine = login["auth"]["client_token"].as_str().unwrap();
+    let read = bao(&dev, machine, &["kv", "get", "-field=password", "secret/app/db"]);
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "two");
+
+    // Mounts.
+    bao_ok(&dev, &["secrets", "enable", "-path=team", "kv-v2"]);
+    bao_ok(&dev, &["kv", "put", "team/x", "k=v"]);
+    assert_eq!(bao_ok(&dev, &["kv", "get", "-field=k", "team/x"]), "v");
+    assert!(bao_json(&dev, &["secrets", "list"], &[]).get("team/").is_some());
+    bao_ok(&dev, &["secrets", "disable", "team"]);
+    assert!(!bao(&dev, &dev.root, &["kv", "get", "team/x"]).status.success());
+}
+
+#[test]
+fn hvac_reads_and_writes_kv_v2_and_logs_in_with_approle() {
+    let dev = dev();
+    bao_ok(&dev, &["write", "auth/approle/role/py", "token_policies=root"]);
+    let script = dev._dir.path().join("client.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, sys, hvac
+c = hvac.Client(url=os.environ["BAO_ADDR"], token=os.environ["BAO_TOKEN"])
+assert c.is_authenticated()
+c.secrets.kv.v2.create_or_update_secret(path="py/db", secret={"password": "hv1"})
+c.secrets.kv.v2.create_or_update_secret(path="py/db", secret={"password": "hv2"}, cas=1)
+try:
+    c.secrets.kv.v2.create_or_update_secret(path="py/db", secret={"password": "stale"}, cas=1)
+    sys.exit("a stale cas was accepted")
+except hvac.exceptions.InvalidRequest:
+    pass
+r = c.secrets.kv.v2.read_secret_version(path="py/db", raise_on_deleted_version=True)
+assert r["data"]["data"] == {"password": "hv2"} and r["data"]["metadata"]["version"] == 2, r
+assert c.secrets.kv.v2.read_secret_version(path="py/db", version=1, raise_on_deleted_version=True)["data"]["data"]["password"] == "hv1"
+assert c.secrets.kv.v2.list_secrets(path="py")["data"]["keys"] == ["db"]
+assert c.secrets.kv.v2.read_secret_metadata(path="py/db")["data"]["current_version"] == 2
+rid = c.auth.approle.read_role_id("py")["data"]["role_id"]
+sid = c.auth.approle.generate_secret_id("py")["data"]["secret_id"]
+login = c.auth.approle.login(role_id=rid, secret_id=sid)
+assert login["auth"]["policies"] == ["root"], login
+assert c.secrets.kv.v2.read_secret_version(path="py/db", raise_on_deleted_version=True)["data"]["data"]["password"] == "hv2"
+print("hvac ok")
+"#,
+    )
+    .unwrap();
+    let out = Command::new(tools().join("venv/bin/python"))
+        .arg(&script)
+        .env("BAO_ADDR", &dev.server.http)
+        .env("BAO_TOKEN", &dev.root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hvac ok");
+}
+
+fn wait_for_file(path: &std::path::Path, contains: &str, deadline: Duration) {
+    let started = Instant::now();
+    while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(contains)) {
+        assert!(started.elapsed() < deadline, "{} never contained {contains:?}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bao_agent_renders_a_secret_and_re_renders_it_when_it_changes() {
+    let dev = dev();
+    bao_ok(&dev, &["kv", "put", "secret/app/db", "password=first"]);
+    let dir = dev._dir.path();
+    std::fs::write(dir.join("token"), &dev.root).unwrap();
+    let rendered = dir.join("rendered.txt");
+    let config = format!(
+        r#"
+vault {{ address = "{addr}" }}
+auto_auth {{
+  method "token_file" {{
+    config = {{ token_file_path = "{token}" }}
+  }}
+}}
+template_config {{ static_secret_render_interval = "1s" }}
+template {{
+  contents    = "{{{{ with secret \"secret/data/app/db\" }}}}{{{{ .Data.data.password }}}}{{{{ end }}}}"
+  destination = "{dest}"
+}}
+"#,
+        addr = dev.server.http,
+        token = dir.join("token").display(),
+        dest = rendered.display()
+    );
+    std::fs::write(dir.join("agent.hcl"), config).unwrap();
+    let mut agent = Command::new(tools().join("bao"))
+        .args(["agent", "-config"])
+        .arg(dir.join("agent.hcl"))
+        .env("HOME", dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_file(&rendered, "first", Duration::from_secs(30));
+    bao_ok(&dev, &["kv", "put", "secret/app/db", "password=second"]);
+    wait_for_file(&rendered, "second", Duration::from_secs(30));
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+fn http(dev: &Dev, method: &str, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("{}/v1/{path}", dev.server.http);
+    let mut request = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        request = request.header("X-Vault-Token", t);
+    }
+    let mut response = agent.run(request.body(body.unwrap_or_default()).unwrap()).unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[test]
+fn vault_status_codes_and_error_bodies_and_one_audit_event_each() {
+    let dev = dev();
+    let db = dev.data.join("arca.db");
+    let put = |token: Option<&str>, body: &str| {
+        http(&dev, "POST", "secret/data/app/db", token, Some(body.as_bytes().to_vec()))
+    };
+    assert_eq!(put(Some(&dev.root), r#"{"data": {"password": "kept"}}"#).0, 200);
+    let before = audit_events(&db).len();
+    let cases: Vec<(u16, (u16, Value))> = vec![
+        (403, put(Some("arca_wrong"), r#"{"data": {"password": "x"}}"#)),
+        (403, put(None, r#"{"data": {"password": "x"}}"#)),
+        (400, put(Some(&dev.root), r#"{"data": {"password": "#)),
+        (400, put(Some(&dev.root), r#"{"data": {"password": 5}}"#)),
+        (400, put(Some(&dev.root), r#"{"data": {"password": "x"}, "options": {"cas": 7}}"#)),
+        (413, http(&dev, "POST", "secret/data/app/db", Some(&dev.root), Some(vec![b' '; 300 * 1024]))),
+        (404, http(&dev, "GET", "secret/data/app/none", Some(&dev.root), None)),
+        (404, http(&dev, "GET", "nothing/here", Some(&dev.root), None)),
+        (405, http(&dev, "PATCH", "secret/delete/app/db", Some(&dev.root), None)),
+        (400, http(&dev, "POST", "sys/mounts/x", Some(&dev.root), Some(br#"{"type": "pki"}"#.to_vec()))),
+    ];
+    for (expected, (status, body)) in &cases {
+        assert_eq!(status, expected, "{body}");
+        assert!(body["errors"].is_array(), "Vault's error shape: {body}");
+    }
+    assert_eq!(audit_events(&db).len(), before + cases.len(), "each request has exactly one audit event");
+    // Nothing changed.
+    let (status, body) = http(&dev, "GET", "secret/data/app/db", Some(&dev.root), None);
+    assert_eq!((status, body["data"]["data"]["password"].as_str()), (200, Some("kept")));
+    assert_eq!(body["data"]["metadata"]["version"], 1);
+    // A missing capability is a 403 too.
+    let created = http(
+        &dev,
+        "POST",
+        "auth/token/create",
+        Some(&dev.root),
+        Some(br#"{"policies": ["none"], "ttl": "10m"}"#.to_vec()),
+    );
+    let weak = created.1["auth"]["client_token"].as_str().unwrap().to_owned();
+    assert_eq!(http(&dev, "GET", "secret/data/app/db", Some(&weak), None).0, 403);
+    // Health answers like Vault's.
+    let (status, health) = http(&dev, "GET", "sys/health", None, None);
+    assert_eq!(
+        (status, health["initialized"].as_bool(), health["sealed"].as_bool()),
+        (200, Some(true), Some(false))
+    );
+}
