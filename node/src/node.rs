@@ -331,10 +331,8 @@ impl Node {
             *job_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
             Ok(JobOutput { event: event.encode(), request_id: request_id.clone() })
         });
-        let committed = {
-            let _enter = span.enter();
-            self.committer.submit(job).await
-        };
+        // `instrument`, never `enter()` across an await: the future may resume on another thread.
+        let committed = tracing::Instrument::instrument(self.committer.submit(job), span).await;
         let audited = match committed {
             Ok(position) => {
                 let result =
