@@ -223,6 +223,15 @@ impl Event {
         Some(u64::from_be_bytes(bytes.get(1..9)?.try_into().ok()?))
     }
 
+    /// The request id of an encoded event, without decoding the rest.
+    pub fn peek_request_id(bytes: &[u8]) -> Option<&str> {
+        if bytes.first() != Some(&FORMAT_V1) {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes(bytes.get(9..11)?.try_into().ok()?));
+        std::str::from_utf8(bytes.get(11..11 + len)?).ok()
+    }
+
     /// Decodes what [`Event::encode`] produced, and nothing else.
     pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         let mut r = Reader { bytes, at: 0 };
@@ -371,6 +380,14 @@ mod tests {
         assert_eq!(bytes[0], FORMAT_V1);
         assert_eq!(&bytes[1..9], &1_764_000_000_000u64.to_be_bytes());
         assert_eq!(Event::decode(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn peeking_agrees_with_decoding() {
+        let bytes = sample().encode();
+        assert_eq!(Event::peek_request_id(&bytes), Some(sample().request_id.as_str()));
+        assert_eq!(Event::peek_time_unix_ms(&bytes), Some(sample().time_unix_ms));
+        assert_eq!(Event::peek_request_id(&bytes[..12]), None);
     }
 
     #[test]

@@ -132,6 +132,68 @@ fn audited_reads(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // The same read through the transports, in process: gRPC (the tonic service called
+    // directly) and the Vault HTTP API (the axum router, no socket).
+    let grpc = arca_node::grpc::Service::new(node.clone(), Default::default());
+    let router = arca_node::http::router(node.clone(), Default::default());
+    let mut group = c.benchmark_group("transport");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("grpc_kv_get_in_process", |b| {
+        use arca_node::proto::arca_server::Arca as _;
+        b.iter(|| {
+            rt.block_on(async {
+                let mut request = tonic::Request::new(arca_node::proto::KvGetRequest {
+                    path: "bench/db".into(),
+                    ..Default::default()
+                });
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {root}").parse().expect("header"));
+                grpc.kv_get(request).await.expect("grpc read")
+            })
+        })
+    });
+    group.bench_function("http_vault_get_in_process", |b| {
+        use tower::ServiceExt as _;
+        b.iter(|| {
+            rt.block_on(async {
+                let request = axum::http::Request::get("/v1/secret/data/bench/db")
+                    .header("x-vault-token", root.as_str())
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let response = router.clone().oneshot(request).await.expect("http read");
+                assert_eq!(response.status(), 200);
+            })
+        })
+    });
+    group.finish();
+
+    // Proof generation from the store's tiles, after sequencing everything written so far.
+    rt.block_on(async {
+        for i in 0..2000 {
+            let data = SecretData([("password".to_owned(), i.to_string())].into());
+            node.kv_write(ctx(Some(&root)), "secret".into(), format!("bench/p{}", i % 50), data, None)
+                .await
+                .result
+                .expect("write");
+        }
+    });
+    while arca_node::sequencer::integrate(&node, "bench", &Default::default()).expect("integrate").is_some() {
+    }
+    let mut group = c.benchmark_group("audit_log");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0u64;
+    group.bench_function("inclusion_proof_from_tiles", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 2000;
+            node.audit_inclusion_proof(arca_node::sequencer::LeafRef::Index(i)).expect("proof")
+        })
+    });
+    group.bench_function("consistency_proof_from_tiles", |b| {
+        b.iter(|| node.audit_consistency_proof(1000, None).expect("proof"))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, pieces, audited_reads);

@@ -26,17 +26,10 @@ use tokio::sync::oneshot;
 /// Most jobs in one transaction.
 pub const MAX_BATCH: usize = 256;
 
-/// What a job hands the committer: its encoded audit event and the request id it records.
-#[derive(Debug)]
-pub struct JobOutput {
-    pub event: Vec<u8>,
-    pub request_id: String,
-}
-
-/// A request's work: its reads and writes in `tx`; returns its audit event.
+/// A request's work: its reads and writes in `tx`; returns its encoded audit event.
 /// Errors of the request itself are *not* errors here: they are recorded in the event.
 /// A `StoreError` aborts the attempt (and, if retryable, re-runs the batch).
-pub type JobFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<JobOutput, StoreError> + Send>;
+pub type JobFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<Vec<u8>, StoreError> + Send>;
 
 struct Job {
     run: JobFn,
@@ -103,15 +96,8 @@ fn run(store: &dyn Store, region: &str, jobs: mpsc::Receiver<Job>, stats: &Mutex
         let outcome = store.transact(|tx| {
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
-                let out = (job.run)(tx)?;
-                let order = tx.set_versionstamped_key(&events, b"", &out.event)?;
-                // request id → position, for inclusion proofs by request id.
-                tx.set_versionstamped_key(
-                    &crate::keys::audit_rid(region, &out.request_id),
-                    b"",
-                    &order.to_be_bytes(),
-                )?;
-                orders.push(order);
+                let event = (job.run)(tx)?;
+                orders.push(tx.set_versionstamped_key(&events, b"", &event)?);
             }
             Ok::<_, StoreError>(orders)
         });

@@ -17,7 +17,7 @@
 //! | `("kv",<mount>,"m",<path>)` | secret metadata (barrier) |
 //! | `("kv",<mount>,"v",<path>,<version>)` | secret version data (barrier) |
 //! | `("audit",<region>,"e",<versionstamp>)` | encoded audit event (plain: no secrets), in log order |
-//! | `("audit",<region>,"rid",<request id>,<versionstamp>)` | the event's user order: request id → position |
+//! | `("audit",<region>,"rid",<request id>)` | leaf index of the request's event (written by the sequencer) |
 //! | `("audit",<region>,"state")` | sequencer state: size, right edge, cursor, last checkpoint |
 //! | `("audit",<region>,"lease")` | sequencer leadership lease |
 //! | `("audit",<region>,"tile",<level>,<index>)` | a hash tile (its current width) |

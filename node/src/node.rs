@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::TokenRecord;
 use crate::barrier::Barrier;
-use crate::committer::{Committer, JobOutput};
+use crate::committer::Committer;
 use crate::error::ApiError;
 use crate::policy::{self, Capability, Policy};
 use crate::{keys, metrics::Metrics};
@@ -294,7 +294,7 @@ impl Node {
         let RequestContext { request_id, token, source } = ctx;
         let reply_id = request_id.clone();
         let span = tracing::info_span!("request", op = op.name(), request_id = %request_id);
-        let job = Box::new(move |tx: &mut dyn Transaction| -> Result<JobOutput, StoreError> {
+        let job = Box::new(move |tx: &mut dyn Transaction| -> Result<Vec<u8>, StoreError> {
             let now = now_unix_ms();
             let mut env = Env {
                 tx,
@@ -329,7 +329,7 @@ impl Node {
                 outcome,
             };
             *job_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            Ok(JobOutput { event: event.encode(), request_id: request_id.clone() })
+            Ok(event.encode())
         });
         // `instrument`, never `enter()` across an await: the future may resume on another thread.
         let committed = tracing::Instrument::instrument(self.committer.submit(job), span).await;

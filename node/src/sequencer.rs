@@ -212,6 +212,11 @@ pub fn integrate(
                 oldest_ms = oldest_ms.min(t);
                 newest_ms = newest_ms.max(t);
             }
+            // Request id → leaf index, for inclusion proofs by request id. Indexed here, off
+            // the request path.
+            if let Some(request_id) = Event::peek_request_id(&kv.value) {
+                tx.set(&keys::audit_rid(&region, request_id), &index.to_be_bytes())?;
+            }
             let leaf = merkle::leaf_hash(&kv.value);
             append_hash(tx, &region, &mut touched, 0, index, &leaf)?;
             for (level, sub_index, hash) in frontier.push(leaf) {
@@ -419,21 +424,10 @@ impl Node {
                     if id.len() > 128 {
                         return Err(ApiError::invalid("request id too long"));
                     }
-                    let prefix = keys::audit_rid(&region, id);
-                    let rows = tx.get_range(
-                        &prefix,
-                        &prefix_end(&prefix).ok_or(ApiError::Internal)?,
-                        RangeOptions::limit(1),
-                    )?;
-                    let row = rows
-                        .first()
-                        .ok_or_else(|| ApiError::NotFound("no audit event with that request id".into()))?;
-                    let tx_stamp: [u8; 10] = row.key[prefix.len()..prefix.len() + 10]
-                        .try_into()
-                        .map_err(|_| ApiError::Internal)?;
-                    let order =
-                        u16::from_be_bytes(row.value[..2].try_into().map_err(|_| ApiError::Internal)?);
-                    position_index(tx, &region, &state, Versionstamp::new(tx_stamp, order))?
+                    let raw = tx.get(&keys::audit_rid(&region, id))?.ok_or_else(|| {
+                        ApiError::NotFound("no sequenced audit event with that request id".into())
+                    })?;
+                    u64::from_be_bytes(raw[..8].try_into().map_err(|_| ApiError::Internal)?)
                 }
                 LeafRef::Position(stamp) => position_index(tx, &region, &state, *stamp)?,
             };
