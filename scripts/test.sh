@@ -20,6 +20,11 @@ step "fdb backend: check and clippy (store, and arcad built with fdb)"
 cargo check -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked
 cargo clippy -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked -- -D warnings
 
+# Smoke run of the side-by-side benchmark (debug build, short levels, no thresholds): it
+# fails only if a request fails, so a broken load path cannot slip through.
+step "bench-vs-openbao --quick"
+scripts/bench-vs-openbao --quick
+
 step "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
