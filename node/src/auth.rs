@@ -146,6 +146,30 @@ pub(crate) fn mint(env: &mut Env<'_>, spec: TokenSpec) -> Result<NewToken, ApiEr
     Ok(NewToken { token, record })
 }
 
+/// A machine login's token: entity `<method>:<role>`, no parent, renewable; the audit actor
+/// becomes that token.
+fn login(
+    env: &mut Env<'_>,
+    method: &str,
+    role: &str,
+    policies: &[String],
+    ttl_secs: u64,
+) -> Result<NewToken, ApiError> {
+    let token = mint(
+        env,
+        TokenSpec {
+            policies: policies.to_vec(),
+            ttl_secs: Some(ttl_secs),
+            display_name: format!("{method}-{role}"),
+            entity: format!("{method}:{role}"),
+            renewable: true,
+            parent: None,
+        },
+    )?;
+    env.actor.token_accessor = Some(token.record.accessor.clone());
+    Ok(token)
+}
+
 fn record_by_accessor(env: &mut Env<'_>, accessor: &str) -> Result<Option<TokenRecord>, ApiError> {
     if accessor.len() > 64 {
         return Err(ApiError::invalid("accessor too long"));
@@ -505,19 +529,7 @@ impl Node {
             if record.expire_unix_ms.is_some_and(|e| env.now_unix_ms >= e) {
                 return Err(ApiError::Unauthenticated);
             }
-            let token = mint(
-                env,
-                TokenSpec {
-                    policies: role.policies.clone(),
-                    ttl_secs: Some(role.token_ttl_secs),
-                    display_name: format!("approle-{name}"),
-                    entity: format!("approle:{name}"),
-                    renewable: true,
-                    parent: None,
-                },
-            )?;
-            env.actor.token_accessor = Some(token.record.accessor.clone());
-            Ok(token)
+            login(env, "approle", &name, &role.policies, role.token_ttl_secs)
         })
         .await
     }
@@ -652,19 +664,7 @@ impl Node {
             let name = String::from_utf8(name.to_vec()).map_err(|_| ApiError::Internal)?;
             env.actor = Actor { entity: format!("cert:{name}"), token_accessor: None };
             let role: CertRole = env.get_json(&keys::cert_role(&name))?.ok_or(ApiError::Unauthenticated)?;
-            let token = mint(
-                env,
-                TokenSpec {
-                    policies: role.policies.clone(),
-                    ttl_secs: Some(role.token_ttl_secs),
-                    display_name: format!("cert-{name}"),
-                    entity: format!("cert:{name}"),
-                    renewable: true,
-                    parent: None,
-                },
-            )?;
-            env.actor.token_accessor = Some(token.record.accessor.clone());
-            Ok(token)
+            login(env, "cert", &name, &role.policies, role.token_ttl_secs)
         })
         .await
     }

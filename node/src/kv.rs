@@ -260,6 +260,24 @@ fn target_versions(meta: &Metadata, versions: &[u64]) -> Result<Vec<u64>, ApiErr
     Ok(versions.to_vec())
 }
 
+/// What a delete, undelete or destroy does to a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VersionChange {
+    Delete,
+    Undelete,
+    Destroy,
+}
+
+impl VersionChange {
+    fn operation(self) -> Operation {
+        match self {
+            VersionChange::Delete => Operation::KvDelete,
+            VersionChange::Undelete => Operation::KvUndelete,
+            VersionChange::Destroy => Operation::KvDestroy,
+        }
+    }
+}
+
 /// Ciphertext read inside the transaction, decrypted after commit.
 struct SealedRead {
     ciphertext: Vec<u8>,
@@ -449,28 +467,7 @@ impl Node {
         } else {
             (api_path(&mount, "delete", &path), Capability::Update)
         };
-        self.execute(ctx, Operation::KvDelete, audit_path.clone(), move |env| {
-            check_mount(env, &mount)?;
-            validate_path(&path)?;
-            env.authorize(&audit_path, &[cap])?;
-            let mut meta = require_meta(env, &mount, &path)?;
-            let now = env.now_unix_ms;
-            let mut changed = Vec::new();
-            for version in target_versions(&meta, &versions)? {
-                if let Some(v) = meta.versions.get_mut(&version)
-                    && !v.destroyed
-                    && v.deletion_unix_ms.is_none()
-                {
-                    v.deletion_unix_ms = Some(now);
-                    changed.push(version);
-                }
-            }
-            meta.updated_unix_ms = now;
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
-            env.secret_version = changed.first().copied();
-            Ok(changed)
-        })
-        .await
+        self.kv_change_versions(ctx, VersionChange::Delete, audit_path, cap, mount, path, versions).await
     }
 
     pub async fn kv_undelete(
@@ -481,29 +478,15 @@ impl Node {
         versions: Vec<u64>,
     ) -> Audited<Vec<u64>> {
         let audit_path = api_path(&mount, "undelete", &path);
-        self.execute(ctx, Operation::KvUndelete, audit_path.clone(), move |env| {
-            check_mount(env, &mount)?;
-            validate_path(&path)?;
-            if versions.is_empty() {
-                return Err(ApiError::invalid("undelete: name the versions"));
-            }
-            env.authorize(&audit_path, &[Capability::Update])?;
-            let mut meta = require_meta(env, &mount, &path)?;
-            let mut changed = Vec::new();
-            for version in target_versions(&meta, &versions)? {
-                if let Some(v) = meta.versions.get_mut(&version)
-                    && !v.destroyed
-                    && v.deletion_unix_ms.is_some()
-                {
-                    v.deletion_unix_ms = None;
-                    changed.push(version);
-                }
-            }
-            meta.updated_unix_ms = env.now_unix_ms;
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
-            env.secret_version = changed.first().copied();
-            Ok(changed)
-        })
+        self.kv_change_versions(
+            ctx,
+            VersionChange::Undelete,
+            audit_path,
+            Capability::Update,
+            mount,
+            path,
+            versions,
+        )
         .await
     }
 
@@ -516,25 +499,58 @@ impl Node {
         versions: Vec<u64>,
     ) -> Audited<Vec<u64>> {
         let audit_path = api_path(&mount, "destroy", &path);
-        self.execute(ctx, Operation::KvDestroy, audit_path.clone(), move |env| {
+        self.kv_change_versions(
+            ctx,
+            VersionChange::Destroy,
+            audit_path,
+            Capability::Update,
+            mount,
+            path,
+            versions,
+        )
+        .await
+    }
+
+    /// Applies `change` to each named version it applies to; returns the versions changed.
+    #[allow(clippy::too_many_arguments)]
+    async fn kv_change_versions(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        change: VersionChange,
+        audit_path: String,
+        cap: Capability,
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+    ) -> Audited<Vec<u64>> {
+        self.execute(ctx, change.operation(), audit_path.clone(), move |env| {
             check_mount(env, &mount)?;
             validate_path(&path)?;
-            if versions.is_empty() {
-                return Err(ApiError::invalid("destroy: name the versions"));
+            if versions.is_empty() && change != VersionChange::Delete {
+                return Err(ApiError::invalid(format!("{}: name the versions", change.operation().name())));
             }
-            env.authorize(&audit_path, &[Capability::Update])?;
+            env.authorize(&audit_path, &[cap])?;
             let mut meta = require_meta(env, &mount, &path)?;
+            let now = env.now_unix_ms;
             let mut changed = Vec::new();
             for version in target_versions(&meta, &versions)? {
-                if let Some(v) = meta.versions.get_mut(&version)
-                    && !v.destroyed
-                {
-                    v.destroyed = true;
-                    env.tx.clear(&keys::kv_version(&mount, &path, version))?;
-                    changed.push(version);
+                let Some(v) = meta.versions.get_mut(&version) else { continue };
+                match change {
+                    VersionChange::Delete if !v.destroyed && v.deletion_unix_ms.is_none() => {
+                        v.deletion_unix_ms = Some(now)
+                    }
+                    VersionChange::Undelete if !v.destroyed && v.deletion_unix_ms.is_some() => {
+                        v.deletion_unix_ms = None
+                    }
+                    VersionChange::Destroy if !v.destroyed => {
+                        v.destroyed = true;
+                        env.tx.clear(&keys::kv_version(&mount, &path, version))?;
+                    }
+                    _ => continue,
                 }
+                changed.push(version);
             }
-            meta.updated_unix_ms = env.now_unix_ms;
+            meta.updated_unix_ms = now;
             env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
             env.secret_version = changed.first().copied();
             Ok(changed)

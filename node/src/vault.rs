@@ -249,6 +249,16 @@ fn version_meta(version: u64, m: &crate::kv::VersionMeta, custom: &BTreeMap<Stri
     })
 }
 
+/// The reply to a KV write or patch: the new version's metadata.
+fn written(version: u64, request_id: &str) -> Response {
+    let fresh =
+        crate::kv::VersionMeta { created_unix_ms: now_unix_ms(), deletion_unix_ms: None, destroyed: false };
+    json_response(
+        StatusCode::OK,
+        envelope(request_id, version_meta(version, &fresh, &BTreeMap::new()), Value::Null),
+    )
+}
+
 fn metadata_json(m: &Metadata) -> Value {
     let versions: Map<String, Value> = m
         .versions
@@ -674,18 +684,7 @@ async fn dispatch(
                 "POST" | "PUT" => {
                     let data = SecretData(bad!(string_map(&body["data"], "data")));
                     let cas = body["options"]["cas"].as_u64();
-                    reply(node.kv_write(ctx, mount, secret, data, cas).await, |version, rid| {
-                        let meta = version_meta(
-                            version,
-                            &crate::kv::VersionMeta {
-                                created_unix_ms: now_unix_ms(),
-                                deletion_unix_ms: None,
-                                destroyed: false,
-                            },
-                            &BTreeMap::new(),
-                        );
-                        json_response(StatusCode::OK, envelope(rid, meta, Value::Null))
-                    })
+                    reply(node.kv_write(ctx, mount, secret, data, cas).await, written)
                 }
                 "PATCH" => {
                     let Value::Object(fields) = &body["data"] else {
@@ -708,21 +707,7 @@ async fn dispatch(
                         }
                     }
                     let cas = body["options"]["cas"].as_u64();
-                    reply(
-                        node.kv_patch(ctx, mount, secret, SecretData(set), remove, cas).await,
-                        |version, rid| {
-                            let meta = version_meta(
-                                version,
-                                &crate::kv::VersionMeta {
-                                    created_unix_ms: now_unix_ms(),
-                                    deletion_unix_ms: None,
-                                    destroyed: false,
-                                },
-                                &BTreeMap::new(),
-                            );
-                            json_response(StatusCode::OK, envelope(rid, meta, Value::Null))
-                        },
-                    )
+                    reply(node.kv_patch(ctx, mount, secret, SecretData(set), remove, cas).await, written)
                 }
                 "DELETE" => reply(node.kv_delete(ctx, mount, secret, Vec::new()).await, |_, _| no_content()),
                 _ => return Err((ctx, Reject::Method)),

@@ -484,6 +484,20 @@ fn token_json(info: &proto::TokenInfo) -> Value {
     })
 }
 
+/// Prints a new token: a table, or JSON with the audit position.
+fn print_token_auth(format: Format, r: Response<proto::TokenAuth>) {
+    let (pos, rid) = (position(&r), request_id(&r));
+    let auth = r.into_inner();
+    let info = auth.info.unwrap_or_default();
+    let mut rows = vec![("token".to_owned(), auth.token.clone())];
+    rows.extend(token_rows(&info));
+    print(
+        format,
+        || table(&rows),
+        json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
+    );
+}
+
 fn token_rows(info: &proto::TokenInfo) -> Vec<(String, String)> {
     vec![
         ("accessor".into(), info.accessor.clone()),
@@ -697,16 +711,7 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
                     orphan,
                 }))
                 .await?;
-            let (pos, rid) = (position(&r), request_id(&r));
-            let auth = r.into_inner();
-            let info = auth.info.unwrap_or_default();
-            let mut rows = vec![("token".to_owned(), auth.token.clone())];
-            rows.extend(token_rows(&info));
-            print(
-                format,
-                || table(&rows),
-                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
-            );
+            print_token_auth(format, r);
         }
         TokenCommand::Lookup { accessor } => {
             let r = c.inner.token_lookup(c.req(proto::TokenAccessorRequest { accessor })).await?;
@@ -866,16 +871,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
         }
         AppRoleCommand::Login { role_id, secret_id } => {
             let r = c.inner.app_role_login(c.req(proto::AppRoleLoginRequest { role_id, secret_id })).await?;
-            let (pos, rid) = (position(&r), request_id(&r));
-            let auth = r.into_inner();
-            let info = auth.info.unwrap_or_default();
-            let mut rows = vec![("token".to_owned(), auth.token.clone())];
-            rows.extend(token_rows(&info));
-            print(
-                format,
-                || table(&rows),
-                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
-            );
+            print_token_auth(format, r);
         }
     }
     Ok(())
@@ -930,16 +926,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
         }
         CertCommand::Login => {
             let r = c.inner.cert_login(c.req(proto::Empty {})).await?;
-            let (pos, rid) = (position(&r), request_id(&r));
-            let auth = r.into_inner();
-            let info = auth.info.unwrap_or_default();
-            let mut rows = vec![("token".to_owned(), auth.token.clone())];
-            rows.extend(token_rows(&info));
-            print(
-                format,
-                || table(&rows),
-                json!({"token": auth.token, "info": token_json(&info), "audit_position": pos, "request_id": rid}),
-            );
+            print_token_auth(format, r);
         }
     }
     Ok(())
