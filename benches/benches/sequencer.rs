@@ -18,7 +18,8 @@ const QUEUE: u64 = 50_000;
 fn event(i: u64) -> Vec<u8> {
     Event {
         time_unix_ms: 1_764_000_000_000 + i,
-        request_id: format!("{i:032x}"),
+        // Time-ordered like the node's request ids.
+        request_id: format!("{:012x}{i:020x}", 1_764_000_000_000u64 + i / 100),
         cluster: "bench".into(),
         region: "local".into(),
         node: "node-a".into(),

@@ -46,10 +46,13 @@ impl std::fmt::Debug for RequestContext {
 }
 
 impl RequestContext {
-    /// A context with a fresh random request id.
+    /// A context with a fresh request id: 48 bits of milliseconds then 80 random bits (like a
+    /// ULID), so ids sort by time and the log's request-id index grows at its end instead of
+    /// at random places.
     pub fn new(token: Option<Zeroizing<String>>, source: Source) -> Self {
         let mut id = [0u8; 16];
-        rand::fill(&mut id);
+        id[..6].copy_from_slice(&now_unix_ms().to_be_bytes()[2..]);
+        rand::fill(&mut id[6..]);
         RequestContext { request_id: hex::encode(id), token, source }
     }
 }
