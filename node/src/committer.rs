@@ -65,7 +65,17 @@ impl Committer {
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("arca-committer".into())
-            .spawn(move || run(store.as_ref(), &region, jobs, &thread_stats))
+            .spawn(move || {
+                // A committer that died would leave the node up but unable to serve anything:
+                // crash instead of limping on, so the supervisor restarts the node.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(store.as_ref(), &region, jobs, &thread_stats)
+                }));
+                if outcome.is_err() {
+                    eprintln!("arcad: the audit committer panicked; aborting");
+                    std::process::abort();
+                }
+            })
             .expect("spawn the committer thread");
         Committer { queue, stats }
     }

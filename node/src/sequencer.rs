@@ -313,21 +313,32 @@ pub fn start(node: &Arc<Node>, config: SequencerConfig) {
     std::thread::Builder::new()
         .name("arca-sequencer".into())
         .spawn(move || {
-            loop {
-                let Some(node) = weak.upgrade() else { break };
-                let started = Instant::now();
-                let outcome = integrate(&node, &holder, &config);
-                drop(node);
-                match outcome {
-                    // A full batch: more may be waiting, go again at once.
-                    Ok(Some(done)) if done.count as usize >= config.max_batch => continue,
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(code = err.code(), "sequencer step failed; retrying"),
-                }
-                std::thread::sleep(config.interval.saturating_sub(started.elapsed()));
+            // A panic here is a bug in the log's own bookkeeping: crash rather than serve
+            // requests whose events would never be sequenced.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sequence(&weak, &holder, &config)));
+            if outcome.is_err() {
+                eprintln!("arcad: the audit sequencer panicked; aborting");
+                std::process::abort();
             }
         })
         .expect("spawn the sequencer thread");
+}
+
+fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
+    loop {
+        let Some(node) = weak.upgrade() else { break };
+        let started = Instant::now();
+        let outcome = integrate(&node, holder, config);
+        drop(node);
+        match outcome {
+            // A full batch: more may be waiting, go again at once.
+            Ok(Some(done)) if done.count as usize >= config.max_batch => continue,
+            Ok(_) => {}
+            Err(err) => tracing::warn!(code = err.code(), "sequencer step failed; retrying"),
+        }
+        std::thread::sleep(config.interval.saturating_sub(started.elapsed()));
+    }
 }
 
 /// Which leaf an inclusion proof is for.

@@ -136,7 +136,15 @@ async fn serve_http(
     let app = crate::http::router(node, proxy);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "http accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let app = app.clone().layer(axum::Extension(crate::vault::PeerAddr(Some(peer))));
         let service = TowerToHyperService::new(app);
         let acceptor = acceptor.clone();
