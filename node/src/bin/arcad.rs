@@ -43,6 +43,9 @@ enum Command {
         node_id: String,
         #[arg(long, default_value = "local")]
         region: String,
+        /// Pause between sequencer steps when idle, in milliseconds (1..=1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        sequencer_interval_ms: u64,
     },
     /// Production server from a config file.
     Server {
@@ -84,6 +87,7 @@ async fn dev(
     http_addr: SocketAddr,
     node_id: String,
     region: String,
+    sequencer: SequencerConfig,
 ) -> Result<(), BoxError> {
     if !grpc_addr.ip().is_loopback() || !http_addr.ip().is_loopback() {
         return Err("arcad dev listens on loopback addresses only".into());
@@ -93,7 +97,7 @@ async fn dev(
     let store = open_sqlite(&data_dir.join("arca.db"))?;
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
-    sequencer::start(&node, SequencerConfig::default());
+    sequencer::start(&node, sequencer);
     let opts =
         ServeOptions { grpc_addr, tls: None, http_addr: Some(http_addr), proxy: ProxyConfig::default() };
     server::serve(node, opts, shutdown_signal()).await
@@ -157,9 +161,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Dev { data_dir, grpc_addr, http_addr, node_id, region } => {
+        Command::Dev { data_dir, grpc_addr, http_addr, node_id, region, sequencer_interval_ms } => {
             init_logging("info", LogFormat::Text);
-            runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region))
+            let sequencer = SequencerConfig { interval: std::time::Duration::from_millis(sequencer_interval_ms), ..SequencerConfig::default() };
+            runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region, sequencer))
         }
         Command::Server { config } => match Config::load(&config) {
             Ok(config) => {
