@@ -25,6 +25,10 @@ use tokio::sync::oneshot;
 
 /// Most jobs in one transaction.
 pub const MAX_BATCH: usize = 256;
+/// How long a small batch waits for more jobs before committing.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(50);
+/// Batches smaller than this linger.
+const LINGER_BELOW: usize = 8;
 
 /// A request's work: its reads and writes in `tx`; returns its encoded audit event.
 /// Errors of the request itself are *not* errors here: they are recorded in the event.
@@ -94,14 +98,24 @@ impl Committer {
 
 fn run(store: &dyn Store, region: &str, jobs: mpsc::Receiver<Job>, stats: &Mutex<CommitStats>) {
     let events = crate::keys::audit_events(region);
+    let mut last_batch_len = 0;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
+        // Gather what is waiting. Under concurrency (the last batch had company), give
+        // in-flight requests a few microseconds to arrive so that one fsync serves more of
+        // them; a lone client never waits.
+        let linger = last_batch_len > 1;
+        let linger_until = Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
                 Ok(job) => batch.push(job),
+                Err(_) if linger && batch.len() < LINGER_BELOW && Instant::now() < linger_until => {
+                    std::thread::yield_now()
+                }
                 Err(_) => break,
             }
         }
+        last_batch_len = batch.len();
         let started = Instant::now();
         let outcome = store.transact(|tx| {
             let mut orders = Vec::with_capacity(batch.len());

@@ -163,7 +163,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Dev { data_dir, grpc_addr, http_addr, node_id, region, sequencer_interval_ms } => {
             init_logging("info", LogFormat::Text);
-            let sequencer = SequencerConfig { interval: std::time::Duration::from_millis(sequencer_interval_ms), ..SequencerConfig::default() };
+            let sequencer = SequencerConfig {
+                interval: std::time::Duration::from_millis(sequencer_interval_ms),
+                ..SequencerConfig::default()
+            };
             runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region, sequencer))
         }
         Command::Server { config } => match Config::load(&config) {
