@@ -40,6 +40,13 @@ struct Job {
     done: oneshot::Sender<Result<Versionstamp, CommitFailed>>,
 }
 
+/// What the committer thread is asked to do: a request's job, or a task that must not
+/// contend with the request path for the store's write lock (the sequencer's step).
+enum Work {
+    Request(Job),
+    Task(Box<dyn FnOnce() + Send>),
+}
+
 /// The batch holding a request could not be committed; the request was not served.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the audit log could not be committed")]
@@ -57,14 +64,14 @@ pub struct CommitStats {
 /// Handle to the committer thread. Dropping every handle stops the thread.
 #[derive(Debug, Clone)]
 pub struct Committer {
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<Work>,
     stats: Arc<Mutex<CommitStats>>,
 }
 
 impl Committer {
     /// Starts the committer thread for `store`, appending events to `region`'s queue.
     pub fn start(store: Arc<dyn Store>, region: String) -> Self {
-        let (queue, jobs) = mpsc::channel::<Job>();
+        let (queue, jobs) = mpsc::channel::<Work>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let thread_stats = stats.clone();
         std::thread::Builder::new()
@@ -87,8 +94,21 @@ impl Committer {
     /// Submits a job and waits until its batch committed.
     pub async fn submit(&self, run: JobFn) -> Result<Versionstamp, CommitFailed> {
         let (done, wait) = oneshot::channel();
-        self.queue.send(Job { run, done }).map_err(|_| CommitFailed)?;
+        self.queue.send(Work::Request(Job { run, done })).map_err(|_| CommitFailed)?;
         wait.await.map_err(|_| CommitFailed)?
+    }
+
+    /// Runs `task` on the committer thread between batches and returns its result (blocking
+    /// the caller). In one process the committer is then the only writer, so the task never
+    /// waits on SQLite's busy handler against the request path. `None` if the committer is
+    /// gone.
+    pub fn run_task<T: Send + 'static>(&self, task: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, wait) = mpsc::channel();
+        let task = Box::new(move || {
+            let _ = done.send(task());
+        });
+        self.queue.send(Work::Task(task)).ok()?;
+        wait.recv().ok()
     }
 
     pub fn stats(&self) -> CommitStats {
@@ -96,10 +116,18 @@ impl Committer {
     }
 }
 
-fn run(store: &dyn Store, region: &str, jobs: mpsc::Receiver<Job>, stats: &Mutex<CommitStats>) {
+fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mutex<CommitStats>) {
     let events = crate::keys::audit_events(region);
     let mut last_batch_len = 0;
-    while let Ok(first) = jobs.recv() {
+    let mut tasks: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    while let Ok(first) = work.recv() {
+        let first = match first {
+            Work::Request(job) => job,
+            Work::Task(task) => {
+                task();
+                continue;
+            }
+        };
         let mut batch = vec![first];
         // Gather what is waiting. Under concurrency (the last batch had company), give
         // in-flight requests a few microseconds to arrive so that one fsync serves more of
@@ -107,8 +135,9 @@ fn run(store: &dyn Store, region: &str, jobs: mpsc::Receiver<Job>, stats: &Mutex
         let linger = last_batch_len > 1;
         let linger_until = Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+            match work.try_recv() {
+                Ok(Work::Request(job)) => batch.push(job),
+                Ok(Work::Task(task)) => tasks.push(task),
                 Err(_) if linger && batch.len() < LINGER_BELOW && Instant::now() < linger_until => {
                     std::thread::yield_now()
                 }
@@ -148,5 +177,9 @@ fn run(store: &dyn Store, region: &str, jobs: mpsc::Receiver<Job>, stats: &Mutex
         stats.jobs += size as u64;
         stats.commit_seconds_total += elapsed;
         stats.failed_batches += u64::from(failed);
+        drop(stats);
+        for task in tasks.drain(..) {
+            task();
+        }
     }
 }

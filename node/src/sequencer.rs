@@ -165,32 +165,46 @@ pub fn integrate(
     let origin = origin(&node.identity().cluster, &region);
     let events = keys::audit_events(&region);
     let events_end = prefix_end(&events).ok_or(ApiError::Internal)?;
+    let ttl_ms = config.lease_ttl.as_millis() as u64;
+    let lease_key = keys::audit_lease(&region);
+    // Phase 1, read-only (takes no write lock): may we lead, and is there anything to do?
+    let look = node.store.transact(|tx| -> Result<(bool, bool, bool), ApiError> {
+        let (may_lead, renew_due) = lease_view(tx, &lease_key, holder, now_unix_ms(), ttl_ms)?;
+        if !may_lead {
+            return Ok((false, false, false));
+        }
+        let state = load_state(tx, &region)?;
+        let begin = after_cursor(&events, &state)?;
+        let pending = !tx.get_range(&begin, &events_end, RangeOptions::limit(1))?.is_empty();
+        Ok((true, renew_due, pending))
+    })?;
+    let (may_lead, renew_due, pending) = look.value;
+    if !may_lead {
+        return Ok(None);
+    }
+    if !pending {
+        if renew_due {
+            node.store.transact(|tx| -> Result<(), ApiError> {
+                if lease_view(tx, &lease_key, holder, now_unix_ms(), ttl_ms)?.0 {
+                    write_lease(tx, &lease_key, holder, now_unix_ms() + ttl_ms)?;
+                }
+                Ok(())
+            })?;
+        }
+        return Ok(None);
+    }
+    // Phase 2: the lease write comes first, so the store's write lock is taken at once and
+    // the snapshot cannot go stale under the request path's commits (on SQLite a stale
+    // snapshot would conflict and retry, over and over, under load).
     let committed = node.store.transact(|tx| -> Result<Option<Step>, ApiError> {
         let now = now_unix_ms();
-        let lease_key = keys::audit_lease(&region);
-        let lease: Option<Lease> = tx.get(&lease_key)?.and_then(|raw| serde_json::from_slice(&raw).ok());
-        if let Some(lease) = &lease
-            && lease.holder != holder
-            && lease.expires_unix_ms > now
-        {
+        if !lease_view(tx, &lease_key, holder, now, ttl_ms)?.0 {
             return Ok(None);
         }
-        let ttl_ms = config.lease_ttl.as_millis() as u64;
-        // Renew at half-life, or when the configured TTL shrank below what is held.
-        let renew = lease.as_ref().is_none_or(|l| {
-            l.holder != holder || l.expires_unix_ms < now + ttl_ms / 2 || l.expires_unix_ms > now + ttl_ms
-        });
-        if renew {
-            let fresh = Lease { holder: holder.to_owned(), expires_unix_ms: now + ttl_ms };
-            tx.set(&lease_key, &serde_json::to_vec(&fresh).map_err(|_| ApiError::Internal)?)?;
-        }
+        write_lease(tx, &lease_key, holder, now + ttl_ms)?;
 
         let mut state = load_state(tx, &region)?;
-        let mut begin = events.clone();
-        if let Some(cursor) = &state.cursor {
-            begin.extend_from_slice(&hex::decode(cursor).map_err(|_| ApiError::Internal)?);
-            begin.push(0x00);
-        }
+        let begin = after_cursor(&events, &state)?;
         let batch = tx.get_range(&begin, &events_end, RangeOptions::limit(config.max_batch))?;
         if batch.is_empty() {
             return Ok(None);
@@ -267,6 +281,46 @@ pub fn integrate(
     Ok(Some(Integrated { first_index, count, size, delay_ms }))
 }
 
+/// `(may lead, renewal due)` for `holder`: the lease is free, expired or ours; renew at
+/// half-life, or when the configured TTL shrank below what is held.
+fn lease_view(
+    tx: &mut dyn Transaction,
+    key: &[u8],
+    holder: &str,
+    now: u64,
+    ttl_ms: u64,
+) -> Result<(bool, bool), ApiError> {
+    let lease: Option<Lease> = tx.get(key)?.and_then(|raw| serde_json::from_slice(&raw).ok());
+    match lease {
+        Some(l) if l.holder != holder && l.expires_unix_ms > now => Ok((false, false)),
+        Some(l) if l.holder == holder => {
+            Ok((true, l.expires_unix_ms < now + ttl_ms / 2 || l.expires_unix_ms > now + ttl_ms))
+        }
+        _ => Ok((true, true)),
+    }
+}
+
+fn write_lease(
+    tx: &mut dyn Transaction,
+    key: &[u8],
+    holder: &str,
+    expires_unix_ms: u64,
+) -> Result<(), ApiError> {
+    let lease = Lease { holder: holder.to_owned(), expires_unix_ms };
+    tx.set(key, &serde_json::to_vec(&lease).map_err(|_| ApiError::Internal)?)?;
+    Ok(())
+}
+
+/// The first event key after the state's cursor.
+fn after_cursor(events: &[u8], state: &State) -> Result<Vec<u8>, ApiError> {
+    let mut begin = events.to_vec();
+    if let Some(cursor) = &state.cursor {
+        begin.extend_from_slice(&hex::decode(cursor).map_err(|_| ApiError::Internal)?);
+        begin.push(0x00);
+    }
+    Ok(begin)
+}
+
 /// Appends `hash` as position `index` at tile level `level`, loading the right-edge tile from
 /// the store the first time it is touched.
 fn append_hash(
@@ -329,8 +383,14 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
     loop {
         let Some(node) = weak.upgrade() else { break };
         let started = Instant::now();
-        let outcome = integrate(&node, holder, config);
+        // Integrate on the committer thread, between request batches: no fight for the
+        // store's write lock with this node's own request path.
+        let step = {
+            let (node2, holder, config) = (node.clone(), holder.to_owned(), config.clone());
+            node.committer().run_task(move || integrate(&node2, &holder, &config))
+        };
         drop(node);
+        let Some(outcome) = step else { break };
         match outcome {
             // A full batch: more may be waiting, go again at once.
             Ok(Some(done)) if done.count as usize >= config.max_batch => continue,
