@@ -34,7 +34,7 @@ use crate::node::{Node, now_unix_ms};
 /// How a node sequences.
 #[derive(Debug, Clone)]
 pub struct SequencerConfig {
-    /// Pause between steps when there is nothing to do. Default 20 ms.
+    /// Pause between steps when there is nothing to do. Default 100 ms.
     pub interval: Duration,
     /// Leadership lease. Default 2 s.
     pub lease_ttl: Duration,
@@ -45,7 +45,7 @@ pub struct SequencerConfig {
 impl Default for SequencerConfig {
     fn default() -> Self {
         SequencerConfig {
-            interval: Duration::from_millis(20),
+            interval: Duration::from_millis(100),
             lease_ttl: Duration::from_secs(2),
             max_batch: 16_384,
         }

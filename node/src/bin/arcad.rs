@@ -44,7 +44,7 @@ enum Command {
         #[arg(long, default_value = "local")]
         region: String,
         /// Pause between sequencer steps when idle, in milliseconds (1..=1000).
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
         sequencer_interval_ms: u64,
     },
     /// Production server from a config file.
