@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use arca_audit::{Actor, Event, Operation, Outcome, Source};
+use arca_audit::Source;
 use arca_node::barrier::{self, Barrier};
 use arca_node::kv::SecretData;
 use arca_node::node::{Node, NodeIdentity, RequestContext};
@@ -25,25 +25,6 @@ fn policy_text() -> String {
     text
 }
 
-fn event() -> Event {
-    Event {
-        time_unix_ms: 1_764_000_000_000,
-        request_id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
-        cluster: "prod".into(),
-        region: "eu-west".into(),
-        node: "node-a".into(),
-        actor: Actor {
-            entity: "approle:payments".into(),
-            token_accessor: Some("9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d".into()),
-        },
-        source: Source { address: "10.1.2.3:51234".into(), proxy: None },
-        operation: Operation::KvRead,
-        path: "secret/data/payments/stripe".into(),
-        secret_version: Some(7),
-        outcome: Outcome::Ok,
-    }
-}
-
 fn pieces(c: &mut Criterion) {
     let init = barrier::initialize(1, 1, 0).expect("init");
     let barrier = Barrier::default();
@@ -52,7 +33,7 @@ fn pieces(c: &mut Criterion) {
     let aad = b"kv/secret/payments/stripe/7";
     let ciphertext = barrier.encrypt(&plaintext, aad).expect("encrypt");
     let policy = policy::parse(&policy_text()).expect("policy");
-    let ev = event();
+    let ev = arca_benches::sample_event(0);
 
     let mut group = c.benchmark_group("request_path");
     group.throughput(Throughput::Elements(1));

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arca_audit::{Actor, Event, Operation, Outcome, Source};
+use arca_audit::Source;
 use arca_node::keys;
 use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_node::sequencer::{self, SequencerConfig};
@@ -14,27 +14,6 @@ use arca_store::{SqliteConfig, SqliteStore, Store, StoreError, StoreExt};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const QUEUE: u64 = 50_000;
-
-fn event(i: u64) -> Vec<u8> {
-    Event {
-        time_unix_ms: 1_764_000_000_000 + i,
-        // Time-ordered like the node's request ids.
-        request_id: format!("{:012x}{i:020x}", 1_764_000_000_000u64 + i / 100),
-        cluster: "bench".into(),
-        region: "local".into(),
-        node: "node-a".into(),
-        actor: Actor {
-            entity: "approle:payments".into(),
-            token_accessor: Some("9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d".into()),
-        },
-        source: Source { address: "10.1.2.3:51234".into(), proxy: None },
-        operation: Operation::KvRead,
-        path: format!("secret/data/payments/{}", i % 1000),
-        secret_version: Some(7),
-        outcome: Outcome::Ok,
-    }
-    .encode()
-}
 
 fn fill(store: &dyn Store, from: u64, count: u64) {
     let prefix = keys::audit_events("local");
@@ -44,7 +23,7 @@ fn fill(store: &dyn Store, from: u64, count: u64) {
         store
             .transact(|tx| {
                 for j in i..end {
-                    tx.set_versionstamped_key(&prefix, b"", &event(j))?;
+                    tx.set_versionstamped_key(&prefix, b"", &arca_benches::sample_event(j).encode())?;
                 }
                 Ok::<_, StoreError>(())
             })
