@@ -24,6 +24,9 @@
 //! | `("audit",<region>,"bundle",<index>)` | versionstamp of the first entry of entry bundle `index` |
 //! | `("audit",<region>,"batch",<versionstamp>)` | leaf index of the first entry of an integrated batch |
 //! | `("audit",<region>,"vkey")` | the log's verifier key (public) |
+//! | `("audit",<region>,"cp",<size>)` | every signed checkpoint, by tree size (public) |
+//! | `("siem",<region>,"cursor")` | the SIEM exporter's delivered position (JSON) |
+//! | `("siem",<region>,"lease")` | the SIEM exporter's lease: one active exporter per region |
 //! | `("sys","audit-key",<region>)` | the log's signing key seed (barrier) |
 //!
 //! Every barrier value is encrypted with its own key as AAD.
@@ -158,6 +161,23 @@ pub fn audit_batches(region: &str) -> Vec<u8> {
 
 pub fn audit_vkey(region: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "vkey".into()])
+}
+
+/// Every signed checkpoint of a region, in size order.
+pub fn audit_checkpoints(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "cp".into()])
+}
+
+pub fn audit_checkpoint_at(region: &str, size: u64) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "cp".into(), size.into()])
+}
+
+pub fn siem_cursor(region: &str) -> Vec<u8> {
+    pack(&["siem".into(), region.into(), "cursor".into()])
+}
+
+pub fn siem_lease(region: &str) -> Vec<u8> {
+    pack(&["siem".into(), region.into(), "lease".into()])
 }
 
 pub fn audit_signing_key(region: &str) -> Vec<u8> {

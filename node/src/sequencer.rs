@@ -257,6 +257,8 @@ pub fn integrate(
             extensions: vec![],
         };
         let signed = checkpoint.sign(&signer(node, tx, &origin)?).map_err(|_| ApiError::Internal)?;
+        // Every checkpoint is kept, so followers (the SIEM exporter) publish each one.
+        tx.set(&keys::audit_checkpoint_at(&region, frontier.size()), signed.as_bytes())?;
         failpoint("sequencer.after-sign");
 
         let last = batch.last().map(|kv| hex::encode(&kv.key[events.len()..]));
@@ -281,9 +283,9 @@ pub fn integrate(
     Ok(Some(Integrated { first_index, count, size, delay_ms }))
 }
 
-/// `(may lead, renewal due)` for `holder`: the lease is free, expired or ours; renew at
+/// `(may lead, renewal due)` for `holder` of the lease at `key`: the lease is free, expired or ours; renew at
 /// half-life, or when the configured TTL shrank below what is held.
-fn lease_view(
+pub fn lease_view(
     tx: &mut dyn Transaction,
     key: &[u8],
     holder: &str,
@@ -300,7 +302,7 @@ fn lease_view(
     }
 }
 
-fn write_lease(
+pub fn write_lease(
     tx: &mut dyn Transaction,
     key: &[u8],
     holder: &str,
@@ -398,6 +400,76 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
             Err(err) => tracing::warn!(code = err.code(), "sequencer step failed; retrying"),
         }
         std::thread::sleep(config.interval.saturating_sub(started.elapsed()));
+    }
+}
+
+/// What a follower of the log sees of its head: the size covered by the latest checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogHead {
+    pub size: u64,
+    /// The latest signed checkpoint (empty before the first).
+    pub checkpoint: String,
+}
+
+/// The sequenced log as its followers read it: straight from the store, in a transaction of
+/// the caller's, with no barrier (entries, checkpoints and the verifier key are public).
+pub mod follow {
+    use super::*;
+
+    /// The head of `region`'s log.
+    pub fn head(tx: &mut dyn Transaction, region: &str) -> Result<LogHead, ApiError> {
+        let state = load_state(tx, region)?;
+        Ok(LogHead { size: state.size, checkpoint: state.checkpoint })
+    }
+
+    /// Up to `limit` sequenced entries after the entry at `after` (a 12-byte versionstamp;
+    /// `None`: from the first), never past `size`, the head the caller read: entries beyond
+    /// it may not be sequenced yet. Returns `(versionstamp, entry)` pairs in leaf order.
+    pub fn entries(
+        tx: &mut dyn Transaction,
+        region: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ApiError> {
+        let events = keys::audit_events(region);
+        let end = prefix_end(&events).ok_or(ApiError::Internal)?;
+        let mut begin = events.clone();
+        if let Some(stamp) = after {
+            begin.extend_from_slice(stamp);
+            begin.push(0x00);
+        }
+        let rows = tx.get_range(&begin, &end, RangeOptions::limit(limit))?;
+        Ok(rows.into_iter().map(|kv| (kv.key[events.len()..].to_vec(), kv.value)).collect())
+    }
+
+    /// The signed checkpoints with `after < size <= up_to`, in size order.
+    pub fn checkpoints(
+        tx: &mut dyn Transaction,
+        region: &str,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, ApiError> {
+        let begin = keys::audit_checkpoint_at(region, after.saturating_add(1));
+        let end = keys::audit_checkpoint_at(region, up_to.saturating_add(1));
+        let rows = tx.get_range(&begin, &end, RangeOptions::limit(limit))?;
+        let prefix_len = keys::audit_checkpoints(region).len();
+        rows.into_iter()
+            .map(|kv| {
+                let elements = arca_store::tuple::unpack(&kv.key[prefix_len..]).map_err(|_| ApiError::Internal)?;
+                let size = match elements.as_slice() {
+                    [arca_store::tuple::Element::Int(n)] => n.as_u64().ok_or(ApiError::Internal)?,
+                    _ => return Err(ApiError::Internal),
+                };
+                let note = String::from_utf8(kv.value).map_err(|_| ApiError::Internal)?;
+                Ok((size, note))
+            })
+            .collect()
+    }
+
+    /// The log's verifier key, once the sequencer created it.
+    pub fn vkey(tx: &mut dyn Transaction, region: &str) -> Result<Option<String>, ApiError> {
+        Ok(tx.get(&keys::audit_vkey(region))?.map(|r| String::from_utf8_lossy(&r).into_owned()))
     }
 }
 

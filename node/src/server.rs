@@ -14,10 +14,41 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use zeroize::Zeroizing;
 
+use arca_store::{SqliteConfig, SqliteStore, Store};
+
+use crate::config::{Engine, StorageSection};
 use crate::grpc::{ProxyConfig, Service};
 use crate::node::{Node, RequestContext};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens the SQLite store at `path` (created on first use, mode 0600).
+pub fn open_sqlite(path: &Path) -> Result<Arc<dyn Store>, BoxError> {
+    Ok(Arc::new(SqliteStore::open(SqliteConfig::new(path))?))
+}
+
+/// Opens the store a `[storage]` section names.
+pub fn open_store(storage: &StorageSection) -> Result<Arc<dyn Store>, BoxError> {
+    match storage.engine {
+        Engine::Sqlite => open_sqlite(storage.path.as_deref().ok_or("storage.path is required")?),
+        Engine::Fdb => open_fdb(storage),
+    }
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(storage: &StorageSection) -> Result<Arc<dyn Store>, BoxError> {
+    use arca_store::fdb::{FdbConfig, FdbNetwork, FdbStore};
+    // The network must outlive every store; a process boots it once (a second boot is an
+    // error) and runs until it exits.
+    let network: &'static FdbNetwork = Box::leak(Box::new(FdbNetwork::boot()?));
+    let fdb_config = FdbConfig { cluster_file: storage.cluster_file.clone(), ..FdbConfig::default() };
+    Ok(Arc::new(FdbStore::open(network, fdb_config)?))
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(_storage: &StorageSection) -> Result<Arc<dyn Store>, BoxError> {
+    Err("this build has no FoundationDB support (build with --features fdb)".into())
+}
 
 /// TLS files for the gRPC listener.
 #[derive(Debug, Clone)]

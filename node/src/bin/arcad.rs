@@ -6,16 +6,14 @@
 //! - `arcad check-config FILE`: validates a config file and exits.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use arca_node::config::{Config, Engine, LogFormat};
+use arca_node::config::{Config, LogFormat};
 use arca_node::grpc::ProxyConfig;
 use arca_node::node::{Node, NodeIdentity};
 use arca_node::sequencer::{self, SequencerConfig};
 use arca_node::server::{self, BoxError, ServeOptions, TlsFiles};
-use arca_store::{SqliteConfig, SqliteStore, Store};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -77,10 +75,6 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn open_sqlite(path: &Path) -> Result<Arc<dyn Store>, BoxError> {
-    Ok(Arc::new(SqliteStore::open(SqliteConfig::new(path))?))
-}
-
 async fn dev(
     data_dir: PathBuf,
     grpc_addr: SocketAddr,
@@ -94,7 +88,7 @@ async fn dev(
     }
     std::fs::create_dir_all(&data_dir)?;
     std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let store = open_sqlite(&data_dir.join("arca.db"))?;
+    let store = server::open_sqlite(&data_dir.join("arca.db"))?;
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
     sequencer::start(&node, sequencer);
@@ -104,13 +98,7 @@ async fn dev(
 }
 
 async fn run_server(config: Config) -> Result<(), BoxError> {
-    let store: Arc<dyn Store> = match config.storage.engine {
-        Engine::Sqlite => {
-            let path = config.storage.path.as_deref().ok_or("storage.path is required")?;
-            open_sqlite(path)?
-        }
-        Engine::Fdb => open_fdb(&config)?,
-    };
+    let store = server::open_store(&config.storage)?;
     let identity = NodeIdentity {
         cluster: config.node.cluster.clone().unwrap_or_else(|| "arca".into()),
         region: config.node.region.clone().unwrap_or_else(|| "local".into()),
@@ -135,20 +123,6 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
     };
     tracing::info!("starting sealed: unseal with `arca operator unseal`");
     server::serve(node, opts, shutdown_signal()).await
-}
-
-#[cfg(feature = "fdb")]
-fn open_fdb(config: &Config) -> Result<Arc<dyn Store>, BoxError> {
-    use arca_store::fdb::{FdbConfig, FdbNetwork, FdbStore};
-    // The network must outlive every store; the server runs until the process exits.
-    let network: &'static FdbNetwork = Box::leak(Box::new(FdbNetwork::boot()?));
-    let fdb_config = FdbConfig { cluster_file: config.storage.cluster_file.clone(), ..FdbConfig::default() };
-    Ok(Arc::new(FdbStore::open(network, fdb_config)?))
-}
-
-#[cfg(not(feature = "fdb"))]
-fn open_fdb(_config: &Config) -> Result<Arc<dyn Store>, BoxError> {
-    Err("this arcad was built without FoundationDB support (--features fdb)".into())
 }
 
 fn main() -> ExitCode {
