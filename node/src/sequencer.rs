@@ -456,7 +456,8 @@ pub mod follow {
         let prefix_len = keys::audit_checkpoints(region).len();
         rows.into_iter()
             .map(|kv| {
-                let elements = arca_store::tuple::unpack(&kv.key[prefix_len..]).map_err(|_| ApiError::Internal)?;
+                let elements =
+                    arca_store::tuple::unpack(&kv.key[prefix_len..]).map_err(|_| ApiError::Internal)?;
                 let size = match elements.as_slice() {
                     [arca_store::tuple::Element::Int(n)] => n.as_u64().ok_or(ApiError::Internal)?,
                     _ => return Err(ApiError::Internal),

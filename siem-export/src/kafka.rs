@@ -1,0 +1,190 @@
+//! Kafka clients as the exporter, the verifier and the watcher use them.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::KafkaSection;
+
+/// The header carrying an entry message's leaf index (decimal).
+pub const LEAF_INDEX_HEADER: &str = "arca-leaf-index";
+/// Largest message the consumers accept.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+fn base(kafka: &KafkaSection) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The exporter's producer: idempotent (no duplicates or reordering from its own retries),
+/// acknowledged by all in-sync replicas.
+pub fn producer(kafka: &KafkaSection, delivery_timeout: Duration) -> Result<FutureProducer, KafkaError> {
+    let mut config = base(kafka);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
+        .set("linger.ms", "5")
+        .set("reconnect.backoff.max.ms", "1000");
+    config.create()
+}
+
+/// A consumer that reads by assignment (no group membership, no committed offsets).
+pub fn reader(kafka: &KafkaSection) -> Result<BaseConsumer, KafkaError> {
+    let mut config = base(kafka);
+    let mut suffix = [0u8; 8];
+    rand::fill(&mut suffix);
+    config
+        .set("group.id", format!("arca-siem-reader-{}", hex::encode(suffix)))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.message.max.bytes", MAX_MESSAGE_BYTES.to_string());
+    config.create()
+}
+
+/// Creates the topics if they do not exist. Idempotent.
+pub async fn ensure_topics(
+    kafka: &KafkaSection,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base(kafka).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor)))
+        .collect();
+    let results = admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(timeout))).await?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
+/// One consumed message, as the verifier and the watcher see it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    /// The leaf-index header, when present and a decimal number.
+    pub leaf_index_header: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+fn record(m: &impl Message) -> Record {
+    let leaf_index_header = m.headers().and_then(|h| {
+        h.iter()
+            .find(|hd| hd.key == LEAF_INDEX_HEADER)
+            .and_then(|hd| hd.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+    });
+    Record {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        leaf_index_header,
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}
+
+/// Reads every message of `topic` from the beginning up to the end it had when the read
+/// started (its high watermarks). Fails when the broker does not answer within `timeout`.
+pub fn read_topic(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<Record>, KafkaError> {
+    let deadline = Instant::now() + timeout;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition));
+    }
+    let mut ends = std::collections::BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        if high > low {
+            ends.insert(*p, high);
+            assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&assignment)?;
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+        }
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let m = polled?;
+        let r = record(&m);
+        if let Some(end) = ends.get(&r.partition)
+            && r.offset + 1 >= *end
+        {
+            ends.remove(&r.partition);
+        }
+        out.push(r);
+    }
+    consumer.unassign()?;
+    Ok(out)
+}
+
+/// Follows `topic` from the beginning, calling `each` for every message, until `each`
+/// returns false. Used by `watch`; `until_end` stops at the end the topic had at start.
+pub fn follow_topic(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+    until_end: bool,
+    mut each: impl FnMut(Record) -> bool,
+) -> Result<(), KafkaError> {
+    if until_end {
+        for r in read_topic(consumer, topic, timeout)? {
+            if !each(r) {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut assignment = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    loop {
+        let Some(polled) = consumer.poll(Duration::from_millis(500)) else { continue };
+        match polled {
+            Ok(m) => {
+                if !each(record(&m)) {
+                    return Ok(());
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "consume failed; retrying"),
+        }
+    }
+}
