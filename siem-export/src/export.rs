@@ -24,7 +24,7 @@ use arca_node::error::ApiError;
 use arca_node::keys;
 use arca_node::node::now_unix_ms;
 use arca_node::sequencer::{follow, lease_view, write_lease};
-use arca_store::{Store, StoreExt};
+use arca_store::{Store, StoreExt, Transaction};
 use hdrhistogram::Histogram;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -46,9 +46,11 @@ pub struct Cursor {
 
 /// Reads the exporter's cursor of `region`.
 pub fn read_cursor(store: &dyn Store, region: &str) -> Result<Cursor, ApiError> {
-    let key = keys::siem_cursor(region);
-    let raw = store.transact(|tx| tx.get(&key))?.value;
-    match raw {
+    Ok(store.transact(|tx| load_cursor(tx, region))?.value)
+}
+
+fn load_cursor(tx: &mut dyn Transaction, region: &str) -> Result<Cursor, ApiError> {
+    match tx.get(&keys::siem_cursor(region))? {
         None => Ok(Cursor::default()),
         Some(raw) => serde_json::from_slice(&raw).map_err(|_| ApiError::Internal),
     }
@@ -127,6 +129,42 @@ impl ExportMetrics {
     }
 }
 
+/// Keeps the lag gauges current: the log's size, and the age of the oldest sequenced entry
+/// the cursor has not passed. Reads only.
+async fn watch_lag(store: Arc<dyn Store>, region: String, metrics: Arc<ExportMetrics>, every: Duration) {
+    loop {
+        let (store2, region2) = (store.clone(), region.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            store2.transact(|tx| -> Result<(u64, u64, Option<u64>), ApiError> {
+                let head = follow::head(tx, &region2)?;
+                let cursor = load_cursor(tx, &region2)?;
+                let oldest = if cursor.next_index < head.size {
+                    let stamp = cursor
+                        .stamp
+                        .as_deref()
+                        .map(hex::decode)
+                        .transpose()
+                        .map_err(|_| ApiError::Internal)?;
+                    follow::entries(tx, &region2, stamp.as_deref(), 1)?
+                        .first()
+                        .and_then(|(_, e)| Event::peek_time_unix_ms(e))
+                } else {
+                    None
+                };
+                Ok((head.size, cursor.next_index, oldest))
+            })
+        })
+        .await;
+        if let Ok(Ok(read)) = read {
+            let (size, next, oldest) = read.value;
+            metrics.head_size.store(size, Ordering::Relaxed);
+            metrics.next_index.store(next, Ordering::Relaxed);
+            metrics.lag_ms.store(oldest.map_or(0, |t| now_unix_ms().saturating_sub(t)), Ordering::Relaxed);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// What one round read from the store.
 struct Round {
     head_size: u64,
@@ -196,6 +234,14 @@ impl Exporter {
     /// Runs until `stop` resolves. Errors are retried with backoff; they never end the loop.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        // Lag is measured beside the delivery loop, so it keeps growing while a round is
+        // stuck on an unavailable broker.
+        let lag = tokio::spawn(watch_lag(
+            self.store.clone(),
+            self.region.clone(),
+            self.metrics.clone(),
+            self.settings.poll_interval(),
+        ));
         let mut backoff = self.settings.poll_interval();
         loop {
             let pause = match self.round().await {
@@ -223,6 +269,7 @@ impl Exporter {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+        lag.abort();
         if let Some(p) = &self.producer {
             let _ = p.flush(Duration::from_secs(2));
         }
@@ -292,10 +339,7 @@ impl Exporter {
                 if renew {
                     write_lease(tx, &lease_key, &holder, now + ttl)?;
                 }
-                let cursor: Cursor = match tx.get(&keys::siem_cursor(&region))? {
-                    None => Cursor::default(),
-                    Some(raw) => serde_json::from_slice(&raw).map_err(|_| ApiError::Internal)?,
-                };
+                let cursor = load_cursor(tx, &region)?;
                 let head = follow::head(tx, &region)?;
                 let want = head.size.saturating_sub(cursor.next_index).min(batch as u64) as usize;
                 let stamp =

@@ -101,8 +101,14 @@ fn record(m: &impl Message) -> Record {
     }
 }
 
-/// Reads every message of `topic` from the beginning up to the end it had when the read
-/// started (its high watermarks). Fails when the broker does not answer within `timeout`.
+/// How long a read waits for more after it reached the end the broker reported.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+/// Reads every message of `topic` from the beginning up to its end: at least to the high
+/// watermarks it had when the read started, then on until no message arrived for a short
+/// settle time (tansu 0.6 reports the last batch's base offset as the high watermark, so
+/// the watermark alone would stop a read one batch early). Fails when the broker does not
+/// answer within `timeout`.
 pub fn read_topic(
     consumer: &BaseConsumer,
     topic: &str,
@@ -125,21 +131,20 @@ pub fn read_topic(
         let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
         if high > low {
             ends.insert(*p, high);
-            assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
         }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
+        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
-    while !ends.is_empty() {
+    let mut out = Vec::new();
+    let mut last_message = Instant::now();
+    while !ends.is_empty() || last_message.elapsed() < SETTLE {
         if Instant::now() > deadline {
             return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
         }
-        let Some(polled) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = polled?;
         let r = record(&m);
+        last_message = Instant::now();
         if let Some(end) = ends.get(&r.partition)
             && r.offset + 1 >= *end
         {
