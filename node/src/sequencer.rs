@@ -416,6 +416,9 @@ pub struct LogHead {
 pub mod follow {
     use super::*;
 
+    /// An entry with its 12-byte versionstamp (its position in the event queue).
+    pub type StampedEntry = (Vec<u8>, Vec<u8>);
+
     /// The head of `region`'s log.
     pub fn head(tx: &mut dyn Transaction, region: &str) -> Result<LogHead, ApiError> {
         let state = load_state(tx, region)?;
@@ -430,7 +433,7 @@ pub mod follow {
         region: &str,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ApiError> {
+    ) -> Result<Vec<StampedEntry>, ApiError> {
         let events = keys::audit_events(region);
         let end = prefix_end(&events).ok_or(ApiError::Internal)?;
         let mut begin = events.clone();

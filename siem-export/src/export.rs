@@ -257,7 +257,11 @@ impl Exporter {
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "export round failed");
                     if matches!(err, ExportError::Kafka(_)) {
-                        self.reset_producer_if_fatal();
+                        // A failed round leaves the idempotent producer's sequence state
+                        // unknown to the broker (after a timeout librdkafka bumps the epoch,
+                        // which a restarted broker may answer with ProducerFenced): start
+                        // the next round with a new producer. Repeats are possible, never gaps.
+                        self.producer = None;
                     }
                     let pause = backoff;
                     backoff = (backoff * 2).min(Duration::from_millis(self.settings.max_backoff_ms));
@@ -272,15 +276,6 @@ impl Exporter {
         lag.abort();
         if let Some(p) = &self.producer {
             let _ = p.flush(Duration::from_secs(2));
-        }
-    }
-
-    fn reset_producer_if_fatal(&mut self) {
-        if let Some(p) = &self.producer
-            && p.client().fatal_error().is_some()
-        {
-            tracing::warn!("the producer hit a fatal error; creating a new one");
-            self.producer = None;
         }
     }
 

@@ -156,8 +156,13 @@ struct LogState {
     checkpoints: BTreeMap<u64, BTreeSet<String>>,
 }
 
-/// Checks one entry message; `Ok((origin, index, entry))` when it is intact.
-fn check_entry(r: &Record) -> Result<(String, u64, Vec<u8>), (Option<(String, u64)>, String)> {
+/// An intact entry message: origin, leaf index, entry bytes.
+type Intact = (String, u64, Vec<u8>);
+/// A rejected one: the leaf it claims to be (when it says), and why.
+type Rejected = (Option<(String, u64)>, String);
+
+/// Checks one entry message.
+fn check_entry(r: &Record) -> Result<Intact, Rejected> {
     let value = ocsf::parse(&r.payload).map_err(|e| (None, e.to_string()))?;
     let env = ocsf::envelope(&value).map_err(|e| (None, e.to_string()))?;
     let at = Some((env.origin.clone(), env.index));
