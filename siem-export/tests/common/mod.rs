@@ -279,6 +279,27 @@ impl Node {
         v["auth"]["client_token"].as_str().unwrap().to_owned()
     }
 
+    /// Reads `secret/<path>` over a connection from the local address `from` (any
+    /// 127.0.0.0/8 address): a client on another host, as the audit log sees it.
+    pub fn get_from(&self, from: &str, token: &str, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr: std::net::SocketAddr = self.http.trim_start_matches("http://").parse().unwrap();
+        let request = format!(
+            "GET /v1/secret/data/{path} HTTP/1.1\r\nHost: {addr}\r\nX-Vault-Token: {token}\r\nConnection: close\r\n\r\n"
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let response = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            let mut stream = socket.connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            stream.read_to_end(&mut out).await.unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        });
+        response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
     pub fn destroy(&self, path: &str, versions: &[u64]) -> u16 {
         self.call(
             "POST",
