@@ -165,6 +165,15 @@ async fn watch_lag(store: Arc<dyn Store>, region: String, metrics: Arc<ExportMet
     }
 }
 
+/// What a round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing new, or another exporter holds the lease: wait a poll interval.
+    Idle,
+    /// Published `entries` (and checkpoints); `full`: a whole batch, more is waiting.
+    Published { entries: usize, full: bool },
+}
+
 /// What one round read from the store.
 struct Round {
     head_size: u64,
@@ -245,11 +254,11 @@ impl Exporter {
         let mut backoff = self.settings.poll_interval();
         loop {
             let pause = match self.round().await {
-                Ok(true) => {
+                Ok(Progress::Published { .. }) => {
                     backoff = self.settings.poll_interval();
                     Duration::ZERO
                 }
-                Ok(false) => {
+                Ok(Progress::Idle) => {
                     backoff = self.settings.poll_interval();
                     self.settings.poll_interval()
                 }
@@ -279,12 +288,11 @@ impl Exporter {
         }
     }
 
-    /// One round: take or renew the lease, publish what is new. `Ok(true)`: a full batch
-    /// was published (more may be waiting).
-    pub async fn round(&mut self) -> Result<bool, ExportError> {
+    /// One round: take or renew the lease, publish what is new.
+    pub async fn round(&mut self) -> Result<Progress, ExportError> {
         let Some((cursor, round)) = self.read_round().await? else {
             self.metrics.leader.store(0, Ordering::Relaxed);
-            return Ok(false);
+            return Ok(Progress::Idle);
         };
         self.metrics.leader.store(1, Ordering::Relaxed);
         self.metrics.head_size.store(round.head_size, Ordering::Relaxed);
@@ -292,7 +300,7 @@ impl Exporter {
         let oldest = round.entries.first().and_then(|(_, e)| Event::peek_time_unix_ms(e));
         self.metrics.lag_ms.store(oldest.map_or(0, |t| now_unix_ms().saturating_sub(t)), Ordering::Relaxed);
         if round.entries.is_empty() && round.checkpoints.is_empty() {
-            return Ok(false);
+            return Ok(Progress::Idle);
         }
         let full = round.entries.len() >= self.settings.batch_entries;
         let origin = match &self.origin {
@@ -314,7 +322,7 @@ impl Exporter {
         self.commit_cursor(&next).await?;
         self.metrics.next_index.store(next.next_index, Ordering::Relaxed);
         self.metrics.lag_ms.store(0, Ordering::Relaxed);
-        Ok(full)
+        Ok(Progress::Published { entries: round.entries.len(), full })
     }
 
     /// Takes or renews the lease and reads the next batch; `None` when another exporter
@@ -385,7 +393,7 @@ impl Exporter {
                 ApiError::Internal
             })?;
             times.push(event.time_unix_ms);
-            let payload = ocsf::to_ocsf(origin, index, entry, &event).to_string();
+            let payload = ocsf::ocsf(origin, index, entry, &event).to_json();
             let index_text = index.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: LEAF_INDEX_HEADER, value: Some(index_text.as_str()) });
@@ -455,7 +463,7 @@ impl Exporter {
     /// Publishes until the exporter has caught up with the head it sees, or `deadline`.
     pub async fn drain(&mut self, deadline: Instant) -> Result<(), ExportError> {
         while Instant::now() < deadline {
-            if !self.round().await? {
+            if let Progress::Idle | Progress::Published { full: false, .. } = self.round().await? {
                 return Ok(());
             }
         }

@@ -12,7 +12,8 @@ use arca_audit::merkle;
 use arca_audit::{Event, Operation, Outcome};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 /// The OCSF schema version the messages follow.
 pub const OCSF_VERSION: &str = "1.3.0";
@@ -37,6 +38,16 @@ impl Activity {
             Activity::Update => "Update",
             Activity::Delete => "Delete",
             Activity::Other => "Other",
+        }
+    }
+
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Activity::Create => "API Activity: Create",
+            Activity::Read => "API Activity: Read",
+            Activity::Update => "API Activity: Update",
+            Activity::Delete => "API Activity: Delete",
+            Activity::Other => "API Activity: Other",
         }
     }
 
@@ -73,14 +84,27 @@ fn resource_type(op: Operation) -> &'static str {
     }
 }
 
-/// `src_endpoint` from the recorded source: `ip:port`, a bare ip, or a label (`unknown`).
-fn endpoint(address: &str) -> Value {
+/// `src_endpoint`: `ip:port`, a bare ip, or a label (`unknown`) as its name.
+#[derive(Debug, Serialize)]
+struct Endpoint<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intermediate_ips: Option<[&'a str; 1]>,
+}
+
+fn endpoint<'a>(address: &'a str, proxy: Option<&'a str>) -> Endpoint<'a> {
+    let intermediate_ips = proxy.map(|p| [source_ip(p)]);
     if let Ok(sa) = address.parse::<SocketAddr>() {
-        json!({ "ip": sa.ip().to_string(), "port": sa.port() })
+        Endpoint { ip: Some(sa.ip().to_string()), port: Some(sa.port()), name: None, intermediate_ips }
     } else if let Ok(ip) = address.parse::<IpAddr>() {
-        json!({ "ip": ip.to_string() })
+        Endpoint { ip: Some(ip.to_string()), port: None, name: None, intermediate_ips }
     } else {
-        json!({ "name": address })
+        Endpoint { ip: None, port: None, name: Some(address), intermediate_ips }
     }
 }
 
@@ -94,72 +118,193 @@ pub fn source_ip(address: &str) -> &str {
     }
 }
 
+#[derive(Debug, Serialize)]
+struct Named<'a> {
+    name: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct Uid<'a> {
+    uid: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct Metadata<'a> {
+    version: &'static str,
+    uid: &'a str,
+    log_name: &'a str,
+    product: Product,
+}
+
+#[derive(Debug, Serialize)]
+struct Product {
+    name: &'static str,
+    vendor_name: &'static str,
+    version: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct User<'a> {
+    name: &'a str,
+    uid: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct ActorObj<'a> {
+    user: User<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<Uid<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Api<'a> {
+    operation: &'static str,
+    service: Named<'static>,
+    request: Uid<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct Destination<'a> {
+    hostname: &'a str,
+    svc_name: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Cloud<'a> {
+    provider: &'static str,
+    region: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct Resource<'a> {
+    name: &'a str,
+    uid: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Extension<'a> {
+    origin: &'a str,
+    leaf_index: u64,
+    leaf_hash: String,
+    entry: String,
+    cluster: &'a str,
+    region: &'a str,
+    node: &'a str,
+}
+
+/// One OCSF API Activity event, borrowing from the audit event it maps.
+#[derive(Debug, Serialize)]
+pub struct Ocsf<'a> {
+    class_uid: u32,
+    class_name: &'static str,
+    category_uid: u32,
+    category_name: &'static str,
+    activity_id: u32,
+    activity_name: &'static str,
+    type_uid: u32,
+    type_name: &'static str,
+    time: u64,
+    severity_id: u32,
+    severity: &'static str,
+    status_id: u32,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_detail: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_code: Option<&'a str>,
+    metadata: Metadata<'a>,
+    actor: ActorObj<'a>,
+    api: Api<'a>,
+    src_endpoint: Endpoint<'a>,
+    dst_endpoint: Destination<'a>,
+    cloud: Cloud<'a>,
+    resources: [Resource<'a>; 1],
+    arca: Extension<'a>,
+}
+
+impl Ocsf<'_> {
+    /// The message text the exporter publishes.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an OCSF event always serializes")
+    }
+
+    /// The same, as a JSON value (what `verify` compares a received message with).
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).expect("an OCSF event always serializes")
+    }
+}
+
 /// The OCSF event for leaf `index` of the log `origin`, whose entry is `entry` (decoded as
 /// `event`).
-pub fn to_ocsf(origin: &str, index: u64, entry: &[u8], event: &Event) -> Value {
+pub fn ocsf<'a>(origin: &'a str, index: u64, entry: &[u8], event: &'a Event) -> Ocsf<'a> {
     let activity = Activity::of(event.operation);
     let (status_id, status, severity_id, severity) = match &event.outcome {
         Outcome::Ok => (1, "Success", 1, "Informational"),
         Outcome::Denied => (2, "Failure", 3, "Medium"),
         Outcome::Error { .. } => (2, "Failure", 2, "Low"),
     };
-    let mut value = json!({
-        "class_uid": CLASS_UID,
-        "class_name": "API Activity",
-        "category_uid": CATEGORY_UID,
-        "category_name": "Application Activity",
-        "activity_id": activity as u32,
-        "activity_name": activity.name(),
-        "type_uid": CLASS_UID * 100 + activity as u32,
-        "type_name": format!("API Activity: {}", activity.name()),
-        "time": event.time_unix_ms,
-        "severity_id": severity_id,
-        "severity": severity,
-        "status_id": status_id,
-        "status": status,
-        "metadata": {
-            "version": OCSF_VERSION,
-            "uid": event.request_id,
-            "log_name": origin,
-            "product": { "name": "arca", "vendor_name": "arca", "version": env!("CARGO_PKG_VERSION") },
+    Ocsf {
+        class_uid: CLASS_UID,
+        class_name: "API Activity",
+        category_uid: CATEGORY_UID,
+        category_name: "Application Activity",
+        activity_id: activity as u32,
+        activity_name: activity.name(),
+        type_uid: CLASS_UID * 100 + activity as u32,
+        type_name: activity.type_name(),
+        time: event.time_unix_ms,
+        severity_id,
+        severity,
+        status_id,
+        status,
+        status_detail: matches!(event.outcome, Outcome::Denied).then_some("permission denied"),
+        status_code: match &event.outcome {
+            Outcome::Error { code } => Some(code),
+            _ => None,
         },
-        "actor": {
-            "user": { "name": event.actor.entity, "uid": event.actor.entity },
+        metadata: Metadata {
+            version: OCSF_VERSION,
+            uid: &event.request_id,
+            log_name: origin,
+            product: Product { name: "arca", vendor_name: "arca", version: env!("CARGO_PKG_VERSION") },
         },
-        "api": {
-            "operation": event.operation.name(),
-            "service": { "name": "arca" },
-            "request": { "uid": event.request_id },
+        actor: ActorObj {
+            user: User { name: &event.actor.entity, uid: &event.actor.entity },
+            session: event.actor.token_accessor.as_deref().map(|uid| Uid { uid }),
         },
-        "src_endpoint": endpoint(&event.source.address),
-        "dst_endpoint": { "hostname": event.node, "svc_name": "arca" },
-        "cloud": { "provider": "arca", "region": event.region },
-        "resources": [ { "name": event.path, "uid": event.path, "type": resource_type(event.operation) } ],
-        "arca": {
-            "origin": origin,
-            "leaf_index": index,
-            "leaf_hash": hex::encode(merkle::leaf_hash(entry)),
-            "entry": B64.encode(entry),
-            "cluster": event.cluster,
-            "region": event.region,
-            "node": event.node,
+        api: Api {
+            operation: event.operation.name(),
+            service: Named { name: "arca" },
+            request: Uid { uid: &event.request_id },
         },
-    });
-    if let Some(accessor) = &event.actor.token_accessor {
-        value["actor"]["session"] = json!({ "uid": accessor });
+        src_endpoint: endpoint(&event.source.address, event.source.proxy.as_deref()),
+        dst_endpoint: Destination { hostname: &event.node, svc_name: "arca" },
+        cloud: Cloud { provider: "arca", region: &event.region },
+        resources: [Resource {
+            name: &event.path,
+            uid: &event.path,
+            kind: resource_type(event.operation),
+            version: event.secret_version.map(|v| v.to_string()),
+        }],
+        arca: Extension {
+            origin,
+            leaf_index: index,
+            leaf_hash: hex::encode(merkle::leaf_hash(entry)),
+            entry: B64.encode(entry),
+            cluster: &event.cluster,
+            region: &event.region,
+            node: &event.node,
+        },
     }
-    if let Some(proxy) = &event.source.proxy {
-        value["src_endpoint"]["intermediate_ips"] = json!([source_ip(proxy)]);
-    }
-    if let Some(version) = event.secret_version {
-        value["resources"][0]["version"] = json!(version.to_string());
-    }
-    match &event.outcome {
-        Outcome::Ok => {}
-        Outcome::Denied => value["status_detail"] = json!("permission denied"),
-        Outcome::Error { code } => value["status_code"] = json!(code),
-    }
-    value
+}
+
+/// [`ocsf`] as a JSON value.
+pub fn to_ocsf(origin: &str, index: u64, entry: &[u8], event: &Event) -> Value {
+    ocsf(origin, index, entry, event).to_value()
 }
 
 /// What a consumer reads back from one message: the fields the proof needs.
@@ -202,6 +347,7 @@ pub fn parse(payload: &[u8]) -> Result<Value, EnvelopeError> {
 mod tests {
     use super::*;
     use arca_audit::{Actor, Source};
+    use serde_json::json;
 
     fn event(op: Operation, outcome: Outcome) -> Event {
         Event {
@@ -263,6 +409,17 @@ mod tests {
             let e = event(*op, Outcome::Ok);
             assert!(to_ocsf("o", 1, &e.encode(), &e)["activity_id"].as_u64().is_some());
         }
+    }
+
+    #[test]
+    fn the_published_text_is_the_value_verify_recomputes() {
+        let e = event(Operation::KvWrite, Outcome::Error { code: "invalid".into() });
+        let entry = e.encode();
+        let text = ocsf("o", 7, &entry, &e).to_json();
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, to_ocsf("o", 7, &entry, &e));
+        // No field is serialized twice, none as null.
+        assert!(!text.contains("null"), "{text}");
     }
 
     #[test]

@@ -509,4 +509,30 @@ mod tests {
         with_junk.push(junk);
         assert!(!verify(&with_junk, &cps, &[v]).ok());
     }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive on the topics — garbage, or a valid message with one byte
+        /// changed — verify and watch report, never panic, and a change is never OK.
+        #[test]
+        fn hostile_messages_never_panic(garbage in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+                                        flip in 0usize..2000, bit in 0u8..8) {
+            let (mut entries, cps, v) = log(6, &[6]);
+            let mut watcher = crate::watch::Watcher::new(crate::watch::Rules::default());
+            let original = entries[2].payload.clone();
+            let at = flip % original.len();
+            entries[2].payload[at] ^= 1 << bit;
+            let report = verify(&entries, &cps, std::slice::from_ref(&v));
+            let changed_meaning = serde_json::from_slice::<serde_json::Value>(&entries[2].payload).ok()
+                != serde_json::from_slice::<serde_json::Value>(&original).ok();
+            if changed_meaning {
+                proptest::prop_assert!(!report.ok(), "{}", report.summary());
+            }
+            let _ = watcher.observe_message(&entries[2].payload);
+            entries.push(Record { partition: 0, offset: 99, key: None, leaf_index_header: None, payload: garbage.clone() });
+            let cp_garbage = Record { partition: 0, offset: 99, key: None, leaf_index_header: None, payload: garbage.clone() };
+            let report = verify(&entries, &[cps[0].clone(), cp_garbage], &[v]);
+            proptest::prop_assert!(!report.ok());
+            let _ = watcher.observe_message(&garbage);
+        }
+    }
 }
