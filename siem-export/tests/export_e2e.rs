@@ -212,3 +212,46 @@ fn verify_names_an_altered_and_a_dropped_message() {
     let (code, out, _) = siem(&config, &["verify", "--vkey-url", &node.vkey_url()]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Two exporters on one region: one leads, the other stands by; when the leader is killed
+/// the other takes over from the cursor, and the stream still verifies.
+#[test]
+fn one_exporter_leads_and_a_standby_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), Storage::Memory);
+    let node = Node::start(dir.path(), "n1");
+    let (port_a, port_b) = (free_port(), free_port());
+    let config_a = siem_config(dir.path(), &node, &broker.brokers(), port_a, "lease_ttl_ms = 1000\n");
+    let config_b = dir.path().join("siem-b.toml");
+    std::fs::write(
+        &config_b,
+        std::fs::read_to_string(&config_a)
+            .unwrap()
+            .replace(&format!("127.0.0.1:{port_a}"), &format!("127.0.0.1:{port_b}")),
+    )
+    .unwrap();
+    let a = Exporter::start(dir.path(), &config_a, port_a);
+    for i in 0..10 {
+        assert_eq!(node.put(&format!("l/s{i}"), "v"), 200);
+    }
+    a.wait_caught_up(&node, DEADLINE);
+    let b = Exporter::start(dir.path(), &config_b, port_b);
+    wait_until("the standby to read the store", DEADLINE, || b.metric("next_index") > 0.0);
+    assert_eq!(a.metric("leader"), 1.0);
+    for i in 0..10 {
+        assert_eq!(node.put(&format!("m/s{i}"), "v"), 200);
+    }
+    a.wait_caught_up(&node, DEADLINE);
+    assert_eq!(b.metric("entries_total"), 0.0, "the standby published while the leader held the lease");
+
+    drop(a); // kill -9
+    for i in 0..10 {
+        assert_eq!(node.put(&format!("n/s{i}"), "v"), 200);
+    }
+    let size = b.wait_caught_up(&node, DEADLINE);
+    assert_eq!(b.metric("leader"), 1.0);
+    assert!(b.metric("entries_total") > 0.0);
+    let (code, out, err) = siem(&config_b, &["verify", "--vkey-url", &node.vkey_url()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("verified to size {size} of {size}")), "{out}");
+}
