@@ -16,9 +16,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # No FoundationDB server or client library can be installed here: the fdb backend and its
 # conformance suite are type-checked and linted against the real API, never linked.
-step "fdb backend: check and clippy (store, and arcad built with fdb)"
-cargo check -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked
-cargo clippy -p arca-store -p arca-node --all-targets --features arca-store/fdb,arca-node/fdb --locked -- -D warnings
+step "fdb backend: check and clippy (store, and arcad and arca-siem built with fdb)"
+fdb_features=arca-store/fdb,arca-node/fdb,arca-siem-export/fdb
+cargo check -p arca-store -p arca-node -p arca-siem-export --all-targets --features "$fdb_features" --locked
+cargo clippy -p arca-store -p arca-node -p arca-siem-export --all-targets --features "$fdb_features" --locked -- -D warnings
 
 # Smoke run of the side-by-side benchmark (debug build, short levels, no thresholds): it
 # fails only if a request fails, so a broken load path cannot slip through.

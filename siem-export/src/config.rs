@@ -212,6 +212,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_dev_config_parses() {
+        let text = include_str!("../arca-siem.dev.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.watch.baseline_secs, 3600);
+    }
+
+    #[test]
     fn bad_configs_are_refused_without_echoing_values() {
         let bad = [
             "[kafka]\nbrokers = \"\"\n",
