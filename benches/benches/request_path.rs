@@ -5,16 +5,11 @@
 //! `cargo bench -p arca-benches --bench request_path`
 
 use std::hint::black_box;
-use std::sync::Arc;
 
-use arca_audit::Source;
 use arca_node::barrier::{self, Barrier};
 use arca_node::kv::SecretData;
-use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_node::policy::{self, Capability};
-use arca_store::{SqliteConfig, SqliteStore};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use zeroize::Zeroizing;
 
 fn policy_text() -> String {
     let mut text = String::new();
@@ -61,25 +56,8 @@ fn audited_reads(c: &mut Criterion) {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("bench.db"))).expect("store"));
-    let node =
-        Node::new(store, NodeIdentity { cluster: "bench".into(), region: "local".into(), node: "n".into() });
-    let ctx = |token: Option<&str>| {
-        RequestContext::new(
-            token.map(|t| Zeroizing::new(t.to_owned())),
-            Source { address: "127.0.0.1:1".into(), proxy: None },
-        )
-    };
-    let root = rt.block_on(async {
-        let init = node.operator_init(ctx(None), 1, 1).await.result.expect("init");
-        let root = init.root_token.token.to_string();
-        let data = SecretData([("password".to_owned(), "x".repeat(1024))].into());
-        node.kv_write(ctx(Some(&root)), "secret".into(), "bench/db".into(), data, None)
-            .await
-            .result
-            .expect("write");
-        root
-    });
+    let arca_benches::BenchNode { node, root, .. } = arca_benches::bench_node(&rt, dir.path());
+    let ctx = arca_benches::context;
 
     let mut group = c.benchmark_group("node");
     group.throughput(Throughput::Elements(1));

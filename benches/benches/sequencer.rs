@@ -7,30 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arca_audit::Source;
-use arca_node::keys;
 use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_node::sequencer::{self, SequencerConfig};
-use arca_store::{SqliteConfig, SqliteStore, Store, StoreError, StoreExt};
+use arca_store::{SqliteConfig, SqliteStore, Store};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const QUEUE: u64 = 50_000;
-
-fn fill(store: &dyn Store, from: u64, count: u64) {
-    let prefix = keys::audit_events("local");
-    let mut i = from;
-    while i < from + count {
-        let end = (i + 1024).min(from + count);
-        store
-            .transact(|tx| {
-                for j in i..end {
-                    tx.set_versionstamped_key(&prefix, b"", &arca_benches::sample_event(j).encode())?;
-                }
-                Ok::<_, StoreError>(())
-            })
-            .expect("fill the queue");
-        i = end;
-    }
-}
 
 fn integration(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -54,7 +36,7 @@ fn integration(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                fill(store.as_ref(), next, QUEUE);
+                arca_benches::fill_queue(store.as_ref(), next, QUEUE, false);
                 next += QUEUE;
                 let started = Instant::now();
                 while sequencer::integrate(&node, "bench", &config).expect("integrate").is_some() {}

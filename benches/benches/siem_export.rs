@@ -19,15 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use arca_audit::Source;
-use arca_node::keys;
-use arca_node::kv::SecretData;
-use arca_node::node::{Node, NodeIdentity, RequestContext, now_unix_ms};
 use arca_node::sequencer::{self, SequencerConfig};
 use arca_siem_export::config::{Config, ExportSection};
 use arca_siem_export::export::{ExportMetrics, Exporter};
-use arca_store::{SqliteConfig, SqliteStore, Store, StoreError, StoreExt};
-use zeroize::Zeroizing;
 
 struct Broker(Child);
 
@@ -58,29 +52,6 @@ fn start_broker() -> (Broker, String) {
     (Broker(child), format!("127.0.0.1:{port}"))
 }
 
-/// Appends `count` events to the queue, as the request path does; `now` stamps them with
-/// the current time (for latency), otherwise with the fixture's.
-fn fill(store: &dyn Store, from: u64, count: u64, now: bool) {
-    let prefix = keys::audit_events("local");
-    let mut i = from;
-    while i < from + count {
-        let end = (i + 1024).min(from + count);
-        store
-            .transact(|tx| {
-                for j in i..end {
-                    let mut event = arca_benches::sample_event(j);
-                    if now {
-                        event.time_unix_ms = now_unix_ms();
-                    }
-                    tx.set_versionstamped_key(&prefix, b"", &event.encode())?;
-                }
-                Ok::<_, StoreError>(())
-            })
-            .expect("fill the queue");
-        i = end;
-    }
-}
-
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -94,29 +65,8 @@ fn main() {
     let (_broker, brokers) = start_broker();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("b.db"))).unwrap());
-    let node = Node::new(
-        store.clone(),
-        NodeIdentity { cluster: "bench".into(), region: "local".into(), node: "n".into() },
-    );
-    let ctx = |token: Option<&str>| {
-        RequestContext::new(
-            token.map(|t| Zeroizing::new(t.to_owned())),
-            Source { address: "127.0.0.1:1".into(), proxy: None },
-        )
-    };
-    let root = rt.block_on(async {
-        let init = node.operator_init(ctx(None), 1, 1).await.result.expect("init");
-        let root = init.root_token.token.to_string();
-        let data = SecretData([("password".to_owned(), "x".repeat(1024))].into());
-        node.kv_write(ctx(Some(&root)), "secret".into(), "bench/db".into(), data, None)
-            .await
-            .result
-            .expect("write");
-        root
-    });
-
+    let arca_benches::BenchNode { node, store, root } = arca_benches::bench_node(&rt, dir.path());
+    let ctx = arca_benches::context;
     // 0. The node's own audit rate: audited reads, 64 concurrent, in process (no transport:
     // the most audit entries per second this node can produce).
     let started = Instant::now();
@@ -148,7 +98,7 @@ fn main() {
     let settings = ExportSection { batch_entries: 5000, ..config.export.clone() };
 
     // 1. Throughput: the reads' entries, topped up to `entries` with fixture events.
-    fill(store.as_ref(), 0, entries.saturating_sub(reads), false);
+    arca_benches::fill_queue(store.as_ref(), 0, entries.saturating_sub(reads), false);
     let seq_config = SequencerConfig { max_batch: 16_384, ..SequencerConfig::default() };
     let started = Instant::now();
     while sequencer::integrate(&node, "bench", &seq_config).expect("integrate").is_some() {}
@@ -200,7 +150,7 @@ fn main() {
     let mut next = entries;
     let mut tick = 0u64;
     while load_started.elapsed() < Duration::from_secs(10) {
-        fill(store.as_ref(), next, per_tick, true);
+        arca_benches::fill_queue(store.as_ref(), next, per_tick, true);
         next += per_tick;
         tick += 1;
         // Pace to the rate: tick n is due at n × 10 ms.

@@ -19,12 +19,8 @@ fn distinct_indexes(messages: &[Value]) -> BTreeSet<u64> {
 
 #[test]
 fn every_entry_reaches_kafka_as_ocsf_and_the_stream_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), Storage::Memory);
-    let node = Node::start(dir.path(), "n1");
-    let metrics_port = free_port();
-    let config = siem_config(dir.path(), &node, &broker.brokers(), metrics_port, "");
-    let exporter = Exporter::start(dir.path(), &config, metrics_port);
+    let stack = Stack::start(false, "");
+    let (node, exporter, config, broker) = (&stack.node, &stack.exporter, &stack.config, &stack.broker);
 
     let reader = node.token_reading("reader", "app/");
     for i in 0..20 {
@@ -36,7 +32,7 @@ fn every_entry_reaches_kafka_as_ocsf_and_the_stream_verifies() {
         assert_eq!(node.get_as(&reader, &format!("other/s{i}")), 403);
     }
     assert_eq!(node.get_as("not-a-token", "app/s1"), 403);
-    let size = exporter.wait_caught_up(&node, DEADLINE);
+    let size = exporter.wait_caught_up(node, DEADLINE);
     assert!(size >= 53, "{size}");
 
     // An independent consumer (tansu's own client) sees one message per entry.
@@ -64,7 +60,7 @@ fn every_entry_reaches_kafka_as_ocsf_and_the_stream_verifies() {
     // No secret value anywhere in the stream.
     assert!(!messages.iter().any(|m| m.to_string().contains("\"value\"")));
 
-    let (code, out, err) = siem(&config, &["verify", "--vkey-url", &node.vkey_url()]);
+    let (code, out, err) = siem(config, &["verify", "--vkey-url", &node.vkey_url()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("verify: OK"), "{out}");
     assert!(exporter.metric("latency_seconds_count") >= size as f64);
@@ -75,22 +71,17 @@ fn every_entry_reaches_kafka_as_ocsf_and_the_stream_verifies() {
 /// delivered and the stream verifies.
 #[test]
 fn a_broker_outage_loses_nothing_and_blocks_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s3 = S3::start(dir.path(), "broker");
-    let mut broker =
-        Broker::start(dir.path(), Storage::S3 { endpoint: s3.endpoint.clone(), bucket: "broker".into() });
-    let node = Node::start(dir.path(), "n1");
-    let metrics_port = free_port();
-    let config = siem_config(dir.path(), &node, &broker.brokers(), metrics_port, "");
-    let exporter = Exporter::start(dir.path(), &config, metrics_port);
+    let mut stack = Stack::start(true, "");
+    let config = stack.config.clone();
+    let (node, exporter) = (&stack.node, &stack.exporter);
 
     for i in 0..15 {
         assert_eq!(node.put(&format!("a/s{i}"), "v"), 200);
     }
-    let before = exporter.wait_caught_up(&node, DEADLINE);
+    let before = exporter.wait_caught_up(node, DEADLINE);
     let failures_before = exporter.metric("failures_total");
 
-    broker.kill();
+    stack.broker.kill();
     for i in 0..30 {
         assert_eq!(node.put(&format!("b/s{i}"), "v"), 200, "a request failed during the outage");
         assert_eq!(node.get(&format!("b/s{i}")), 200, "a request failed during the outage");
@@ -103,8 +94,8 @@ fn a_broker_outage_loses_nothing_and_blocks_nothing() {
     // then reach the broker twice; consumers drop repeats by leaf index).
     wait_until("a delivery round to fail", DEADLINE, || exporter.metric("failures_total") > failures_before);
 
-    broker.restart();
-    let size = exporter.wait_caught_up(&node, DEADLINE);
+    stack.broker.restart();
+    let size = exporter.wait_caught_up(node, DEADLINE);
     assert_eq!(exporter.metric("lag_entries"), 0.0);
 
     let (code, out, err) = siem(&config, &["verify", "--vkey-url", &node.vkey_url()]);
@@ -115,14 +106,10 @@ fn a_broker_outage_loses_nothing_and_blocks_nothing() {
 /// A broker that stops answering (SIGSTOP) blocks nothing either.
 #[test]
 fn a_paused_broker_blocks_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), Storage::Memory);
-    let node = Node::start(dir.path(), "n1");
-    let metrics_port = free_port();
-    let config = siem_config(dir.path(), &node, &broker.brokers(), metrics_port, "");
-    let exporter = Exporter::start(dir.path(), &config, metrics_port);
+    let stack = Stack::start(false, "");
+    let (node, exporter, config, broker) = (&stack.node, &stack.exporter, &stack.config, &stack.broker);
     assert_eq!(node.put("x", "v"), 200);
-    exporter.wait_caught_up(&node, DEADLINE);
+    exporter.wait_caught_up(node, DEADLINE);
 
     broker.pause();
     for i in 0..20 {
@@ -130,9 +117,9 @@ fn a_paused_broker_blocks_nothing() {
     }
     wait_until("lag to show the pause", DEADLINE, || exporter.metric("lag_entries") >= 20.0);
     broker.resume();
-    exporter.wait_caught_up(&node, DEADLINE);
+    exporter.wait_caught_up(node, DEADLINE);
     assert_eq!(exporter.metric("lag_entries"), 0.0);
-    let (code, out, err) = siem(&config, &["verify", "--vkey-url", &node.vkey_url()]);
+    let (code, out, err) = siem(config, &["verify", "--vkey-url", &node.vkey_url()]);
     assert_eq!(code, 0, "{out}{err}");
 }
 
@@ -140,19 +127,15 @@ fn a_paused_broker_blocks_nothing() {
 /// actor edited, message 9 is dropped. `verify` on the copy names both indexes.
 #[test]
 fn verify_names_an_altered_and_a_dropped_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), Storage::Memory);
-    let node = Node::start(dir.path(), "n1");
-    let metrics_port = free_port();
-    let config = siem_config(dir.path(), &node, &broker.brokers(), metrics_port, "");
-    let exporter = Exporter::start(dir.path(), &config, metrics_port);
+    let mut stack = Stack::start(false, "");
     for i in 0..12 {
-        assert_eq!(node.put(&format!("t/s{i}"), "v"), 200);
+        assert_eq!(stack.node.put(&format!("t/s{i}"), "v"), 200);
     }
-    let size = exporter.wait_caught_up(&node, DEADLINE);
-    drop(exporter);
+    let size = stack.exporter.wait_caught_up(&stack.node, DEADLINE);
+    stack.exporter.kill(); // the stream stays as it is
+    let (node, config) = (&stack.node, &stack.config);
 
-    let kafka = arca_siem_export::config::Config::load(&config).unwrap().kafka;
+    let kafka = arca_siem_export::config::Config::load(config).unwrap().kafka;
     let consumer = arca_siem_export::kafka::reader(&kafka).unwrap();
     let entries = arca_siem_export::kafka::read_topic(&consumer, "arca.audit.entries", DEADLINE).unwrap();
     let checkpoints =
@@ -195,8 +178,8 @@ fn verify_names_an_altered_and_a_dropped_message() {
             producer.send(record, Duration::from_secs(10)).await.unwrap();
         }
     });
-    let tampered = dir.path().join("tampered.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
+    let tampered = stack.dir.path().join("tampered.toml");
+    let text = std::fs::read_to_string(config).unwrap().replace(
         "[kafka]\n",
         "[kafka]\nentries_topic = \"tampered.entries\"\ncheckpoints_topic = \"tampered.checkpoints\"\n",
     );
@@ -209,7 +192,7 @@ fn verify_names_an_altered_and_a_dropped_message() {
     assert!(out.contains("verify: FAILED"), "{out}");
 
     // The untouched stream still verifies.
-    let (code, out, _) = siem(&config, &["verify", "--vkey-url", &node.vkey_url()]);
+    let (code, out, _) = siem(config, &["verify", "--vkey-url", &node.vkey_url()]);
     assert_eq!(code, 0, "{out}");
 }
 
@@ -217,38 +200,36 @@ fn verify_names_an_altered_and_a_dropped_message() {
 /// the other takes over from the cursor, and the stream still verifies.
 #[test]
 fn one_exporter_leads_and_a_standby_takes_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), Storage::Memory);
-    let node = Node::start(dir.path(), "n1");
-    let (port_a, port_b) = (free_port(), free_port());
-    let config_a = siem_config(dir.path(), &node, &broker.brokers(), port_a, "lease_ttl_ms = 1000\n");
-    let config_b = dir.path().join("siem-b.toml");
+    let mut stack = Stack::start(false, "lease_ttl_ms = 1000\n");
+    let (node, a, config_a, dir) = (&stack.node, &stack.exporter, &stack.config, stack.dir.path());
+    let (port_a, port_b) = (stack.metrics_port, free_port());
+    let config_b = dir.join("siem-b.toml");
     std::fs::write(
         &config_b,
-        std::fs::read_to_string(&config_a)
+        std::fs::read_to_string(config_a)
             .unwrap()
             .replace(&format!("127.0.0.1:{port_a}"), &format!("127.0.0.1:{port_b}")),
     )
     .unwrap();
-    let a = Exporter::start(dir.path(), &config_a, port_a);
     for i in 0..10 {
         assert_eq!(node.put(&format!("l/s{i}"), "v"), 200);
     }
-    a.wait_caught_up(&node, DEADLINE);
-    let b = Exporter::start(dir.path(), &config_b, port_b);
+    a.wait_caught_up(node, DEADLINE);
+    let b = Exporter::start(dir, &config_b, port_b);
     wait_until("the standby to read the store", DEADLINE, || b.metric("next_index") > 0.0);
     assert_eq!(a.metric("leader"), 1.0);
     for i in 0..10 {
         assert_eq!(node.put(&format!("m/s{i}"), "v"), 200);
     }
-    a.wait_caught_up(&node, DEADLINE);
+    a.wait_caught_up(node, DEADLINE);
     assert_eq!(b.metric("entries_total"), 0.0, "the standby published while the leader held the lease");
 
-    drop(a); // kill -9
+    stack.exporter.kill();
+    let node = &stack.node;
     for i in 0..10 {
         assert_eq!(node.put(&format!("n/s{i}"), "v"), 200);
     }
-    let size = b.wait_caught_up(&node, DEADLINE);
+    let size = b.wait_caught_up(node, DEADLINE);
     assert_eq!(b.metric("leader"), 1.0);
     assert!(b.metric("entries_total") > 0.0);
     let (code, out, err) = siem(&config_b, &["verify", "--vkey-url", &node.vkey_url()]);

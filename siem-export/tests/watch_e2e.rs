@@ -42,12 +42,8 @@ fn tally(alerts: &[Value]) -> BTreeMap<(String, String, String), usize> {
 
 #[test]
 fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), Storage::Memory);
-    let node = Node::start(dir.path(), "n1");
-    let metrics_port = free_port();
-    let config = siem_config(dir.path(), &node, &broker.brokers(), metrics_port, "");
-    let exporter = Exporter::start(dir.path(), &config, metrics_port);
+    let stack = Stack::start(false, "");
+    let (node, exporter, config, broker) = (&stack.node, &stack.exporter, &stack.config, &stack.broker);
 
     // Baseline: the secrets, two identities, the app's habits.
     let app = node.token_reading("app", "app/");
@@ -62,17 +58,17 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
         assert_eq!(node.get_as(&app, "app/db"), 200);
         assert_eq!(node.get_as(&app, "app/api"), 200);
     }
-    let baseline = exporter.wait_caught_up(&node, DEADLINE);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}\n[watch]\nbaseline_entries = {baseline}\n")).unwrap();
+    let baseline = exporter.wait_caught_up(node, DEADLINE);
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(config, format!("{text}\n[watch]\nbaseline_entries = {baseline}\n")).unwrap();
 
     // Quiet: the same identity, secrets and address as before.
     for _ in 0..10 {
         assert_eq!(node.get_as(&app, "app/db"), 200);
         assert_eq!(node.get_as(&app, "app/api"), 200);
     }
-    exporter.wait_caught_up(&node, DEADLINE);
-    assert_eq!(alerts(&config), Vec::<Value>::new());
+    exporter.wait_caught_up(node, DEADLINE);
+    assert_eq!(alerts(config), Vec::<Value>::new());
 
     // Anomalies.
     for i in 0..25 {
@@ -84,9 +80,9 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
     assert_eq!(node.get_from("127.0.0.2", &app, "app/db"), 200); // new-source
     assert_eq!(node.destroy("app/old", &[1]), 204);
     assert_eq!(node.get_as(&app, "app/old"), 404); // read-after-destroy
-    exporter.wait_caught_up(&node, DEADLINE);
+    exporter.wait_caught_up(node, DEADLINE);
 
-    let raised = alerts(&config);
+    let raised = alerts(config);
     let s = |x: &str| x.to_owned();
     let expected: BTreeMap<(String, String, String), usize> = [
         ((s("distinct-secrets"), s("token:app"), s("")), 1),
@@ -103,7 +99,7 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
     assert_eq!(tally(&raised), expected, "{raised:#?}");
     // Replays raise the same alerts, with the same ids.
     let ids: Vec<&Value> = raised.iter().map(|a| &a["id"]).collect();
-    let again = alerts(&config);
+    let again = alerts(config);
     assert_eq!(again.iter().map(|a| &a["id"]).collect::<Vec<_>>(), ids);
 
     // Both runs published to the alerts topic: the first quiet run nothing.

@@ -381,6 +381,12 @@ impl Exporter {
         e
     }
 
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// One metric's value (`arca_siem_export_<name>`).
     pub fn metric(&self, name: &str) -> f64 {
         let text = ureq::get(&self.metrics_url).call().unwrap().body_mut().read_to_string().unwrap();
@@ -431,4 +437,35 @@ pub fn consume_independently(brokers: &str, topic: &str, expect: usize) -> Vec<V
         out.extend(batch.into_iter().map(|m| m["value"].clone()));
     }
     out
+}
+
+/// A whole export setup: a broker, a dev node, an `arca-siem` configuration and a running
+/// exporter, in one temporary directory. Fields drop in order: processes first.
+pub struct Stack {
+    pub exporter: Exporter,
+    pub node: Node,
+    pub broker: Broker,
+    pub config: PathBuf,
+    pub metrics_port: u16,
+    _s3: Option<S3>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// With the broker's data in memory, or (`durable`) on a local S3-protocol server so
+    /// that it survives a broker restart. `export` is extra `[export]` settings.
+    pub fn start(durable: bool, export: &str) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = durable.then(|| S3::start(dir.path(), "broker"));
+        let storage = match &s3 {
+            Some(s3) => Storage::S3 { endpoint: s3.endpoint.clone(), bucket: "broker".into() },
+            None => Storage::Memory,
+        };
+        let broker = Broker::start(dir.path(), storage);
+        let node = Node::start(dir.path(), "n1");
+        let metrics_port = free_port();
+        let config = siem_config(dir.path(), &node, &broker.brokers(), metrics_port, export);
+        let exporter = Exporter::start(dir.path(), &config, metrics_port);
+        Stack { exporter, node, broker, config, metrics_port, _s3: s3, dir }
+    }
 }
