@@ -1,0 +1,109 @@
+//! Cross-region replication, store-side: the change feed's record format, which keys
+//! replicate, each region's role and epoch, the standby's cursor, applying a shipped batch
+//! idempotently in one transaction with its cursor, the shipped audit log (checked against
+//! its signed checkpoints as it arrives) and the divergence of a deposed primary.
+//!
+//! The transport (gRPC with mTLS) and the loops that drive this live in `arca-node`.
+//!
+//! Keyspace (tuple-encoded):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `("changes",<versionstamp>)` | a [`ChangeRecord`]: one request's mutations, in commit order |
+//! | `("region","state")` | this region's [`RegionState`] (JSON; never replicated) |
+//! | `("region","cursor",<source>)` | the standby's [`Cursor`] in `source`'s feed (JSON) |
+//! | `("region","divergence",<n>)` | a divergence report (JSON) |
+//! | `("replica",<source>,"e",<index>)` | `source`'s audit entry at leaf `index` |
+//! | `("replica",<source>,"cp",<size>)` | `source`'s signed checkpoint of that size |
+//! | `("replica",<source>,"state")` | the shipped log's size and right edge (JSON) |
+//!
+//! Only keys under `("kv",…)` and `("sys",…)` replicate ([`replicated`]); a batch that
+//! names any other key is refused, so a peer cannot overwrite a region's role, cursors or
+//! audit log.
+
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod change;
+pub mod region;
+
+pub use apply::{AppliedBatch, ApplyError, AuditShipment, Batch, ShippedChange, apply_batch};
+pub use change::{ChangeRecord, Op};
+pub use region::{Cursor, RegionState, Role};
+
+use arca_store::tuple::{Element, pack};
+
+/// The change feed's prefix; records are at `prefix ‖ versionstamp`.
+pub fn changes() -> Vec<u8> {
+    pack(&["changes".into()])
+}
+
+pub fn region_state() -> Vec<u8> {
+    pack(&["region".into(), "state".into()])
+}
+
+pub fn region_cursor(source: &str) -> Vec<u8> {
+    pack(&["region".into(), "cursor".into(), source.into()])
+}
+
+pub fn divergences() -> Vec<u8> {
+    pack(&["region".into(), "divergence".into()])
+}
+
+pub fn divergence(n: u64) -> Vec<u8> {
+    pack(&["region".into(), "divergence".into(), n.into()])
+}
+
+pub fn replica_entry(source: &str, index: u64) -> Vec<u8> {
+    pack(&["replica".into(), source.into(), "e".into(), index.into()])
+}
+
+pub fn replica_checkpoint(source: &str, size: u64) -> Vec<u8> {
+    pack(&["replica".into(), source.into(), "cp".into(), size.into()])
+}
+
+pub fn replica_state(source: &str) -> Vec<u8> {
+    pack(&["replica".into(), source.into(), "state".into()])
+}
+
+/// Whether `key` belongs to the replicated keyspace: secrets (`kv`) and the system state
+/// (`sys`: keyring, seal, tokens, policies, roles, mounts).
+pub fn replicated(key: &[u8]) -> bool {
+    thread_local! {
+        static PREFIXES: [Vec<u8>; 2] = [prefix_of("kv"), prefix_of("sys")];
+    }
+    PREFIXES.with(|p| p.iter().any(|prefix| key.starts_with(prefix)))
+}
+
+/// The bytes every key of the tuple `(name, …)` starts with.
+fn prefix_of(name: &str) -> Vec<u8> {
+    pack(&[Element::from(name)])
+}
+
+/// Whether a whole range `[begin, end)` lies inside one replicated prefix.
+pub fn replicated_range(begin: &[u8], end: &[u8]) -> bool {
+    ["kv", "sys"].iter().any(|name| {
+        let p = prefix_of(name);
+        let Some(p_end) = arca_store::prefix_end(&p) else { return false };
+        begin.starts_with(&p) && end > begin && end <= p_end.as_slice()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_kv_and_sys_replicate() {
+        assert!(replicated(&pack(&["kv".into(), "secret".into(), "m".into(), "a".into()])));
+        assert!(replicated(&pack(&["sys".into(), "keyring".into()])));
+        assert!(!replicated(&region_state()));
+        assert!(!replicated(&pack(&["audit".into(), "r".into(), "e".into()])));
+        assert!(!replicated(&pack(&["kvx".into()])));
+        assert!(!replicated(&changes()));
+        let kv = pack(&["kv".into()]);
+        let end = arca_store::prefix_end(&kv).unwrap();
+        assert!(replicated_range(&kv, &end));
+        assert!(!replicated_range(&kv, &region_state()));
+    }
+}
