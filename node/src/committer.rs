@@ -33,7 +33,121 @@ const LINGER_BELOW: usize = 8;
 /// A request's work: its reads and writes in `tx`; returns its encoded audit event.
 /// Errors of the request itself are *not* errors here: they are recorded in the event.
 /// A `StoreError` aborts the attempt (and, if retryable, re-runs the batch).
-pub type JobFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<Vec<u8>, StoreError> + Send>;
+pub type JobFn = Box<dyn FnMut(&mut dyn Transaction, &Gate) -> Result<Vec<u8>, StoreError> + Send>;
+
+/// Whether this region accepts writes, as read in the batch's own transaction (so a
+/// promotion or a fencing commits either before or after the whole batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    pub writable: bool,
+    /// The primary region, as this region knows it.
+    pub primary: String,
+    /// Regions are configured: writes are recorded in the change feed for the standbys.
+    pub replicating: bool,
+}
+
+impl Gate {
+    fn read(tx: &mut dyn Transaction) -> Result<Gate, StoreError> {
+        match arca_replication::apply::load_state(tx) {
+            Ok(None) => Ok(Gate { writable: true, primary: String::new(), replicating: false }),
+            Ok(Some(state)) => {
+                Ok(Gate { writable: state.writable(), primary: state.primary, replicating: true })
+            }
+            Err(arca_replication::ApplyError::Store(e)) => Err(e),
+            Err(_) => Err(StoreError::Corrupt("the region state is unreadable")),
+        }
+    }
+}
+
+/// The transaction a job sees: every call goes to the batch's transaction; writes to the
+/// replicated keyspace are recorded for the change feed, and refused when the region does
+/// not accept writes (a backstop: operations that write are refused before they start).
+struct Recorder<'a> {
+    tx: &'a mut dyn Transaction,
+    writable: bool,
+    ops: Vec<arca_replication::Op>,
+}
+
+impl Recorder<'_> {
+    fn record(
+        &mut self,
+        replicated: bool,
+        op: impl FnOnce() -> arca_replication::Op,
+    ) -> Result<(), StoreError> {
+        if !replicated {
+            return Ok(());
+        }
+        if !self.writable {
+            return Err(StoreError::Corrupt(
+                "a write reached the store of a region that does not accept writes",
+            ));
+        }
+        self.ops.push(op());
+        Ok(())
+    }
+}
+
+impl Transaction for Recorder<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tx.get(key)
+    }
+
+    fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tx.get_snapshot(key)
+    }
+
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        options: arca_store::RangeOptions,
+    ) -> Result<Vec<arca_store::KeyValue>, StoreError> {
+        self.tx.get_range(begin, end, options)
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.record(arca_replication::replicated(key), || arca_replication::Op::Set {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        })?;
+        self.tx.set(key, value)
+    }
+
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.record(arca_replication::replicated(key), || arca_replication::Op::Clear { key: key.to_vec() })?;
+        self.tx.clear(key)
+    }
+
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        let replicated = arca_replication::replicated(begin) || arca_replication::replicated(end);
+        self.record(replicated, || arca_replication::Op::ClearRange {
+            begin: begin.to_vec(),
+            end: end.to_vec(),
+        })?;
+        self.tx.clear_range(begin, end)
+    }
+
+    fn set_versionstamped_key(
+        &mut self,
+        prefix: &[u8],
+        suffix: &[u8],
+        value: &[u8],
+    ) -> Result<u16, StoreError> {
+        self.tx.set_versionstamped_key(prefix, suffix, value)
+    }
+
+    fn maybe_committed(&self) -> bool {
+        self.tx.maybe_committed()
+    }
+
+    fn commit(&mut self) -> Result<arca_store::CommitInfo, StoreError> {
+        Err(StoreError::Corrupt("a job may not commit the batch"))
+    }
+
+    fn on_error(&mut self, _err: &StoreError) -> Result<(), StoreError> {
+        Err(StoreError::Corrupt("a job may not retry the batch"))
+    }
+}
 
 struct Job {
     run: JobFn,
@@ -118,6 +232,7 @@ impl Committer {
 
 fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mutex<CommitStats>) {
     let events = crate::keys::audit_events(region);
+    let changes = arca_replication::changes();
     let mut last_batch_len = 0;
     let mut tasks: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
     while let Ok(first) = work.recv() {
@@ -147,10 +262,24 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
         last_batch_len = batch.len();
         let started = Instant::now();
         let outcome = store.transact(|tx| {
+            let gate = Gate::read(tx)?;
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
-                let event = (job.run)(tx)?;
-                orders.push(tx.set_versionstamped_key(&events, b"", &event)?);
+                let mut recorder = Recorder { tx: &mut *tx, writable: gate.writable, ops: Vec::new() };
+                let event = (job.run)(&mut recorder, &gate)?;
+                let ops = std::mem::take(&mut recorder.ops);
+                let order = tx.set_versionstamped_key(&events, b"", &event)?;
+                if gate.replicating && !ops.is_empty() {
+                    // The request's writes, for the standbys: stamped in this batch, with
+                    // the order of the request's audit event (the write's audit position).
+                    let record = arca_replication::ChangeRecord {
+                        event_order: order,
+                        time_unix_ms: crate::node::now_unix_ms(),
+                        ops,
+                    };
+                    tx.set_versionstamped_key(&changes, b"", &record.encode())?;
+                }
+                orders.push(order);
             }
             Ok::<_, StoreError>(orders)
         });

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::TokenRecord;
 use crate::barrier::Barrier;
-use crate::committer::Committer;
+use crate::committer::{Committer, Gate};
 use crate::error::ApiError;
 use crate::policy::{self, Capability, Policy};
 use crate::{keys, metrics::Metrics};
@@ -278,6 +278,7 @@ impl Node {
     /// Runs `work` inside the next batch transaction with an audit event for it, and answers
     /// only once that event is durable. `work` may run more than once (conflict retries) and
     /// must only touch the store through `Env`.
+    #[allow(clippy::too_many_lines)]
     pub async fn execute<T, F>(
         self: &Arc<Self>,
         ctx: RequestContext,
@@ -297,7 +298,7 @@ impl Node {
         let RequestContext { request_id, token, source } = ctx;
         let reply_id = request_id.clone();
         let span = tracing::info_span!("request", op = op.name(), request_id = %request_id);
-        let job = Box::new(move |tx: &mut dyn Transaction| -> Result<Vec<u8>, StoreError> {
+        let job = Box::new(move |tx: &mut dyn Transaction, gate: &Gate| -> Result<Vec<u8>, StoreError> {
             let now = now_unix_ms();
             let mut env = Env {
                 tx,
@@ -307,7 +308,14 @@ impl Node {
                 secret_version: None,
                 token: token.as_deref().map(String::as_str),
             };
-            let result = match work(&mut env) {
+            // A standby (or a fenced primary) refuses writes before they start, naming
+            // the region that takes them; the refusal is audited like any error.
+            let outcome = if mutates(op) && !gate.writable {
+                Err(ApiError::ReadOnlyRegion { primary: gate.primary.clone() })
+            } else {
+                work(&mut env)
+            };
+            let result = match outcome {
                 // A store error aborts the batch attempt: retried with it when retryable,
                 // otherwise the whole batch fails closed. It never ends up in an event.
                 Err(ApiError::Store(err)) => return Err(err),
@@ -352,4 +360,28 @@ impl Node {
         self.metrics.observe_request(op, outcome, started.elapsed());
         audited
     }
+}
+
+/// Whether an operation may write to the replicated keyspace (and so needs the primary).
+pub fn mutates(op: Operation) -> bool {
+    use Operation::*;
+    !matches!(
+        op,
+        KvRead
+            | KvList
+            | KvReadMetadata
+            | TokenLookup
+            | AppRoleRead
+            | AppRoleList
+            | PolicyRead
+            | PolicyList
+            | CertRoleRead
+            | MountRead
+            | MountList
+            | Status
+            | Health
+            | Unseal
+            | Seal
+            | Rejected
+    )
 }

@@ -184,6 +184,8 @@ fn api_error(err: &ApiError) -> Response {
         ApiError::Unavailable | ApiError::Store(_) => {
             errors(StatusCode::SERVICE_UNAVAILABLE, &[err.to_string()])
         }
+        // Vault's answer from a standby that cannot take a write.
+        ApiError::ReadOnlyRegion { .. } => errors(StatusCode::SERVICE_UNAVAILABLE, &[err.to_string()]),
         _ => errors(StatusCode::INTERNAL_SERVER_ERROR, &["internal error".into()]),
     }
 }
