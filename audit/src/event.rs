@@ -134,6 +134,10 @@ operations! {
     Health = 74, "operator.health";
     /// A request the API refused before any operation: unknown route, bad body.
     Rejected = 75, "api.rejected";
+    RegionStatus = 80, "region.status";
+    RegionPromote = 81, "region.promote";
+    RegionDemote = 82, "region.demote";
+    RegionDivergence = 83, "region.divergence";
 }
 
 impl fmt::Display for Operation {

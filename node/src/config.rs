@@ -26,6 +26,17 @@
 //! lease_ttl_ms = 2000
 //! max_entries_per_checkpoint = 16384
 //!
+//! [replication]         # cross-region replication (absent: a single region)
+//! listen_addr = "0.0.0.0:8500"       # where standbys pull from (mTLS)
+//! tls_cert_file = "/etc/arca/repl.crt"   # this region's certificate: server and client
+//! tls_key_file = "/etc/arca/repl.key"
+//! ca_file = "/etc/arca/regions-ca.crt"   # signs every region's certificate
+//! # dangerous_plaintext = false   # loopback only, development
+//! initial_primary = "eu-west"        # the primary when the cluster first starts
+//! [[replication.peers]]
+//! region = "us-east"
+//! endpoint = "https://us-east.arca.internal:8500"
+//!
 //! [log]
 //! level = "info"         # a tracing filter
 //! format = "text"        # or "json"
@@ -47,6 +58,69 @@ pub struct Config {
     pub sequencer: SequencerSection,
     #[serde(default)]
     pub log: LogSection,
+    pub replication: Option<ReplicationSection>,
+}
+
+/// Cross-region replication settings (see the module documentation).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    pub listen_addr: SocketAddr,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub dangerous_plaintext: bool,
+    pub initial_primary: String,
+    #[serde(default)]
+    pub peers: Vec<PeerSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub region: String,
+    /// `https://host:port` (or `http://` with `dangerous_plaintext`, loopback only).
+    pub endpoint: String,
+}
+
+impl ReplicationSection {
+    pub fn validate(&self, own_region: &str) -> Result<(), String> {
+        let tls = [&self.tls_cert_file, &self.tls_key_file, &self.ca_file];
+        match (tls.iter().all(|f| f.is_some()), tls.iter().all(|f| f.is_none())) {
+            (true, _) => {}
+            (false, true) if self.dangerous_plaintext => {
+                if !self.listen_addr.ip().is_loopback() {
+                    return Err(
+                        "replication: dangerous_plaintext is only allowed on a loopback address".into()
+                    );
+                }
+            }
+            _ => {
+                return Err("replication: tls_cert_file, tls_key_file and ca_file are required (mTLS)".into());
+            }
+        }
+        let mut names: Vec<&str> = self.peers.iter().map(|p| p.region.as_str()).collect();
+        names.push(own_region);
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        if names.len() != count {
+            return Err(
+                "replication: region names must be unique (and peers must not name this region)".into()
+            );
+        }
+        if !names.contains(&self.initial_primary.as_str()) {
+            return Err("replication: initial_primary must be this region or a peer".into());
+        }
+        for p in &self.peers {
+            let plain = p.endpoint.starts_with("http://");
+            if !(p.endpoint.starts_with("https://") || plain && self.dangerous_plaintext) {
+                return Err(format!("replication: peer {} endpoint must be https:// (mTLS)", p.region));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -203,6 +277,9 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "sequencer: max_entries_per_checkpoint 1..=1000000, interval_ms 1..=1000 (a checkpoint at least every second), lease_ttl_ms 100..=60000".into(),
             ));
+        }
+        if let Some(r) = &self.replication {
+            r.validate(self.node.region.as_deref().unwrap_or("local")).map_err(ConfigError::Invalid)?;
         }
         if l.proxy_header.is_some() == l.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid("set proxy_header and trusted_proxies together".into()));

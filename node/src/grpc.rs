@@ -487,4 +487,31 @@ impl Arca for Service {
         let ctx = self.context(&request);
         respond(self.node.policy_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
     }
+
+    async fn region_status(&self, request: Request<proto::Empty>) -> Reply<proto::RegionStatusResponse> {
+        let ctx = self.context(&request);
+        respond(self.node.region_status(ctx).await, |s| s)
+    }
+
+    async fn region_promote(&self, request: Request<proto::Empty>) -> Reply<proto::RegionStatusResponse> {
+        let ctx = self.context(&request);
+        respond(self.node.region_promote(ctx).await, |s| s)
+    }
+
+    async fn region_demote(
+        &self,
+        request: Request<proto::RegionDemoteRequest>,
+    ) -> Reply<proto::DivergenceReport> {
+        let ctx = self.context(&request);
+        let primary = request.into_inner().primary;
+        respond(self.node.region_demote(ctx, primary).await, |r| r)
+    }
+
+    async fn region_divergence(
+        &self,
+        request: Request<proto::DivergenceRequest>,
+    ) -> Reply<proto::DivergenceReport> {
+        let ctx = self.context(&request);
+        respond(self.node.region_divergence(ctx, request.into_inner().id).await, |r| r)
+    }
 }

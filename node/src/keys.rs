@@ -25,6 +25,8 @@
 //! | `("audit",<region>,"batch",<versionstamp>)` | leaf index of the first entry of an integrated batch |
 //! | `("audit",<region>,"vkey")` | the log's verifier key (public) |
 //! | `("audit",<region>,"cp",<size>)` | every signed checkpoint, by tree size (public) |
+//! | `("region",…)`, `("changes",…)`, `("replica",…)` | replication: see `arca_replication` |
+//! | `("region","applier-lease")` | the lease of the standby node that applies the feed |
 //! | `("siem",<region>,"cursor")` | the SIEM exporter's delivered position (JSON) |
 //! | `("siem",<region>,"lease")` | the SIEM exporter's lease: one active exporter per region |
 //! | `("sys","audit-key",<region>)` | the log's signing key seed (barrier) |
@@ -170,6 +172,11 @@ pub fn audit_checkpoints(region: &str) -> Vec<u8> {
 
 pub fn audit_checkpoint_at(region: &str, size: u64) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "cp".into(), size.into()])
+}
+
+/// The lease of the node that applies the primary's feed in a standby region.
+pub fn region_applier_lease() -> Vec<u8> {
+    pack(&["region".into(), "applier-lease".into()])
 }
 
 pub fn siem_cursor(region: &str) -> Vec<u8> {

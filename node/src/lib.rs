@@ -26,6 +26,7 @@ pub mod kv;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod region;
 pub mod sequencer;
 pub mod server;
 pub mod sys;

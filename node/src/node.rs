@@ -89,6 +89,7 @@ pub struct Node {
     pub(crate) committer: Committer,
     pub(crate) identity: NodeIdentity,
     pub(crate) metrics: Metrics,
+    pub(crate) regions: std::sync::OnceLock<Arc<crate::region::Regions>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -221,6 +222,7 @@ impl Node {
             committer,
             identity,
             metrics: Metrics::default(),
+            regions: std::sync::OnceLock::new(),
         })
     }
 
@@ -383,5 +385,9 @@ pub fn mutates(op: Operation) -> bool {
             | Unseal
             | Seal
             | Rejected
+            | RegionStatus
+            | RegionPromote
+            | RegionDemote
+            | RegionDivergence
     )
 }

@@ -67,6 +67,16 @@ pub struct ServeOptions {
     /// The HTTP listener: `/metrics` and the audit log (`/audit/<region>/…`).
     pub http_addr: Option<SocketAddr>,
     pub proxy: ProxyConfig,
+    /// The replication listener (other regions pull from it), when regions are configured.
+    pub replication: Option<ReplicationListener>,
+}
+
+/// Where and how the replication service listens: mTLS (`tls` with the regions' CA as
+/// `client_ca`, required), or plaintext on loopback for development.
+#[derive(Debug, Clone)]
+pub struct ReplicationListener {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsFiles>,
 }
 
 /// Serves until `shutdown` completes. Prints `arcad: grpc listening on ADDR` (and
@@ -120,6 +130,10 @@ pub async fn serve_listener(
         println!("arcad: http listening on {}", http_listener.local_addr()?);
         tokio::spawn(serve_http(node.clone(), http_listener, tls, opts.proxy.clone()));
     }
+    if let Some(repl) = &opts.replication {
+        serve_replication(node.clone(), repl).await?;
+        crate::region::start(&node);
+    }
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
     tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
@@ -128,6 +142,43 @@ pub async fn serve_listener(
         .add_service(service)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;
+    Ok(())
+}
+
+/// Binds the replication listener and serves it in the background.
+async fn serve_replication(node: Arc<Node>, opts: &ReplicationListener) -> Result<(), BoxError> {
+    let listener = TcpListener::bind(opts.addr).await?;
+    let addr = listener.local_addr()?;
+    let mut builder = Server::builder();
+    match &opts.tls {
+        Some(tls) => {
+            let ca = tls.client_ca.as_ref().ok_or("the replication listener needs the regions' CA")?;
+            let cert = std::fs::read(&tls.cert)?;
+            refuse_shared_key_file(&tls.key)?;
+            let key = Zeroizing::new(std::fs::read(&tls.key)?);
+            // A client certificate signed by the regions' CA is required: only peer
+            // regions may pull a feed or say hello.
+            let config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(cert, &*key))
+                .client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
+            builder = builder.tls_config(config)?;
+        }
+        None if addr.ip().is_loopback() => {
+            tracing::warn!(%addr, "serving replication in PLAINTEXT on loopback: development only");
+        }
+        None => return Err("refusing to serve plaintext replication on a non-loopback address".into()),
+    }
+    println!("arcad: replication listening on {addr}");
+    let service = crate::region::ReplicationService::new(node).into_server();
+    tokio::spawn(async move {
+        if let Err(err) = builder
+            .add_service(service)
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .await
+        {
+            tracing::error!(error = %err, "the replication listener stopped");
+        }
+    });
     Ok(())
 }
 

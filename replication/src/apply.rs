@@ -26,6 +26,9 @@ pub struct AuditShipment {
     pub entries: Vec<Vec<u8>>,
     /// Signed checkpoints whose sizes fall within what this shipment completes.
     pub checkpoints: Vec<(u64, String)>,
+    /// The versionstamp of the last entry in the source's event queue (where the next
+    /// shipment starts).
+    pub last_stamp: Option<Vec<u8>>,
 }
 
 /// What a standby receives from its primary in one pull.
@@ -157,6 +160,48 @@ pub fn apply_batch(
     Ok(applied)
 }
 
+/// Applies one chunk of a snapshot (pairs in key order). The first chunk (no
+/// `snapshot_after` yet) first clears this region's replicated keyspace and sets the feed
+/// position the copy starts from; the last one marks the cursor seeded. Pairs outside the
+/// replicated keyspace are refused.
+pub fn apply_snapshot_chunk(
+    tx: &mut dyn Transaction,
+    source: &str,
+    pairs: &[(Vec<u8>, Vec<u8>)],
+    feed_stamp: Option<&[u8]>,
+    done: bool,
+    now_unix_ms: u64,
+) -> Result<Cursor, ApplyError> {
+    let state = load_state(tx)?.ok_or(ApplyError::Corrupt)?;
+    if state.role != Role::Standby {
+        return Err(ApplyError::NotStandby(state.role));
+    }
+    let mut cursor = load_cursor(tx, source)?;
+    if cursor.snapshot_after.is_none() {
+        for (begin, end) in crate::replicated_ranges() {
+            tx.clear_range(&begin, &end)?;
+        }
+        cursor = Cursor { stamp: feed_stamp.filter(|s| !s.is_empty()).map(hex::encode), ..Cursor::default() };
+        cursor.snapshot_after = Some(String::new());
+    }
+    for (key, value) in pairs {
+        if !replicated(key) {
+            return Err(ApplyError::Forbidden);
+        }
+        tx.set(key, value)?;
+    }
+    if let Some((last, _)) = pairs.last() {
+        cursor.snapshot_after = Some(hex::encode(last));
+    }
+    if done {
+        cursor.seeded = true;
+        cursor.snapshot_after = None;
+    }
+    cursor.applied_unix_ms = now_unix_ms;
+    store_cursor(tx, source, &cursor)?;
+    Ok(cursor)
+}
+
 fn apply_audit(
     tx: &mut dyn Transaction,
     source: &str,
@@ -215,6 +260,9 @@ fn apply_audit(
     log.frontier = frontier.hashes().iter().map(hex::encode).collect();
     tx.set(&replica_state(source), &serde_json::to_vec(&log).expect("log state serializes"))?;
     cursor.audit_next = frontier.size();
+    if let Some(stamp) = &audit.last_stamp {
+        cursor.audit_stamp = Some(hex::encode(stamp));
+    }
     Ok(fresh.len() as u64)
 }
 
@@ -231,13 +279,7 @@ mod tests {
     }
 
     fn standby(s: &SqliteStore, epoch: u64) {
-        s.transact(|tx| {
-            store_state(
-                tx,
-                &RegionState { role: Role::Standby, epoch, primary: "p".into(), since_unix_ms: 0 },
-            )
-        })
-        .unwrap();
+        s.transact(|tx| store_state(tx, &RegionState::new(Role::Standby, epoch, "p", 0))).unwrap();
     }
 
     fn key(name: &str) -> Vec<u8> {
@@ -302,13 +344,7 @@ mod tests {
         assert_eq!(get(&s, &key("a")), None, "half a batch was applied");
         let stale = Batch { epoch: 2, changes: vec![change(1, vec![])], ..evil.clone() };
         assert!(matches!(apply(&s, &stale), Err(ApplyError::StaleSource { theirs: 2, ours: 3 })));
-        s.transact(|tx| {
-            store_state(
-                tx,
-                &RegionState { role: Role::Primary, epoch: 4, primary: "me".into(), since_unix_ms: 0 },
-            )
-        })
-        .unwrap();
+        s.transact(|tx| store_state(tx, &RegionState::new(Role::Primary, 4, "me", 0))).unwrap();
         let ok = Batch { epoch: 4, changes: vec![change(1, vec![])], ..evil };
         assert!(matches!(apply(&s, &ok), Err(ApplyError::NotStandby(Role::Primary))));
     }
@@ -334,7 +370,12 @@ mod tests {
             source: "p".into(),
             epoch: 1,
             changes: vec![],
-            audit: AuditShipment { first_index: first, entries: es.to_vec(), checkpoints: cps },
+            audit: AuditShipment {
+                first_index: first,
+                entries: es.to_vec(),
+                checkpoints: cps,
+                last_stamp: None,
+            },
         };
         let done = apply(&s, &batch(0, &entries[..3], vec![])).unwrap();
         assert_eq!((done.entries, done.cursor.audit_next), (3, 3));

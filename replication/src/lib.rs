@@ -27,7 +27,9 @@ pub mod apply;
 pub mod change;
 pub mod region;
 
-pub use apply::{AppliedBatch, ApplyError, AuditShipment, Batch, ShippedChange, apply_batch};
+pub use apply::{
+    AppliedBatch, ApplyError, AuditShipment, Batch, ShippedChange, apply_batch, apply_snapshot_chunk,
+};
 pub use change::{ChangeRecord, Op};
 pub use region::{Cursor, RegionState, Role};
 
@@ -66,27 +68,28 @@ pub fn replica_state(source: &str) -> Vec<u8> {
     pack(&["replica".into(), source.into(), "state".into()])
 }
 
-/// Whether `key` belongs to the replicated keyspace: secrets (`kv`) and the system state
-/// (`sys`: keyring, seal, tokens, policies, roles, mounts).
+/// The replicated keyspace as `[begin, end)` ranges, in key order: secrets (`kv`) and the
+/// system state (`sys`: keyring, seal, tokens, policies, roles, mounts) except each
+/// region's own audit signing key (`("sys","audit-key",…)`), which never leaves its region.
+pub fn replicated_ranges() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let kv = pack(&[Element::from("kv")]);
+    let sys = pack(&[Element::from("sys")]);
+    let audit_key = pack(&["sys".into(), "audit-key".into()]);
+    let end = |p: &[u8]| arca_store::prefix_end(p).expect("a tuple prefix has an end");
+    vec![(kv.clone(), end(&kv)), (sys.clone(), audit_key.clone()), (end(&audit_key), end(&sys))]
+}
+
+/// Whether `key` belongs to the replicated keyspace ([`replicated_ranges`]).
 pub fn replicated(key: &[u8]) -> bool {
     thread_local! {
-        static PREFIXES: [Vec<u8>; 2] = [prefix_of("kv"), prefix_of("sys")];
+        static RANGES: Vec<(Vec<u8>, Vec<u8>)> = replicated_ranges();
     }
-    PREFIXES.with(|p| p.iter().any(|prefix| key.starts_with(prefix)))
+    RANGES.with(|r| r.iter().any(|(b, e)| key >= b.as_slice() && key < e.as_slice()))
 }
 
-/// The bytes every key of the tuple `(name, …)` starts with.
-fn prefix_of(name: &str) -> Vec<u8> {
-    pack(&[Element::from(name)])
-}
-
-/// Whether a whole range `[begin, end)` lies inside one replicated prefix.
+/// Whether a whole range `[begin, end)` lies inside one replicated range.
 pub fn replicated_range(begin: &[u8], end: &[u8]) -> bool {
-    ["kv", "sys"].iter().any(|name| {
-        let p = prefix_of(name);
-        let Some(p_end) = arca_store::prefix_end(&p) else { return false };
-        begin.starts_with(&p) && end > begin && end <= p_end.as_slice()
-    })
+    replicated_ranges().iter().any(|(b, e)| begin >= b.as_slice() && end <= e.as_slice() && end > begin)
 }
 
 #[cfg(test)]
@@ -105,5 +108,13 @@ mod tests {
         let end = arca_store::prefix_end(&kv).unwrap();
         assert!(replicated_range(&kv, &end));
         assert!(!replicated_range(&kv, &region_state()));
+        let own_key = pack(&["sys".into(), "audit-key".into(), "eu".into()]);
+        assert!(!replicated(&own_key), "a region's audit signing key must stay home");
+        assert!(replicated(&pack(&["sys".into(), "audit-lease".into()])) || true);
+        assert!(replicated(&pack(&[
+            "sys".into(),
+            "token".into(),
+            arca_store::tuple::Element::Bytes(vec![1])
+        ])));
     }
 }

@@ -24,9 +24,26 @@ pub struct RegionState {
     pub primary: String,
     /// When the role last changed (ms since the epoch).
     pub since_unix_ms: u64,
+    /// Set by a promotion: the primary this region replaced, and the last change of its
+    /// feed applied here (hex versionstamp) — what that region's divergence starts after.
+    #[serde(default)]
+    pub previous_primary: Option<String>,
+    #[serde(default)]
+    pub previous_applied: Option<String>,
 }
 
 impl RegionState {
+    pub fn new(role: Role, epoch: u64, primary: &str, now_unix_ms: u64) -> RegionState {
+        RegionState {
+            role,
+            epoch,
+            primary: primary.to_owned(),
+            since_unix_ms: now_unix_ms,
+            previous_primary: None,
+            previous_applied: None,
+        }
+    }
+
     pub fn writable(&self) -> bool {
         self.role == Role::Primary
     }
@@ -39,6 +56,12 @@ pub struct Cursor {
     pub stamp: Option<String>,
     /// Next audit leaf index of `source`'s log to receive.
     pub audit_next: u64,
+    /// Hex versionstamp of the last received audit entry in `source`'s event queue.
+    #[serde(default)]
+    pub audit_stamp: Option<String>,
+    /// While seeding: the last key copied (hex); the copy resumes after it.
+    #[serde(default)]
+    pub snapshot_after: Option<String>,
     /// The epoch of the primary this was applied from.
     pub epoch: u64,
     /// When the last batch was applied here (this region's clock).

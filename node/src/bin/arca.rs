@@ -75,6 +75,23 @@ enum Command {
     /// Init, unseal, seal, status, key rotation.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Regions: replication status, promote a standby, demote a deposed primary.
+    #[command(subcommand)]
+    Region(RegionCommand),
+}
+
+#[derive(Subcommand)]
+enum RegionCommand {
+    /// This region's role, epoch, primary, replication lag and peer links.
+    Status,
+    /// Make this standby region the primary (raises the epoch; the old primary is fenced
+    /// on first contact).
+    Promote,
+    /// Turn this (deposed) primary into a standby of PRIMARY; writes it made that PRIMARY
+    /// never received are listed in a divergence report.
+    Demote { primary: String },
+    /// Show a divergence report.
+    Divergence { id: u64 },
 }
 
 #[derive(Args)]
@@ -525,7 +542,95 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cert(cmd) => cert(&mut c, format, cmd).await,
         Command::Audit(_) => unreachable!("handled above without a gRPC connection"),
         Command::Operator(cmd) => operator(&mut c, format, cmd).await,
+        Command::Region(cmd) => region(&mut c, format, cmd).await,
     }
+}
+
+fn region_rows(s: &proto::RegionStatusResponse) -> String {
+    let mut rows = vec![
+        ("region".into(), s.region.clone()),
+        ("role".into(), s.role.clone()),
+        ("epoch".into(), s.epoch.to_string()),
+        ("primary".into(), s.primary.clone()),
+    ];
+    if s.role == "standby" {
+        rows.push(("seeded".into(), s.seeded.to_string()));
+        rows.push(("link".into(), s.link.clone()));
+        rows.push(("lag (versions)".into(), s.lag_changes.to_string()));
+        rows.push(("lag (audit entries)".into(), s.lag_entries.to_string()));
+        rows.push(("lag (seconds)".into(), format!("{:.3}", s.lag_seconds)));
+        rows.push(("last applied (unix ms)".into(), s.last_applied_unix_ms.to_string()));
+    }
+    for p in &s.peers {
+        rows.push((format!("peer {}", p.region), format!("{} epoch {} link {}", p.role, p.epoch, p.link)));
+    }
+    table(&rows)
+}
+
+fn region_json(s: &proto::RegionStatusResponse) -> serde_json::Value {
+    json!({
+        "region": s.region, "role": s.role, "epoch": s.epoch, "primary": s.primary, "seeded": s.seeded,
+        "link": s.link, "lag_versions": s.lag_changes, "lag_entries": s.lag_entries,
+        "lag_seconds": s.lag_seconds, "last_applied_unix_ms": s.last_applied_unix_ms,
+        "peers": s.peers.iter().map(|p| json!({"region": p.region, "role": p.role, "epoch": p.epoch, "link": p.link})).collect::<Vec<_>>(),
+    })
+}
+
+fn divergence_json(r: &proto::DivergenceReport) -> serde_json::Value {
+    json!({
+        "id": r.id, "region": r.region, "new_primary": r.new_primary, "epoch": r.epoch,
+        "created_unix_ms": r.created_unix_ms,
+        "writes": r.writes.iter().map(|w| json!({
+            "position": w.position, "time_unix_ms": w.time_unix_ms, "kind": w.kind, "path": w.path,
+            "version": w.version, "op": w.op,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn divergence_text(r: &proto::DivergenceReport) -> String {
+    let mut out = format!(
+        "divergence report {} — region {} (now a standby of {}, epoch {}): {} write(s) never replicated\n",
+        r.id,
+        r.region,
+        r.new_primary,
+        r.epoch,
+        r.writes.len()
+    );
+    for w in &r.writes {
+        let version = w.version.map(|v| format!(" v{v}")).unwrap_or_default();
+        out += &format!(
+            "  {} {} {}{} at {} (audit position {})\n",
+            w.op, w.kind, w.path, version, w.time_unix_ms, w.position
+        );
+    }
+    out
+}
+
+async fn region(c: &mut Client, format: Format, cmd: RegionCommand) -> Result<(), Failure> {
+    match cmd {
+        RegionCommand::Status => {
+            let r = c.inner.region_status(c.req(proto::Empty {})).await?;
+            print(format, || region_rows(r.get_ref()), region_json(r.get_ref()));
+        }
+        RegionCommand::Promote => {
+            let r = c.inner.region_promote(c.req(proto::Empty {})).await?;
+            let s = r.get_ref();
+            print(
+                format,
+                || format!("Success! region {} is the primary at epoch {}", s.region, s.epoch),
+                region_json(s),
+            );
+        }
+        RegionCommand::Demote { primary } => {
+            let r = c.inner.region_demote(c.req(proto::RegionDemoteRequest { primary })).await?;
+            print(format, || divergence_text(r.get_ref()), divergence_json(r.get_ref()));
+        }
+        RegionCommand::Divergence { id } => {
+            let r = c.inner.region_divergence(c.req(proto::DivergenceRequest { id })).await?;
+            print(format, || divergence_text(r.get_ref()), divergence_json(r.get_ref()));
+        }
+    }
+    Ok(())
 }
 
 async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {

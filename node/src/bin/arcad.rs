@@ -92,8 +92,13 @@ async fn dev(
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
     sequencer::start(&node, sequencer);
-    let opts =
-        ServeOptions { grpc_addr, tls: None, http_addr: Some(http_addr), proxy: ProxyConfig::default() };
+    let opts = ServeOptions {
+        grpc_addr,
+        tls: None,
+        http_addr: Some(http_addr),
+        proxy: ProxyConfig::default(),
+        replication: None,
+    };
     server::serve(node, opts, shutdown_signal()).await
 }
 
@@ -109,6 +114,20 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
             .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into())),
     };
     let node = Node::new(store, identity);
+    let replication = match &config.replication {
+        Some(r) => {
+            node.enable_regions(arca_node::region::Regions::from_config(r)?)
+                .map_err(|e| format!("cannot record the region's initial role: {e}"))?;
+            let tls = match (&r.tls_cert_file, &r.tls_key_file) {
+                (Some(cert), Some(key)) => {
+                    Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: r.ca_file.clone() })
+                }
+                _ => None,
+            };
+            Some(server::ReplicationListener { addr: r.listen_addr, tls })
+        }
+        None => None,
+    };
     sequencer::start(&node, config.sequencer.to_config());
     let l = config.listener;
     let tls = match (l.tls_cert_file, l.tls_key_file) {
@@ -120,6 +139,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         tls,
         http_addr: l.http_addr,
         proxy: ProxyConfig { header: l.proxy_header, trusted: l.trusted_proxies },
+        replication,
     };
     tracing::info!("starting sealed: unseal with `arca operator unseal`");
     server::serve(node, opts, shutdown_signal()).await
