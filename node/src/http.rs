@@ -63,7 +63,13 @@ fn wrong_region(node: &Node, region: &str) -> Option<Response> {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    let body = node.metrics().render(node.barrier().is_sealed(), &node.committer().stats());
+    let mut body = node.metrics().render(node.barrier().is_sealed(), &node.committer().stats());
+    if node.regions().is_some() {
+        let n = node.clone();
+        if let Ok(Some(state)) = blocking(move || n.region_state()).await {
+            body.push_str(&crate::region::render_metrics(&node, &state));
+        }
+    }
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

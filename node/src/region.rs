@@ -507,8 +507,19 @@ fn divergent_writes(tx: &mut dyn Transaction, after: Option<&[u8]>) -> Result<Ve
             let record = ChangeRecord::decode(&kv.value).map_err(|_| ApiError::Internal)?;
             let mut position = stamp.get(..10).ok_or(ApiError::Internal)?.to_vec();
             position.extend_from_slice(&record.event_order.to_be_bytes());
+            // One row per thing written: a secret version's metadata update is part of it.
+            let secrets: Vec<String> = record
+                .ops
+                .iter()
+                .map(|op| describe(op.key()))
+                .filter(|d| d.0 == "secret")
+                .map(|d| d.1)
+                .collect();
             for op in &record.ops {
                 let (kind, path, version) = describe(op.key());
+                if kind == "metadata" && secrets.contains(&path) {
+                    continue;
+                }
                 out.push(DivergentWrite {
                     position: hex::encode(&position),
                     time_unix_ms: record.time_unix_ms,
@@ -1012,4 +1023,36 @@ async fn applier_step(node: &Arc<Node>, regions: &Regions, holder: &str) -> Resu
     lag.applied_changes.fetch_add(applied.changes, Ordering::Relaxed);
     lag.last_applied_unix_ms.store(applied.cursor.applied_unix_ms, Ordering::Relaxed);
     Ok(progressed)
+}
+
+/// Prometheus lines for the region: role, epoch, and (standby) lag and link.
+pub fn render_metrics(node: &Node, state: &RegionState) -> String {
+    let Some(regions) = node.regions() else { return String::new() };
+    let lag = &regions.lag;
+    let role = role_name(state.role);
+    let standby = state.role == Role::Standby;
+    let g = |a: &AtomicU64| if standby { a.load(Ordering::Relaxed) } else { 0 };
+    format!(
+        "# HELP arca_region_epoch The cluster epoch this region knows.\n# TYPE arca_region_epoch gauge\n\
+         arca_region_epoch {}\n\
+         # HELP arca_region_role 1 for this region's role.\n# TYPE arca_region_role gauge\n\
+         arca_region_role{{role=\"{role}\",primary=\"{}\"}} 1\n\
+         # HELP arca_replication_lag_versions Store versions of the primary's feed not applied here.\n\
+         # TYPE arca_replication_lag_versions gauge\narca_replication_lag_versions {}\n\
+         # HELP arca_replication_lag_entries Audit entries of the primary's log not received here.\n\
+         # TYPE arca_replication_lag_entries gauge\narca_replication_lag_entries {}\n\
+         # HELP arca_replication_lag_seconds Age of the oldest change not applied here.\n\
+         # TYPE arca_replication_lag_seconds gauge\narca_replication_lag_seconds {}\n\
+         # HELP arca_replication_link_up 1 while the last pull from the primary succeeded.\n\
+         # TYPE arca_replication_link_up gauge\narca_replication_link_up {}\n\
+         # HELP arca_replication_applied_changes_total Change records applied here.\n\
+         # TYPE arca_replication_applied_changes_total counter\narca_replication_applied_changes_total {}\n",
+        state.epoch,
+        state.primary,
+        g(&lag.versions),
+        g(&lag.entries),
+        if standby { lag.seconds() } else { 0.0 },
+        g(&lag.link_up),
+        lag.applied_changes.load(Ordering::Relaxed),
+    )
 }

@@ -1,0 +1,435 @@
+//! Two regions of real `arcad server` processes on loopback: steady replication, a cut and
+//! healed link, promotion, fencing of the returning old primary, demotion with an exact
+//! divergence report, failback — and the replication listener's mTLS.
+//!
+//! The standby pulls from the primary through a TCP proxy owned by the test, so the link
+//! can be cut and healed. Every wait polls a condition with a deadline.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use common::{Server, arca};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP proxy whose link can be cut (every connection closed, new ones refused) and healed.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (cut2, open2) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let mut list = open2.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                drop(list);
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One region's node: its config (kept for restarts) and its process.
+struct Region {
+    name: String,
+    config: PathBuf,
+    server: Option<Server>,
+    repl_port: u16,
+}
+
+impl Region {
+    fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    fn start(&mut self) {
+        let stderr_log = self.config.with_extension("stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
+            .args(["server", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                for (kind, prefix) in
+                    [("grpc", "arcad: grpc listening on "), ("http", "arcad: http listening on ")]
+                {
+                    if let Some(addr) = line.strip_prefix(prefix) {
+                        let _ = tx.send((kind, addr.to_owned()));
+                    }
+                }
+            }
+        });
+        let (mut grpc, mut http) = (None, None);
+        while grpc.is_none() || http.is_none() {
+            let (kind, addr) = rx.recv_timeout(DEADLINE).expect("arcad did not start");
+            if kind == "grpc" { grpc = Some(addr) } else { http = Some(addr) }
+        }
+        let http = http.unwrap();
+        self.server = Some(Server {
+            child,
+            addr: format!("http://{}", grpc.unwrap()),
+            log_url: format!("http://{http}/audit/{}", self.name),
+            http: format!("http://{http}"),
+            stderr_log,
+        });
+    }
+
+    /// kill -9.
+    fn kill(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+    }
+
+    fn status(&self, token: &str) -> Value {
+        let run = arca(self.server(), Some(token), &["--format", "json", "region", "status"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        serde_json::from_str(&run.stdout).unwrap()
+    }
+
+    fn unseal_when_copied(&self, share: &str) {
+        wait_until(&format!("{} to receive the seal and unseal", self.name), || {
+            arca(self.server(), None, &["operator", "unseal", share]).code == 0
+                && arca(self.server(), None, &["--format", "json", "operator", "status"])
+                    .stdout
+                    .contains("\"sealed\": false")
+        });
+    }
+}
+
+struct Tls {
+    ca: PathBuf,
+    certs: Vec<(PathBuf, PathBuf)>,
+}
+
+/// A CA and one certificate per region (`localhost`), written under `dir`.
+fn pki(dir: &Path, regions: usize) -> Tls {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let write = |name: &str, contents: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        path
+    };
+    let certs = (0..regions)
+        .map(|i| {
+            let key = KeyPair::generate().unwrap();
+            let cert =
+                CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+            (write(&format!("r{i}.crt"), &cert.pem()), write(&format!("r{i}.key"), &key.serialize_pem()))
+        })
+        .collect();
+    Tls { ca: write("ca.crt", &ca.pem()), certs }
+}
+
+/// Writes the configs of two regions, `eu` (the initial primary) and `us`; `us` reaches
+/// `eu`'s replication listener through `eu_endpoint_for_us` (a proxy port).
+fn configs(dir: &Path, tls: Option<&Tls>) -> (Region, Region, u16) {
+    let (eu_repl, us_repl) = (free_port(), free_port());
+    let scheme = if tls.is_some() { "https://localhost" } else { "http://127.0.0.1" };
+    let write = |name: &str, repl: u16, peer: &str, peer_endpoint: String, i: usize| {
+        let tls_lines = match tls {
+            Some(t) => format!(
+                "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nca_file = \"{}\"\n",
+                t.certs[i].0.display(),
+                t.certs[i].1.display(),
+                t.ca.display()
+            ),
+            None => "dangerous_plaintext = true\n".into(),
+        };
+        let text = format!(
+            "[node]\nid = \"{name}-1\"\nregion = \"{name}\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
+             [listener]\ngrpc_addr = \"127.0.0.1:0\"\ndangerous_plaintext = true\nhttp_addr = \"127.0.0.1:0\"\n\n\
+             [sequencer]\ninterval_ms = 50\n\n\
+             [replication]\nlisten_addr = \"127.0.0.1:{repl}\"\n{tls_lines}initial_primary = \"eu\"\n\
+             [[replication.peers]]\nregion = \"{peer}\"\nendpoint = \"{peer_endpoint}\"\n",
+            dir.join(format!("{name}.db")).display()
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // us pulls from eu through the proxy (its port is known only once the proxy starts, so
+    // it is patched in by the caller: see `link`).
+    let eu = write("eu", eu_repl, "us", format!("{scheme}:{us_repl}"), 0);
+    let us = write("us", us_repl, "eu", format!("{scheme}:EU_VIA_PROXY"), 1);
+    (
+        Region { name: "eu".into(), config: eu, server: None, repl_port: eu_repl },
+        Region { name: "us".into(), config: us, server: None, repl_port: us_repl },
+        eu_repl,
+    )
+}
+
+/// Points `region`'s endpoint for its peer at `port`.
+fn link(region: &Region, port: u16) {
+    let text = std::fs::read_to_string(&region.config).unwrap().replace("EU_VIA_PROXY", &port.to_string());
+    std::fs::write(&region.config, text).unwrap();
+}
+
+struct Cluster {
+    eu: Region,
+    us: Region,
+    proxy: Proxy,
+    share: String,
+    root: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.eu.kill();
+        self.us.kill();
+    }
+}
+
+fn cluster(with_tls: bool) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = with_tls.then(|| pki(dir.path(), 2));
+    let (mut eu, mut us, eu_repl) = configs(dir.path(), tls.as_ref());
+    let proxy = Proxy::start(eu_repl);
+    link(&us, proxy.port);
+    eu.start();
+    us.start();
+    let init = arca(
+        eu.server(),
+        None,
+        &["--format", "json", "operator", "init", "--key-shares", "1", "--key-threshold", "1"],
+    );
+    assert_eq!(init.code, 0, "{}", init.stderr);
+    let init: Value = serde_json::from_str(&init.stdout).unwrap();
+    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
+    let root = init["root_token"].as_str().unwrap().to_owned();
+    assert_eq!(arca(eu.server(), None, &["operator", "unseal", &share]).code, 0);
+    // The standby unseals with the primary's key once it has copied the primary's state.
+    us.unseal_when_copied(&share);
+    Cluster { eu, us, proxy, share, root, _dir: dir }
+}
+
+fn put(region: &Region, token: &str, path: &str, value: &str) -> common::Run {
+    arca(region.server(), Some(token), &["kv", "put", path, &format!("v={value}")])
+}
+
+fn get(region: &Region, token: &str, path: &str) -> Option<String> {
+    let run = arca(region.server(), Some(token), &["--format", "json", "kv", "get", path]);
+    if run.code != 0 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&run.stdout).ok()?;
+    v["data"]["v"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
+    let mut c = cluster(false);
+    let (root, share) = (c.root.clone(), c.share.clone());
+
+    // Steady replication: a write on the primary is readable on the standby within the lag.
+    assert_eq!(put(&c.eu, &root, "secret/app/db", "one").code, 0);
+    wait_until("the write to reach us", || get(&c.us, &root, "secret/app/db").as_deref() == Some("one"));
+    // A token issued in eu works in us (tokens replicate).
+    let child =
+        arca(c.eu.server(), Some(&root), &["--format", "json", "token", "create", "--policy", "root"]);
+    assert_eq!(child.code, 0, "{}", child.stderr);
+    let child: Value = serde_json::from_str(&child.stdout).unwrap();
+    let child = child["token"].as_str().or(child["client_token"].as_str()).unwrap().to_owned();
+    wait_until("the token to reach us", || get(&c.us, &child, "secret/app/db").is_some());
+    // The standby refuses writes and names the primary.
+    let refused = put(&c.us, &root, "secret/app/x", "no");
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("\"eu\""), "{}", refused.stderr);
+    let status = c.us.status(&root);
+    assert_eq!(
+        (status["role"].as_str(), status["primary"].as_str(), status["link"].as_str()),
+        (Some("standby"), Some("eu"), Some("up"))
+    );
+
+    // The link is cut: eu keeps serving, us reports the link down and a growing lag.
+    c.proxy.cut();
+    for i in 0..10 {
+        assert_eq!(put(&c.eu, &root, &format!("secret/cut/s{i}"), "during").code, 0);
+    }
+    wait_until("us to see the link down and lag", || {
+        let s = c.us.status(&root);
+        s["link"] == "down" && s["lag_seconds"].as_f64().is_some_and(|l| l > 0.0)
+    });
+    assert_eq!(get(&c.us, &root, "secret/cut/s9"), None);
+    // Healed: it catches up, nothing lost.
+    c.proxy.heal();
+    wait_until("us to catch up", || {
+        (0..10).all(|i| get(&c.us, &root, &format!("secret/cut/s{i}")).is_some())
+    });
+    wait_until("the lag to drain", || {
+        let s = c.us.status(&root);
+        s["link"] == "up" && s["lag_versions"] == 0
+    });
+
+    // eu acknowledges writes us never receives, then is lost.
+    c.proxy.cut();
+    for i in 0..3 {
+        assert_eq!(put(&c.eu, &root, &format!("secret/lost/s{i}"), "acked").code, 0);
+    }
+    c.eu.kill();
+
+    // Promote us: writes open there; the eu token still works.
+    let promoted = arca(c.us.server(), Some(&root), &["--format", "json", "region", "promote"]);
+    assert_eq!(promoted.code, 0, "{}", promoted.stderr);
+    let promoted: Value = serde_json::from_str(&promoted.stdout).unwrap();
+    assert_eq!(promoted["epoch"], 2);
+    assert_eq!(put(&c.us, &child, "secret/app/after", "us").code, 0);
+
+    // eu returns: on first contact it learns epoch 2, is fenced and refuses writes.
+    c.eu.start();
+    assert_eq!(arca(c.eu.server(), None, &["operator", "unseal", &share]).code, 0);
+    wait_until("eu to be fenced", || c.eu.status(&root)["role"] == "fenced");
+    let refused = put(&c.eu, &root, "secret/app/split", "brain");
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("\"us\""), "{}", refused.stderr);
+
+    // Demote eu: the divergence report lists exactly the three writes us never got.
+    let demoted = arca(c.eu.server(), Some(&root), &["--format", "json", "region", "demote", "us"]);
+    assert_eq!(demoted.code, 0, "{}", demoted.stderr);
+    let report: Value = serde_json::from_str(&demoted.stdout).unwrap();
+    let mut paths: Vec<String> = report["writes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| format!("{} {} v{}", w["kind"].as_str().unwrap(), w["path"].as_str().unwrap(), w["version"]))
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec!["secret secret/lost/s0 v1", "secret secret/lost/s1 v1", "secret secret/lost/s2 v1"],
+        "{report}"
+    );
+    assert!(report["writes"][0]["position"].as_str().is_some_and(|p| p.len() == 24));
+    let id = report["id"].as_u64().unwrap().to_string();
+    let again = arca(c.eu.server(), Some(&root), &["--format", "json", "region", "divergence", &id]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    // eu re-copies us's state: it has us's write, not its own lost ones.
+    wait_until("eu to follow us", || get(&c.eu, &root, "secret/app/after").as_deref() == Some("us"));
+    assert_eq!(get(&c.eu, &root, "secret/lost/s0"), None);
+
+    // Failback: promote eu, demote us (nothing diverged there), writes flow eu → us again.
+    c.proxy.heal();
+    let promoted = arca(c.eu.server(), Some(&root), &["--format", "json", "region", "promote"]);
+    assert_eq!(promoted.code, 0, "{}", promoted.stderr);
+    wait_until("us to be fenced", || c.us.status(&root)["role"] == "fenced");
+    let demoted = arca(c.us.server(), Some(&root), &["--format", "json", "region", "demote", "eu"]);
+    assert_eq!(demoted.code, 0, "{}", demoted.stderr);
+    let report: Value = serde_json::from_str(&demoted.stdout).unwrap();
+    assert_eq!(report["writes"].as_array().map(Vec::len), Some(0), "{report}");
+    assert_eq!(put(&c.eu, &root, "secret/app/back", "home").code, 0);
+    wait_until("the failback write to reach us", || {
+        get(&c.us, &root, "secret/app/back").as_deref() == Some("home")
+    });
+    let s = c.eu.status(&root);
+    assert_eq!((s["role"].as_str(), s["epoch"].as_u64()), (Some("primary"), Some(3)));
+    // Metrics show the standby's lag and link.
+    let metrics = ureq::get(format!("{}/metrics", c.us.server().http))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("arca_replication_link_up 1"), "{metrics}");
+    assert!(metrics.contains("arca_region_role{role=\"standby\",primary=\"eu\"} 1"), "{metrics}");
+}
+
+#[test]
+fn the_replication_listener_requires_a_region_certificate() {
+    let c = cluster(true);
+    assert_eq!(put(&c.eu, &c.root, "secret/tls/a", "x").code, 0);
+    wait_until("the write to reach us over mTLS", || {
+        get(&c.us, &c.root, "secret/tls/a").as_deref() == Some("x")
+    });
+    // Without a client certificate the listener refuses the connection.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ca = std::fs::read_to_string(c._dir.path().join("ca.crt")).unwrap();
+    let port = c.eu.repl_port;
+    let outcome = rt.block_on(async move {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("localhost");
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await;
+        match channel {
+            Err(_) => Err("refused at connect".to_owned()),
+            Ok(channel) => {
+                let mut client = arca_node::proto::replication_client::ReplicationClient::new(channel);
+                client
+                    .pull(arca_node::proto::PullRequest { region: "mallory".into(), ..Default::default() })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string())
+            }
+        }
+    });
+    assert!(outcome.is_err(), "a client without a region certificate pulled the feed");
+}
