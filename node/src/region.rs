@@ -54,6 +54,8 @@ pub struct Regions {
     pub initial_primary: String,
     tls: Option<tonic::transport::ClientTlsConfig>,
     channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
+    /// Per standby: the feed position it last confirmed (mirrors `region_shipped`).
+    shipped: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Per peer: (link up, role, epoch, last contact ms).
     links: Mutex<BTreeMap<String, PeerView>>,
     pub lag: LagGauges,
@@ -115,6 +117,7 @@ impl Regions {
             initial_primary: section.initial_primary.clone(),
             tls,
             channels: Mutex::new(BTreeMap::new()),
+            shipped: Mutex::new(BTreeMap::new()),
             links: Mutex::new(BTreeMap::new()),
             lag: LagGauges::default(),
         })
@@ -726,6 +729,10 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::PullRequest>,
     ) -> Result<Response<proto::PullResponse>, Status> {
         let req = request.into_inner();
+        // What the standby confirms having applied bounds what the feed may drop.
+        if !req.after_stamp.is_empty() {
+            record_shipped(&self.node, &req.region, &req.after_stamp).await;
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.wait_ms).min(5000));
         loop {
             let state = self.check_caller(req.epoch, "", "standby")?;
@@ -794,6 +801,9 @@ impl proto::replication_server::Replication for ReplicationService {
         .await
         .map_err(|_| Status::internal("snapshot interrupted"))?
         .map_err(api_status)?;
+        if !chunk.value.feed_stamp.is_empty() {
+            record_shipped(&self.node, &req.region, &chunk.value.feed_stamp).await;
+        }
         Ok(Response::new(chunk.value))
     }
 
@@ -852,6 +862,62 @@ impl proto::replication_server::Replication for ReplicationService {
     }
 }
 
+/// Records `standby`'s confirmed feed position (when it moved), on the committer thread.
+async fn record_shipped(node: &Arc<Node>, standby: &str, stamp: &[u8]) {
+    let Some(regions) = node.regions() else { return };
+    if !regions.peers.iter().any(|p| p.region == standby) {
+        return;
+    }
+    {
+        let shipped = regions.shipped.lock().unwrap_or_else(|p| p.into_inner());
+        if shipped.get(standby).is_some_and(|s| s.as_slice() >= stamp) {
+            return;
+        }
+    }
+    let (n, name, value) = (node.clone(), standby.to_owned(), stamp.to_vec());
+    let stored = tokio::task::spawn_blocking(move || {
+        let (n2, name2, value2) = (n.clone(), name.clone(), value.clone());
+        n.committer().run_task(move || {
+            n2.store.transact(|tx| tx.set(&repl::region_shipped(&name2), &value2)).map(|_| ())
+        })
+    })
+    .await;
+    if let Ok(Some(Ok(()))) = stored {
+        regions.shipped.lock().unwrap_or_else(|p| p.into_inner()).insert(standby.to_owned(), stamp.to_vec());
+    }
+}
+
+/// On a primary: drops the change records every configured standby has confirmed. A
+/// standby that never confirmed anything holds the whole feed.
+pub fn trim_feed(node: &Node) -> Result<u64, ApiError> {
+    let Some(regions) = node.regions() else { return Ok(0) };
+    let peers: Vec<String> = regions.peers.iter().map(|p| p.region.clone()).collect();
+    let trimmed = node.store.transact(|tx| -> Result<u64, ApiError> {
+        let Some(state) = load_state(tx)? else { return Ok(0) };
+        if state.role != Role::Primary || peers.is_empty() {
+            return Ok(0);
+        }
+        let mut min: Option<Vec<u8>> = None;
+        for peer in &peers {
+            let Some(stamp) = tx.get(&repl::region_shipped(peer))? else { return Ok(0) };
+            if min.as_ref().is_none_or(|m| stamp < *m) {
+                min = Some(stamp);
+            }
+        }
+        let Some(min) = min else { return Ok(0) };
+        let prefix = repl::changes();
+        let mut end = prefix.clone();
+        end.extend_from_slice(&min);
+        end.push(0);
+        let doomed = tx.get_range(&prefix, &end, RangeOptions::limit(100_000))?.len() as u64;
+        if doomed > 0 {
+            tx.clear_range(&prefix, &end)?;
+        }
+        Ok(doomed)
+    })?;
+    Ok(trimmed.value)
+}
+
 /// Starts the peer watcher and the applier on the runtime, until the node is dropped.
 pub fn start(node: &Arc<Node>) {
     let Some(regions) = node.regions().cloned() else { return };
@@ -859,11 +925,26 @@ pub fn start(node: &Arc<Node>) {
     let watcher_regions = regions.clone();
     let watcher = weak.clone();
     tokio::spawn(async move {
+        let mut round = 0u64;
         loop {
             let Some(node) = watcher.upgrade() else { break };
             let me = node.identity.region.clone();
             for peer in &watcher_regions.peers {
                 let _ = hello(&watcher_regions, &me, &node, &peer.region).await;
+            }
+            round += 1;
+            if round % 20 == 0 {
+                let n = node.clone();
+                let trimmed = tokio::task::spawn_blocking(move || {
+                    let n2 = n.clone();
+                    n.committer().run_task(move || trim_feed(&n2))
+                })
+                .await;
+                if let Ok(Some(Ok(count))) = trimmed
+                    && count > 0
+                {
+                    tracing::debug!(count, "change records every standby confirmed were trimmed");
+                }
             }
             drop(node);
             tokio::time::sleep(PEER_INTERVAL).await;

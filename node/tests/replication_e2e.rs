@@ -281,6 +281,15 @@ fn get(region: &Region, token: &str, path: &str) -> Option<String> {
     v["data"]["v"].as_str().map(str::to_owned)
 }
 
+/// Change records in a region's feed, read from its store file.
+fn feed_len(db: &Path) -> usize {
+    use arca_store::StoreExt;
+    let store = arca_store::SqliteStore::open(arca_store::SqliteConfig::new(db)).unwrap();
+    let prefix = arca_replication::changes();
+    let end = arca_store::prefix_end(&prefix).unwrap();
+    store.transact(|tx| tx.get_range(&prefix, &end, arca_store::RangeOptions::limit(0))).unwrap().value.len()
+}
+
 #[test]
 fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     let mut c = cluster(false);
@@ -325,6 +334,9 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
         let s = c.us.status(&root);
         s["link"] == "up" && s["lag_versions"] == 0
     });
+    // The primary drops the change records the standby confirmed.
+    let db = c._dir.path().join("eu.db");
+    wait_until("eu to trim its confirmed feed", || feed_len(&db) == 0);
 
     // eu acknowledges writes us never receives, then is lost.
     c.proxy.cut();

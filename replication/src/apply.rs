@@ -398,3 +398,42 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use arca_store::tuple::pack;
+    use arca_store::{SqliteConfig, SqliteStore, StoreExt};
+
+    #[test]
+    fn a_snapshot_replaces_the_replicated_keyspace_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
+        let stale = pack(&["kv".into(), "secret".into(), "stale".into()]);
+        let own_key = pack(&["sys".into(), "audit-key".into(), "us".into()]);
+        let fresh = pack(&["sys".into(), "keyring".into()]);
+        s.transact(|tx| {
+            store_state(tx, &RegionState::new(Role::Standby, 1, "eu", 0))?;
+            tx.set(&stale, b"old")?;
+            tx.set(&own_key, b"mine")
+        })
+        .unwrap();
+        let chunk = |pairs: Vec<(Vec<u8>, Vec<u8>)>, done: bool| {
+            s.transact(|tx| apply_snapshot_chunk(tx, "eu", &pairs, Some(&[7u8; 12]), done, 9)).unwrap().value
+        };
+        let first = chunk(vec![(fresh.clone(), b"ring".to_vec())], false);
+        assert!(!first.seeded);
+        assert_eq!(first.stamp, Some(hex::encode([7u8; 12])));
+        let get = |k: &[u8]| s.transact(|tx| tx.get(k)).unwrap().value;
+        assert_eq!(get(&stale), None, "the standby's own replicated data is replaced");
+        assert_eq!(get(&own_key), Some(b"mine".to_vec()), "its audit signing key stays");
+        let last = chunk(vec![(pack(&["kv".into(), "secret".into(), "z".into()]), b"1".to_vec())], true);
+        assert!(last.seeded);
+        assert_eq!(last.stamp, Some(hex::encode([7u8; 12])), "later chunks keep the starting feed position");
+        assert_eq!(get(&fresh), Some(b"ring".to_vec()));
+        let forbidden = s.transact(|tx| {
+            apply_snapshot_chunk(tx, "eu", &[(own_key.clone(), b"x".to_vec())], None, true, 9)
+        });
+        assert!(matches!(forbidden, Err(ApplyError::Forbidden)));
+    }
+}

@@ -13,6 +13,7 @@
 //! | `("region","state")` | this region's [`RegionState`] (JSON; never replicated) |
 //! | `("region","cursor",<source>)` | the standby's [`Cursor`] in `source`'s feed (JSON) |
 //! | `("region","divergence",<n>)` | a divergence report (JSON) |
+//! | `("region","shipped",<standby>)` | on a primary: the feed position `standby` confirmed |
 //! | `("replica",<source>,"e",<index>)` | `source`'s audit entry at leaf `index` |
 //! | `("replica",<source>,"cp",<size>)` | `source`'s signed checkpoint of that size |
 //! | `("replica",<source>,"state")` | the shipped log's size and right edge (JSON) |
@@ -46,6 +47,11 @@ pub fn region_state() -> Vec<u8> {
 
 pub fn region_cursor(source: &str) -> Vec<u8> {
     pack(&["region".into(), "cursor".into(), source.into()])
+}
+
+/// On a primary: the feed position `standby` has confirmed (its last pull's cursor).
+pub fn region_shipped(standby: &str) -> Vec<u8> {
+    pack(&["region".into(), "shipped".into(), standby.into()])
 }
 
 pub fn divergences() -> Vec<u8> {
