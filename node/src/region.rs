@@ -933,7 +933,7 @@ pub fn start(node: &Arc<Node>) {
                 let _ = hello(&watcher_regions, &me, &node, &peer.region).await;
             }
             round += 1;
-            if round % 20 == 0 {
+            if round.is_multiple_of(20) {
                 let n = node.clone();
                 let trimmed = tokio::task::spawn_blocking(move || {
                     let n2 = n.clone();
