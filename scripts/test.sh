@@ -26,6 +26,11 @@ cargo clippy -p arca-store -p arca-node -p arca-siem-export --all-targets --feat
 step "bench-vs-openbao --quick"
 scripts/bench-vs-openbao --quick
 
+# The regional failover drill (debug build, short steady phase): fails if the promoted
+# region lost a write the divergence report does not list, or the failback lost any.
+step "failover drill --debug"
+scripts/failover-drill --debug --steady-secs 2 --writers 4
+
 step "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
