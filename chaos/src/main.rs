@@ -79,6 +79,9 @@ fn main() -> ExitCode {
 
 type Result<T> = std::result::Result<T, String>;
 
+/// An acknowledged write: its number, the region that took it, when (drill ms).
+type Ack = (u64, &'static str, u64);
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).unwrap_or(0)
 }
@@ -336,7 +339,7 @@ fn failover(bin: &Path, dir: &Path, steady: Duration, writers: usize, json_only:
     // 2. The failover: one writer, sequential keys, to whichever region takes writes.
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(AtomicBool::new(false));
-    let acks: Arc<Mutex<Vec<(u64, &'static str, u64)>>> = Arc::default();
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let targets = [("eu", eu.http.clone()), ("us", us.http.clone())];
     let preferred = Arc::new(AtomicU64::new(0));
     let writer = {
