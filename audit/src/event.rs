@@ -138,6 +138,7 @@ operations! {
     RegionPromote = 81, "region.promote";
     RegionDemote = 82, "region.demote";
     RegionDivergence = 83, "region.divergence";
+    RegionDivergentSecrets = 84, "region.divergence.secrets";
 }
 
 impl fmt::Display for Operation {

@@ -507,6 +507,14 @@ impl Arca for Service {
         respond(self.node.region_demote(ctx, primary).await, |r| r)
     }
 
+    async fn region_divergent_secrets(
+        &self,
+        request: Request<proto::DivergenceRequest>,
+    ) -> Reply<proto::DivergentSecrets> {
+        let ctx = self.context(&request);
+        respond(self.node.region_divergent_secrets(ctx, request.into_inner().id).await, |r| r)
+    }
+
     async fn region_divergence(
         &self,
         request: Request<proto::DivergenceRequest>,

@@ -389,5 +389,6 @@ pub fn mutates(op: Operation) -> bool {
             | RegionPromote
             | RegionDemote
             | RegionDivergence
+            | RegionDivergentSecrets
     )
 }

@@ -439,6 +439,56 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The secret versions a divergence report lists, decrypted from the report's own copy
+    /// of the change records (the region's live data was replaced when it was demoted).
+    pub async fn region_divergent_secrets(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        id: u64,
+    ) -> Audited<proto::DivergentSecrets> {
+        let node = self.clone();
+        self.execute(
+            ctx,
+            Operation::RegionDivergentSecrets,
+            format!("sys/region/divergence/{id}"),
+            move |env| {
+                env.authorize("sys/region/divergence", &[Capability::Sudo])?;
+                let raw = env
+                    .tx
+                    .get(&repl::divergence(id))?
+                    .ok_or_else(|| ApiError::NotFound(format!("no divergence report {id}")))?;
+                let report: StoredReport = serde_json::from_slice(&raw).map_err(|_| ApiError::Internal)?;
+                let mut out = proto::DivergentSecrets::default();
+                for w in report.writes.iter().filter(|w| w.kind == "secret" && w.op == "set") {
+                    let bytes = hex::decode(&w.record).map_err(|_| ApiError::Internal)?;
+                    let record = ChangeRecord::decode(&bytes).map_err(|_| ApiError::Internal)?;
+                    for op in &record.ops {
+                        let Op::Set { key, value } = op else { continue };
+                        let (kind, path, version) = describe(key);
+                        if kind != "secret" || path != w.path || version != w.version {
+                            continue;
+                        }
+                        let plain = node.decrypt(value, key)?;
+                        let data: crate::kv::SecretData =
+                            serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+                        let (mount, rest) = path.split_once('/').ok_or(ApiError::Internal)?;
+                        out.secrets.push(proto::DivergentSecret {
+                            mount: mount.to_owned(),
+                            path: rest.to_owned(),
+                            version: version.unwrap_or(0),
+                            data: data.0.clone().into_iter().collect(),
+                            position: w.position.clone(),
+                        });
+                    }
+                }
+                Ok(out)
+            },
+        )
+        .await
+    }
+}
+
 fn count_reports(tx: &mut dyn Transaction) -> Result<u64, ApiError> {
     let (begin, end) = keys::children_range(&repl::divergences());
     Ok(tx.get_range(&begin, &end, RangeOptions::limit(100_000))?.len() as u64)

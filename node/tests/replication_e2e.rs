@@ -383,6 +383,23 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     // eu re-copies us's state: it has us's write, not its own lost ones.
     wait_until("eu to follow us", || get(&c.eu, &root, "secret/app/after").as_deref() == Some("us"));
     assert_eq!(get(&c.eu, &root, "secret/lost/s0"), None);
+    // The operator re-applies them on the new primary, from the report's own copy.
+    assert_eq!(get(&c.us, &root, "secret/lost/s1"), None);
+    let primary_addr = c.us.server().addr.clone();
+    let reapplied = arca(
+        c.eu.server(),
+        Some(&root),
+        &["--format", "json", "region", "reapply", &id, "--primary-addr", &primary_addr],
+    );
+    assert_eq!(reapplied.code, 0, "{}", reapplied.stderr);
+    let reapplied: Value = serde_json::from_str(&reapplied.stdout).unwrap();
+    assert_eq!(reapplied["reapplied"].as_array().map(Vec::len), Some(3), "{reapplied}");
+    for i in 0..3 {
+        assert_eq!(get(&c.us, &root, &format!("secret/lost/s{i}")).as_deref(), Some("acked"));
+    }
+    wait_until("the re-applied writes to reach eu", || {
+        get(&c.eu, &root, "secret/lost/s2").as_deref() == Some("acked")
+    });
 
     // Failback: promote eu, demote us (nothing diverged there), writes flow eu → us again.
     c.proxy.heal();

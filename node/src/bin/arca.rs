@@ -92,6 +92,14 @@ enum RegionCommand {
     Demote { primary: String },
     /// Show a divergence report.
     Divergence { id: u64 },
+    /// Write a divergence report's secret versions again, on the primary at --primary-addr
+    /// (each becomes a new version there; every read and write is audited).
+    Reapply {
+        id: u64,
+        /// The primary region's gRPC address (same TLS settings and token as --addr).
+        #[arg(long)]
+        primary_addr: String,
+    },
 }
 
 #[derive(Args)]
@@ -396,9 +404,14 @@ struct Client {
 
 impl Client {
     async fn connect(cli: &Cli) -> Result<Self, Failure> {
-        let mut endpoint = Endpoint::from_shared(cli.addr.clone())
-            .map_err(|_| local(format!("invalid address {}", cli.addr)))?;
-        if cli.addr.starts_with("https://") {
+        Self::connect_to(cli, &cli.addr).await
+    }
+
+    /// Connects to `addr` with the command line's TLS settings and token.
+    async fn connect_to(cli: &Cli, addr: &str) -> Result<Self, Failure> {
+        let mut endpoint =
+            Endpoint::from_shared(addr.to_owned()).map_err(|_| local(format!("invalid address {addr}")))?;
+        if addr.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &cli.ca_cert {
                 tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
@@ -416,7 +429,7 @@ impl Client {
             endpoint = endpoint.tls_config(tls).map_err(|e| local(format!("tls: {e}")))?;
         }
         let channel =
-            endpoint.connect().await.map_err(|e| local(format!("cannot connect to {}: {e}", cli.addr)))?;
+            endpoint.connect().await.map_err(|e| local(format!("cannot connect to {addr}: {e}")))?;
         Ok(Client { inner: ArcaClient::new(channel), token: cli.token.clone().filter(|t| !t.is_empty()) })
     }
 
@@ -534,6 +547,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return audit::run(format == Format::Json, cmd);
     }
     let mut c = Client::connect(&cli).await?;
+    if let Command::Region(RegionCommand::Reapply { id, primary_addr }) = &cli.command {
+        let mut primary = Client::connect_to(&cli, primary_addr).await?;
+        return reapply(&mut c, &mut primary, format, *id).await;
+    }
     match cli.command {
         Command::Kv(cmd) => kv(&mut c, format, cmd).await,
         Command::Token(cmd) => token(&mut c, format, cmd).await,
@@ -606,6 +623,45 @@ fn divergence_text(r: &proto::DivergenceReport) -> String {
     out
 }
 
+async fn reapply(from: &mut Client, primary: &mut Client, format: Format, id: u64) -> Result<(), Failure> {
+    let secrets =
+        from.inner.region_divergent_secrets(from.req(proto::DivergenceRequest { id })).await?.into_inner();
+    let mut done = Vec::new();
+    for s in secrets.secrets {
+        let r = primary
+            .inner
+            .kv_put(primary.req(proto::KvPutRequest {
+                mount: s.mount.clone(),
+                path: s.path.clone(),
+                data: s.data,
+                cas: None,
+            }))
+            .await?;
+        done.push(json!({
+            "path": format!("{}/{}", s.mount, s.path), "diverged_version": s.version,
+            "original_position": s.position, "new_version": r.get_ref().version, "audit_position": position(&r),
+        }));
+    }
+    print(
+        format,
+        || {
+            let mut out =
+                format!("re-applied {} secret version(s) from divergence report {id}\n", done.len());
+            for d in &done {
+                out += &format!(
+                    "  {} (v{} there) → v{} on the primary\n",
+                    d["path"].as_str().unwrap_or(""),
+                    d["diverged_version"],
+                    d["new_version"]
+                );
+            }
+            out
+        },
+        json!({"reapplied": done}),
+    );
+    Ok(())
+}
+
 async fn region(c: &mut Client, format: Format, cmd: RegionCommand) -> Result<(), Failure> {
     match cmd {
         RegionCommand::Status => {
@@ -629,6 +685,7 @@ async fn region(c: &mut Client, format: Format, cmd: RegionCommand) -> Result<()
             let r = c.inner.region_divergence(c.req(proto::DivergenceRequest { id })).await?;
             print(format, || divergence_text(r.get_ref()), divergence_json(r.get_ref()));
         }
+        RegionCommand::Reapply { .. } => unreachable!("handled above with two connections"),
     }
     Ok(())
 }
