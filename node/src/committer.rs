@@ -65,6 +65,8 @@ impl Gate {
 struct Recorder<'a> {
     tx: &'a mut dyn Transaction,
     writable: bool,
+    /// Regions are configured: keep the ops for the change feed.
+    keep: bool,
     ops: Vec<arca_replication::Op>,
 }
 
@@ -82,7 +84,9 @@ impl Recorder<'_> {
                 "a write reached the store of a region that does not accept writes",
             ));
         }
-        self.ops.push(op());
+        if self.keep {
+            self.ops.push(op());
+        }
         Ok(())
     }
 }
@@ -265,11 +269,16 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
             let gate = Gate::read(tx)?;
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
-                let mut recorder = Recorder { tx: &mut *tx, writable: gate.writable, ops: Vec::new() };
+                let mut recorder = Recorder {
+                    tx: &mut *tx,
+                    writable: gate.writable,
+                    keep: gate.replicating,
+                    ops: Vec::new(),
+                };
                 let event = (job.run)(&mut recorder, &gate)?;
                 let ops = std::mem::take(&mut recorder.ops);
                 let order = tx.set_versionstamped_key(&events, b"", &event)?;
-                if gate.replicating && !ops.is_empty() {
+                if !ops.is_empty() {
                     // The request's writes, for the standbys: stamped in this batch, with
                     // the order of the request's audit event (the write's audit position).
                     let record = arca_replication::ChangeRecord {
