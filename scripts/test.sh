@@ -31,6 +31,11 @@ scripts/bench-vs-openbao --quick
 step "failover drill --debug"
 scripts/failover-drill --debug --steady-secs 2 --writers 4
 
+# Chaos: the quick scenario set with a fixed seed (debug build): exits non-zero on any
+# violated invariant; the report lands in target/chaos/.
+step "chaos --debug --scenario quick --seed 1"
+scripts/chaos --debug --scenario quick --seed 1 --out target/chaos
+
 step "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -103,7 +103,7 @@ pub fn every_access_audited(cluster: &Cluster, history: &[Op]) -> Verdict {
 fn wait_and_read(http: &str, region: &str, answered: &[&Op]) -> Result<Vec<Event>> {
     let want: BTreeSet<&str> = answered.iter().filter_map(|o| o.request_id.as_deref()).collect();
     let mut last = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         last = log_entries(http, region).unwrap_or(last);
         let have: BTreeSet<&str> = last.iter().map(|e| e.request_id.as_str()).collect();
@@ -215,7 +215,7 @@ pub fn logs_verify(cluster: &Cluster, states: &[(String, std::path::PathBuf)]) -
 }
 
 /// The SIEM stream is complete and verifies once the exporter caught up.
-pub fn siem_complete(cluster: &Cluster) -> Verdict {
+pub fn siem_complete(cluster: &Cluster, deadline: Duration) -> Verdict {
     let Some(siem) = &cluster.siem else {
         return verdict("siem-complete", true, "no SIEM export in this run");
     };
@@ -223,7 +223,7 @@ pub fn siem_complete(cluster: &Cluster) -> Verdict {
     let Ok(node) = region.any() else {
         return verdict("siem-complete", false, "no node to read the log size from");
     };
-    let caught_up = wait_for("the exporter to catch up", Duration::from_secs(60), || {
+    let caught_up = wait_for("the exporter to catch up", deadline, || {
         let size = log_size(&node.http(), &region.name).unwrap_or(u64::MAX);
         siem.metric("next_index").is_some_and(|n| n as u64 >= size)
     });
@@ -239,7 +239,7 @@ pub fn siem_complete(cluster: &Cluster) -> Verdict {
 
 /// After the faults healed, the standby applies everything: zero lag, link up, and the
 /// same latest value for every key on both sides.
-pub fn standby_converges(cluster: &Cluster, history: &[Op]) -> Verdict {
+pub fn standby_converges(cluster: &Cluster, history: &[Op], deadline: Duration) -> Verdict {
     let Ok(primary_name) = cluster.primary() else {
         return verdict("standby-converges", false, "no primary");
     };
@@ -250,7 +250,7 @@ pub fn standby_converges(cluster: &Cluster, history: &[Op]) -> Verdict {
         return verdict("standby-converges", false, "a region has no running node");
     };
     let root = &cluster.root;
-    let caught_up = wait_for("the standby to catch up", Duration::from_secs(60), || {
+    let caught_up = wait_for("the standby to catch up", deadline, || {
         s.status(root).is_ok_and(|st| st["lag_versions"] == 0 && st["link"] == "up" && st["seeded"] == true)
     });
     if let Err(e) = caught_up {

@@ -113,8 +113,8 @@ pub fn run(scenario: &str, seed: u64, dir: &Path, settings: &Settings, quiet: bo
         check::no_acked_write_lost(&cluster, &history, &diverged),
         check::every_access_audited(&cluster, &history),
         check::logs_verify(&cluster, &states),
-        check::siem_complete(&cluster),
-        check::standby_converges(&cluster, &history),
+        check::siem_complete(&cluster, Duration::from_secs(60)),
+        check::standby_converges(&cluster, &history, Duration::from_secs(60)),
         check::no_secret_in_logs(&cluster, &history),
     ];
     for v in &verdicts {
@@ -150,7 +150,8 @@ fn per_second(history: &[Op], end_ms: u64) -> Vec<(u64, u64)> {
     out
 }
 
-fn denied_token(cluster: &Cluster) -> Result<String> {
+/// A token whose policy allows nothing the workload touches (its reads are denied).
+pub fn denied_token(cluster: &Cluster) -> Result<String> {
     let node = cluster.regions[0].any()?;
     let policy = cluster.dir.join("chaos-none.hcl");
     std::fs::write(&policy, "path \"secret/data/nothing/*\" { capabilities = [\"read\"] }\n")

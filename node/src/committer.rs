@@ -234,6 +234,19 @@ impl Committer {
     }
 }
 
+/// `ARCA_FAULT_INJECT=drop-audit-append`: drops one audit append in 64 — breaking arca's
+/// central promise on purpose, so the chaos harness can show its checker catches it. Never
+/// set it anywhere else.
+fn drop_audit_append() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static ARMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    if !*ARMED.get_or_init(|| std::env::var("ARCA_FAULT_INJECT").is_ok_and(|v| v == "drop-audit-append")) {
+        return false;
+    }
+    COUNT.fetch_add(1, Ordering::Relaxed) % 64 == 63
+}
+
 fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mutex<CommitStats>) {
     let events = crate::keys::audit_events(region);
     let changes = arca_replication::changes();
@@ -277,7 +290,12 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
                 };
                 let event = (job.run)(&mut recorder, &gate)?;
                 let ops = std::mem::take(&mut recorder.ops);
-                let order = tx.set_versionstamped_key(&events, b"", &event)?;
+                let order = match orders.last() {
+                    // Fault injection for the chaos checkers' self-test: answer a request
+                    // without its audit event (it borrows its neighbour's position).
+                    Some(previous) if drop_audit_append() => *previous,
+                    _ => tx.set_versionstamped_key(&events, b"", &event)?,
+                };
                 if !ops.is_empty() {
                     // The request's writes, for the standbys: stamped in this batch, with
                     // the order of the request's audit event (the write's audit position).
