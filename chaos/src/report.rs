@@ -111,26 +111,29 @@ pub fn timeline_svg(o: &Outcome) -> String {
             bar_w * 0.8
         );
     }
+    let end_ms = secs * 1000.0;
+    let mut row = 0;
     for (at, kind, what) in &o.timeline {
-        if kind == "fault" || kind == "heal" || (kind == "info" && what.starts_with("RTO")) {
-            let colour = if kind == "fault" { "#b71c1c" } else { "#1b5e20" };
-            let _ = writeln!(
-                svg,
-                "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"{colour}\" stroke-dasharray=\"3,2\"/>",
-                x(*at as f64),
-                top + plot_h
-            );
-            let label: String = what.chars().take(40).collect();
-            let _ = writeln!(
-                svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\" transform=\"rotate(-20 {:.1} {:.1})\">{}</text>",
-                x(*at as f64),
-                top + plot_h + 30.0,
-                x(*at as f64),
-                top + plot_h + 30.0,
-                escape(&label)
-            );
+        let marked = kind == "fault" || kind == "heal" || (kind == "info" && what.starts_with("RTO"));
+        if !marked || *at as f64 > end_ms {
+            continue;
         }
+        let colour = if kind == "fault" { "#b71c1c" } else { "#1b5e20" };
+        let ax = x(*at as f64);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{ax:.1}\" y1=\"{top}\" x2=\"{ax:.1}\" y2=\"{}\" stroke=\"{colour}\" stroke-dasharray=\"3,2\"/>",
+            top + plot_h
+        );
+        let label: String = what.chars().take(48).collect();
+        let y = top + plot_h + 16.0 + 13.0 * (row % 3) as f64;
+        row += 1;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{y:.1}\" fill=\"{colour}\">{}</text>",
+            ax + 2.0,
+            escape(&label)
+        );
     }
     let _ = writeln!(
         svg,
@@ -144,7 +147,12 @@ pub fn timeline_svg(o: &Outcome) -> String {
         top + 10.0,
         top + plot_h
     );
-    let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\">{secs:.0} s</text>", w - 60.0, top + plot_h + 14.0);
+    let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\">{secs:.0} s</text>", w - 45.0, top + plot_h + 14.0);
+    let _ = writeln!(
+        svg,
+        "<text x=\"{left}\" y=\"{}\" fill=\"#555\">green: requests answered (&lt; 500) per second; red: failed or unanswered; shaded: fault windows</text>",
+        h - 8.0
+    );
     svg.push_str("</svg>\n");
     svg
 }

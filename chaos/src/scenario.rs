@@ -131,7 +131,7 @@ pub fn run(scenario: &str, seed: u64, dir: &Path, settings: &Settings, quiet: bo
         ops: history.len(),
         acked: history.iter().filter(|o| o.acked()).count(),
         unanswered: history.iter().filter(|o| o.status.is_none()).count(),
-        per_second: per_second(&history, end),
+        per_second: per_second(&history, history.iter().map(|o| o.end_ms).max().unwrap_or(end)),
         rto_ms,
         rpo_writes: rpo,
         lag_ms_max,
