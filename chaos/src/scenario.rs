@@ -107,12 +107,19 @@ pub fn run(scenario: &str, seed: u64, dir: &Path, settings: &Settings, quiet: bo
     std::thread::sleep(settings.settle);
     let history = workload.stop();
     t.note("info", format!("workload stopped: {} operations", history.len()));
-    let (states, lag_ms_max) = sampler.stop();
+    let (states, lag_ms_max, sampled_failures) = sampler.stop();
 
     let verdicts = vec![
         check::no_acked_write_lost(&cluster, &history, &diverged),
         check::every_access_audited(&cluster, &history),
-        check::logs_verify(&cluster, &states),
+        {
+            let mut v = check::logs_verify(&cluster, &states);
+            if !sampled_failures.is_empty() {
+                v.pass = false;
+                v.evidence = format!("{}; during the run: {}", v.evidence, sampled_failures.join("; "));
+            }
+            v
+        },
         check::siem_complete(&cluster, Duration::from_secs(60)),
         check::standby_converges(&cluster, &history, Duration::from_secs(60)),
         check::no_secret_in_logs(&cluster, &history),
@@ -168,7 +175,7 @@ pub fn denied_token(cluster: &Cluster) -> Result<String> {
 /// checkpoint seen is checked consistent with the next.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(Vec<(String, PathBuf)>, u64)>,
+    handle: std::thread::JoinHandle<(Vec<(String, PathBuf)>, u64, Vec<String>)>,
 }
 
 impl Sampler {
@@ -189,6 +196,7 @@ impl Sampler {
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut lag_max = 0u64;
+            let mut failures = Vec::new();
             while !s.load(Ordering::Relaxed) {
                 for (_, https, _) in regions.iter().skip(1) {
                     for http in https {
@@ -216,25 +224,24 @@ impl Sampler {
                         if let Ok(o) = out
                             && o.status.code() == Some(6)
                         {
-                            t.note(
-                                "check",
-                                format!(
-                                    "FAIL {name}'s log during the run: {}",
-                                    String::from_utf8_lossy(&o.stderr).trim()
-                                ),
+                            let why = format!(
+                                "{name}'s log during the run: {}",
+                                String::from_utf8_lossy(&o.stderr).trim()
                             );
+                            t.note("check", format!("FAIL {why}"));
+                            failures.push(why);
                         }
                         break;
                     }
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
-            (regions.into_iter().map(|(n, _, p)| (n, p)).collect(), lag_max)
+            (regions.into_iter().map(|(n, _, p)| (n, p)).collect(), lag_max, failures)
         });
         Sampler { stop, handle }
     }
 
-    fn stop(self) -> (Vec<(String, PathBuf)>, u64) {
+    fn stop(self) -> (Vec<(String, PathBuf)>, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap_or_default()
     }

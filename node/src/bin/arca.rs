@@ -1321,8 +1321,15 @@ mod audit {
                 };
                 let mut check =
                     |_: u64, entry: &[u8]| Event::decode(entry).map(drop).map_err(|e| e.to_string());
-                let report = verify_log(&mut reader, &verifier, seen, &mut check, &mut progress)
-                    .map_err(|e| invalid(format!("the log does NOT verify: {e}")))?;
+                // A log that cannot be read is not a log that fails to verify: exit 1, not 6.
+                let report = verify_log(&mut reader, &verifier, seen, &mut check, &mut progress).map_err(
+                    |e| match e {
+                        arca_audit::verify::VerifyError::Read { .. } => {
+                            local(format!("cannot read the log: {e}"))
+                        }
+                        other => invalid(format!("the log does NOT verify: {other}")),
+                    },
+                )?;
                 if show_progress {
                     eprintln!();
                 }
