@@ -171,11 +171,15 @@ pub fn denied_token(cluster: &Cluster) -> Result<String> {
     token["token"].as_str().map(str::to_owned).ok_or_else(|| "no token in the reply".into())
 }
 
+/// What the sampler saw: each region's state file, the standby's largest lag (ms), and the
+/// inconsistencies it found.
+type Sampled = (Vec<(String, PathBuf)>, u64, Vec<String>);
+
 /// Samples each region's log during the run with `arca audit verify --state`, so every
 /// checkpoint seen is checked consistent with the next.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(Vec<(String, PathBuf)>, u64, Vec<String>)>,
+    handle: std::thread::JoinHandle<Sampled>,
 }
 
 impl Sampler {
@@ -241,7 +245,7 @@ impl Sampler {
         Sampler { stop, handle }
     }
 
-    fn stop(self) -> (Vec<(String, PathBuf)>, u64, Vec<String>) {
+    fn stop(self) -> Sampled {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap_or_default()
     }
