@@ -185,6 +185,9 @@ pub struct Shape {
     pub siem: bool,
     /// Extra environment for every `arcad` (the checker self-tests' fault injection).
     pub env: Vec<(String, String)>,
+    /// Where the first region keeps its store (default: the run directory) — a small
+    /// tmpfs for the disk-full scenario.
+    pub first_region_disk: Option<PathBuf>,
 }
 
 /// The broker and the exporter.
@@ -331,7 +334,10 @@ impl Cluster {
             .collect::<Result<_>>()?;
         let mut regions = Vec::new();
         for (r, name) in names.iter().enumerate() {
-            let db = dir.join(format!("{name}.db"));
+            let db = match (&shape.first_region_disk, r) {
+                (Some(disk), 0) => disk.join(format!("{name}.db")),
+                _ => dir.join(format!("{name}.db")),
+            };
             let mut nodes = Vec::new();
             for (n, repl_port) in repl_ports[r].iter().enumerate() {
                 let (grpc, http) = (free_port(), free_port());

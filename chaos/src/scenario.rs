@@ -27,6 +27,7 @@ pub const ALL: &[&str] = &[
     "link-lossy",
     "conn-reset",
     "region-loss",
+    "disk-full",
 ];
 
 /// The short fixed set CI runs.
@@ -77,8 +78,27 @@ pub fn run(scenario: &str, seed: u64, dir: &Path, settings: &Settings, quiet: bo
     let mut rng = Rng::new(seed);
     let env: Vec<(String, String)> =
         settings.inject.iter().map(|i| ("ARCA_FAULT_INJECT".to_owned(), i.clone())).collect();
-    let shape =
-        Shape { regions: vec!["eu", "us"], nodes_per_region: settings.nodes_per_region, siem: true, env };
+    // disk-full: the primary's store on a small tmpfs of its own (needs root to mount).
+    let disk = (scenario == "disk-full").then(|| dir.join("eu-disk"));
+    if let Some(d) = &disk {
+        std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+            .arg(d)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !mounted.success() {
+            return Err("disk-full needs to mount a tmpfs (run as root)".into());
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let shape = Shape {
+        regions: vec!["eu", "us"],
+        nodes_per_region: settings.nodes_per_region,
+        siem: true,
+        env,
+        first_region_disk: disk.clone(),
+    };
     let mut cluster = Cluster::start(dir, &settings.bin, &settings.tools, &shape, seed)?;
     t.note(
         "info",
@@ -155,6 +175,18 @@ fn per_second(history: &[Op], end_ms: u64) -> Vec<(u64, u64)> {
         if op.status.is_some_and(|s| s < 500) { slot.0 += 1 } else { slot.1 += 1 }
     }
     out
+}
+
+/// Unmounts the disk-full scenario's tmpfs when the run ends (lazily: the nodes may still
+/// hold it open while they stop).
+struct Unmount(Option<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = std::process::Command::new("umount").arg("-l").arg(d).status();
+        }
+    }
 }
 
 /// A token whose policy allows nothing the workload touches (its reads are denied).
@@ -409,6 +441,23 @@ fn inject_faults(
             }
             *rpo = Some(diverged.len());
             t.note("info", format!("eu demoted; divergence report lists {} write(s)", writes.len()));
+        }
+        "disk-full" => {
+            let disk = cluster.regions[0].db.parent().ok_or("no disk")?.to_path_buf();
+            let filler = disk.join("filler");
+            let mut file = std::fs::File::create(&filler).map_err(|e| e.to_string())?;
+            let chunk = vec![0u8; 1 << 20];
+            while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+            drop(file);
+            t.note("fault", "the primary's disk is full");
+            hold(rng, 1500, 3000);
+            std::fs::remove_file(&filler).map_err(|e| e.to_string())?;
+            t.note("heal", "space freed");
+            for node in &cluster.regions[0].nodes {
+                wait_for(&format!("{} to serve", node.id), Duration::from_secs(30), || {
+                    crate::client::agent().get(format!("{}/v1/sys/health", node.http())).call().is_ok()
+                })?;
+            }
         }
         other => return Err(format!("scenario {other} has no faults defined")),
     }

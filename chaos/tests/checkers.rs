@@ -28,6 +28,7 @@ fn every_checker_fails_when_its_property_is_broken() {
         nodes_per_region: 1,
         siem: true,
         env: vec![("ARCA_FAULT_INJECT".into(), "drop-audit-append".into())],
+        first_region_disk: None,
     };
     let mut cluster = Cluster::start(dir.path(), &bin_dir(), &tools(), &shape, 5).expect("cluster");
     let denied = arca_chaos::scenario::denied_token(&cluster).unwrap();
