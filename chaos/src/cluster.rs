@@ -452,6 +452,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// Every node, as the workload's clients know them.
+    pub fn targets(&self) -> Vec<crate::client::Target> {
+        self.regions
+            .iter()
+            .flat_map(|r| {
+                r.nodes.iter().map(|n| crate::client::Target {
+                    region: r.name.clone(),
+                    node: n.id.clone(),
+                    url: n.client_url(),
+                })
+            })
+            .collect()
+    }
+
     pub fn region(&self, name: &str) -> Result<&Region> {
         self.regions.iter().find(|r| r.name == name).ok_or_else(|| format!("no region {name}"))
     }

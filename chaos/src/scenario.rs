@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::check::{self, Verdict};
-use crate::client::{Op, Target, Workload};
+use crate::client::{Op, Workload};
 use crate::cluster::{Cluster, Result, Shape, Timeline, wait_for};
 use crate::rng::Rng;
 
@@ -108,13 +108,7 @@ pub fn run(scenario: &str, seed: u64, dir: &Path, settings: &Settings, quiet: bo
         ),
     );
     let denied = denied_token(&cluster)?;
-    let targets: Vec<Target> = cluster
-        .regions
-        .iter()
-        .flat_map(|r| {
-            r.nodes.iter().map(|n| Target { region: r.name.clone(), node: n.id.clone(), url: n.client_url() })
-        })
-        .collect();
+    let targets = cluster.targets();
     let workload = Workload::start(targets, cluster.root.clone(), denied, settings.clients, seed, t.clone());
     let sampler = Sampler::start(&cluster, t.clone());
     std::thread::sleep(settings.settle);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use arca_chaos::check;
-use arca_chaos::client::{Target, Workload};
+use arca_chaos::client::Workload;
 use arca_chaos::cluster::{Cluster, Shape, Timeline};
 use arca_store::{RangeOptions, SqliteConfig, SqliteStore, StoreExt, prefix_end};
 
@@ -32,13 +32,7 @@ fn every_checker_fails_when_its_property_is_broken() {
     };
     let mut cluster = Cluster::start(dir.path(), &bin_dir(), &tools(), &shape, 5).expect("cluster");
     let denied = arca_chaos::scenario::denied_token(&cluster).unwrap();
-    let targets: Vec<Target> = cluster
-        .regions
-        .iter()
-        .flat_map(|r| {
-            r.nodes.iter().map(|n| Target { region: r.name.clone(), node: n.id.clone(), url: n.client_url() })
-        })
-        .collect();
+    let targets = cluster.targets();
     let t = std::sync::Arc::new(Timeline::new(true));
     let workload = Workload::start(targets, cluster.root.clone(), denied, 8, 5, t);
     // Enough operations for batches with company (the injection drops within batches).
