@@ -88,10 +88,13 @@ impl LagGauges {
     /// since the last successful pull.
     pub fn seconds(&self) -> f64 {
         let measured = self.millis.load(Ordering::Relaxed);
-        let since = if self.link_up.load(Ordering::Relaxed) == 1 {
+        let last = self.last_contact_unix_ms.load(Ordering::Relaxed);
+        // Before the first successful pull there is no "since": the lag is unknown, not
+        // fifty years.
+        let since = if self.link_up.load(Ordering::Relaxed) == 1 || last == 0 {
             0
         } else {
-            now_unix_ms().saturating_sub(self.last_contact_unix_ms.load(Ordering::Relaxed))
+            now_unix_ms().saturating_sub(last)
         };
         measured.max(since) as f64 / 1000.0
     }
