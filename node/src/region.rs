@@ -1190,3 +1190,31 @@ pub fn render_metrics(node: &Node, state: &RegionState) -> String {
         lag.applied_changes.load(Ordering::Relaxed),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_seconds_grow_while_the_link_is_down_and_are_zero_before_any_contact() {
+        let g = LagGauges::default();
+        assert_eq!(g.seconds(), 0.0, "no contact yet: no made-up lag");
+        g.last_contact_unix_ms.store(now_unix_ms() - 2500, Ordering::Relaxed);
+        assert!(g.seconds() >= 2.5, "{}", g.seconds());
+        g.link_up.store(1, Ordering::Relaxed);
+        g.millis.store(40, Ordering::Relaxed);
+        assert_eq!(g.seconds(), 0.04);
+    }
+
+    #[test]
+    fn describes_replicated_keys() {
+        assert_eq!(
+            describe(&keys::kv_version("secret", "app/db", 3)),
+            ("secret".into(), "secret/app/db".into(), Some(3))
+        );
+        assert_eq!(describe(&keys::kv_meta("secret", "app/db")).0, "metadata");
+        assert_eq!(describe(&keys::policy("ops")).0, "policy");
+        assert_eq!(describe(&keys::token(b"h")).0, "token");
+        assert_eq!(describe(b"\xff\x00garbage").0, "unknown");
+    }
+}
