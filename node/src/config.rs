@@ -37,6 +37,11 @@
 //! region = "us-east"
 //! endpoint = "https://us-east.arca.internal:8500"
 //!
+//! [audit_archive]       # audit log retention (absent: the store keeps the whole log)
+//! dir = "/var/lib/arca/audit-archive"   # a static tlog-tiles log; serve it as files
+//! retain_entries = 10000000          # sequenced entries kept in the store
+//! # interval_ms = 1000
+//!
 //! [log]
 //! level = "info"         # a tracing filter
 //! format = "text"        # or "json"
@@ -59,6 +64,16 @@ pub struct Config {
     #[serde(default)]
     pub log: LogSection,
     pub replication: Option<ReplicationSection>,
+    pub audit_archive: Option<AuditArchiveSection>,
+}
+
+/// Audit log retention: archive to `dir` (tlog-tiles), keep `retain_entries` in the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditArchiveSection {
+    pub dir: PathBuf,
+    pub retain_entries: u64,
+    pub interval_ms: Option<u64>,
 }
 
 /// Cross-region replication settings (see the module documentation).

@@ -24,6 +24,8 @@
 //! | `("audit",<region>,"bundle",<index>)` | versionstamp of the first entry of entry bundle `index` |
 //! | `("audit",<region>,"batch",<versionstamp>)` | leaf index of the first entry of an integrated batch |
 //! | `("audit",<region>,"vkey")` | the log's verifier key (public) |
+//! | `("audit",<region>,"archive")` | the archiver's progress: bundles archived and pruned (JSON) |
+//! | `("audit",<region>,"archive-lease")` | the archiver's lease |
 //! | `("audit",<region>,"cp",<size>)` | every signed checkpoint, by tree size (public) |
 //! | `("region",…)`, `("changes",…)`, `("replica",…)` | replication: see `arca_replication` |
 //! | `("region","applier-lease")` | the lease of the standby node that applies the feed |
@@ -159,6 +161,15 @@ pub fn audit_bundle(region: &str, index: u64) -> Vec<u8> {
 
 pub fn audit_batches(region: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "batch".into()])
+}
+
+/// The archiver's progress (JSON).
+pub fn audit_archive(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "archive".into()])
+}
+
+pub fn audit_archive_lease(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "archive-lease".into()])
 }
 
 pub fn audit_vkey(region: &str) -> Vec<u8> {

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod auth;
 pub mod barrier;
 pub mod codec;

@@ -90,6 +90,8 @@ pub struct Node {
     pub(crate) identity: NodeIdentity,
     pub(crate) metrics: Metrics,
     pub(crate) regions: std::sync::OnceLock<Arc<crate::region::Regions>>,
+    /// Where pruned parts of the audit log are read from (when archiving is on).
+    pub(crate) archive_dir: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Node {
@@ -223,6 +225,7 @@ impl Node {
             identity,
             metrics: Metrics::default(),
             regions: std::sync::OnceLock::new(),
+            archive_dir: std::sync::OnceLock::new(),
         })
     }
 

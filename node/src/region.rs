@@ -782,10 +782,12 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::PullRequest>,
     ) -> Result<Response<proto::PullResponse>, Status> {
         let req = request.into_inner();
-        // What the standby confirms having applied bounds what the feed may drop.
+        // What the standby confirms having applied bounds what the feed may drop, and
+        // what the audit archiver may prune.
         if !req.after_stamp.is_empty() {
             record_shipped(&self.node, &req.region, &req.after_stamp).await;
         }
+        record_shipped_audit(&self.node, &req.region, req.audit_next).await;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.wait_ms).min(5000));
         loop {
             let state = self.check_caller(req.epoch, "", "standby")?;
@@ -915,6 +917,11 @@ impl proto::replication_server::Replication for ReplicationService {
     }
 }
 
+/// On a primary: the audit position (next leaf index, 8 bytes) `standby` confirmed.
+pub fn shipped_audit_key(standby: &str) -> Vec<u8> {
+    arca_store::tuple::pack(&["region".into(), "shipped-audit".into(), standby.into()])
+}
+
 /// Records `standby`'s confirmed feed position (when it moved), on the committer thread.
 async fn record_shipped(node: &Arc<Node>, standby: &str, stamp: &[u8]) {
     let Some(regions) = node.regions() else { return };
@@ -937,6 +944,31 @@ async fn record_shipped(node: &Arc<Node>, standby: &str, stamp: &[u8]) {
     .await;
     if let Ok(Some(Ok(()))) = stored {
         regions.shipped.lock().unwrap_or_else(|p| p.into_inner()).insert(standby.to_owned(), stamp.to_vec());
+    }
+}
+
+async fn record_shipped_audit(node: &Arc<Node>, standby: &str, next: u64) {
+    let Some(regions) = node.regions() else { return };
+    if !regions.peers.iter().any(|p| p.region == standby) {
+        return;
+    }
+    let key = format!("audit:{standby}");
+    {
+        let shipped = regions.shipped.lock().unwrap_or_else(|p| p.into_inner());
+        if shipped.get(&key).is_some_and(|s| s.as_slice() >= next.to_be_bytes().as_slice()) {
+            return;
+        }
+    }
+    let (n, name) = (node.clone(), standby.to_owned());
+    let stored = tokio::task::spawn_blocking(move || {
+        let n2 = n.clone();
+        n.committer().run_task(move || {
+            n2.store.transact(|tx| tx.set(&shipped_audit_key(&name), &next.to_be_bytes())).map(|_| ())
+        })
+    })
+    .await;
+    if let Ok(Some(Ok(()))) = stored {
+        regions.shipped.lock().unwrap_or_else(|p| p.into_inner()).insert(key, next.to_be_bytes().to_vec());
     }
 }
 

@@ -134,13 +134,21 @@ fn signer(node: &Node, tx: &mut dyn Transaction, origin: &str) -> Result<NoteSig
 struct StoreTiles<'a> {
     tx: &'a mut dyn Transaction,
     region: &'a str,
+    /// Where pruned level-0 tiles are read from.
+    archive: Option<&'a std::path::Path>,
 }
 
 impl TileReader for StoreTiles<'_> {
     type Error = ApiError;
 
     fn read_tile(&mut self, level: u32, index: u64, width: u64) -> Result<Vec<Hash>, ApiError> {
-        let data = self.tx.get(&keys::audit_tile(self.region, level, index))?.ok_or(ApiError::Internal)?;
+        let data = match self.tx.get(&keys::audit_tile(self.region, level, index))? {
+            Some(data) => data,
+            None => self
+                .archive
+                .and_then(|dir| crate::archive::archived_tile(dir, level, index, width))
+                .ok_or(ApiError::Internal)?,
+        };
         let need = (width * 32) as usize;
         if data.len() < need {
             return Err(ApiError::Internal);
@@ -525,9 +533,13 @@ impl Node {
         let key = keys::audit_tile(&self.identity().region, level, index);
         let raw = self.store.transact(|tx| tx.get(&key))?.value;
         let need = (width * 32) as usize;
-        Ok(raw.filter(|r| r.len() >= need).map(|mut r| {
+        let stored = raw.filter(|r| r.len() >= need).map(|mut r| {
             r.truncate(need);
             r
+        });
+        // Pruned from the store: the archive has it.
+        Ok(stored.or_else(|| {
+            self.archive_dir.get().and_then(|d| crate::archive::archived_tile(d, level, index, width))
         }))
     }
 
@@ -545,9 +557,13 @@ impl Node {
             begin.extend_from_slice(&stamp);
             Ok(Some(tx.get_range(&begin, &end, RangeOptions::limit(width as usize))?))
         })?;
-        let Some(rows) = read.value else { return Ok(None) };
+        let rows = read.value.unwrap_or_default();
         if rows.len() as u64 != width {
-            return Ok(None);
+            // Pruned from the store: the archive has it.
+            return Ok(self
+                .archive_dir
+                .get()
+                .and_then(|d| crate::archive::read_archived(d, &tiles::entries_path(index, width))));
         }
         let mut bundle = Vec::new();
         for row in rows {
@@ -582,13 +598,22 @@ impl Node {
                 return Err(ApiError::NotFound("that entry is not yet covered by a checkpoint".into()));
             }
             let size = state.size;
-            let mut source = TileHashSource::new(StoreTiles { tx, region: &region }, size);
+            let mut source = TileHashSource::new(
+                StoreTiles { tx, region: &region, archive: self.archive_dir.get().map(|p| p.as_path()) },
+                size,
+            );
             let hashes = merkle::inclusion_proof(&mut source, index, size)
                 .map_err(|_| ApiError::Internal)?
                 .map_err(|e| ApiError::invalid(e.to_string()))?;
-            // The entry itself, from its bundle.
+            // The entry itself, from its bundle (in the archive once pruned).
             let Some(stamp) = tx.get(&keys::audit_bundle(&region, index / TILE_WIDTH))? else {
-                return Err(ApiError::Internal);
+                let dir = self.archive_dir.get().ok_or(ApiError::Internal)?;
+                let bundle =
+                    crate::archive::read_archived(dir, &tiles::entries_path(index / TILE_WIDTH, TILE_WIDTH))
+                        .ok_or(ApiError::Internal)?;
+                let entries = tiles::bundle_entries(&bundle).map_err(|_| ApiError::Internal)?;
+                let entry = entries.get((index % TILE_WIDTH) as usize).ok_or(ApiError::Internal)?.to_vec();
+                return Ok(InclusionProof { index, size, hashes, checkpoint: state.checkpoint, entry });
             };
             let mut begin = events.clone();
             begin.extend_from_slice(&stamp);
@@ -613,7 +638,10 @@ impl Node {
             if new > state.size || old_size > new {
                 return Err(ApiError::invalid(format!("sizes must satisfy old <= new <= {}", state.size)));
             }
-            let mut source = TileHashSource::new(StoreTiles { tx, region: &region }, new);
+            let mut source = TileHashSource::new(
+                StoreTiles { tx, region: &region, archive: self.archive_dir.get().map(|p| p.as_path()) },
+                new,
+            );
             let hashes = merkle::consistency_proof(&mut source, old_size, new)
                 .map_err(|_| ApiError::Internal)?
                 .map_err(|e| ApiError::invalid(e.to_string()))?;

@@ -105,9 +105,10 @@ enum RegionCommand {
 #[derive(Args)]
 struct LogSource {
     /// The log's URL, e.g. http://127.0.0.1:8200/audit/local
-    #[arg(long, conflicts_with = "dir")]
+    #[arg(long)]
     url: Option<String>,
-    /// A directory holding the log in the tlog-tiles layout (an archive).
+    /// A directory holding the log in the tlog-tiles layout (an archive). With --url too:
+    /// archived files from the directory, the rest and the latest checkpoint from the node.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
 }
@@ -1202,8 +1203,18 @@ mod audit {
     const MAX_FILE_BYTES: u64 = 16 << 20;
 
     enum Source {
-        Http { base: String, agent: ureq::Agent },
+        Http {
+            base: String,
+            agent: ureq::Agent,
+        },
         Dir(PathBuf),
+        /// An archive with the live log beside it: immutable files from the archive, the
+        /// rest (and the latest checkpoint) from the node.
+        Both {
+            dir: PathBuf,
+            base: String,
+            agent: ureq::Agent,
+        },
     }
 
     impl Source {
@@ -1213,20 +1224,36 @@ mod audit {
                     Ok(Source::Http { base: url.trim_end_matches('/').to_owned(), agent: agent() })
                 }
                 (None, Some(dir)) => Ok(Source::Dir(dir.clone())),
-                _ => Err(local("give --url or --dir")),
+                (Some(url), Some(dir)) => Ok(Source::Both {
+                    dir: dir.clone(),
+                    base: url.trim_end_matches('/').to_owned(),
+                    agent: agent(),
+                }),
+                _ => Err(local("give --url, --dir, or both")),
             }
         }
 
         fn get(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
             match self {
                 Source::Http { base, agent } => http_get(agent, &format!("{base}/{path}")),
-                Source::Dir(dir) => match std::fs::metadata(dir.join(path)) {
-                    Ok(meta) if meta.len() > MAX_FILE_BYTES => Err(format!("{path} is larger than 16 MiB")),
-                    Ok(_) => std::fs::read(dir.join(path)).map(Some).map_err(|e| e.to_string()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(e.to_string()),
+                Source::Dir(dir) => file_get(dir, path),
+                Source::Both { dir, base, agent } => match path {
+                    "checkpoint" => http_get(agent, &format!("{base}/{path}")),
+                    _ => match file_get(dir, path)? {
+                        Some(data) => Ok(Some(data)),
+                        None => http_get(agent, &format!("{base}/{path}")),
+                    },
                 },
             }
+        }
+    }
+
+    fn file_get(dir: &std::path::Path, path: &str) -> Result<Option<Vec<u8>>, String> {
+        match std::fs::metadata(dir.join(path)) {
+            Ok(meta) if meta.len() > MAX_FILE_BYTES => Err(format!("{path} is larger than 16 MiB")),
+            Ok(_) => std::fs::read(dir.join(path)).map(Some).map_err(|e| e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use arca_node::archive::ArchiveConfig;
 use arca_node::config::{Config, LogFormat};
 use arca_node::grpc::ProxyConfig;
 use arca_node::node::{Node, NodeIdentity};
@@ -44,6 +45,13 @@ enum Command {
         /// Pause between sequencer steps when idle, in milliseconds (1..=1000).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
         sequencer_interval_ms: u64,
+        /// Archive the audit log here (tlog-tiles layout) and prune archived entries from
+        /// the store.
+        #[arg(long)]
+        audit_archive_dir: Option<PathBuf>,
+        /// With --audit-archive-dir: sequenced entries kept in the store.
+        #[arg(long, default_value_t = 1_000_000)]
+        audit_retain_entries: u64,
     },
     /// Production server from a config file.
     Server {
@@ -82,6 +90,7 @@ async fn dev(
     node_id: String,
     region: String,
     sequencer: SequencerConfig,
+    archive: Option<ArchiveConfig>,
 ) -> Result<(), BoxError> {
     if !grpc_addr.ip().is_loopback() || !http_addr.ip().is_loopback() {
         return Err("arcad dev listens on loopback addresses only".into());
@@ -92,6 +101,9 @@ async fn dev(
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
     sequencer::start(&node, sequencer);
+    if let Some(archive) = archive {
+        arca_node::archive::start(&node, archive);
+    }
     let opts = ServeOptions {
         grpc_addr,
         tls: None,
@@ -129,6 +141,16 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         None => None,
     };
     sequencer::start(&node, config.sequencer.to_config());
+    if let Some(a) = &config.audit_archive {
+        arca_node::archive::start(
+            &node,
+            ArchiveConfig {
+                dir: a.dir.clone(),
+                retain_entries: a.retain_entries,
+                interval: std::time::Duration::from_millis(a.interval_ms.unwrap_or(1000)),
+            },
+        );
+    }
     let l = config.listener;
     let tls = match (l.tls_cert_file, l.tls_key_file) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: l.client_ca_file }),
@@ -155,13 +177,27 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Dev { data_dir, grpc_addr, http_addr, node_id, region, sequencer_interval_ms } => {
+        Command::Dev {
+            data_dir,
+            grpc_addr,
+            http_addr,
+            node_id,
+            region,
+            sequencer_interval_ms,
+            audit_archive_dir,
+            audit_retain_entries,
+        } => {
             init_logging("info", LogFormat::Text);
             let sequencer = SequencerConfig {
                 interval: std::time::Duration::from_millis(sequencer_interval_ms),
                 ..SequencerConfig::default()
             };
-            runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region, sequencer))
+            let archive = audit_archive_dir.map(|dir| ArchiveConfig {
+                dir,
+                retain_entries: audit_retain_entries,
+                interval: std::time::Duration::from_millis(200),
+            });
+            runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region, sequencer, archive))
         }
         Command::Server { config } => match Config::load(&config) {
             Ok(config) => {

@@ -51,11 +51,17 @@ pub fn spawn(data_dir: &Path, node_id: &str, env: &[(&str, &str)]) -> Child {
 
 /// Like [`start`], with extra environment variables.
 pub fn start_with(data_dir: &Path, node_id: &str, env: &[(&str, &str)]) -> Server {
+    start_args(data_dir, node_id, env, &[])
+}
+
+/// Like [`start_with`], with extra `arcad dev` arguments.
+pub fn start_args(data_dir: &Path, node_id: &str, env: &[(&str, &str)], extra: &[&str]) -> Server {
     let stderr_log = data_dir.with_file_name(format!("{node_id}.stderr"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
         .args(["dev", "--data-dir"])
         .arg(data_dir)
         .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--node-id", node_id])
+        .args(extra)
         .env("RUST_LOG", "trace")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
