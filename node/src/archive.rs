@@ -34,6 +34,8 @@ pub struct ArchiveConfig {
     pub dir: PathBuf,
     /// Sequenced entries kept in the store (rounded down to whole bundles of 256).
     pub retain_entries: u64,
+    /// When set, bundles whose newest entry is younger than this stay in the store too.
+    pub retain_for: Option<Duration>,
     pub interval: Duration,
 }
 
@@ -187,7 +189,10 @@ pub fn step(
     state.archived_bundles = confirmed;
     state.archived_size = head.size;
     // Prune below every follower and the retention.
-    let limit = prune_limit(node, &state, head.size, config.retain_entries)?;
+    let mut limit = prune_limit(node, &state, head.size, config.retain_entries)?;
+    if let Some(age) = config.retain_for {
+        limit = limit.min(first_young_bundle(node, state.pruned_bundles, limit, age)?);
+    }
     let pruned = prune(node, &region, &state, limit)?;
     state.pruned_bundles = pruned;
     let value = serde_json::to_vec(&state).map_err(|_| ApiError::Internal)?;
@@ -223,6 +228,21 @@ pub fn prune_limit(node: &Node, state: &ArchiveState, size: u64, retain: u64) ->
     })?;
     let by_retention = size.saturating_sub(retain) / TILE_WIDTH;
     Ok(state.archived_bundles.min(by_retention).min(followers.value / TILE_WIDTH))
+}
+
+/// The first bundle in `from..to` whose newest entry is younger than `age`.
+fn first_young_bundle(node: &Node, from: u64, to: u64, age: Duration) -> Result<u64, ApiError> {
+    let cutoff = now_unix_ms().saturating_sub(age.as_millis() as u64);
+    for n in from..to {
+        // The bundle's newest entry is the one just before the next bundle's first.
+        let bundle = node.audit_entries(n, TILE_WIDTH)?.ok_or(ApiError::Internal)?;
+        let entries = tiles::bundle_entries(&bundle).map_err(|_| ApiError::Internal)?;
+        let newest = entries.last().and_then(|e| arca_audit::Event::peek_time_unix_ms(e)).unwrap_or(u64::MAX);
+        if newest >= cutoff {
+            return Ok(n);
+        }
+    }
+    Ok(to)
 }
 
 /// Drops bundles `state.pruned_bundles..limit` from the store (entries, level-0 tiles,

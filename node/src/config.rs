@@ -40,6 +40,7 @@
 //! [audit_archive]       # audit log retention (absent: the store keeps the whole log)
 //! dir = "/var/lib/arca/audit-archive"   # a static tlog-tiles log; serve it as files
 //! retain_entries = 10000000          # sequenced entries kept in the store
+//! # retain_days = 30                 # and every entry younger than this
 //! # interval_ms = 1000
 //!
 //! [log]
@@ -72,7 +73,10 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct AuditArchiveSection {
     pub dir: PathBuf,
+    /// Sequenced entries kept in the store.
     pub retain_entries: u64,
+    /// And entries younger than this many days (optional).
+    pub retain_days: Option<u64>,
     pub interval_ms: Option<u64>,
 }
 

@@ -67,8 +67,12 @@ async fn setup(retain: u64) -> Setup {
     );
     let root = node.operator_init(ctx(None), 1, 1).await.result.unwrap().root_token.token.to_string();
     let archive = dir.path().join("archive");
-    let config =
-        ArchiveConfig { dir: archive.clone(), retain_entries: retain, interval: Duration::from_millis(50) };
+    let config = ArchiveConfig {
+        dir: archive.clone(),
+        retain_entries: retain,
+        retain_for: None,
+        interval: Duration::from_millis(50),
+    };
     Setup { _dir: dir, archive, store, node, root, config }
 }
 
@@ -184,4 +188,17 @@ async fn pruning_waits_for_the_exporter_and_the_standbys() {
         .unwrap();
     let state = archive::step(&s.node, "n1:test", &s.config).unwrap().unwrap();
     assert_eq!(state.pruned_bundles, 2, "now the standby's position (600) bounds it");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn age_retention_keeps_young_entries() {
+    let mut s = setup(0).await;
+    reads(&s, 800).await;
+    s.config.retain_for = Some(Duration::from_secs(3600));
+    let state = archive::step(&s.node, "n1:test", &s.config).unwrap().unwrap();
+    assert!(state.archived_bundles >= 3);
+    assert_eq!(state.pruned_bundles, 0, "every entry is younger than an hour");
+    s.config.retain_for = Some(Duration::ZERO);
+    let state = archive::step(&s.node, "n1:test", &s.config).unwrap().unwrap();
+    assert_eq!(state.pruned_bundles, state.archived_bundles);
 }

@@ -147,6 +147,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
             ArchiveConfig {
                 dir: a.dir.clone(),
                 retain_entries: a.retain_entries,
+                retain_for: a.retain_days.map(|d| std::time::Duration::from_secs(d * 86_400)),
                 interval: std::time::Duration::from_millis(a.interval_ms.unwrap_or(1000)),
             },
         );
@@ -195,6 +196,7 @@ fn main() -> ExitCode {
             let archive = audit_archive_dir.map(|dir| ArchiveConfig {
                 dir,
                 retain_entries: audit_retain_entries,
+                retain_for: None,
                 interval: std::time::Duration::from_millis(200),
             });
             runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region, sequencer, archive))
