@@ -283,6 +283,22 @@ fn prune_bundle(node: &Node, region: &str, n: u64) -> Result<(), ApiError> {
             tx.clear_range(&begin, &end)?;
             tx.clear(&keys::audit_tile(region, 0, n))?;
             tx.clear(&keys::audit_bundle(region, n))?;
+            // The indexes that only serve these entries: batch starts up to the bundle's
+            // last stamp; request ids (time-ordered) older than its newest entry; and the
+            // checkpoints it completes (the followers got them with the entries).
+            let last_stamp = &rows[rows.len() - 1].key[events.len()..];
+            let batches = keys::audit_batches(region);
+            let mut batches_end = batches.clone();
+            batches_end.extend_from_slice(last_stamp);
+            batches_end.push(0);
+            tx.clear_range(&batches, &batches_end)?;
+            if let Some(newest) = arca_audit::Event::peek_time_unix_ms(&rows[rows.len() - 1].value) {
+                let rids = keys::audit_rid_prefix(region);
+                let older = keys::audit_rid(region, &hex::encode(&newest.to_be_bytes()[2..]));
+                tx.clear_range(&rids, &older)?;
+            }
+            let cps = keys::audit_checkpoints(region);
+            tx.clear_range(&cps, &keys::audit_checkpoint_at(region, (n + 1) * TILE_WIDTH + 1))?;
             failpoint("archive.mid-prune");
             let mut s = load_state(tx, region)?;
             s.pruned_bundles = n + 1;

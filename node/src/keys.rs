@@ -143,6 +143,12 @@ pub fn audit_rid(region: &str, request_id: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "rid".into(), id])
 }
 
+/// Every request-id index key of a region (they sort by time: request ids start with 48
+/// bits of milliseconds).
+pub fn audit_rid_prefix(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "rid".into()])
+}
+
 pub fn audit_state(region: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "state".into()])
 }

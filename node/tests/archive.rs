@@ -110,6 +110,17 @@ async fn archive_prune_and_every_entry_stays_provable() {
     let kept = event_count(s.store.as_ref()) as u64;
     assert_eq!(kept, size - state.pruned_bundles * TILE_WIDTH, "exactly the pruned bundles left the store");
     assert!(kept < 300 + 2 * TILE_WIDTH, "the store still holds {kept} events");
+    // The request-id index and the checkpoint history shrink with the entries.
+    let count = |prefix: Vec<u8>| {
+        let end = prefix_end(&prefix).unwrap();
+        s.store.transact(|tx| tx.get_range(&prefix, &end, RangeOptions::default())).unwrap().value.len()
+            as u64
+    };
+    assert!(
+        count(keys::audit_rid_prefix("local")) <= kept + TILE_WIDTH,
+        "request ids of pruned entries stayed"
+    );
+    assert!(count(keys::audit_checkpoints("local")) <= kept, "checkpoints of pruned ranges stayed");
 
     // The archive is a static log that verifies on its own, from entry 0.
     let verifier = NoteVerifier::parse(&s.node.audit_vkey().unwrap().unwrap()).unwrap();
