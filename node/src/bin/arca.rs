@@ -78,6 +78,25 @@ enum Command {
     /// Regions: replication status, promote a standby, demote a deposed primary.
     #[command(subcommand)]
     Region(RegionCommand),
+    /// Run a command with secrets in its environment or in files (each fetch audited):
+    /// `arca run --env DB_PASSWORD=secret/app/db#password --file tls.pem=secret/app/tls#cert -- ./server`.
+    /// Returns the command's exit code.
+    Run {
+        /// NAME=<mount>/<path>#<field>: an environment variable of the command.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// NAME=<mount>/<path>#<field>: a file, mode 0600 — a bare NAME goes in a private
+        /// (tmpfs-backed when available) directory named by $ARCA_SECRETS_DIR, an absolute
+        /// path where it says; removed when the command exits.
+        #[arg(long = "file")]
+        file: Vec<String>,
+        /// Replace secret values with ***** in the command's stdout and stderr.
+        #[arg(long)]
+        mask: bool,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -548,6 +567,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return audit::run(format == Format::Json, cmd);
     }
     let mut c = Client::connect(&cli).await?;
+    if let Command::Run { env, file, mask, command } = &cli.command {
+        let code = run::run(&mut c, env, file, *mask, command).await?;
+        return Err(Failure { code, message: String::new() });
+    }
     if let Command::Region(RegionCommand::Reapply { id, primary_addr }) = &cli.command {
         let mut primary = Client::connect_to(&cli, primary_addr).await?;
         return reapply(&mut c, &mut primary, format, *id).await;
@@ -561,6 +584,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit(_) => unreachable!("handled above without a gRPC connection"),
         Command::Operator(cmd) => operator(&mut c, format, cmd).await,
         Command::Region(cmd) => region(&mut c, format, cmd).await,
+        Command::Run { .. } => unreachable!("handled above"),
     }
 }
 
@@ -1182,6 +1206,9 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
     Ok(())
 }
 
+#[path = "arca/run.rs"]
+mod run;
+
 mod audit {
     //! `arca audit …`: reading and verifying the published log over HTTP or from a directory.
 
@@ -1518,9 +1545,15 @@ fn normalize_args() -> Vec<String> {
         "cas",
         "versions",
     ];
+    // Nothing after `--` is ours (`arca run -- cmd -version` keeps its `-version`).
+    let mut passthrough = false;
     std::env::args()
         .enumerate()
         .map(|(i, arg)| {
+            if passthrough || arg == "--" {
+                passthrough = true;
+                return arg;
+            }
             let name = arg
                 .strip_prefix('-')
                 .filter(|r| !r.starts_with('-'))
@@ -1545,7 +1578,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("Error: {}", failure.message);
+            // `arca run` hands back its command's exit code with no message.
+            if !failure.message.is_empty() {
+                eprintln!("Error: {}", failure.message);
+            }
             ExitCode::from(failure.code)
         }
     }
