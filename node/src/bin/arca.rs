@@ -97,6 +97,30 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// A sidecar: log in (AppRole or the given token), keep the token renewed, render
+    /// templates with `{{ secret "<mount>/<path>#<field>" }}` to files (0600, atomically),
+    /// re-render when a secret changes, run a command after each render.
+    Agent {
+        /// SOURCE:DESTINATION (repeatable).
+        #[arg(long = "template", required = true)]
+        templates: Vec<String>,
+        #[arg(long, requires = "secret_id_file")]
+        role_id_file: Option<std::path::PathBuf>,
+        #[arg(long, requires = "role_id_file")]
+        secret_id_file: Option<std::path::PathBuf>,
+        /// How often to look for new versions.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// A shell command run after each render (e.g. to reload the application).
+        #[arg(long)]
+        exec: Option<String>,
+        /// Serve `/health` (JSON state) here, e.g. 127.0.0.1:8250.
+        #[arg(long)]
+        health_addr: Option<std::net::SocketAddr>,
+        /// Render once and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -386,6 +410,7 @@ enum OperatorCommand {
 }
 
 /// A failure, with the exit code it maps to.
+#[derive(Debug)]
 struct Failure {
     code: u8,
     message: String,
@@ -567,6 +592,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return audit::run(format == Format::Json, cmd);
     }
     let mut c = Client::connect(&cli).await?;
+    if let Command::Agent { templates, role_id_file, secret_id_file, interval_ms, exec, health_addr, once } =
+        &cli.command
+    {
+        return agent::run(
+            &mut c,
+            templates,
+            role_id_file.as_deref(),
+            secret_id_file.as_deref(),
+            std::time::Duration::from_millis((*interval_ms).max(50)),
+            exec.as_deref(),
+            *health_addr,
+            *once,
+        )
+        .await;
+    }
     if let Command::Run { env, file, mask, command } = &cli.command {
         let code = run::run(&mut c, env, file, *mask, command).await?;
         return Err(Failure { code, message: String::new() });
@@ -584,7 +624,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit(_) => unreachable!("handled above without a gRPC connection"),
         Command::Operator(cmd) => operator(&mut c, format, cmd).await,
         Command::Region(cmd) => region(&mut c, format, cmd).await,
-        Command::Run { .. } => unreachable!("handled above"),
+        Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
     }
 }
 
@@ -1206,6 +1246,8 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
     Ok(())
 }
 
+#[path = "arca/agent.rs"]
+mod agent;
 #[path = "arca/run.rs"]
 mod run;
 
