@@ -90,4 +90,48 @@ fn agent_renders_and_follows_a_secret() {
         .unwrap();
     assert_eq!(once.status.code(), Some(0), "{}", String::from_utf8_lossy(&once.stderr));
     assert_eq!(read(&dest), "password=two\n");
+
+    // As an AppRole: it logs in itself, and its reads are audited as the role.
+    let policy = dir.path().join("app.hcl");
+    std::fs::write(
+        &policy,
+        "path \"secret/data/app/*\" { capabilities = [\"read\"] }\npath \"secret/metadata/app/*\" { capabilities = [\"read\"] }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        arca(&server, Some(&root), &["policy", "write", "app-read", &policy.display().to_string()]).code,
+        0
+    );
+    assert_eq!(arca(&server, Some(&root), &["approle", "write", "web", "--policy", "app-read"]).code, 0);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut full = vec!["--format", "json"];
+        full.extend_from_slice(args);
+        serde_json::from_str(&arca(&server, Some(&root), &full).stdout).unwrap()
+    };
+    let role_id = json(&["approle", "role-id", "web"])["role_id"].as_str().unwrap().to_owned();
+    let secret_id = json(&["approle", "secret-id", "web"])["secret_id"].as_str().unwrap().to_owned();
+    let (role_file, secret_file) = (dir.path().join("role-id"), dir.path().join("secret-id"));
+    std::fs::write(&role_file, role_id).unwrap();
+    std::fs::write(&secret_file, secret_id).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    let approle = Command::new(env!("CARGO_BIN_EXE_arca"))
+        .args(["agent", "--once", "--template", &format!("{}:{}", template.display(), dest.display())])
+        .args([
+            "--role-id-file",
+            &role_file.display().to_string(),
+            "--secret-id-file",
+            &secret_file.display().to_string(),
+        ])
+        .env("ARCA_ADDR", &server.addr)
+        .env_remove("ARCA_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(approle.status.code(), Some(0), "{}", String::from_utf8_lossy(&approle.stderr));
+    assert_eq!(read(&dest), "password=two\n");
+    let last_read = audit_events(&data.join("arca.db"))
+        .into_iter()
+        .filter(|e| e.operation == Operation::KvRead && e.path == "secret/data/app/db")
+        .last()
+        .unwrap();
+    assert_eq!(last_read.actor.entity, "approle:web");
 }
