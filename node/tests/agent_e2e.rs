@@ -130,8 +130,7 @@ fn agent_renders_and_follows_a_secret() {
     assert_eq!(read(&dest), "password=two\n");
     let last_read = audit_events(&data.join("arca.db"))
         .into_iter()
-        .filter(|e| e.operation == Operation::KvRead && e.path == "secret/data/app/db")
-        .last()
+        .rfind(|e| e.operation == Operation::KvRead && e.path == "secret/data/app/db")
         .unwrap();
     assert_eq!(last_read.actor.entity, "approle:web");
 }
