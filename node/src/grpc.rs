@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::auth::{CreateTokenRequest, NewToken, TokenRecord, WriteCertRoleRequest, WriteRoleRequest};
+use crate::error::ApiError;
 use crate::kv::{self, Metadata, MetadataUpdate, SecretData};
 use crate::node::{Audited, Node, RequestContext};
 use crate::proto;
@@ -22,10 +23,7 @@ use crate::proto::arca_server::{Arca, ArcaServer};
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
-/// The response metadata key carrying the audit position.
-pub const AUDIT_POSITION_HEADER: &str = "x-arca-audit-position";
-/// The response metadata key carrying the request id recorded in the audit event.
-pub const REQUEST_ID_HEADER: &str = "x-arca-request-id";
+pub use arca_client::{AUDIT_POSITION_HEADER, PRIMARY_REGION_HEADER, REQUEST_ID_HEADER};
 
 /// Which proxies may name the client address, and in which header.
 #[derive(Debug, Clone, Default)]
@@ -104,8 +102,15 @@ fn respond<T, R>(audited: Audited<T>, build: impl FnOnce(T) -> R) -> Result<Resp
             Ok(response)
         }
         Err(err) => {
+            let primary = match &err {
+                ApiError::ReadOnlyRegion { primary } => MetadataValue::try_from(primary.as_str()).ok(),
+                _ => None,
+            };
             let mut status = Status::from(err);
             attach(status.metadata_mut());
+            if let Some(primary) = primary {
+                status.metadata_mut().insert(PRIMARY_REGION_HEADER, primary);
+            }
             Err(status)
         }
     }

@@ -13,13 +13,10 @@ use std::collections::HashMap;
 use std::io::Read as _;
 use std::process::ExitCode;
 
-use arca_node::grpc::{AUDIT_POSITION_HEADER, REQUEST_ID_HEADER};
-use arca_node::proto;
-use arca_node::proto::arca_client::ArcaClient;
+use arca_client::{AUDIT_POSITION_HEADER, Client, REQUEST_ID_HEADER, proto};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::Response;
 
 #[derive(Parser)]
 #[command(name = "arca", version, about = "arca, the audit-first secrets store: command-line client")]
@@ -108,6 +105,9 @@ enum Command {
         role_id_file: Option<std::path::PathBuf>,
         #[arg(long, requires = "role_id_file")]
         secret_id_file: Option<std::path::PathBuf>,
+        /// Log in with the client certificate (--client-cert/--client-key, over https).
+        #[arg(long, conflicts_with = "role_id_file")]
+        cert_login: bool,
         /// How often to look for new versions.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -416,19 +416,16 @@ struct Failure {
     message: String,
 }
 
-impl From<Status> for Failure {
-    fn from(status: Status) -> Self {
-        let code = match status.code() {
-            Code::Unauthenticated | Code::PermissionDenied => 3,
-            Code::NotFound => 4,
-            Code::Unavailable
-                if status.message().contains("tcp connect") || status.message().contains("transport") =>
-            {
-                1
-            }
+impl From<arca_client::Error> for Failure {
+    fn from(err: arca_client::Error) -> Self {
+        use arca_client::ErrorKind;
+        let code = match err.kind() {
+            ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => 3,
+            ErrorKind::NotFound => 4,
+            ErrorKind::Config | ErrorKind::Connect => 1,
             _ => 5,
         };
-        Failure { code, message: status.message().to_owned() }
+        Failure { code, message: err.to_string() }
     }
 }
 
@@ -442,51 +439,31 @@ fn local(message: impl Into<String>) -> Failure {
     Failure { code: 1, message: message.into() }
 }
 
-struct Client {
-    inner: ArcaClient<Channel>,
-    token: Option<String>,
+/// Calls one RPC through the SDK client (routing, retries, failover, token):
+/// `rpc!(c, Read, kv_get, message)`.
+macro_rules! rpc {
+    ($c:expr, $route:ident, $method:ident, $message:expr) => {
+        $c.call(arca_client::Route::$route, $message, |mut raw, r| async move { raw.$method(r).await })
+    };
 }
 
-impl Client {
-    async fn connect(cli: &Cli) -> Result<Self, Failure> {
-        Self::connect_to(cli, &cli.addr).await
+/// The SDK configuration for `addr` (a comma-separated list for failover, items `URL` or
+/// `REGION=URL`) with the command line's TLS settings and token.
+fn config_for(cli: &Cli, addr: &str) -> Result<arca_client::Config, Failure> {
+    let tls = arca_client::Tls::from_files(
+        cli.ca_cert.as_deref(),
+        cli.client_cert.as_deref(),
+        cli.client_key.as_deref(),
+    )?;
+    let mut config = arca_client::Config::new(addr)?.tls(tls);
+    if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
+        config = config.auth(arca_client::Auth::token(token));
     }
+    Ok(config)
+}
 
-    /// Connects to `addr` with the command line's TLS settings and token.
-    async fn connect_to(cli: &Cli, addr: &str) -> Result<Self, Failure> {
-        let mut endpoint =
-            Endpoint::from_shared(addr.to_owned()).map_err(|_| local(format!("invalid address {addr}")))?;
-        if addr.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &cli.ca_cert {
-                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
-            }
-            match (&cli.client_cert, &cli.client_key) {
-                (Some(cert), Some(key)) => {
-                    tls = tls.identity(tonic::transport::Identity::from_pem(
-                        std::fs::read(cert)?,
-                        std::fs::read(key)?,
-                    ));
-                }
-                (None, None) => {}
-                _ => return Err(local("give both --client-cert and --client-key")),
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| local(format!("tls: {e}")))?;
-        }
-        let channel =
-            endpoint.connect().await.map_err(|e| local(format!("cannot connect to {addr}: {e}")))?;
-        Ok(Client { inner: ArcaClient::new(channel), token: cli.token.clone().filter(|t| !t.is_empty()) })
-    }
-
-    fn req<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Some(token) = &self.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
-    }
+async fn connect_to(cli: &Cli, addr: &str) -> Result<Client, Failure> {
+    Ok(Client::connect(config_for(cli, addr)?).await?)
 }
 
 fn request_id<T>(response: &Response<T>) -> Value {
@@ -503,11 +480,7 @@ fn position<T>(response: &Response<T>) -> Value {
 
 /// Splits `mount/path` into its mount and path.
 fn split_mount(full: &str) -> Result<(String, String), Failure> {
-    let full = full.trim_start_matches('/');
-    match full.split_once('/') {
-        Some((mount, path)) if !mount.is_empty() => Ok((mount.to_owned(), path.to_owned())),
-        _ => Err(local(format!("expected <mount>/<path>, e.g. secret/app/db; got {full:?}"))),
-    }
+    Ok(arca_client::split_path(full)?)
 }
 
 fn read_value(spec: &str) -> Result<String, Failure> {
@@ -591,15 +564,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Audit(cmd) = cli.command {
         return audit::run(format == Format::Json, cmd);
     }
-    let mut c = Client::connect(&cli).await?;
-    if let Command::Agent { templates, role_id_file, secret_id_file, interval_ms, exec, health_addr, once } =
-        &cli.command
+    if let Command::Agent {
+        templates,
+        role_id_file,
+        secret_id_file,
+        cert_login,
+        interval_ms,
+        exec,
+        health_addr,
+        once,
+    } = &cli.command
     {
+        let mut config = config_for(&cli, &cli.addr)?;
+        if let (Some(r), Some(s)) = (role_id_file, secret_id_file) {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|e| local(format!("{}: {e}", p.display())))
+            };
+            config = config.auth(arca_client::Auth::app_role(read(r)?, read(s)?));
+        } else if *cert_login {
+            config = config.auth(arca_client::Auth::Certificate);
+        }
+        let c = Client::connect(config).await?;
         return agent::run(
-            &mut c,
+            &c,
             templates,
-            role_id_file.as_deref(),
-            secret_id_file.as_deref(),
             std::time::Duration::from_millis((*interval_ms).max(50)),
             exec.as_deref(),
             *health_addr,
@@ -607,23 +597,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )
         .await;
     }
+    let c = connect_to(&cli, &cli.addr).await?;
     if let Command::Run { env, file, mask, command } = &cli.command {
-        let code = run::run(&mut c, env, file, *mask, command).await?;
+        let code = run::run(&c, env, file, *mask, command).await?;
         return Err(Failure { code, message: String::new() });
     }
     if let Command::Region(RegionCommand::Reapply { id, primary_addr }) = &cli.command {
-        let mut primary = Client::connect_to(&cli, primary_addr).await?;
-        return reapply(&mut c, &mut primary, format, *id).await;
+        let primary = connect_to(&cli, primary_addr).await?;
+        return reapply(&c, &primary, format, *id).await;
     }
     match cli.command {
-        Command::Kv(cmd) => kv(&mut c, format, cmd).await,
-        Command::Token(cmd) => token(&mut c, format, cmd).await,
-        Command::Policy(cmd) => policy(&mut c, format, cmd).await,
-        Command::Approle(cmd) => approle(&mut c, format, cmd).await,
-        Command::Cert(cmd) => cert(&mut c, format, cmd).await,
+        Command::Kv(cmd) => kv(&c, format, cmd).await,
+        Command::Token(cmd) => token(&c, format, cmd).await,
+        Command::Policy(cmd) => policy(&c, format, cmd).await,
+        Command::Approle(cmd) => approle(&c, format, cmd).await,
+        Command::Cert(cmd) => cert(&c, format, cmd).await,
         Command::Audit(_) => unreachable!("handled above without a gRPC connection"),
-        Command::Operator(cmd) => operator(&mut c, format, cmd).await,
-        Command::Region(cmd) => region(&mut c, format, cmd).await,
+        Command::Operator(cmd) => operator(&c, format, cmd).await,
+        Command::Region(cmd) => region(&c, format, cmd).await,
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
     }
 }
@@ -688,20 +679,18 @@ fn divergence_text(r: &proto::DivergenceReport) -> String {
     out
 }
 
-async fn reapply(from: &mut Client, primary: &mut Client, format: Format, id: u64) -> Result<(), Failure> {
+async fn reapply(from: &Client, primary: &Client, format: Format, id: u64) -> Result<(), Failure> {
     let secrets =
-        from.inner.region_divergent_secrets(from.req(proto::DivergenceRequest { id })).await?.into_inner();
+        rpc!(from, First, region_divergent_secrets, proto::DivergenceRequest { id }).await?.into_inner();
     let mut done = Vec::new();
     for s in secrets.secrets {
-        let r = primary
-            .inner
-            .kv_put(primary.req(proto::KvPutRequest {
-                mount: s.mount.clone(),
-                path: s.path.clone(),
-                data: s.data,
-                cas: None,
-            }))
-            .await?;
+        let r = rpc!(
+            primary,
+            Write,
+            kv_put,
+            proto::KvPutRequest { mount: s.mount.clone(), path: s.path.clone(), data: s.data, cas: None }
+        )
+        .await?;
         done.push(json!({
             "path": format!("{}/{}", s.mount, s.path), "diverged_version": s.version,
             "original_position": s.position, "new_version": r.get_ref().version, "audit_position": position(&r),
@@ -727,14 +716,14 @@ async fn reapply(from: &mut Client, primary: &mut Client, format: Format, id: u6
     Ok(())
 }
 
-async fn region(c: &mut Client, format: Format, cmd: RegionCommand) -> Result<(), Failure> {
+async fn region(c: &Client, format: Format, cmd: RegionCommand) -> Result<(), Failure> {
     match cmd {
         RegionCommand::Status => {
-            let r = c.inner.region_status(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, First, region_status, proto::Empty {}).await?;
             print(format, || region_rows(r.get_ref()), region_json(r.get_ref()));
         }
         RegionCommand::Promote => {
-            let r = c.inner.region_promote(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, First, region_promote, proto::Empty {}).await?;
             let s = r.get_ref();
             print(
                 format,
@@ -743,11 +732,11 @@ async fn region(c: &mut Client, format: Format, cmd: RegionCommand) -> Result<()
             );
         }
         RegionCommand::Demote { primary } => {
-            let r = c.inner.region_demote(c.req(proto::RegionDemoteRequest { primary })).await?;
+            let r = rpc!(c, First, region_demote, proto::RegionDemoteRequest { primary }).await?;
             print(format, || divergence_text(r.get_ref()), divergence_json(r.get_ref()));
         }
         RegionCommand::Divergence { id } => {
-            let r = c.inner.region_divergence(c.req(proto::DivergenceRequest { id })).await?;
+            let r = rpc!(c, First, region_divergence, proto::DivergenceRequest { id }).await?;
             print(format, || divergence_text(r.get_ref()), divergence_json(r.get_ref()));
         }
         RegionCommand::Reapply { .. } => unreachable!("handled above with two connections"),
@@ -755,12 +744,12 @@ async fn region(c: &mut Client, format: Format, cmd: RegionCommand) -> Result<()
     Ok(())
 }
 
-async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
+async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
     match cmd {
         KvCommand::Put { path, pairs, cas } => {
             let (mount, path) = split_mount(&path)?;
             let data = parse_pairs(&pairs)?;
-            let r = c.inner.kv_put(c.req(proto::KvPutRequest { mount, path, data, cas })).await?;
+            let r = rpc!(c, Write, kv_put, proto::KvPutRequest { mount, path, data, cas }).await?;
             let version = r.get_ref().version;
             print(
                 format,
@@ -770,7 +759,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
         }
         KvCommand::Get { path, version, field } => {
             let (mount, path) = split_mount(&path)?;
-            let r = c.inner.kv_get(c.req(proto::KvGetRequest { mount, path, version })).await?;
+            let r = rpc!(c, Read, kv_get, proto::KvGetRequest { mount, path, version }).await?;
             let (pos, rid) = (position(&r), request_id(&r));
             let g = r.into_inner();
             if let Some(field) = field {
@@ -796,7 +785,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
         KvCommand::Patch { path, pairs, remove, cas } => {
             let (mount, path) = split_mount(&path)?;
             let set = parse_pairs(&pairs)?;
-            let r = c.inner.kv_patch(c.req(proto::KvPatchRequest { mount, path, set, remove, cas })).await?;
+            let r = rpc!(c, Write, kv_patch, proto::KvPatchRequest { mount, path, set, remove, cas }).await?;
             let version = r.get_ref().version;
             print(
                 format,
@@ -809,7 +798,7 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
             let (mount, prefix) = full
                 .split_once('/')
                 .map_or((full.to_owned(), String::new()), |(m, p)| (m.to_owned(), p.to_owned()));
-            let r = c.inner.kv_list(c.req(proto::KvListRequest { mount, prefix })).await?;
+            let r = rpc!(c, Read, kv_list, proto::KvListRequest { mount, prefix }).await?;
             let names = r.get_ref().names.clone();
             print(
                 format,
@@ -827,29 +816,32 @@ async fn kv(c: &mut Client, format: Format, cmd: KvCommand) -> Result<(), Failur
         KvCommand::Metadata(cmd) => match cmd {
             MetadataCommand::Get(PathArg { path }) => {
                 let (mount, path) = split_mount(&path)?;
-                let r = c.inner.kv_read_metadata(c.req(proto::KvPathRequest { mount, path })).await?;
+                let r = rpc!(c, Read, kv_read_metadata, proto::KvPathRequest { mount, path }).await?;
                 print_metadata(format, r);
             }
             MetadataCommand::Put { path, max_versions, cas_required, custom } => {
                 let (mount, path) = split_mount(&path)?;
                 let replace = !custom.is_empty();
                 let custom_metadata = parse_pairs(&custom)?;
-                let r = c
-                    .inner
-                    .kv_write_metadata(c.req(proto::KvWriteMetadataRequest {
+                let r = rpc!(
+                    c,
+                    Write,
+                    kv_write_metadata,
+                    proto::KvWriteMetadataRequest {
                         mount,
                         path,
                         max_versions,
                         cas_required,
                         custom_metadata,
                         replace_custom_metadata: replace,
-                    }))
-                    .await?;
+                    }
+                )
+                .await?;
                 print_metadata(format, r);
             }
             MetadataCommand::Delete(PathArg { path }) => {
                 let (mount, path) = split_mount(&path)?;
-                let r = c.inner.kv_delete_metadata(c.req(proto::KvPathRequest { mount, path })).await?;
+                let r = rpc!(c, Write, kv_delete_metadata, proto::KvPathRequest { mount, path }).await?;
                 print(
                     format,
                     || "Success! deleted every version and the metadata".into(),
@@ -901,7 +893,7 @@ fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
 }
 
 async fn versions_op(
-    c: &mut Client,
+    c: &Client,
     format: Format,
     verb: &str,
     path: String,
@@ -909,11 +901,11 @@ async fn versions_op(
     which: u8,
 ) -> Result<(), Failure> {
     let (mount, path) = split_mount(&path)?;
-    let req = c.req(proto::KvVersionsRequest { mount, path, versions });
+    let req = proto::KvVersionsRequest { mount, path, versions };
     let r = match which {
-        0 => c.inner.kv_delete(req).await?,
-        1 => c.inner.kv_undelete(req).await?,
-        _ => c.inner.kv_destroy(req).await?,
+        0 => rpc!(c, Write, kv_delete, req).await?,
+        1 => rpc!(c, Write, kv_undelete, req).await?,
+        _ => rpc!(c, Write, kv_destroy, req).await?,
     };
     let changed = r.get_ref().versions.clone();
     let list = changed.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
@@ -925,23 +917,20 @@ async fn versions_op(
     Ok(())
 }
 
-async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), Failure> {
+async fn token(c: &Client, format: Format, cmd: TokenCommand) -> Result<(), Failure> {
     match cmd {
         TokenCommand::Create { policies, ttl, display_name, renewable, orphan } => {
-            let r = c
-                .inner
-                .token_create(c.req(proto::TokenCreateRequest {
-                    policies,
-                    ttl_secs: ttl,
-                    display_name,
-                    renewable,
-                    orphan,
-                }))
-                .await?;
+            let r = rpc!(
+                c,
+                Write,
+                token_create,
+                proto::TokenCreateRequest { policies, ttl_secs: ttl, display_name, renewable, orphan }
+            )
+            .await?;
             print_token_auth(format, r);
         }
         TokenCommand::Lookup { accessor } => {
-            let r = c.inner.token_lookup(c.req(proto::TokenAccessorRequest { accessor })).await?;
+            let r = rpc!(c, Read, token_lookup, proto::TokenAccessorRequest { accessor }).await?;
             let (pos, rid) = (position(&r), request_id(&r));
             let info = r.into_inner();
             print(
@@ -952,7 +941,7 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
         }
         TokenCommand::Renew { increment } => {
             let r =
-                c.inner.token_renew(c.req(proto::TokenRenewRequest { increment_secs: increment })).await?;
+                rpc!(c, Write, token_renew, proto::TokenRenewRequest { increment_secs: increment }).await?;
             let (pos, rid) = (position(&r), request_id(&r));
             let info = r.into_inner();
             print(
@@ -962,7 +951,7 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
             );
         }
         TokenCommand::Revoke { accessor } => {
-            let r = c.inner.token_revoke(c.req(proto::TokenAccessorRequest { accessor })).await?;
+            let r = rpc!(c, Write, token_revoke, proto::TokenAccessorRequest { accessor }).await?;
             let n = r.get_ref().revoked;
             print(
                 format,
@@ -974,14 +963,13 @@ async fn token(c: &mut Client, format: Format, cmd: TokenCommand) -> Result<(), 
     Ok(())
 }
 
-async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<(), Failure> {
+async fn policy(c: &Client, format: Format, cmd: PolicyCommand) -> Result<(), Failure> {
     match cmd {
         PolicyCommand::Write { name, file } => {
             let text = read_value(&if file == "-" { file } else { format!("@{file}") })?;
-            let r = c
-                .inner
-                .policy_write(c.req(proto::PolicyWriteRequest { name: name.clone(), policy: text }))
-                .await?;
+            let r =
+                rpc!(c, Write, policy_write, proto::PolicyWriteRequest { name: name.clone(), policy: text })
+                    .await?;
             print(
                 format,
                 || format!("Success! wrote policy {name}"),
@@ -989,7 +977,7 @@ async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<()
             );
         }
         PolicyCommand::Read { name } => {
-            let r = c.inner.policy_read(c.req(proto::PolicyName { name })).await?;
+            let r = rpc!(c, Read, policy_read, proto::PolicyName { name }).await?;
             let (pos, rid) = (position(&r), request_id(&r));
             let p = r.into_inner();
             print(
@@ -999,7 +987,7 @@ async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<()
             );
         }
         PolicyCommand::List => {
-            let r = c.inner.policy_list(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, Read, policy_list, proto::Empty {}).await?;
             let names = r.get_ref().names.clone();
             print(
                 format,
@@ -1008,7 +996,7 @@ async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<()
             );
         }
         PolicyCommand::Delete { name } => {
-            let r = c.inner.policy_delete(c.req(proto::PolicyName { name: name.clone() })).await?;
+            let r = rpc!(c, Write, policy_delete, proto::PolicyName { name: name.clone() }).await?;
             print(
                 format,
                 || format!("Success! deleted policy {name}"),
@@ -1019,7 +1007,7 @@ async fn policy(c: &mut Client, format: Format, cmd: PolicyCommand) -> Result<()
     Ok(())
 }
 
-async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<(), Failure> {
+async fn approle(c: &Client, format: Format, cmd: AppRoleCommand) -> Result<(), Failure> {
     let role_json = |r: &proto::AppRoleInfo| json!({"name": r.name, "policies": r.policies, "token_ttl_secs": r.token_ttl_secs, "secret_id_ttl_secs": r.secret_id_ttl_secs});
     let role_rows = |r: &proto::AppRoleInfo| {
         table(&[
@@ -1031,15 +1019,18 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
     };
     match cmd {
         AppRoleCommand::Write { name, policies, token_ttl, secret_id_ttl } => {
-            let r = c
-                .inner
-                .app_role_write(c.req(proto::AppRoleWriteRequest {
+            let r = rpc!(
+                c,
+                Write,
+                app_role_write,
+                proto::AppRoleWriteRequest {
                     name,
                     policies,
                     token_ttl_secs: token_ttl,
                     secret_id_ttl_secs: secret_id_ttl,
-                }))
-                .await?;
+                }
+            )
+            .await?;
             let role = r.get_ref().clone();
             print(
                 format,
@@ -1048,7 +1039,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             );
         }
         AppRoleCommand::Read { name } => {
-            let r = c.inner.app_role_read(c.req(proto::AppRoleName { name })).await?;
+            let r = rpc!(c, Read, app_role_read, proto::AppRoleName { name }).await?;
             let role = r.get_ref().clone();
             print(
                 format,
@@ -1057,7 +1048,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             );
         }
         AppRoleCommand::Delete { name } => {
-            let r = c.inner.app_role_delete(c.req(proto::AppRoleName { name: name.clone() })).await?;
+            let r = rpc!(c, Write, app_role_delete, proto::AppRoleName { name: name.clone() }).await?;
             print(
                 format,
                 || format!("Success! deleted role {name}"),
@@ -1065,7 +1056,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             );
         }
         AppRoleCommand::List => {
-            let r = c.inner.app_role_list(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, Read, app_role_list, proto::Empty {}).await?;
             let names = r.get_ref().names.clone();
             print(
                 format,
@@ -1074,7 +1065,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             );
         }
         AppRoleCommand::RoleId { name } => {
-            let r = c.inner.app_role_role_id(c.req(proto::AppRoleName { name })).await?;
+            let r = rpc!(c, Read, app_role_role_id, proto::AppRoleName { name }).await?;
             let id = r.get_ref().role_id.clone();
             print(
                 format,
@@ -1083,7 +1074,7 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             );
         }
         AppRoleCommand::SecretId { name } => {
-            let r = c.inner.app_role_secret_id(c.req(proto::AppRoleName { name })).await?;
+            let r = rpc!(c, Write, app_role_secret_id, proto::AppRoleName { name }).await?;
             let s = r.get_ref().clone();
             print(
                 format,
@@ -1097,14 +1088,14 @@ async fn approle(c: &mut Client, format: Format, cmd: AppRoleCommand) -> Result<
             );
         }
         AppRoleCommand::Login { role_id, secret_id } => {
-            let r = c.inner.app_role_login(c.req(proto::AppRoleLoginRequest { role_id, secret_id })).await?;
+            let r = rpc!(c, Write, app_role_login, proto::AppRoleLoginRequest { role_id, secret_id }).await?;
             print_token_auth(format, r);
         }
     }
     Ok(())
 }
 
-async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Failure> {
+async fn cert(c: &Client, format: Format, cmd: CertCommand) -> Result<(), Failure> {
     let info_json = |r: &proto::CertRoleInfo| json!({"name": r.name, "certificate_sha256": r.certificate_sha256, "policies": r.policies, "token_ttl_secs": r.token_ttl_secs});
     let info_rows = |r: &proto::CertRoleInfo| {
         table(&[
@@ -1118,15 +1109,13 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
         CertCommand::Write { name, cert, policies, token_ttl } => {
             let certificate_pem =
                 std::fs::read_to_string(&cert).map_err(|e| local(format!("{}: {e}", cert.display())))?;
-            let r = c
-                .inner
-                .cert_role_write(c.req(proto::CertRoleWriteRequest {
-                    name,
-                    certificate_pem,
-                    policies,
-                    token_ttl_secs: token_ttl,
-                }))
-                .await?;
+            let r = rpc!(
+                c,
+                Write,
+                cert_role_write,
+                proto::CertRoleWriteRequest { name, certificate_pem, policies, token_ttl_secs: token_ttl }
+            )
+            .await?;
             let role = r.get_ref().clone();
             print(
                 format,
@@ -1135,7 +1124,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             );
         }
         CertCommand::Read { name } => {
-            let r = c.inner.cert_role_read(c.req(proto::CertRoleName { name })).await?;
+            let r = rpc!(c, Read, cert_role_read, proto::CertRoleName { name }).await?;
             let role = r.get_ref().clone();
             print(
                 format,
@@ -1144,7 +1133,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             );
         }
         CertCommand::Delete { name } => {
-            let r = c.inner.cert_role_delete(c.req(proto::CertRoleName { name: name.clone() })).await?;
+            let r = rpc!(c, Write, cert_role_delete, proto::CertRoleName { name: name.clone() }).await?;
             print(
                 format,
                 || format!("Success! deleted certificate role {name}"),
@@ -1152,7 +1141,7 @@ async fn cert(c: &mut Client, format: Format, cmd: CertCommand) -> Result<(), Fa
             );
         }
         CertCommand::Login => {
-            let r = c.inner.cert_login(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, Write, cert_login, proto::Empty {}).await?;
             print_token_auth(format, r);
         }
     }
@@ -1176,10 +1165,10 @@ fn status_rows(s: &proto::SealStatus) -> String {
     ])
 }
 
-async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Result<(), Failure> {
+async fn operator(c: &Client, format: Format, cmd: OperatorCommand) -> Result<(), Failure> {
     match cmd {
         OperatorCommand::Init { key_shares, key_threshold } => {
-            let r = c.inner.init(c.req(proto::InitRequest { key_shares, key_threshold })).await?;
+            let r = rpc!(c, First, init, proto::InitRequest { key_shares, key_threshold }).await?;
             let (pos, rid) = (position(&r), request_id(&r));
             let i = r.into_inner();
             let human = || {
@@ -1208,7 +1197,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
                 None | Some("-") => read_value("-")?,
                 Some(s) => s.to_owned(),
             };
-            let r = c.inner.unseal(c.req(proto::UnsealRequest { key_share })).await?;
+            let r = rpc!(c, First, unseal, proto::UnsealRequest { key_share }).await?;
             let s = r.get_ref().clone();
             print(
                 format,
@@ -1217,7 +1206,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             );
         }
         OperatorCommand::Seal => {
-            let r = c.inner.seal(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, First, seal, proto::Empty {}).await?;
             print(
                 format,
                 || "Success! the node is sealed".into(),
@@ -1225,7 +1214,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             );
         }
         OperatorCommand::Status => {
-            let r = c.inner.status(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, First, status, proto::Empty {}).await?;
             let s = r.get_ref().clone();
             print(
                 format,
@@ -1234,7 +1223,7 @@ async fn operator(c: &mut Client, format: Format, cmd: OperatorCommand) -> Resul
             );
         }
         OperatorCommand::Rotate => {
-            let r = c.inner.rotate(c.req(proto::Empty {})).await?;
+            let r = rpc!(c, Write, rotate, proto::Empty {}).await?;
             let term = r.get_ref().keyring_term;
             print(
                 format,

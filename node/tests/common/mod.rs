@@ -56,11 +56,22 @@ pub fn start_with(data_dir: &Path, node_id: &str, env: &[(&str, &str)]) -> Serve
 
 /// Like [`start_with`], with extra `arcad dev` arguments.
 pub fn start_args(data_dir: &Path, node_id: &str, env: &[(&str, &str)], extra: &[&str]) -> Server {
+    start_at(data_dir, node_id, "127.0.0.1:0", env, extra)
+}
+
+/// Like [`start_args`], with gRPC on `grpc_addr` (for restarts on the same address).
+pub fn start_at(
+    data_dir: &Path,
+    node_id: &str,
+    grpc_addr: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Server {
     let stderr_log = data_dir.with_file_name(format!("{node_id}.stderr"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
         .args(["dev", "--data-dir"])
         .arg(data_dir)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--node-id", node_id])
+        .args(["--grpc-addr", grpc_addr, "--http-addr", "127.0.0.1:0", "--node-id", node_id])
         .args(extra)
         .env("RUST_LOG", "trace")
         .envs(env.iter().copied())

@@ -94,14 +94,13 @@ struct State {
     errors: u64,
     last_error: Option<String>,
     token_expires_unix_ms: u64,
+    token_renewals: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
-    c: &mut Client,
+    c: &Client,
     templates: &[String],
-    role_id_file: Option<&Path>,
-    secret_id_file: Option<&Path>,
     interval: Duration,
     exec: Option<&str>,
     health_addr: Option<std::net::SocketAddr>,
@@ -116,22 +115,8 @@ pub(crate) async fn run(
         let refs = parse_template(&source)?;
         parsed.push(Template { source, dest: PathBuf::from(dest), refs });
     }
-    // Log in with AppRole when given; otherwise use the token the CLI was given.
-    let mut renewable = false;
-    if let (Some(r), Some(s)) = (role_id_file, secret_id_file) {
-        let role_id =
-            std::fs::read_to_string(r).map_err(|e| local(format!("{}: {e}", r.display())))?.trim().to_owned();
-        let secret_id = Zeroizing::new(
-            std::fs::read_to_string(s).map_err(|e| local(format!("{}: {e}", s.display())))?.trim().to_owned(),
-        );
-        let auth = c
-            .inner
-            .app_role_login(c.req(proto::AppRoleLoginRequest { role_id, secret_id: secret_id.to_string() }))
-            .await?
-            .into_inner();
-        renewable = auth.info.as_ref().is_some_and(|i| i.renewable);
-        c.token = Some(auth.token);
-    }
+    // Logs in (AppRole or certificate) on this first call; a given token is looked up.
+    let mut token = c.token_info().await?;
     let state = Arc::new(Mutex::new(State::default()));
     if let Some(addr) = health_addr {
         let listener =
@@ -152,18 +137,21 @@ pub(crate) async fn run(
     }
     let mut versions: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut values: BTreeMap<(String, String), BTreeMap<String, Zeroizing<String>>> = BTreeMap::new();
+    let mut renewals = 0;
     loop {
-        let round = agent_round(c, &parsed, &mut versions, &mut values, exec, renewable).await;
+        let round =
+            agent_round(c, &parsed, &mut versions, &mut values, exec, &mut token, &mut renewals).await;
         {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             s.secrets = values.len();
+            s.token_expires_unix_ms = token.expire_unix_ms;
+            s.token_renewals = renewals;
             match &round {
-                Ok((rendered, expires)) => {
+                Ok(rendered) => {
                     if *rendered {
                         s.renders += 1;
                         s.last_render_unix_ms = arca_node::node::now_unix_ms();
                     }
-                    s.token_expires_unix_ms = *expires;
                 }
                 Err(f) => {
                     s.errors += 1;
@@ -181,55 +169,36 @@ pub(crate) async fn run(
     }
 }
 
-/// One round: renew the token when due, learn versions, re-read what changed, re-render.
-/// Returns whether anything was rendered, and the token's expiry.
+/// One round: renew the token when half its TTL is gone, learn versions, re-read what
+/// changed, re-render. Returns whether anything was rendered.
 async fn agent_round(
-    c: &mut Client,
+    c: &Client,
     templates: &[Template],
     versions: &mut BTreeMap<(String, String), u64>,
     values: &mut BTreeMap<(String, String), BTreeMap<String, Zeroizing<String>>>,
     exec: Option<&str>,
-    renewable: bool,
-) -> Result<(bool, u64), Failure> {
-    let mut expires = 0;
-    if renewable {
-        let info = c
-            .inner
-            .token_lookup(c.req(proto::TokenAccessorRequest { accessor: String::new() }))
-            .await?
-            .into_inner();
-        let now = arca_node::node::now_unix_ms();
-        expires = info.expire_unix_ms;
-        if info.expire_unix_ms != 0 && info.expire_unix_ms.saturating_sub(now) < info.ttl_secs * 1000 / 2 {
-            expires = c
-                .inner
-                .token_renew(c.req(proto::TokenRenewRequest { increment_secs: None }))
-                .await?
-                .into_inner()
-                .expire_unix_ms;
-        }
+    token: &mut proto::TokenInfo,
+    renewals: &mut u64,
+) -> Result<bool, Failure> {
+    let now = arca_node::node::now_unix_ms();
+    if token.renewable
+        && token.expire_unix_ms != 0
+        && token.expire_unix_ms.saturating_sub(now) < token.ttl_secs * 1000 / 2
+    {
+        // An expired token is replaced by a new login inside the client, then renewed.
+        *token = c.renew_token(None).await?;
+        *renewals += 1;
     }
     let mut changed = Vec::new();
     let wanted: std::collections::BTreeSet<(String, String)> =
         templates.iter().flat_map(|t| t.refs.iter().map(|(m, p, _)| (m.clone(), p.clone()))).collect();
     for (mount, path) in &wanted {
-        let meta = c
-            .inner
-            .kv_read_metadata(c.req(proto::KvPathRequest { mount: mount.clone(), path: path.clone() }))
-            .await?
-            .into_inner();
+        let full = format!("{mount}/{path}");
+        let meta = c.metadata(&full).await?;
         let key = (mount.clone(), path.clone());
         if versions.get(&key) != Some(&meta.current_version) {
-            let data = c
-                .inner
-                .kv_get(c.req(proto::KvGetRequest {
-                    mount: mount.clone(),
-                    path: path.clone(),
-                    version: None,
-                }))
-                .await?
-                .into_inner();
-            values.insert(key.clone(), data.data.into_iter().map(|(k, v)| (k, Zeroizing::new(v))).collect());
+            let secret = c.read_version(&full, meta.current_version).await?;
+            values.insert(key.clone(), secret.data.into_iter().map(|(k, v)| (k, v.into_inner())).collect());
             versions.insert(key.clone(), meta.current_version);
             changed.push(key);
         }
@@ -250,7 +219,7 @@ async fn agent_round(
             return Err(local(format!("--exec {cmd:?} failed")));
         }
     }
-    Ok((rendered, expires))
+    Ok(rendered)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use zeroize::Zeroizing;
 
-use super::{Client, Failure, local, proto, split_mount};
+use super::{Client, Failure, local, split_mount};
 
 /// `NAME=<mount>/<path>#<field>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +102,7 @@ async fn masked(
 
 /// Runs `command` with the bound secrets; returns its exit code (128 + signal when killed).
 pub(crate) async fn run(
-    c: &mut Client,
+    c: &Client,
     env: &[String],
     files: &[String],
     mask: bool,
@@ -119,15 +119,8 @@ pub(crate) async fn run(
         if fetched.contains_key(&key) {
             continue;
         }
-        let r = c
-            .inner
-            .kv_get(c.req(proto::KvGetRequest {
-                mount: b.mount.clone(),
-                path: b.path.clone(),
-                version: None,
-            }))
-            .await?;
-        let data = r.into_inner().data.into_iter().map(|(k, v)| (k, Zeroizing::new(v))).collect();
+        let secret = c.read(&format!("{}/{}", b.mount, b.path)).await?;
+        let data = secret.data.into_iter().map(|(k, v)| (k, v.into_inner())).collect();
         fetched.insert(key, data);
     }
     let value = |b: &Binding| -> Result<Zeroizing<String>, Failure> {
