@@ -462,3 +462,60 @@ fn the_replication_listener_requires_a_region_certificate() {
     });
     assert!(outcome.is_err(), "a client without a region certificate pulled the feed");
 }
+
+/// Polls an async condition with the test deadline.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
+    let end = Instant::now() + DEADLINE;
+    while !ok().await {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sdk_reads_from_the_standby_and_sends_writes_to_whichever_region_is_primary() {
+    use arca_client::{Auth, Client, Config, ErrorKind, Retry};
+    let mut c = cluster(false);
+    let root = c.root.clone();
+    let (eu_addr, us_addr) = (c.eu.server().addr.clone(), c.us.server().addr.clone());
+    // The standby is listed first: reads are served there; writes are sent on to eu.
+    let retry = Retry {
+        rounds: 3,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    };
+    let config = Config::new(&format!("us={us_addr},eu={eu_addr}")).unwrap().auth(Auth::token(root.clone()));
+    let client = Client::connect(config.retry(retry)).await.unwrap();
+    let written = client.write("secret/app/db", [("v", "one")]).await.unwrap();
+    assert_eq!(written.receipt.node, eu_addr, "the write went to the primary");
+    eventually("the write to reach us", || async {
+        client
+            .read("secret/app/db")
+            .await
+            .is_ok_and(|s| s.get("v") == Some("one") && s.receipt.node == us_addr)
+    })
+    .await;
+
+    // eu is lost: reads go on from us; writes cannot be served anywhere, and say so.
+    c.eu.kill();
+    let read = client.read("secret/app/db").await.unwrap();
+    assert_eq!((read.get("v"), read.receipt.node.as_str()), (Some("one"), us_addr.as_str()));
+    let refused = client.write("secret/app/db", [("v", "two")]).await.unwrap_err();
+    assert!(matches!(refused.kind(), ErrorKind::ReadOnlyRegion { .. } | ErrorKind::Connect), "{refused:?}");
+    assert!(!refused.is_maybe_committed());
+
+    // us is promoted: the same client's writes now land there, with no reconfiguration.
+    let promoted = arca(c.us.server(), Some(&root), &["region", "promote"]);
+    assert_eq!(promoted.code, 0, "{}", promoted.stderr);
+    let written = client.write("secret/app/db", [("v", "two")]).await.unwrap();
+    assert_eq!((written.receipt.node.as_str(), written.version), (us_addr.as_str(), 2));
+    let us_db = c._dir.path().join("us.db");
+    let audited = || {
+        common::audit_events_in(&us_db, "us")
+            .into_iter()
+            .find(|e| Some(&e.request_id) == written.receipt.request_id.as_ref())
+    };
+    // Durable before the reply: no waiting.
+    let event = audited().expect("the write is in us's audit log");
+    assert_eq!((event.operation, event.region.as_str()), (arca_audit::Operation::KvWrite, "us"));
+}

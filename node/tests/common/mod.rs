@@ -147,8 +147,13 @@ pub fn fails(server: &Server, token: Option<&str>, args: &[&str], code: i32, cal
 }
 
 pub fn audit_events(db: &Path) -> Vec<Event> {
+    audit_events_in(db, "local")
+}
+
+/// The audit events of `region`'s log in the store file `db`.
+pub fn audit_events_in(db: &Path, region: &str) -> Vec<Event> {
     let store = SqliteStore::open(SqliteConfig::new(db)).unwrap();
-    let prefix = arca_node::keys::audit_events("local");
+    let prefix = arca_node::keys::audit_events(region);
     let rows = store
         .transact(|tx| tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default()))
         .unwrap()
