@@ -1,8 +1,9 @@
 //! `arca`: the arca CLI.
 //!
-//! Address and token come from `--addr`/`ARCA_ADDR` (default `http://127.0.0.1:8400`) and
-//! `--token`/`ARCA_TOKEN`. Output is human-readable, or JSON with `--format json`
-//! (`-format=json` works too, as with Vault's CLI).
+//! Address and token come from `--addr`/`ARCA_ADDR` (default `http://127.0.0.1:8400`; a
+//! comma-separated list fails over between nodes and regions) and `--token`/`ARCA_TOKEN`.
+//! Every call goes through the `arca-client` SDK (routing, retries, typed errors). Output is
+//! human-readable, or JSON with `--format json` (`-format=json` works too, as with Vault's CLI).
 //!
 //! Exit codes: 0 success; 1 local error (arguments, files, connection); 2 usage error;
 //! 3 denied (missing/invalid token or policy); 4 not found; 5 any other server error
@@ -21,7 +22,8 @@ use tonic::Response;
 #[derive(Parser)]
 #[command(name = "arca", version, about = "arca, the audit-first secrets store: command-line client")]
 struct Cli {
-    /// Server address.
+    /// Server address, or a comma-separated list for failover (items URL or REGION=URL):
+    /// reads go to the first node that answers, writes to the primary region.
     #[arg(long, short = 'a', global = true, env = "ARCA_ADDR", default_value = "http://127.0.0.1:8400")]
     addr: String,
     /// Token (prefer ARCA_TOKEN: arguments are visible to other local users).
