@@ -6,6 +6,8 @@ set -euo pipefail
 need_apt=()
 # bindgen (foundationdb-sys, for the `fdb` type-check) needs libclang.
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# A real PKCS#11 module for the HSM seal: SoftHSM2 (tokens initialised by scripts/softhsm.sh).
+dpkg -s softhsm2 >/dev/null 2>&1 || need_apt+=(softhsm2)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]}" >&2

@@ -99,6 +99,8 @@ operations! {
     Seal = 3, "operator.seal";
     Status = 4, "operator.status";
     Rotate = 5, "operator.rotate";
+    /// Seal migration between Shamir and an HSM (`arca operator migrate-seal`).
+    SealMigrate = 6, "operator.seal_migrate";
     KvRead = 10, "kv.read";
     KvWrite = 11, "kv.write";
     KvPatch = 12, "kv.patch";

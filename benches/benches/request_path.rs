@@ -23,7 +23,7 @@ fn policy_text() -> String {
 fn pieces(c: &mut Criterion) {
     let init = barrier::initialize(1, 1, 0).expect("init");
     let barrier = Barrier::default();
-    barrier.install(init.root, init.keyring);
+    barrier.install(init.unseal, init.root, init.keyring);
     let plaintext = vec![0x42u8; 1024];
     let aad = b"kv/secret/payments/stripe/7";
     let ciphertext = barrier.encrypt(&plaintext, aad).expect("encrypt");

@@ -238,6 +238,26 @@ pub struct SealConfig {
     pub threshold: u8,
     /// The root key, AES-GCM under the unseal key (base64).
     pub sealed_root_key: String,
+    /// With an HSM seal: the unseal key encrypted by a key that never leaves the HSM. The
+    /// Shamir shares then serve as recovery keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm: Option<HsmWrapped>,
+}
+
+/// The unseal key as an HSM encrypted it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HsmWrapped {
+    /// The HSM key's label.
+    pub key_label: String,
+    /// `iv (12) ‖ AES-GCM(unseal key ‖ tag)` from the HSM (base64).
+    pub wrapped_unseal_key: String,
+}
+
+impl SealConfig {
+    /// `"pkcs11"` or `"shamir"`.
+    pub fn kind(&self) -> &'static str {
+        if self.hsm.is_some() { "pkcs11" } else { "shamir" }
+    }
 }
 
 /// The outcome of `init`: what to store, and what to hand the operators (once).
@@ -246,6 +266,7 @@ pub struct Initialized {
     pub wrapped_keyring: Vec<u8>,
     /// Hex-encoded key shares; shown once, never stored.
     pub shares: Vec<Zeroizing<String>>,
+    pub unseal: SecretKey,
     pub root: SecretKey,
     pub keyring: Keyring,
 }
@@ -290,16 +311,21 @@ pub fn initialize(shares: u8, threshold: u8, now_unix_ms: u64) -> Result<Initial
         })
         .collect();
     Ok(Initialized {
-        seal: SealConfig { shares, threshold, sealed_root_key },
+        seal: SealConfig { shares, threshold, sealed_root_key, hsm: None },
         wrapped_keyring: keyring.wrap(&root),
         shares: shares_hex,
+        unseal,
         root,
         keyring,
     })
 }
 
-/// Reconstructs the root key from `threshold` shares and verifies it.
-pub fn recover_root(seal: &SealConfig, shares: &[Zeroizing<Vec<u8>>]) -> Result<SecretKey, BarrierError> {
+/// Reconstructs the unseal key from `threshold` shares and the root key under it (which
+/// verifies it).
+pub fn recover_root(
+    seal: &SealConfig,
+    shares: &[Zeroizing<Vec<u8>>],
+) -> Result<(SecretKey, SecretKey), BarrierError> {
     let unseal = if seal.shares == 1 {
         SecretKey::from_slice(&shares[0]).ok_or(BarrierError::InvalidShare("wrong length"))?
     } else {
@@ -311,11 +337,22 @@ pub fn recover_root(seal: &SealConfig, shares: &[Zeroizing<Vec<u8>>]) -> Result<
         let combined = Zeroizing::new(combined.map_err(|_| BarrierError::WrongShares)?);
         SecretKey::from_slice(&combined).ok_or(BarrierError::WrongShares)?
     };
+    // The AES-GCM tag is the check value: wrong shares reconstruct a wrong key, which fails here.
+    let root = open_root(seal, &unseal).map_err(|_| BarrierError::WrongShares)?;
+    Ok((unseal, root))
+}
+
+/// Opens the root key with an unseal key (from shares, or unwrapped by the HSM).
+pub fn open_root(seal: &SealConfig, unseal: &SecretKey) -> Result<SecretKey, BarrierError> {
     let sealed = B64.decode(&seal.sealed_root_key).map_err(|_| BarrierError::CorruptSealData)?;
     let (_, nonce, body) = parse_header(&sealed)?;
-    // The AES-GCM tag is the check value: wrong shares reconstruct a wrong key, which fails here.
-    let root = open_bytes(&unseal, nonce, body, ROOT_KEY_AAD).map_err(|_| BarrierError::WrongShares)?;
+    let root = open_bytes(unseal, nonce, body, ROOT_KEY_AAD)?;
     SecretKey::from_slice(&root).ok_or(BarrierError::CorruptSealData)
+}
+
+/// An unseal key from bytes an HSM returned (checked by [`open_root`] before use).
+pub fn unseal_key_from_bytes(bytes: &[u8]) -> Result<SecretKey, BarrierError> {
+    SecretKey::from_slice(bytes).ok_or(BarrierError::CorruptSealData)
 }
 
 /// Parses one operator-supplied share (hex).
@@ -342,6 +379,8 @@ enum State {
     Sealed,
     Collecting(Vec<Zeroizing<Vec<u8>>>),
     Unsealed {
+        /// Kept while unsealed so the seal can be migrated (Shamir ↔ HSM) without new shares.
+        unseal: SecretKey,
         root: SecretKey,
         keyring: Keyring,
     },
@@ -382,9 +421,17 @@ impl Barrier {
         }
     }
 
-    /// Unseals directly with a known root key and keyring (init, and tests).
-    pub fn install(&self, root: SecretKey, keyring: Keyring) {
-        *self.write() = State::Unsealed { root, keyring };
+    /// Unseals directly with known keys (init, the HSM seal, and tests).
+    pub fn install(&self, unseal: SecretKey, root: SecretKey, keyring: Keyring) {
+        *self.write() = State::Unsealed { unseal, root, keyring };
+    }
+
+    /// The unseal key, while unsealed (for seal migration).
+    pub fn unseal_key(&self) -> Result<SecretKey, BarrierError> {
+        match &*self.read() {
+            State::Unsealed { unseal, .. } => Ok(unseal.clone()),
+            _ => Err(BarrierError::Sealed),
+        }
     }
 
     /// Adds one share; at the threshold, reconstructs and verifies the root key, then unwraps
@@ -398,8 +445,8 @@ impl Barrier {
         let share = parse_share(seal, share)?;
         let mut state = self.write();
         let mut shares = match std::mem::take(&mut *state) {
-            State::Unsealed { root, keyring } => {
-                *state = State::Unsealed { root, keyring };
+            unsealed @ State::Unsealed { .. } => {
+                *state = unsealed;
                 return Err(BarrierError::AlreadyUnsealed);
             }
             State::Sealed => Vec::new(),
@@ -418,9 +465,9 @@ impl Barrier {
             return Ok(UnsealProgress { sealed: true, progress, threshold: seal.threshold });
         }
         // On any failure below, the state stays Sealed: progress resets.
-        let root = recover_root(seal, &shares)?;
+        let (unseal, root) = recover_root(seal, &shares)?;
         let keyring = Keyring::unwrap(&root, wrapped_keyring)?;
-        *state = State::Unsealed { root, keyring };
+        *state = State::Unsealed { unseal, root, keyring };
         Ok(UnsealProgress { sealed: false, progress: 0, threshold: seal.threshold })
     }
 
@@ -446,7 +493,7 @@ impl Barrier {
     /// Replaces the keyring with the stored one (after another node rotated it).
     pub fn reload_keyring(&self, wrapped: &[u8]) -> Result<(), BarrierError> {
         let mut state = self.write();
-        let State::Unsealed { root, keyring } = &mut *state else {
+        let State::Unsealed { root, keyring, .. } = &mut *state else {
             return Err(BarrierError::Sealed);
         };
         *keyring = Keyring::unwrap(root, wrapped)?;
@@ -456,7 +503,7 @@ impl Barrier {
     /// A rotated keyring, wrapped for the store; installed here once the caller committed it.
     pub fn rotated(&self, now_unix_ms: u64) -> Result<(Keyring, Vec<u8>), BarrierError> {
         let state = self.read();
-        let State::Unsealed { root, keyring } = &*state else {
+        let State::Unsealed { root, keyring, .. } = &*state else {
             return Err(BarrierError::Sealed);
         };
         let mut next = keyring.clone();
@@ -489,7 +536,7 @@ mod tests {
     fn unsealed() -> Barrier {
         let init = initialize(1, 1, 0).unwrap();
         let barrier = Barrier::default();
-        barrier.install(init.root, init.keyring);
+        barrier.install(init.unseal, init.root, init.keyring);
         barrier
     }
 

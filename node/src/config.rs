@@ -66,6 +66,55 @@ pub struct Config {
     pub log: LogSection,
     pub replication: Option<ReplicationSection>,
     pub audit_archive: Option<AuditArchiveSection>,
+    pub seal: Option<SealSection>,
+}
+
+/// How the unseal key is protected: `type = "shamir"` (the default: operators' key shares)
+/// or `type = "pkcs11"` (an HSM unseals the node at start; the shares become recovery keys).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealSection {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The PKCS#11 module, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: Option<PathBuf>,
+    pub token_label: Option<String>,
+    /// The AES key's label inside the token (created on init or migration if missing).
+    pub key_label: Option<String>,
+    /// A file holding the user PIN (mode 0600).
+    pub pin_file: Option<PathBuf>,
+    /// Or the name of an environment variable holding it.
+    pub pin_env: Option<String>,
+}
+
+impl SealSection {
+    /// The PKCS#11 seal, for `type = "pkcs11"`.
+    pub fn pkcs11(&self) -> Result<Option<crate::hsm::Pkcs11Config>, ConfigError> {
+        use crate::hsm::{PinSource, Pkcs11Config};
+        let missing =
+            |what: &str| ConfigError::Invalid(format!("seal.{what} is required for type = \"pkcs11\""));
+        match self.kind.as_str() {
+            "shamir" => Ok(None),
+            "pkcs11" => Ok(Some(Pkcs11Config {
+                module: self.module.clone().ok_or_else(|| missing("module"))?,
+                token_label: self.token_label.clone().ok_or_else(|| missing("token_label"))?,
+                key_label: self.key_label.clone().ok_or_else(|| missing("key_label"))?,
+                pin: match (&self.pin_file, &self.pin_env) {
+                    (Some(file), None) => PinSource::File(file.clone()),
+                    (None, Some(var)) => PinSource::Env(var.clone()),
+                    _ => {
+                        return Err(ConfigError::Invalid(
+                            "give exactly one of seal.pin_file and seal.pin_env (never the PIN itself)"
+                                .into(),
+                        ));
+                    }
+                },
+            })),
+            other => Err(ConfigError::Invalid(format!(
+                "seal.type must be \"shamir\" or \"pkcs11\", not {other:?}"
+            ))),
+        }
+    }
 }
 
 /// Audit log retention: archive to `dir` (tlog-tiles), keep `retain_entries` in the store.
@@ -250,13 +299,21 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: "config".into(), message: e.to_string() })?;
+        // The parser's own rendering quotes the offending line, which may hold a secret (a
+        // misplaced PIN or token): keep its message and the line number only.
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            ConfigError::Parse { path: "config".into(), message: format!("{}{at}", e.message()) }
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(seal) = &self.seal {
+            seal.pkcs11()?;
+        }
         match self.storage.engine {
             Engine::Sqlite if self.storage.path.is_none() => {
                 return Err(ConfigError::Invalid("storage.path is required for the sqlite engine".into()));
@@ -339,5 +396,25 @@ mod tests {
         assert!(matches!(Config::parse(&no_tls), Err(ConfigError::Invalid(_))));
         let no_path = GOOD.replace("path = \"/tmp/x.db\"", "");
         assert!(matches!(Config::parse(&no_path), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn seal_sections_are_checked() {
+        let seal = |body: &str| Config::parse(&format!("{GOOD}\n[seal]\n{body}"));
+        let pkcs11 = "type = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\n";
+        let ok = seal(&format!("{pkcs11}pin_file = \"/p\"")).unwrap();
+        let hsm = ok.seal.unwrap().pkcs11().unwrap().unwrap();
+        assert_eq!(hsm.pin, crate::hsm::PinSource::File("/p".into()));
+        assert!(seal("type = \"shamir\"").unwrap().seal.unwrap().pkcs11().unwrap().is_none());
+        for bad in [
+            pkcs11.to_owned(),                                     // no PIN source
+            format!("{pkcs11}pin_file = \"/p\"\npin_env = \"X\""), // two PIN sources
+            format!("{pkcs11}pin = \"1234\""),                     // an inline PIN
+            "type = \"pkcs11\"\npin_env = \"X\"".to_owned(),       // no module
+            "type = \"kms\"".to_owned(),
+        ] {
+            let err = seal(&bad).unwrap_err().to_string();
+            assert!(!err.contains("1234"), "{err}");
+        }
     }
 }

@@ -239,6 +239,37 @@ impl Arca for Service {
             cluster: id.cluster,
             region: id.region,
             node: id.node,
+            seal_type: s.seal_type,
+            sealed_reason: s.sealed_reason.unwrap_or_default(),
+        })
+    }
+
+    async fn migrate_seal(&self, request: Request<proto::MigrateSealRequest>) -> Reply<proto::SealStatus> {
+        let ctx = self.context(&request);
+        let to = match request.get_ref().to.as_str() {
+            "hsm" | "pkcs11" => crate::sys::SealTarget::Hsm,
+            "shamir" => crate::sys::SealTarget::Shamir,
+            _ => {
+                let refused = self
+                    .node
+                    .reject(ctx, "sys/seal/migrate".into(), || {
+                        ApiError::invalid("migrate the seal to \"hsm\" or \"shamir\"")
+                    })
+                    .await;
+                return respond(refused, |()| proto::SealStatus::default());
+            }
+        };
+        let id = self.node.identity().clone();
+        let term = self.node.barrier().active_term();
+        respond(self.node.operator_migrate_seal(ctx, to).await, |kind| proto::SealStatus {
+            initialized: true,
+            sealed: false,
+            keyring_term: term.unwrap_or(0),
+            cluster: id.cluster,
+            region: id.region,
+            node: id.node,
+            seal_type: kind,
+            ..Default::default()
         })
     }
 

@@ -21,6 +21,7 @@ pub mod committer;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod hsm;
 pub mod http;
 pub mod keys;
 pub mod kv;

@@ -92,6 +92,10 @@ pub struct Node {
     pub(crate) regions: std::sync::OnceLock<Arc<crate::region::Regions>>,
     /// Where pruned parts of the audit log are read from (when archiving is on).
     pub(crate) archive_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// The HSM seal, when the config names one.
+    pub(crate) hsm: std::sync::OnceLock<Arc<crate::hsm::Pkcs11Seal>>,
+    /// Why the node is still sealed (the last auto-unseal failure), for `status`.
+    pub(crate) sealed_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -226,7 +230,14 @@ impl Node {
             metrics: Metrics::default(),
             regions: std::sync::OnceLock::new(),
             archive_dir: std::sync::OnceLock::new(),
+            hsm: std::sync::OnceLock::new(),
+            sealed_reason: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Configures the HSM seal (once, before serving).
+    pub fn set_hsm_seal(&self, seal: crate::hsm::Pkcs11Seal) {
+        let _ = self.hsm.set(Arc::new(seal));
     }
 
     pub fn identity(&self) -> &NodeIdentity {

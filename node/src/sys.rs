@@ -6,7 +6,7 @@ use arca_audit::Operation;
 use zeroize::Zeroizing;
 
 use crate::auth::{self, NewToken, TokenSpec};
-use crate::barrier::{self, BarrierError, Keyring, SealConfig, UnsealProgress};
+use crate::barrier::{self, BarrierError, HsmWrapped, Keyring, SealConfig, UnsealProgress};
 use crate::error::ApiError;
 use crate::keys;
 use crate::kv::{DEFAULT_MOUNT, Mount, validate_mount};
@@ -38,6 +38,41 @@ pub struct Status {
     pub threshold: u8,
     pub progress: u8,
     pub keyring_term: Option<u32>,
+    /// `"shamir"` or `"pkcs11"` (the store's seal; empty before init).
+    pub seal_type: String,
+    /// Why the node is sealed, when it tried to unseal itself and could not.
+    pub sealed_reason: Option<String>,
+}
+
+/// Where a seal migration goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealTarget {
+    Shamir,
+    Hsm,
+}
+
+fn hsm_failed(err: crate::hsm::HsmError) -> ApiError {
+    tracing::warn!(error = %err, "the HSM failed");
+    ApiError::FailedPrecondition(err.to_string())
+}
+
+/// Has the HSM encrypt the unseal key, for the stored seal.
+fn hsm_wrap(hsm: &crate::hsm::Pkcs11Seal, unseal: &barrier::SecretKey) -> Result<HsmWrapped, ApiError> {
+    use base64::Engine as _;
+    let wrapped = hsm.wrap(unseal.expose()).map_err(hsm_failed)?;
+    Ok(HsmWrapped {
+        key_label: hsm.key_label().to_owned(),
+        wrapped_unseal_key: base64::engine::general_purpose::STANDARD.encode(wrapped),
+    })
+}
+
+/// Needs `update` and `sudo` on `path`.
+fn authorize_sudo(env: &mut Env<'_>, path: &str) -> Result<(), ApiError> {
+    let record = env.authorize(path, &[Capability::Update])?;
+    if !env.allowed(&record, path, &[Capability::Sudo])? {
+        return Err(ApiError::PermissionDenied);
+    }
+    Ok(())
 }
 
 fn load_seal(env: &mut Env<'_>) -> Result<Option<SealConfig>, ApiError> {
@@ -60,13 +95,17 @@ impl Node {
                 if load_seal(env)?.is_some() {
                     return Err(ApiError::FailedPrecondition("the store is already initialized".into()));
                 }
-                let init = barrier::initialize(shares, threshold, env.now_unix_ms)?;
+                let mut init = barrier::initialize(shares, threshold, env.now_unix_ms)?;
+                if let Some(hsm) = env.node.hsm.get() {
+                    // The shares become recovery keys; the HSM unseals from now on.
+                    init.seal.hsm = Some(hsm_wrap(hsm, &init.unseal)?);
+                }
                 env.tx
                     .set(&keys::seal(), &serde_json::to_vec(&init.seal).map_err(|_| ApiError::Internal)?)?;
                 env.tx.set(&keys::keyring(), &init.wrapped_keyring)?;
                 // The root token must be encrypted under the new keyring: unseal with it now.
                 // Should the commit fail, the caller seals again.
-                env.node.barrier.install(init.root.clone(), init.keyring.clone());
+                env.node.barrier.install(init.unseal.clone(), init.root.clone(), init.keyring.clone());
                 let root_token = auth::mint(
                     env,
                     TokenSpec {
@@ -118,13 +157,7 @@ impl Node {
     /// Seals this node (needs `update` and `sudo` on `sys/seal`).
     pub async fn operator_seal(self: &Arc<Self>, ctx: RequestContext) -> Audited<()> {
         let audited = self
-            .execute(ctx, Operation::Seal, "sys/seal".into(), move |env| {
-                let record = env.authorize("sys/seal", &[Capability::Update])?;
-                if !env.allowed(&record, "sys/seal", &[Capability::Sudo])? {
-                    return Err(ApiError::PermissionDenied);
-                }
-                Ok(())
-            })
+            .execute(ctx, Operation::Seal, "sys/seal".into(), move |env| authorize_sudo(env, "sys/seal"))
             .await;
         if audited.result.is_ok() {
             self.barrier.seal();
@@ -143,7 +176,81 @@ impl Node {
                 threshold: seal.as_ref().map_or(0, |s| s.threshold),
                 progress: env.node.barrier.progress(),
                 keyring_term: env.node.barrier.active_term(),
+                seal_type: seal.as_ref().map_or("", |s| s.kind()).to_owned(),
+                sealed_reason: if env.node.barrier.is_sealed() {
+                    env.node.sealed_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+                } else {
+                    None
+                },
             })
+        })
+        .await
+    }
+
+    /// Unseals with the HSM (at start, by the node itself; audited as `system:hsm-seal`). On
+    /// failure the node stays sealed and `status` says why.
+    pub async fn operator_auto_unseal(self: &Arc<Self>) -> Audited<UnsealProgress> {
+        let ctx = RequestContext::new(None, arca_audit::Source { address: "local".into(), proxy: None });
+        let audited = self
+            .execute(ctx, Operation::Unseal, "sys/unseal".into(), move |env| {
+                env.actor.entity = "system:hsm-seal".into();
+                let hsm = env.node.hsm.get().ok_or_else(|| ApiError::FailedPrecondition("no HSM seal is configured".into()))?;
+                let seal = load_seal(env)?.ok_or(ApiError::NotInitialized)?;
+                if !env.node.barrier.is_sealed() {
+                    return Ok(UnsealProgress { sealed: false, progress: 0, threshold: seal.threshold });
+                }
+                let Some(wrapped) = &seal.hsm else {
+                    return Err(ApiError::FailedPrecondition(
+                        "the store is sealed with Shamir keys: unseal with key shares, then run `arca operator migrate-seal --to hsm`".into(),
+                    ));
+                };
+                use base64::Engine as _;
+                let blob = base64::engine::general_purpose::STANDARD
+                    .decode(&wrapped.wrapped_unseal_key)
+                    .map_err(|_| BarrierError::CorruptSealData)?;
+                let unseal = barrier::unseal_key_from_bytes(&hsm.unwrap(&blob).map_err(hsm_failed)?)?;
+                let root = barrier::open_root(&seal, &unseal).map_err(|_| {
+                    ApiError::FailedPrecondition(format!(
+                        "the HSM key {:?} did not decrypt this store's unseal key",
+                        wrapped.key_label
+                    ))
+                })?;
+                let stored = env.tx.get(&keys::keyring())?.ok_or(BarrierError::CorruptSealData)?;
+                let keyring = Keyring::unwrap(&root, &stored)?;
+                env.node.barrier.install(unseal, root, keyring);
+                Ok(UnsealProgress { sealed: false, progress: 0, threshold: seal.threshold })
+            })
+            .await;
+        *self.sealed_reason.lock().unwrap_or_else(|p| p.into_inner()) =
+            audited.result.as_ref().err().map(|e| format!("auto-unseal failed: {e}"));
+        audited
+    }
+
+    /// Moves the seal between Shamir and the HSM (needs `update` and `sudo` on
+    /// `sys/seal/migrate`). The unseal key stays the same, so the existing key shares stay
+    /// valid: as recovery keys under the HSM seal, as unseal keys again under Shamir.
+    pub async fn operator_migrate_seal(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        to: SealTarget,
+    ) -> Audited<String> {
+        self.execute(ctx, Operation::SealMigrate, "sys/seal/migrate".into(), move |env| {
+            authorize_sudo(env, "sys/seal/migrate")?;
+            let mut seal = load_seal(env)?.ok_or(ApiError::NotInitialized)?;
+            let unseal = env.node.barrier.unseal_key()?;
+            seal.hsm = match to {
+                SealTarget::Shamir => None,
+                SealTarget::Hsm => {
+                    let hsm = env.node.hsm.get().ok_or_else(|| {
+                        ApiError::FailedPrecondition(
+                            "this node has no HSM seal configured ([seal] type = \"pkcs11\")".into(),
+                        )
+                    })?;
+                    Some(hsm_wrap(hsm, &unseal)?)
+                }
+            };
+            env.tx.set(&keys::seal(), &serde_json::to_vec(&seal).map_err(|_| ApiError::Internal)?)?;
+            Ok(seal.kind().to_owned())
         })
         .await
     }

@@ -409,6 +409,13 @@ enum OperatorCommand {
     Seal,
     Status,
     Rotate,
+    /// Move the seal between Shamir key shares and the HSM configured in the node's [seal]
+    /// section. The unseal key stays the same: the shares become recovery keys under the HSM,
+    /// and unseal keys again after migrating back.
+    MigrateSeal {
+        #[arg(long, value_parser = ["hsm", "shamir"])]
+        to: String,
+    },
 }
 
 /// A failure, with the exit code it maps to.
@@ -1152,19 +1159,25 @@ async fn cert(c: &Client, format: Format, cmd: CertCommand) -> Result<(), Failur
 
 fn status_json(s: &proto::SealStatus) -> Value {
     json!({"initialized": s.initialized, "sealed": s.sealed, "key_shares": s.key_shares, "key_threshold": s.key_threshold,
-           "progress": s.progress, "keyring_term": s.keyring_term, "cluster": s.cluster, "region": s.region, "node": s.node})
+           "progress": s.progress, "keyring_term": s.keyring_term, "cluster": s.cluster, "region": s.region, "node": s.node,
+           "seal_type": s.seal_type, "sealed_reason": s.sealed_reason})
 }
 
 fn status_rows(s: &proto::SealStatus) -> String {
-    table(&[
+    let mut rows = vec![
         ("initialized".into(), s.initialized.to_string()),
         ("sealed".into(), s.sealed.to_string()),
+        ("seal type".into(), s.seal_type.clone()),
         ("key shares".into(), s.key_shares.to_string()),
         ("key threshold".into(), s.key_threshold.to_string()),
         ("unseal progress".into(), format!("{}/{}", s.progress, s.key_threshold)),
         ("keyring term".into(), s.keyring_term.to_string()),
         ("node".into(), format!("{}/{}/{}", s.cluster, s.region, s.node)),
-    ])
+    ];
+    if !s.sealed_reason.is_empty() {
+        rows.push(("sealed because".into(), s.sealed_reason.clone()));
+    }
+    table(&rows)
 }
 
 async fn operator(c: &Client, format: Format, cmd: OperatorCommand) -> Result<(), Failure> {
@@ -1222,6 +1235,15 @@ async fn operator(c: &Client, format: Format, cmd: OperatorCommand) -> Result<()
                 format,
                 || status_rows(&s),
                 json!({"status": status_json(&s), "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
+        }
+        OperatorCommand::MigrateSeal { to } => {
+            let r = rpc!(c, First, migrate_seal, proto::MigrateSealRequest { to }).await?;
+            let kind = r.get_ref().seal_type.clone();
+            print(
+                format,
+                || format!("Success! the seal is now {kind}"),
+                json!({"seal_type": kind, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         OperatorCommand::Rotate => {

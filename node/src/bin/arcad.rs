@@ -126,6 +126,11 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
             .unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into())),
     };
     let node = Node::new(store, identity);
+    let hsm = config.seal.as_ref().map(|s| s.pkcs11()).transpose()?.flatten();
+    let auto_unseal = hsm.is_some();
+    if let Some(hsm) = hsm {
+        node.set_hsm_seal(arca_node::hsm::Pkcs11Seal::new(hsm));
+    }
     let replication = match &config.replication {
         Some(r) => {
             node.enable_regions(arca_node::region::Regions::from_config(r)?)
@@ -164,8 +169,29 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         proxy: ProxyConfig { header: l.proxy_header, trusted: l.trusted_proxies },
         replication,
     };
-    tracing::info!("starting sealed: unseal with `arca operator unseal`");
+    if auto_unseal {
+        tokio::spawn(auto_unseal_until_done(node.clone()));
+    } else {
+        tracing::info!("starting sealed: unseal with `arca operator unseal`");
+    }
     server::serve(node, opts, shutdown_signal()).await
+}
+
+/// Asks the HSM to unseal, again every 5 s while it cannot (token absent, module failing,
+/// store not initialized yet); stops once unsealed. A node sealed later by an operator stays
+/// sealed until it restarts.
+async fn auto_unseal_until_done(node: std::sync::Arc<Node>) {
+    loop {
+        let audited = node.operator_auto_unseal().await;
+        match audited.result {
+            Ok(_) => {
+                tracing::info!("unsealed by the HSM");
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "staying sealed: the HSM could not unseal"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
 }
 
 fn main() -> ExitCode {

@@ -187,3 +187,43 @@ pub fn vkey(server: &Server) -> String {
     assert_eq!(run.code, 0, "{}", run.stderr);
     run.stdout.trim().to_owned()
 }
+
+/// Starts `arcad server --config CONFIG` with extra environment variables and waits for its
+/// listening lines; its stderr is appended to CONFIG with the extension `stderr`.
+pub fn start_server(config: &Path, env: &[(&str, &str)]) -> Server {
+    let stderr_log = config.with_extension("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
+        .args(["server", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for (kind, prefix) in
+                [("grpc", "arcad: grpc listening on "), ("http", "arcad: http listening on ")]
+            {
+                if let Some(addr) = line.strip_prefix(prefix) {
+                    let _ = tx.send((kind, addr.to_owned()));
+                }
+            }
+        }
+    });
+    let (mut grpc, mut http) = (None, None);
+    while grpc.is_none() || http.is_none() {
+        let (kind, addr) = rx.recv_timeout(Duration::from_secs(30)).expect("arcad did not start");
+        if kind == "grpc" { grpc = Some(addr) } else { http = Some(addr) }
+    }
+    let http = http.unwrap();
+    Server {
+        child,
+        addr: format!("http://{}", grpc.unwrap()),
+        log_url: format!("http://{http}/audit/local"),
+        http: format!("http://{http}"),
+        stderr_log,
+    }
+}
