@@ -51,10 +51,22 @@ pub struct Source {
 pub enum Outcome {
     Ok,
     Denied,
+    /// Denied because a policy condition (or a token's bound CIDRs) did not hold: names it,
+    /// e.g. `prod-read: source_cidrs` — never the policy's content.
+    DeniedBy {
+        condition: String,
+    },
     /// Failed; the stable error code (never a message, which might echo input).
     Error {
         code: String,
     },
+}
+
+impl Outcome {
+    /// A denial, with or without the condition that caused it.
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Outcome::Denied | Outcome::DeniedBy { .. })
+    }
 }
 
 macro_rules! operations {
@@ -214,6 +226,10 @@ impl Event {
         match &self.outcome {
             Outcome::Ok => out.push(0),
             Outcome::Denied => out.push(1),
+            Outcome::DeniedBy { condition } => {
+                out.push(3);
+                put_str(&mut out, condition);
+            }
             Outcome::Error { code } => {
                 out.push(2);
                 put_str(&mut out, code);
@@ -267,6 +283,7 @@ impl Event {
             0 => Outcome::Ok,
             1 => Outcome::Denied,
             2 => Outcome::Error { code: r.str("error code")? },
+            3 => Outcome::DeniedBy { condition: r.str("denial condition")? },
             tag => return Err(DecodeError::BadTag { field: "outcome", tag }),
         };
         let left = bytes.len() - r.at;
@@ -433,6 +450,7 @@ mod tests {
         prop_oneof![
             Just(Outcome::Ok),
             Just(Outcome::Denied),
+            "[a-z_: -]{0,24}".prop_map(|condition| Outcome::DeniedBy { condition }),
             "[a-z_]{0,12}".prop_map(|code| Outcome::Error { code }),
         ]
     }

@@ -8,6 +8,7 @@
 //! AppRole: a role binds policies and TTLs; a machine logs in with the role's role id and a
 //! secret id (issued per machine, stored hashed, with its own TTL) and receives a token.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arca_audit::{Actor, Operation};
@@ -46,6 +47,12 @@ pub struct TokenRecord {
     pub renewable: bool,
     /// The accessor of the token that created this one.
     pub parent: Option<String>,
+    /// Addresses the token may be used from (empty: anywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound_cidrs: Vec<String>,
+    /// Identity metadata (e.g. `env = prod`), for policy conditions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
 }
 
 impl TokenRecord {
@@ -88,6 +95,34 @@ pub struct TokenSpec {
     pub entity: String,
     pub renewable: bool,
     pub parent: Option<String>,
+    pub bound_cidrs: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Checks address ranges (as given to tokens and AppRoles); returns them normalised.
+pub fn validate_cidrs(cidrs: &[String]) -> Result<Vec<String>, ApiError> {
+    if cidrs.len() > 32 {
+        return Err(ApiError::invalid("at most 32 address ranges"));
+    }
+    cidrs
+        .iter()
+        .map(|c| policy::Cidr::parse(c.trim()).map(|c| c.to_string()).map_err(ApiError::invalid))
+        .collect()
+}
+
+/// Checks identity metadata: at most 32 entries, short printable keys and values.
+pub fn validate_meta(meta: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    let printable = |s: &str| !s.chars().any(char::is_control);
+    if meta.len() > 32
+        || meta
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 512 || !printable(k) || !printable(v))
+    {
+        return Err(ApiError::invalid(
+            "metadata: at most 32 entries, keys 1-64 and values up to 512 printable characters",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_policies(policies: &[String]) -> Result<(), ApiError> {
@@ -137,6 +172,8 @@ pub(crate) fn mint(env: &mut Env<'_>, spec: TokenSpec) -> Result<NewToken, ApiEr
         ttl_secs: if never_expires { 0 } else { ttl },
         renewable: spec.renewable && !never_expires,
         parent: spec.parent,
+        bound_cidrs: spec.bound_cidrs,
+        meta: spec.meta,
     };
     env.put_json(&keys::token(&hash), &record)?;
     env.put_sealed(&keys::accessor(&record.accessor), record.hash.as_bytes())?;
@@ -154,6 +191,8 @@ fn login(
     role: &str,
     policies: &[String],
     ttl_secs: u64,
+    bound_cidrs: &[String],
+    meta: &BTreeMap<String, String>,
 ) -> Result<NewToken, ApiError> {
     let token = mint(
         env,
@@ -164,6 +203,8 @@ fn login(
             entity: format!("{method}:{role}"),
             renewable: true,
             parent: None,
+            bound_cidrs: bound_cidrs.to_vec(),
+            meta: meta.clone(),
         },
     )?;
     env.actor.token_accessor = Some(token.record.accessor.clone());
@@ -225,6 +266,8 @@ pub struct CreateTokenRequest {
     pub renewable: bool,
     /// No parent: not revoked with its creator (needs `sudo` on `auth/token/create-orphan`).
     pub orphan: bool,
+    pub bound_cidrs: Vec<String>,
+    pub meta: BTreeMap<String, String>,
 }
 
 /// An AppRole role as stored.
@@ -235,6 +278,15 @@ pub struct AppRole {
     pub policies: Vec<String>,
     pub token_ttl_secs: u64,
     pub secret_id_ttl_secs: u64,
+    /// Addresses logins must come from (empty: anywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_id_bound_cidrs: Vec<String>,
+    /// Addresses the role's tokens may be used from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_bound_cidrs: Vec<String>,
+    /// Identity metadata given to the role's tokens (policy conditions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -252,6 +304,9 @@ pub struct WriteRoleRequest {
     pub token_ttl_secs: Option<u64>,
     /// 0: secret ids never expire.
     pub secret_id_ttl_secs: Option<u64>,
+    pub secret_id_bound_cidrs: Vec<String>,
+    pub token_bound_cidrs: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// An issued secret id, returned once.
@@ -285,6 +340,8 @@ impl Node {
             validate_policies(&req.policies)?;
             validate_display_name(&req.display_name)?;
             validate_ttl(req.ttl_secs)?;
+            let bound_cidrs = validate_cidrs(&req.bound_cidrs)?;
+            validate_meta(&req.meta)?;
             let parent = env.authorize("auth/token/create", &[Capability::Create, Capability::Update])?;
             let parent_is_root = parent.policies.iter().any(|p| p == "root");
             if req.orphan && !env.allowed(&parent, "auth/token/create-orphan", &[Capability::Sudo])? {
@@ -307,6 +364,8 @@ impl Node {
                     display_name: display,
                     renewable: req.renewable,
                     parent: (!req.orphan).then(|| parent.accessor.clone()),
+                    bound_cidrs: bound_cidrs.clone(),
+                    meta: req.meta.clone(),
                 },
             )
         })
@@ -420,6 +479,9 @@ impl Node {
                 Some(t) if t > MAX_TTL_SECS * 12 => return Err(ApiError::invalid("secret id ttl too long")),
                 Some(t) => t,
             };
+            let secret_id_bound_cidrs = validate_cidrs(&req.secret_id_bound_cidrs)?;
+            let token_bound_cidrs = validate_cidrs(&req.token_bound_cidrs)?;
+            validate_meta(&req.metadata)?;
             env.authorize(&path, &[Capability::Create, Capability::Update])?;
             let existing: Option<AppRole> = env.get_json(&keys::approle(&req.name))?;
             let role_id = existing.map_or_else(random_id, |r| r.role_id);
@@ -429,6 +491,9 @@ impl Node {
                 policies: req.policies.clone(),
                 token_ttl_secs: token_ttl,
                 secret_id_ttl_secs: secret_id_ttl,
+                secret_id_bound_cidrs: secret_id_bound_cidrs.clone(),
+                token_bound_cidrs: token_bound_cidrs.clone(),
+                metadata: req.metadata.clone(),
             };
             env.put_json(&keys::approle(&role.name), &role)?;
             env.put_sealed(&keys::approle_id(&credential_hash(&role.role_id)), role.name.as_bytes())?;
@@ -529,7 +594,21 @@ impl Node {
             if record.expire_unix_ms.is_some_and(|e| env.now_unix_ms >= e) {
                 return Err(ApiError::Unauthenticated);
             }
-            login(env, "approle", &name, &role.policies, role.token_ttl_secs)
+            let cidrs: Vec<policy::Cidr> =
+                role.secret_id_bound_cidrs.iter().filter_map(|c| policy::Cidr::parse(c).ok()).collect();
+            if !policy::in_any(&cidrs, env.source_ip) {
+                env.denied_by = Some(format!("approle {name}: secret_id_bound_cidrs"));
+                return Err(ApiError::PermissionDenied);
+            }
+            login(
+                env,
+                "approle",
+                &name,
+                &role.policies,
+                role.token_ttl_secs,
+                &role.token_bound_cidrs,
+                &role.metadata,
+            )
         })
         .await
     }
@@ -664,7 +743,7 @@ impl Node {
             let name = String::from_utf8(name.to_vec()).map_err(|_| ApiError::Internal)?;
             env.actor = Actor { entity: format!("cert:{name}"), token_accessor: None };
             let role: CertRole = env.get_json(&keys::cert_role(&name))?.ok_or(ApiError::Unauthenticated)?;
-            login(env, "cert", &name, &role.policies, role.token_ttl_secs)
+            login(env, "cert", &name, &role.policies, role.token_ttl_secs, &[], &BTreeMap::new())
         })
         .await
     }

@@ -58,7 +58,10 @@ impl Service {
         let token = bearer.or_else(|| meta.get("x-arca-token").and_then(|v| v.to_str().ok()).map(str::trim));
         let token = token.filter(|t| !t.is_empty()).map(|t| Zeroizing::new(t.to_owned()));
         let peer = request.remote_addr();
-        RequestContext::new(token, self.source(peer, request.metadata()))
+        let mut ctx = RequestContext::new(token, self.source(peer, request.metadata()));
+        // A certificate here was verified against the listener's client CA by the handshake.
+        ctx.mtls = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        ctx
     }
 
     fn source(&self, peer: Option<SocketAddr>, meta: &tonic::metadata::MetadataMap) -> Source {
@@ -137,6 +140,8 @@ fn token_info(r: TokenRecord) -> proto::TokenInfo {
         ttl_secs: r.ttl_secs,
         renewable: r.renewable,
         parent_accessor: r.parent.unwrap_or_default(),
+        bound_cidrs: r.bound_cidrs,
+        meta: r.meta.into_iter().collect(),
     }
 }
 
@@ -172,6 +177,9 @@ fn role_info(r: crate::auth::AppRole) -> proto::AppRoleInfo {
         policies: r.policies,
         token_ttl_secs: r.token_ttl_secs,
         secret_id_ttl_secs: r.secret_id_ttl_secs,
+        secret_id_bound_cidrs: r.secret_id_bound_cidrs,
+        token_bound_cidrs: r.token_bound_cidrs,
+        metadata: r.metadata.into_iter().collect(),
     }
 }
 
@@ -382,6 +390,8 @@ impl Arca for Service {
             display_name: r.display_name,
             renewable: r.renewable,
             orphan: r.orphan,
+            bound_cidrs: r.bound_cidrs,
+            meta: r.meta.into_iter().collect(),
         };
         respond(self.node.token_create(ctx, req).await, token_auth)
     }
@@ -420,6 +430,9 @@ impl Arca for Service {
             policies: r.policies,
             token_ttl_secs: r.token_ttl_secs,
             secret_id_ttl_secs: r.secret_id_ttl_secs,
+            secret_id_bound_cidrs: r.secret_id_bound_cidrs,
+            token_bound_cidrs: r.token_bound_cidrs,
+            metadata: r.metadata.into_iter().collect(),
         };
         respond(self.node.approle_write(ctx, req).await, role_info)
     }

@@ -33,6 +33,8 @@ pub struct RequestContext {
     /// The bearer token, if any. Never logged, never audited.
     pub token: Option<Zeroizing<String>>,
     pub source: Source,
+    /// Whether the connection presented a verified client certificate (policy conditions).
+    pub mtls: bool,
 }
 
 impl std::fmt::Debug for RequestContext {
@@ -53,7 +55,7 @@ impl RequestContext {
         let mut id = [0u8; 16];
         id[..6].copy_from_slice(&now_unix_ms().to_be_bytes()[2..]);
         rand::fill(&mut id[6..]);
-        RequestContext { request_id: hex::encode(id), token, source }
+        RequestContext { request_id: hex::encode(id), token, source, mtls: false }
     }
 }
 
@@ -96,6 +98,9 @@ pub struct Node {
     pub(crate) hsm: std::sync::OnceLock<Arc<crate::hsm::Pkcs11Seal>>,
     /// Why the node is still sealed (the last auto-unseal failure), for `status`.
     pub(crate) sealed_reason: std::sync::Mutex<Option<String>>,
+    /// The request clock (milliseconds since the epoch), when injected (tests of time-window
+    /// conditions); the system clock otherwise.
+    pub(crate) clock: std::sync::OnceLock<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -113,6 +118,11 @@ pub struct Env<'a> {
     pub actor: Actor,
     pub secret_version: Option<u64>,
     token: Option<&'a str>,
+    /// The client address (after the trusted-proxy rules), for policy conditions.
+    pub source_ip: Option<std::net::IpAddr>,
+    pub mtls: bool,
+    /// Set when a denial was caused by a failed condition: recorded in the audit event.
+    pub denied_by: Option<String>,
 }
 
 impl Env<'_> {
@@ -175,6 +185,14 @@ impl Env<'_> {
         if record.is_expired(self.now_unix_ms) {
             return Err(ApiError::Unauthenticated);
         }
+        if !record.bound_cidrs.is_empty() {
+            let cidrs: Vec<policy::Cidr> =
+                record.bound_cidrs.iter().filter_map(|c| policy::Cidr::parse(c).ok()).collect();
+            if !policy::in_any(&cidrs, self.source_ip) {
+                self.denied_by = Some("token: bound_cidrs".into());
+                return Err(ApiError::PermissionDenied);
+            }
+        }
         Ok(record)
     }
 
@@ -199,11 +217,22 @@ impl Env<'_> {
         for name in &record.policies {
             if let Some(text) = self.get_sealed(&keys::policy(name))? {
                 let text = std::str::from_utf8(&text).map_err(|_| ApiError::Internal)?;
-                policies.push(policy::parse(text).map_err(|_| ApiError::Internal)?);
+                policies.push((name.as_str(), policy::parse(text).map_err(|_| ApiError::Internal)?));
             }
         }
-        let granted: BTreeSet<Capability> = policy::capabilities(policies.iter(), path);
-        Ok(capabilities.iter().any(|c| granted.contains(c)))
+        let ctx = policy::Context {
+            source: self.source_ip,
+            now_unix_ms: self.now_unix_ms,
+            mtls: self.mtls,
+            metadata: &record.meta,
+        };
+        let decision = policy::decide(policies.iter().map(|(n, p)| (*n, p)), path, &ctx);
+        let granted: BTreeSet<Capability> = decision.capabilities;
+        let allowed = capabilities.iter().any(|c| granted.contains(c));
+        if !allowed && decision.failed_condition.is_some() {
+            self.denied_by = decision.failed_condition;
+        }
+        Ok(allowed)
     }
 
     /// The policies of a token, parsed (for callers that check several paths).
@@ -232,7 +261,14 @@ impl Node {
             archive_dir: std::sync::OnceLock::new(),
             hsm: std::sync::OnceLock::new(),
             sealed_reason: std::sync::Mutex::new(None),
+            clock: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Injects the clock requests see (`Env::now_unix_ms`: expiry, time conditions). Once,
+    /// before serving; in-process use only (tests).
+    pub fn set_clock(&self, clock: Arc<dyn Fn() -> u64 + Send + Sync>) {
+        let _ = self.clock.set(clock);
     }
 
     /// Configures the HSM seal (once, before serving).
@@ -311,11 +347,17 @@ impl Node {
         let job_slot = slot.clone();
         let node = self.clone();
         let mut work = work;
-        let RequestContext { request_id, token, source } = ctx;
+        let RequestContext { request_id, token, source, mtls } = ctx;
+        let source_ip = source
+            .address
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| source.address.parse::<std::net::IpAddr>())
+            .ok();
         let reply_id = request_id.clone();
         let span = tracing::info_span!("request", op = op.name(), request_id = %request_id);
         let job = Box::new(move |tx: &mut dyn Transaction, gate: &Gate| -> Result<Vec<u8>, StoreError> {
-            let now = now_unix_ms();
+            let now = node.clock.get().map_or_else(now_unix_ms, |clock| clock());
             let mut env = Env {
                 tx,
                 node: &node,
@@ -323,6 +365,9 @@ impl Node {
                 actor: Actor { entity: "anonymous".into(), token_accessor: None },
                 secret_version: None,
                 token: token.as_deref().map(String::as_str),
+                source_ip,
+                mtls,
+                denied_by: None,
             };
             // A standby (or a fenced primary) refuses writes before they start, naming
             // the region that takes them; the refusal is audited like any error.
@@ -339,6 +384,9 @@ impl Node {
             };
             let outcome = match &result {
                 Ok(_) => Outcome::Ok,
+                Err(ApiError::PermissionDenied) if env.denied_by.is_some() => {
+                    Outcome::DeniedBy { condition: env.denied_by.clone().unwrap_or_default() }
+                }
                 Err(err) if err.is_denial() => Outcome::Denied,
                 Err(err) => Outcome::Error { code: err.code().into() },
             };

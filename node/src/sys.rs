@@ -115,6 +115,7 @@ impl Node {
                         entity: "root".into(),
                         renewable: false,
                         parent: None,
+                        ..Default::default()
                     },
                 )?;
                 env.actor.entity = "root".into();

@@ -573,6 +573,8 @@ async fn dispatch(
                 display_name: body["display_name"].as_str().unwrap_or_default().to_owned(),
                 renewable: body["renewable"].as_bool().unwrap_or(true),
                 orphan: *kind == "create-orphan" || body["no_parent"].as_bool().unwrap_or(false),
+                bound_cidrs: Vec::new(),
+                meta: bad!(string_map(&body["meta"], "meta")),
             };
             reply(node.token_create(ctx, req).await, |t, rid| {
                 json_response(StatusCode::OK, envelope(rid, Value::Null, token_auth(&t)))
@@ -636,6 +638,9 @@ async fn dispatch(
                 policies: bad!(strings(policies, "token_policies")),
                 token_ttl_secs: bad!(duration_secs(&body["token_ttl"])),
                 secret_id_ttl_secs: bad!(duration_secs(&body["secret_id_ttl"])),
+                secret_id_bound_cidrs: bad!(strings(&body["secret_id_bound_cidrs"], "secret_id_bound_cidrs")),
+                token_bound_cidrs: bad!(strings(&body["token_bound_cidrs"], "token_bound_cidrs")),
+                metadata: Default::default(),
             };
             reply(node.approle_write(ctx, req).await, |_, _| no_content())
         }

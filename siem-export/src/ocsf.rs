@@ -213,7 +213,7 @@ pub struct Ocsf<'a> {
     status_id: u32,
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    status_detail: Option<&'static str>,
+    status_detail: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     status_code: Option<&'a str>,
     metadata: Metadata<'a>,
@@ -244,7 +244,7 @@ pub fn ocsf<'a>(origin: &'a str, index: u64, entry: &[u8], event: &'a Event) -> 
     let activity = Activity::of(event.operation);
     let (status_id, status, severity_id, severity) = match &event.outcome {
         Outcome::Ok => (1, "Success", 1, "Informational"),
-        Outcome::Denied => (2, "Failure", 3, "Medium"),
+        Outcome::Denied | Outcome::DeniedBy { .. } => (2, "Failure", 3, "Medium"),
         Outcome::Error { .. } => (2, "Failure", 2, "Low"),
     };
     Ocsf {
@@ -261,7 +261,12 @@ pub fn ocsf<'a>(origin: &'a str, index: u64, entry: &[u8], event: &'a Event) -> 
         severity,
         status_id,
         status,
-        status_detail: matches!(event.outcome, Outcome::Denied).then_some("permission denied"),
+        status_detail: match &event.outcome {
+            Outcome::Denied => Some("permission denied"),
+            // The failed condition: `<policy>: <condition>`.
+            Outcome::DeniedBy { condition } => Some(condition.as_str()),
+            _ => None,
+        },
         status_code: match &event.outcome {
             Outcome::Error { code } => Some(code),
             _ => None,

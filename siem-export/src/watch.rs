@@ -184,7 +184,7 @@ impl Watcher {
         }
 
         // denial-burst
-        if event.outcome == Outcome::Denied {
+        if event.outcome.is_denied() {
             let window = rules.denial_burst_window_secs * 1000;
             let (times, alerted) = log.denials.entry(identity.clone()).or_default();
             times.push_back(t);

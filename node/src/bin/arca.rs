@@ -327,6 +327,12 @@ enum TokenCommand {
         renewable: bool,
         #[arg(long)]
         orphan: bool,
+        /// Only usable from this address range (repeatable), e.g. 10.0.0.0/8.
+        #[arg(long = "bound-cidr")]
+        bound_cidrs: Vec<String>,
+        /// Identity metadata KEY=VALUE (repeatable), for policy conditions.
+        #[arg(long = "meta")]
+        meta: Vec<String>,
     },
     /// Look up your own token, or another by --accessor.
     Lookup {
@@ -371,6 +377,15 @@ enum AppRoleCommand {
         token_ttl: Option<u64>,
         #[arg(long)]
         secret_id_ttl: Option<u64>,
+        /// Logins only from this address range (repeatable).
+        #[arg(long = "secret-id-bound-cidr")]
+        secret_id_bound_cidrs: Vec<String>,
+        /// The role's tokens only usable from this address range (repeatable).
+        #[arg(long = "token-bound-cidr")]
+        token_bound_cidrs: Vec<String>,
+        /// Identity metadata KEY=VALUE for the role's tokens (repeatable), for policy conditions.
+        #[arg(long = "meta")]
+        meta: Vec<String>,
     },
     Read {
         name: String,
@@ -538,6 +553,7 @@ fn token_json(info: &proto::TokenInfo) -> Value {
         "display_name": info.display_name, "created_unix_ms": info.created_unix_ms,
         "expire_unix_ms": info.expire_unix_ms, "ttl_secs": info.ttl_secs,
         "renewable": info.renewable, "parent_accessor": info.parent_accessor,
+        "bound_cidrs": info.bound_cidrs, "meta": info.meta,
     })
 }
 
@@ -928,12 +944,21 @@ async fn versions_op(
 
 async fn token(c: &Client, format: Format, cmd: TokenCommand) -> Result<(), Failure> {
     match cmd {
-        TokenCommand::Create { policies, ttl, display_name, renewable, orphan } => {
+        TokenCommand::Create { policies, ttl, display_name, renewable, orphan, bound_cidrs, meta } => {
+            let meta = parse_pairs(&meta)?;
             let r = rpc!(
                 c,
                 Write,
                 token_create,
-                proto::TokenCreateRequest { policies, ttl_secs: ttl, display_name, renewable, orphan }
+                proto::TokenCreateRequest {
+                    policies,
+                    ttl_secs: ttl,
+                    display_name,
+                    renewable,
+                    orphan,
+                    bound_cidrs,
+                    meta
+                }
             )
             .await?;
             print_token_auth(format, r);
@@ -1027,7 +1052,16 @@ async fn approle(c: &Client, format: Format, cmd: AppRoleCommand) -> Result<(), 
         ])
     };
     match cmd {
-        AppRoleCommand::Write { name, policies, token_ttl, secret_id_ttl } => {
+        AppRoleCommand::Write {
+            name,
+            policies,
+            token_ttl,
+            secret_id_ttl,
+            secret_id_bound_cidrs,
+            token_bound_cidrs,
+            meta,
+        } => {
+            let metadata = parse_pairs(&meta)?;
             let r = rpc!(
                 c,
                 Write,
@@ -1037,6 +1071,9 @@ async fn approle(c: &Client, format: Format, cmd: AppRoleCommand) -> Result<(), 
                     policies,
                     token_ttl_secs: token_ttl,
                     secret_id_ttl_secs: secret_id_ttl,
+                    secret_id_bound_cidrs,
+                    token_bound_cidrs,
+                    metadata,
                 }
             )
             .await?;
@@ -1562,7 +1599,7 @@ mod audit {
                 "node": e.node, "entity": e.actor.entity, "token_accessor": e.actor.token_accessor,
                 "source": e.source.address, "proxy": e.source.proxy, "operation": e.operation.name(), "path": e.path,
                 "secret_version": e.secret_version,
-                "outcome": match &e.outcome { arca_audit::Outcome::Ok => "ok".to_owned(), arca_audit::Outcome::Denied => "denied".into(), arca_audit::Outcome::Error { code } => format!("error:{code}") },
+                "outcome": match &e.outcome { arca_audit::Outcome::Ok => "ok".to_owned(), arca_audit::Outcome::Denied => "denied".into(), arca_audit::Outcome::DeniedBy { condition } => format!("denied:{condition}"), arca_audit::Outcome::Error { code } => format!("error:{code}") },
             }),
             Err(err) => json!({"undecodable": err.to_string()}),
         }
