@@ -123,6 +123,13 @@ operations! {
     KvReadMetadata = 17, "kv.metadata.read";
     KvWriteMetadata = 18, "kv.metadata.write";
     KvDeleteMetadata = 19, "kv.metadata.delete";
+    /// A rotation asked for on demand (`arca rotate`).
+    KvRotate = 20, "kv.rotate";
+    KvRotateCreate = 21, "kv.rotate.create";
+    KvRotateSet = 22, "kv.rotate.set";
+    KvRotateTest = 23, "kv.rotate.test";
+    KvRotateFinish = 24, "kv.rotate.finish";
+    KvRevoke = 25, "kv.revoke";
     TokenCreate = 30, "token.create";
     TokenLookup = 31, "token.lookup";
     TokenRenew = 32, "token.renew";

@@ -393,17 +393,24 @@ impl Client {
 
     /// Reads the current version of `<mount>/<path>`.
     pub async fn read(&self, path: &str) -> Result<Secret, Error> {
-        self.read_at(path, None).await
+        self.read_at(path, None, String::new()).await
     }
 
     /// Reads one version of `<mount>/<path>`.
     pub async fn read_version(&self, path: &str, version: u64) -> Result<Secret, Error> {
-        self.read_at(path, Some(version)).await
+        self.read_at(path, Some(version), String::new()).await
     }
 
-    async fn read_at(&self, full: &str, version: Option<u64>) -> Result<Secret, Error> {
+    /// Reads the version in a rotation stage: `current`, `previous` (the credential a
+    /// rotation just replaced, still valid while clients move over) or `pending` (the one
+    /// a rotation under way is about to make current).
+    pub async fn read_stage(&self, path: &str, stage: &str) -> Result<Secret, Error> {
+        self.read_at(path, None, stage.to_owned()).await
+    }
+
+    async fn read_at(&self, full: &str, version: Option<u64>, stage: String) -> Result<Secret, Error> {
         let (mount, path) = split_path(full)?;
-        let message = proto::KvGetRequest { mount, path, version };
+        let message = proto::KvGetRequest { mount, path, version, stage };
         let (response, node) =
             self.call_routed(Route::Read, message, |mut c, r| async move { c.kv_get(r).await }).await?;
         let receipt = Receipt::of(&response, &node);
@@ -492,6 +499,17 @@ impl Client {
             .call(Route::Read, message, |mut c, r| async move { c.kv_read_metadata(r).await })
             .await?
             .into_inner())
+    }
+
+    /// Rotates now with the secret's rotation policy; returns the new current version.
+    pub async fn rotate(&self, full: &str) -> Result<u64, Error> {
+        let (mount, path) = split_path(full)?;
+        let message = proto::KvPathRequest { mount, path };
+        Ok(self
+            .call(Route::Write, message, |mut c, r| async move { c.kv_rotate(r).await })
+            .await?
+            .into_inner()
+            .version)
     }
 
     /// Soft-deletes versions (none given: the current one). Returns the versions deleted.

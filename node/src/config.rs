@@ -67,6 +67,14 @@ pub struct Config {
     pub replication: Option<ReplicationSection>,
     pub audit_archive: Option<AuditArchiveSection>,
     pub seal: Option<SealSection>,
+    pub lifecycle: Option<LifecycleSection>,
+}
+
+/// Secret lifecycle: where external rotators live (`exec` rotators name a file here).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSection {
+    pub rotators_dir: Option<PathBuf>,
 }
 
 /// How the unseal key is protected: `type = "shamir"` (the default: operators' key shares)

@@ -33,6 +33,9 @@ pub enum ApiError {
     Store(#[source] StoreError),
     #[error("internal error")]
     Internal,
+    /// The secret version was revoked.
+    #[error("{0}")]
+    Revoked(String),
     /// This region does not accept writes (a standby, or a primary fenced by a newer epoch).
     #[error("this region does not accept writes: send writes to the primary region {primary:?}")]
     ReadOnlyRegion { primary: String },
@@ -55,6 +58,7 @@ impl ApiError {
             ApiError::NotInitialized => "not_initialized",
             ApiError::Unavailable | ApiError::Store(_) => "unavailable",
             ApiError::ReadOnlyRegion { .. } => "read_only_region",
+            ApiError::Revoked(_) => "revoked",
             ApiError::Internal => "internal",
         }
     }
@@ -99,9 +103,10 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unauthenticated => tonic::Status::unauthenticated(message),
             ApiError::PermissionDenied => tonic::Status::permission_denied(message),
             ApiError::NotFound(_) => tonic::Status::not_found(message),
-            ApiError::FailedPrecondition(_) | ApiError::NotInitialized | ApiError::ReadOnlyRegion { .. } => {
-                tonic::Status::failed_precondition(message)
-            }
+            ApiError::FailedPrecondition(_)
+            | ApiError::NotInitialized
+            | ApiError::ReadOnlyRegion { .. }
+            | ApiError::Revoked(_) => tonic::Status::failed_precondition(message),
             ApiError::Sealed | ApiError::Unavailable | ApiError::Store(_) => {
                 tonic::Status::unavailable(message)
             }

@@ -165,8 +165,13 @@ fn metadata(m: Metadata) -> proto::KvMetadata {
                 created_unix_ms: s.created_unix_ms,
                 deletion_unix_ms: s.deletion_unix_ms.unwrap_or(0),
                 destroyed: s.destroyed,
+                revoked: s.revoked_unix_ms.is_some(),
             })
             .collect(),
+        stages: m.stages.clone().into_iter().collect(),
+        rotation: m.rotation.as_ref().and_then(|r| serde_json::to_string(r).ok()).unwrap_or_default(),
+        rotation_step: m.rotation_state.as_ref().map(|s| s.step.name().to_owned()).unwrap_or_default(),
+        rotation_next_unix_ms: m.rotation.as_ref().map_or(0, |r| r.next_unix_ms),
         custom_metadata: m.custom_metadata.into_iter().collect(),
     }
 }
@@ -298,7 +303,18 @@ impl Arca for Service {
     async fn kv_get(&self, request: Request<proto::KvGetRequest>) -> Reply<proto::KvGetResponse> {
         let ctx = self.context(&request);
         let r = request.into_inner();
-        respond(self.node.kv_read(ctx, mount(r.mount), r.path, r.version).await, |s| proto::KvGetResponse {
+        let selector = match (r.version, r.stage.as_str()) {
+            (Some(v), "") if v > 0 => kv::Selector::Version(v),
+            (None | Some(0), "") => kv::Selector::Current,
+            (None | Some(0), stage) => kv::Selector::Stage(stage.to_owned()),
+            (Some(_), _) => {
+                let refused = self.node.reject(ctx, format!("{}/data/{}", mount(r.mount), r.path), || {
+                    ApiError::invalid("give a version or a stage, not both")
+                });
+                return respond(refused.await, |()| proto::KvGetResponse::default());
+            }
+        };
+        respond(self.node.kv_read_at(ctx, mount(r.mount), r.path, selector).await, |s| proto::KvGetResponse {
             data: s.data.0.clone().into_iter().collect(),
             version: s.version,
             created_unix_ms: s.meta.created_unix_ms,
@@ -373,6 +389,44 @@ impl Arca for Service {
             custom_metadata: (r.replace_custom_metadata || !custom.is_empty()).then_some(custom),
         };
         respond(self.node.kv_write_metadata(ctx, mount(r.mount), r.path, update).await, metadata)
+    }
+
+    async fn kv_rotation_set(&self, request: Request<proto::KvRotationRequest>) -> Reply<proto::KvMetadata> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let req = crate::lifecycle::RotationRequest {
+            interval_secs: r.interval_secs,
+            schedule: (!r.schedule.is_empty()).then_some(r.schedule),
+            rotator: r.rotator,
+            field: (!r.field.is_empty()).then_some(r.field),
+            length: r.length,
+            symbols: r.symbols,
+            bytes: r.bytes,
+            command: (!r.command.is_empty()).then_some(r.command),
+        };
+        respond(self.node.kv_rotation_set(ctx, mount(r.mount), r.path, req).await, metadata)
+    }
+
+    async fn kv_rotation_clear(&self, request: Request<proto::KvPathRequest>) -> Reply<proto::KvMetadata> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_rotation_clear(ctx, mount(r.mount), r.path).await, metadata)
+    }
+
+    async fn kv_rotate(&self, request: Request<proto::KvPathRequest>) -> Reply<proto::KvWriteResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_rotate_now(ctx, mount(r.mount), r.path).await, |version| {
+            proto::KvWriteResponse { version }
+        })
+    }
+
+    async fn kv_revoke(&self, request: Request<proto::KvRevokeRequest>) -> Reply<proto::KvVersionsResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.kv_revoke(ctx, mount(r.mount), r.path, r.versions, r.all).await, |versions| {
+            proto::KvVersionsResponse { versions }
+        })
     }
 
     async fn kv_delete_metadata(&self, request: Request<proto::KvPathRequest>) -> Reply<proto::Empty> {

@@ -153,6 +153,20 @@ pub fn audit_state(region: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "state".into()])
 }
 
+/// The rotation scheduler's index: one key per secret with a rotation policy.
+pub fn rotation_index(mount: &str, path: &str) -> Vec<u8> {
+    pack(&["rotation".into(), "index".into(), mount.into(), path.into()])
+}
+
+pub fn rotation_index_prefix() -> Vec<u8> {
+    pack(&["rotation".into(), "index".into()])
+}
+
+/// The rotation scheduler's lease (one active scheduler per region).
+pub fn rotation_lease(region: &str) -> Vec<u8> {
+    pack(&["rotation".into(), "lease".into(), region.into()])
+}
+
 pub fn audit_lease(region: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "lease".into()])
 }

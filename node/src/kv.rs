@@ -11,7 +11,7 @@
 //! A read returns ciphertext from the transaction; it is decrypted only after the request's
 //! audit event committed (the audit-first rule), by [`Node::kv_read`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arca_audit::Operation;
@@ -61,6 +61,9 @@ pub struct VersionMeta {
     pub created_unix_ms: u64,
     pub deletion_unix_ms: Option<u64>,
     pub destroyed: bool,
+    /// Revoked: never served again, on any node of any region (`arca kv revoke`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix_ms: Option<u64>,
 }
 
 /// A secret's metadata.
@@ -73,9 +76,50 @@ pub struct Metadata {
     pub cas_required: bool,
     pub custom_metadata: BTreeMap<String, String>,
     pub versions: BTreeMap<u64, VersionMeta>,
+    /// Rotation stages: `current`, `previous`, `pending` → version. Readers get `current`
+    /// unless they ask for a version or another stage.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stages: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<crate::lifecycle::RotationPolicy>,
+    /// A rotation under way: which step is next (resumable after a crash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_state: Option<crate::lifecycle::RotationState>,
+}
+
+/// Stage names.
+pub const STAGE_CURRENT: &str = "current";
+pub const STAGE_PREVIOUS: &str = "previous";
+pub const STAGE_PENDING: &str = "pending";
+
+/// Which version a read wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// The `current` stage.
+    Current,
+    Version(u64),
+    Stage(String),
+}
+
+/// How a new version takes its place among the stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NewVersionStage {
+    /// An ordinary write: it becomes `current`, the old current becomes `previous`.
+    Current,
+    /// A rotation's new version: `pending` until the rotation finishes.
+    Pending,
 }
 
 impl Metadata {
+    /// The version a stage names (`current` defaults to the newest version).
+    pub fn stage(&self, name: &str) -> Option<u64> {
+        match self.stages.get(name) {
+            Some(v) => Some(*v),
+            None if name == STAGE_CURRENT && self.current_version > 0 => Some(self.current_version),
+            None => None,
+        }
+    }
+
     pub fn oldest_version(&self) -> u64 {
         self.versions.keys().next().copied().unwrap_or(0)
     }
@@ -199,11 +243,11 @@ fn api_path(mount: &str, kind: &str, path: &str) -> String {
     format!("{mount}/{kind}/{path}")
 }
 
-fn load_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Option<Metadata>, ApiError> {
+pub(crate) fn load_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Option<Metadata>, ApiError> {
     env.get_json(&keys::kv_meta(mount, path))
 }
 
-fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Metadata, ApiError> {
+pub(crate) fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Metadata, ApiError> {
     load_meta(env, mount, path)?.ok_or_else(|| ApiError::NotFound("no secret at this path".into()))
 }
 
@@ -222,31 +266,54 @@ fn check_cas(meta: Option<&Metadata>, cas: Option<u64>) -> Result<(), ApiError> 
     }
 }
 
-/// Writes a new version (inside the transaction) and prunes versions beyond the maximum.
-fn write_version(
+/// Writes a new version (inside the transaction), places it among the stages, and prunes
+/// versions beyond the maximum (never a staged one).
+pub(crate) fn write_version(
     env: &mut Env<'_>,
     mount: &str,
     path: &str,
     meta: Option<Metadata>,
     data: &SecretData,
+    stage: NewVersionStage,
 ) -> Result<u64, ApiError> {
     let now = env.now_unix_ms;
     let mut meta = meta.unwrap_or(Metadata { created_unix_ms: now, ..Metadata::default() });
     let version = meta.current_version + 1;
+    match stage {
+        NewVersionStage::Current => {
+            if let Some(old) = meta.stage(STAGE_CURRENT) {
+                meta.stages.insert(STAGE_PREVIOUS.into(), old);
+            }
+            meta.stages.insert(STAGE_CURRENT.into(), version);
+        }
+        NewVersionStage::Pending => {
+            meta.stages.insert(STAGE_PENDING.into(), version);
+        }
+    }
     let json = Zeroizing::new(serde_json::to_vec(data).map_err(|_| ApiError::Internal)?);
     env.put_sealed(&keys::kv_version(mount, path, version), &json)?;
     meta.current_version = version;
     meta.updated_unix_ms = now;
-    meta.versions
-        .insert(version, VersionMeta { created_unix_ms: now, deletion_unix_ms: None, destroyed: false });
-    while meta.versions.len() > meta.effective_max_versions() {
-        let oldest = meta.oldest_version();
-        meta.versions.remove(&oldest);
-        env.tx.clear(&keys::kv_version(mount, path, oldest))?;
-    }
+    meta.versions.insert(
+        version,
+        VersionMeta { created_unix_ms: now, deletion_unix_ms: None, destroyed: false, revoked_unix_ms: None },
+    );
+    prune(env, mount, path, &mut meta)?;
     env.put_json(&keys::kv_meta(mount, path), &meta)?;
     env.secret_version = Some(version);
     Ok(version)
+}
+
+/// Drops the oldest versions beyond the maximum, skipping staged ones (a rotation's
+/// `previous` stays readable); stages naming a dropped version go.
+fn prune(env: &mut Env<'_>, mount: &str, path: &str, meta: &mut Metadata) -> Result<(), ApiError> {
+    let staged: BTreeSet<u64> = meta.stages.values().copied().collect();
+    while meta.versions.len() > meta.effective_max_versions() {
+        let Some(oldest) = meta.versions.keys().copied().find(|v| !staged.contains(v)) else { break };
+        meta.versions.remove(&oldest);
+        env.tx.clear(&keys::kv_version(mount, path, oldest))?;
+    }
+    Ok(())
 }
 
 /// The versions a delete/undelete/destroy names: the given ones, or the current one.
@@ -297,6 +364,22 @@ impl Node {
         path: String,
         version: Option<u64>,
     ) -> Audited<SecretVersion> {
+        let selector = match version {
+            Some(0) | None => Selector::Current,
+            Some(v) => Selector::Version(v),
+        };
+        self.kv_read_at(ctx, mount, path, selector).await
+    }
+
+    /// Reads the version a [`Selector`] names: `current` (the default), a version, or a
+    /// rotation stage (`previous`, `pending`). A revoked version is refused as such.
+    pub async fn kv_read_at(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        selector: Selector,
+    ) -> Audited<SecretVersion> {
         let audit_path = api_path(&mount, "data", &path);
         let read = self
             .execute(ctx, Operation::KvRead, audit_path.clone(), move |env| {
@@ -304,9 +387,16 @@ impl Node {
                 validate_path(&path)?;
                 env.authorize(&audit_path, &[Capability::Read])?;
                 let meta = require_meta(env, &mount, &path)?;
-                let version = match version {
-                    Some(0) | None => meta.current_version,
-                    Some(v) => v,
+                let version = match &selector {
+                    Selector::Current => meta.stage(STAGE_CURRENT).unwrap_or(0),
+                    Selector::Version(v) => *v,
+                    Selector::Stage(stage) => {
+                        if ![STAGE_CURRENT, STAGE_PREVIOUS, STAGE_PENDING].contains(&stage.as_str()) {
+                            return Err(ApiError::invalid("stage: current, previous or pending"));
+                        }
+                        meta.stage(stage)
+                            .ok_or_else(|| ApiError::NotFound(format!("no version is {stage}")))?
+                    }
                 };
                 env.secret_version = Some(version);
                 let vmeta = meta
@@ -314,6 +404,9 @@ impl Node {
                     .get(&version)
                     .cloned()
                     .ok_or_else(|| ApiError::NotFound("no such version".into()))?;
+                if vmeta.revoked_unix_ms.is_some() {
+                    return Err(ApiError::Revoked(format!("version {version} of this secret was revoked")));
+                }
                 if vmeta.destroyed {
                     return Err(ApiError::NotFound("this version was destroyed".into()));
                 }
@@ -371,7 +464,7 @@ impl Node {
                 return Err(ApiError::PermissionDenied);
             }
             check_cas(meta.as_ref(), cas)?;
-            write_version(env, &mount, &path, meta, &data)
+            write_version(env, &mount, &path, meta, &data, NewVersionStage::Current)
         })
         .await
     }
@@ -397,11 +490,13 @@ impl Node {
             env.authorize(&audit_path, &[Capability::Patch])?;
             let meta = require_meta(env, &mount, &path)?;
             check_cas(Some(&meta), cas)?;
-            let current = meta.current_version;
+            let current = meta.stage(STAGE_CURRENT).unwrap_or(0);
             let state =
                 meta.versions.get(&current).ok_or_else(|| ApiError::NotFound("no current version".into()))?;
-            if state.destroyed || state.deletion_unix_ms.is_some() {
-                return Err(ApiError::NotFound("the current version is deleted or destroyed".into()));
+            if state.destroyed || state.deletion_unix_ms.is_some() || state.revoked_unix_ms.is_some() {
+                return Err(ApiError::NotFound(
+                    "the current version is deleted, destroyed or revoked".into(),
+                ));
             }
             let plain =
                 env.get_sealed(&keys::kv_version(&mount, &path, current))?.ok_or(ApiError::Internal)?;
@@ -413,7 +508,7 @@ impl Node {
                 data.0.insert(key.clone(), value.clone());
             }
             validate_data(&data)?;
-            write_version(env, &mount, &path, Some(meta), &data)
+            write_version(env, &mount, &path, Some(meta), &data, NewVersionStage::Current)
         })
         .await
     }
@@ -604,11 +699,7 @@ impl Node {
             if let Some(custom) = &update.custom_metadata {
                 meta.custom_metadata = custom.clone();
             }
-            while meta.versions.len() > meta.effective_max_versions() {
-                let oldest = meta.oldest_version();
-                meta.versions.remove(&oldest);
-                env.tx.clear(&keys::kv_version(&mount, &path, oldest))?;
-            }
+            prune(env, &mount, &path, &mut meta)?;
             meta.updated_unix_ms = now;
             env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
             Ok(meta)

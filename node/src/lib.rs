@@ -25,6 +25,7 @@ pub mod hsm;
 pub mod http;
 pub mod keys;
 pub mod kv;
+pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod policy;

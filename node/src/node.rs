@@ -101,6 +101,10 @@ pub struct Node {
     /// The request clock (milliseconds since the epoch), when injected (tests of time-window
     /// conditions); the system clock otherwise.
     pub(crate) clock: std::sync::OnceLock<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// Lifecycle settings (the rotation scheduler), once started.
+    pub(crate) lifecycle: std::sync::OnceLock<crate::lifecycle::LifecycleConfig>,
+    /// Secrets this node is rotating right now.
+    pub(crate) rotating: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -262,7 +266,32 @@ impl Node {
             hsm: std::sync::OnceLock::new(),
             sealed_reason: std::sync::Mutex::new(None),
             clock: std::sync::OnceLock::new(),
+            lifecycle: std::sync::OnceLock::new(),
+            rotating: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// Runs `work` as the system (audited with actor `system:rotation`, no token): the
+    /// lifecycle's own steps.
+    pub(crate) async fn execute_system<T, F>(
+        self: &Arc<Self>,
+        op: Operation,
+        path: String,
+        mut work: F,
+    ) -> Audited<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Env<'_>) -> Result<T, ApiError> + Send + 'static,
+    {
+        let ctx = RequestContext::new(None, Source { address: "local".into(), proxy: None });
+        self.execute(ctx, op, path, move |env| {
+            if env.node.barrier.is_sealed() {
+                return Err(ApiError::Sealed);
+            }
+            env.actor.entity = "system:rotation".into();
+            work(env)
+        })
+        .await
     }
 
     /// Injects the clock requests see (`Env::now_unix_ms`: expiry, time conditions). Once,

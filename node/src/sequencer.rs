@@ -75,7 +75,7 @@ pub fn origin(cluster: &str, region: &str) -> String {
 }
 
 /// Aborts the process when `ARCA_FAILPOINT` names `point`: crash testing.
-fn failpoint(point: &str) {
+pub(crate) fn failpoint(point: &str) {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     if ARMED.get_or_init(|| std::env::var("ARCA_FAILPOINT").ok()).as_deref() == Some(point) {
         eprintln!("arcad: failpoint {point} reached: aborting");

@@ -253,8 +253,12 @@ fn version_meta(version: u64, m: &crate::kv::VersionMeta, custom: &BTreeMap<Stri
 
 /// The reply to a KV write or patch: the new version's metadata.
 fn written(version: u64, request_id: &str) -> Response {
-    let fresh =
-        crate::kv::VersionMeta { created_unix_ms: now_unix_ms(), deletion_unix_ms: None, destroyed: false };
+    let fresh = crate::kv::VersionMeta {
+        created_unix_ms: now_unix_ms(),
+        deletion_unix_ms: None,
+        destroyed: false,
+        revoked_unix_ms: None,
+    };
     json_response(
         StatusCode::OK,
         envelope(request_id, version_meta(version, &fresh, &BTreeMap::new()), Value::Null),

@@ -519,3 +519,31 @@ async fn the_sdk_reads_from_the_standby_and_sends_writes_to_whichever_region_is_
     let event = audited().expect("the write is in us's audit log");
     assert_eq!((event.operation, event.region.as_str()), (arca_audit::Operation::KvWrite, "us"));
 }
+
+#[test]
+fn a_revocation_on_the_primary_is_refused_on_the_standby_once_replicated() {
+    let c = cluster(false);
+    let root = c.root.clone();
+    assert_eq!(put(&c.eu, &root, "secret/app/db", "one").code, 0);
+    assert_eq!(put(&c.eu, &root, "secret/app/db", "two").code, 0);
+    wait_until("v2 to reach us", || get(&c.us, &root, "secret/app/db").as_deref() == Some("two"));
+    let revoked = arca(c.eu.server(), Some(&root), &["kv", "revoke", "secret/app/db", "--versions", "2"]);
+    assert_eq!(revoked.code, 0, "{}", revoked.stderr);
+    // The standby refuses it as soon as the revocation has replicated — with "revoked".
+    wait_until("the revocation to reach us", || {
+        let run = arca(c.us.server(), Some(&root), &["kv", "get", "secret/app/db"]);
+        run.code != 0 && run.stderr.contains("revoked")
+    });
+    let v1 = arca(
+        c.us.server(),
+        Some(&root),
+        &["--format", "json", "kv", "get", "--version", "1", "secret/app/db"],
+    );
+    assert_eq!(v1.code, 0, "other versions stay readable: {}", v1.stderr);
+    let us_db = c._dir.path().join("us.db");
+    assert!(
+        common::audit_events_in(&us_db, "us").iter().any(|e| e.operation == arca_audit::Operation::KvRead
+            && e.outcome == arca_audit::Outcome::Error { code: "revoked".into() }),
+        "the refused read is audited in us"
+    );
+}

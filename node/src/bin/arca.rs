@@ -77,6 +77,9 @@ enum Command {
     /// Regions: replication status, promote a standby, demote a deposed primary.
     #[command(subcommand)]
     Region(RegionCommand),
+    /// Rotate a secret now with its rotation policy (create → set → test → finish); prints the
+    /// new current version. Readers switch from the old value to the new one atomically.
+    Rotate { path: String },
     /// Run a command with secrets in its environment or in files (each fetch audited):
     /// `arca run --env DB_PASSWORD=secret/app/db#password --file tls.pem=secret/app/tls#cert -- ./server`.
     /// Returns the command's exit code.
@@ -123,6 +126,35 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RotationCommand {
+    /// Rotate on an interval or a UTC cron schedule with a rotator.
+    Set {
+        path: String,
+        #[arg(long, conflicts_with = "schedule", required_unless_present = "schedule")]
+        interval_secs: Option<u64>,
+        /// `minute hour day-of-month month day-of-week`, UTC (e.g. "0 3 * * *").
+        #[arg(long)]
+        schedule: Option<String>,
+        #[arg(long, value_parser = ["password", "api-key", "ed25519", "x25519", "exec"])]
+        rotator: String,
+        /// The field a password or API key goes in (default: password).
+        #[arg(long)]
+        field: Option<String>,
+        #[arg(long)]
+        length: Option<u32>,
+        #[arg(long)]
+        symbols: bool,
+        #[arg(long)]
+        bytes: Option<u32>,
+        /// exec: the rotator's name in the node's rotators directory.
+        #[arg(long)]
+        command: Option<String>,
+    },
+    /// Stop rotating (a rotation under way is abandoned).
+    Clear { path: String },
 }
 
 #[derive(Subcommand)]
@@ -253,11 +285,14 @@ enum KvCommand {
         #[arg(long)]
         cas: Option<u64>,
     },
-    /// Read the current version, or --version N.
+    /// Read the current version, or --version N, or --stage previous|pending.
     Get {
         path: String,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stage")]
         version: Option<u64>,
+        /// A rotation stage: current, previous, pending.
+        #[arg(long)]
+        stage: Option<String>,
         /// Print only this key's value.
         #[arg(long)]
         field: Option<String>,
@@ -279,6 +314,18 @@ enum KvCommand {
         #[arg(long, value_delimiter = ',')]
         versions: Vec<u64>,
     },
+    /// Revoke the current version, --versions, or --all: never served again, on any node of
+    /// any region; the ciphertext is destroyed.
+    Revoke {
+        path: String,
+        #[arg(long, value_delimiter = ',', conflicts_with = "all")]
+        versions: Vec<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Rotation policies: `arca kv rotation set secret/app/db --interval-secs 86400 --rotator password`.
+    #[command(subcommand)]
+    Rotation(RotationCommand),
     /// Restore soft-deleted versions.
     Undelete {
         path: String,
@@ -641,6 +688,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Operator(cmd) => operator(&c, format, cmd).await,
         Command::Region(cmd) => region(&c, format, cmd).await,
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
+        Command::Rotate { path } => {
+            let (mount, path) = split_mount(&path)?;
+            let r = rpc!(c, Write, kv_rotate, proto::KvPathRequest { mount, path }).await?;
+            let version = r.get_ref().version;
+            print(
+                format,
+                || format!("Success! version {version} is current"),
+                json!({"version": version, "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
+            Ok(())
+        }
     }
 }
 
@@ -782,9 +840,10 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
                 json!({"version": version, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
-        KvCommand::Get { path, version, field } => {
+        KvCommand::Get { path, version, stage, field } => {
             let (mount, path) = split_mount(&path)?;
-            let r = rpc!(c, Read, kv_get, proto::KvGetRequest { mount, path, version }).await?;
+            let stage = stage.unwrap_or_default();
+            let r = rpc!(c, Read, kv_get, proto::KvGetRequest { mount, path, version, stage }).await?;
             let (pos, rid) = (position(&r), request_id(&r));
             let g = r.into_inner();
             if let Some(field) = field {
@@ -838,6 +897,52 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
         KvCommand::Destroy { path, versions } => {
             versions_op(c, format, "destroyed", path, versions, 2).await?
         }
+        KvCommand::Revoke { path, versions, all } => {
+            let (mount, path) = split_mount(&path)?;
+            let r = rpc!(c, Write, kv_revoke, proto::KvRevokeRequest { mount, path, versions, all }).await?;
+            let revoked = r.get_ref().versions.clone();
+            let list = revoked.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            print(
+                format,
+                || format!("Success! revoked versions: {list}"),
+                json!({"versions": revoked, "audit_position": position(&r), "request_id": request_id(&r)}),
+            );
+        }
+        KvCommand::Rotation(cmd) => {
+            let r = match cmd {
+                RotationCommand::Set {
+                    path,
+                    interval_secs,
+                    schedule,
+                    rotator,
+                    field,
+                    length,
+                    symbols,
+                    bytes,
+                    command,
+                } => {
+                    let (mount, path) = split_mount(&path)?;
+                    let req = proto::KvRotationRequest {
+                        mount,
+                        path,
+                        interval_secs,
+                        schedule: schedule.unwrap_or_default(),
+                        rotator,
+                        field: field.unwrap_or_default(),
+                        length,
+                        symbols,
+                        bytes,
+                        command: command.unwrap_or_default(),
+                    };
+                    rpc!(c, Write, kv_rotation_set, req).await?
+                }
+                RotationCommand::Clear { path } => {
+                    let (mount, path) = split_mount(&path)?;
+                    rpc!(c, Write, kv_rotation_clear, proto::KvPathRequest { mount, path }).await?
+                }
+            };
+            print_metadata(format, r);
+        }
         KvCommand::Metadata(cmd) => match cmd {
             MetadataCommand::Get(PathArg { path }) => {
                 let (mount, path) = split_mount(&path)?;
@@ -884,7 +989,7 @@ fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
     let versions: Vec<Value> = m
         .versions
         .iter()
-        .map(|v| json!({"version": v.version, "created_unix_ms": v.created_unix_ms, "deletion_unix_ms": v.deletion_unix_ms, "destroyed": v.destroyed}))
+        .map(|v| json!({"version": v.version, "created_unix_ms": v.created_unix_ms, "deletion_unix_ms": v.deletion_unix_ms, "destroyed": v.destroyed, "revoked": v.revoked}))
         .collect();
     let human = || {
         let mut rows = vec![
@@ -896,8 +1001,22 @@ fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
         for (k, v) in &m.custom_metadata {
             rows.push((format!("custom.{k}"), v.clone()));
         }
+        let mut stages: Vec<_> = m.stages.iter().collect();
+        stages.sort();
+        for (stage, v) in stages {
+            rows.push((format!("stage {stage}"), v.to_string()));
+        }
+        if !m.rotation.is_empty() {
+            rows.push(("rotation".into(), m.rotation.clone()));
+            rows.push(("next rotation (unix ms)".into(), m.rotation_next_unix_ms.to_string()));
+        }
+        if !m.rotation_step.is_empty() {
+            rows.push(("rotation under way, next step".into(), m.rotation_step.clone()));
+        }
         for v in &m.versions {
-            let state = if v.destroyed {
+            let state = if v.revoked {
+                "revoked"
+            } else if v.destroyed {
                 "destroyed"
             } else if v.deletion_unix_ms > 0 {
                 "deleted"
@@ -913,6 +1032,8 @@ fn print_metadata(format: Format, r: Response<proto::KvMetadata>) {
         human,
         json!({"current_version": m.current_version, "oldest_version": m.oldest_version, "max_versions": m.max_versions,
                "cas_required": m.cas_required, "custom_metadata": m.custom_metadata, "versions": versions,
+               "stages": m.stages, "rotation": serde_json::from_str::<Value>(&m.rotation).unwrap_or(Value::Null),
+               "rotation_step": m.rotation_step, "rotation_next_unix_ms": m.rotation_next_unix_ms,
                "created_unix_ms": m.created_unix_ms, "updated_unix_ms": m.updated_unix_ms, "audit_position": pos, "request_id": rid}),
     );
 }

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use arca_node::archive::ArchiveConfig;
 use arca_node::config::{Config, LogFormat};
 use arca_node::grpc::ProxyConfig;
+use arca_node::lifecycle::{self, LifecycleConfig};
 use arca_node::node::{Node, NodeIdentity};
 use arca_node::sequencer::{self, SequencerConfig};
 use arca_node::server::{self, BoxError, ServeOptions, TlsFiles};
@@ -52,6 +53,9 @@ enum Command {
         /// With --audit-archive-dir: sequenced entries kept in the store.
         #[arg(long, default_value_t = 1_000_000)]
         audit_retain_entries: u64,
+        /// External secret rotators (`--rotator exec --command NAME` runs DIR/NAME).
+        #[arg(long)]
+        rotators_dir: Option<PathBuf>,
     },
     /// Production server from a config file.
     Server {
@@ -83,6 +87,7 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+#[allow(clippy::too_many_arguments)] // the dev subcommand's flags, one by one
 async fn dev(
     data_dir: PathBuf,
     grpc_addr: SocketAddr,
@@ -91,6 +96,7 @@ async fn dev(
     region: String,
     sequencer: SequencerConfig,
     archive: Option<ArchiveConfig>,
+    rotators_dir: Option<PathBuf>,
 ) -> Result<(), BoxError> {
     if !grpc_addr.ip().is_loopback() || !http_addr.ip().is_loopback() {
         return Err("arcad dev listens on loopback addresses only".into());
@@ -101,6 +107,10 @@ async fn dev(
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
     sequencer::start(&node, sequencer);
+    lifecycle::start(
+        &node,
+        LifecycleConfig { rotators_dir, interval: std::time::Duration::from_millis(500) },
+    );
     if let Some(archive) = archive {
         arca_node::archive::start(&node, archive);
     }
@@ -146,6 +156,13 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         None => None,
     };
     sequencer::start(&node, config.sequencer.to_config());
+    lifecycle::start(
+        &node,
+        LifecycleConfig {
+            rotators_dir: config.lifecycle.as_ref().and_then(|l| l.rotators_dir.clone()),
+            interval: std::time::Duration::from_millis(500),
+        },
+    );
     if let Some(a) = &config.audit_archive {
         arca_node::archive::start(
             &node,
@@ -213,6 +230,7 @@ fn main() -> ExitCode {
             sequencer_interval_ms,
             audit_archive_dir,
             audit_retain_entries,
+            rotators_dir,
         } => {
             init_logging("info", LogFormat::Text);
             let sequencer = SequencerConfig {
@@ -225,7 +243,16 @@ fn main() -> ExitCode {
                 retain_for: None,
                 interval: std::time::Duration::from_millis(200),
             });
-            runtime.block_on(dev(data_dir, grpc_addr, http_addr, node_id, region, sequencer, archive))
+            runtime.block_on(dev(
+                data_dir,
+                grpc_addr,
+                http_addr,
+                node_id,
+                region,
+                sequencer,
+                archive,
+                rotators_dir,
+            ))
         }
         Command::Server { config } => match Config::load(&config) {
             Ok(config) => {
