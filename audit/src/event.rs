@@ -160,6 +160,11 @@ operations! {
     RegionDemote = 82, "region.demote";
     RegionDivergence = 83, "region.divergence";
     RegionDivergentSecrets = 84, "region.divergence.secrets";
+    /// Just-in-time access (`arca access …`).
+    AccessRequest = 90, "access.request";
+    AccessApprove = 91, "access.approve";
+    AccessExpire = 92, "access.expire";
+    AccessList = 93, "access.list";
 }
 
 impl fmt::Display for Operation {

@@ -145,6 +145,20 @@ fn token_info(r: TokenRecord) -> proto::TokenInfo {
     }
 }
 
+fn grant(g: crate::access::Grant) -> proto::AccessGrant {
+    proto::AccessGrant {
+        id: g.id,
+        policy: g.policy,
+        reason: g.reason,
+        ttl_secs: g.ttl_secs,
+        state: g.state.name().to_owned(),
+        requester: g.requester_entity,
+        approver: g.approver_entity.unwrap_or_default(),
+        created_unix_ms: g.created_unix_ms,
+        expires_unix_ms: g.expires_unix_ms.unwrap_or(0),
+    }
+}
+
 fn token_auth(t: NewToken) -> proto::TokenAuth {
     proto::TokenAuth { token: t.token.to_string(), info: Some(token_info(t.record)) }
 }
@@ -426,6 +440,27 @@ impl Arca for Service {
         let r = request.into_inner();
         respond(self.node.kv_revoke(ctx, mount(r.mount), r.path, r.versions, r.all).await, |versions| {
             proto::KvVersionsResponse { versions }
+        })
+    }
+
+    async fn access_request(
+        &self,
+        request: Request<proto::AccessRequestRequest>,
+    ) -> Reply<proto::AccessGrant> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.access_request(ctx, r.policy, r.ttl_secs, r.reason).await, grant)
+    }
+
+    async fn access_approve(&self, request: Request<proto::AccessGrantId>) -> Reply<proto::AccessGrant> {
+        let ctx = self.context(&request);
+        respond(self.node.access_approve(ctx, request.into_inner().id).await, grant)
+    }
+
+    async fn access_list(&self, request: Request<proto::Empty>) -> Reply<proto::AccessGrants> {
+        let ctx = self.context(&request);
+        respond(self.node.access_list(ctx).await, |grants| proto::AccessGrants {
+            grants: grants.into_iter().map(grant).collect(),
         })
     }
 

@@ -65,6 +65,28 @@ pub fn policies() -> Vec<u8> {
     pack(&["sys".into(), "policy".into()])
 }
 
+/// A just-in-time access grant (sealed JSON).
+pub fn access_grant(id: &str) -> Vec<u8> {
+    pack(&["sys".into(), "access".into(), "grant".into(), id.into()])
+}
+
+pub fn access_grant_prefix() -> Vec<u8> {
+    pack(&["sys".into(), "access".into(), "grant".into()])
+}
+
+/// An approved grant, indexed by the requester's token accessor.
+pub fn access_active(accessor: &str, id: &str) -> Vec<u8> {
+    pack(&["sys".into(), "access".into(), "active".into(), accessor.into(), id.into()])
+}
+
+pub fn access_active_prefix(accessor: &str) -> Vec<u8> {
+    pack(&["sys".into(), "access".into(), "active".into(), accessor.into()])
+}
+
+pub fn access_active_all() -> Vec<u8> {
+    pack(&["sys".into(), "access".into(), "active".into()])
+}
+
 pub fn policy(name: &str) -> Vec<u8> {
     pack(&["sys".into(), "policy".into(), name.into()])
 }

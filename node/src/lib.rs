@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod archive;
 pub mod auth;
 pub mod barrier;

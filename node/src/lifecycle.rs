@@ -782,6 +782,9 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str) -> Result<(), ApiError>
     if !lead {
         return Ok(());
     }
+    if let Err(err) = node.access_expire_sweep().await {
+        tracing::debug!(error = %err, "access expiry sweep");
+    }
     let prefix = keys::rotation_index_prefix();
     let end = arca_store::prefix_end(&prefix).ok_or(ApiError::Internal)?;
     let rows = node

@@ -217,8 +217,10 @@ impl Env<'_> {
         if record.policies.iter().any(|p| p == "root") {
             return Ok(true);
         }
-        let mut policies = Vec::with_capacity(record.policies.len());
-        for name in &record.policies {
+        // Policies held for a while through approved just-in-time grants.
+        let granted = crate::access::granted_policies(self, &record.accessor)?;
+        let mut policies = Vec::with_capacity(record.policies.len() + granted.len());
+        for name in record.policies.iter().chain(granted.iter()) {
             if let Some(text) = self.get_sealed(&keys::policy(name))? {
                 let text = std::str::from_utf8(&text).map_err(|_| ApiError::Internal)?;
                 policies.push((name.as_str(), policy::parse(text).map_err(|_| ApiError::Internal)?));
@@ -292,6 +294,11 @@ impl Node {
             work(env)
         })
         .await
+    }
+
+    /// The time requests see (the injected clock, or the system's).
+    pub fn now(&self) -> u64 {
+        self.clock.get().map_or_else(now_unix_ms, |clock| clock())
     }
 
     /// Injects the clock requests see (`Env::now_unix_ms`: expiry, time conditions). Once,
@@ -386,7 +393,7 @@ impl Node {
         let reply_id = request_id.clone();
         let span = tracing::info_span!("request", op = op.name(), request_id = %request_id);
         let job = Box::new(move |tx: &mut dyn Transaction, gate: &Gate| -> Result<Vec<u8>, StoreError> {
-            let now = node.clock.get().map_or_else(now_unix_ms, |clock| clock());
+            let now = node.now();
             let mut env = Env {
                 tx,
                 node: &node,
@@ -477,6 +484,7 @@ pub fn mutates(op: Operation) -> bool {
             | Seal
             | Rejected
             | RegionStatus
+            | AccessList
             | RegionPromote
             | RegionDemote
             | RegionDivergence

@@ -181,3 +181,70 @@ async fn metadata_mtls_and_bound_cidrs_are_conditions_too() {
         Err(ApiError::InvalidArgument(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jit_grant_works_after_approval_and_not_after_its_ttl() {
+    let h = harness().await;
+    arca_node::lifecycle::start(&h.node, arca_node::lifecycle::LifecycleConfig::default());
+    policy(&h, "prod-read", r#"path "secret/data/prod/*" { capabilities = ["read"] }"#).await;
+    policy(&h, "may-request", r#"path "sys/access/request/prod-read" { capabilities = ["create"] }"#).await;
+    policy(
+        &h,
+        "approver",
+        r#"path "sys/access/approve/prod-read" { capabilities = ["update"] }
+           path "sys/access/grants" { capabilities = ["list"] }"#,
+    )
+    .await;
+    let named = |policy: &str, name: &str| CreateTokenRequest {
+        policies: vec![policy.into()],
+        ttl_secs: Some(7 * 86_400),
+        display_name: name.into(),
+        ..Default::default()
+    };
+    let c = || ctx(Some(&h.root), "127.0.0.1:1");
+    let dev = h.node.token_create(c(), named("may-request", "dev")).await.result.unwrap().token.to_string();
+    let boss = h.node.token_create(c(), named("approver", "boss")).await.result.unwrap().token.to_string();
+
+    assert!(read(&h, &dev, "127.0.0.1:9", false).await.is_err(), "no access before the grant");
+    let asked =
+        h.node.access_request(ctx(Some(&dev), "127.0.0.1:9"), "prod-read".into(), 900, "incident 42".into());
+    let grant = asked.await.result.unwrap();
+    assert!(read(&h, &dev, "127.0.0.1:9", false).await.is_err(), "a pending request grants nothing");
+    // Nobody approves their own request; the approver needs the approve capability.
+    let own = h.node.access_approve(ctx(Some(&dev), "127.0.0.1:9"), grant.id.clone()).await.result;
+    assert!(own.is_err());
+    let root_asks = h.node.access_request(c(), "root".into(), 60, "why not".into()).await.result;
+    assert!(matches!(root_asks, Err(ApiError::InvalidArgument(_))));
+    let approved =
+        h.node.access_approve(ctx(Some(&boss), "127.0.0.1:8"), grant.id.clone()).await.result.unwrap();
+    assert_eq!(approved.approver_entity.as_deref(), Some("token:boss"));
+    assert_eq!(read(&h, &dev, "127.0.0.1:9", false).await.unwrap(), "s3cr3t");
+
+    // The TTL ends: access ends with it, and the expiry is recorded by the sweep.
+    h.clock.fetch_add(901_000, Ordering::SeqCst);
+    assert!(read(&h, &dev, "127.0.0.1:9", false).await.is_err(), "no access after the TTL");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !events(&h).iter().any(|e| e.operation == arca_audit::Operation::AccessExpire) {
+        assert!(std::time::Instant::now() < deadline, "the expiry was never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let listed = h.node.access_list(ctx(Some(&boss), "127.0.0.1:8")).await.result.unwrap();
+    assert_eq!(listed[0].state, arca_node::access::GrantState::Expired);
+    let ops: Vec<(arca_audit::Operation, Outcome)> = events(&h)
+        .into_iter()
+        .filter(|e| e.operation.name().starts_with("access."))
+        .map(|e| (e.operation, e.outcome))
+        .collect();
+    use arca_audit::Operation as Op;
+    assert_eq!(
+        ops,
+        vec![
+            (Op::AccessRequest, Outcome::Ok),
+            (Op::AccessApprove, Outcome::Denied),
+            (Op::AccessRequest, Outcome::Error { code: "invalid_argument".into() }),
+            (Op::AccessApprove, Outcome::Ok),
+            (Op::AccessExpire, Outcome::Ok),
+            (Op::AccessList, Outcome::Ok),
+        ]
+    );
+}

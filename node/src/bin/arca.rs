@@ -77,6 +77,9 @@ enum Command {
     /// Regions: replication status, promote a standby, demote a deposed primary.
     #[command(subcommand)]
     Region(RegionCommand),
+    /// Just-in-time access: request a policy for a while, approve, list.
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Rotate a secret now with its rotation policy (create → set → test → finish); prints the
     /// new current version. Readers switch from the old value to the new one atomically.
     Rotate { path: String },
@@ -126,6 +129,50 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Ask for POLICY for --ttl (e.g. 15m, 1h, 90s) with a reason; an approver must approve.
+    Request {
+        policy: String,
+        #[arg(long, value_parser = parse_duration_secs)]
+        ttl: u64,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Approve a pending request: its token holds the policy until the TTL ends.
+    Approve { id: String },
+    /// Every request, newest first.
+    List,
+}
+
+/// `90`, `90s`, `15m`, `2h`, `1d` → seconds.
+fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: expected e.g. 90s, 15m, 2h"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{text:?} is too long"))
+}
+
+fn grant_json(g: &proto::AccessGrant) -> Value {
+    json!({"id": g.id, "policy": g.policy, "reason": g.reason, "ttl_secs": g.ttl_secs, "state": g.state,
+           "requester": g.requester, "approver": g.approver, "created_unix_ms": g.created_unix_ms,
+           "expires_unix_ms": g.expires_unix_ms})
+}
+
+fn grant_text(g: &proto::AccessGrant) -> String {
+    let until = if g.expires_unix_ms > 0 { format!(" until {}", g.expires_unix_ms) } else { String::new() };
+    format!(
+        "{}  {}  {} for {}s{until}  by {}  ({})",
+        g.id, g.state, g.policy, g.ttl_secs, g.requester, g.reason
+    )
 }
 
 #[derive(Subcommand)]
@@ -688,6 +735,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Operator(cmd) => operator(&c, format, cmd).await,
         Command::Region(cmd) => region(&c, format, cmd).await,
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
+        Command::Access(cmd) => {
+            let r = match cmd {
+                AccessCommand::Request { policy, ttl, reason } => {
+                    rpc!(
+                        c,
+                        Write,
+                        access_request,
+                        proto::AccessRequestRequest { policy, ttl_secs: ttl, reason }
+                    )
+                    .await?
+                }
+                AccessCommand::Approve { id } => {
+                    rpc!(c, Write, access_approve, proto::AccessGrantId { id }).await?
+                }
+                AccessCommand::List => {
+                    let r = rpc!(c, Read, access_list, proto::Empty {}).await?;
+                    let grants = &r.get_ref().grants;
+                    print(
+                        format,
+                        || grants.iter().map(grant_text).collect::<Vec<_>>().join("\n"),
+                        json!({"grants": grants.iter().map(grant_json).collect::<Vec<_>>(), "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                    return Ok(());
+                }
+            };
+            let g = r.get_ref();
+            let mut out = grant_json(g);
+            out["audit_position"] = position(&r);
+            out["request_id"] = request_id(&r);
+            print(format, || grant_text(g), out);
+            Ok(())
+        }
         Command::Rotate { path } => {
             let (mount, path) = split_mount(&path)?;
             let r = rpc!(c, Write, kv_rotate, proto::KvPathRequest { mount, path }).await?;
