@@ -8,6 +8,9 @@ need_apt=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 # A real PKCS#11 module for the HSM seal: SoftHSM2 (tokens initialised by scripts/softhsm.sh).
 dpkg -s softhsm2 >/dev/null 2>&1 || need_apt+=(softhsm2)
+# A real PostgreSQL server for the dynamic database credentials tests (started privately by
+# scripts/postgres.sh; the distribution's own cluster is not used).
+dpkg -s postgresql >/dev/null 2>&1 || need_apt+=(postgresql)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]}" >&2

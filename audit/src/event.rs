@@ -165,6 +165,15 @@ operations! {
     AccessApprove = 91, "access.approve";
     AccessExpire = 92, "access.expire";
     AccessList = 93, "access.list";
+    /// Dynamic database credentials and their leases.
+    DbConfigWrite = 100, "database.config.write";
+    DbRoleWrite = 101, "database.role.write";
+    DbCreds = 102, "database.creds";
+    LeaseRenew = 103, "lease.renew";
+    LeaseRevoke = 104, "lease.revoke";
+    /// A lease revoked in its database and dropped (expiry, or after `lease.revoke`).
+    LeaseReap = 105, "lease.reap";
+    LeaseLookup = 106, "lease.lookup";
 }
 
 impl fmt::Display for Operation {

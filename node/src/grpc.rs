@@ -145,6 +145,18 @@ fn token_info(r: TokenRecord) -> proto::TokenInfo {
     }
 }
 
+fn lease_info(l: crate::database::Lease) -> proto::LeaseInfo {
+    proto::LeaseInfo {
+        lease_id: l.id,
+        role: l.role,
+        username: l.username,
+        issued_unix_ms: l.issued_unix_ms,
+        expire_unix_ms: l.expire_unix_ms,
+        max_expire_unix_ms: l.max_expire_unix_ms,
+        owner: l.owner_entity,
+    }
+}
+
 fn grant(g: crate::access::Grant) -> proto::AccessGrant {
     proto::AccessGrant {
         id: g.id,
@@ -441,6 +453,66 @@ impl Arca for Service {
         respond(self.node.kv_revoke(ctx, mount(r.mount), r.path, r.versions, r.all).await, |versions| {
             proto::KvVersionsResponse { versions }
         })
+    }
+
+    async fn db_config_write(&self, request: Request<proto::DbConfigRequest>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.db_config_write(ctx, r.name, Zeroizing::new(r.url)).await, |()| proto::Empty {})
+    }
+
+    async fn db_role_write(&self, request: Request<proto::DbRoleRequest>) -> Reply<proto::DbRoleInfo> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        let req = crate::database::RoleRequest {
+            name: r.name,
+            db: r.db,
+            creation_sql: r.creation_sql,
+            revocation_sql: some(r.revocation_sql),
+            renew_sql: some(r.renew_sql),
+            ttl_secs: r.ttl_secs,
+            max_ttl_secs: r.max_ttl_secs,
+            max_leases_per_identity: r.max_leases_per_identity,
+        };
+        respond(self.node.db_role_write(ctx, req).await, |role| proto::DbRoleInfo {
+            name: role.name,
+            db: role.db,
+            ttl_secs: role.ttl_secs,
+            max_ttl_secs: role.max_ttl_secs,
+            max_leases_per_identity: role.max_leases_per_identity,
+        })
+    }
+
+    async fn db_creds(&self, request: Request<proto::DbCredsRequest>) -> Reply<proto::DbCredsResponse> {
+        let ctx = self.context(&request);
+        respond(self.node.db_creds(ctx, request.into_inner().role).await, |c| proto::DbCredsResponse {
+            username: c.lease.username.clone(),
+            password: c.password.to_string(),
+            lease: Some(lease_info(c.lease)),
+        })
+    }
+
+    async fn lease_renew(&self, request: Request<proto::LeaseRenewRequest>) -> Reply<proto::LeaseInfo> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.lease_renew(ctx, r.lease_id, r.increment_secs).await, lease_info)
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<proto::LeaseRevokeRequest>,
+    ) -> Reply<proto::LeaseRevokeResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.lease_revoke(ctx, r.lease_id, r.prefix).await, |n| proto::LeaseRevokeResponse {
+            revoked: n as u64,
+        })
+    }
+
+    async fn lease_lookup(&self, request: Request<proto::LeaseId>) -> Reply<proto::LeaseInfo> {
+        let ctx = self.context(&request);
+        respond(self.node.lease_lookup(ctx, request.into_inner().lease_id).await, lease_info)
     }
 
     async fn access_request(

@@ -65,6 +65,43 @@ pub fn policies() -> Vec<u8> {
     pack(&["sys".into(), "policy".into()])
 }
 
+/// A database connection (sealed JSON; holds the admin URL).
+pub fn db_connection(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "db".into(), "conn".into(), name.into()])
+}
+
+/// A database role (sealed JSON).
+pub fn db_role(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "db".into(), "role".into(), name.into()])
+}
+
+/// A lease (sealed JSON).
+pub fn lease(id: &str) -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "id".into(), id.into()])
+}
+
+pub fn lease_prefix() -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "id".into()])
+}
+
+/// The reaper's index: leases by expiry.
+pub fn lease_expiry(expire_unix_ms: u64, id: &str) -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "exp".into(), expire_unix_ms.into(), id.into()])
+}
+
+pub fn lease_expiry_prefix() -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "exp".into()])
+}
+
+/// The quota's index: leases by owner.
+pub fn lease_owner(entity: &str, id: &str) -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "owner".into(), entity.into(), id.into()])
+}
+
+pub fn lease_owner_prefix(entity: &str) -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "owner".into(), entity.into()])
+}
+
 /// A just-in-time access grant (sealed JSON).
 pub fn access_grant(id: &str) -> Vec<u8> {
     pack(&["sys".into(), "access".into(), "grant".into(), id.into()])

@@ -20,6 +20,7 @@ pub mod barrier;
 pub mod codec;
 pub mod committer;
 pub mod config;
+pub mod database;
 pub mod error;
 pub mod grpc;
 pub mod hsm;

@@ -239,7 +239,7 @@ pub fn cron_next(schedule: &str, after_unix_ms: u64) -> Result<u64, String> {
 }
 
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -784,6 +784,9 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str) -> Result<(), ApiError>
     }
     if let Err(err) = node.access_expire_sweep().await {
         tracing::debug!(error = %err, "access expiry sweep");
+    }
+    if let Err(err) = node.reap_expired().await {
+        tracing::debug!(error = %err, "lease reaper");
     }
     let prefix = keys::rotation_index_prefix();
     let end = arca_store::prefix_end(&prefix).ok_or(ApiError::Internal)?;

@@ -485,6 +485,7 @@ pub fn mutates(op: Operation) -> bool {
             | Rejected
             | RegionStatus
             | AccessList
+            | LeaseLookup
             | RegionPromote
             | RegionDemote
             | RegionDivergence

@@ -605,6 +605,51 @@ async fn dispatch(
                 json_response(StatusCode::OK, envelope(rid, token_data(&r, None), Value::Null))
             })
         }
+        (["database", "creds", role], "GET") => {
+            reply(node.db_creds(ctx, (*role).to_owned()).await, |c, rid| {
+                let secs = c.lease.expire_unix_ms.saturating_sub(c.lease.issued_unix_ms) / 1000;
+                json_response(
+                    StatusCode::OK,
+                    json!({"request_id": rid, "lease_id": c.lease.id, "renewable": true, "lease_duration": secs,
+                           "data": {"username": c.lease.username, "password": c.password.as_str()},
+                           "wrap_info": null, "warnings": null, "auth": null}),
+                )
+            })
+        }
+        (["sys", "leases", "renew"] | ["sys", "renew"], "POST" | "PUT") => {
+            let id = body["lease_id"].as_str().unwrap_or_default().to_owned();
+            let increment = bad!(duration_secs(&body["increment"]));
+            reply(node.lease_renew(ctx, id, increment).await, |l, rid| {
+                let secs = l.expire_unix_ms.saturating_sub(now_unix_ms()) / 1000;
+                json_response(
+                    StatusCode::OK,
+                    json!({"request_id": rid, "lease_id": l.id, "renewable": true, "lease_duration": secs,
+                           "data": null, "wrap_info": null, "warnings": null, "auth": null}),
+                )
+            })
+        }
+        (["sys", "leases", "revoke"] | ["sys", "revoke"], "POST" | "PUT") => {
+            let id = body["lease_id"].as_str().unwrap_or_default().to_owned();
+            reply(node.lease_revoke(ctx, id, false).await, |_, _| no_content())
+        }
+        (["sys", "leases", "revoke-prefix", rest @ ..], "POST" | "PUT") if !rest.is_empty() => {
+            reply(node.lease_revoke(ctx, rest.join("/"), true).await, |_, _| no_content())
+        }
+        (["sys", "leases", "lookup"], "POST" | "PUT") => {
+            let id = body["lease_id"].as_str().unwrap_or_default().to_owned();
+            reply(node.lease_lookup(ctx, id).await, |l, rid| {
+                let ttl = l.expire_unix_ms.saturating_sub(now_unix_ms()) / 1000;
+                json_response(
+                    StatusCode::OK,
+                    envelope(
+                        rid,
+                        json!({"id": l.id, "issue_time": rfc3339(l.issued_unix_ms),
+                        "expire_time": rfc3339(l.expire_unix_ms), "renewable": true, "ttl": ttl}),
+                        Value::Null,
+                    ),
+                )
+            })
+        }
         (["auth", "token", "renew-self"], "POST" | "PUT") => {
             let increment = bad!(duration_secs(&body["increment"]));
             let own = ctx.token.clone();

@@ -77,6 +77,12 @@ enum Command {
     /// Regions: replication status, promote a standby, demote a deposed primary.
     #[command(subcommand)]
     Region(RegionCommand),
+    /// Dynamic database credentials (PostgreSQL).
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Leases on dynamic credentials: renew, revoke, revoke by prefix, look up.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// Just-in-time access: request a policy for a while, approve, list.
     #[command(subcommand)]
     Access(AccessCommand),
@@ -129,6 +135,75 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Store a connection: --url @FILE or - (stdin) keeps the admin password off the command line.
+    Config {
+        name: String,
+        #[arg(long)]
+        url: String,
+    },
+    /// Store a role: SQL with {{name}}, {{password}}, {{expiration}} (each @FILE, - or text).
+    Role {
+        name: String,
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        creation_sql: String,
+        #[arg(long)]
+        revocation_sql: Option<String>,
+        #[arg(long)]
+        renew_sql: Option<String>,
+        #[arg(long, value_parser = parse_duration_secs)]
+        ttl: Option<u64>,
+        #[arg(long, value_parser = parse_duration_secs)]
+        max_ttl: Option<u64>,
+        #[arg(long)]
+        max_leases_per_identity: Option<u32>,
+    },
+    /// Fresh credentials with a lease (the password is shown once).
+    Creds { role: String },
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    Renew {
+        lease_id: String,
+        #[arg(long, value_parser = parse_duration_secs)]
+        increment: Option<u64>,
+    },
+    Revoke {
+        lease_id: String,
+    },
+    /// Revoke every lease whose id starts with PREFIX (needs sudo).
+    RevokePrefix {
+        prefix: String,
+    },
+    Lookup {
+        lease_id: String,
+    },
+}
+
+/// Whether a revoke names one lease or a prefix.
+enum LeaseKind {
+    One,
+    Prefix,
+}
+
+fn lease_json(l: &proto::LeaseInfo) -> Value {
+    json!({"lease_id": l.lease_id, "role": l.role, "username": l.username, "issued_unix_ms": l.issued_unix_ms,
+           "expire_unix_ms": l.expire_unix_ms, "max_expire_unix_ms": l.max_expire_unix_ms, "owner": l.owner})
+}
+
+fn lease_rows(l: &proto::LeaseInfo) -> Vec<(String, String)> {
+    vec![
+        ("lease_id".into(), l.lease_id.clone()),
+        ("username".into(), l.username.clone()),
+        ("expire_unix_ms".into(), l.expire_unix_ms.to_string()),
+        ("max_expire_unix_ms".into(), l.max_expire_unix_ms.to_string()),
+    ]
 }
 
 #[derive(Subcommand)]
@@ -735,6 +810,114 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Operator(cmd) => operator(&c, format, cmd).await,
         Command::Region(cmd) => region(&c, format, cmd).await,
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
+        Command::Db(cmd) => {
+            match cmd {
+                DbCommand::Config { name, url } => {
+                    let url = read_value(&url)?;
+                    let r =
+                        rpc!(c, Write, db_config_write, proto::DbConfigRequest { name: name.clone(), url })
+                            .await?;
+                    print(
+                        format,
+                        || format!("Success! stored connection {name}"),
+                        json!({"name": name, "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::Role {
+                    name,
+                    db,
+                    creation_sql,
+                    revocation_sql,
+                    renew_sql,
+                    ttl,
+                    max_ttl,
+                    max_leases_per_identity,
+                } => {
+                    let req = proto::DbRoleRequest {
+                        name,
+                        db,
+                        creation_sql: read_value(&creation_sql)?,
+                        revocation_sql: revocation_sql
+                            .map(|s| read_value(&s))
+                            .transpose()?
+                            .unwrap_or_default(),
+                        renew_sql: renew_sql.map(|s| read_value(&s)).transpose()?.unwrap_or_default(),
+                        ttl_secs: ttl,
+                        max_ttl_secs: max_ttl,
+                        max_leases_per_identity,
+                    };
+                    let r = rpc!(c, Write, db_role_write, req).await?;
+                    let role = r.get_ref();
+                    print(
+                        format,
+                        || {
+                            format!(
+                                "Success! role {} on {} (ttl {}s, max {}s)",
+                                role.name, role.db, role.ttl_secs, role.max_ttl_secs
+                            )
+                        },
+                        json!({"name": role.name, "db": role.db, "ttl_secs": role.ttl_secs, "max_ttl_secs": role.max_ttl_secs,
+                               "max_leases_per_identity": role.max_leases_per_identity, "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::Creds { role } => {
+                    let r = rpc!(c, Write, db_creds, proto::DbCredsRequest { role }).await?;
+                    let creds = r.get_ref();
+                    let lease = creds.lease.clone().unwrap_or_default();
+                    let mut rows = vec![
+                        ("username".to_owned(), creds.username.clone()),
+                        ("password".into(), creds.password.clone()),
+                    ];
+                    rows.extend(lease_rows(&lease));
+                    print(
+                        format,
+                        || table(&rows),
+                        json!({"username": creds.username, "password": creds.password, "lease": lease_json(&lease),
+                               "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Lease(cmd) => {
+            let cmd_kind = if matches!(cmd, LeaseCommand::RevokePrefix { .. }) {
+                LeaseKind::Prefix
+            } else {
+                LeaseKind::One
+            };
+            match cmd {
+                LeaseCommand::Renew { lease_id, increment } => {
+                    let r = rpc!(
+                        c,
+                        Write,
+                        lease_renew,
+                        proto::LeaseRenewRequest { lease_id, increment_secs: increment }
+                    )
+                    .await?;
+                    let mut out = lease_json(r.get_ref());
+                    out["audit_position"] = position(&r);
+                    print(format, || table(&lease_rows(r.get_ref())), out);
+                }
+                LeaseCommand::Lookup { lease_id } => {
+                    let r = rpc!(c, Read, lease_lookup, proto::LeaseId { lease_id }).await?;
+                    let mut out = lease_json(r.get_ref());
+                    out["audit_position"] = position(&r);
+                    print(format, || table(&lease_rows(r.get_ref())), out);
+                }
+                LeaseCommand::Revoke { lease_id } | LeaseCommand::RevokePrefix { prefix: lease_id } => {
+                    let prefix = matches!(cmd_kind, LeaseKind::Prefix);
+                    let r =
+                        rpc!(c, Write, lease_revoke, proto::LeaseRevokeRequest { lease_id, prefix }).await?;
+                    let n = r.get_ref().revoked;
+                    print(
+                        format,
+                        || format!("Success! revoked {n} lease(s)"),
+                        json!({"revoked": n, "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Access(cmd) => {
             let r = match cmd {
                 AccessCommand::Request { policy, ttl, reason } => {

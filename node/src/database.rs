@@ -1,0 +1,519 @@
+//! Dynamic database credentials (PostgreSQL) and leases.
+//!
+//! An operator stores a **connection** (`database/config/<name>`: an admin URL, kept sealed
+//! and never returned) and **roles** (`database/roles/<name>`: creation, revocation and
+//! renewal SQL with `{{name}}`, `{{password}}` and `{{expiration}}` placeholders, a TTL, a
+//! maximum TTL and a per-identity lease quota). Each read of `database/creds/<role>` creates
+//! a fresh user with a random name and password and a **lease**; the password is returned
+//! once and never stored.
+//!
+//! Leases (`sys/leases/*`): renew (up to the maximum TTL; the renewal SQL moves the user's
+//! `VALID UNTIL`), revoke, revoke by prefix. The **reaper** — on the region's scheduler node,
+//! by lease — revokes expired leases, at most [`REAP_BATCH`] per round, so a pile-up drains
+//! without swamping the database; leases live in the store, so they survive restarts and the
+//! loss of any node. A revocation is done only once the database confirmed it: until then
+//! the lease stays, due, and the reaper tries again. Every step is an audited event.
+//!
+//! Order of effects: a lease is recorded (audited) before its user is created, so a crash
+//! in between leaves a lease whose revocation (`DROP ROLE IF EXISTS`) is harmless — never a
+//! user arca does not know about.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arca_audit::Operation;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::error::ApiError;
+use crate::keys;
+use crate::node::{Audited, Env, Node, RequestContext};
+use crate::policy::{self, Capability};
+
+/// Expired leases revoked per reaper round.
+pub const REAP_BATCH: usize = 100;
+const SQL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ends the user's sessions, drops its privileges (also on shared objects such as the
+/// database's CONNECT) and the user; does nothing when it was never created.
+const DEFAULT_REVOCATION_SQL: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}'; \
+     DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{{name}}') THEN \
+     EXECUTE 'DROP OWNED BY \"{{name}}\"'; EXECUTE 'DROP ROLE \"{{name}}\"'; END IF; END $$;";
+const DEFAULT_RENEW_SQL: &str = "ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}';";
+
+/// A database connection (sealed; the URL holds the admin password).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Connection {
+    pub name: String,
+    pub url: String,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("name", &self.name).field("url", &"<redacted>").finish()
+    }
+}
+
+/// A role: what each credential is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Role {
+    pub name: String,
+    pub db: String,
+    pub creation_sql: String,
+    pub revocation_sql: String,
+    pub renew_sql: String,
+    pub ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    /// Leases one identity may hold on this role at once.
+    pub max_leases_per_identity: u32,
+}
+
+/// A lease on dynamic credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    pub role: String,
+    pub db: String,
+    pub username: String,
+    pub issued_unix_ms: u64,
+    pub expire_unix_ms: u64,
+    pub max_expire_unix_ms: u64,
+    pub owner_entity: String,
+}
+
+/// What `db creds` returns, once.
+pub struct Credentials {
+    pub lease: Lease,
+    pub password: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("lease", &self.lease).field("password", &"<redacted>").finish()
+    }
+}
+
+/// A role to write.
+#[derive(Debug, Clone, Default)]
+pub struct RoleRequest {
+    pub name: String,
+    pub db: String,
+    pub creation_sql: String,
+    pub revocation_sql: Option<String>,
+    pub renew_sql: Option<String>,
+    pub ttl_secs: Option<u64>,
+    pub max_ttl_secs: Option<u64>,
+    pub max_leases_per_identity: Option<u32>,
+}
+
+fn validate_name(name: &str) -> Result<(), ApiError> {
+    policy::validate_name(name)
+        .map_err(|_| ApiError::invalid("name: 1 to 128 characters from a-z, 0-9, '-', '_', '.'"))
+}
+
+fn validate_sql(what: &str, sql: &str) -> Result<(), ApiError> {
+    if sql.trim().is_empty() || sql.len() > 16 * 1024 {
+        return Err(ApiError::invalid(format!("{what}: 1 byte to 16 KiB of SQL")));
+    }
+    Ok(())
+}
+
+fn random_alnum(n: usize) -> String {
+    const ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut out = String::with_capacity(n);
+    while out.len() < n {
+        let mut buf = [0u8; 32];
+        rand::fill(&mut buf);
+        for b in buf {
+            if (b as usize) < 248 && out.len() < n {
+                out.push(ALNUM[b as usize % 62] as char);
+            }
+        }
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SS+00`, for `VALID UNTIL`.
+fn timestamp(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (y, m, d) = crate::lifecycle::civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}+00", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The SQL with placeholders filled in. Names are `[a-z0-9_]`, passwords alphanumeric: no
+/// quoting can be broken by them.
+fn render(sql: &str, name: &str, password: &str, expire_unix_ms: u64) -> Zeroizing<String> {
+    Zeroizing::new(
+        sql.replace("{{name}}", name)
+            .replace("{{password}}", password)
+            .replace("{{expiration}}", &timestamp(expire_unix_ms)),
+    )
+}
+
+/// Runs statements on the connection's database. Errors carry the SQLSTATE only (a message
+/// might quote a statement, and a statement may hold a password).
+async fn run_sql(url: &str, sql: &str) -> Result<(), ApiError> {
+    let work = async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let result = client.batch_execute(sql).await;
+        drop(client);
+        let _ = driver.await;
+        result
+    };
+    match tokio::time::timeout(SQL_TIMEOUT, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => {
+            let code = err.code().map_or("connection", |c| c.code());
+            tracing::warn!(sqlstate = code, "the database refused a statement");
+            Err(ApiError::FailedPrecondition(format!(
+                "the database refused the statements (SQLSTATE {code})"
+            )))
+        }
+        Err(_) => Err(ApiError::Unavailable),
+    }
+}
+
+fn lease_key(id: &str) -> Result<Vec<u8>, ApiError> {
+    if id.is_empty() || id.len() > 256 || id.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid("lease id: 1 to 256 printable characters"));
+    }
+    Ok(keys::lease(id))
+}
+
+fn put_lease(env: &mut Env<'_>, lease: &Lease, old_expire: Option<u64>) -> Result<(), ApiError> {
+    if let Some(old) = old_expire {
+        env.tx.clear(&keys::lease_expiry(old, &lease.id))?;
+    }
+    env.put_json(&lease_key(&lease.id)?, lease)?;
+    env.tx.set(&keys::lease_expiry(lease.expire_unix_ms, &lease.id), b"")?;
+    env.tx.set(&keys::lease_owner(&lease.owner_entity, &lease.id), b"")?;
+    Ok(())
+}
+
+fn load_lease(env: &mut Env<'_>, id: &str) -> Result<Lease, ApiError> {
+    env.get_json(&lease_key(id)?)?.ok_or_else(|| ApiError::NotFound("no such lease".into()))
+}
+
+fn load_conn(env: &mut Env<'_>, name: &str) -> Result<Connection, ApiError> {
+    env.get_json(&keys::db_connection(name))?
+        .ok_or_else(|| ApiError::NotFound(format!("no database connection {name}")))
+}
+
+impl Node {
+    /// Stores a connection (needs `update` on `database/config/<name>`).
+    pub async fn db_config_write(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        name: String,
+        url: Zeroizing<String>,
+    ) -> Audited<()> {
+        let path = format!("database/config/{name}");
+        self.execute(ctx, Operation::DbConfigWrite, path.clone(), move |env| {
+            validate_name(&name)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) || url.len() > 2048 {
+                return Err(ApiError::invalid("url: postgres://user:password@host:port/database"));
+            }
+            if url.parse::<tokio_postgres::Config>().is_err() {
+                return Err(ApiError::invalid("url: not a PostgreSQL connection URL"));
+            }
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            env.put_json(
+                &keys::db_connection(&name),
+                &Connection { name: name.clone(), url: url.to_string() },
+            )
+        })
+        .await
+    }
+
+    /// Stores a role (needs `update` on `database/roles/<name>`).
+    pub async fn db_role_write(self: &Arc<Self>, ctx: RequestContext, req: RoleRequest) -> Audited<Role> {
+        let path = format!("database/roles/{}", req.name);
+        self.execute(ctx, Operation::DbRoleWrite, path.clone(), move |env| {
+            validate_name(&req.name)?;
+            validate_name(&req.db)?;
+            validate_sql("creation_sql", &req.creation_sql)?;
+            let ttl = req.ttl_secs.unwrap_or(3600);
+            let max_ttl = req.max_ttl_secs.unwrap_or(86_400);
+            if ttl == 0 || ttl > max_ttl || max_ttl > 32 * 86_400 {
+                return Err(ApiError::invalid("ttl: 1 second up to max_ttl; max_ttl: up to 32 days"));
+            }
+            let role = Role {
+                name: req.name.clone(),
+                db: req.db.clone(),
+                creation_sql: req.creation_sql.clone(),
+                revocation_sql: req.revocation_sql.clone().unwrap_or_else(|| DEFAULT_REVOCATION_SQL.into()),
+                renew_sql: req.renew_sql.clone().unwrap_or_else(|| DEFAULT_RENEW_SQL.into()),
+                ttl_secs: ttl,
+                max_ttl_secs: max_ttl,
+                max_leases_per_identity: req.max_leases_per_identity.unwrap_or(100).clamp(1, 100_000),
+            };
+            validate_sql("revocation_sql", &role.revocation_sql)?;
+            validate_sql("renew_sql", &role.renew_sql)?;
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            load_conn(env, &role.db)?;
+            env.put_json(&keys::db_role(&role.name), &role)?;
+            Ok(role)
+        })
+        .await
+    }
+
+    /// Creates fresh credentials for `role` (needs `read` on `database/creds/<role>`).
+    pub async fn db_creds(self: &Arc<Self>, ctx: RequestContext, role: String) -> Audited<Credentials> {
+        let path = format!("database/creds/{role}");
+        let planned = self
+            .execute(ctx, Operation::DbCreds, path.clone(), move |env| {
+                validate_name(&role)?;
+                let record = env.authorize(&path, &[Capability::Read])?;
+                let r: Role = env.get_json(&keys::db_role(&role))?.ok_or_else(|| ApiError::NotFound(format!("no database role {role}")))?;
+                let conn = load_conn(env, &r.db)?;
+                // The quota, counted in the same transaction as the new lease.
+                let prefix = keys::lease_owner_prefix(&record.entity);
+                let end = arca_store::prefix_end(&prefix).ok_or(ApiError::Internal)?;
+                let limit = r.max_leases_per_identity as usize + 1;
+                let held = env.tx.get_range(&prefix, &end, arca_store::RangeOptions::limit(limit))?;
+                let on_role = held
+                    .iter()
+                    .filter(|kv| {
+                        arca_store::tuple::unpack(&kv.key)
+                            .ok()
+                            .and_then(|t| t.last().and_then(|e| e.as_str().map(|s| s.starts_with(&format!("database/creds/{role}/")))))
+                            .unwrap_or(false)
+                    })
+                    .count();
+                if on_role >= r.max_leases_per_identity as usize {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "lease quota reached: {} leases on database/creds/{role} for this identity; revoke some first",
+                        r.max_leases_per_identity
+                    )));
+                }
+                let now = env.now_unix_ms;
+                let suffix = random_alnum(20);
+                let username = format!("arca_{}_{}", role.replace(['-', '.'], "_"), suffix.to_lowercase());
+                let username: String = username.chars().take(63).collect();
+                let lease = Lease {
+                    id: format!("database/creds/{role}/{suffix}"),
+                    role: role.clone(),
+                    db: r.db.clone(),
+                    username,
+                    issued_unix_ms: now,
+                    expire_unix_ms: now + r.ttl_secs * 1000,
+                    max_expire_unix_ms: now + r.max_ttl_secs * 1000,
+                    owner_entity: record.entity.clone(),
+                };
+                put_lease(env, &lease, None)?;
+                Ok((lease, Zeroizing::new(conn.url), r.creation_sql))
+            })
+            .await;
+        let Audited { result, request_id, position } = planned;
+        let result = match result {
+            Err(e) => Err(e),
+            Ok((lease, url, creation_sql)) => {
+                let password = Zeroizing::new(random_alnum(32));
+                let sql = render(&creation_sql, &lease.username, &password, lease.expire_unix_ms);
+                match run_sql(&url, &sql).await {
+                    Ok(()) => Ok(Credentials { lease, password }),
+                    Err(err) => {
+                        // Nothing to keep: drop the lease now (the user may half-exist: revoke).
+                        let _ = self.reap(&lease.id).await;
+                        Err(err)
+                    }
+                }
+            }
+        };
+        Audited { result, request_id, position }
+    }
+
+    /// Extends a lease by `increment` (default: the role's TTL), up to its maximum.
+    pub async fn lease_renew(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        id: String,
+        increment_secs: Option<u64>,
+    ) -> Audited<Lease> {
+        let renewed = self
+            .execute(ctx, Operation::LeaseRenew, "sys/leases/renew".into(), move |env| {
+                env.authorize("sys/leases/renew", &[Capability::Update])?;
+                let mut lease = load_lease(env, &id)?;
+                let now = env.now_unix_ms;
+                if lease.expire_unix_ms <= now {
+                    return Err(ApiError::NotFound("this lease has expired".into()));
+                }
+                let role: Role = env
+                    .get_json(&keys::db_role(&lease.role))?
+                    .ok_or_else(|| ApiError::NotFound("the lease's role is gone".into()))?;
+                let increment = increment_secs.unwrap_or(role.ttl_secs).clamp(1, role.max_ttl_secs);
+                let old = lease.expire_unix_ms;
+                lease.expire_unix_ms = (now + increment * 1000).min(lease.max_expire_unix_ms);
+                put_lease(env, &lease, Some(old))?;
+                let conn = load_conn(env, &lease.db)?;
+                Ok((lease, Zeroizing::new(conn.url), role.renew_sql))
+            })
+            .await;
+        let Audited { result, request_id, position } = renewed;
+        let result = match result {
+            Err(e) => Err(e),
+            Ok((lease, url, sql)) => {
+                let sql = render(&sql, &lease.username, "", lease.expire_unix_ms);
+                run_sql(&url, &sql).await.map(|()| lease)
+            }
+        };
+        Audited { result, request_id, position }
+    }
+
+    /// Revokes a lease (or, with `prefix`, every lease whose id starts with it — needs
+    /// `sudo`): due now, then revoked in the database and dropped. Returns how many.
+    pub async fn lease_revoke(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        id: String,
+        prefix: bool,
+    ) -> Audited<usize> {
+        let path = if prefix { format!("sys/leases/revoke-prefix/{id}") } else { "sys/leases/revoke".into() };
+        let marked = self
+            .execute(ctx, Operation::LeaseRevoke, path.clone(), move |env| {
+                let record = env.authorize(&path, &[Capability::Update])?;
+                let ids = if prefix {
+                    if !env.allowed(&record, &path, &[Capability::Sudo])? {
+                        return Err(ApiError::PermissionDenied);
+                    }
+                    lease_key(&id)?;
+                    let base = keys::lease_prefix();
+                    let end = arca_store::prefix_end(&base).ok_or(ApiError::Internal)?;
+                    let mut ids = Vec::new();
+                    for kv in env.tx.get_range(&base, &end, arca_store::RangeOptions::default())? {
+                        if let Some(lease_id) = arca_store::tuple::unpack(&kv.key)
+                            .ok()
+                            .and_then(|t| t.last().and_then(|e| e.as_str().map(str::to_owned)))
+                            && lease_id.starts_with(&id)
+                        {
+                            ids.push(lease_id);
+                        }
+                    }
+                    ids
+                } else {
+                    vec![load_lease(env, &id)?.id]
+                };
+                let now = env.now_unix_ms;
+                for lease_id in &ids {
+                    let mut lease = load_lease(env, lease_id)?;
+                    let old = lease.expire_unix_ms;
+                    lease.expire_unix_ms = now.min(old);
+                    put_lease(env, &lease, Some(old))?;
+                }
+                Ok(ids)
+            })
+            .await;
+        let Audited { result, request_id, position } = marked;
+        let result = match result {
+            Err(e) => Err(e),
+            Ok(ids) => {
+                let mut done = 0;
+                let mut failed = None;
+                for id in &ids {
+                    match self.reap(id).await {
+                        Ok(()) => done += 1,
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                match failed {
+                    Some(e) if done < ids.len() => Err(ApiError::FailedPrecondition(format!(
+                        "{done} of {} revoked; the rest stay due and the reaper retries: {e}",
+                        ids.len()
+                    ))),
+                    _ => Ok(done),
+                }
+            }
+        };
+        Audited { result, request_id, position }
+    }
+
+    /// A lease's record (needs `update` on `sys/leases/lookup`, as Vault).
+    pub async fn lease_lookup(self: &Arc<Self>, ctx: RequestContext, id: String) -> Audited<Lease> {
+        self.execute(ctx, Operation::LeaseLookup, "sys/leases/lookup".into(), move |env| {
+            env.authorize("sys/leases/lookup", &[Capability::Update, Capability::Read])?;
+            load_lease(env, &id)
+        })
+        .await
+    }
+
+    /// Revokes one lease in its database, then drops it (audited as `lease.reap`, by the
+    /// system). A database error leaves the lease due for the next round.
+    pub(crate) async fn reap(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        let lid = id.to_owned();
+        let look = self
+            .execute_system(Operation::LeaseReap, "sys/leases/reap".into(), move |env| {
+                env.actor.entity = "system:leases".into();
+                let Some(lease) = env.get_json::<Lease>(&lease_key(&lid)?)? else { return Ok(None) };
+                let conn = load_conn(env, &lease.db)?;
+                let role: Option<Role> = env.get_json(&keys::db_role(&lease.role))?;
+                let sql = role.map_or_else(|| DEFAULT_REVOCATION_SQL.to_owned(), |r| r.revocation_sql);
+                Ok(Some((lease, Zeroizing::new(conn.url), sql)))
+            })
+            .await;
+        let Some((lease, url, sql)) = look.result? else { return Ok(()) };
+        run_sql(&url, &render(&sql, &lease.username, "", lease.expire_unix_ms)).await?;
+        let dropped = self
+            .execute_system(Operation::LeaseReap, format!("sys/leases/reap/{}", lease.id), move |env| {
+                env.actor.entity = "system:leases".into();
+                env.tx.clear(&lease_key(&lease.id)?)?;
+                env.tx.clear(&keys::lease_expiry(lease.expire_unix_ms, &lease.id))?;
+                env.tx.clear(&keys::lease_owner(&lease.owner_entity, &lease.id))?;
+                Ok(())
+            })
+            .await;
+        dropped.result
+    }
+
+    /// The reaper's round: revokes up to [`REAP_BATCH`] expired leases.
+    pub(crate) async fn reap_expired(self: &Arc<Self>) -> Result<usize, ApiError> {
+        use arca_store::StoreExt as _;
+        let begin = keys::lease_expiry_prefix();
+        let end = keys::lease_expiry(self.now() + 1, "");
+        let rows = self
+            .store
+            .transact(|tx| -> Result<_, ApiError> {
+                Ok(tx.get_range(&begin, &end, arca_store::RangeOptions::limit(REAP_BATCH))?)
+            })?
+            .value;
+        let mut reaped = 0;
+        for row in rows {
+            let Some(id) = arca_store::tuple::unpack(&row.key)
+                .ok()
+                .and_then(|t| t.last().and_then(|e| e.as_str().map(str::to_owned)))
+            else {
+                continue;
+            };
+            match self.reap(&id).await {
+                Ok(()) => reaped += 1,
+                Err(err) => {
+                    tracing::warn!(lease = %id, error = %err, "lease revocation failed; retried next round")
+                }
+            }
+        }
+        Ok(reaped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_in_names_passwords_and_times() {
+        let sql = render(
+            "CREATE ROLE \"{{name}}\" PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+            "arca_x_1",
+            "pw",
+            1_795_651_200_000,
+        );
+        assert_eq!(&*sql, "CREATE ROLE \"arca_x_1\" PASSWORD 'pw' VALID UNTIL '2026-11-26 00:00:00+00';");
+        let name = random_alnum(20);
+        assert!(name.len() == 20 && name.bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert!(
+            format!("{:?}", Connection { name: "pg".into(), url: "postgres://a:SECRET@h/db".into() })
+                .find("SECRET")
+                .is_none()
+        );
+    }
+}
