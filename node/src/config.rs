@@ -75,6 +75,9 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct LifecycleSection {
     pub rotators_dir: Option<PathBuf>,
+    /// URL prefixes rotator hooks may use (e.g. `https://rotator.internal/`).
+    #[serde(default)]
+    pub rotator_hook_prefixes: Vec<String>,
 }
 
 /// How the unseal key is protected: `type = "shamir"` (the default: operators' key shares)

@@ -429,6 +429,7 @@ impl Arca for Service {
             symbols: r.symbols,
             bytes: r.bytes,
             command: (!r.command.is_empty()).then_some(r.command),
+            url: (!r.url.is_empty()).then_some(r.url),
         };
         respond(self.node.kv_rotation_set(ctx, mount(r.mount), r.path, req).await, metadata)
     }

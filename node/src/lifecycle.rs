@@ -64,6 +64,8 @@ pub enum Rotator {
     X25519,
     /// An executable in the node's rotators directory, driven through create/set/test/finish.
     Exec { command: String },
+    /// An HTTP hook (a URL under one of the node's allowed prefixes), POSTed each step.
+    Http { url: String },
 }
 
 /// The step a rotation under way runs next.
@@ -117,6 +119,7 @@ pub struct RotationRequest {
     pub symbols: bool,
     pub bytes: Option<u32>,
     pub command: Option<String>,
+    pub url: Option<String>,
 }
 
 impl RotationRequest {
@@ -146,6 +149,13 @@ impl RotationRequest {
             }
             "ed25519" => Rotator::Ed25519,
             "x25519" => Rotator::X25519,
+            "http" => {
+                let url = self.url.clone().unwrap_or_default();
+                if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 1024 {
+                    return Err(ApiError::invalid("url: the rotator hook's http(s) URL"));
+                }
+                Rotator::Http { url }
+            }
             "exec" => {
                 let command = self.command.clone().unwrap_or_default();
                 let ok = !command.is_empty()
@@ -159,7 +169,7 @@ impl RotationRequest {
                 }
                 Rotator::Exec { command }
             }
-            _ => return Err(ApiError::invalid("rotator: password, api-key, ed25519, x25519 or exec")),
+            _ => return Err(ApiError::invalid("rotator: password, api-key, ed25519, x25519, exec or http")),
         })
     }
 }
@@ -297,7 +307,7 @@ fn generate(rotator: &Rotator, current: &SecretData) -> Option<SecretData> {
             data.0.insert("private_key".into(), b64.encode(&secret[..]));
             data.0.insert("public_key".into(), b64.encode(public.to_bytes()));
         }
-        Rotator::Exec { .. } => return None,
+        Rotator::Exec { .. } | Rotator::Http { .. } => return None,
     }
     Some(data)
 }
@@ -314,6 +324,9 @@ struct IndexEntry {
 pub struct LifecycleConfig {
     /// Where external rotators live (none: exec rotators are refused).
     pub rotators_dir: Option<PathBuf>,
+    /// URL prefixes HTTP rotator hooks may use (none: hooks are refused). Without this list,
+    /// anyone who may write a secret's metadata could have the node post it anywhere.
+    pub hook_prefixes: Vec<String>,
     /// Scheduler period.
     pub interval: Duration,
 }
@@ -358,6 +371,17 @@ impl Node {
                 return Err(ApiError::invalid("schedule too long"));
             }
             let next = next_time(req.interval_secs, req.schedule.as_deref(), env.now_unix_ms)?;
+            if let Rotator::Http { url } = &rotator
+                && !env
+                    .node
+                    .lifecycle
+                    .get()
+                    .is_some_and(|l| l.hook_prefixes.iter().any(|p| url.starts_with(p.as_str())))
+            {
+                return Err(ApiError::FailedPrecondition(
+                    "this URL is not under an allowed rotator hook prefix of this node".into(),
+                ));
+            }
             if matches!(rotator, Rotator::Exec { .. })
                 && env.node.lifecycle.get().and_then(|l| l.rotators_dir.as_ref()).is_none()
             {
@@ -467,6 +491,7 @@ impl Node {
                 (Rotator::Exec { command }, step) => {
                     self.run_rotator(command, step, mount, path, &view).await?
                 }
+                (Rotator::Http { url }, step) => self.call_hook(url, step, mount, path, &view).await?,
                 (builtin, Step::Create) => {
                     generate(builtin, view.current.as_ref().unwrap_or(&SecretData::default()))
                 }
@@ -540,8 +565,10 @@ impl Node {
                 if state.step != step {
                     return Ok(()); // another node did it meanwhile
                 }
-                let builtin =
-                    !matches!(meta.rotation.as_ref().map(|r| &r.rotator), Some(Rotator::Exec { .. }));
+                let builtin = !matches!(
+                    meta.rotation.as_ref().map(|r| &r.rotator),
+                    Some(Rotator::Exec { .. } | Rotator::Http { .. })
+                );
                 state.step = match step {
                     Step::Create => {
                         let data = created.clone().ok_or_else(|| {
@@ -659,6 +686,65 @@ impl Node {
             ApiError::FailedPrecondition(format!(
                 "rotator {command}: create must print a JSON object of strings"
             ))
+        })?;
+        Ok(Some(SecretData(data)))
+    }
+
+    /// Calls an HTTP rotator hook: POST `url` with the same JSON an exec rotator reads; a 2xx
+    /// answer is success, and for `create` its body is the new data (a JSON object of strings).
+    async fn call_hook(
+        self: &Arc<Self>,
+        url: &str,
+        step: Step,
+        mount: &str,
+        path: &str,
+        view: &StepView,
+    ) -> Result<Option<SecretData>, ApiError> {
+        let allowed =
+            self.lifecycle.get().is_some_and(|l| l.hook_prefixes.iter().any(|p| url.starts_with(p.as_str())));
+        if !allowed {
+            return Err(ApiError::FailedPrecondition(
+                "the rotator hook's URL is no longer allowed on this node".into(),
+            ));
+        }
+        let body = Zeroizing::new(
+            serde_json::to_string(&serde_json::json!({
+                "path": format!("{mount}/{path}"), "step": step.name(), "pending_version": view.pending_version,
+                "current": view.current.as_ref().map(|d| &d.0), "pending": view.pending.as_ref().map(|d| &d.0),
+            }))
+            .map_err(|_| ApiError::Internal)?,
+        );
+        let url = url.to_owned();
+        let answer = tokio::task::spawn_blocking(move || -> Result<Zeroizing<String>, String> {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(30)))
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let mut response = agent
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .send(body.as_str())
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("answered {}", response.status()));
+            }
+            response
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_string()
+                .map(Zeroizing::new)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| ApiError::FailedPrecondition(format!("rotator hook: {} failed: {e}", step.name())))?;
+        if step != Step::Create {
+            return Ok(None);
+        }
+        let data: BTreeMap<String, String> = serde_json::from_str(&answer).map_err(|_| {
+            ApiError::FailedPrecondition("rotator hook: create must answer a JSON object of strings".into())
         })?;
         Ok(Some(SecretData(data)))
     }

