@@ -12,6 +12,10 @@
 //!   own transaction, so a deposed exporter cannot move the cursor.
 //! - The exporter only reads the node's data and writes its own two keys: a broker outage
 //!   never touches the request path; lag grows and is reported instead.
+//! - After a broker failure, what was acknowledged in the [`RESEND_WINDOW_MS`] before it is
+//!   published again: a crashing broker may lose writes it had acknowledged (storage
+//!   flushed after the ack, idempotence state ahead of the data). Found by the chaos
+//!   broker-stop scenario; consumers drop the repeats by leaf index.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -28,6 +32,9 @@ use arca_store::{Store, StoreExt, Transaction};
 use hdrhistogram::Histogram;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+/// Acknowledged rounds this recent before a broker failure are published again.
+pub const RESEND_WINDOW_MS: u64 = 10_000;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ExportSection, KafkaSection};
@@ -67,6 +74,8 @@ pub struct ExportMetrics {
     pub delivered: AtomicU64,
     pub checkpoints: AtomicU64,
     pub failures: AtomicU64,
+    /// Times a broker failure made the exporter publish recent rounds again.
+    pub resent_rounds: AtomicU64,
     /// Access-to-Kafka latency: event time to the broker's acknowledgement, ms.
     pub latency_ms: Mutex<Histogram<u64>>,
 }
@@ -81,6 +90,7 @@ impl Default for ExportMetrics {
             delivered: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            resent_rounds: AtomicU64::new(0),
             latency_ms: Mutex::new(Histogram::new_with_bounds(1, 3_600_000, 3).expect("histogram bounds")),
         }
     }
@@ -108,6 +118,8 @@ impl ExportMetrics {
              # TYPE arca_siem_export_checkpoints_total counter\narca_siem_export_checkpoints_total {}\n\
              # HELP arca_siem_export_failures_total Delivery rounds that failed and were retried.\n\
              # TYPE arca_siem_export_failures_total counter\narca_siem_export_failures_total {}\n\
+             # HELP arca_siem_export_resends_total Broker failures answered by publishing recent rounds again.\n\
+             # TYPE arca_siem_export_resends_total counter\narca_siem_export_resends_total {}\n\
              # HELP arca_siem_export_latency_seconds Event time to Kafka acknowledgement.\n\
              # TYPE arca_siem_export_latency_seconds summary\n\
              arca_siem_export_latency_seconds{{quantile=\"0.5\"}} {}\n\
@@ -121,6 +133,7 @@ impl ExportMetrics {
             g(&self.delivered),
             g(&self.checkpoints),
             g(&self.failures),
+            g(&self.resent_rounds),
             q(0.5),
             q(0.99),
             q(1.0),
@@ -191,9 +204,14 @@ pub struct Exporter {
     settings: ExportSection,
     holder: String,
     metrics: Arc<ExportMetrics>,
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<kafka::BrokerWatch>>,
     topics_ready: bool,
     origin: Option<String>,
+    watch: kafka::BrokerWatch,
+    /// The last broker failure already answered with a re-send.
+    handled_failure_ms: u64,
+    /// (commit time, the cursor before the round) of recently acknowledged rounds.
+    recent: std::collections::VecDeque<(u64, Cursor)>,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -237,6 +255,9 @@ impl Exporter {
             producer: None,
             topics_ready: false,
             origin: None,
+            watch: kafka::BrokerWatch::default(),
+            handled_failure_ms: 0,
+            recent: std::collections::VecDeque::new(),
         }
     }
 
@@ -290,6 +311,7 @@ impl Exporter {
 
     /// One round: take or renew the lease, publish what is new.
     pub async fn round(&mut self) -> Result<Progress, ExportError> {
+        self.resend_after_broker_failure().await?;
         let Some((cursor, round)) = self.read_round().await? else {
             self.metrics.leader.store(0, Ordering::Relaxed);
             return Ok(Progress::Idle);
@@ -320,9 +342,37 @@ impl Exporter {
             checkpoint_size: round.checkpoints.last().map_or(cursor.checkpoint_size, |(s, _)| *s),
         };
         self.commit_cursor(&next).await?;
+        let now = now_unix_ms();
+        self.recent.push_back((now, cursor.clone()));
+        while self.recent.front().is_some_and(|(t, _)| t + 2 * RESEND_WINDOW_MS < now)
+            || self.recent.len() > 100_000
+        {
+            self.recent.pop_front();
+        }
         self.metrics.next_index.store(next.next_index, Ordering::Relaxed);
         self.metrics.lag_ms.store(0, Ordering::Relaxed);
         Ok(Progress::Published { entries: round.entries.len(), full })
+    }
+
+    /// After a broker failure: moves the cursor back to before the rounds acknowledged in
+    /// the [`RESEND_WINDOW_MS`] preceding it (and since), so they are published again.
+    async fn resend_after_broker_failure(&mut self) -> Result<(), ExportError> {
+        let failed_at = self.watch.failed_at_ms.load(Ordering::SeqCst);
+        if failed_at <= self.handled_failure_ms {
+            return Ok(());
+        }
+        self.handled_failure_ms = failed_at;
+        let from = failed_at.saturating_sub(RESEND_WINDOW_MS);
+        if let Some((_, rewind)) = self.recent.iter().find(|(t, _)| *t >= from).cloned() {
+            tracing::warn!(
+                from_index = rewind.next_index,
+                "a broker failed: publishing again what it acknowledged just before"
+            );
+            self.commit_cursor(&rewind).await?;
+            self.metrics.resent_rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        self.recent.clear();
+        Ok(())
     }
 
     /// Takes or renews the lease and reads the next batch; `None` when another exporter
@@ -381,7 +431,7 @@ impl Exporter {
             self.topics_ready = true;
         }
         if self.producer.is_none() {
-            self.producer = Some(kafka::producer(&self.kafka, timeout)?);
+            self.producer = Some(kafka::producer(&self.kafka, timeout, self.watch.clone())?);
         }
         let producer = self.producer.as_ref().expect("just created");
         let mut pending = Vec::with_capacity(round.entries.len());

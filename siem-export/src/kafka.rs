@@ -28,9 +28,34 @@ fn base(kafka: &KafkaSection) -> ClientConfig {
     config
 }
 
+/// Notes when the producer lost its brokers (global transport errors), for the exporter's
+/// re-send after a broker failure.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerWatch {
+    /// Milliseconds since the epoch of the last broker failure seen (0: none).
+    pub failed_at_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl rdkafka::ClientContext for BrokerWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(Code::AllBrokersDown | Code::BrokerTransportFailure | Code::BrokerNotAvailable)
+        ) {
+            self.failed_at_ms.store(arca_node::node::now_unix_ms(), std::sync::atomic::Ordering::SeqCst);
+        }
+        tracing::error!("librdkafka: {error}: {reason}");
+    }
+}
+
 /// The exporter's producer: idempotent (no duplicates or reordering from its own retries),
-/// acknowledged by all in-sync replicas.
-pub fn producer(kafka: &KafkaSection, delivery_timeout: Duration) -> Result<FutureProducer, KafkaError> {
+/// acknowledged by all in-sync replicas; `watch` learns of broker failures.
+pub fn producer(
+    kafka: &KafkaSection,
+    delivery_timeout: Duration,
+    watch: BrokerWatch,
+) -> Result<FutureProducer<BrokerWatch>, KafkaError> {
     let mut config = base(kafka);
     config
         .set("enable.idempotence", "true")
@@ -38,7 +63,7 @@ pub fn producer(kafka: &KafkaSection, delivery_timeout: Duration) -> Result<Futu
         .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
         .set("linger.ms", "5")
         .set("reconnect.backoff.max.ms", "1000");
-    config.create()
+    config.create_with_context(watch)
 }
 
 /// A consumer that reads by assignment (no group membership, no committed offsets).

@@ -152,8 +152,8 @@ fn verify_names_an_altered_and_a_dropped_message() {
     runtime.block_on(async {
         let topics = ["tampered.entries", "tampered.checkpoints"];
         arca_siem_export::kafka::ensure_topics(&kafka, &topics, DEADLINE).await.unwrap();
-        let producer: FutureProducer =
-            arca_siem_export::kafka::producer(&kafka, Duration::from_secs(10)).unwrap();
+        let producer: FutureProducer<arca_siem_export::kafka::BrokerWatch> =
+            arca_siem_export::kafka::producer(&kafka, Duration::from_secs(10), Default::default()).unwrap();
         for r in &entries {
             let mut value: Value = serde_json::from_slice(&r.payload).unwrap();
             let index = value["arca"]["leaf_index"].as_u64().unwrap();

@@ -264,7 +264,10 @@ async fn watch(
         kafka::ensure_topics(&kafka_cfg, &[kafka_cfg.alerts_topic.as_str()], timeout)
             .await
             .map_err(|e| unavailable(format!("cannot create {}: {e}", kafka_cfg.alerts_topic)))?;
-        Some(kafka::producer(&kafka_cfg, timeout).map_err(|e| unavailable(format!("kafka: {e}")))?)
+        Some(
+            kafka::producer(&kafka_cfg, timeout, kafka::BrokerWatch::default())
+                .map_err(|e| unavailable(format!("kafka: {e}")))?,
+        )
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
     let rules = config.watch.clone();
