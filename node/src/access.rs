@@ -4,9 +4,9 @@
 //! - `request` needs `create` on `sys/access/request/<policy>`; `approve` needs `update` on
 //!   `sys/access/approve/<policy>` and another identity than the requester's; `list` needs
 //!   `list` on `sys/access/grants`. The `root` policy cannot be requested.
-//! - An approved grant is indexed under the requester's token accessor
-//!   (`("access","active",accessor,id)` → expiry); authorization adds the policies of that
-//!   token's unexpired grants. The expiry is checked on every request, so access ends on
+//! - An approved grant is written onto the requester's token record (so authorization
+//!   reads nothing more: it adds the policies of the record's unexpired grants) and indexed
+//!   under `("access","active",accessor,id)` for the expiry sweep. The expiry is checked on every request, so access ends on
 //!   time even if the sweep is late; the lifecycle scheduler's sweep then records the expiry
 //!   (`access.expire`, audited) and drops the index entry.
 //! - Requests, approvals and expiries are audited events; every request made with a grant is
@@ -77,18 +77,15 @@ fn load(env: &mut Env<'_>, id: &str) -> Result<Grant, ApiError> {
     env.get_json(&keys::access_grant(id))?.ok_or_else(|| ApiError::NotFound("no such access request".into()))
 }
 
-/// The policies the token with `accessor` holds through unexpired grants.
-pub(crate) fn granted_policies(env: &mut Env<'_>, accessor: &str) -> Result<Vec<String>, ApiError> {
-    let prefix = keys::access_active_prefix(accessor);
-    let end = arca_store::prefix_end(&prefix).ok_or(ApiError::Internal)?;
-    let mut out = Vec::new();
-    for kv in env.tx.get_range(&prefix, &end, arca_store::RangeOptions::default())? {
-        let Ok(active) = serde_json::from_slice::<Active>(&kv.value) else { continue };
-        if active.expires_unix_ms > env.now_unix_ms {
-            out.push(active.policy);
-        }
-    }
-    Ok(out)
+/// The policies a token holds through unexpired grants.
+pub(crate) fn granted_policies(record: &crate::auth::TokenRecord, now_unix_ms: u64) -> Vec<String> {
+    record.grants.iter().filter(|g| g.expires_unix_ms > now_unix_ms).map(|g| g.policy.clone()).collect()
+}
+
+/// Writes a token record back (after its grants changed).
+fn save_record(env: &mut Env<'_>, record: &crate::auth::TokenRecord) -> Result<(), ApiError> {
+    let hash = hex::decode(&record.hash).map_err(|_| ApiError::Internal)?;
+    env.put_json(&keys::token(&hash), record)
 }
 
 /// The index entry of an approved grant (not secret: names a policy and a time).
@@ -168,6 +165,17 @@ impl Node {
             grant.approved_unix_ms = Some(now);
             grant.expires_unix_ms = Some(expires);
             env.put_json(&keys::access_grant(&grant.id), &grant)?;
+            let mut requester =
+                crate::auth::record_by_accessor(env, &grant.requester_accessor)?.ok_or_else(|| {
+                    ApiError::FailedPrecondition("the requesting token no longer exists".into())
+                })?;
+            requester.grants.retain(|g| g.expires_unix_ms > now);
+            requester.grants.push(crate::auth::TokenGrant {
+                id: grant.id.clone(),
+                policy: grant.policy.clone(),
+                expires_unix_ms: expires,
+            });
+            save_record(env, &requester)?;
             let active =
                 Active { id: grant.id.clone(), policy: grant.policy.clone(), expires_unix_ms: expires };
             env.tx.set(
@@ -225,6 +233,12 @@ impl Node {
                     }
                     env.tx.clear(&key)?;
                     let mut grant = load(env, &id)?;
+                    if let Some(mut requester) =
+                        crate::auth::record_by_accessor(env, &grant.requester_accessor)?
+                    {
+                        requester.grants.retain(|g| g.id != id);
+                        save_record(env, &requester)?;
+                    }
                     grant.state = GrantState::Expired;
                     env.put_json(&keys::access_grant(&id), &grant)?;
                     Ok(true)

@@ -53,6 +53,18 @@ pub struct TokenRecord {
     /// Identity metadata (e.g. `env = prod`), for policy conditions.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, String>,
+    /// Policies held for a while through approved just-in-time grants (kept on the record,
+    /// so authorization reads nothing more).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<TokenGrant>,
+}
+
+/// A just-in-time grant held by a token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub id: String,
+    pub policy: String,
+    pub expires_unix_ms: u64,
 }
 
 impl TokenRecord {
@@ -174,6 +186,7 @@ pub(crate) fn mint(env: &mut Env<'_>, spec: TokenSpec) -> Result<NewToken, ApiEr
         parent: spec.parent,
         bound_cidrs: spec.bound_cidrs,
         meta: spec.meta,
+        grants: Vec::new(),
     };
     env.put_json(&keys::token(&hash), &record)?;
     env.put_sealed(&keys::accessor(&record.accessor), record.hash.as_bytes())?;
@@ -211,7 +224,7 @@ fn login(
     Ok(token)
 }
 
-fn record_by_accessor(env: &mut Env<'_>, accessor: &str) -> Result<Option<TokenRecord>, ApiError> {
+pub(crate) fn record_by_accessor(env: &mut Env<'_>, accessor: &str) -> Result<Option<TokenRecord>, ApiError> {
     if accessor.len() > 64 {
         return Err(ApiError::invalid("accessor too long"));
     }

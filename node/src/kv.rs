@@ -244,7 +244,8 @@ fn api_path(mount: &str, kind: &str, path: &str) -> String {
 }
 
 pub(crate) fn load_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Option<Metadata>, ApiError> {
-    env.get_json(&keys::kv_meta(mount, path))
+    let cache = &env.node.caches.kv_meta;
+    Ok(env.get_json_cached(&keys::kv_meta(mount, path), cache)?.map(|m| (*m).clone()))
 }
 
 pub(crate) fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Metadata, ApiError> {

@@ -103,6 +103,8 @@ pub struct Node {
     pub(crate) clock: std::sync::OnceLock<Arc<dyn Fn() -> u64 + Send + Sync>>,
     /// Lifecycle settings (the rotation scheduler), once started.
     pub(crate) lifecycle: std::sync::OnceLock<crate::lifecycle::LifecycleConfig>,
+    /// Decoded-record caches (see [`CtCache`]).
+    pub(crate) caches: Caches,
     /// Secrets this node is rotating right now.
     pub(crate) rotating: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
@@ -129,7 +131,106 @@ pub struct Env<'a> {
     pub denied_by: Option<String>,
 }
 
+/// The node's decoded-record caches.
+#[derive(Default)]
+pub(crate) struct Caches {
+    pub(crate) tokens: CtCache<TokenRecord>,
+    pub(crate) policies: CtCache<crate::policy::Policy>,
+    pub(crate) kv_meta: CtCache<crate::kv::Metadata>,
+}
+
+impl Caches {
+    pub(crate) fn clear(&self) {
+        self.tokens.clear();
+        self.policies.clear();
+        self.kv_meta.clear();
+    }
+}
+
+/// Decoded records (token records, policies, KV metadata — never secret values) keyed by
+/// their store key *and exact ciphertext*: the store is still read in every request's
+/// transaction, so a changed record is seen at once; only the decryption and parsing of an
+/// unchanged one is skipped. Bounded; cleared when the node seals.
+pub(crate) struct CtCache<T> {
+    map: std::sync::Mutex<CtMap<T>>,
+}
+
+/// Store key → (ciphertext, decoded value).
+type CtMap<T> = std::collections::HashMap<Vec<u8>, (Vec<u8>, Arc<T>)>;
+
+impl<T> Default for CtCache<T> {
+    fn default() -> Self {
+        CtCache { map: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+}
+
+const CT_CACHE_ENTRIES: usize = 20_000;
+
+impl<T> CtCache<T> {
+    fn get(&self, key: &[u8], ct: &[u8]) -> Option<Arc<T>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).filter(|(c, _)| c.as_slice() == ct).map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: &[u8], ct: Vec<u8>, value: Arc<T>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CT_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(key.to_vec(), (ct, value));
+    }
+
+    pub(crate) fn clear(&self) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
 impl Env<'_> {
+    /// Decrypts `ct` read at `key` (reloading the keyring if another node rotated it).
+    fn decrypt_at(&mut self, key: &[u8], ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        match self.node.barrier.decrypt(ct, key) {
+            Err(crate::barrier::BarrierError::UnknownTerm(_)) => {
+                let wrapped = self.tx.get(&keys::keyring())?.ok_or(ApiError::Internal)?;
+                self.node.barrier.reload_keyring(&wrapped)?;
+                Ok(self.node.barrier.decrypt(ct, key)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Reads a sealed record and decodes it with `decode`, through `cache`.
+    pub(crate) fn get_cached<T>(
+        &mut self,
+        key: &[u8],
+        cache: &CtCache<T>,
+        decode: impl FnOnce(&[u8]) -> Result<T, ApiError>,
+    ) -> Result<Option<Arc<T>>, ApiError> {
+        let Some(ct) = self.tx.get(key)? else {
+            return Ok(None);
+        };
+        if let Some(hit) = cache.get(key, &ct) {
+            return Ok(Some(hit));
+        }
+        let plain = self.decrypt_at(key, &ct)?;
+        let value = Arc::new(decode(&plain)?);
+        cache.put(key, ct, value.clone());
+        Ok(Some(value))
+    }
+
+    /// A sealed JSON record through `cache`.
+    pub(crate) fn get_json_cached<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &[u8],
+        cache: &CtCache<T>,
+    ) -> Result<Option<Arc<T>>, ApiError> {
+        self.get_cached(key, cache, |plain| {
+            serde_json::from_slice(plain).map_err(|_| {
+                tracing::error!("stored record failed to parse");
+                ApiError::Internal
+            })
+        })
+    }
+
     /// Reads and decrypts a barrier value.
     pub fn get_sealed(&mut self, key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ApiError> {
         let Some(ct) = self.tx.get(key)? else {
@@ -179,7 +280,9 @@ impl Env<'_> {
             return Err(ApiError::Unauthenticated);
         }
         let hash = credential_hash(token);
-        let record: TokenRecord = self.get_json(&keys::token(&hash))?.ok_or(ApiError::Unauthenticated)?;
+        let cache = &self.node.caches.tokens;
+        let record: TokenRecord =
+            (*self.get_json_cached(&keys::token(&hash), cache)?.ok_or(ApiError::Unauthenticated)?).clone();
         // The lookup was by hash; compare again in constant time against the stored hash.
         let stored = hex::decode(&record.hash).unwrap_or_default();
         if !bool::from(stored.ct_eq(&hash)) {
@@ -218,12 +321,16 @@ impl Env<'_> {
             return Ok(true);
         }
         // Policies held for a while through approved just-in-time grants.
-        let granted = crate::access::granted_policies(self, &record.accessor)?;
+        let granted = crate::access::granted_policies(record, self.now_unix_ms);
         let mut policies = Vec::with_capacity(record.policies.len() + granted.len());
         for name in record.policies.iter().chain(granted.iter()) {
-            if let Some(text) = self.get_sealed(&keys::policy(name))? {
-                let text = std::str::from_utf8(&text).map_err(|_| ApiError::Internal)?;
-                policies.push((name.as_str(), policy::parse(text).map_err(|_| ApiError::Internal)?));
+            let cache = &self.node.caches.policies;
+            let parsed = self.get_cached(&keys::policy(name), cache, |plain| {
+                let text = std::str::from_utf8(plain).map_err(|_| ApiError::Internal)?;
+                policy::parse(text).map_err(|_| ApiError::Internal)
+            })?;
+            if let Some(parsed) = parsed {
+                policies.push((name.as_str(), parsed));
             }
         }
         let ctx = policy::Context {
@@ -232,7 +339,7 @@ impl Env<'_> {
             mtls: self.mtls,
             metadata: &record.meta,
         };
-        let decision = policy::decide(policies.iter().map(|(n, p)| (*n, p)), path, &ctx);
+        let decision = policy::decide(policies.iter().map(|(n, p)| (*n, p.as_ref())), path, &ctx);
         let granted: BTreeSet<Capability> = decision.capabilities;
         let allowed = capabilities.iter().any(|c| granted.contains(c));
         if !allowed && decision.failed_condition.is_some() {
@@ -270,6 +377,7 @@ impl Node {
             clock: std::sync::OnceLock::new(),
             lifecycle: std::sync::OnceLock::new(),
             rotating: std::sync::Mutex::new(std::collections::HashSet::new()),
+            caches: Caches::default(),
         })
     }
 

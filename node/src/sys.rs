@@ -162,6 +162,7 @@ impl Node {
             .await;
         if audited.result.is_ok() {
             self.barrier.seal();
+            self.caches.clear();
             tracing::warn!("node sealed by operator request");
         }
         audited

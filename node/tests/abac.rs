@@ -248,3 +248,22 @@ async fn a_jit_grant_works_after_approval_and_not_after_its_ttl() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_changed_policy_or_revoked_token_takes_effect_on_the_next_request() {
+    // The node caches decoded policies and token records by their exact ciphertext: a
+    // rewrite must never be served stale.
+    let h = harness().await;
+    policy(&h, "p", r#"path "secret/data/prod/*" { capabilities = ["read"] }"#).await;
+    let t = token(&h, "p", &[], &[]).await;
+    for _ in 0..3 {
+        assert!(read(&h, &t, "127.0.0.1:9", false).await.is_ok());
+    }
+    policy(&h, "p", r#"path "secret/data/prod/*" { capabilities = ["deny"] }"#).await;
+    assert!(matches!(read(&h, &t, "127.0.0.1:9", false).await, Err(ApiError::PermissionDenied)));
+    policy(&h, "p", r#"path "secret/data/prod/*" { capabilities = ["read"] }"#).await;
+    assert!(read(&h, &t, "127.0.0.1:9", false).await.is_ok());
+    let accessor = h.node.token_lookup(ctx(Some(&t), "127.0.0.1:9"), None).await.result.unwrap().accessor;
+    h.node.token_revoke(ctx(Some(&h.root), "127.0.0.1:1"), Some(accessor)).await.result.unwrap();
+    assert!(matches!(read(&h, &t, "127.0.0.1:9", false).await, Err(ApiError::Unauthenticated)));
+}
