@@ -212,13 +212,14 @@ pub fn audit_state(region: &str) -> Vec<u8> {
     pack(&["audit".into(), region.into(), "state".into()])
 }
 
-/// The rotation scheduler's index: one key per secret with a rotation policy.
+/// The rotation scheduler's index: one key per secret with a rotation policy. Under `sys`,
+/// so it replicates: a promoted standby's scheduler carries on.
 pub fn rotation_index(mount: &str, path: &str) -> Vec<u8> {
-    pack(&["rotation".into(), "index".into(), mount.into(), path.into()])
+    pack(&["sys".into(), "rotation".into(), "index".into(), mount.into(), path.into()])
 }
 
 pub fn rotation_index_prefix() -> Vec<u8> {
-    pack(&["rotation".into(), "index".into()])
+    pack(&["sys".into(), "rotation".into(), "index".into()])
 }
 
 /// The rotation scheduler's lease (one active scheduler per region).

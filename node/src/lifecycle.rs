@@ -857,6 +857,14 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str) -> Result<(), ApiError>
     let lead = node
         .store
         .transact(|tx| -> Result<bool, ApiError> {
+            // A standby (or fenced) region changes nothing: its primary's scheduler rotates,
+            // reaps and expires, and the results replicate here.
+            match arca_replication::apply::load_state(tx) {
+                Ok(Some(state)) if !state.writable() => return Ok(false),
+                Ok(_) => {}
+                Err(arca_replication::ApplyError::Store(e)) => return Err(ApiError::Store(e)),
+                Err(_) => return Ok(false),
+            }
             let now = now_unix_ms();
             let (may_lead, renew) = crate::sequencer::lease_view(tx, &lease_key, &holder_owned, now, 5_000)?;
             if may_lead && renew {

@@ -547,3 +547,57 @@ fn a_revocation_on_the_primary_is_refused_on_the_standby_once_replicated() {
         "the refused read is audited in us"
     );
 }
+
+#[test]
+fn scheduled_rotations_run_on_the_primary_and_replicate_to_the_standby() {
+    let c = cluster(false);
+    let root = c.root.clone();
+    assert_eq!(put(&c.eu, &root, "secret/app/key", "first").code, 0);
+    let set = arca(
+        c.eu.server(),
+        Some(&root),
+        &[
+            "kv",
+            "rotation",
+            "set",
+            "secret/app/key",
+            "--interval-secs",
+            "1",
+            "--rotator",
+            "api-key",
+            "--field",
+            "v",
+        ],
+    );
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    // The standby serves the rotated values as they replicate.
+    wait_until("two rotations to reach us", || {
+        let run = arca(
+            c.us.server(),
+            Some(&root),
+            &["--format", "json", "kv", "metadata", "get", "secret/app/key"],
+        );
+        serde_json::from_str::<Value>(&run.stdout).ok().and_then(|m| m["stages"]["current"].as_u64())
+            >= Some(3)
+    });
+    assert_ne!(get(&c.us, &root, "secret/app/key").as_deref(), Some("first"));
+    // Only the primary rotated: the standby's scheduler never tried (no refused step in its log).
+    let us_log = common::audit_events_in(&c._dir.path().join("us.db"), "us");
+    assert!(
+        !us_log.iter().any(|e| e.operation.name().starts_with("kv.rotate")),
+        "the standby attempted rotations"
+    );
+    let eu_log = common::audit_events_in(&c._dir.path().join("eu.db"), "eu");
+    assert!(eu_log.iter().filter(|e| e.operation == arca_audit::Operation::KvRotateFinish).count() >= 2);
+
+    // eu is lost and us promoted: us's scheduler carries on rotating (the index replicated).
+    let mut c = c;
+    c.eu.kill();
+    let promoted = arca(c.us.server(), Some(&root), &["region", "promote"]);
+    assert_eq!(promoted.code, 0, "{}", promoted.stderr);
+    wait_until("us to rotate on its own", || {
+        common::audit_events_in(&c._dir.path().join("us.db"), "us")
+            .iter()
+            .any(|e| e.operation == arca_audit::Operation::KvRotateFinish)
+    });
+}
