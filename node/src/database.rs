@@ -187,7 +187,7 @@ fn put_lease(env: &mut Env<'_>, lease: &Lease, old_expire: Option<u64>) -> Resul
     }
     env.put_json(&lease_key(&lease.id)?, lease)?;
     env.tx.set(&keys::lease_expiry(lease.expire_unix_ms, &lease.id), b"")?;
-    env.tx.set(&keys::lease_owner(&lease.owner_entity, &lease.id), b"")?;
+    env.tx.set(&keys::lease_owner(&lease.owner_entity, &lease.role, &lease.id), b"")?;
     Ok(())
 }
 
@@ -268,19 +268,10 @@ impl Node {
                 let r: Role = env.get_json(&keys::db_role(&role))?.ok_or_else(|| ApiError::NotFound(format!("no database role {role}")))?;
                 let conn = load_conn(env, &r.db)?;
                 // The quota, counted in the same transaction as the new lease.
-                let prefix = keys::lease_owner_prefix(&record.entity);
+                let prefix = keys::lease_owner_prefix(&record.entity, &role);
                 let end = arca_store::prefix_end(&prefix).ok_or(ApiError::Internal)?;
-                let limit = r.max_leases_per_identity as usize + 1;
-                let held = env.tx.get_range(&prefix, &end, arca_store::RangeOptions::limit(limit))?;
-                let on_role = held
-                    .iter()
-                    .filter(|kv| {
-                        arca_store::tuple::unpack(&kv.key)
-                            .ok()
-                            .and_then(|t| t.last().and_then(|e| e.as_str().map(|s| s.starts_with(&format!("database/creds/{role}/")))))
-                            .unwrap_or(false)
-                    })
-                    .count();
+                let limit = r.max_leases_per_identity as usize;
+                let on_role = env.tx.get_range(&prefix, &end, arca_store::RangeOptions::limit(limit))?.len();
                 if on_role >= r.max_leases_per_identity as usize {
                     return Err(ApiError::FailedPrecondition(format!(
                         "lease quota reached: {} leases on database/creds/{role} for this identity; revoke some first",
@@ -458,7 +449,7 @@ impl Node {
                 env.actor.entity = "system:leases".into();
                 env.tx.clear(&lease_key(&lease.id)?)?;
                 env.tx.clear(&keys::lease_expiry(lease.expire_unix_ms, &lease.id))?;
-                env.tx.clear(&keys::lease_owner(&lease.owner_entity, &lease.id))?;
+                env.tx.clear(&keys::lease_owner(&lease.owner_entity, &lease.role, &lease.id))?;
                 Ok(())
             })
             .await;

@@ -94,12 +94,13 @@ pub fn lease_expiry_prefix() -> Vec<u8> {
 }
 
 /// The quota's index: leases by owner.
-pub fn lease_owner(entity: &str, id: &str) -> Vec<u8> {
-    pack(&["sys".into(), "lease".into(), "owner".into(), entity.into(), id.into()])
+pub fn lease_owner(entity: &str, role: &str, id: &str) -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "owner".into(), entity.into(), role.into(), id.into()])
 }
 
-pub fn lease_owner_prefix(entity: &str) -> Vec<u8> {
-    pack(&["sys".into(), "lease".into(), "owner".into(), entity.into()])
+/// The leases `entity` holds on `role`.
+pub fn lease_owner_prefix(entity: &str, role: &str) -> Vec<u8> {
+    pack(&["sys".into(), "lease".into(), "owner".into(), entity.into(), role.into()])
 }
 
 /// A just-in-time access grant (sealed JSON).
