@@ -132,24 +132,12 @@ struct Pki {
 }
 
 fn pki(dir: &Path) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let write = |name: &str, contents: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        path
-    };
-    let issue = |name: &str, san: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![san.to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
-        (write(&format!("{name}.crt"), &cert.pem()), write(&format!("{name}.key"), &key.serialize_pem()))
-    };
-    let server = issue("server", "127.0.0.1");
-    let client = issue("client", "web-client");
-    Pki { ca: write("ca.crt", &ca.pem()), server, client }
+    let ca = common::TestCa::new(dir);
+    Pki {
+        server: ca.issue("server", "127.0.0.1"),
+        client: ca.issue("client", "web-client"),
+        ca: ca.ca_file.clone(),
+    }
 }
 
 /// Starts `arcad server` with a mutual-TLS listener; returns the server (its `addr` is https).
@@ -167,26 +155,9 @@ fn start_mtls(dir: &Path, pki: &Pki) -> Server {
         ),
     )
     .unwrap();
-    let stderr_log = dir.join("arcad.stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
-        .args(["server", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in stdout.lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("arcad: grpc listening on ") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let grpc = rx.recv_timeout(Duration::from_secs(30)).expect("arcad did not start");
-    Server { child, addr: format!("https://{grpc}"), log_url: String::new(), http: String::new(), stderr_log }
+    let mut server = common::start_server(&config, &[]);
+    server.addr = server.addr.replace("http://", "https://");
+    server
 }
 
 /// `arca` over mutual TLS with the client certificate.

@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Server, arca};
@@ -97,40 +95,9 @@ impl Region {
     }
 
     fn start(&mut self) {
-        let stderr_log = self.config.with_extension("stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_arcad"))
-            .args(["server", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                for (kind, prefix) in
-                    [("grpc", "arcad: grpc listening on "), ("http", "arcad: http listening on ")]
-                {
-                    if let Some(addr) = line.strip_prefix(prefix) {
-                        let _ = tx.send((kind, addr.to_owned()));
-                    }
-                }
-            }
-        });
-        let (mut grpc, mut http) = (None, None);
-        while grpc.is_none() || http.is_none() {
-            let (kind, addr) = rx.recv_timeout(DEADLINE).expect("arcad did not start");
-            if kind == "grpc" { grpc = Some(addr) } else { http = Some(addr) }
-        }
-        let http = http.unwrap();
-        self.server = Some(Server {
-            child,
-            addr: format!("http://{}", grpc.unwrap()),
-            log_url: format!("http://{http}/audit/{}", self.name),
-            http: format!("http://{http}"),
-            stderr_log,
-        });
+        let mut server = common::start_server(&self.config, &[]);
+        server.log_url = format!("{}/audit/{}", server.http, self.name);
+        self.server = Some(server);
     }
 
     /// kill -9.
@@ -164,25 +131,9 @@ struct Tls {
 
 /// A CA and one certificate per region (`localhost`), written under `dir`.
 fn pki(dir: &Path, regions: usize) -> Tls {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let write = |name: &str, contents: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        path
-    };
-    let certs = (0..regions)
-        .map(|i| {
-            let key = KeyPair::generate().unwrap();
-            let cert =
-                CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
-            (write(&format!("r{i}.crt"), &cert.pem()), write(&format!("r{i}.key"), &key.serialize_pem()))
-        })
-        .collect();
-    Tls { ca: write("ca.crt", &ca.pem()), certs }
+    let ca = common::TestCa::new(dir);
+    let certs = (0..regions).map(|i| ca.issue(&format!("r{i}"), "localhost")).collect();
+    Tls { ca: ca.ca_file.clone(), certs }
 }
 
 /// Writes the configs of two regions, `eu` (the initial primary) and `us`; `us` reaches

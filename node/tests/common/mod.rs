@@ -227,3 +227,39 @@ pub fn start_server(config: &Path, env: &[(&str, &str)]) -> Server {
         stderr_log,
     }
 }
+
+/// A test certificate authority writing its files (mode 0600) under a directory.
+pub struct TestCa {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    /// The CA certificate (PEM file).
+    pub ca_file: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let ca_file = write_private(&dir.join("ca.crt"), &ca.pem());
+        TestCa { dir: dir.to_owned(), ca, ca_file }
+    }
+
+    /// A certificate for `san` signed by the CA: (`<name>.crt`, `<name>.key`).
+    pub fn issue(&self, name: &str, san: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        (
+            write_private(&self.dir.join(format!("{name}.crt")), &cert.pem()),
+            write_private(&self.dir.join(format!("{name}.key")), &key.serialize_pem()),
+        )
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> PathBuf {
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path.to_owned()
+}
