@@ -186,7 +186,8 @@ impl<T> CtCache<T> {
 }
 
 impl Env<'_> {
-    /// Decrypts `ct` read at `key` (reloading the keyring if another node rotated it).
+    /// Decrypts `ct` read at `key`; when another node rotated the keyring, loads the stored
+    /// one and tries again.
     fn decrypt_at(&mut self, key: &[u8], ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         match self.node.barrier.decrypt(ct, key) {
             Err(crate::barrier::BarrierError::UnknownTerm(_)) => {
@@ -236,15 +237,7 @@ impl Env<'_> {
         let Some(ct) = self.tx.get(key)? else {
             return Ok(None);
         };
-        match self.node.barrier.decrypt(&ct, key) {
-            Err(crate::barrier::BarrierError::UnknownTerm(_)) => {
-                // Another node rotated the keyring: load the stored one and try again.
-                let wrapped = self.tx.get(&keys::keyring())?.ok_or(ApiError::Internal)?;
-                self.node.barrier.reload_keyring(&wrapped)?;
-                Ok(Some(self.node.barrier.decrypt(&ct, key)?))
-            }
-            other => Ok(Some(other?)),
-        }
+        self.decrypt_at(key, &ct).map(Some)
     }
 
     /// Reads and decrypts a JSON barrier value.
