@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
+# On CI, incremental state only costs disk (several GB over a full run): turn it off.
+if [[ -n "${CI:-}" ]]; then export CARGO_INCREMENTAL=0; fi
+df -h . >&2 || true
+
 step() { printf '\n== %s\n' "$*" >&2; }
 
 step "formatting"
@@ -43,3 +47,4 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+du -sh target >&2 || true
