@@ -8,14 +8,6 @@
 //! its outcome and its event's durable position. The fsync of one commit is shared by the
 //! whole batch, and while it runs the next batch gathers.
 //!
-//! The commit itself does not wait for the disk: the batch commits with deferred durability
-//! ([`arca_store::Store::begin_deferred`]) and goes to the syncer thread, which fsyncs
-//! ([`arca_store::Store::sync`]) and only then answers it — while the committer already runs
-//! the next batch. One sync covers every batch that committed before it, so under load the
-//! fsync overlaps the next batch's work instead of adding to it. A failed sync fails its
-//! requests and aborts the process: after a failed fsync the page cache can no longer be
-//! trusted, and a restart recovers from what the disk holds.
-//!
 //! If the commit fails, every request of the batch fails: no request is answered without its
 //! audit event durable (fail closed). On a conflict (another node committed to the same store)
 //! the whole batch is re-run from scratch, so jobs must be free of side effects outside the
@@ -185,13 +177,7 @@ pub struct CommitStats {
     pub jobs: u64,
     pub failed_batches: u64,
     pub commit_seconds_total: f64,
-    /// fsyncs of the syncer thread, each covering one or more batches.
-    pub syncs: u64,
-    pub sync_seconds_total: f64,
 }
-
-/// A batch's answers, sent once the sync that makes the batch durable returns.
-type Replies = Vec<(oneshot::Sender<Result<Versionstamp, CommitFailed>>, Result<Versionstamp, CommitFailed>)>;
 
 /// Handle to the committer thread. Dropping every handle stops the thread.
 #[derive(Debug, Clone)]
@@ -204,29 +190,22 @@ impl Committer {
     /// Starts the committer thread for `store`, appending events to `region`'s queue.
     pub fn start(store: Arc<dyn Store>, region: String) -> Self {
         let (queue, jobs) = mpsc::channel::<Work>();
-        let (to_sync, committed) = mpsc::channel::<Replies>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let thread_stats = stats.clone();
-        let sync_stats = stats.clone();
-        let sync_store = store.clone();
-        // A committer or syncer that died would leave the node up but unable to serve
-        // anything: crash instead of limping on, so the supervisor restarts the node.
-        let guarded = |name: &'static str, body: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(move || {
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
-                        eprintln!("arcad: the audit {name} thread panicked; aborting");
-                        std::process::abort();
-                    }
-                })
-                .expect("spawn an audit commit thread");
-        };
-        guarded(
-            "arca-committer",
-            Box::new(move || run(store.as_ref(), &region, jobs, to_sync, &thread_stats)),
-        );
-        guarded("arca-syncer", Box::new(move || sync_loop(sync_store.as_ref(), committed, &sync_stats)));
+        std::thread::Builder::new()
+            .name("arca-committer".into())
+            .spawn(move || {
+                // A committer that died would leave the node up but unable to serve anything:
+                // crash instead of limping on, so the supervisor restarts the node.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(store.as_ref(), &region, jobs, &thread_stats)
+                }));
+                if outcome.is_err() {
+                    eprintln!("arcad: the audit committer panicked; aborting");
+                    std::process::abort();
+                }
+            })
+            .expect("spawn the committer thread");
         Committer { queue, stats }
     }
 
@@ -268,44 +247,7 @@ fn drop_audit_append() -> bool {
     COUNT.fetch_add(1, Ordering::Relaxed) % 64 == 63
 }
 
-/// The syncer thread: takes every committed batch waiting, makes them durable with one sync,
-/// then answers them.
-fn sync_loop(store: &dyn Store, committed: mpsc::Receiver<Replies>, stats: &Mutex<CommitStats>) {
-    while let Ok(first) = committed.recv() {
-        let mut ready = vec![first];
-        while let Ok(more) = committed.try_recv() {
-            ready.push(more);
-        }
-        let started = Instant::now();
-        let synced = store.sync();
-        let elapsed = started.elapsed().as_secs_f64();
-        {
-            let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.syncs += 1;
-            stats.sync_seconds_total += elapsed;
-        }
-        if let Err(err) = synced {
-            tracing::error!(code = err.code(), error = %err, "the audit log could not be synced; failing its requests and aborting");
-            for (done, _) in ready.into_iter().flatten() {
-                let _ = done.send(Err(CommitFailed));
-            }
-            eprintln!("arcad: fsync of the store failed; aborting so that a restart recovers from disk");
-            std::process::abort();
-        }
-        for (done, position) in ready.into_iter().flatten() {
-            // The requester may have gone away; its event is durable regardless.
-            let _ = done.send(position);
-        }
-    }
-}
-
-fn run(
-    store: &dyn Store,
-    region: &str,
-    work: mpsc::Receiver<Work>,
-    to_sync: mpsc::Sender<Replies>,
-    stats: &Mutex<CommitStats>,
-) {
+fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mutex<CommitStats>) {
     let events = crate::keys::audit_events(region);
     let changes = arca_replication::changes();
     let mut last_batch_len = 0;
@@ -336,7 +278,7 @@ fn run(
         }
         last_batch_len = batch.len();
         let started = Instant::now();
-        let outcome = store.transact_deferred(|tx| {
+        let outcome = store.transact(|tx| {
             let gate = Gate::read(tx)?;
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
@@ -373,14 +315,11 @@ fn run(
         let failed = outcome.is_err();
         match outcome {
             Ok(committed) => {
-                let replies: Replies = batch
-                    .into_iter()
-                    .zip(committed.value)
-                    .map(|(job, order)| (job.done, committed.commit.versionstamp(order).ok_or(CommitFailed)))
-                    .collect();
-                // Answered by the syncer once durable. If the syncer is gone the process is
-                // aborting: dropping the senders fails the requests.
-                let _ = to_sync.send(replies);
+                for (job, order) in batch.into_iter().zip(committed.value) {
+                    let position = committed.commit.versionstamp(order).ok_or(CommitFailed);
+                    // The requester may have gone away; its event is durable regardless.
+                    let _ = job.done.send(position);
+                }
             }
             Err(err) => {
                 tracing::error!(code = err.code(), error = %err, jobs = size, "audit batch failed to commit; failing its requests");
@@ -398,95 +337,5 @@ fn run(
         for task in tasks.drain(..) {
             task();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arca_store::{SqliteConfig, SqliteStore};
-
-    /// The embedded store, with a sync that reports when it starts and waits to be released.
-    #[derive(Debug)]
-    struct HeldSync {
-        inner: SqliteStore,
-        entered: Mutex<mpsc::Sender<()>>,
-        release: Mutex<mpsc::Receiver<()>>,
-    }
-
-    impl Store for HeldSync {
-        fn engine(&self) -> &'static str {
-            "sqlite"
-        }
-        fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
-            self.inner.begin()
-        }
-        fn begin_deferred(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
-            self.inner.begin_deferred()
-        }
-        fn sync(&self) -> Result<(), StoreError> {
-            let _ = self.entered.lock().unwrap().send(());
-            let _ = self.release.lock().unwrap().recv();
-            self.inner.sync()
-        }
-    }
-
-    fn job(key: &'static [u8]) -> JobFn {
-        Box::new(move |tx, _gate| {
-            tx.set(key, b"written")?;
-            Ok(b"event".to_vec())
-        })
-    }
-
-    /// Queues a request directly (in order with what the test queues next).
-    fn enqueue(
-        committer: &Committer,
-        key: &'static [u8],
-    ) -> oneshot::Receiver<Result<Versionstamp, CommitFailed>> {
-        let (done, wait) = oneshot::channel();
-        committer.queue.send(Work::Request(Job { run: job(key), done })).unwrap();
-        wait
-    }
-
-    #[test]
-    fn a_batch_is_answered_only_after_its_sync_while_the_next_batch_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let inner = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
-        let (entered_tx, entered) = mpsc::channel();
-        let (release, release_rx) = mpsc::channel();
-        let store: Arc<dyn Store> =
-            Arc::new(HeldSync { inner, entered: Mutex::new(entered_tx), release: Mutex::new(release_rx) });
-        let committer = Committer::start(store.clone(), "eu".into());
-
-        let mut first = enqueue(&committer, b"first");
-        // The first batch committed and its sync started, and is held.
-        entered.recv().unwrap();
-        assert!(first.try_recv().is_err(), "answered before its sync returned");
-
-        // The held sync does not block the committer: a second batch commits, and a task
-        // queued behind it (the queue is FIFO) sees both writes.
-        let mut second = enqueue(&committer, b"second");
-        let reader = store.clone();
-        let (a, b) = committer
-            .run_task(move || {
-                reader
-                    .transact(|tx| Ok::<_, StoreError>((tx.get(b"first")?, tx.get(b"second")?)))
-                    .unwrap()
-                    .value
-            })
-            .unwrap();
-        assert_eq!(a.as_deref(), Some(&b"written"[..]));
-        assert_eq!(b.as_deref(), Some(&b"written"[..]));
-        assert!(first.try_recv().is_err() && second.try_recv().is_err(), "answered while the sync is held");
-
-        release.send(()).unwrap();
-        let position = first.blocking_recv().unwrap().expect("first is durable and answered");
-        entered.recv().unwrap();
-        assert!(second.try_recv().is_err(), "second's own sync is still held");
-        release.send(()).unwrap();
-        let later = second.blocking_recv().unwrap().expect("second is answered");
-        assert!(later > position, "positions follow commit order");
-        let stats = committer.stats();
-        assert_eq!((stats.jobs, stats.syncs), (2, 2));
     }
 }

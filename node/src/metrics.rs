@@ -127,16 +127,6 @@ impl Metrics {
             "# HELP arca_audit_commit_seconds_total Time spent committing audit batches.\n# TYPE arca_audit_commit_seconds_total counter\narca_audit_commit_seconds_total {}",
             commits.commit_seconds_total
         );
-        let _ = writeln!(
-            out,
-            "# HELP arca_audit_syncs_total fsyncs that made committed audit batches durable (one may cover several batches).\n# TYPE arca_audit_syncs_total counter\narca_audit_syncs_total {}",
-            commits.syncs
-        );
-        let _ = writeln!(
-            out,
-            "# HELP arca_audit_sync_seconds_total Time spent in those fsyncs.\n# TYPE arca_audit_sync_seconds_total counter\narca_audit_sync_seconds_total {}",
-            commits.sync_seconds_total
-        );
         let mean = if commits.batches == 0 { 0.0 } else { commits.jobs as f64 / commits.batches as f64 };
         let _ = writeln!(
             out,

@@ -771,12 +771,6 @@ impl ReplicationService {
                 head_time_unix_ms: head_time,
             })
         })?;
-        // The changes read may come from a batch the committer has not synced yet: make
-        // them durable before they leave the node, or a standby could hold writes this
-        // region loses in a power cut.
-        if !out.value.changes.is_empty() {
-            self.node.store.sync()?;
-        }
         Ok(out.value)
     }
 }
@@ -823,47 +817,41 @@ impl proto::replication_server::Replication for ReplicationService {
         let node = self.node.clone();
         let max = (req.max_pairs as usize).clamp(1, MAX_SNAPSHOT_PAIRS);
         let chunk = tokio::task::spawn_blocking(move || {
-            node.store
-                .transact(|tx| -> Result<proto::SnapshotChunk, ApiError> {
-                    let mut chunk = proto::SnapshotChunk::default();
-                    if req.after_key.is_empty() {
-                        let prefix = repl::changes();
-                        let end = prefix_end(&prefix).ok_or(ApiError::Internal)?;
-                        let head = tx.get_range(
-                            &prefix,
-                            &end,
-                            RangeOptions { limit: 1, reverse: true, snapshot: false },
-                        )?;
-                        chunk.feed_stamp =
-                            head.first().map(|kv| kv.key[prefix.len()..].to_vec()).unwrap_or_default();
+            node.store.transact(|tx| -> Result<proto::SnapshotChunk, ApiError> {
+                let mut chunk = proto::SnapshotChunk::default();
+                if req.after_key.is_empty() {
+                    let prefix = repl::changes();
+                    let end = prefix_end(&prefix).ok_or(ApiError::Internal)?;
+                    let head = tx.get_range(
+                        &prefix,
+                        &end,
+                        RangeOptions { limit: 1, reverse: true, snapshot: false },
+                    )?;
+                    chunk.feed_stamp =
+                        head.first().map(|kv| kv.key[prefix.len()..].to_vec()).unwrap_or_default();
+                }
+                for (begin, end) in repl::replicated_ranges() {
+                    if chunk.pairs.len() >= max {
+                        break;
                     }
-                    for (begin, end) in repl::replicated_ranges() {
-                        if chunk.pairs.len() >= max {
-                            break;
+                    let mut from = begin.clone();
+                    if !req.after_key.is_empty() {
+                        if req.after_key.as_slice() >= end.as_slice() {
+                            continue;
                         }
-                        let mut from = begin.clone();
-                        if !req.after_key.is_empty() {
-                            if req.after_key.as_slice() >= end.as_slice() {
-                                continue;
-                            }
-                            if req.after_key.as_slice() >= begin.as_slice() {
-                                from = req.after_key.clone();
-                                from.push(0);
-                            }
+                        if req.after_key.as_slice() >= begin.as_slice() {
+                            from = req.after_key.clone();
+                            from.push(0);
                         }
-                        let rows = tx.get_range(&from, &end, RangeOptions::limit(max - chunk.pairs.len()))?;
-                        chunk
-                            .pairs
-                            .extend(rows.into_iter().map(|kv| proto::Pair { key: kv.key, value: kv.value }));
                     }
-                    chunk.done = chunk.pairs.len() < max;
-                    Ok(chunk)
-                })
-                .and_then(|chunk| {
-                    // Pairs may come from a batch not yet synced (see `read_pull`).
-                    node.store.sync()?;
-                    Ok(chunk)
-                })
+                    let rows = tx.get_range(&from, &end, RangeOptions::limit(max - chunk.pairs.len()))?;
+                    chunk
+                        .pairs
+                        .extend(rows.into_iter().map(|kv| proto::Pair { key: kv.key, value: kv.value }));
+                }
+                chunk.done = chunk.pairs.len() < max;
+                Ok(chunk)
+            })
         })
         .await
         .map_err(|_| Status::internal("snapshot interrupted"))?

@@ -253,26 +253,6 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Starts a transaction attempt. Dropping it without commit rolls it back.
     fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError>;
-
-    /// Starts a transaction attempt whose commit may return before it is durable: it is
-    /// atomic, ordered (its versionstamps are final) and visible to later transactions, and
-    /// it survives the crash of a process, but it may be lost with the machine until the
-    /// next [`Store::sync`]. For group commit: the committer commits batch N+1 while batch
-    /// N's sync runs, and answers batch N only after that sync.
-    ///
-    /// Whoever sends what a transaction read outside the process without a durable commit
-    /// of its own must call [`Store::sync`] first: the read may have seen a deferred commit.
-    /// Backends whose every commit is durable (FoundationDB) return an ordinary transaction.
-    fn begin_deferred(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
-        self.begin()
-    }
-
-    /// Makes durable every commit, by any process sharing the store, that returned before
-    /// this call. An ordinary commit that wrote something is a sync too. A no-op where every
-    /// commit is durable.
-    fn sync(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
 }
 
 /// The retry loop, available on every [`Store`] (including `dyn Store`).
@@ -284,46 +264,27 @@ pub trait StoreExt: Store {
     ///
     /// When `f` returns an error, the attempt is rolled back and the error returned (unless
     /// it is a retryable store error): nothing `f` wrote remains.
-    fn transact<T, E, F>(&self, f: F) -> Result<Committed<T>, E>
+    fn transact<T, E, F>(&self, mut f: F) -> Result<Committed<T>, E>
     where
         F: FnMut(&mut dyn Transaction) -> Result<T, E>,
         E: TxnError,
     {
-        run_loop(self, self.begin()?, f)
-    }
-
-    /// [`StoreExt::transact`] with a deferred-durability commit ([`Store::begin_deferred`]):
-    /// the commit is durable only after the next [`Store::sync`].
-    fn transact_deferred<T, E, F>(&self, f: F) -> Result<Committed<T>, E>
-    where
-        F: FnMut(&mut dyn Transaction) -> Result<T, E>,
-        E: TxnError,
-    {
-        run_loop(self, self.begin_deferred()?, f)
-    }
-}
-
-/// The retry loop of [`StoreExt::transact`], on an attempt already begun.
-fn run_loop<S, T, E, F>(store: &S, mut txn: Box<dyn Transaction + '_>, mut f: F) -> Result<Committed<T>, E>
-where
-    S: Store + ?Sized,
-    F: FnMut(&mut dyn Transaction) -> Result<T, E>,
-    E: TxnError,
-{
-    loop {
-        let outcome = match f(txn.as_mut()) {
-            Ok(value) => match txn.commit() {
-                Ok(commit) => return Ok(Committed { value, commit }),
-                Err(err) => E::from(err),
-            },
-            Err(err) => err,
-        };
-        match outcome.as_store_error() {
-            Some(store_err) if store_err.is_retryable() => {
-                tracing::debug!(engine = store.engine(), code = store_err.code(), "retrying transaction");
-                txn.on_error(store_err)?;
+        let mut txn = self.begin()?;
+        loop {
+            let outcome = match f(txn.as_mut()) {
+                Ok(value) => match txn.commit() {
+                    Ok(commit) => return Ok(Committed { value, commit }),
+                    Err(err) => E::from(err),
+                },
+                Err(err) => err,
+            };
+            match outcome.as_store_error() {
+                Some(store_err) if store_err.is_retryable() => {
+                    tracing::debug!(engine = self.engine(), code = store_err.code(), "retrying transaction");
+                    txn.on_error(store_err)?;
+                }
+                _ => return Err(outcome),
             }
-            _ => return Err(outcome),
         }
     }
 }

@@ -15,11 +15,7 @@
 //!
 //! Durability: `synchronous=FULL`, so the WAL is fsynced at every commit and an acknowledged
 //! commit survives `kill -9` and a power cut (SQLite's documented guarantee for WAL + FULL).
-//! Callers amortise the fsync by committing many records per transaction (group commit), and
-//! the group committer overlaps it with the next batch: a deferred transaction
-//! ([`Store::begin_deferred`]) commits with `synchronous = NORMAL` (consistent after a power
-//! cut, not yet durable), and [`Store::sync`] fsyncs the WAL — which holds every process's
-//! commits in order — before the batch is answered.
+//! Callers amortise the fsync by committing many records per transaction (group commit).
 
 use std::fs::OpenOptions;
 use std::hash::{BuildHasher, RandomState};
@@ -146,49 +142,16 @@ impl Store for SqliteStore {
     }
 
     fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
-        Ok(Box::new(self.begin_attempt(false)?))
-    }
-
-    /// The commit writes its WAL frames without the fsync (`synchronous = NORMAL` for this
-    /// transaction only): still atomic and consistent after a power cut, and durable at the
-    /// next [`Store::sync`] or ordinary commit, which fsync the whole WAL.
-    fn begin_deferred(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
-        Ok(Box::new(self.begin_attempt(true)?))
-    }
-
-    /// fsyncs the write-ahead log. SQLite appends every commit of every process to the one
-    /// WAL file, so one fsync covers every commit that returned before it. No WAL file: the
-    /// last connection checkpointed (and synced) it into the database and removed it.
-    fn sync(&self) -> Result<(), StoreError> {
-        let mut wal = self.config.path.clone().into_os_string();
-        wal.push("-wal");
-        match std::fs::File::open(&wal) {
-            Ok(file) => file
-                .sync_data()
-                .map_err(|source| StoreError::Io { context: "syncing the write-ahead log", source }),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StoreError::Io { context: "opening the write-ahead log to sync it", source }),
-        }
-    }
-}
-
-impl SqliteStore {
-    fn begin_attempt(&self, deferred: bool) -> Result<SqliteTxn<'_>, StoreError> {
         let conn = self.acquire()?;
-        let mut txn = SqliteTxn {
+        conn.execute_batch("BEGIN DEFERRED").map_err(map_err)?;
+        Ok(Box::new(SqliteTxn {
             store: self,
-            conn: None,
+            conn: Some(conn),
             budget: Budget::new(self.config.transaction_timeout),
             version: None,
             stamped: false,
             attempts: 1,
-            deferred,
-        };
-        let started = conn.execute_batch(begin_sql(deferred)).map_err(map_err);
-        // From here on the connection goes back through `finish`, which restores FULL.
-        txn.conn = Some(conn);
-        started?;
-        Ok(txn)
+        }))
     }
 }
 
@@ -202,9 +165,6 @@ struct SqliteTxn<'a> {
     /// Whether a versionstamped key was set.
     stamped: bool,
     attempts: u32,
-    /// Committing without the fsync ([`Store::begin_deferred`]); the connection is back to
-    /// `synchronous = FULL` before it returns to the pool.
-    deferred: bool,
 }
 
 impl SqliteTxn<'_> {
@@ -234,19 +194,6 @@ impl SqliteTxn<'_> {
             .prepare_cached("SELECT value FROM kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)).optional())
             .map_err(map_err)
-    }
-
-    /// Returns the connection to the pool, with `synchronous = FULL` again if this attempt
-    /// deferred its sync (a connection that cannot be restored is closed instead).
-    fn finish(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
-        if self.deferred
-            && let Err(err) = conn.execute_batch("PRAGMA synchronous = FULL")
-        {
-            tracing::warn!(error = %err, "sqlite: restoring synchronous = FULL failed; closing the connection");
-            return;
-        }
-        self.store.release(conn);
     }
 
     fn rollback(&mut self) {
@@ -375,7 +322,9 @@ impl Transaction for SqliteTxn<'_> {
             _ => None,
         };
         let info = CommitInfo { version: self.version, stamp };
-        self.finish();
+        if let Some(conn) = self.conn.take() {
+            self.store.release(conn);
+        }
         Ok(info)
     }
 
@@ -389,13 +338,12 @@ impl Transaction for SqliteTxn<'_> {
         }
         std::thread::sleep(backoff(self.attempts));
         self.attempts += 1;
-        let (conn, begin) = match self.conn.take() {
-            Some(conn) => (conn, "BEGIN DEFERRED"),
-            None => (self.store.acquire()?, begin_sql(self.deferred)),
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.store.acquire()?,
         };
-        let started = conn.execute_batch(begin).map_err(map_err);
+        conn.execute_batch("BEGIN DEFERRED").map_err(map_err)?;
         self.conn = Some(conn);
-        started?;
         self.budget.reset();
         self.version = None;
         self.stamped = false;
@@ -406,13 +354,10 @@ impl Transaction for SqliteTxn<'_> {
 impl Drop for SqliteTxn<'_> {
     fn drop(&mut self) {
         self.rollback();
-        self.finish();
+        if let Some(conn) = self.conn.take() {
+            self.store.release(conn);
+        }
     }
-}
-
-/// What starts an attempt on a fresh connection.
-fn begin_sql(deferred: bool) -> &'static str {
-    if deferred { "PRAGMA synchronous = NORMAL; BEGIN DEFERRED" } else { "BEGIN DEFERRED" }
 }
 
 /// Exponential backoff with full jitter, 1 ms doubling to a 64 ms ceiling, so that competing
@@ -453,59 +398,5 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
             Ok(())
         }
         Err(err) => Err(io("creating the store file")(err)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn synchronous(conn: &Connection) -> i64 {
-        conn.query_row("PRAGMA synchronous", [], |row| row.get(0)).unwrap()
-    }
-
-    #[test]
-    fn a_deferred_commit_skips_the_fsync_is_visible_at_once_and_its_connection_goes_back_to_full() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
-        let mut txn = store.begin_attempt(true).unwrap();
-        // NORMAL (1): the commit writes the WAL without the fsync.
-        assert_eq!(synchronous(txn.conn().unwrap()), 1);
-        txn.set(b"k", b"v").unwrap();
-        let info = txn.commit().unwrap();
-        assert!(info.version.is_some());
-        // Back in the pool with FULL (2), so ordinary transactions keep syncing.
-        let conn = store.acquire().unwrap();
-        assert_eq!(synchronous(&conn), 2);
-        store.release(conn);
-        let mut reader = store.begin_attempt(false).unwrap();
-        assert_eq!(synchronous(reader.conn().unwrap()), 2);
-        assert_eq!(reader.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
-        drop(reader);
-        store.sync().unwrap();
-    }
-
-    #[test]
-    fn a_deferred_attempt_dropped_without_commit_restores_full_and_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
-        let mut txn = store.begin_attempt(true).unwrap();
-        txn.set(b"k", b"v").unwrap();
-        drop(txn);
-        let conn = store.acquire().unwrap();
-        assert_eq!(synchronous(&conn), 2);
-        store.release(conn);
-        let mut reader = store.begin_attempt(false).unwrap();
-        assert_eq!(reader.get(b"k").unwrap(), None);
-    }
-
-    #[test]
-    fn sync_after_the_wal_was_checkpointed_away_is_a_no_op() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = SqliteConfig::new(dir.path().join("s.db"));
-        drop(SqliteStore::open(config.clone()).unwrap());
-        assert!(!dir.path().join("s.db-wal").exists(), "closing the last connection removes the WAL");
-        let unopened = SqliteStore { config, idle: Mutex::new(Vec::new()) };
-        unopened.sync().unwrap();
     }
 }

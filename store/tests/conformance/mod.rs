@@ -55,8 +55,7 @@ macro_rules! suite {
             commit_version_increases_and_read_only_has_none, oversized_key_is_refused,
             oversized_value_is_refused, oversized_transaction_is_refused,
             system_keys_are_refused, limits_are_inclusive, ignored_limit_error_still_fails_commit,
-            maybe_committed_is_false_without_unknown_results,
-            deferred_commits_are_ordered_visible_and_synced);
+            maybe_committed_is_false_without_unknown_results);
         #[test]
         fn transaction_time_limit_is_enforced() {
             $crate::conformance::transaction_time_limit_is_enforced(&$make_short(
@@ -500,36 +499,4 @@ pub fn maybe_committed_is_false_without_unknown_results(f: &Fixture) {
         })
         .unwrap();
     assert!(!flags.value);
-}
-
-/// A deferred-durability commit behaves like any other commit (atomic, visible to the next
-/// transaction, stamped in commit order, interleaved with ordinary commits) and `sync` then
-/// succeeds; a failed deferred closure leaves no trace.
-pub fn deferred_commits_are_ordered_visible_and_synced(f: &Fixture) {
-    let mut stamps = Vec::new();
-    for round in 0u8..4 {
-        let log = f.key(b"log/");
-        let body = |tx: &mut dyn Transaction| {
-            tx.set(&f.key(&[b'k', round]), &[round])?;
-            tx.set_versionstamped_key(&log, &[round], b"v")
-        };
-        let committed = if round % 2 == 0 {
-            f.store.transact_deferred(body).unwrap()
-        } else {
-            f.store.transact(body).unwrap()
-        };
-        stamps.push(committed.commit.versionstamp(committed.value).unwrap());
-        assert_eq!(f.get(&[b'k', round]), Some(vec![round]), "visible to the next transaction");
-    }
-    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "deferred and ordinary commits share one order");
-    let read: Vec<_> = stamps_under(f, b"log/").into_iter().map(|(stamp, _)| stamp).collect();
-    assert_eq!(read, stamps);
-    f.store.sync().unwrap();
-
-    let failed = f.store.transact_deferred(|tx| {
-        tx.set(&f.key(b"doomed"), b"x")?;
-        Err::<(), _>(CaseError::Refused)
-    });
-    assert!(matches!(failed, Err(CaseError::Refused)));
-    assert_eq!(f.get(b"doomed"), None);
 }
