@@ -68,6 +68,36 @@ struct Recorder<'a> {
     /// Regions are configured: keep the ops for the change feed.
     keep: bool,
     ops: Vec<arca_replication::Op>,
+    /// The batch attempt's point reads (see [`Memo`]).
+    memo: &'a mut Memo,
+}
+
+/// Point reads already made in this batch attempt, by key: requests of one batch mostly
+/// share a token, its policies and the mount, so each is read from the store once per batch
+/// instead of once per request. Only conflict-adding reads (`get`) are remembered, writes of
+/// the batch update the entry (read-your-writes, as the transaction itself), a range clear
+/// forgets the entries in its range, and a retried attempt starts with an empty memo — so a
+/// job sees exactly what it would see reading the transaction.
+#[derive(Default)]
+struct Memo {
+    values: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes held, bounded by [`MEMO_MAX_BYTES`]: past it, reads go to the store unremembered.
+    bytes: usize,
+}
+
+const MEMO_MAX_BYTES: usize = 4 << 20;
+
+impl Memo {
+    fn remember(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let size = key.len() + value.map_or(0, <[u8]>::len);
+        if let Some(slot) = self.values.get_mut(key) {
+            *slot = value.map(<[u8]>::to_vec);
+            self.bytes += value.map_or(0, <[u8]>::len);
+        } else if self.bytes + size <= MEMO_MAX_BYTES {
+            self.values.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+            self.bytes += size;
+        }
+    }
 }
 
 impl Recorder<'_> {
@@ -93,10 +123,20 @@ impl Recorder<'_> {
 
 impl Transaction for Recorder<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.tx.get(key)
+        if let Some(value) = self.memo.values.get(key) {
+            return Ok(value.clone());
+        }
+        let value = self.tx.get(key)?;
+        self.memo.remember(key, value.as_deref());
+        Ok(value)
     }
 
     fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        // A remembered value was read with its conflict (or written) in this transaction;
+        // a snapshot read is never remembered, so a later `get` still adds its conflict.
+        if let Some(value) = self.memo.values.get(key) {
+            return Ok(value.clone());
+        }
         self.tx.get_snapshot(key)
     }
 
@@ -114,12 +154,20 @@ impl Transaction for Recorder<'_> {
             key: key.to_vec(),
             value: value.to_vec(),
         })?;
-        self.tx.set(key, value)
+        self.tx.set(key, value)?;
+        if self.memo.values.contains_key(key) {
+            self.memo.remember(key, Some(value));
+        }
+        Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.record(arca_replication::replicated(key), || arca_replication::Op::Clear { key: key.to_vec() })?;
-        self.tx.clear(key)
+        self.tx.clear(key)?;
+        if self.memo.values.contains_key(key) {
+            self.memo.remember(key, None);
+        }
+        Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
@@ -128,7 +176,9 @@ impl Transaction for Recorder<'_> {
             begin: begin.to_vec(),
             end: end.to_vec(),
         })?;
-        self.tx.clear_range(begin, end)
+        self.tx.clear_range(begin, end)?;
+        self.memo.values.retain(|key, _| key.as_slice() < begin || key.as_slice() >= end);
+        Ok(())
     }
 
     fn set_versionstamped_key(
@@ -281,12 +331,14 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
         let outcome = store.transact(|tx| {
             let gate = Gate::read(tx)?;
             let mut orders = Vec::with_capacity(batch.len());
+            let mut memo = Memo::default();
             for job in batch.iter_mut() {
                 let mut recorder = Recorder {
                     tx: &mut *tx,
                     writable: gate.writable,
                     keep: gate.replicating,
                     ops: Vec::new(),
+                    memo: &mut memo,
                 };
                 let event = (job.run)(&mut recorder, &gate)?;
                 let ops = std::mem::take(&mut recorder.ops);
@@ -337,5 +389,62 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
         for task in tasks.drain(..) {
             task();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arca_store::{SqliteConfig, SqliteStore};
+
+    fn recorder<'a>(tx: &'a mut dyn Transaction, memo: &'a mut Memo) -> Recorder<'a> {
+        Recorder { tx, writable: true, keep: false, ops: Vec::new(), memo }
+    }
+
+    #[test]
+    fn the_batch_memo_sees_exactly_what_the_transaction_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
+        store.transact(|tx| tx.set(b"b/token", b"t1")).unwrap();
+        store
+            .transact(|tx| {
+                let mut memo = Memo::default();
+                let mut r = recorder(tx, &mut memo);
+                // A snapshot read is not remembered; a conflicting read is.
+                assert_eq!(r.get_snapshot(b"b/token")?.as_deref(), Some(&b"t1"[..]));
+                assert!(r.memo.values.is_empty());
+                assert_eq!(r.get(b"b/token")?.as_deref(), Some(&b"t1"[..]));
+                assert_eq!(r.get(b"b/missing")?, None);
+                assert_eq!(r.memo.values.len(), 2);
+                // Remembered values are served from the memo…
+                r.tx.set(b"b/token", b"behind the memo's back")?;
+                assert_eq!(r.get(b"b/token")?.as_deref(), Some(&b"t1"[..]));
+                // …and writes through the recorder update it, as read-your-writes would.
+                r.set(b"b/token", b"t2")?;
+                r.set(b"b/missing", b"now here")?;
+                assert_eq!(r.get(b"b/token")?.as_deref(), Some(&b"t2"[..]));
+                assert_eq!(r.get_snapshot(b"b/missing")?.as_deref(), Some(&b"now here"[..]));
+                r.clear(b"b/token")?;
+                assert_eq!(r.get(b"b/token")?, None);
+                // A range clear forgets what it covers, and only that.
+                r.set(b"c/kept", b"k")?;
+                assert_eq!(r.get(b"c/kept")?.as_deref(), Some(&b"k"[..]));
+                r.clear_range(b"b/", b"b0")?;
+                assert!(!r.memo.values.contains_key(&b"b/missing"[..]));
+                assert_eq!(r.get(b"b/missing")?, None);
+                assert!(r.memo.values.contains_key(&b"c/kept"[..]));
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_batch_memo_stops_remembering_past_its_bound() {
+        let mut memo = Memo::default();
+        let big = vec![7u8; MEMO_MAX_BYTES / 2];
+        memo.remember(b"one", Some(&big));
+        memo.remember(b"two", Some(&big));
+        assert!(memo.values.contains_key(&b"one"[..]) && !memo.values.contains_key(&b"two"[..]));
+        assert!(memo.bytes <= MEMO_MAX_BYTES);
     }
 }
