@@ -448,7 +448,15 @@ async fn dispatch(
             reply(audited, |s, _| {
                 json_response(
                     StatusCode::OK,
-                    seal_status(node, s.initialized, s.sealed, s.shares, s.threshold, s.progress),
+                    seal_status(
+                        node,
+                        &s.seal_type,
+                        s.initialized,
+                        s.sealed,
+                        s.shares,
+                        s.threshold,
+                        s.progress,
+                    ),
                 )
             })
         }
@@ -492,10 +500,11 @@ async fn dispatch(
             };
             let audited = node.operator_unseal(ctx, Zeroizing::new(key)).await;
             let status = node.barrier().is_sealed();
+            // Unsealing by key shares: a Shamir seal (an HSM-sealed node unseals itself).
             reply(audited, |p, _| {
                 json_response(
                     StatusCode::OK,
-                    seal_status(node, true, status && p.sealed, 0, p.threshold, p.progress),
+                    seal_status(node, "shamir", true, status && p.sealed, 0, p.threshold, p.progress),
                 )
             })
         }
@@ -830,8 +839,12 @@ async fn dispatch(
     Ok(response)
 }
 
+/// Vault's seal-status body. `seal_type` is the store's seal (`"shamir"`, `"pkcs11"`, or
+/// empty before init, shown as Shamir); an HSM seal reports its Shamir shares as recovery
+/// keys (`recovery_seal`), as Vault does for auto-unseal.
 fn seal_status(
     node: &Node,
+    seal_type: &str,
     initialized: bool,
     sealed: bool,
     shares: u8,
@@ -839,10 +852,12 @@ fn seal_status(
     progress: u8,
 ) -> Value {
     let id = node.identity();
+    let hsm = seal_type == "pkcs11";
     json!({
-        "type": "shamir", "initialized": initialized, "sealed": sealed, "t": threshold, "n": shares, "progress": progress,
+        "type": if hsm { "pkcs11" } else { "shamir" }, "initialized": initialized, "sealed": sealed,
+        "t": threshold, "n": shares, "progress": progress,
         "nonce": "", "version": concat!("arca-", env!("CARGO_PKG_VERSION")), "build_date": "", "migration": false,
-        "cluster_name": id.cluster, "cluster_id": "", "recovery_seal": false, "storage_type": "arca",
+        "cluster_name": id.cluster, "cluster_id": "", "recovery_seal": hsm, "storage_type": "arca",
     })
 }
 

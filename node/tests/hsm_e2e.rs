@@ -90,6 +90,13 @@ fn an_hsm_sealed_node_restarts_unattended_and_stays_sealed_without_its_token() {
     let (root, _recovery) = init(&server);
     let s = status(&server);
     assert_eq!((s["sealed"].as_bool(), s["seal_type"].as_str()), (Some(false), Some("pkcs11")));
+    // Vault clients see the auto-unseal too: type pkcs11, the shares as recovery keys.
+    let mut response = ureq::get(format!("{}/v1/sys/seal-status", server.http)).call().unwrap();
+    let vault: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(
+        (vault["type"].as_str(), vault["recovery_seal"].as_bool(), vault["sealed"].as_bool()),
+        (Some("pkcs11"), Some(true), Some(false))
+    );
     assert_eq!(arca(&server, Some(&root), &["kv", "put", "secret/app/db", "v=hsm-1"]).code, 0);
 
     // Restart: nobody types a key; the HSM unseals, audited as the seal.
