@@ -25,6 +25,12 @@ fdb_features=arca-store/fdb,arca-node/fdb,arca-siem-export/fdb
 cargo check -p arca-store -p arca-node -p arca-siem-export --all-targets --features "$fdb_features" --locked
 cargo clippy -p arca-store -p arca-node -p arca-siem-export --all-targets --features "$fdb_features" --locked -- -D warnings
 
+# Coverage-guided fuzzing of every parser of outside input, 10 s per target: fails on any
+# panic or broken round trip. Its instrumented build is removed afterwards on CI (disk).
+step "fuzz smoke (scripts/fuzz.sh --secs 10)"
+scripts/fuzz.sh --secs 10
+if [[ -n "${CI:-}" ]]; then rm -rf fuzz/target; fi
+
 # Smoke run of the side-by-side benchmark (debug build, short levels, no thresholds): it
 # fails only if a request fails, so a broken load path cannot slip through.
 step "bench-vs-openbao --quick"
