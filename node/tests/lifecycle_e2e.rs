@@ -48,22 +48,7 @@ async fn rotations_while_readers_read_never_fail_a_read() {
     let server = start_args(&data, "n1", &[], &[]);
     let root = root(&data);
     ok(&server, &root, &["kv", "put", "secret/app/db", "user=app", "password=initial"]);
-    ok(
-        &server,
-        &root,
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/db",
-            "--interval-secs",
-            "3600",
-            "--rotator",
-            "password",
-            "--length",
-            "24",
-        ],
-    );
+    ok(&server, &root, &common::rotation_set("secret/app/db", "3600", "password", &["--length", "24"]));
 
     let client =
         Client::connect(Config::new(&server.addr).unwrap().auth(Auth::token(root.clone()))).await.unwrap();
@@ -138,44 +123,14 @@ fn the_scheduler_rotates_and_catches_up_a_missed_schedule() {
     let mut server = start_at(&data, "n1", &grpc, &[], &[]);
     let root = root(&data);
     ok(&server, &root, &["kv", "put", "secret/app/key", "api_key=first"]);
-    ok(
-        &server,
-        &root,
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/key",
-            "--interval-secs",
-            "1",
-            "--rotator",
-            "api-key",
-            "--field",
-            "api_key",
-        ],
-    );
+    ok(&server, &root, &common::rotation_set("secret/app/key", "1", "api-key", &["--field", "api_key"]));
     wait("two scheduled rotations", || {
         metadata(&server, &root, "secret/app/key")["stages"]["current"].as_u64() >= Some(3)
     });
 
     // Down past a due time: on recovery the missed rotation runs at once (without the
     // catch-up, nothing would ever move the schedule on again).
-    ok(
-        &server,
-        &root,
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/key",
-            "--interval-secs",
-            "3",
-            "--rotator",
-            "api-key",
-            "--field",
-            "api_key",
-        ],
-    );
+    ok(&server, &root, &common::rotation_set("secret/app/key", "3", "api-key", &["--field", "api_key"]));
     let meta = metadata(&server, &root, "secret/app/key");
     drop(server);
     let (due, before) =
@@ -220,22 +175,7 @@ fn an_external_rotator_resumes_after_a_crash_between_steps() {
     );
     let root = root(&data);
     ok(&server, &root, &["kv", "put", "secret/app/db", "user=app", "password=old"]);
-    ok(
-        &server,
-        &root,
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/db",
-            "--interval-secs",
-            "3600",
-            "--rotator",
-            "exec",
-            "--command",
-            "db-password",
-        ],
-    );
+    ok(&server, &root, &common::rotation_set("secret/app/db", "3600", "exec", &["--command", "db-password"]));
     let crashed = arca(&server, Some(&root), &["rotate", "secret/app/db"]);
     assert_ne!(crashed.code, 0, "the node died mid-rotation");
     assert!(server.child.wait().unwrap().code().is_none(), "aborted by the failpoint");
@@ -347,35 +287,13 @@ fn an_http_rotator_hook_under_an_allowed_prefix_drives_the_steps() {
     let elsewhere = arca(
         &server,
         Some(&root),
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/db",
-            "--interval-secs",
-            "3600",
-            "--rotator",
-            "http",
-            "--url",
-            "http://attacker.example/collect",
-        ],
+        &common::rotation_set("secret/app/db", "3600", "http", &["--url", "http://attacker.example/collect"]),
     );
     assert_eq!(elsewhere.code, 5, "{}", elsewhere.stderr);
     ok(
         &server,
         &root,
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/db",
-            "--interval-secs",
-            "3600",
-            "--rotator",
-            "http",
-            "--url",
-            &format!("{prefix}db"),
-        ],
+        &common::rotation_set("secret/app/db", "3600", "http", &["--url", &format!("{prefix}db")]),
     );
     assert_eq!(ok(&server, &root, &["rotate", "secret/app/db"])["version"], 2);
     assert_eq!(*steps.lock().unwrap(), vec!["create", "set", "test"]);

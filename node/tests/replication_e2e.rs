@@ -507,18 +507,7 @@ fn scheduled_rotations_run_on_the_primary_and_replicate_to_the_standby() {
     let set = arca(
         c.eu.server(),
         Some(&root),
-        &[
-            "kv",
-            "rotation",
-            "set",
-            "secret/app/key",
-            "--interval-secs",
-            "1",
-            "--rotator",
-            "api-key",
-            "--field",
-            "v",
-        ],
+        &common::rotation_set("secret/app/key", "1", "api-key", &["--field", "v"]),
     );
     assert_eq!(set.code, 0, "{}", set.stderr);
     // The standby serves the rotated values as they replicate.

@@ -128,6 +128,19 @@ pub fn arca(server: &Server, token: Option<&str>, args: &[&str]) -> Run {
 }
 
 /// Runs `arca --format json …`, expects success, returns the JSON.
+/// `arca kv rotation set PATH --interval-secs SECS --rotator ROTATOR REST…`, as arguments.
+pub fn rotation_set<'a>(
+    path: &'a str,
+    interval_secs: &'a str,
+    rotator: &'a str,
+    rest: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args =
+        vec!["kv", "rotation", "set", path, "--interval-secs", interval_secs, "--rotator", rotator];
+    args.extend_from_slice(rest);
+    args
+}
+
 pub fn ok_json(server: &Server, token: Option<&str>, args: &[&str], calls: &mut usize) -> Value {
     let mut full = vec!["--format", "json"];
     full.extend_from_slice(args);
