@@ -81,6 +81,10 @@ pub struct LagGauges {
     pub last_applied_unix_ms: AtomicU64,
     /// The last successful pull (this region's clock).
     pub last_contact_unix_ms: AtomicU64,
+    /// This process holds the region's applier lease. The gauges above describe its own
+    /// pulls: on a node of the region that does not apply, they are stale from whenever it
+    /// last did, so its link is the peer watcher's view of the primary instead.
+    pub applier: std::sync::atomic::AtomicBool,
 }
 
 impl LagGauges {
@@ -91,7 +95,10 @@ impl LagGauges {
         let last = self.last_contact_unix_ms.load(Ordering::Relaxed);
         // Before the first successful pull there is no "since": the lag is unknown, not
         // fifty years.
-        let since = if self.link_up.load(Ordering::Relaxed) == 1 || last == 0 {
+        let since = if self.link_up.load(Ordering::Relaxed) == 1
+            || last == 0
+            || !self.applier.load(Ordering::Relaxed)
+        {
             0
         } else {
             now_unix_ms().saturating_sub(last)
@@ -101,6 +108,16 @@ impl LagGauges {
 }
 
 impl Regions {
+    /// Whether this standby node reaches the primary: its last pull if it is the region's
+    /// applier, otherwise the peer watcher's last hello.
+    pub fn standby_link_up(&self, primary: &str) -> bool {
+        if self.lag.applier.load(Ordering::Relaxed) {
+            self.lag.link_up.load(Ordering::Relaxed) == 1
+        } else {
+            self.links.lock().unwrap_or_else(|p| p.into_inner()).get(primary).is_some_and(|view| view.up)
+        }
+    }
+
     pub fn from_config(section: &ReplicationSection) -> Result<Regions, crate::server::BoxError> {
         let tls = match (&section.tls_cert_file, &section.tls_key_file, &section.ca_file) {
             (Some(cert), Some(key), Some(ca)) => {
@@ -291,7 +308,7 @@ impl Node {
                     status.lag_entries = lag.entries.load(Ordering::Relaxed);
                     status.lag_seconds = lag.seconds();
                     status.last_applied_unix_ms = cursor.applied_unix_ms;
-                    status.link = if lag.link_up.load(Ordering::Relaxed) == 1 { "up" } else { "down" }.into();
+                    status.link = if regions.standby_link_up(&state.primary) { "up" } else { "down" }.into();
                 }
                 let links = regions.links.lock().unwrap_or_else(|p| p.into_inner());
                 for peer in &regions.peers {
@@ -1082,6 +1099,9 @@ async fn applier_step(node: &Arc<Node>, regions: &Regions, holder: &str) -> Resu
                 }
                 let now = now_unix_ms();
                 let (may, renew) = lease_view(tx, &lease_key, &holder, now, 3000)?;
+                if let Some(regions) = n.regions() {
+                    regions.lag.applier.store(may, Ordering::Relaxed);
+                }
                 if !may {
                     return Ok(None);
                 }
@@ -1218,7 +1238,7 @@ pub fn render_metrics(node: &Node, state: &RegionState) -> String {
         g(&lag.versions),
         g(&lag.entries),
         if standby { lag.seconds() } else { 0.0 },
-        g(&lag.link_up),
+        u64::from(standby && node.regions().is_some_and(|r| r.standby_link_up(&state.primary))),
         lag.applied_changes.load(Ordering::Relaxed),
     )
 }
@@ -1230,9 +1250,15 @@ mod tests {
     #[test]
     fn lag_seconds_grow_while_the_link_is_down_and_are_zero_before_any_contact() {
         let g = LagGauges::default();
+        g.applier.store(true, Ordering::Relaxed);
         assert_eq!(g.seconds(), 0.0, "no contact yet: no made-up lag");
         g.last_contact_unix_ms.store(now_unix_ms() - 2500, Ordering::Relaxed);
         assert!(g.seconds() >= 2.5, "{}", g.seconds());
+        // A node that lost the applier lease to another node of its region does not report
+        // its own stale pull as growing lag.
+        g.applier.store(false, Ordering::Relaxed);
+        assert_eq!(g.seconds(), 0.0);
+        g.applier.store(true, Ordering::Relaxed);
         g.link_up.store(1, Ordering::Relaxed);
         g.millis.store(40, Ordering::Relaxed);
         assert_eq!(g.seconds(), 0.04);
