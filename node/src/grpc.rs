@@ -340,11 +340,14 @@ impl Arca for Service {
                 return respond(refused.await, |()| proto::KvGetResponse::default());
             }
         };
-        respond(self.node.kv_read_at(ctx, mount(r.mount), r.path, selector).await, |s| proto::KvGetResponse {
-            data: s.data.0.clone().into_iter().collect(),
-            version: s.version,
-            created_unix_ms: s.meta.created_unix_ms,
-            custom_metadata: s.custom_metadata.clone().into_iter().collect(),
+        // The values move into the reply: no further copy of the secret is left behind.
+        respond(self.node.kv_read_at(ctx, mount(r.mount), r.path, selector).await, |mut s| {
+            proto::KvGetResponse {
+                data: std::mem::take(&mut s.data.0).into_iter().collect(),
+                version: s.version,
+                created_unix_ms: s.meta.created_unix_ms,
+                custom_metadata: std::mem::take(&mut s.custom_metadata).into_iter().collect(),
+            }
         })
     }
 

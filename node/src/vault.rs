@@ -199,7 +199,66 @@ fn envelope(request_id: &str, data: Value, auth: Value) -> Value {
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    typed_json_response(status, &body)
+}
+
+/// A JSON reply serialized straight from `body` (no intermediate `Value`).
+fn typed_json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(_) => api_error(&ApiError::Internal),
+    }
+}
+
+/// The KV v2 read reply, in the field order of [`envelope`] and [`version_meta`]. Serialized
+/// from the decrypted secret by reference: the response body is the only copy of its values
+/// made on the way out (a `serde_json::Value` would be another, never zeroized).
+#[derive(serde::Serialize)]
+struct KvReadReply<'a> {
+    auth: Option<()>,
+    data: KvReadData<'a>,
+    lease_duration: u64,
+    lease_id: &'static str,
+    renewable: bool,
+    request_id: &'a str,
+    warnings: Option<()>,
+    wrap_info: Option<()>,
+}
+
+#[derive(serde::Serialize)]
+struct KvReadData<'a> {
+    data: &'a BTreeMap<String, String>,
+    metadata: VersionMetaReply<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct VersionMetaReply<'a> {
+    created_time: String,
+    custom_metadata: Option<&'a BTreeMap<String, String>>,
+    deletion_time: String,
+    destroyed: bool,
+    version: u64,
+}
+
+fn kv_read_reply(s: &crate::kv::SecretVersion, request_id: &str) -> Response {
+    let metadata = VersionMetaReply {
+        created_time: rfc3339(s.meta.created_unix_ms),
+        custom_metadata: (!s.custom_metadata.is_empty()).then_some(&s.custom_metadata),
+        deletion_time: s.meta.deletion_unix_ms.map(rfc3339).unwrap_or_default(),
+        destroyed: s.meta.destroyed,
+        version: s.version,
+    };
+    let reply = KvReadReply {
+        auth: None,
+        data: KvReadData { data: &s.data.0, metadata },
+        lease_duration: 0,
+        lease_id: "",
+        renewable: false,
+        request_id,
+        warnings: None,
+        wrap_info: None,
+    };
+    typed_json_response(StatusCode::OK, &reply)
 }
 
 /// Turns an audited result into a response, with the audit headers either way.
@@ -738,13 +797,7 @@ async fn dispatch(
                             v.parse::<u64>().map_err(|_| ApiError::invalid("version must be a number"))
                         )),
                     };
-                    reply(node.kv_read(ctx, mount, secret, version).await, |s, rid| {
-                        let meta = version_meta(s.version, &s.meta, &s.custom_metadata);
-                        json_response(
-                            StatusCode::OK,
-                            envelope(rid, json!({"data": s.data.0, "metadata": meta}), Value::Null),
-                        )
-                    })
+                    reply(node.kv_read(ctx, mount, secret, version).await, |s, rid| kv_read_reply(&s, rid))
                 }
                 "POST" | "PUT" => {
                     let data = SecretData(bad!(string_map(&body["data"], "data")));
@@ -870,6 +923,36 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123000000Z");
         assert_eq!(rfc3339(1_795_727_994_955), "2026-11-26T21:19:54.955000000Z");
+    }
+
+    #[tokio::test]
+    async fn the_typed_kv_read_reply_is_the_vault_envelope() {
+        let custom = BTreeMap::from([("owner".to_owned(), "team \"a\"".to_owned())]);
+        for (deleted, custom) in [(None, BTreeMap::new()), (Some(1_795_727_994_955), custom)] {
+            let s = crate::kv::SecretVersion {
+                data: SecretData(BTreeMap::from([
+                    ("password".to_owned(), "p\u{e9}\n\"x\"".to_owned()),
+                    ("user".to_owned(), "u".to_owned()),
+                ])),
+                version: 7,
+                meta: crate::kv::VersionMeta {
+                    created_unix_ms: 951_782_400_123,
+                    deletion_unix_ms: deleted,
+                    destroyed: false,
+                    revoked_unix_ms: None,
+                },
+                custom_metadata: custom,
+            };
+            let meta = version_meta(s.version, &s.meta, &s.custom_metadata);
+            let expected =
+                envelope("rid-1", json!({"data": s.data.0.clone(), "metadata": meta}), Value::Null);
+            let response = kv_read_reply(&s, "rid-1");
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), expected);
+            assert_eq!(body, expected.to_string().as_bytes(), "same bytes, same field order");
+        }
     }
 
     #[test]
