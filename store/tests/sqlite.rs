@@ -60,3 +60,33 @@ fn a_file_that_is_not_a_store_is_refused() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(SqliteStore::open(SqliteConfig::new(&path)).is_err());
 }
+
+/// The page size recorded in a database file's header (bytes 16–17, big-endian).
+fn header_page_size(path: &std::path::Path) -> u16 {
+    let header = std::fs::read(path).unwrap();
+    u16::from_be_bytes([header[16], header[17]])
+}
+
+#[test]
+fn a_new_store_has_8_kib_pages_and_an_existing_one_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh.db");
+    let store = SqliteStore::open(SqliteConfig::new(&fresh)).unwrap();
+    store.transact(|tx| tx.set(b"k", &[7u8; 1024])).unwrap();
+    drop(store);
+    assert_eq!(header_page_size(&fresh), 8192);
+
+    // A file created with 4 KiB pages (as before) opens, works and stays 4 KiB.
+    let old = dir.path().join("old.db");
+    {
+        let conn = rusqlite::Connection::open(&old).unwrap();
+        conn.execute_batch("PRAGMA page_size = 4096; CREATE TABLE unrelated (a);").unwrap();
+    }
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(header_page_size(&old), 4096);
+    let store = SqliteStore::open(SqliteConfig::new(&old)).unwrap();
+    store.transact(|tx| tx.set(b"k", &[7u8; 1024])).unwrap();
+    assert_eq!(store.transact(|tx| tx.get(b"k")).unwrap().value, Some(vec![7u8; 1024]));
+    drop(store);
+    assert_eq!(header_page_size(&old), 4096);
+}
