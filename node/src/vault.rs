@@ -190,33 +190,12 @@ fn api_error(err: &ApiError) -> Response {
     }
 }
 
-/// Vault's response envelope.
-fn envelope(request_id: &str, data: Value, auth: Value) -> Value {
-    json!({
-        "request_id": request_id, "lease_id": "", "renewable": false, "lease_duration": 0,
-        "data": data, "wrap_info": null, "warnings": null, "auth": auth,
-    })
-}
-
-fn json_response(status: StatusCode, body: Value) -> Response {
-    typed_json_response(status, &body)
-}
-
-/// A JSON reply serialized straight from `body` (no intermediate `Value`).
-fn typed_json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(_) => api_error(&ApiError::Internal),
-    }
-}
-
-/// The KV v2 read reply, in the field order of [`envelope`] and [`version_meta`]. Serialized
-/// from the decrypted secret by reference: the response body is the only copy of its values
-/// made on the way out (a `serde_json::Value` would be another, never zeroized).
+/// Vault's response envelope, serialized as it stands (fields in alphabetical order, as
+/// `serde_json::Value` prints them).
 #[derive(serde::Serialize)]
-struct KvReadReply<'a> {
-    auth: Option<()>,
-    data: KvReadData<'a>,
+struct Envelope<'a, D, A> {
+    auth: A,
+    data: D,
     lease_duration: u64,
     lease_id: &'static str,
     renewable: bool,
@@ -225,40 +204,42 @@ struct KvReadReply<'a> {
     wrap_info: Option<()>,
 }
 
-#[derive(serde::Serialize)]
-struct KvReadData<'a> {
-    data: &'a BTreeMap<String, String>,
-    metadata: VersionMetaReply<'a>,
-}
-
-#[derive(serde::Serialize)]
-struct VersionMetaReply<'a> {
-    created_time: String,
-    custom_metadata: Option<&'a BTreeMap<String, String>>,
-    deletion_time: String,
-    destroyed: bool,
-    version: u64,
-}
-
-fn kv_read_reply(s: &crate::kv::SecretVersion, request_id: &str) -> Response {
-    let metadata = VersionMetaReply {
-        created_time: rfc3339(s.meta.created_unix_ms),
-        custom_metadata: (!s.custom_metadata.is_empty()).then_some(&s.custom_metadata),
-        deletion_time: s.meta.deletion_unix_ms.map(rfc3339).unwrap_or_default(),
-        destroyed: s.meta.destroyed,
-        version: s.version,
-    };
-    let reply = KvReadReply {
-        auth: None,
-        data: KvReadData { data: &s.data.0, metadata },
+fn envelope<D: serde::Serialize, A: serde::Serialize>(
+    request_id: &str,
+    data: D,
+    auth: A,
+) -> Envelope<'_, D, A> {
+    Envelope {
+        auth,
+        data,
         lease_duration: 0,
         lease_id: "",
         renewable: false,
         request_id,
         warnings: None,
         wrap_info: None,
-    };
-    typed_json_response(StatusCode::OK, &reply)
+    }
+}
+
+/// A JSON reply serialized straight from `body`.
+fn json_response<T: serde::Serialize>(status: StatusCode, body: T) -> Response {
+    match serde_json::to_vec(&body) {
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(_) => api_error(&ApiError::Internal),
+    }
+}
+
+/// The KV v2 read reply, serialized from the decrypted secret by reference: the response
+/// body is the only copy of its values made on the way out (a `serde_json::Value` would be
+/// another, never zeroized).
+fn kv_read_reply(s: &crate::kv::SecretVersion, request_id: &str) -> Response {
+    #[derive(serde::Serialize)]
+    struct KvReadData<'a> {
+        data: &'a BTreeMap<String, String>,
+        metadata: VersionMetaReply<'a>,
+    }
+    let data = KvReadData { data: &s.data.0, metadata: version_meta(s.version, &s.meta, &s.custom_metadata) };
+    json_response(StatusCode::OK, envelope(request_id, data, Value::Null))
 }
 
 /// Turns an audited result into a response, with the audit headers either way.
@@ -303,11 +284,28 @@ fn token_data(r: &TokenRecord, id: Option<&str>) -> Value {
     })
 }
 
-fn version_meta(version: u64, m: &crate::kv::VersionMeta, custom: &BTreeMap<String, String>) -> Value {
-    json!({
-        "created_time": rfc3339(m.created_unix_ms), "custom_metadata": if custom.is_empty() { Value::Null } else { json!(custom) },
-        "deletion_time": m.deletion_unix_ms.map(rfc3339).unwrap_or_default(), "destroyed": m.destroyed, "version": version,
-    })
+/// A version's metadata as KV v2 replies carry it.
+#[derive(serde::Serialize)]
+struct VersionMetaReply<'a> {
+    created_time: String,
+    custom_metadata: Option<&'a BTreeMap<String, String>>,
+    deletion_time: String,
+    destroyed: bool,
+    version: u64,
+}
+
+fn version_meta<'a>(
+    version: u64,
+    m: &crate::kv::VersionMeta,
+    custom: &'a BTreeMap<String, String>,
+) -> VersionMetaReply<'a> {
+    VersionMetaReply {
+        created_time: rfc3339(m.created_unix_ms),
+        custom_metadata: (!custom.is_empty()).then_some(custom),
+        deletion_time: m.deletion_unix_ms.map(rfc3339).unwrap_or_default(),
+        destroyed: m.destroyed,
+        version,
+    }
 }
 
 /// The reply to a KV write or patch: the new version's metadata.
@@ -573,7 +571,9 @@ async fn dispatch(
             for mount in &mounts {
                 map.insert(format!("{}/", mount.name), mount_json(mount));
             }
-            let mut body = envelope(rid, Value::Object(map.clone()), Value::Null);
+            // Vault also lists the mounts at the top level, beside the envelope's fields.
+            let mut body = serde_json::to_value(envelope(rid, Value::Object(map.clone()), Value::Null))
+                .unwrap_or_default();
             if let Value::Object(top) = &mut body {
                 top.extend(map);
             }
@@ -943,9 +943,16 @@ mod tests {
                 },
                 custom_metadata: custom,
             };
-            let meta = version_meta(s.version, &s.meta, &s.custom_metadata);
-            let expected =
-                envelope("rid-1", json!({"data": s.data.0.clone(), "metadata": meta}), Value::Null);
+            let custom_json =
+                if s.custom_metadata.is_empty() { Value::Null } else { json!(s.custom_metadata) };
+            let meta = json!({
+                "created_time": "2000-02-29T00:00:00.123000000Z", "custom_metadata": custom_json,
+                "deletion_time": deleted.map(rfc3339).unwrap_or_default(), "destroyed": false, "version": 7,
+            });
+            let expected = json!({
+                "request_id": "rid-1", "lease_id": "", "renewable": false, "lease_duration": 0,
+                "data": {"data": s.data.0.clone(), "metadata": meta}, "wrap_info": null, "warnings": null, "auth": null,
+            });
             let response = kv_read_reply(&s, "rid-1");
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
