@@ -91,8 +91,9 @@ impl Memo {
     fn remember(&mut self, key: &[u8], value: Option<&[u8]>) {
         let size = key.len() + value.map_or(0, <[u8]>::len);
         if let Some(slot) = self.values.get_mut(key) {
-            *slot = value.map(<[u8]>::to_vec);
+            self.bytes -= slot.as_deref().map_or(0, <[u8]>::len);
             self.bytes += value.map_or(0, <[u8]>::len);
+            *slot = value.map(<[u8]>::to_vec);
         } else if self.bytes + size <= MEMO_MAX_BYTES {
             self.values.insert(key.to_vec(), value.map(<[u8]>::to_vec));
             self.bytes += size;

@@ -127,7 +127,6 @@ pub fn arca(server: &Server, token: Option<&str>, args: &[&str]) -> Run {
     }
 }
 
-/// Runs `arca --format json …`, expects success, returns the JSON.
 /// `arca kv rotation set PATH --interval-secs SECS --rotator ROTATOR REST…`, as arguments.
 pub fn rotation_set<'a>(
     path: &'a str,
@@ -141,6 +140,7 @@ pub fn rotation_set<'a>(
     args
 }
 
+/// Runs `arca --format json …`, expects success, returns the JSON.
 pub fn ok_json(server: &Server, token: Option<&str>, args: &[&str], calls: &mut usize) -> Value {
     let mut full = vec!["--format", "json"];
     full.extend_from_slice(args);
