@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arca_store::{Store, StoreError, StoreExt, Transaction, Versionstamp};
+
+use crate::memo::{Journal, Memo};
 use tokio::sync::oneshot;
 
 /// Most jobs in one transaction.
@@ -68,37 +70,11 @@ struct Recorder<'a> {
     /// Regions are configured: keep the ops for the change feed.
     keep: bool,
     ops: Vec<arca_replication::Op>,
-    /// The batch attempt's point reads (see [`Memo`]).
+    /// Point reads already made, by key (see [`crate::memo`]): only conflict-adding reads
+    /// (`get`) are remembered, writes update a remembered entry (read-your-writes, as the
+    /// transaction itself) and a range clear forgets its range — so a job sees exactly what
+    /// it would see reading the transaction.
     memo: &'a mut Memo,
-}
-
-/// Point reads already made in this batch attempt, by key: requests of one batch mostly
-/// share a token, its policies and the mount, so each is read from the store once per batch
-/// instead of once per request. Only conflict-adding reads (`get`) are remembered, writes of
-/// the batch update the entry (read-your-writes, as the transaction itself), a range clear
-/// forgets the entries in its range, and a retried attempt starts with an empty memo — so a
-/// job sees exactly what it would see reading the transaction.
-#[derive(Default)]
-struct Memo {
-    values: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Bytes held, bounded by [`MEMO_MAX_BYTES`]: past it, reads go to the store unremembered.
-    bytes: usize,
-}
-
-const MEMO_MAX_BYTES: usize = 4 << 20;
-
-impl Memo {
-    fn remember(&mut self, key: &[u8], value: Option<&[u8]>) {
-        let size = key.len() + value.map_or(0, <[u8]>::len);
-        if let Some(slot) = self.values.get_mut(key) {
-            self.bytes -= slot.as_deref().map_or(0, <[u8]>::len);
-            self.bytes += value.map_or(0, <[u8]>::len);
-            *slot = value.map(<[u8]>::to_vec);
-        } else if self.bytes + size <= MEMO_MAX_BYTES {
-            self.values.insert(key.to_vec(), value.map(<[u8]>::to_vec));
-            self.bytes += size;
-        }
-    }
 }
 
 impl Recorder<'_> {
@@ -125,9 +101,11 @@ impl Recorder<'_> {
 impl Transaction for Recorder<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(value) = self.memo.values.get(key) {
+            self.memo.hits += 1;
             return Ok(value.clone());
         }
         let value = self.tx.get(key)?;
+        self.memo.misses += 1;
         self.memo.remember(key, value.as_deref());
         Ok(value)
     }
@@ -178,7 +156,7 @@ impl Transaction for Recorder<'_> {
             end: end.to_vec(),
         })?;
         self.tx.clear_range(begin, end)?;
-        self.memo.values.retain(|key, _| key.as_slice() < begin || key.as_slice() >= end);
+        self.memo.forget_range(begin, end);
         Ok(())
     }
 
@@ -188,6 +166,11 @@ impl Transaction for Recorder<'_> {
         suffix: &[u8],
         value: &[u8],
     ) -> Result<u16, StoreError> {
+        // The key is known only at commit: nothing remembered under the prefix may stand.
+        match arca_store::prefix_end(prefix) {
+            Some(end) => self.memo.forget_range(prefix, &end),
+            None => *self.memo = Memo::default(),
+        }
         self.tx.set_versionstamped_key(prefix, suffix, value)
     }
 
@@ -228,6 +211,9 @@ pub struct CommitStats {
     pub jobs: u64,
     pub failed_batches: u64,
     pub commit_seconds_total: f64,
+    /// Point reads of committed batches answered from the memo, and from the store.
+    pub memo_hits: u64,
+    pub memo_misses: u64,
 }
 
 /// Handle to the committer thread. Dropping every handle stops the thread.
@@ -239,7 +225,10 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the committer thread for `store`, appending events to `region`'s queue.
-    pub fn start(store: Arc<dyn Store>, region: String) -> Self {
+    /// `journal` records the commits every other code path of this process makes to the
+    /// same store (through a [`crate::memo::JournaledStore`]), so the committer's memo of
+    /// point reads can outlive a batch.
+    pub fn start(store: Arc<dyn Store>, journal: Arc<Journal>, region: String) -> Self {
         let (queue, jobs) = mpsc::channel::<Work>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let thread_stats = stats.clone();
@@ -249,7 +238,7 @@ impl Committer {
                 // A committer that died would leave the node up but unable to serve anything:
                 // crash instead of limping on, so the supervisor restarts the node.
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run(store.as_ref(), &region, jobs, &thread_stats)
+                    run(store.as_ref(), &journal, &region, jobs, &thread_stats)
                 }));
                 if outcome.is_err() {
                     eprintln!("arcad: the audit committer panicked; aborting");
@@ -298,11 +287,19 @@ fn drop_audit_append() -> bool {
     COUNT.fetch_add(1, Ordering::Relaxed) % 64 == 63
 }
 
-fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mutex<CommitStats>) {
+fn run(
+    store: &dyn Store,
+    journal: &Journal,
+    region: &str,
+    work: mpsc::Receiver<Work>,
+    stats: &Mutex<CommitStats>,
+) {
     let events = crate::keys::audit_events(region);
     let changes = arca_replication::changes();
     let mut last_batch_len = 0;
     let mut tasks: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    // The memo and the version of the commit it is exact at: the last batch's.
+    let mut carried: Option<(u64, Memo)> = None;
     while let Ok(first) = work.recv() {
         let first = match first {
             Work::Request(job) => job,
@@ -330,9 +327,17 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
         last_batch_len = batch.len();
         let started = Instant::now();
         let outcome = store.transact(|tx| {
+            // Taken, so that a retried attempt (whose first attempt wrote into the memo)
+            // starts afresh.
+            let mut memo = match carried.take() {
+                Some((at, mut memo)) if !memo.is_nearly_full() => match tx.read_version()? {
+                    Some(now) if journal.catch_up(&mut memo, at, now) => memo,
+                    _ => Memo::default(),
+                },
+                _ => Memo::default(),
+            };
             let gate = Gate::read(tx)?;
             let mut orders = Vec::with_capacity(batch.len());
-            let mut memo = Memo::default();
             for job in batch.iter_mut() {
                 let mut recorder = Recorder {
                     tx: &mut *tx,
@@ -361,14 +366,22 @@ fn run(store: &dyn Store, region: &str, work: mpsc::Receiver<Work>, stats: &Mute
                 }
                 orders.push(order);
             }
-            Ok::<_, StoreError>(orders)
+            Ok::<_, StoreError>((orders, memo))
         });
         let elapsed = started.elapsed().as_secs_f64();
         let size = batch.len();
         let failed = outcome.is_err();
         match outcome {
             Ok(committed) => {
-                for (job, order) in batch.into_iter().zip(committed.value) {
+                let (orders, mut memo) = committed.value;
+                let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+                stats.memo_hits += std::mem::take(&mut memo.hits);
+                stats.memo_misses += std::mem::take(&mut memo.misses);
+                drop(stats);
+                // The memo holds the state this commit left (what the batch read, with its
+                // writes applied).
+                carried = committed.commit.version.map(|version| (version, memo));
+                for (job, order) in batch.into_iter().zip(orders) {
                     let position = committed.commit.versionstamp(order).ok_or(CommitFailed);
                     // The requester may have gone away; its event is durable regardless.
                     let _ = job.done.send(position);
@@ -439,13 +452,65 @@ mod tests {
             .unwrap();
     }
 
+    /// Submits a job that reads `key` and returns what it read.
+    fn read_in_batch(committer: &Committer, key: &'static [u8]) -> Option<Vec<u8>> {
+        let (seen, read) = mpsc::channel();
+        let job: JobFn = Box::new(move |tx, _gate| {
+            let _ = seen.send(tx.get(key)?);
+            Ok(b"event".to_vec())
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(committer.submit(job)).unwrap();
+        read.try_iter().last().unwrap()
+    }
+
     #[test]
-    fn the_batch_memo_stops_remembering_past_its_bound() {
-        let mut memo = Memo::default();
-        let big = vec![7u8; MEMO_MAX_BYTES / 2];
-        memo.remember(b"one", Some(&big));
-        memo.remember(b"two", Some(&big));
-        assert!(memo.values.contains_key(&b"one"[..]) && !memo.values.contains_key(&b"two"[..]));
-        assert!(memo.bytes <= MEMO_MAX_BYTES);
+    fn the_memo_outlives_a_batch_only_while_the_store_proves_it_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let engine: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
+        let journal = Arc::new(Journal::default());
+        let journaled = crate::memo::JournaledStore::new(engine.clone(), journal.clone());
+        let committer = Committer::start(engine.clone(), journal, "r".into());
+        let reads = |c: &Committer| (c.stats().memo_hits, c.stats().memo_misses);
+        engine.transact(|tx| tx.set(b"k", b"a")).unwrap();
+
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"a"[..]));
+        assert_eq!(reads(&committer), (0, 1));
+        // Nothing committed in between: the next batch is answered from the memo.
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"a"[..]));
+        assert_eq!(reads(&committer), (1, 1));
+        // A commit through this process's journaled store: the memo forgets what it wrote.
+        journaled.transact(|tx| tx.set(b"k", b"b")).unwrap();
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"b"[..]));
+        assert_eq!(reads(&committer), (1, 2));
+        // …and only that.
+        journaled.transact(|tx| tx.set(b"other", b"x")).unwrap();
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"b"[..]));
+        assert_eq!(reads(&committer), (2, 2));
+        // A commit from another process (its own connection to the file): the memo is dropped.
+        let other = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        other.transact(|tx| tx.set(b"k", b"c")).unwrap();
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"c"[..]));
+        assert_eq!(reads(&committer), (2, 3));
+        // The engine itself, bypassing the journal, is the same as another process.
+        engine.transact(|tx| tx.set(b"k", b"d")).unwrap();
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"d"[..]));
+        // A task on the committer thread writes through the journal like everyone else.
+        let task_store = Arc::new(journaled);
+        let in_task = task_store.clone();
+        committer.run_task(move || in_task.transact(|tx| tx.set(b"k", b"e")).unwrap()).unwrap();
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"e"[..]));
+        // A batch's own writes are part of the state it leaves.
+        let job: JobFn = Box::new(|tx, _gate| {
+            tx.get(b"k")?;
+            tx.set(b"k", b"f")?;
+            Ok(b"event".to_vec())
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(committer.submit(job)).unwrap();
+        let before = reads(&committer);
+        assert_eq!(read_in_batch(&committer, b"k").as_deref(), Some(&b"f"[..]));
+        assert_eq!(reads(&committer), (before.0 + 1, before.1));
     }
 }

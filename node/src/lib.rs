@@ -28,6 +28,7 @@ pub mod http;
 pub mod keys;
 pub mod kv;
 pub mod lifecycle;
+pub mod memo;
 pub mod metrics;
 pub mod node;
 pub mod policy;

@@ -127,6 +127,11 @@ impl Metrics {
             "# HELP arca_audit_commit_seconds_total Time spent committing audit batches.\n# TYPE arca_audit_commit_seconds_total counter\narca_audit_commit_seconds_total {}",
             commits.commit_seconds_total
         );
+        let _ = writeln!(
+            out,
+            "# HELP arca_committer_point_reads_total Point reads of committed audit batches, by where they were answered: the committer's memo or the store.\n# TYPE arca_committer_point_reads_total counter\narca_committer_point_reads_total{{source=\"memo\"}} {}\narca_committer_point_reads_total{{source=\"store\"}} {}",
+            commits.memo_hits, commits.memo_misses
+        );
         let mean = if commits.batches == 0 { 0.0 } else { commits.jobs as f64 / commits.batches as f64 };
         let _ = writeln!(
             out,

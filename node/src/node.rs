@@ -356,7 +356,11 @@ impl Env<'_> {
 
 impl Node {
     pub fn new(store: Arc<dyn Store>, identity: NodeIdentity) -> Arc<Self> {
-        let committer = Committer::start(store.clone(), identity.region.clone());
+        // The committer's batches use the engine itself; every other path goes through the
+        // journal, so the committer knows what they wrote (see `memo`).
+        let journal = Arc::new(crate::memo::Journal::default());
+        let committer = Committer::start(store.clone(), journal.clone(), identity.region.clone());
+        let store: Arc<dyn Store> = Arc::new(crate::memo::JournaledStore::new(store, journal));
         Arc::new(Node {
             store,
             barrier: Barrier::default(),

@@ -234,6 +234,18 @@ pub trait Transaction {
         value: &[u8],
     ) -> Result<u16, StoreError>;
 
+    /// The version of the committed state this transaction reads, when the engine can name
+    /// it: `Some(v)` means the transaction reads exactly the state the commit with
+    /// [`CommitInfo::version`] `v` left, and that if any other commit lands before this
+    /// transaction commits, its commit fails with a retryable error (the engine serializes
+    /// writers by a lock, not by read conflicts). A reader may then answer reads from a copy
+    /// taken at `v` without reading them again. `None` when the engine cannot promise that
+    /// (FoundationDB: versions advance without commits and reads register conflicts) or
+    /// once this attempt has written. The first call may begin the attempt's snapshot.
+    fn read_version(&mut self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
     /// Whether an earlier attempt of this transaction failed with an unknown commit result,
     /// so that its effects may already be in the store.
     fn maybe_committed(&self) -> bool;

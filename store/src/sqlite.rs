@@ -308,6 +308,21 @@ impl Transaction for SqliteTxn<'_> {
         Ok(order)
     }
 
+    fn read_version(&mut self) -> Result<Option<u64>, StoreError> {
+        if self.version.is_some() {
+            return Ok(None);
+        }
+        // In WAL mode the first read pins the snapshot; a write after another connection's
+        // commit fails with SQLITE_BUSY_SNAPSHOT (a retryable conflict), and every commit
+        // that wrote bumped `commit_version`.
+        let version: i64 = self
+            .conn()?
+            .prepare_cached("SELECT value FROM meta WHERE name = 'commit_version'")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+            .map_err(map_err)?;
+        u64::try_from(version).map(Some).map_err(|_| StoreError::Corrupt("negative commit version"))
+    }
+
     fn maybe_committed(&self) -> bool {
         // A failed SQLite commit is rolled back atomically: the result is never unknown.
         false

@@ -90,3 +90,33 @@ fn a_new_store_has_8_kib_pages_and_an_existing_one_keeps_its_own() {
     drop(store);
     assert_eq!(header_page_size(&old), 4096);
 }
+
+#[test]
+fn read_version_names_the_last_commit_and_a_commit_after_it_makes_writes_conflict() {
+    use arca_store::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("store.db"))).unwrap();
+    let first = store.transact(|tx| tx.set(b"k", b"1")).unwrap().commit.version.unwrap();
+    // A read-only commit bumps nothing; a fresh transaction reads the state `first` left.
+    store.transact(|tx| tx.get(b"k").map(drop)).unwrap();
+    let mut tx = store.begin().unwrap();
+    assert_eq!(tx.read_version().unwrap(), Some(first));
+    assert_eq!(tx.get(b"k").unwrap().as_deref(), Some(&b"1"[..]));
+
+    // Another writer commits after that snapshot: the old snapshot still reads its state,
+    // and writing from it fails with a retryable conflict.
+    let second = store.transact(|other| other.set(b"k", b"2")).unwrap().commit.version.unwrap();
+    assert_eq!(second, first + 1);
+    assert_eq!(tx.read_version().unwrap(), Some(first));
+    assert_eq!(tx.get(b"k").unwrap().as_deref(), Some(&b"1"[..]));
+    let err = tx.set(b"k", b"3").unwrap_err();
+    assert!(matches!(err, StoreError::Conflict), "{err:?}");
+    drop(tx);
+
+    // Once an attempt has written, it no longer reads a committed state.
+    let mut tx = store.begin().unwrap();
+    assert_eq!(tx.read_version().unwrap(), Some(second));
+    tx.set(b"k", b"4").unwrap();
+    assert_eq!(tx.read_version().unwrap(), None);
+    assert_eq!(tx.commit().unwrap().version, Some(second + 1));
+}

@@ -1,0 +1,386 @@
+//! The committer's memo of point reads, kept from one batch to the next while the store
+//! proves it still holds.
+//!
+//! Requests of one batch mostly share a token, its policies and the mount, and a hot secret
+//! is read by batch after batch. The committer remembers the values its jobs read with
+//! `get` (a [`Memo`]) and, on an engine whose transactions can name the committed state
+//! they read ([`Transaction::read_version`]: SQLite), carries the memo into the next batch.
+//!
+//! The memo is exact, never stale: it holds the state the committer's own last commit left
+//! (version `v`). The next batch keeps it only if its snapshot is `v` itself, or if every
+//! commit in between went through this process's [`JournaledStore`] — whose [`Journal`]
+//! records the keys and ranges each commit wrote, so the memo forgets exactly those. A
+//! commit the journal does not hold (another process, a lost entry, a bulk write) drops the
+//! whole memo. FoundationDB names no such state, so there the memo lives for one batch
+//! attempt, as it always did.
+//!
+//! The memo holds what the store holds: ciphertext, hashed tokens — never a decrypted secret.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use arca_store::{CommitInfo, KeyValue, RangeOptions, Store, StoreError, Transaction, prefix_end};
+
+/// Most bytes (keys and values) a memo holds. Past it, reads go to the store unremembered,
+/// and the committer starts the next batch with an empty memo.
+pub(crate) const MEMO_MAX_BYTES: usize = 8 << 20;
+
+/// Point reads by key, as of one state of the store (see the module doc).
+#[derive(Default)]
+pub(crate) struct Memo {
+    pub(crate) values: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes held, bounded by [`MEMO_MAX_BYTES`].
+    pub(crate) bytes: usize,
+    /// Reads answered from the memo and from the store, since the committer last took them.
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
+impl Memo {
+    /// Records `key`'s value (a read, or a write to a key already held).
+    pub(crate) fn remember(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let size = key.len() + value.map_or(0, <[u8]>::len);
+        if let Some(slot) = self.values.get_mut(key) {
+            self.bytes -= slot.as_deref().map_or(0, <[u8]>::len);
+            self.bytes += value.map_or(0, <[u8]>::len);
+            *slot = value.map(<[u8]>::to_vec);
+        } else if self.bytes + size <= MEMO_MAX_BYTES {
+            self.values.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+            self.bytes += size;
+        }
+    }
+
+    pub(crate) fn forget(&mut self, key: &[u8]) {
+        if let Some(value) = self.values.remove(key) {
+            self.bytes -= key.len() + value.map_or(0, |v| v.len());
+        }
+    }
+
+    /// Forgets every key in `[begin, end)`.
+    pub(crate) fn forget_range(&mut self, begin: &[u8], end: &[u8]) {
+        let mut freed = 0;
+        self.values.retain(|key, value| {
+            let keep = key.as_slice() < begin || key.as_slice() >= end;
+            if !keep {
+                freed += key.len() + value.as_ref().map_or(0, Vec::len);
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+
+    fn forget_written(&mut self, written: &Written) {
+        for key in &written.keys {
+            self.forget(key);
+        }
+        for (begin, end) in &written.ranges {
+            self.forget_range(begin, end);
+        }
+    }
+
+    /// Nearly full: start the next batch afresh rather than serve only old keys.
+    pub(crate) fn is_nearly_full(&self) -> bool {
+        self.bytes > MEMO_MAX_BYTES / 8 * 7
+    }
+}
+
+/// What one commit wrote, as a memo must forget it.
+#[derive(Debug, Default)]
+struct Written {
+    keys: Vec<Vec<u8>>,
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+    /// Too much to list: a memo cannot follow this commit.
+    overflowed: bool,
+}
+
+/// Past this many bytes of keys, a commit is journaled as [`Written::overflowed`].
+const WRITTEN_MAX_BYTES: usize = 256 << 10;
+/// Commits the journal keeps; a memo further behind is dropped.
+const JOURNAL_LEN: usize = 1024;
+
+impl Written {
+    fn add_key(&mut self, key: &[u8]) {
+        self.note(key.len());
+        if !self.overflowed {
+            self.keys.push(key.to_vec());
+        }
+    }
+
+    fn add_range(&mut self, begin: &[u8], end: &[u8]) {
+        self.note(begin.len() + end.len());
+        if !self.overflowed {
+            self.ranges.push((begin.to_vec(), end.to_vec()));
+        }
+    }
+
+    fn note(&mut self, bytes: usize) {
+        self.bytes += bytes;
+        if self.bytes > WRITTEN_MAX_BYTES && !self.overflowed {
+            self.overflowed = true;
+            self.keys = Vec::new();
+            self.ranges = Vec::new();
+        }
+    }
+}
+
+/// The recent commits made through one [`JournaledStore`]: version → what it wrote.
+#[derive(Debug, Default)]
+pub struct Journal {
+    commits: Mutex<VecDeque<(u64, Written)>>,
+}
+
+impl Journal {
+    fn record(&self, version: u64, written: Written) {
+        let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        if commits.len() == JOURNAL_LEN {
+            commits.pop_front();
+        }
+        commits.push_back((version, written));
+    }
+
+    /// Brings `memo`, exact at version `from`, to version `to` by forgetting what each commit
+    /// in between wrote. `false` when a commit in between is not in the journal (or wrote
+    /// too much to list): the memo must then be dropped.
+    pub(crate) fn catch_up(&self, memo: &mut Memo, from: u64, to: u64) -> bool {
+        if to < from || to - from > JOURNAL_LEN as u64 {
+            return false;
+        }
+        if to == from {
+            return true;
+        }
+        let commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+        // Commits are pushed after they land, so two threads may push out of order.
+        let between: Option<Vec<&Written>> = (from + 1..=to)
+            .map(|version| {
+                commits.iter().rev().find(|(v, _)| *v == version).map(|(_, w)| w).filter(|w| !w.overflowed)
+            })
+            .collect();
+        match between {
+            Some(between) => {
+                for written in between {
+                    memo.forget_written(written);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The node's store as every code path but the committer's batches sees it: the engine,
+/// with each commit's writes recorded in a [`Journal`].
+#[derive(Debug)]
+pub struct JournaledStore {
+    inner: Arc<dyn Store>,
+    journal: Arc<Journal>,
+}
+
+impl JournaledStore {
+    pub fn new(inner: Arc<dyn Store>, journal: Arc<Journal>) -> Self {
+        JournaledStore { inner, journal }
+    }
+}
+
+impl Store for JournaledStore {
+    fn engine(&self) -> &'static str {
+        self.inner.engine()
+    }
+
+    fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
+        Ok(Box::new(JournaledTxn {
+            inner: self.inner.begin()?,
+            journal: &self.journal,
+            written: Written::default(),
+        }))
+    }
+}
+
+struct JournaledTxn<'a> {
+    inner: Box<dyn Transaction + 'a>,
+    journal: &'a Journal,
+    /// This attempt's writes.
+    written: Written,
+}
+
+impl Transaction for JournaledTxn<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_snapshot(key)
+    }
+
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        opts: RangeOptions,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.get_range(begin, end, opts)
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.written.add_key(key);
+        self.inner.set(key, value)
+    }
+
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.written.add_key(key);
+        self.inner.clear(key)
+    }
+
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
+        self.written.add_range(begin, end);
+        self.inner.clear_range(begin, end)
+    }
+
+    fn set_versionstamped_key(
+        &mut self,
+        prefix: &[u8],
+        suffix: &[u8],
+        value: &[u8],
+    ) -> Result<u16, StoreError> {
+        // The key is known only at commit: forget the whole prefix.
+        match prefix_end(prefix) {
+            Some(end) => self.written.add_range(prefix, &end),
+            None => self.written.note(WRITTEN_MAX_BYTES + 1),
+        }
+        self.inner.set_versionstamped_key(prefix, suffix, value)
+    }
+
+    fn read_version(&mut self) -> Result<Option<u64>, StoreError> {
+        self.inner.read_version()
+    }
+
+    fn maybe_committed(&self) -> bool {
+        self.inner.maybe_committed()
+    }
+
+    fn commit(&mut self) -> Result<CommitInfo, StoreError> {
+        let info = self.inner.commit()?;
+        if let Some(version) = info.version {
+            self.journal.record(version, std::mem::take(&mut self.written));
+        }
+        Ok(info)
+    }
+
+    fn on_error(&mut self, err: &StoreError) -> Result<(), StoreError> {
+        self.written = Written::default();
+        self.inner.on_error(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arca_store::{SqliteConfig, SqliteStore, StoreExt};
+
+    #[test]
+    fn the_memo_stops_remembering_past_its_bound() {
+        let mut memo = Memo::default();
+        let big = vec![7u8; MEMO_MAX_BYTES / 2];
+        memo.remember(b"one", Some(&big));
+        memo.remember(b"two", Some(&big));
+        assert!(memo.values.contains_key(&b"one"[..]) && !memo.values.contains_key(&b"two"[..]));
+        assert!(memo.bytes <= MEMO_MAX_BYTES);
+        assert!(!memo.is_nearly_full());
+        memo.remember(b"one", Some(&vec![7u8; MEMO_MAX_BYTES - 3]));
+        assert!(memo.is_nearly_full());
+        memo.forget(b"one");
+        assert_eq!((memo.values.len(), memo.bytes), (0, 0));
+    }
+
+    fn memo_of(pairs: &[(&[u8], Option<&[u8]>)]) -> Memo {
+        let mut memo = Memo::default();
+        for (key, value) in pairs {
+            memo.remember(key, *value);
+        }
+        memo
+    }
+
+    #[test]
+    fn catching_up_forgets_exactly_what_the_journaled_commits_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap());
+        let journal = Arc::new(Journal::default());
+        let store = JournaledStore::new(engine.clone(), journal.clone());
+        let at = engine.transact(|tx| tx.set(b"seed", b"")).unwrap().commit.version.unwrap();
+        let mut memo = memo_of(&[
+            (b"a/1", Some(b"x")),
+            (b"a/2", None),
+            (b"b/1", Some(b"y")),
+            (b"c/1", Some(b"z")),
+            (b"d/1", Some(b"w")),
+            (b"e/1", Some(b"v")),
+        ]);
+        // Nothing committed since: the memo holds as it is.
+        assert!(journal.catch_up(&mut memo, at, at));
+        // Three journaled commits (a read-only one takes no version).
+        store.transact(|tx| tx.set(b"a/1", b"new")).unwrap();
+        store.transact(|tx| tx.get(b"d/1").map(drop)).unwrap();
+        store
+            .transact(|tx| {
+                tx.clear(b"a/2")?;
+                tx.clear_range(b"b/", b"c/")
+            })
+            .unwrap();
+        let now =
+            store.transact(|tx| tx.set_versionstamped_key(b"c/", b"", b"stamped")).unwrap().commit.version;
+        let now = now.unwrap();
+        assert_eq!(now, at + 3);
+        assert!(journal.catch_up(&mut memo, at, now));
+        let mut kept: Vec<_> = memo.values.keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, vec![b"d/1".to_vec(), b"e/1".to_vec()]);
+        assert_eq!(memo.bytes, 3 + 1 + 3 + 1);
+
+        // A commit the journal did not see (the engine itself, as another process would):
+        // the memo cannot follow it.
+        let unseen = engine.transact(|tx| tx.set(b"e/1", b"changed")).unwrap().commit.version.unwrap();
+        assert!(!journal.catch_up(&mut memo, now, unseen));
+        // Nor one that wrote too much to list, nor a memo from the future.
+        let big = store
+            .transact(|tx| {
+                for i in 0..20_000u32 {
+                    tx.set(format!("f/{i:020}").as_bytes(), b"")?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap()
+            .commit
+            .version
+            .unwrap();
+        assert!(!journal.catch_up(&mut memo_of(&[]), unseen, big));
+        assert!(!journal.catch_up(&mut memo_of(&[]), big, big - 1));
+    }
+
+    #[test]
+    fn a_retried_attempt_journals_only_what_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap());
+        let journal = Arc::new(Journal::default());
+        let store = JournaledStore::new(engine.clone(), journal.clone());
+        let at = engine.transact(|tx| tx.set(b"seed", b"")).unwrap().commit.version.unwrap();
+        let mut attempts = 0;
+        let now = store
+            .transact(|tx| {
+                attempts += 1;
+                if attempts == 1 {
+                    tx.set(b"first/attempt", b"")?;
+                    return Err(StoreError::Conflict);
+                }
+                tx.set(b"second/attempt", b"")
+            })
+            .unwrap()
+            .commit
+            .version
+            .unwrap();
+        let mut memo = memo_of(&[(b"first/attempt", None), (b"second/attempt", None)]);
+        assert!(journal.catch_up(&mut memo, at, now));
+        assert_eq!(memo.values.keys().collect::<Vec<_>>(), vec![&b"first/attempt".to_vec()]);
+    }
+}
