@@ -1,5 +1,7 @@
 //! Shared fixtures for the benchmarks in `benches/` and the `arca-bench` load generator.
 
+pub mod http1;
+
 use arca_audit::{Actor, Event, Operation, Outcome, Source};
 
 /// A realistic audit event (a read by an AppRole identity), the `i`-th of a run: its time and

@@ -14,10 +14,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::io::Write as _;
+
+use arca_benches::http1;
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -82,8 +83,17 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One client connection.
 enum Conn {
-    Http { sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>, host: String, token: String },
-    Grpc { client: arca_node::proto::arca_client::ArcaClient<tonic::transport::Channel>, token: String },
+    /// HTTP/1.1 keep-alive ([`arca_benches::http1`]); reopened after an error or a close.
+    Http {
+        conn: Option<http1::Connection>,
+        host: String,
+        token: String,
+        request: Vec<u8>,
+    },
+    Grpc {
+        client: arca_node::proto::arca_client::ArcaClient<tonic::transport::Channel>,
+        token: String,
+    },
 }
 
 impl Conn {
@@ -91,12 +101,8 @@ impl Conn {
         match target {
             Target::Http => {
                 let host = addr.trim_start_matches("http://").trim_end_matches('/').to_owned();
-                let stream = tokio::net::TcpStream::connect(&host).await?;
-                stream.set_nodelay(true)?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                Ok(Conn::Http { sender, host, token: token.to_owned() })
+                let conn = Some(http1::Connection::connect(&host).await?);
+                Ok(Conn::Http { conn, host, token: token.to_owned(), request: Vec::with_capacity(4096) })
             }
             Target::Grpc => {
                 let client = arca_node::proto::arca_client::ArcaClient::connect(addr.to_owned()).await?;
@@ -107,12 +113,13 @@ impl Conn {
 
     async fn read(&mut self, path: &str) -> Result<(), BoxError> {
         match self {
-            Conn::Http { sender, host, token } => {
-                let request = hyper::Request::get(format!("/v1/secret/data/{path}"))
-                    .header("host", host.as_str())
-                    .header("x-vault-token", token.as_str())
-                    .body(Full::new(Bytes::new()))?;
-                check(sender.send_request(request).await?).await
+            Conn::Http { conn, host, token, request } => {
+                request.clear();
+                let _ = write!(
+                    request,
+                    "GET /v1/secret/data/{path} HTTP/1.1\r\nhost: {host}\r\nx-vault-token: {token}\r\n\r\n"
+                );
+                round_trip(conn, host, request).await
             }
             Conn::Grpc { client, token } => {
                 let mut request = tonic::Request::new(arca_node::proto::KvGetRequest {
@@ -128,14 +135,16 @@ impl Conn {
 
     async fn write(&mut self, path: &str, value: &str) -> Result<(), BoxError> {
         match self {
-            Conn::Http { sender, host, token } => {
-                let body = json!({"data": {"v": value}}).to_string();
-                let request = hyper::Request::post(format!("/v1/secret/data/{path}"))
-                    .header("host", host.as_str())
-                    .header("x-vault-token", token.as_str())
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body)))?;
-                check(sender.send_request(request).await?).await
+            Conn::Http { conn, host, token, request } => {
+                let body = serde_json::to_vec(&json!({"data": {"v": value}}))?;
+                request.clear();
+                let _ = write!(
+                    request,
+                    "POST /v1/secret/data/{path} HTTP/1.1\r\nhost: {host}\r\nx-vault-token: {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                request.extend_from_slice(&body);
+                round_trip(conn, host, request).await
             }
             Conn::Grpc { client, token } => {
                 let data = [("v".to_owned(), value.to_owned())].into();
@@ -152,12 +161,22 @@ impl Conn {
     }
 }
 
-async fn check(response: hyper::Response<hyper::body::Incoming>) -> Result<(), BoxError> {
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
+/// Sends `request` on `conn` (opening a connection first if the last one ended) and checks
+/// the response's status; a failed exchange drops the connection.
+async fn round_trip(
+    conn: &mut Option<http1::Connection>,
+    host: &str,
+    request: &[u8],
+) -> Result<(), BoxError> {
+    let mut open = match conn.take() {
+        Some(open) if open.is_reusable() => open,
+        _ => http1::Connection::connect(host).await?,
+    };
+    let response = open.round_trip(request).await?;
+    *conn = Some(open);
+    if !(200..300).contains(&response.status) {
         return Err(
-            format!("HTTP {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])).into()
+            format!("HTTP {}: {}", response.status, String::from_utf8_lossy(&response.body_start)).into()
         );
     }
     Ok(())
