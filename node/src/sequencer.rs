@@ -34,7 +34,8 @@ use crate::node::{Node, now_unix_ms};
 /// How a node sequences.
 #[derive(Debug, Clone)]
 pub struct SequencerConfig {
-    /// Pause between steps when there is nothing to do. Default 100 ms.
+    /// Pause between steps when there is nothing to do. Default 100 ms. After a step that
+    /// integrated entries the pause is a quarter of it (see [`next_pause`]).
     pub interval: Duration,
     /// Leadership lease. Default 2 s.
     pub lease_ttl: Duration,
@@ -401,13 +402,30 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
         };
         drop(node);
         let Some(outcome) = step else { break };
-        match outcome {
-            // A full batch: more may be waiting, go again at once.
-            Ok(Some(done)) if done.count as usize >= config.max_batch => continue,
-            Ok(_) => {}
-            Err(err) => tracing::warn!(code = err.code(), "sequencer step failed; retrying"),
+        if let Err(err) = &outcome {
+            tracing::warn!(code = err.code(), "sequencer step failed; retrying");
         }
-        std::thread::sleep(config.interval.saturating_sub(started.elapsed()));
+        match next_pause(outcome.as_ref().ok().and_then(Option::as_ref), config) {
+            Some(pause) => std::thread::sleep(pause.saturating_sub(started.elapsed())),
+            None => continue,
+        }
+    }
+}
+
+/// How long the sequencer waits after a step that integrated `done` (`None`: nothing, or
+/// the step failed), from the step's start; `None`: go again at once.
+///
+/// A step holds the committer thread — every request of the node waits for it — for about
+/// 3 µs per entry (mostly the request-id index). Under load, steps a quarter of the idle
+/// interval apart keep each one short: at 20k requests/s, ~2 ms instead of ~8 ms every
+/// 100 ms (arca-bench: p99.9 at 16 connections ~11.5 → ~6.5 ms, p99 at 64 ~14 → ~6.3 ms),
+/// and the log is signed sooner. An idle node still wakes once per interval.
+pub fn next_pause(done: Option<&Integrated>, config: &SequencerConfig) -> Option<Duration> {
+    match done {
+        // A full batch: more may be waiting.
+        Some(done) if done.count as usize >= config.max_batch => None,
+        Some(_) => Some((config.interval / 4).max(Duration::from_millis(1))),
+        None => Some(config.interval),
     }
 }
 
