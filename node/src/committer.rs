@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arca_store::{Store, StoreError, StoreExt, Transaction, Versionstamp};
+use tokio::sync::oneshot;
 
 use crate::memo::{Journal, Memo};
-use tokio::sync::oneshot;
 
 /// Most jobs in one transaction.
 pub const MAX_BATCH: usize = 256;

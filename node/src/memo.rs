@@ -73,7 +73,7 @@ impl Memo {
         for key in &written.keys {
             self.forget(key);
         }
-        for (begin, end) in &written.ranges {
+        for (begin, end) in written.ranges.iter().chain(&written.spill) {
             self.forget_range(begin, end);
         }
     }
@@ -84,42 +84,54 @@ impl Memo {
     }
 }
 
-/// What one commit wrote, as a memo must forget it.
+/// What one commit wrote, as a memo must forget it: its keys and ranges, the first
+/// [`WRITTEN_MAX_ITEMS`] of them exactly and the rest as one covering range (forgetting more
+/// than was written is always safe), so an entry stays small whatever the commit wrote.
 #[derive(Debug, Default)]
 struct Written {
     keys: Vec<Vec<u8>>,
     ranges: Vec<(Vec<u8>, Vec<u8>)>,
-    bytes: usize,
-    /// Too much to list: a memo cannot follow this commit.
-    overflowed: bool,
+    /// `[lo, hi)` covering every write past the first [`WRITTEN_MAX_ITEMS`].
+    spill: Option<(Vec<u8>, Vec<u8>)>,
+    /// Wrote under a prefix with no end (the whole keyspace): a memo cannot follow.
+    everything: bool,
 }
 
-/// Past this many bytes of keys, a commit is journaled as [`Written::overflowed`].
-const WRITTEN_MAX_BYTES: usize = 256 << 10;
+/// Keys and ranges a journal entry lists one by one.
+const WRITTEN_MAX_ITEMS: usize = 64;
 /// Commits the journal keeps; a memo further behind is dropped.
 const JOURNAL_LEN: usize = 1024;
 
 impl Written {
     fn add_key(&mut self, key: &[u8]) {
-        self.note(key.len());
-        if !self.overflowed {
+        if self.keys.len() + self.ranges.len() < WRITTEN_MAX_ITEMS {
             self.keys.push(key.to_vec());
+        } else {
+            let mut end = key.to_vec();
+            end.push(0);
+            self.widen(key, &end);
         }
     }
 
     fn add_range(&mut self, begin: &[u8], end: &[u8]) {
-        self.note(begin.len() + end.len());
-        if !self.overflowed {
+        if self.keys.len() + self.ranges.len() < WRITTEN_MAX_ITEMS {
             self.ranges.push((begin.to_vec(), end.to_vec()));
+        } else {
+            self.widen(begin, end);
         }
     }
 
-    fn note(&mut self, bytes: usize) {
-        self.bytes += bytes;
-        if self.bytes > WRITTEN_MAX_BYTES && !self.overflowed {
-            self.overflowed = true;
-            self.keys = Vec::new();
-            self.ranges = Vec::new();
+    fn widen(&mut self, begin: &[u8], end: &[u8]) {
+        match &mut self.spill {
+            None => self.spill = Some((begin.to_vec(), end.to_vec())),
+            Some((lo, hi)) => {
+                if begin < lo.as_slice() {
+                    *lo = begin.to_vec();
+                }
+                if end > hi.as_slice() {
+                    *hi = end.to_vec();
+                }
+            }
         }
     }
 }
@@ -139,9 +151,14 @@ impl Journal {
         commits.push_back((version, written));
     }
 
+    fn forget_until(&self, version: u64) {
+        self.commits.lock().unwrap_or_else(|p| p.into_inner()).retain(|(v, _)| *v > version);
+    }
+
     /// Brings `memo`, exact at version `from`, to version `to` by forgetting what each commit
     /// in between wrote. `false` when a commit in between is not in the journal (or wrote
-    /// too much to list): the memo must then be dropped.
+    /// the whole keyspace): the memo must then be dropped. Entries up to `to` are then
+    /// dropped from the journal: the committer's memo only moves forward.
     pub(crate) fn catch_up(&self, memo: &mut Memo, from: u64, to: u64) -> bool {
         if to < from || to - from > JOURNAL_LEN as u64 {
             return false;
@@ -153,7 +170,7 @@ impl Journal {
         // Commits are pushed after they land, so two threads may push out of order.
         let between: Option<Vec<&Written>> = (from + 1..=to)
             .map(|version| {
-                commits.iter().rev().find(|(v, _)| *v == version).map(|(_, w)| w).filter(|w| !w.overflowed)
+                commits.iter().rev().find(|(v, _)| *v == version).map(|(_, w)| w).filter(|w| !w.everything)
             })
             .collect();
         match between {
@@ -161,6 +178,8 @@ impl Journal {
                 for written in between {
                     memo.forget_written(written);
                 }
+                drop(commits);
+                self.forget_until(to);
                 true
             }
             None => false,
@@ -245,7 +264,7 @@ impl Transaction for JournaledTxn<'_> {
         // The key is known only at commit: forget the whole prefix.
         match prefix_end(prefix) {
             Some(end) => self.written.add_range(prefix, &end),
-            None => self.written.note(WRITTEN_MAX_BYTES + 1),
+            None => self.written.everything = true,
         }
         self.inner.set_versionstamped_key(prefix, suffix, value)
     }
@@ -341,7 +360,17 @@ mod tests {
         // the memo cannot follow it.
         let unseen = engine.transact(|tx| tx.set(b"e/1", b"changed")).unwrap().commit.version.unwrap();
         assert!(!journal.catch_up(&mut memo, now, unseen));
-        // Nor one that wrote too much to list, nor a memo from the future.
+        // A commit of many keys is journaled as its first keys plus one covering range:
+        // the memo forgets every key in that range (more than was written: safe), and only
+        // those; the journal entry stays small.
+        let mut memo = memo_of(&[
+            (b"e/9", Some(b"outside")),
+            (b"f/0", None),
+            (b"f/00000000000000000003", None),
+            (b"f/00000000000000000070x", Some(b"inside the range, never written")),
+            (b"f/~", None),
+            (b"g/1", None),
+        ]);
         let big = store
             .transact(|tx| {
                 for i in 0..20_000u32 {
@@ -353,8 +382,32 @@ mod tests {
             .commit
             .version
             .unwrap();
-        assert!(!journal.catch_up(&mut memo_of(&[]), unseen, big));
+        {
+            let commits = journal.commits.lock().unwrap();
+            let (_, written) = commits.iter().find(|(v, _)| *v == big).unwrap();
+            assert_eq!(written.keys.len(), WRITTEN_MAX_ITEMS);
+            let (lo, hi) = written.spill.as_ref().unwrap();
+            assert_eq!(lo.as_slice(), format!("f/{:020}", WRITTEN_MAX_ITEMS).as_bytes());
+            assert_eq!(hi.as_slice(), [format!("f/{:020}", 19_999).as_bytes(), &[0]].concat().as_slice());
+        }
+        assert!(journal.catch_up(&mut memo, big - 1, big));
+        let mut kept: Vec<_> = memo.values.keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, vec![b"e/9".to_vec(), b"f/0".to_vec(), b"f/~".to_vec(), b"g/1".to_vec()]);
+        // What the committer caught up past leaves the journal.
+        assert!(journal.commits.lock().unwrap().iter().all(|(v, _)| *v > big));
+        // A memo from the future cannot be brought back.
         assert!(!journal.catch_up(&mut memo_of(&[]), big, big - 1));
+    }
+
+    #[test]
+    fn a_write_under_a_prefix_with_no_end_cannot_be_followed() {
+        let journal = Journal::default();
+        let mut written = Written::default();
+        written.add_key(b"a");
+        written.everything = true;
+        journal.record(2, written);
+        assert!(!journal.catch_up(&mut memo_of(&[(b"a", None)]), 1, 2));
     }
 
     #[test]
