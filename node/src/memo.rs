@@ -319,14 +319,21 @@ mod tests {
         memo
     }
 
-    #[test]
-    fn catching_up_forgets_exactly_what_the_journaled_commits_wrote() {
+    /// A SQLite engine, a journaled store over it, and the version of a first (unjournaled)
+    /// commit.
+    fn journaled() -> (tempfile::TempDir, Arc<dyn Store>, Arc<Journal>, JournaledStore, u64) {
         let dir = tempfile::tempdir().unwrap();
         let engine: Arc<dyn Store> =
             Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap());
         let journal = Arc::new(Journal::default());
         let store = JournaledStore::new(engine.clone(), journal.clone());
         let at = engine.transact(|tx| tx.set(b"seed", b"")).unwrap().commit.version.unwrap();
+        (dir, engine, journal, store, at)
+    }
+
+    #[test]
+    fn catching_up_forgets_exactly_what_the_journaled_commits_wrote() {
+        let (_dir, engine, journal, store, at) = journaled();
         let mut memo = memo_of(&[
             (b"a/1", Some(b"x")),
             (b"a/2", None),
@@ -412,12 +419,7 @@ mod tests {
 
     #[test]
     fn a_retried_attempt_journals_only_what_it_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap());
-        let journal = Arc::new(Journal::default());
-        let store = JournaledStore::new(engine.clone(), journal.clone());
-        let at = engine.transact(|tx| tx.set(b"seed", b"")).unwrap().commit.version.unwrap();
+        let (_dir, _, journal, store, at) = journaled();
         let mut attempts = 0;
         let now = store
             .transact(|tx| {
