@@ -117,8 +117,13 @@ impl SqliteStore {
         }
         // mmap: reads come from the shared mapping instead of a pread per page (SQLite keeps
         // writes on the WAL file; durability is unchanged).
+        // temp_store = MEMORY: a write statement inside a transaction keeps its statement
+        // journal in 1 KiB chunks instead of one 64 KiB spill buffer. That buffer was malloc'd
+        // and freed per statement, and glibc trimmed the committer thread's arena each time
+        // (madvise plus a TLB shootdown on every core): ~4% of the committer's samples.
         conn.execute_batch(
-            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA mmap_size = 268435456;",
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA mmap_size = 268435456; \
+             PRAGMA temp_store = MEMORY;",
         )
         .map_err(map_err)?;
         conn.execute_batch(SCHEMA).map_err(map_err)?;
