@@ -60,12 +60,34 @@ pub fn rfc3339(unix_ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // Digits by hand: `format!` with seven arguments was ~2% of the workers' samples under
+    // a read load (every KV read reply carries a created_time).
+    let mut out = String::with_capacity(30);
+    if year > 9999 {
+        out.push_str(&year.to_string());
+    } else {
+        push_digits(&mut out, year as u64, 4);
+    }
+    for (separator, value, width) in [
+        ('-', month as u64, 2),
+        ('-', day as u64, 2),
+        ('T', rem / 3600, 2),
+        (':', rem % 3600 / 60, 2),
+        (':', rem % 60, 2),
+        ('.', nanos, 9),
+    ] {
+        out.push(separator);
+        push_digits(&mut out, value, width);
+    }
+    out.push('Z');
+    out
+}
+
+/// `value`'s last `width` decimal digits, zero-padded.
+fn push_digits(out: &mut String, value: u64, width: u32) {
+    for place in (0..width).rev() {
+        out.push(char::from(b'0' + (value / 10u64.pow(place) % 10) as u8));
+    }
 }
 
 /// Vault durations: a number of seconds, or a string like `90`, `90s`, `15m`, `1h`, `2d`, or
@@ -923,6 +945,33 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123000000Z");
         assert_eq!(rfc3339(1_795_727_994_955), "2026-11-26T21:19:54.955000000Z");
+        assert_eq!(rfc3339(253_402_300_799_999), "9999-12-31T23:59:59.999000000Z");
+        assert_eq!(rfc3339(253_402_300_800_000), "10000-01-01T00:00:00.000000000Z");
+    }
+
+    proptest::proptest! {
+        /// The hand-written digits match `format!` over the civil date from the same fields.
+        #[test]
+        fn rfc3339_matches_the_formatted_fields(unix_ms in 0u64..400_000_000_000_000) {
+            let text = rfc3339(unix_ms);
+            let (date, time) = text.split_once('T').unwrap();
+            let fields: Vec<u64> = date.split('-').chain(time.trim_end_matches('Z').split([':', '.']))
+                .map(|f| f.parse().unwrap()).collect();
+            let [year, month, day, hour, minute, second, nanos] = fields[..] else { panic!("{text}") };
+            let expected = format!(
+                "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{nanos:09}Z"
+            );
+            proptest::prop_assert_eq!(&text, &expected);
+            // Days since the epoch from the civil date (Howard Hinnant's days_from_civil).
+            let (y, m) = if month <= 2 { (year as i64 - 1, month + 9) } else { (year as i64, month - 3) };
+            let era = y.div_euclid(400);
+            let yoe = y - era * 400;
+            let doy = (153 * m as i64 + 2) / 5 + day as i64 - 1;
+            let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+            let days = era * 146_097 + doe - 719_468;
+            let back = ((days as u64 * 86_400 + hour * 3600 + minute * 60 + second) * 1000) + nanos / 1_000_000;
+            proptest::prop_assert_eq!(back, unix_ms);
+        }
     }
 
     #[tokio::test]
