@@ -22,7 +22,7 @@
 //! # trusted_proxies = ["10.0.0.2"]
 //!
 //! [sequencer]           # the audit log's sequencer (all optional)
-//! interval_ms = 100    # pause when idle; a quarter of it after a step that integrated entries
+//! interval_ms = 100    # pause when idle; an eighth of it after a step that integrated entries
 //! lease_ttl_ms = 2000
 //! max_entries_per_checkpoint = 16384
 //!

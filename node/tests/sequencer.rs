@@ -169,15 +169,15 @@ async fn a_sealed_node_does_not_sequence() {
 }
 
 #[test]
-fn under_load_the_sequencer_steps_four_times_as_often_and_a_full_step_goes_again_at_once() {
+fn under_load_the_sequencer_steps_eight_times_as_often_and_a_full_step_goes_again_at_once() {
     use std::time::Duration;
     let config =
         SequencerConfig { interval: Duration::from_millis(100), max_batch: 1000, ..Default::default() };
     let step = |count| sequencer::Integrated { first_index: 0, count, size: count, delay_ms: (0, 0) };
     assert_eq!(sequencer::next_pause(None, &config), Some(Duration::from_millis(100)));
-    assert_eq!(sequencer::next_pause(Some(&step(1)), &config), Some(Duration::from_millis(25)));
-    assert_eq!(sequencer::next_pause(Some(&step(999)), &config), Some(Duration::from_millis(25)));
+    assert_eq!(sequencer::next_pause(Some(&step(1)), &config), Some(Duration::from_micros(12_500)));
+    assert_eq!(sequencer::next_pause(Some(&step(999)), &config), Some(Duration::from_micros(12_500)));
     assert_eq!(sequencer::next_pause(Some(&step(1000)), &config), None);
-    let fast = SequencerConfig { interval: Duration::from_millis(2), ..config };
+    let fast = SequencerConfig { interval: Duration::from_millis(4), ..config };
     assert_eq!(sequencer::next_pause(Some(&step(1)), &fast), Some(Duration::from_millis(1)));
 }
