@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::keys;
 use crate::node::{Node, now_unix_ms};
-use crate::sequencer::{follow, lease_view, write_lease};
+use crate::sequencer::{RID_BUCKET_MS, RID_PAIR, follow, lease_view, rid_pair_index, write_lease};
 
 /// How a node archives and prunes its region's log.
 #[derive(Debug, Clone)]
@@ -296,6 +296,28 @@ fn prune_bundle(node: &Node, region: &str, n: u64) -> Result<(), ApiError> {
                 let rids = keys::audit_rid_prefix(region);
                 let older = keys::audit_rid(region, &hex::encode(&newest.to_be_bytes()[2..]));
                 tx.clear_range(&rids, &older)?;
+                // The request-id pages up to the newest entry's time bucket lose the pairs
+                // of the pruned entries (a request id is no later than its event's time; a
+                // pair a clock skew between nodes leaves behind names an archived entry,
+                // which proofs read from the archive, and goes with a later bundle).
+                let pages = keys::audit_rid_pages(region);
+                let upto = prefix_end(&keys::audit_rid_bucket(region, newest / RID_BUCKET_MS))
+                    .ok_or(ApiError::Internal)?;
+                let kept_from = (n + 1) * TILE_WIDTH;
+                for page in tx.get_range(&pages, &upto, RangeOptions::default())? {
+                    let kept: Vec<u8> = page
+                        .value
+                        .chunks_exact(RID_PAIR)
+                        .filter(|pair| rid_pair_index(pair) >= kept_from)
+                        .flatten()
+                        .copied()
+                        .collect();
+                    if kept.is_empty() {
+                        tx.clear(&page.key)?;
+                    } else if kept.len() != page.value.len() {
+                        tx.set(&page.key, &kept)?;
+                    }
+                }
             }
             let cps = keys::audit_checkpoints(region);
             tx.clear_range(&cps, &keys::audit_checkpoint_at(region, (n + 1) * TILE_WIDTH + 1))?;

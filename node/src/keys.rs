@@ -213,6 +213,25 @@ pub fn audit_rid_under(prefix: &[u8], request_id: &str) -> Vec<u8> {
     key
 }
 
+/// A page of the request-id index: the `(request id, leaf index)` pairs of one sequencer
+/// step whose ids fall in one time bucket (request ids start with 48 bits of milliseconds),
+/// keyed by the bucket and the leaf index of the page's first pair. One key per step and
+/// bucket, against one per entry in [`audit_rid`]'s index, which keeps serving the entries
+/// sequenced before the pages (and ids that are not 16 bytes of hex).
+pub fn audit_rid_page(region: &str, bucket: u64, first_index: u64) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "ridp".into(), bucket.into(), first_index.into()])
+}
+
+/// The pages of one time bucket.
+pub fn audit_rid_bucket(region: &str, bucket: u64) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "ridp".into(), bucket.into()])
+}
+
+/// Every page of a region's request-id index.
+pub fn audit_rid_pages(region: &str) -> Vec<u8> {
+    pack(&["audit".into(), region.into(), "ridp".into()])
+}
+
 /// Every request-id index key of a region (they sort by time: request ids start with 48
 /// bits of milliseconds).
 pub fn audit_rid_prefix(region: &str) -> Vec<u8> {

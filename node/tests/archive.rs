@@ -116,10 +116,17 @@ async fn archive_prune_and_every_entry_stays_provable() {
         s.store.transact(|tx| tx.get_range(&prefix, &end, RangeOptions::default())).unwrap().value.len()
             as u64
     };
-    assert!(
-        count(keys::audit_rid_prefix("local")) <= kept + TILE_WIDTH,
-        "request ids of pruned entries stayed"
-    );
+    let pairs = {
+        let prefix = keys::audit_rid_pages("local");
+        let end = prefix_end(&prefix).unwrap();
+        let pages =
+            s.store.transact(|tx| tx.get_range(&prefix, &end, RangeOptions::default())).unwrap().value;
+        pages.iter().map(|page| (page.value.len() / arca_node::sequencer::RID_PAIR) as u64).sum::<u64>()
+    };
+    // Every kept entry has its request id indexed (the test's ids are the node's own).
+    assert!(pairs >= kept, "{pairs} request ids indexed for {kept} kept entries");
+    assert!(pairs <= kept + TILE_WIDTH, "request ids of pruned entries stayed: {pairs} for {kept}");
+    assert!(count(keys::audit_rid_prefix("local")) <= kept + TILE_WIDTH, "per-entry request ids stayed");
     assert!(count(keys::audit_checkpoints("local")) <= kept, "checkpoints of pruned ranges stayed");
 
     // The archive is a static log that verifies on its own, from entry 0.

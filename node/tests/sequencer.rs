@@ -181,3 +181,67 @@ fn under_load_the_sequencer_steps_eight_times_as_often_and_a_full_step_goes_agai
     let fast = SequencerConfig { interval: Duration::from_millis(4), ..config };
     assert_eq!(sequencer::next_pause(Some(&step(1)), &fast), Some(Duration::from_millis(1)));
 }
+
+#[tokio::test]
+async fn request_ids_resolve_from_their_pages_and_from_the_per_entry_index() {
+    use arca_node::keys;
+    use arca_store::{RangeOptions, StoreExt, prefix_end};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("a.db"))).unwrap());
+    let node = Node::new(
+        store.clone(),
+        NodeIdentity { cluster: "test".into(), region: "local".into(), node: "n1".into() },
+    );
+    let root = node.operator_init(ctx(None), 1, 1).await.result.unwrap().root_token.token.to_string();
+    // An id that is not 16 bytes of hex goes to the per-entry index.
+    let mut odd = ctx(Some(&root));
+    odd.request_id = "client-chosen-id".into();
+    let data = SecretData([("v".to_owned(), "1".to_owned())].into());
+    node.kv_write(odd, "secret".into(), "odd".into(), data, None).await.result.unwrap();
+    let ids = requests(&node, &root, 40).await;
+    drain(&node, "a", &SequencerConfig { max_batch: 16, ..SequencerConfig::default() });
+
+    let read_all = |prefix: Vec<u8>| {
+        let end = prefix_end(&prefix).unwrap();
+        store.transact(|tx| tx.get_range(&prefix, &end, RangeOptions::default())).unwrap().value
+    };
+    let pairs: usize = read_all(keys::audit_rid_pages("local"))
+        .iter()
+        .map(|page| {
+            assert_eq!(page.value.len() % sequencer::RID_PAIR, 0);
+            page.value.len() / sequencer::RID_PAIR
+        })
+        .sum();
+    assert_eq!(pairs, 41, "init and 40 writes, in pages");
+    assert_eq!(read_all(keys::audit_rid_prefix("local")).len(), 1, "only the odd id has its own key");
+
+    let verifier = NoteVerifier::parse(&node.audit_vkey().unwrap().unwrap()).unwrap();
+    for id in ids.iter().map(String::as_str).chain(["client-chosen-id"]) {
+        let proof = node.audit_inclusion_proof(LeafRef::RequestId(id.to_owned())).unwrap();
+        let cp = checkpoint::open(&proof.checkpoint, &verifier).unwrap();
+        verify_inclusion(proof.index, cp.size(), &leaf_hash(&proof.entry), &proof.hashes, cp.root()).unwrap();
+        assert_eq!(Event::decode(&proof.entry).unwrap().request_id, id);
+    }
+    // An id indexed the way earlier releases did (a key per entry) still resolves.
+    let legacy = "0000000000000000000000000000abcd";
+    store.transact(|tx| tx.set(&keys::audit_rid("local", legacy), &3u64.to_be_bytes())).unwrap();
+    assert_eq!(node.audit_inclusion_proof(LeafRef::RequestId(legacy.into())).unwrap().index, 3);
+    // An id in a bucket with pages, but not among them, is not found.
+    let mut near = ids[0].clone();
+    near.replace_range(31.., if ids[0].ends_with('0') { "1" } else { "0" });
+    assert!(!ids.contains(&near));
+    let err = node.audit_inclusion_proof(LeafRef::RequestId(near)).unwrap_err();
+    assert!(err.to_string().contains("no sequenced audit event"), "{err}");
+}
+
+#[test]
+fn a_request_id_is_paged_by_its_leading_milliseconds() {
+    let id = "0193a1b2c3d4e5f60718293a4b5c6d7e";
+    let rid = sequencer::rid_bytes(id).unwrap();
+    assert_eq!(sequencer::rid_bucket(&rid), 0x0193_a1b2_c3d4 / sequencer::RID_BUCKET_MS);
+    assert_eq!(sequencer::rid_bytes(&id.to_uppercase()), Some(rid));
+    for odd in ["", &id[..30], &format!("{id}00"), "zz93a1b2c3d4e5f60718293a4b5c6d7e", "client-chosen-id"] {
+        assert_eq!(sequencer::rid_bytes(odd), None, "{odd}");
+    }
+}
