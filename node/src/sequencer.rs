@@ -491,12 +491,12 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
 /// the step failed), from the step's start; `None`: go again at once.
 ///
 /// A step holds the committer thread — every request of the node waits for it — for about
-/// 3 µs per entry (mostly the request-id index). Under load, steps an eighth of the idle
-/// interval apart keep each one short: at 25k requests/s, ~1 ms every 12.5 ms instead of
-/// ~8 ms every 100 ms. arca-bench, reads at 16 connections: p99 ~3.5 ms at a quarter of the
-/// interval, ~2.4 ms at an eighth, throughput unchanged; at 64 connections p99 ~5.9 → ~4.5
-/// ms (p90 ~2.7 → ~3.2 ms). The log is signed sooner too. An idle node still wakes once per
-/// interval.
+/// 1 µs per entry (3 µs before the request-id index was paged), plus its commit. Under load,
+/// steps an eighth of the idle interval apart keep each one short: at 25k requests/s ~310
+/// entries every 12.5 ms instead of ~2,500 every 100 ms. arca-bench, reads at 16
+/// connections (before the paging): p99 ~3.5 ms at a quarter of the interval, ~2.4 ms at an
+/// eighth, throughput unchanged; at 64 connections p99 ~5.9 → ~4.5 ms (p90 ~2.7 → ~3.2 ms).
+/// The log is signed sooner too. An idle node still wakes once per interval.
 pub fn next_pause(done: Option<&Integrated>, config: &SequencerConfig) -> Option<Duration> {
     match done {
         // A full batch: more may be waiting.
