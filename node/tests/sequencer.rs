@@ -22,13 +22,21 @@ fn ctx(token: Option<&str>) -> RequestContext {
 }
 
 async fn node() -> (tempfile::TempDir, Arc<Node>, String) {
+    let (dir, _store, node, root) = node_and_store().await;
+    (dir, node, root)
+}
+
+/// A node on its own SQLite file, with the store handle for tests that look beneath the node.
+async fn node_and_store() -> (tempfile::TempDir, Arc<dyn Store>, Arc<Node>, String) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("a.db"))).unwrap());
-    let node =
-        Node::new(store, NodeIdentity { cluster: "test".into(), region: "local".into(), node: "n1".into() });
+    let node = Node::new(
+        store.clone(),
+        NodeIdentity { cluster: "test".into(), region: "local".into(), node: "n1".into() },
+    );
     let root = node.operator_init(ctx(None), 1, 1).await.result.unwrap().root_token.token.to_string();
-    (dir, node, root)
+    (dir, store, node, root)
 }
 
 /// Reads the published log through the node's serving functions.
@@ -186,14 +194,7 @@ fn under_load_the_sequencer_steps_eight_times_as_often_and_a_full_step_goes_agai
 async fn request_ids_resolve_from_their_pages_and_from_the_per_entry_index() {
     use arca_node::keys;
     use arca_store::{RangeOptions, StoreExt, prefix_end};
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("a.db"))).unwrap());
-    let node = Node::new(
-        store.clone(),
-        NodeIdentity { cluster: "test".into(), region: "local".into(), node: "n1".into() },
-    );
-    let root = node.operator_init(ctx(None), 1, 1).await.result.unwrap().root_token.token.to_string();
+    let (_dir, store, node, root) = node_and_store().await;
     // An id that is not 16 bytes of hex goes to the per-entry index.
     let mut odd = ctx(Some(&root));
     odd.request_id = "client-chosen-id".into();
