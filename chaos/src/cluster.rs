@@ -6,7 +6,6 @@
 //! Every process's output is kept in the run directory for the report.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -17,11 +16,9 @@ use serde_json::{Value, json};
 
 use crate::proxy::Proxy;
 
-pub type Result<T> = std::result::Result<T, String>;
+pub use arca_testkit::free_port;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).unwrap_or(0)
-}
+pub type Result<T> = std::result::Result<T, String>;
 
 /// The run's clock and its timeline.
 #[derive(Debug)]
@@ -116,7 +113,14 @@ impl NodeProc {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("node {} did not start", self.id))?;
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            let log = std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!("node {} did not start ({status}); its log ends:\n{}", self.id, tail.join("\n")));
+        }
         self.child = Some(child);
         Ok(())
     }

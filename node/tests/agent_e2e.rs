@@ -30,7 +30,7 @@ fn agent_renders_and_follows_a_secret() {
     std::fs::write(&template, "password={{ secret \"secret/app/db#password\" }}\n").unwrap();
     let dest = dir.path().join("db.conf");
     let log = dir.path().join("exec.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = arca_testkit::free_port();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_arca"))
         .args(["agent", "--template", &format!("{}:{}", template.display(), dest.display())])
         .args(["--interval-ms", "100", "--exec", &format!("echo rendered >> {}", log.display())])

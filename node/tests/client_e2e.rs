@@ -251,7 +251,7 @@ async fn certificate_login_over_mutual_tls_for_the_sdk_and_the_agent() {
 fn the_agent_renews_its_token_and_survives_a_node_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = arca_testkit::free_port();
     let grpc = format!("127.0.0.1:{port}");
     let mut server = start_at(&data, "n1", &grpc, &[], &[]);
     let db = data.join("arca.db");
@@ -265,7 +265,7 @@ fn the_agent_renews_its_token_and_survives_a_node_restart() {
     let template = dir.path().join("db.tmpl");
     std::fs::write(&template, "password={{ secret \"secret/app/db#password\" }}\n").unwrap();
     let dest = dir.path().join("db.conf");
-    let health_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let health_port = arca_testkit::free_port();
     let mut agent = Command::new(env!("CARGO_BIN_EXE_arca"))
         .args(["agent", "--template", &format!("{}:{}", template.display(), dest.display())])
         .args(["--role-id-file", &role_file.display().to_string()])

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use arca_audit::{Operation, Outcome};
+use arca_testkit::free_port;
 use common::{Server, arca, audit_events, start_at};
 use serde_json::Value;
 
@@ -20,10 +21,6 @@ fn wait(what: &str, mut ok: impl FnMut() -> bool) {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The private PostgreSQL server; stopped on drop.

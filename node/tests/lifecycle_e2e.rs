@@ -118,7 +118,7 @@ async fn rotations_while_readers_read_never_fail_a_read() {
 fn the_scheduler_rotates_and_catches_up_a_missed_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = arca_testkit::free_port();
     let grpc = format!("127.0.0.1:{port}");
     let mut server = start_at(&data, "n1", &grpc, &[], &[]);
     let root = root(&data);
@@ -163,7 +163,7 @@ fn an_external_rotator_resumes_after_a_crash_between_steps() {
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let rotators_arg = rotators.display().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = arca_testkit::free_port();
     let grpc = format!("127.0.0.1:{port}");
     // The first run aborts right after the create step is recorded.
     let mut server = start_at(

@@ -13,14 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arca_testkit::free_port;
 use common::{Server, arca};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
