@@ -119,7 +119,11 @@ impl NodeProc {
             let log = std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(12).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(format!("node {} did not start ({status}); its log ends:\n{}", self.id, tail.join("\n")));
+            return Err(format!(
+                "node {} did not start ({status}); its log ends:\n{}",
+                self.id,
+                tail.join("\n")
+            ));
         }
         self.child = Some(child);
         Ok(())
