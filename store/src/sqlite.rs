@@ -1,8 +1,16 @@
 //! The embedded default: SQLite (bundled) in WAL mode.
 //!
-//! One database file holds the whole keyspace in a `WITHOUT ROWID` table ordered by key
-//! (BLOB comparison is `memcmp`, i.e. the contract's byte order). Several OS processes may
-//! open the same file: that is how a region runs active-active nodes on one host.
+//! One database file holds the whole keyspace in one table ordered by a unique index on the
+//! key (BLOB comparison is `memcmp`, i.e. the contract's byte order). Several OS processes
+//! may open the same file: that is how a region runs active-active nodes on one host.
+//!
+//! Layout (format 2): the rows live in a rowid table, in the order they were first written,
+//! and the key's index maps each key to its row. New keys, and above all the appended ones
+//! (audit events, change records, secret versions), go to the table's right edge, where
+//! SQLite splits a full leaf by starting a new one (`balance_quick`); the index's entries
+//! are small (the key and a rowid). Format 1 kept the rows in a `WITHOUT ROWID` table, an
+//! index b-tree, where every append rebalanced the three rightmost leaves: ~7.8 WAL frames
+//! of 8 KiB per group commit of audit events. A format-1 file is converted when opened.
 //!
 //! Concurrency: an attempt begins a deferred SQLite transaction, so its reads see one
 //! snapshot. Its first write takes SQLite's single write lock (waiting up to the attempt's
@@ -55,17 +63,30 @@ impl SqliteConfig {
     }
 }
 
+/// A new file's schema. `meta` comes first: a file that has `meta` but no `format` row is
+/// new, and gets today's format. A format-1 file keeps its `kv` table (`IF NOT EXISTS`)
+/// until [`SqliteStore::open`] converts it.
 const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
-    INSERT OR IGNORE INTO meta (name, value) VALUES ('format', 1), ('commit_version', 0);
+    INSERT OR IGNORE INTO meta (name, value) VALUES ('format', 2), ('commit_version', 0);
+    CREATE TABLE IF NOT EXISTS kv (key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
+";
+
+/// Format 1 → 2: the same rows, copied in key order into the rowid table, in one
+/// transaction (a crash leaves a format-1 file, converted at the next open).
+const CONVERT_FROM_1: &str = "
+    CREATE TABLE kv_format_2 (key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
+    INSERT INTO kv_format_2 (key, value) SELECT key, value FROM kv ORDER BY key;
+    DROP TABLE kv;
+    ALTER TABLE kv_format_2 RENAME TO kv;
+    UPDATE meta SET value = 2 WHERE name = 'format';
 ";
 
 /// Page size of a new database file.
 const PAGE_SIZE: u32 = 8192;
 
 /// The on-disk format this code writes and reads.
-const FORMAT_VERSION: i64 = 1;
+const FORMAT_VERSION: i64 = 2;
 
 /// A [`Store`] on one SQLite database file.
 #[derive(Debug)]
@@ -85,10 +106,10 @@ impl SqliteStore {
         create_private_file(&config.path)?;
         let store = SqliteStore { config, idle: Mutex::new(Vec::new()) };
         let conn = store.connect()?;
-        let format: i64 = conn
-            .query_row("SELECT value FROM meta WHERE name = 'format'", [], |row| row.get(0))
-            .map_err(map_err)?;
-        if format != FORMAT_VERSION {
+        if format(&conn)? == 1 {
+            convert_from_1(&conn, &store.config.path)?;
+        }
+        if format(&conn)? != FORMAT_VERSION {
             return Err(StoreError::Corrupt("unsupported store format version"));
         }
         store.release(conn);
@@ -104,8 +125,8 @@ impl SqliteStore {
         let conn = Connection::open(&self.config.path).map_err(map_err)?;
         conn.busy_timeout(self.config.transaction_timeout).map_err(map_err)?;
         // A new database gets 8 KiB pages (set before anything writes its header; an existing
-        // file keeps the page size it was created with). The table is an index b-tree
-        // (WITHOUT ROWID), where a row over about a quarter of a page spills to overflow
+        // file keeps the page size it was created with). Chosen for format 1's index b-tree
+        // (WITHOUT ROWID), where a row over about a quarter of a page spilled to overflow
         // pages: at 4 KiB that was every 1 KiB secret and most KV metadata. Measured with
         // arca-bench: committer CPU per write ~120 → ~103 µs, per read ~36 → ~33 µs.
         conn.execute_batch(&format!("PRAGMA page_size = {PAGE_SIZE};")).map_err(map_err)?;
@@ -395,6 +416,32 @@ fn backoff(attempt: u32) -> Duration {
     let ceiling_us = 1_000u64 << attempt.min(6);
     let jitter = RandomState::new().hash_one(attempt) % ceiling_us;
     Duration::from_micros(jitter.max(100))
+}
+
+fn format(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("SELECT value FROM meta WHERE name = 'format'", [], |row| row.get(0)).map_err(map_err)
+}
+
+/// Converts a format-1 file under the write lock; another process may have converted it
+/// first, so the format is read again under the lock.
+fn convert_from_1(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(map_err)?;
+    let converted: Result<bool, StoreError> = (|| {
+        if format(conn)? != 1 {
+            return Ok(false);
+        }
+        conn.execute_batch(CONVERT_FROM_1).map_err(map_err)?;
+        Ok(true)
+    })();
+    let end = if converted.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    if let Err(err) = conn.execute_batch(end) {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(map_err(err));
+    }
+    if converted? {
+        tracing::info!(path = %path.display(), "sqlite store converted from format 1 to format 2");
+    }
+    Ok(())
 }
 
 fn map_err(err: rusqlite::Error) -> StoreError {

@@ -120,3 +120,88 @@ fn read_version_names_the_last_commit_and_a_commit_after_it_makes_writes_conflic
     assert_eq!(tx.read_version().unwrap(), None);
     assert_eq!(tx.commit().unwrap().version, Some(second + 1));
 }
+
+/// The schema and rows a format-1 store (arca before the rowid layout) wrote.
+fn format_1_file(path: &std::path::Path, rows: &[(&[u8], &[u8])], commit_version: i64) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "PRAGMA page_size = 8192; PRAGMA journal_mode = WAL;
+         CREATE TABLE kv (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL) WITHOUT ROWID;
+         CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+         INSERT INTO meta (name, value) VALUES ('format', 1);",
+    )
+    .unwrap();
+    conn.execute("INSERT INTO meta (name, value) VALUES ('commit_version', ?1)", [commit_version]).unwrap();
+    for (key, value) in rows {
+        conn.execute("INSERT INTO kv (key, value) VALUES (?1, ?2)", [key, value]).unwrap();
+    }
+    drop(conn);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn stored_format(path: &std::path::Path) -> (i64, String) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let format = conn.query_row("SELECT value FROM meta WHERE name = 'format'", [], |r| r.get(0)).unwrap();
+    let sql = conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'kv'", [], |r| r.get(0)).unwrap();
+    (format, sql)
+}
+
+#[test]
+fn a_new_store_keeps_its_rows_in_a_rowid_table_under_a_unique_key_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    store.transact(|tx| tx.set(b"k", b"v")).unwrap();
+    drop(store);
+    let (format, sql) = stored_format(&path);
+    assert_eq!(format, 2);
+    assert!(sql.contains("UNIQUE") && !sql.contains("WITHOUT ROWID"), "{sql}");
+}
+
+#[test]
+fn a_format_1_store_is_converted_when_opened_with_its_rows_order_and_versions() {
+    use arca_store::RangeOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    // Inserted out of order, with bytes that sort differently as text.
+    let rows: [(&[u8], &[u8]); 5] =
+        [(b"b\x00", b"2"), (b"a", b"1"), (b"b\xfe", b"4"), (b"b\x01", b"3"), (b"c", &[9; 2048])];
+    format_1_file(&path, &rows, 41);
+
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let (format, sql) = stored_format(&path);
+    assert_eq!(format, 2);
+    assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
+    let all = store.transact(|tx| tx.get_range(b"", b"\xff", RangeOptions::default())).unwrap().value;
+    let keys: Vec<&[u8]> = all.iter().map(|kv| kv.key.as_slice()).collect();
+    assert_eq!(keys, [&b"a"[..], b"b\x00", b"b\x01", b"b\xfe", b"c"]);
+    assert_eq!(all[4].value, vec![9; 2048]);
+    assert_eq!(store.transact(|tx| tx.get(b"b\x01")).unwrap().value.as_deref(), Some(&b"3"[..]));
+    // Commit versions continue where format 1 left them; upserts and clears work.
+    let version = store.transact(|tx| tx.set(b"a", b"one")).unwrap().commit.version.unwrap();
+    assert_eq!(version, 42);
+    store.transact(|tx| tx.clear(b"b\x00")).unwrap();
+    drop(store);
+
+    // A second open finds format 2 and changes nothing.
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let all = store.transact(|tx| tx.get_range(b"", b"\xff", RangeOptions::default())).unwrap().value;
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[0].value, b"one");
+}
+
+#[test]
+fn a_store_of_an_unknown_format_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    format_1_file(&path, &[(b"k", b"v")], 7);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE meta SET value = 3 WHERE name = 'format'", [])
+        .unwrap();
+    let err = SqliteStore::open(SqliteConfig::new(&path)).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    let (format, sql) = stored_format(&path);
+    assert_eq!(format, 3);
+    assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+}
