@@ -12,6 +12,17 @@
 //! index b-tree, where every append rebalanced the three rightmost leaves: ~7.8 WAL frames
 //! of 8 KiB per group commit of audit events. A format-1 file is converted when opened.
 //!
+//! Versionstamped keys (audit events, change records) have a table of their own, `stamped`,
+//! whose rowid is the key's versionstamp (commit version · 2¹⁶ + order): they are appended
+//! in rowid order, with no index at all, so a group commit of events writes the table's last
+//! leaf and the commit version's page (~2.6 frames instead of ~7). A prefix the caller
+//! stamps under is registered in `stamped_prefix` the first time; registered prefixes never
+//! overlap (a prefix that would overlap one, or the 65th, keeps its keys in `kv`). Within a
+//! prefix, rowid order is key order, so a range read is a rowid range narrowed by key, merged
+//! with `kv`'s rows. Every key lives in one table: a plain `set` or `clear` of a key shaped
+//! like a stamped key of a registered prefix also removes it from `stamped`, and stamping
+//! a key removes it from `kv`.
+//!
 //! Concurrency: an attempt begins a deferred SQLite transaction, so its reads see one
 //! snapshot. Its first write takes SQLite's single write lock (waiting up to the attempt's
 //! time budget) and bumps the commit version under that lock, so commit versions and
@@ -70,7 +81,80 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
     INSERT OR IGNORE INTO meta (name, value) VALUES ('format', 2), ('commit_version', 0);
     CREATE TABLE IF NOT EXISTS kv (key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS stamped (rid INTEGER PRIMARY KEY, key BLOB NOT NULL, value BLOB NOT NULL);
+    CREATE TABLE IF NOT EXISTS stamped_prefix (prefix BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
 ";
+
+/// A registered stamped prefix and its end (`None` for a prefix of 0xFF bytes only).
+type StampedPrefix = (Vec<u8>, Option<Vec<u8>>);
+
+/// The most prefixes with keys in `stamped`; further prefixes keep their keys in `kv`.
+const MAX_STAMPED_PREFIXES: usize = 64;
+
+/// Commit versions from 2⁴⁷ on do not fit a rowid with the order; their keys go to `kv`.
+const STAMPED_VERSION_LIMIT: u64 = 1 << 47;
+
+/// The rowid of the stamped key with this commit version and order.
+fn stamped_rid(version: u64, order: u16) -> Option<i64> {
+    if version >= STAMPED_VERSION_LIMIT {
+        return None;
+    }
+    i64::try_from(version).ok().map(|v| (v << 16) | i64::from(order))
+}
+
+/// The rowid `key` has as a stamped key under `prefix` (the prefix, an 8-byte commit
+/// version, two zero bytes, a 2-byte order, any suffix); `None` if it has another shape.
+fn stamped_rid_of(prefix: &[u8], key: &[u8]) -> Option<i64> {
+    let stamp = key.strip_prefix(prefix)?.get(..crate::Versionstamp::LEN)?;
+    if stamp[8..10] != [0, 0] {
+        return None;
+    }
+    let version = u64::from_be_bytes(stamp[..8].try_into().ok()?);
+    stamped_rid(version, u16::from_be_bytes([stamp[10], stamp[11]]))
+}
+
+/// The first 8 bytes of `tail` as a big-endian number, padded with `pad`.
+fn leading_version(tail: &[u8], pad: u8) -> u64 {
+    let mut bytes = [pad; 8];
+    let n = tail.len().min(8);
+    bytes[..n].copy_from_slice(&tail[..n]);
+    u64::from_be_bytes(bytes)
+}
+
+/// The rows of one prefix in `stamped` that a key range can hold: inclusive rowid bounds
+/// that hold all of them, and the key range narrowed to the prefix.
+#[derive(Debug, PartialEq, Eq)]
+struct StampedSpan<'k> {
+    first_rid: i64,
+    last_rid: i64,
+    begin: &'k [u8],
+    end: &'k [u8],
+}
+
+impl<'k> StampedSpan<'k> {
+    /// `None` when no key of `prefix` lies in `[begin, end)`.
+    fn of(prefix: &'k [u8], prefix_end: Option<&'k [u8]>, begin: &'k [u8], end: &'k [u8]) -> Option<Self> {
+        let lo = begin.max(prefix);
+        let hi = match prefix_end {
+            Some(prefix_end) => end.min(prefix_end),
+            None => end,
+        };
+        if lo >= hi {
+            return None;
+        }
+        // Every key in [prefix, prefix_end) starts with the prefix. A key at or after `lo`
+        // has a version at or after lo's (its first 8 bytes after the prefix, zero-padded).
+        let first = lo.strip_prefix(prefix).map_or(0, |tail| leading_version(tail, 0));
+        let first_rid = stamped_rid(first, 0)?;
+        // A key before `hi` has a version at most hi's (0xFF-padded), if hi is inside the prefix.
+        let inside = prefix_end.is_none_or(|prefix_end| hi < prefix_end);
+        let last_rid = match hi.strip_prefix(prefix).filter(|_| inside) {
+            Some(tail) => stamped_rid(leading_version(tail, 0xFF), u16::MAX).unwrap_or(i64::MAX),
+            None => i64::MAX,
+        };
+        Some(StampedSpan { first_rid, last_rid, begin: lo, end: hi })
+    }
+}
 
 /// Format 1 → 2: the same rows, copied in key order into the rowid table, in one
 /// transaction (a crash leaves a format-1 file, converted at the next open).
@@ -185,6 +269,7 @@ impl Store for SqliteStore {
             budget: Budget::new(self.config.transaction_timeout),
             version: None,
             stamped: false,
+            prefixes: None,
             attempts: 1,
         }))
     }
@@ -199,6 +284,9 @@ struct SqliteTxn<'a> {
     version: Option<u64>,
     /// Whether a versionstamped key was set.
     stamped: bool,
+    /// The registered stamped prefixes and their ends, as this attempt's snapshot has them
+    /// (read at first use).
+    prefixes: Option<Vec<StampedPrefix>>,
     attempts: u32,
 }
 
@@ -225,10 +313,79 @@ impl SqliteTxn<'_> {
 
     fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.budget.check_read_key(key)?;
+        if let Some(rid) = self.stamped_home(key)? {
+            let stamped = self
+                .conn()?
+                .prepare_cached("SELECT value FROM stamped WHERE rid = ?1 AND key = ?2")
+                .and_then(|mut stmt| stmt.query_row(params![rid, key], |row| row.get(0)).optional())
+                .map_err(map_err)?;
+            if stamped.is_some() {
+                return Ok(stamped);
+            }
+        }
         self.conn()?
             .prepare_cached("SELECT value FROM kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)).optional())
             .map_err(map_err)
+    }
+
+    /// The registered stamped prefixes in this attempt's snapshot.
+    fn prefixes(&mut self) -> Result<&[StampedPrefix], StoreError> {
+        if self.prefixes.is_none() {
+            let conn = self.conn()?;
+            let mut stmt = conn.prepare_cached("SELECT prefix FROM stamped_prefix").map_err(map_err)?;
+            let rows = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0)).map_err(map_err)?;
+            let prefixes = rows
+                .map(|prefix| {
+                    prefix.map(|prefix| {
+                        let end = crate::prefix_end(&prefix);
+                        (prefix, end)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(map_err)?;
+            drop(stmt);
+            self.prefixes = Some(prefixes);
+        }
+        Ok(self.prefixes.as_deref().unwrap_or_default())
+    }
+
+    /// The rowid `key` would have in `stamped`, if it has the shape of a stamped key of a
+    /// registered prefix.
+    fn stamped_home(&mut self, key: &[u8]) -> Result<Option<i64>, StoreError> {
+        Ok(self.prefixes()?.iter().find_map(|(prefix, _)| stamped_rid_of(prefix, key)))
+    }
+
+    /// Whether keys stamped under `prefix` go to `stamped`, registering the prefix if it is
+    /// new and overlaps no registered one (the caller holds the write lock).
+    fn stamps_into_table(&mut self, prefix: &[u8]) -> Result<bool, StoreError> {
+        let prefixes = self.prefixes()?;
+        if prefixes.iter().any(|(p, _)| p == prefix) {
+            return Ok(true);
+        }
+        let overlaps = prefixes.iter().any(|(p, _)| p.starts_with(prefix) || prefix.starts_with(p));
+        if prefix.is_empty() || overlaps || prefixes.len() >= MAX_STAMPED_PREFIXES {
+            return Ok(false);
+        }
+        self.conn()?
+            .prepare_cached("INSERT INTO stamped_prefix (prefix) VALUES (?1)")
+            .and_then(|mut stmt| stmt.execute([prefix]))
+            .map_err(map_err)?;
+        if let Some(prefixes) = &mut self.prefixes {
+            prefixes.push((prefix.to_vec(), crate::prefix_end(prefix)));
+        }
+        Ok(true)
+    }
+
+    /// Removes `key` from `stamped` if it can be there.
+    fn unstamp(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        if let Some(rid) = self.stamped_home(key)? {
+            self.conn()?
+                .prepare_cached("DELETE FROM stamped WHERE rid = ?1 AND key = ?2")
+                .and_then(|mut stmt| stmt.execute(params![rid, key]))
+                .map_err(map_err)?;
+        }
+        Ok(())
     }
 
     fn rollback(&mut self) {
@@ -265,19 +422,49 @@ impl Transaction for SqliteTxn<'_> {
             "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key ASC LIMIT ?3"
         };
         let limit = if opts.limit == 0 { -1 } else { i64::try_from(opts.limit).unwrap_or(i64::MAX) };
+        let row = |row: &rusqlite::Row<'_>| Ok(KeyValue { key: row.get(0)?, value: row.get(1)? });
+        let mut found = {
+            let conn = self.conn()?;
+            let mut stmt = conn.prepare_cached(sql).map_err(map_err)?;
+            let rows = stmt.query_map(params![begin, end, limit], row).map_err(map_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
+        };
+        // Each registered prefix's rows in the range, in key order (= rowid order).
+        let stamped_sql = if opts.reverse {
+            "SELECT key, value FROM stamped WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4 \
+             ORDER BY rid DESC LIMIT ?5"
+        } else {
+            "SELECT key, value FROM stamped WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4 \
+             ORDER BY rid ASC LIMIT ?5"
+        };
+        let mut streams = usize::from(!found.is_empty());
+        let prefixes = self.prefixes()?.to_vec();
         let conn = self.conn()?;
-        let mut stmt = conn.prepare_cached(sql).map_err(map_err)?;
-        let rows = stmt
-            .query_map(params![begin, end, limit], |row| {
-                Ok(KeyValue { key: row.get(0)?, value: row.get(1)? })
-            })
-            .map_err(map_err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+        for (prefix, prefix_end) in &prefixes {
+            let Some(span) = StampedSpan::of(prefix, prefix_end.as_deref(), begin, end) else { continue };
+            let mut stmt = conn.prepare_cached(stamped_sql).map_err(map_err)?;
+            let params = params![span.first_rid, span.last_rid, span.begin, span.end, limit];
+            let rows = stmt.query_map(params, row).map_err(map_err)?;
+            let before = found.len();
+            for kv in rows {
+                found.push(kv.map_err(map_err)?);
+            }
+            streams += usize::from(found.len() > before);
+        }
+        if streams > 1 {
+            // Every key lives in one table, so the streams hold no key twice.
+            found.sort_unstable_by(|a, b| if opts.reverse { b.key.cmp(&a.key) } else { a.key.cmp(&b.key) });
+            if opts.limit != 0 {
+                found.truncate(opts.limit);
+            }
+        }
+        Ok(found)
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_set(key, value)?;
         self.write_version()?;
+        self.unstamp(key)?;
         self.conn()?
             .prepare_cached(
                 "INSERT INTO kv (key, value) VALUES (?1, ?2) \
@@ -291,6 +478,7 @@ impl Transaction for SqliteTxn<'_> {
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_clear(key)?;
         self.write_version()?;
+        self.unstamp(key)?;
         self.conn()?
             .prepare_cached("DELETE FROM kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute([key]))
@@ -305,6 +493,16 @@ impl Transaction for SqliteTxn<'_> {
             .prepare_cached("DELETE FROM kv WHERE key >= ?1 AND key < ?2")
             .and_then(|mut stmt| stmt.execute([begin, end]))
             .map_err(map_err)?;
+        let prefixes = self.prefixes()?.to_vec();
+        let conn = self.conn()?;
+        for (prefix, prefix_end) in &prefixes {
+            let Some(span) = StampedSpan::of(prefix, prefix_end.as_deref(), begin, end) else { continue };
+            conn.prepare_cached(
+                "DELETE FROM stamped WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4",
+            )
+            .and_then(|mut stmt| stmt.execute(params![span.first_rid, span.last_rid, span.begin, span.end]))
+            .map_err(map_err)?;
+        }
         Ok(())
     }
 
@@ -323,13 +521,31 @@ impl Transaction for SqliteTxn<'_> {
         key.extend_from_slice(&0u16.to_be_bytes());
         key.extend_from_slice(&order.to_be_bytes());
         key.extend_from_slice(suffix);
-        self.conn()?
-            .prepare_cached(
-                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut stmt| stmt.execute(params![key, value]))
-            .map_err(map_err)?;
+        let rid = match stamped_rid(version, order) {
+            Some(rid) if self.stamps_into_table(prefix)? => Some(rid),
+            _ => None,
+        };
+        let conn = self.conn()?;
+        match rid {
+            Some(rid) => {
+                // The rowid is this commit's alone; `kv` may hold the key only if it was set
+                // there plainly (or by format 1).
+                conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
+                    .and_then(|mut stmt| stmt.execute([&key]))
+                    .map_err(map_err)?;
+                conn.prepare_cached("INSERT INTO stamped (rid, key, value) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut stmt| stmt.execute(params![rid, key, value]))
+                    .map_err(map_err)?;
+            }
+            None => {
+                conn.prepare_cached(
+                    "INSERT INTO kv (key, value) VALUES (?1, ?2) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .and_then(|mut stmt| stmt.execute(params![key, value]))
+                .map_err(map_err)?;
+            }
+        }
         self.stamped = true;
         Ok(order)
     }
@@ -397,6 +613,7 @@ impl Transaction for SqliteTxn<'_> {
         self.budget.reset();
         self.version = None;
         self.stamped = false;
+        self.prefixes = None;
         Ok(())
     }
 }
@@ -474,5 +691,71 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
             Ok(())
         }
         Err(err) => Err(io("creating the store file")(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamped_key(prefix: &[u8], version: u64, order: u16, suffix: &[u8]) -> Vec<u8> {
+        [prefix, &version.to_be_bytes(), &[0, 0], &order.to_be_bytes(), suffix].concat()
+    }
+
+    #[test]
+    fn a_stamped_key_maps_to_its_version_and_order_and_no_other_shape_does() {
+        let key = stamped_key(b"q/", 7, 3, b"s");
+        assert_eq!(stamped_rid_of(b"q/", &key), Some((7 << 16) | 3));
+        assert_eq!(stamped_rid_of(b"q", &key), None, "the bytes after another prefix are no stamp");
+        assert_eq!(stamped_rid_of(b"q/", &key[..key.len() - 2]), None, "too short");
+        let mut batch_order = key.clone();
+        batch_order[2 + 9] = 1;
+        assert_eq!(stamped_rid_of(b"q/", &batch_order), None, "a non-zero batch order");
+        assert_eq!(stamped_rid_of(b"q/", &stamped_key(b"q/", 1 << 47, 0, b"")), None);
+        assert_eq!(stamped_rid(STAMPED_VERSION_LIMIT - 1, u16::MAX), Some(i64::MAX));
+    }
+
+    #[test]
+    fn a_span_holds_every_stamped_key_of_its_range_and_no_span_is_made_for_other_ranges() {
+        let end = crate::prefix_end(b"q/").unwrap();
+        let span = |begin: &[u8], stop: &[u8]| {
+            StampedSpan::of(b"q/", Some(&end), begin, stop).map(|s| (s.first_rid, s.last_rid))
+        };
+        assert_eq!(span(b"", b"\xff"), Some((0, i64::MAX)));
+        assert_eq!(span(b"a", b"q/"), None);
+        assert_eq!(span(b"q0", b"\xff"), None);
+        assert_eq!(span(&stamped_key(b"q/", 5, 2, b""), b"\xff"), Some((5 << 16, i64::MAX)));
+        assert_eq!(span(b"q/", &stamped_key(b"q/", 9, 0, b"")), Some((0, (9 << 16) | 0xFFFF)));
+        // A bound shorter than a version pads down at the start and up at the end.
+        assert_eq!(
+            span(b"q/\x00\x00\x01", b"q/\x00\x00\x02"),
+            Some((1 << 56, (0x0000_02FF_FFFF_FFFF << 16) | 0xFFFF))
+        );
+        // A range whose versions all reach 2^47 holds no stamped row.
+        assert_eq!(span(b"q/\x00\x01", b"q/\x00\x02"), None);
+        // Brute force: for keys around the edges, a key in the range is inside the span.
+        let versions = [0u64, 1, 255, 256, 1 << 40, (1 << 47) - 1];
+        let keys: Vec<Vec<u8>> = versions
+            .iter()
+            .flat_map(|&v| [0u16, 1, u16::MAX].map(|o| stamped_key(b"q/", v, o, b"x")))
+            .collect();
+        let bounds: Vec<Vec<u8>> = keys
+            .iter()
+            .flat_map(|k| [k.clone(), k[..k.len() - 3].to_vec(), k[..5].to_vec(), k[..3].to_vec()])
+            .chain([b"q/".to_vec(), end.clone(), b"".to_vec(), b"\xff".to_vec()])
+            .collect();
+        for begin in &bounds {
+            for stop in &bounds {
+                let span = StampedSpan::of(b"q/", Some(&end), begin, stop);
+                for key in &keys {
+                    if key >= begin && key < stop {
+                        let span = span.as_ref().expect("a span for a range holding a key");
+                        let rid = stamped_rid_of(b"q/", key).unwrap();
+                        assert!(span.first_rid <= rid && rid <= span.last_rid, "{begin:?}..{stop:?} {key:?}");
+                        assert!(span.begin <= key.as_slice() && key.as_slice() < span.end);
+                    }
+                }
+            }
+        }
     }
 }

@@ -147,15 +147,23 @@ fn stored_format(path: &std::path::Path) -> (i64, String) {
 }
 
 #[test]
-fn a_new_store_keeps_its_rows_in_a_rowid_table_under_a_unique_key_index() {
+fn a_new_store_keeps_rows_in_a_rowid_table_under_a_key_index_and_stamped_keys_apart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
     let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
     store.transact(|tx| tx.set(b"k", b"v")).unwrap();
+    // Stamped keys go to their own table, and a prefix overlapping a registered one to kv.
+    store.transact(|tx| tx.set_versionstamped_key(b"q/", b"", b"e1").map(drop)).unwrap();
+    store.transact(|tx| tx.set_versionstamped_key(b"q/x", b"", b"e2").map(drop)).unwrap();
     drop(store);
     let (format, sql) = stored_format(&path);
     assert_eq!(format, 2);
     assert!(sql.contains("UNIQUE") && !sql.contains("WITHOUT ROWID"), "{sql}");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(count("SELECT count(*) FROM stamped WHERE value = x'6531'"), 1);
+    assert_eq!(count("SELECT count(*) FROM kv WHERE value = x'6532'"), 1);
+    assert_eq!(count("SELECT count(*) FROM stamped_prefix"), 1);
 }
 
 #[test]
@@ -204,4 +212,131 @@ fn a_store_of_an_unknown_format_is_refused_and_left_as_it_is() {
     let (format, sql) = stored_format(&path);
     assert_eq!(format, 3);
     assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+}
+
+mod stamped_table {
+    //! Versionstamped keys live in their own table, merged with the plain keys on every read:
+    //! a model (an ordered map) and the store must agree after any sequence of stamps, sets,
+    //! clears and range clears, including plain writes of keys shaped like stamped ones and
+    //! prefixes that overlap a registered one (those stay in the plain table).
+
+    use std::collections::BTreeMap;
+
+    use arca_store::{RangeOptions, SqliteConfig, SqliteStore, StoreExt};
+    use proptest::prelude::*;
+
+    const PREFIXES: [&[u8]; 4] = [b"q/", b"r/", b"q", b"s/\x00"];
+    const PLAIN: [&[u8]; 8] = [b"a", b"q/", b"q/\x00", b"q0", b"r/", b"r/\xfe", b"s/", b"z"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Stamp { prefix: usize, suffix: u8, count: u8 },
+        Set { key: Key, value: u8 },
+        Clear { key: Key },
+        ClearRange { begin: Key, end: Key },
+        Range { begin: Key, end: Key, limit: usize, reverse: bool },
+    }
+
+    /// A plain key, or the n-th stamped key written so far (wrapping).
+    #[derive(Debug, Clone)]
+    enum Key {
+        Plain(usize),
+        Stamped(usize),
+    }
+
+    fn key() -> impl Strategy<Value = Key> {
+        prop_oneof![(0..PLAIN.len()).prop_map(Key::Plain), (0usize..64).prop_map(Key::Stamped)]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..PREFIXES.len(), any::<u8>(), 1u8..4).prop_map(|(prefix, suffix, count)| Op::Stamp { prefix, suffix, count }),
+            2 => (key(), any::<u8>()).prop_map(|(key, value)| Op::Set { key, value }),
+            1 => key().prop_map(|key| Op::Clear { key }),
+            1 => (key(), key()).prop_map(|(begin, end)| Op::ClearRange { begin, end }),
+            3 => (key(), key(), 0usize..5, any::<bool>()).prop_map(|(begin, end, limit, reverse)| Op::Range { begin, end, limit, reverse }),
+        ]
+    }
+
+    fn resolve(key: &Key, stamped: &[Vec<u8>]) -> Vec<u8> {
+        match key {
+            Key::Plain(i) => PLAIN[*i].to_vec(),
+            Key::Stamped(i) if stamped.is_empty() => PLAIN[i % PLAIN.len()].to_vec(),
+            Key::Stamped(i) => stamped[i % stamped.len()].clone(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_store_agrees_with_an_ordered_map(ops in prop::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(SqliteConfig::new(dir.path().join("store.db"))).unwrap();
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut stamped: Vec<Vec<u8>> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Stamp { prefix, suffix, count } => {
+                        let prefix = PREFIXES[prefix];
+                        let committed = store
+                            .transact(|tx| {
+                                (0..count)
+                                    .map(|i| tx.set_versionstamped_key(prefix, &[suffix, i], &[i]))
+                                    .collect::<Result<Vec<u16>, _>>()
+                            })
+                            .unwrap();
+                        for (i, order) in committed.value.iter().enumerate() {
+                            let stamp = committed.commit.versionstamp(*order).unwrap();
+                            let key = [prefix, stamp.as_bytes(), &[suffix, i as u8]].concat();
+                            model.insert(key.clone(), vec![i as u8]);
+                            stamped.push(key);
+                        }
+                    }
+                    Op::Set { key, value } => {
+                        let key = resolve(&key, &stamped);
+                        store.transact(|tx| tx.set(&key, &[value, 1])).unwrap();
+                        model.insert(key, vec![value, 1]);
+                    }
+                    Op::Clear { key } => {
+                        let key = resolve(&key, &stamped);
+                        store.transact(|tx| tx.clear(&key)).unwrap();
+                        model.remove(&key);
+                    }
+                    Op::ClearRange { begin, end } => {
+                        let (begin, end) = (resolve(&begin, &stamped), resolve(&end, &stamped));
+                        if begin < end {
+                            store.transact(|tx| tx.clear_range(&begin, &end)).unwrap();
+                            model.retain(|k, _| !(k >= &begin && k < &end));
+                        }
+                    }
+                    Op::Range { begin, end, limit, reverse } => {
+                        let (begin, end) = (resolve(&begin, &stamped), resolve(&end, &stamped));
+                        if begin >= end {
+                            continue;
+                        }
+                        let opts = RangeOptions { limit, reverse, ..RangeOptions::default() };
+                        let got = store.transact(|tx| tx.get_range(&begin, &end, opts)).unwrap().value;
+                        let got: Vec<(Vec<u8>, Vec<u8>)> = got.into_iter().map(|kv| (kv.key, kv.value)).collect();
+                        let mut want: Vec<(Vec<u8>, Vec<u8>)> =
+                            model.range(begin.clone()..end.clone()).map(|(k, v)| (k.clone(), v.clone())).collect();
+                        if reverse {
+                            want.reverse();
+                        }
+                        if limit != 0 {
+                            want.truncate(limit);
+                        }
+                        prop_assert_eq!(got, want);
+                    }
+                }
+            }
+            // Every key reads back alone, and the whole keyspace matches.
+            for (key, value) in &model {
+                let got = store.transact(|tx| tx.get(key)).unwrap().value;
+                prop_assert_eq!(got.as_ref(), Some(value));
+            }
+            let all = store.transact(|tx| tx.get_range(b"", b"\xff", RangeOptions::default())).unwrap().value;
+            prop_assert_eq!(all.len(), model.len());
+        }
+    }
 }
