@@ -12,16 +12,16 @@
 //! index b-tree, where every append rebalanced the three rightmost leaves: ~7.8 WAL frames
 //! of 8 KiB per group commit of audit events. A format-1 file is converted when opened.
 //!
-//! Versionstamped keys (audit events, change records) have a table of their own, `stamped`,
+//! Versionstamped keys (audit events, change records) have a table per prefix, `stamped_N`,
 //! whose rowid is the key's versionstamp (commit version · 2¹⁶ + order): they are appended
 //! in rowid order, with no index at all, so a group commit of events writes the table's last
-//! leaf and the commit version's page (~2.6 frames instead of ~7). A prefix the caller
-//! stamps under is registered in `stamped_prefix` the first time; registered prefixes never
-//! overlap (a prefix that would overlap one, or the 65th, keeps its keys in `kv`). Within a
-//! prefix, rowid order is key order, so a range read is a rowid range narrowed by key, merged
-//! with `kv`'s rows. Every key lives in one table: a plain `set` or `clear` of a key shaped
-//! like a stamped key of a registered prefix also removes it from `stamped`, and stamping
-//! a key removes it from `kv`.
+//! leaf and the commit version's page (~2.8 frames instead of ~7). A prefix the caller
+//! stamps under is registered in `stamped_prefix` (with its table) the first time;
+//! registered prefixes never overlap (a prefix that would overlap one, or the 65th, keeps
+//! its keys in `kv`). Within a prefix, rowid order is key order, so a range read is a rowid
+//! range of the prefix's table, merged with `kv`'s rows. Every key lives in one table: a
+//! plain `set` or `clear` of a key shaped like a stamped key of a registered prefix also
+//! removes it from that prefix's table, and stamping a key removes it from `kv`.
 //!
 //! Concurrency: an attempt begins a deferred SQLite transaction, so its reads see one
 //! snapshot. Its first write takes SQLite's single write lock (waiting up to the attempt's
@@ -81,12 +81,42 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
     INSERT OR IGNORE INTO meta (name, value) VALUES ('format', 2), ('commit_version', 0);
     CREATE TABLE IF NOT EXISTS kv (key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
-    CREATE TABLE IF NOT EXISTS stamped (rid INTEGER PRIMARY KEY, key BLOB NOT NULL, value BLOB NOT NULL);
-    CREATE TABLE IF NOT EXISTS stamped_prefix (prefix BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS stamped_prefix (prefix BLOB PRIMARY KEY NOT NULL, id INTEGER NOT NULL UNIQUE) WITHOUT ROWID;
 ";
 
-/// A registered stamped prefix and its end (`None` for a prefix of 0xFF bytes only).
-type StampedPrefix = (Vec<u8>, Option<Vec<u8>>);
+/// A registered stamped prefix: its keys' table and the statements on it.
+#[derive(Debug, Clone)]
+struct StampedPrefix {
+    prefix: Vec<u8>,
+    /// `None` for a prefix of 0xFF bytes only.
+    end: Option<Vec<u8>>,
+    get: String,
+    insert: String,
+    delete: String,
+    range: [String; 2],
+    clear_range: String,
+}
+
+impl StampedPrefix {
+    fn new(prefix: Vec<u8>, id: i64) -> Self {
+        let t = format!("stamped_{id}");
+        let range = |order| {
+            format!(
+                "SELECT key, value FROM {t} WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4 \
+                 ORDER BY rid {order} LIMIT ?5"
+            )
+        };
+        StampedPrefix {
+            end: crate::prefix_end(&prefix),
+            prefix,
+            get: format!("SELECT value FROM {t} WHERE rid = ?1 AND key = ?2"),
+            insert: format!("INSERT INTO {t} (rid, key, value) VALUES (?1, ?2, ?3)"),
+            delete: format!("DELETE FROM {t} WHERE rid = ?1 AND key = ?2"),
+            range: [range("ASC"), range("DESC")],
+            clear_range: format!("DELETE FROM {t} WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4"),
+        }
+    }
+}
 
 /// The most prefixes with keys in `stamped`; further prefixes keep their keys in `kv`.
 const MAX_STAMPED_PREFIXES: usize = 64;
@@ -313,10 +343,10 @@ impl SqliteTxn<'_> {
 
     fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.budget.check_read_key(key)?;
-        if let Some(rid) = self.stamped_home(key)? {
+        if let Some((sql, rid)) = self.stamped_home(key, |p| &p.get)? {
             let stamped = self
                 .conn()?
-                .prepare_cached("SELECT value FROM stamped WHERE rid = ?1 AND key = ?2")
+                .prepare_cached(&sql)
                 .and_then(|mut stmt| stmt.query_row(params![rid, key], |row| row.get(0)).optional())
                 .map_err(map_err)?;
             if stamped.is_some() {
@@ -333,55 +363,65 @@ impl SqliteTxn<'_> {
     fn prefixes(&mut self) -> Result<&[StampedPrefix], StoreError> {
         if self.prefixes.is_none() {
             let conn = self.conn()?;
-            let mut stmt = conn.prepare_cached("SELECT prefix FROM stamped_prefix").map_err(map_err)?;
-            let rows = stmt.query_map([], |row| row.get::<_, Vec<u8>>(0)).map_err(map_err)?;
-            let prefixes = rows
-                .map(|prefix| {
-                    prefix.map(|prefix| {
-                        let end = crate::prefix_end(&prefix);
-                        (prefix, end)
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
+            let mut stmt = conn.prepare_cached("SELECT prefix, id FROM stamped_prefix").map_err(map_err)?;
+            let rows = stmt
+                .query_map([], |row| Ok(StampedPrefix::new(row.get(0)?, row.get(1)?)))
                 .map_err(map_err)?;
+            let prefixes = rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?;
             drop(stmt);
             self.prefixes = Some(prefixes);
         }
         Ok(self.prefixes.as_deref().unwrap_or_default())
     }
 
-    /// The rowid `key` would have in `stamped`, if it has the shape of a stamped key of a
-    /// registered prefix.
-    fn stamped_home(&mut self, key: &[u8]) -> Result<Option<i64>, StoreError> {
-        Ok(self.prefixes()?.iter().find_map(|(prefix, _)| stamped_rid_of(prefix, key)))
+    /// If `key` has the shape of a stamped key of a registered prefix: the statement `sql`
+    /// picks from that prefix's and the key's rowid in its table.
+    fn stamped_home(
+        &mut self,
+        key: &[u8],
+        sql: impl Fn(&StampedPrefix) -> &String,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(self
+            .prefixes()?
+            .iter()
+            .find_map(|p| stamped_rid_of(&p.prefix, key).map(|rid| (sql(p).clone(), rid))))
     }
 
-    /// Whether keys stamped under `prefix` go to `stamped`, registering the prefix if it is
-    /// new and overlaps no registered one (the caller holds the write lock).
-    fn stamps_into_table(&mut self, prefix: &[u8]) -> Result<bool, StoreError> {
+    /// The insert statement of `prefix`'s table if keys stamped under it go there,
+    /// registering the prefix and creating its table if it is new and overlaps no registered
+    /// prefix (the caller holds the write lock).
+    fn stamped_insert(&mut self, prefix: &[u8]) -> Result<Option<String>, StoreError> {
         let prefixes = self.prefixes()?;
-        if prefixes.iter().any(|(p, _)| p == prefix) {
-            return Ok(true);
+        if let Some(known) = prefixes.iter().find(|p| p.prefix == prefix) {
+            return Ok(Some(known.insert.clone()));
         }
-        let overlaps = prefixes.iter().any(|(p, _)| p.starts_with(prefix) || prefix.starts_with(p));
+        let overlaps = prefixes.iter().any(|p| p.prefix.starts_with(prefix) || prefix.starts_with(&p.prefix));
         if prefix.is_empty() || overlaps || prefixes.len() >= MAX_STAMPED_PREFIXES {
-            return Ok(false);
+            return Ok(None);
         }
-        self.conn()?
-            .prepare_cached("INSERT INTO stamped_prefix (prefix) VALUES (?1)")
-            .and_then(|mut stmt| stmt.execute([prefix]))
+        let conn = self.conn()?;
+        let id: i64 = conn
+            .query_row("SELECT coalesce(max(id), 0) + 1 FROM stamped_prefix", [], |row| row.get(0))
             .map_err(map_err)?;
+        conn.execute_batch(&format!(
+            "CREATE TABLE stamped_{id} (rid INTEGER PRIMARY KEY, key BLOB NOT NULL, value BLOB NOT NULL)"
+        ))
+        .map_err(map_err)?;
+        conn.execute("INSERT INTO stamped_prefix (prefix, id) VALUES (?1, ?2)", params![prefix, id])
+            .map_err(map_err)?;
+        let registered = StampedPrefix::new(prefix.to_vec(), id);
+        let insert = registered.insert.clone();
         if let Some(prefixes) = &mut self.prefixes {
-            prefixes.push((prefix.to_vec(), crate::prefix_end(prefix)));
+            prefixes.push(registered);
         }
-        Ok(true)
+        Ok(Some(insert))
     }
 
-    /// Removes `key` from `stamped` if it can be there.
+    /// Removes `key` from its prefix's table if it can be there.
     fn unstamp(&mut self, key: &[u8]) -> Result<(), StoreError> {
-        if let Some(rid) = self.stamped_home(key)? {
+        if let Some((sql, rid)) = self.stamped_home(key, |p| &p.delete)? {
             self.conn()?
-                .prepare_cached("DELETE FROM stamped WHERE rid = ?1 AND key = ?2")
+                .prepare_cached(&sql)
                 .and_then(|mut stmt| stmt.execute(params![rid, key]))
                 .map_err(map_err)?;
         }
@@ -430,19 +470,14 @@ impl Transaction for SqliteTxn<'_> {
             rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
         };
         // Each registered prefix's rows in the range, in key order (= rowid order).
-        let stamped_sql = if opts.reverse {
-            "SELECT key, value FROM stamped WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4 \
-             ORDER BY rid DESC LIMIT ?5"
-        } else {
-            "SELECT key, value FROM stamped WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4 \
-             ORDER BY rid ASC LIMIT ?5"
-        };
         let mut streams = usize::from(!found.is_empty());
-        let prefixes = self.prefixes()?.to_vec();
-        let conn = self.conn()?;
-        for (prefix, prefix_end) in &prefixes {
-            let Some(span) = StampedSpan::of(prefix, prefix_end.as_deref(), begin, end) else { continue };
-            let mut stmt = conn.prepare_cached(stamped_sql).map_err(map_err)?;
+        self.prefixes()?;
+        let (Some(conn), Some(prefixes)) = (&self.conn, &self.prefixes) else {
+            return Err(StoreError::Corrupt("transaction used after it ended"));
+        };
+        for p in prefixes {
+            let Some(span) = StampedSpan::of(&p.prefix, p.end.as_deref(), begin, end) else { continue };
+            let mut stmt = conn.prepare_cached(&p.range[usize::from(opts.reverse)]).map_err(map_err)?;
             let params = params![span.first_rid, span.last_rid, span.begin, span.end, limit];
             let rows = stmt.query_map(params, row).map_err(map_err)?;
             let before = found.len();
@@ -493,15 +528,17 @@ impl Transaction for SqliteTxn<'_> {
             .prepare_cached("DELETE FROM kv WHERE key >= ?1 AND key < ?2")
             .and_then(|mut stmt| stmt.execute([begin, end]))
             .map_err(map_err)?;
-        let prefixes = self.prefixes()?.to_vec();
-        let conn = self.conn()?;
-        for (prefix, prefix_end) in &prefixes {
-            let Some(span) = StampedSpan::of(prefix, prefix_end.as_deref(), begin, end) else { continue };
-            conn.prepare_cached(
-                "DELETE FROM stamped WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4",
-            )
-            .and_then(|mut stmt| stmt.execute(params![span.first_rid, span.last_rid, span.begin, span.end]))
-            .map_err(map_err)?;
+        self.prefixes()?;
+        let (Some(conn), Some(prefixes)) = (&self.conn, &self.prefixes) else {
+            return Err(StoreError::Corrupt("transaction used after it ended"));
+        };
+        for p in prefixes {
+            let Some(span) = StampedSpan::of(&p.prefix, p.end.as_deref(), begin, end) else { continue };
+            conn.prepare_cached(&p.clear_range)
+                .and_then(|mut stmt| {
+                    stmt.execute(params![span.first_rid, span.last_rid, span.begin, span.end])
+                })
+                .map_err(map_err)?;
         }
         Ok(())
     }
@@ -521,19 +558,19 @@ impl Transaction for SqliteTxn<'_> {
         key.extend_from_slice(&0u16.to_be_bytes());
         key.extend_from_slice(&order.to_be_bytes());
         key.extend_from_slice(suffix);
-        let rid = match stamped_rid(version, order) {
-            Some(rid) if self.stamps_into_table(prefix)? => Some(rid),
-            _ => None,
+        let home = match stamped_rid(version, order) {
+            Some(rid) => self.stamped_insert(prefix)?.map(|insert| (insert, rid)),
+            None => None,
         };
         let conn = self.conn()?;
-        match rid {
-            Some(rid) => {
+        match home {
+            Some((insert, rid)) => {
                 // The rowid is this commit's alone; `kv` may hold the key only if it was set
                 // there plainly (or by format 1).
                 conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
                     .and_then(|mut stmt| stmt.execute([&key]))
                     .map_err(map_err)?;
-                conn.prepare_cached("INSERT INTO stamped (rid, key, value) VALUES (?1, ?2, ?3)")
+                conn.prepare_cached(&insert)
                     .and_then(|mut stmt| stmt.execute(params![rid, key, value]))
                     .map_err(map_err)?;
             }

@@ -152,18 +152,20 @@ fn a_new_store_keeps_rows_in_a_rowid_table_under_a_key_index_and_stamped_keys_ap
     let path = dir.path().join("store.db");
     let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
     store.transact(|tx| tx.set(b"k", b"v")).unwrap();
-    // Stamped keys go to their own table, and a prefix overlapping a registered one to kv.
+    // Stamped keys go to their prefix's table, and a prefix overlapping a registered one to kv.
     store.transact(|tx| tx.set_versionstamped_key(b"q/", b"", b"e1").map(drop)).unwrap();
     store.transact(|tx| tx.set_versionstamped_key(b"q/x", b"", b"e2").map(drop)).unwrap();
+    store.transact(|tx| tx.set_versionstamped_key(b"r/", b"", b"e3").map(drop)).unwrap();
     drop(store);
     let (format, sql) = stored_format(&path);
     assert_eq!(format, 2);
     assert!(sql.contains("UNIQUE") && !sql.contains("WITHOUT ROWID"), "{sql}");
     let conn = rusqlite::Connection::open(&path).unwrap();
     let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
-    assert_eq!(count("SELECT count(*) FROM stamped WHERE value = x'6531'"), 1);
+    assert_eq!(count("SELECT count(*) FROM stamped_1 WHERE value = x'6531'"), 1);
     assert_eq!(count("SELECT count(*) FROM kv WHERE value = x'6532'"), 1);
-    assert_eq!(count("SELECT count(*) FROM stamped_prefix"), 1);
+    assert_eq!(count("SELECT count(*) FROM stamped_2 WHERE value = x'6533'"), 1);
+    assert_eq!(count("SELECT count(*) FROM stamped_prefix"), 2);
 }
 
 #[test]
