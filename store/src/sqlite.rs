@@ -81,7 +81,9 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
     INSERT OR IGNORE INTO meta (name, value) VALUES ('format', 2), ('commit_version', 0);
     CREATE TABLE IF NOT EXISTS kv (key BLOB NOT NULL UNIQUE, value BLOB NOT NULL);
-    CREATE TABLE IF NOT EXISTS stamped_prefix (prefix BLOB PRIMARY KEY NOT NULL, id INTEGER NOT NULL UNIQUE) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS stamped_prefix (
+        prefix BLOB PRIMARY KEY NOT NULL, id INTEGER NOT NULL UNIQUE, kv_clean INTEGER NOT NULL
+    ) WITHOUT ROWID;
 ";
 
 /// A registered stamped prefix: its keys' table and the statements on it.
@@ -90,6 +92,10 @@ struct StampedPrefix {
     prefix: Vec<u8>,
     /// `None` for a prefix of 0xFF bytes only.
     end: Option<Vec<u8>>,
+    id: i64,
+    /// No key shaped like one of this prefix's stamped keys is in `kv`: stamping needs no
+    /// `kv` delete. Cleared (for good) by the first such key written to `kv`.
+    kv_clean: bool,
     get: String,
     insert: String,
     delete: String,
@@ -98,7 +104,7 @@ struct StampedPrefix {
 }
 
 impl StampedPrefix {
-    fn new(prefix: Vec<u8>, id: i64) -> Self {
+    fn new(prefix: Vec<u8>, id: i64, kv_clean: bool) -> Self {
         let t = format!("stamped_{id}");
         let range = |order| {
             format!(
@@ -109,6 +115,8 @@ impl StampedPrefix {
         StampedPrefix {
             end: crate::prefix_end(&prefix),
             prefix,
+            id,
+            kv_clean,
             get: format!("SELECT value FROM {t} WHERE rid = ?1 AND key = ?2"),
             insert: format!("INSERT INTO {t} (rid, key, value) VALUES (?1, ?2, ?3)"),
             delete: format!("DELETE FROM {t} WHERE rid = ?1 AND key = ?2"),
@@ -363,9 +371,10 @@ impl SqliteTxn<'_> {
     fn prefixes(&mut self) -> Result<&[StampedPrefix], StoreError> {
         if self.prefixes.is_none() {
             let conn = self.conn()?;
-            let mut stmt = conn.prepare_cached("SELECT prefix, id FROM stamped_prefix").map_err(map_err)?;
+            let mut stmt =
+                conn.prepare_cached("SELECT prefix, id, kv_clean FROM stamped_prefix").map_err(map_err)?;
             let rows = stmt
-                .query_map([], |row| Ok(StampedPrefix::new(row.get(0)?, row.get(1)?)))
+                .query_map([], |row| Ok(StampedPrefix::new(row.get(0)?, row.get(1)?, row.get(2)?)))
                 .map_err(map_err)?;
             let prefixes = rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?;
             drop(stmt);
@@ -387,13 +396,13 @@ impl SqliteTxn<'_> {
             .find_map(|p| stamped_rid_of(&p.prefix, key).map(|rid| (sql(p).clone(), rid))))
     }
 
-    /// The insert statement of `prefix`'s table if keys stamped under it go there,
-    /// registering the prefix and creating its table if it is new and overlaps no registered
-    /// prefix (the caller holds the write lock).
-    fn stamped_insert(&mut self, prefix: &[u8]) -> Result<Option<String>, StoreError> {
+    /// The insert statement of `prefix`'s table and its `kv_clean`, if keys stamped under
+    /// it go there, registering the prefix and creating its table if it is new and overlaps
+    /// no registered prefix (the caller holds the write lock).
+    fn stamped_insert(&mut self, prefix: &[u8]) -> Result<Option<(String, bool)>, StoreError> {
         let prefixes = self.prefixes()?;
         if let Some(known) = prefixes.iter().find(|p| p.prefix == prefix) {
-            return Ok(Some(known.insert.clone()));
+            return Ok(Some((known.insert.clone(), known.kv_clean)));
         }
         let overlaps = prefixes.iter().any(|p| p.prefix.starts_with(prefix) || prefix.starts_with(&p.prefix));
         if prefix.is_empty() || overlaps || prefixes.len() >= MAX_STAMPED_PREFIXES {
@@ -407,22 +416,47 @@ impl SqliteTxn<'_> {
             "CREATE TABLE stamped_{id} (rid INTEGER PRIMARY KEY, key BLOB NOT NULL, value BLOB NOT NULL)"
         ))
         .map_err(map_err)?;
-        conn.execute("INSERT INTO stamped_prefix (prefix, id) VALUES (?1, ?2)", params![prefix, id])
+        // Keys of the prefix already in `kv` (set plainly, or by format 1) may collide.
+        let end = crate::prefix_end(prefix).unwrap_or_else(|| vec![0xFF; prefix.len() + 1]);
+        let kv_clean: bool = conn
+            .query_row(
+                "SELECT NOT EXISTS (SELECT 1 FROM kv WHERE key >= ?1 AND key < ?2)",
+                [prefix, &end],
+                |row| row.get(0),
+            )
             .map_err(map_err)?;
-        let registered = StampedPrefix::new(prefix.to_vec(), id);
+        conn.execute(
+            "INSERT INTO stamped_prefix (prefix, id, kv_clean) VALUES (?1, ?2, ?3)",
+            params![prefix, id, kv_clean],
+        )
+        .map_err(map_err)?;
+        let registered = StampedPrefix::new(prefix.to_vec(), id, kv_clean);
         let insert = registered.insert.clone();
         if let Some(prefixes) = &mut self.prefixes {
             prefixes.push(registered);
         }
-        Ok(Some(insert))
+        Ok(Some((insert, kv_clean)))
     }
 
-    /// Removes `key` from its prefix's table if it can be there.
-    fn unstamp(&mut self, key: &[u8]) -> Result<(), StoreError> {
-        if let Some((sql, rid)) = self.stamped_home(key, |p| &p.delete)? {
+    /// Removes `key` from its prefix's table if it can be there. `to_kv`: the key is about
+    /// to be written to `kv`, so its prefix is no longer `kv_clean`.
+    fn unstamp(&mut self, key: &[u8], to_kv: bool) -> Result<(), StoreError> {
+        let Some((sql, rid)) = self.stamped_home(key, |p| &p.delete)? else { return Ok(()) };
+        self.conn()?
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| stmt.execute(params![rid, key]))
+            .map_err(map_err)?;
+        if !to_kv {
+            return Ok(());
+        }
+        let prefixes = self.prefixes.as_mut().ok_or(StoreError::Corrupt("stamped prefixes not loaded"))?;
+        let Some(home) = prefixes.iter_mut().find(|p| key.starts_with(&p.prefix)) else { return Ok(()) };
+        if home.kv_clean {
+            home.kv_clean = false;
+            let id = home.id;
             self.conn()?
-                .prepare_cached(&sql)
-                .and_then(|mut stmt| stmt.execute(params![rid, key]))
+                .prepare_cached("UPDATE stamped_prefix SET kv_clean = 0 WHERE id = ?1")
+                .and_then(|mut stmt| stmt.execute([id]))
                 .map_err(map_err)?;
         }
         Ok(())
@@ -499,7 +533,7 @@ impl Transaction for SqliteTxn<'_> {
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_set(key, value)?;
         self.write_version()?;
-        self.unstamp(key)?;
+        self.unstamp(key, true)?;
         self.conn()?
             .prepare_cached(
                 "INSERT INTO kv (key, value) VALUES (?1, ?2) \
@@ -513,7 +547,7 @@ impl Transaction for SqliteTxn<'_> {
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_clear(key)?;
         self.write_version()?;
-        self.unstamp(key)?;
+        self.unstamp(key, false)?;
         self.conn()?
             .prepare_cached("DELETE FROM kv WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute([key]))
@@ -559,28 +593,33 @@ impl Transaction for SqliteTxn<'_> {
         key.extend_from_slice(&order.to_be_bytes());
         key.extend_from_slice(suffix);
         let home = match stamped_rid(version, order) {
-            Some(rid) => self.stamped_insert(prefix)?.map(|insert| (insert, rid)),
+            Some(rid) => self.stamped_insert(prefix)?.map(|(insert, kv_clean)| (insert, kv_clean, rid)),
             None => None,
         };
-        let conn = self.conn()?;
         match home {
-            Some((insert, rid)) => {
-                // The rowid is this commit's alone; `kv` may hold the key only if it was set
-                // there plainly (or by format 1).
-                conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
-                    .and_then(|mut stmt| stmt.execute([&key]))
-                    .map_err(map_err)?;
+            Some((insert, kv_clean, rid)) => {
+                let conn = self.conn()?;
+                // The rowid is this commit's alone; `kv` may hold the key only if a key of
+                // this shape was written there (plainly, or by format 1).
+                if !kv_clean {
+                    conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
+                        .and_then(|mut stmt| stmt.execute([&key]))
+                        .map_err(map_err)?;
+                }
                 conn.prepare_cached(&insert)
                     .and_then(|mut stmt| stmt.execute(params![rid, key, value]))
                     .map_err(map_err)?;
             }
             None => {
-                conn.prepare_cached(
-                    "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                )
-                .and_then(|mut stmt| stmt.execute(params![key, value]))
-                .map_err(map_err)?;
+                // Written like a plain set: the key may be shaped like a registered prefix's.
+                self.unstamp(&key, true)?;
+                self.conn()?
+                    .prepare_cached(
+                        "INSERT INTO kv (key, value) VALUES (?1, ?2) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![key, value]))
+                    .map_err(map_err)?;
             }
         }
         self.stamped = true;

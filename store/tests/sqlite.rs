@@ -227,7 +227,9 @@ mod stamped_table {
     use arca_store::{RangeOptions, SqliteConfig, SqliteStore, StoreExt};
     use proptest::prelude::*;
 
-    const PREFIXES: [&[u8]; 4] = [b"q/", b"r/", b"q", b"s/\x00"];
+    // "q" overlaps "q/"; "s/" and "s/\0" overlap too, and a key stamped under "s/" can have
+    // the shape of one stamped under "s/\0".
+    const PREFIXES: [&[u8]; 5] = [b"q/", b"r/", b"q", b"s/\x00", b"s/"];
     const PLAIN: [&[u8]; 8] = [b"a", b"q/", b"q/\x00", b"q0", b"r/", b"r/\xfe", b"s/", b"z"];
 
     #[derive(Debug, Clone)]
@@ -341,4 +343,38 @@ mod stamped_table {
             prop_assert_eq!(all.len(), model.len());
         }
     }
+}
+
+/// The key the next commit's `order`-th versionstamped key under `prefix` will have, if the
+/// commit after `last` is the next one.
+fn next_stamped_key(prefix: &[u8], last: u64, ahead: u64, suffix: &[u8]) -> Vec<u8> {
+    [prefix, &(last + ahead).to_be_bytes(), &[0, 0, 0, 0], suffix].concat()
+}
+
+#[test]
+fn a_stamped_key_already_in_the_plain_table_is_moved_not_doubled() {
+    use arca_store::RangeOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("store.db"))).unwrap();
+    let all = |store: &SqliteStore| {
+        store.transact(|tx| tx.get_range(b"", b"\xff", RangeOptions::default())).unwrap().value
+    };
+
+    // Before the prefix is registered: a plain key with the shape of the next stamp.
+    let last = store.transact(|tx| tx.set(b"a", b"1")).unwrap().commit.version.unwrap();
+    let key = next_stamped_key(b"q/", last, 2, b"s");
+    store.transact(|tx| tx.set(&key, b"plain")).unwrap();
+    let stamped = store.transact(|tx| tx.set_versionstamped_key(b"q/", b"s", b"stamped")).unwrap();
+    assert_eq!(stamped.commit.version, Some(last + 2), "the test predicted the version");
+    assert_eq!(store.transact(|tx| tx.get(&key)).unwrap().value.as_deref(), Some(&b"stamped"[..]));
+    assert_eq!(all(&store).len(), 2, "{:?}", all(&store));
+
+    // After a prefix is registered with no such key in the plain table: a plain write of the
+    // next stamp's key.
+    let last = store.transact(|tx| tx.set_versionstamped_key(b"r/", b"x", b"e").map(drop)).unwrap();
+    let key = next_stamped_key(b"r/", last.commit.version.unwrap(), 2, b"t");
+    store.transact(|tx| tx.set(&key, b"plain")).unwrap();
+    store.transact(|tx| tx.set_versionstamped_key(b"r/", b"t", b"stamped").map(drop)).unwrap();
+    assert_eq!(store.transact(|tx| tx.get(&key)).unwrap().value.as_deref(), Some(&b"stamped"[..]));
+    assert_eq!(all(&store).len(), 4, "{:?}", all(&store));
 }
