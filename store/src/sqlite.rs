@@ -462,6 +462,20 @@ impl SqliteTxn<'_> {
         Ok(())
     }
 
+    /// Upserts `key` into `kv`, taking it out of its prefix's stamped table first (a key
+    /// lives in one table). The caller holds the write lock.
+    fn put_plain(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.unstamp(key, true)?;
+        self.conn()?
+            .prepare_cached(
+                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut stmt| stmt.execute(params![key, value]))
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     fn rollback(&mut self) {
         if let Some(conn) = &self.conn
             && !conn.is_autocommit()
@@ -533,15 +547,7 @@ impl Transaction for SqliteTxn<'_> {
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_set(key, value)?;
         self.write_version()?;
-        self.unstamp(key, true)?;
-        self.conn()?
-            .prepare_cached(
-                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut stmt| stmt.execute(params![key, value]))
-            .map_err(map_err)?;
-        Ok(())
+        self.put_plain(key, value)
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
@@ -610,17 +616,8 @@ impl Transaction for SqliteTxn<'_> {
                     .and_then(|mut stmt| stmt.execute(params![rid, key, value]))
                     .map_err(map_err)?;
             }
-            None => {
-                // Written like a plain set: the key may be shaped like a registered prefix's.
-                self.unstamp(&key, true)?;
-                self.conn()?
-                    .prepare_cached(
-                        "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    )
-                    .and_then(|mut stmt| stmt.execute(params![key, value]))
-                    .map_err(map_err)?;
-            }
+            // Written like a plain set: the key may be shaped like a registered prefix's.
+            None => self.put_plain(&key, value)?,
         }
         self.stamped = true;
         Ok(order)
