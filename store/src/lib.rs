@@ -56,7 +56,7 @@ pub mod fdb;
 use std::fmt;
 
 pub use error::{StoreError, TxnError};
-pub use sqlite::{SqliteConfig, SqliteStore};
+pub use sqlite::{CheckpointStats, SqliteConfig, SqliteStore};
 
 /// A key and its value, as returned by range reads.
 #[derive(Clone, PartialEq, Eq)]
