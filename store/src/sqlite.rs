@@ -259,7 +259,8 @@ struct CheckpointCounts {
 pub struct CheckpointStats {
     /// Passes of the helper thread.
     pub helper: u64,
-    /// Checkpoints a committing connection ran itself.
+    /// Checkpoints a committing connection ran itself (not counting those it found the
+    /// helper running, which it leaves to the next commit).
     pub inline: u64,
 }
 
@@ -291,8 +292,9 @@ impl Checkpoints {
         if frames >= INLINE_CHECKPOINT_FRAMES {
             // As SQLite's auto-checkpoint: its result is not the commit's (BUSY when the
             // helper is mid-pass; the next commit tries again).
-            let _ = wal.checkpoint_v2(rusqlite::wal::CheckpointMode::PASSIVE);
-            self.counts.inline.fetch_add(1, Ordering::Relaxed);
+            if wal.checkpoint_v2(rusqlite::wal::CheckpointMode::PASSIVE).is_ok() {
+                self.counts.inline.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
         // A smaller WAL than last time: it restarted from its first frame.
