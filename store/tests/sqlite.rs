@@ -68,27 +68,27 @@ fn header_page_size(path: &std::path::Path) -> u16 {
 }
 
 #[test]
-fn a_new_store_has_8_kib_pages_and_an_existing_one_keeps_its_own() {
+fn a_new_store_has_4_kib_pages_and_an_existing_one_keeps_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("fresh.db");
     let store = SqliteStore::open(SqliteConfig::new(&fresh)).unwrap();
     store.transact(|tx| tx.set(b"k", &[7u8; 1024])).unwrap();
     drop(store);
-    assert_eq!(header_page_size(&fresh), 8192);
+    assert_eq!(header_page_size(&fresh), 4096);
 
-    // A file created with 4 KiB pages (as before) opens, works and stays 4 KiB.
+    // A file created with 8 KiB pages (as earlier releases did) opens, works and stays 8 KiB.
     let old = dir.path().join("old.db");
     {
         let conn = rusqlite::Connection::open(&old).unwrap();
-        conn.execute_batch("PRAGMA page_size = 4096; CREATE TABLE unrelated (a);").unwrap();
+        conn.execute_batch("PRAGMA page_size = 8192; CREATE TABLE unrelated (a);").unwrap();
     }
     std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(header_page_size(&old), 4096);
+    assert_eq!(header_page_size(&old), 8192);
     let store = SqliteStore::open(SqliteConfig::new(&old)).unwrap();
     store.transact(|tx| tx.set(b"k", &[7u8; 1024])).unwrap();
     assert_eq!(store.transact(|tx| tx.get(b"k")).unwrap().value, Some(vec![7u8; 1024]));
     drop(store);
-    assert_eq!(header_page_size(&old), 4096);
+    assert_eq!(header_page_size(&old), 8192);
 }
 
 #[test]
@@ -379,19 +379,23 @@ fn a_stamped_key_already_in_the_plain_table_is_moved_not_doubled() {
     assert_eq!(all(&store).len(), 4, "{:?}", all(&store));
 }
 
-/// Frames in a WAL file of 8 KiB pages (a 32-byte header, then 24 + 8192 bytes a frame).
+/// Frames in a WAL file (a 32-byte header, then 24 bytes and a page a frame).
 fn wal_frames(db: &std::path::Path) -> u64 {
+    let page = u64::from(header_page_size(db));
     let wal = db.with_file_name(format!("{}-wal", db.file_name().unwrap().to_str().unwrap()));
-    std::fs::metadata(wal).map_or(0, |m| m.len().saturating_sub(32) / (24 + 8192))
+    std::fs::metadata(wal).map_or(0, |m| m.len().saturating_sub(32) / (24 + page))
 }
 
-/// Commits `n` transactions of four 6,000-byte values (one leaf page each), keys from `from`.
+/// A value that fills most of a leaf page of a new store (4 KiB pages): one per page.
+const BIG: usize = 3000;
+
+/// Commits `n` transactions of four `BIG` values (one leaf page each), keys from `from`.
 fn write_pages(store: &SqliteStore, from: u32, n: u32) {
     for i in from..from + n {
         store
             .transact(|tx| {
                 for j in 0..4u8 {
-                    tx.set(format!("big/{i:06}/{j}").as_bytes(), &[j; 6000])?;
+                    tx.set(format!("big/{i:06}/{j}").as_bytes(), &[j; BIG])?;
                 }
                 Ok::<_, StoreError>(())
             })
@@ -446,7 +450,7 @@ fn a_helper_thread_copies_the_wal_into_the_database_file_and_commits_keep_the_wa
         for j in 0..4u8 {
             let key = format!("big/{i:06}/{j}");
             let value = store.transact(|tx| tx.get(key.as_bytes())).unwrap().value;
-            assert_eq!(value, Some(vec![j; 6000]), "{key}");
+            assert_eq!(value, Some(vec![j; BIG]), "{key}");
         }
     }
     let options = arca_store::RangeOptions { limit: 0, reverse: false, snapshot: true };
