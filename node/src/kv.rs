@@ -248,6 +248,12 @@ pub(crate) fn load_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Op
     Ok(env.get_json_cached(&keys::kv_meta(mount, path), cache)?.map(|m| (*m).clone()))
 }
 
+/// Writes a secret's metadata (and keeps it decoded for the next request that reads it).
+pub(crate) fn store_meta(env: &mut Env<'_>, mount: &str, path: &str, meta: Metadata) -> Result<(), ApiError> {
+    let node = env.node;
+    env.put_json_cached(&keys::kv_meta(mount, path), meta, &node.caches.kv_meta)
+}
+
 pub(crate) fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Metadata, ApiError> {
     load_meta(env, mount, path)?.ok_or_else(|| ApiError::NotFound("no secret at this path".into()))
 }
@@ -300,7 +306,7 @@ pub(crate) fn write_version(
         VersionMeta { created_unix_ms: now, deletion_unix_ms: None, destroyed: false, revoked_unix_ms: None },
     );
     prune(env, mount, path, &mut meta)?;
-    env.put_json(&keys::kv_meta(mount, path), &meta)?;
+    store_meta(env, mount, path, meta)?;
     env.secret_version = Some(version);
     Ok(version)
 }
@@ -647,7 +653,7 @@ impl Node {
                 changed.push(version);
             }
             meta.updated_unix_ms = now;
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            store_meta(env, &mount, &path, meta)?;
             env.secret_version = changed.first().copied();
             Ok(changed)
         })
@@ -702,7 +708,7 @@ impl Node {
             }
             prune(env, &mount, &path, &mut meta)?;
             meta.updated_unix_ms = now;
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            store_meta(env, &mount, &path, meta.clone())?;
             Ok(meta)
         })
         .await

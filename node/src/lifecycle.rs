@@ -399,7 +399,7 @@ impl Node {
                 last_unix_ms: meta.rotation.as_ref().and_then(|r| r.last_unix_ms),
             });
             meta.updated_unix_ms = env.now_unix_ms;
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            kv::store_meta(env, &mount, &path, meta.clone())?;
             put_index(env, &mount, &path, true)?;
             Ok(meta)
         })
@@ -422,7 +422,7 @@ impl Node {
             meta.rotation = None;
             meta.rotation_state = None;
             meta.stages.remove(STAGE_PENDING);
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            kv::store_meta(env, &mount, &path, meta.clone())?;
             put_index(env, &mount, &path, false)?;
             Ok(meta)
         })
@@ -524,7 +524,7 @@ impl Node {
                             started_unix_ms: env.now_unix_ms,
                         };
                         meta.rotation_state = Some(state.clone());
-                        env.put_json(&keys::kv_meta(&m, &p), &meta)?;
+                        kv::store_meta(env, &m, &p, meta.clone())?;
                         state
                     }
                     None => return Ok(None),
@@ -592,7 +592,7 @@ impl Node {
                 };
                 env.secret_version = state.pending_version;
                 meta.rotation_state = Some(state);
-                env.put_json(&keys::kv_meta(&m, &p), &meta)?;
+                kv::store_meta(env, &m, &p, meta)?;
                 Ok(())
             })
             .await;
@@ -620,7 +620,7 @@ impl Node {
                 }
                 meta.updated_unix_ms = now;
                 env.secret_version = Some(pending);
-                env.put_json(&keys::kv_meta(&m, &p), &meta)?;
+                kv::store_meta(env, &m, &p, meta)?;
                 Ok(pending)
             })
             .await;
@@ -796,7 +796,7 @@ impl Node {
             }
             env.secret_version = revoked.last().copied();
             meta.updated_unix_ms = now;
-            env.put_json(&keys::kv_meta(&mount, &path), &meta)?;
+            kv::store_meta(env, &mount, &path, meta)?;
             Ok(revoked)
         })
         .await

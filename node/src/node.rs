@@ -258,6 +258,24 @@ impl Env<'_> {
         Ok(())
     }
 
+    /// Encrypts and writes a JSON record, and remembers it in `cache` under its new
+    /// ciphertext: the next read of the record (often the next write of the same secret)
+    /// finds it decoded. Sound whether or not this transaction commits: a fresh nonce makes
+    /// the ciphertext unique, so only a committed write of this very value can be read back
+    /// with it.
+    pub(crate) fn put_json_cached<T: serde::Serialize>(
+        &mut self,
+        key: &[u8],
+        value: T,
+        cache: &CtCache<T>,
+    ) -> Result<(), ApiError> {
+        let json = Zeroizing::new(serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?);
+        let ct = self.node.barrier.encrypt(&json, key)?;
+        self.tx.set(key, &ct)?;
+        cache.put(key, ct, Arc::new(value));
+        Ok(())
+    }
+
     pub fn put_json<T: serde::Serialize>(&mut self, key: &[u8], value: &T) -> Result<(), ApiError> {
         let json = Zeroizing::new(serde_json::to_vec(value).map_err(|_| ApiError::Internal)?);
         self.put_sealed(key, &json)

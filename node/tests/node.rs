@@ -25,6 +25,8 @@ struct Harness {
     store: Arc<FaultyStore>,
     node: Arc<Node>,
     root: String,
+    /// The one unseal share (1 of 1), for a second node on the same store.
+    share: Zeroizing<String>,
 }
 
 /// A real SQLite store whose commits can be made to fail: the fault injector for the
@@ -119,7 +121,8 @@ async fn harness() -> Harness {
     let node = Node::new(store.clone(), identity());
     let init = node.operator_init(ctx(None), 1, 1).await.result.unwrap();
     let root = init.root_token.token.to_string();
-    Harness { _dir: dir, db, store, node, root }
+    let share = init.shares[0].clone();
+    Harness { _dir: dir, db, store, node, root, share }
 }
 
 fn data(pairs: &[(&str, &str)]) -> SecretData {
@@ -443,6 +446,48 @@ async fn ciphertexts_cannot_be_moved_between_versions() {
         .unwrap();
     let swapped = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), Some(2)).await.result;
     assert!(matches!(swapped, Err(ApiError::Internal)), "a moved ciphertext must not decrypt");
+}
+
+#[tokio::test]
+async fn kv_metadata_kept_decoded_after_a_write_is_never_served_stale() {
+    // A write keeps its secret's decoded metadata for the next request, keyed by the new
+    // ciphertext. A write whose commit failed, and a write by another node on the same
+    // store, must both be seen as the store has them.
+    let h = harness().await;
+    let write = |node: Arc<Node>, cas: Option<u64>| {
+        let root = h.root.clone();
+        async move {
+            node.kv_write(ctx(Some(&root)), "secret".into(), "a".into(), data(&[("v", "x")]), cas)
+                .await
+                .result
+        }
+    };
+    let current = |node: Arc<Node>| {
+        let root = h.root.clone();
+        async move {
+            let meta =
+                node.kv_read_metadata(ctx(Some(&root)), "secret".into(), "a".into()).await.result.unwrap();
+            (meta.current_version, meta.versions.keys().copied().collect::<Vec<_>>())
+        }
+    };
+    assert_eq!(write(h.node.clone(), None).await.unwrap(), 1);
+    h.store.fail_commits.store(true, Ordering::SeqCst);
+    assert!(matches!(write(h.node.clone(), None).await, Err(ApiError::Unavailable)));
+    h.store.fail_commits.store(false, Ordering::SeqCst);
+    assert_eq!(current(h.node.clone()).await, (1, vec![1]));
+    assert!(matches!(write(h.node.clone(), Some(2)).await, Err(ApiError::FailedPrecondition(_))));
+    assert_eq!(write(h.node.clone(), Some(1)).await.unwrap(), 2);
+
+    // A second node (its own connections to the same file) writes version 3.
+    let other_store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&h.db)).unwrap());
+    let other = Node::new(other_store, identity());
+    assert!(!other.operator_unseal(ctx(None), h.share.clone()).await.result.unwrap().sealed);
+    assert_eq!(current(other.clone()).await, (2, vec![1, 2]));
+    assert_eq!(write(other.clone(), Some(2)).await.unwrap(), 3);
+    assert_eq!(current(h.node.clone()).await, (3, vec![1, 2, 3]));
+    assert!(matches!(write(h.node.clone(), Some(2)).await, Err(ApiError::FailedPrecondition(_))));
+    assert_eq!(write(h.node.clone(), Some(3)).await.unwrap(), 4);
+    assert_eq!(current(other).await, (4, vec![1, 2, 3, 4]));
 }
 
 #[tokio::test]
