@@ -450,11 +450,12 @@ impl SqliteTxn<'_> {
         if let Some(version) = self.version {
             return Ok(version);
         }
-        let version: i64 = self
-            .conn()?
-            .prepare_cached("UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value")
-            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
-            .map_err(map_err)?;
+        let version: i64 = query_one(
+            self.conn()?,
+            "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value",
+            [],
+        )?
+        .ok_or(StoreError::Corrupt("no commit version"))?;
         let version = u64::try_from(version).map_err(|_| StoreError::Corrupt("negative commit version"))?;
         self.version = Some(version);
         Ok(version)
@@ -463,19 +464,12 @@ impl SqliteTxn<'_> {
     fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.budget.check_read_key(key)?;
         if let Some((sql, rid)) = self.stamped_home(key, |p| &p.get)? {
-            let stamped = self
-                .conn()?
-                .prepare_cached(&sql)
-                .and_then(|mut stmt| stmt.query_row(params![rid, key], |row| row.get(0)).optional())
-                .map_err(map_err)?;
+            let stamped = query_one(self.conn()?, &sql, params![rid, key])?;
             if stamped.is_some() {
                 return Ok(stamped);
             }
         }
-        self.conn()?
-            .prepare_cached("SELECT value FROM kv WHERE key = ?1")
-            .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)).optional())
-            .map_err(map_err)
+        query_one(self.conn()?, "SELECT value FROM kv WHERE key = ?1", [key])
     }
 
     /// The registered stamped prefixes in this attempt's snapshot.
@@ -553,10 +547,7 @@ impl SqliteTxn<'_> {
     /// to be written to `kv`, so its prefix is no longer `kv_clean`.
     fn unstamp(&mut self, key: &[u8], to_kv: bool) -> Result<(), StoreError> {
         let Some((sql, rid)) = self.stamped_home(key, |p| &p.delete)? else { return Ok(()) };
-        self.conn()?
-            .prepare_cached(&sql)
-            .and_then(|mut stmt| stmt.execute(params![rid, key]))
-            .map_err(map_err)?;
+        exec(self.conn()?, &sql, params![rid, key])?;
         if !to_kv {
             return Ok(());
         }
@@ -565,10 +556,7 @@ impl SqliteTxn<'_> {
         if home.kv_clean {
             home.kv_clean = false;
             let id = home.id;
-            self.conn()?
-                .prepare_cached("UPDATE stamped_prefix SET kv_clean = 0 WHERE id = ?1")
-                .and_then(|mut stmt| stmt.execute([id]))
-                .map_err(map_err)?;
+            exec(self.conn()?, "UPDATE stamped_prefix SET kv_clean = 0 WHERE id = ?1", [id])?;
         }
         Ok(())
     }
@@ -577,13 +565,11 @@ impl SqliteTxn<'_> {
     /// lives in one table). The caller holds the write lock.
     fn put_plain(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.unstamp(key, true)?;
-        self.conn()?
-            .prepare_cached(
-                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut stmt| stmt.execute(params![key, value]))
-            .map_err(map_err)?;
+        exec(
+            self.conn()?,
+            "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
         Ok(())
     }
 
@@ -665,31 +651,21 @@ impl Transaction for SqliteTxn<'_> {
         self.budget.charge_clear(key)?;
         self.write_version()?;
         self.unstamp(key, false)?;
-        self.conn()?
-            .prepare_cached("DELETE FROM kv WHERE key = ?1")
-            .and_then(|mut stmt| stmt.execute([key]))
-            .map_err(map_err)?;
+        exec(self.conn()?, "DELETE FROM kv WHERE key = ?1", [key])?;
         Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_clear_range(begin, end)?;
         self.write_version()?;
-        self.conn()?
-            .prepare_cached("DELETE FROM kv WHERE key >= ?1 AND key < ?2")
-            .and_then(|mut stmt| stmt.execute([begin, end]))
-            .map_err(map_err)?;
+        exec(self.conn()?, "DELETE FROM kv WHERE key >= ?1 AND key < ?2", [begin, end])?;
         self.prefixes()?;
         let (Some(conn), Some(prefixes)) = (&self.conn, &self.prefixes) else {
             return Err(StoreError::Corrupt("transaction used after it ended"));
         };
         for p in prefixes {
             let Some(span) = StampedSpan::of(&p.prefix, p.end.as_deref(), begin, end) else { continue };
-            conn.prepare_cached(&p.clear_range)
-                .and_then(|mut stmt| {
-                    stmt.execute(params![span.first_rid, span.last_rid, span.begin, span.end])
-                })
-                .map_err(map_err)?;
+            exec(conn, &p.clear_range, params![span.first_rid, span.last_rid, span.begin, span.end])?;
         }
         Ok(())
     }
@@ -719,13 +695,9 @@ impl Transaction for SqliteTxn<'_> {
                 // The rowid is this commit's alone; `kv` may hold the key only if a key of
                 // this shape was written there (plainly, or by format 1).
                 if !kv_clean {
-                    conn.prepare_cached("DELETE FROM kv WHERE key = ?1")
-                        .and_then(|mut stmt| stmt.execute([&key]))
-                        .map_err(map_err)?;
+                    exec(conn, "DELETE FROM kv WHERE key = ?1", [&key])?;
                 }
-                conn.prepare_cached(&insert)
-                    .and_then(|mut stmt| stmt.execute(params![rid, key, value]))
-                    .map_err(map_err)?;
+                exec(conn, &insert, params![rid, key, value])?;
             }
             // Written like a plain set: the key may be shaped like a registered prefix's.
             None => self.put_plain(&key, value)?,
@@ -741,11 +713,9 @@ impl Transaction for SqliteTxn<'_> {
         // In WAL mode the first read pins the snapshot; a write after another connection's
         // commit fails with SQLITE_BUSY_SNAPSHOT (a retryable conflict), and every commit
         // that wrote bumped `commit_version`.
-        let version: i64 = self
-            .conn()?
-            .prepare_cached("SELECT value FROM meta WHERE name = 'commit_version'")
-            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
-            .map_err(map_err)?;
+        let version: i64 =
+            query_one(self.conn()?, "SELECT value FROM meta WHERE name = 'commit_version'", [])?
+                .ok_or(StoreError::Corrupt("no commit version"))?;
         u64::try_from(version).map(Some).map_err(|_| StoreError::Corrupt("negative commit version"))
     }
 
@@ -843,6 +813,22 @@ fn convert_from_1(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         tracing::info!(path = %path.display(), "sqlite store converted from format 1 to format 2");
     }
     Ok(())
+}
+
+/// Runs one statement (cached on the connection); returns the rows it changed.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+    conn.prepare_cached(sql).and_then(|mut stmt| stmt.execute(params)).map_err(map_err)
+}
+
+/// The first column of a statement's first row, if it returns one (cached on the connection).
+fn query_one<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Option<T>, StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row(params, |row| row.get(0)).optional())
+        .map_err(map_err)
 }
 
 fn map_err(err: rusqlite::Error) -> StoreError {
