@@ -244,8 +244,18 @@ fn api_path(mount: &str, kind: &str, path: &str) -> String {
 }
 
 pub(crate) fn load_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Option<Metadata>, ApiError> {
+    Ok(load_meta_shared(env, mount, path)?.map(|m| (*m).clone()))
+}
+
+/// A secret's metadata as the cache holds it, without a copy: for requests that only read
+/// it (a read would otherwise clone every version's entry).
+fn load_meta_shared(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Option<Arc<Metadata>>, ApiError> {
     let cache = &env.node.caches.kv_meta;
-    Ok(env.get_json_cached(&keys::kv_meta(mount, path), cache)?.map(|m| (*m).clone()))
+    env.get_json_cached(&keys::kv_meta(mount, path), cache)
+}
+
+fn no_secret() -> ApiError {
+    ApiError::NotFound("no secret at this path".into())
 }
 
 /// Writes a secret's metadata (and keeps it decoded for the next request that reads it).
@@ -255,7 +265,7 @@ pub(crate) fn store_meta(env: &mut Env<'_>, mount: &str, path: &str, meta: Metad
 }
 
 pub(crate) fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result<Metadata, ApiError> {
-    load_meta(env, mount, path)?.ok_or_else(|| ApiError::NotFound("no secret at this path".into()))
+    load_meta(env, mount, path)?.ok_or_else(no_secret)
 }
 
 fn check_cas(meta: Option<&Metadata>, cas: Option<u64>) -> Result<(), ApiError> {
@@ -393,7 +403,7 @@ impl Node {
                 check_mount(env, &mount)?;
                 validate_path(&path)?;
                 env.authorize(&audit_path, &[Capability::Read])?;
-                let meta = require_meta(env, &mount, &path)?;
+                let meta = load_meta_shared(env, &mount, &path)?.ok_or_else(no_secret)?;
                 let version = match &selector {
                     Selector::Current => meta.stage(STAGE_CURRENT).unwrap_or(0),
                     Selector::Version(v) => *v,
@@ -427,7 +437,7 @@ impl Node {
                     aad,
                     version,
                     meta: vmeta,
-                    custom_metadata: meta.custom_metadata,
+                    custom_metadata: meta.custom_metadata.clone(),
                 })
             })
             .await;
