@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use arca_audit::Operation;
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use crate::error::ApiError;
 use crate::keys;
@@ -307,8 +307,7 @@ pub(crate) fn write_version(
             meta.stages.insert(STAGE_PENDING.into(), version);
         }
     }
-    let json = Zeroizing::new(serde_json::to_vec(data).map_err(|_| ApiError::Internal)?);
-    env.put_sealed(&keys::kv_version(mount, path, version), &json)?;
+    env.put_json(&keys::kv_version(mount, path, version), data)?;
     meta.current_version = version;
     meta.updated_unix_ms = now;
     meta.versions.insert(

@@ -185,6 +185,11 @@ impl<T> CtCache<T> {
     }
 }
 
+/// A record's JSON, zeroized when dropped (records may hold credentials).
+fn json_record<T: serde::Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    serde_json::to_vec(value).map(Zeroizing::new).map_err(|_| ApiError::Internal)
+}
+
 impl Env<'_> {
     /// Decrypts `ct` read at `key`; when another node rotated the keyring, loads the stored
     /// one and tries again.
@@ -253,9 +258,14 @@ impl Env<'_> {
 
     /// Encrypts and writes a barrier value.
     pub fn put_sealed(&mut self, key: &[u8], plaintext: &[u8]) -> Result<(), ApiError> {
+        self.seal_and_set(key, plaintext).map(drop)
+    }
+
+    /// Encrypts `plaintext` for `key`, writes it, and returns the ciphertext written.
+    fn seal_and_set(&mut self, key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ApiError> {
         let ct = self.node.barrier.encrypt(plaintext, key)?;
         self.tx.set(key, &ct)?;
-        Ok(())
+        Ok(ct)
     }
 
     /// Encrypts and writes a JSON record, and remembers it in `cache` under its new
@@ -269,16 +279,13 @@ impl Env<'_> {
         value: T,
         cache: &CtCache<T>,
     ) -> Result<(), ApiError> {
-        let json = Zeroizing::new(serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?);
-        let ct = self.node.barrier.encrypt(&json, key)?;
-        self.tx.set(key, &ct)?;
+        let ct = self.seal_and_set(key, &json_record(&value)?)?;
         cache.put(key, ct, Arc::new(value));
         Ok(())
     }
 
     pub fn put_json<T: serde::Serialize>(&mut self, key: &[u8], value: &T) -> Result<(), ApiError> {
-        let json = Zeroizing::new(serde_json::to_vec(value).map_err(|_| ApiError::Internal)?);
-        self.put_sealed(key, &json)
+        self.seal_and_set(key, &json_record(value)?).map(drop)
     }
 
     /// The caller's token record, verified: present, known, unexpired. Records the actor.

@@ -212,7 +212,8 @@ const KV_RANGE: [&str; 2] = [
     "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT ?3",
 ];
 
-/// Prepared statements a connection keeps: `kv`'s (~12) and six per stamped prefix in use.
+/// Prepared statements a connection keeps: `kv`'s (~12) and six per stamped prefix in use,
+/// so all of them while at most ~19 prefixes are (arca registers two per region).
 const STATEMENT_CACHE: usize = 128;
 
 /// Page size of a new database file.
@@ -367,8 +368,9 @@ impl SqliteStore {
         // bound, so every cached range read was parsed and planned afresh (~2% of the
         // committer's samples, mostly the sequencer's reads).
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(map_err)?;
-        // Every statement this store runs stays prepared: `kv`'s dozen and six per stamped
-        // prefix (rusqlite's default cache holds 16, and evicting one means parsing it again).
+        // The statements this store runs stay prepared: `kv`'s dozen and six per stamped
+        // prefix in use (rusqlite's default cache holds 16, and evicting one means parsing
+        // it again).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // A new database gets 4 KiB pages (set before anything writes its header; an existing
         // file keeps the page size it was created with). Format 2 keeps a secret's value in a
