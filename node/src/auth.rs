@@ -394,7 +394,7 @@ impl Node {
     ) -> Audited<TokenRecord> {
         let path = if accessor.is_some() { "auth/token/lookup-accessor" } else { "auth/token/lookup-self" };
         self.execute(ctx, Operation::TokenLookup, path.into(), move |env| match &accessor {
-            None => env.authenticate(),
+            None => env.authenticate().map(Arc::unwrap_or_clone),
             Some(accessor) => {
                 env.authorize("auth/token/lookup-accessor", &[Capability::Update])?;
                 record_by_accessor(env, accessor)?
@@ -441,7 +441,7 @@ impl Node {
         increment_secs: Option<u64>,
     ) -> Audited<TokenRecord> {
         self.execute(ctx, Operation::TokenRenew, "auth/token/renew-self".into(), move |env| {
-            let mut record = env.authenticate()?;
+            let mut record = Arc::unwrap_or_clone(env.authenticate()?);
             if !record.renewable {
                 return Err(ApiError::FailedPrecondition("this token is not renewable".into()));
             }
@@ -465,7 +465,7 @@ impl Node {
         let path = if accessor.is_some() { "auth/token/revoke-accessor" } else { "auth/token/revoke-self" };
         self.execute(ctx, Operation::TokenRevoke, path.into(), move |env| {
             let target = match &accessor {
-                None => env.authenticate()?,
+                None => Arc::unwrap_or_clone(env.authenticate()?),
                 Some(accessor) => {
                     env.authorize("auth/token/revoke-accessor", &[Capability::Update])?;
                     record_by_accessor(env, accessor)?

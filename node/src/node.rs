@@ -84,6 +84,26 @@ pub(crate) fn credential_hash(credential: &str) -> [u8; 32] {
     Sha256::digest(credential.as_bytes()).into()
 }
 
+/// A presented token as the store knows it: its hash and its record's key. Computed on the
+/// request's own thread, so the committer does not hash.
+pub(crate) struct Credential {
+    hash: [u8; 32],
+    key: Vec<u8>,
+}
+
+impl Credential {
+    /// Longest token accepted.
+    const MAX_LEN: usize = 256;
+
+    fn of(token: &str) -> Option<Credential> {
+        if token.len() > Self::MAX_LEN {
+            return None;
+        }
+        let hash = credential_hash(token);
+        Some(Credential { key: keys::token(&hash), hash })
+    }
+}
+
 /// Shared state of a node.
 pub struct Node {
     pub(crate) store: Arc<dyn Store>,
@@ -123,7 +143,9 @@ pub struct Env<'a> {
     pub now_unix_ms: u64,
     pub actor: Actor,
     pub secret_version: Option<u64>,
-    token: Option<&'a str>,
+    /// The caller's token, hashed before the request reached the committer (`None`: no
+    /// token, or one too long to be any).
+    credential: Option<&'a Credential>,
     /// The client address (after the trusted-proxy rules), for policy conditions.
     pub source_ip: Option<std::net::IpAddr>,
     pub mtls: bool,
@@ -289,21 +311,18 @@ impl Env<'_> {
     }
 
     /// The caller's token record, verified: present, known, unexpired. Records the actor.
-    pub fn authenticate(&mut self) -> Result<TokenRecord, ApiError> {
+    pub fn authenticate(&mut self) -> Result<Arc<TokenRecord>, ApiError> {
         if self.node.barrier.is_sealed() {
             return Err(ApiError::Sealed);
         }
-        let token = self.token.ok_or(ApiError::Unauthenticated)?;
-        if token.len() > 256 {
-            return Err(ApiError::Unauthenticated);
-        }
-        let hash = credential_hash(token);
+        let credential = self.credential.ok_or(ApiError::Unauthenticated)?;
         let cache = &self.node.caches.tokens;
-        let record: TokenRecord =
-            (*self.get_json_cached(&keys::token(&hash), cache)?.ok_or(ApiError::Unauthenticated)?).clone();
+        let record = self.get_json_cached(&credential.key, cache)?.ok_or(ApiError::Unauthenticated)?;
         // The lookup was by hash; compare again in constant time against the stored hash.
-        let stored = hex::decode(&record.hash).unwrap_or_default();
-        if !bool::from(stored.ct_eq(&hash)) {
+        let mut stored = [0u8; 32];
+        if hex::decode_to_slice(&record.hash, &mut stored).is_err()
+            || !bool::from(stored.ct_eq(&credential.hash))
+        {
             return Err(ApiError::Unauthenticated);
         }
         self.actor = Actor { entity: record.entity.clone(), token_accessor: Some(record.accessor.clone()) };
@@ -323,7 +342,11 @@ impl Env<'_> {
 
     /// Authenticates, then checks that the token's policies grant one of `capabilities` on
     /// `path`. Deny by default.
-    pub fn authorize(&mut self, path: &str, capabilities: &[Capability]) -> Result<TokenRecord, ApiError> {
+    pub fn authorize(
+        &mut self,
+        path: &str,
+        capabilities: &[Capability],
+    ) -> Result<Arc<TokenRecord>, ApiError> {
         let record = self.authenticate()?;
         if self.allowed(&record, path, capabilities)? { Ok(record) } else { Err(ApiError::PermissionDenied) }
     }
@@ -521,6 +544,8 @@ impl Node {
             .or_else(|_| source.address.parse::<std::net::IpAddr>())
             .ok();
         let reply_id = request_id.clone();
+        let credential = token.as_deref().and_then(|t| Credential::of(t));
+        drop(token);
         // Debug level: the span only wraps the wait for the committer, where nothing logs at
         // info, and an enabled span costs the workers ~1 µs per request (the fmt layer
         // formats its fields when it is created: ~5% of worker samples under load).
@@ -533,7 +558,7 @@ impl Node {
                 now_unix_ms: now,
                 actor: Actor { entity: "anonymous".into(), token_accessor: None },
                 secret_version: None,
-                token: token.as_deref().map(String::as_str),
+                credential: credential.as_ref(),
                 source_ip,
                 mtls,
                 denied_by: None,
