@@ -59,6 +59,17 @@ impl Gate {
             Err(_) => Err(StoreError::Corrupt("the region state is unreadable")),
         }
     }
+
+    /// [`Gate::read`] through the batch's memo: the region state is read from the store
+    /// only when the memo does not hold it (it is exact for this batch, see [`crate::memo`]).
+    /// The read is the committer's own, so the memo's request statistics do not count it.
+    fn read_memoized(tx: &mut dyn Transaction, memo: &mut Memo) -> Result<Gate, StoreError> {
+        let counted = (memo.hits, memo.misses);
+        let mut reader = Recorder { tx, writable: false, keep: false, ops: Vec::new(), memo: &mut *memo };
+        let gate = Gate::read(&mut reader);
+        (memo.hits, memo.misses) = counted;
+        gate
+    }
 }
 
 /// The transaction a job sees: every call goes to the batch's transaction; writes to the
@@ -336,7 +347,7 @@ fn run(
                 },
                 _ => Memo::default(),
             };
-            let gate = Gate::read(tx)?;
+            let gate = Gate::read_memoized(tx, &mut memo)?;
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
                 let mut recorder = Recorder {
@@ -462,6 +473,43 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(committer.submit(job)).unwrap();
         read.try_iter().last().unwrap()
+    }
+
+    /// Submits a job that reports the gate its batch read.
+    fn gate_in_batch(committer: &Committer) -> Gate {
+        let (seen, read) = mpsc::channel();
+        let job: JobFn = Box::new(move |_tx, gate| {
+            let _ = seen.send(gate.clone());
+            Ok(b"event".to_vec())
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(committer.submit(job)).unwrap();
+        read.try_iter().last().unwrap()
+    }
+
+    #[test]
+    fn the_gate_read_through_the_memo_follows_every_change_of_the_region_state() {
+        use arca_replication::{RegionState, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let engine: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
+        let journal = Arc::new(Journal::default());
+        let journaled = crate::memo::JournaledStore::new(engine.clone(), journal.clone());
+        let committer = Committer::start(engine.clone(), journal, "r".into());
+        let state = |role| RegionState::new(role, 1, "eu", 0);
+        assert!(!gate_in_batch(&committer).replicating);
+        // Written through this process's journal (a promotion, a demotion)…
+        journaled.transact(|tx| arca_replication::apply::store_state(tx, &state(Role::Standby))).unwrap();
+        let gate = gate_in_batch(&committer);
+        assert!(gate.replicating && !gate.writable && gate.primary == "eu");
+        journaled.transact(|tx| arca_replication::apply::store_state(tx, &state(Role::Primary))).unwrap();
+        assert!(gate_in_batch(&committer).writable);
+        // …and by another process, which the journal does not see.
+        let other = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+        other.transact(|tx| arca_replication::apply::store_state(tx, &state(Role::Fenced))).unwrap();
+        assert!(!gate_in_batch(&committer).writable);
+        // The committer's own reads are not the requests' memo statistics.
+        assert_eq!((committer.stats().memo_hits, committer.stats().memo_misses), (0, 0));
     }
 
     #[test]
