@@ -36,6 +36,7 @@
 //! commit survives `kill -9` and a power cut (SQLite's documented guarantee for WAL + FULL).
 //! Callers amortise the fsync by committing many records per transaction (group commit).
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::hash::{BuildHasher, RandomState};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -98,6 +99,14 @@ struct StampedPrefix {
     /// No key shaped like one of this prefix's stamped keys is in `kv`: stamping needs no
     /// `kv` delete. Cleared (for good) by the first such key written to `kv`.
     kv_clean: bool,
+    sql: Arc<PrefixSql>,
+}
+
+/// The statements on a stamped prefix's table, which depend on its id alone: built once per
+/// id and store (see [`SqliteStore::prefix_sql`]), not in every transaction that loads the
+/// prefixes.
+#[derive(Debug)]
+struct PrefixSql {
     get: String,
     insert: String,
     delete: String,
@@ -105,8 +114,8 @@ struct StampedPrefix {
     clear_range: String,
 }
 
-impl StampedPrefix {
-    fn new(prefix: Vec<u8>, id: i64, kv_clean: bool) -> Self {
+impl PrefixSql {
+    fn new(id: i64) -> Self {
         let t = format!("stamped_{id}");
         let range = |order| {
             format!(
@@ -114,17 +123,19 @@ impl StampedPrefix {
                  ORDER BY rid {order} LIMIT ?5"
             )
         };
-        StampedPrefix {
-            end: crate::prefix_end(&prefix),
-            prefix,
-            id,
-            kv_clean,
+        PrefixSql {
             get: format!("SELECT value FROM {t} WHERE rid = ?1 AND key = ?2"),
             insert: format!("INSERT INTO {t} (rid, key, value) VALUES (?1, ?2, ?3)"),
             delete: format!("DELETE FROM {t} WHERE rid = ?1 AND key = ?2"),
             range: [range("ASC"), range("DESC")],
             clear_range: format!("DELETE FROM {t} WHERE rid >= ?1 AND rid <= ?2 AND key >= ?3 AND key < ?4"),
         }
+    }
+}
+
+impl StampedPrefix {
+    fn new(prefix: Vec<u8>, id: i64, kv_clean: bool, sql: Arc<PrefixSql>) -> Self {
+        StampedPrefix { end: crate::prefix_end(&prefix), prefix, id, kv_clean, sql }
     }
 }
 
@@ -228,6 +239,8 @@ pub struct SqliteStore {
     config: SqliteConfig,
     idle: Mutex<Vec<Connection>>,
     checkpoints: Checkpoints,
+    /// The statements of each stamped prefix's table, by id.
+    prefix_sql: Mutex<HashMap<i64, Arc<PrefixSql>>>,
 }
 
 /// Copying the WAL back into the database file (checkpointing), off the committing thread.
@@ -316,6 +329,12 @@ impl Checkpoints {
 }
 
 impl SqliteStore {
+    /// The statements on stamped table `id` (built on first use).
+    fn prefix_sql(&self, id: i64) -> Arc<PrefixSql> {
+        let mut known = self.prefix_sql.lock().unwrap_or_else(|p| p.into_inner());
+        known.entry(id).or_insert_with(|| Arc::new(PrefixSql::new(id))).clone()
+    }
+
     /// Opens (creating if needed) the database at `config.path`.
     ///
     /// Refuses a file that group or others may read or write: it holds token hashes and
@@ -325,7 +344,8 @@ impl SqliteStore {
         config.transaction_timeout = config.transaction_timeout.min(MAX_TRANSACTION_DURATION);
         create_private_file(&config.path)?;
         let checkpoints = Checkpoints::start(&config.path)?;
-        let store = SqliteStore { config, idle: Mutex::new(Vec::new()), checkpoints };
+        let store =
+            SqliteStore { config, idle: Mutex::new(Vec::new()), checkpoints, prefix_sql: Mutex::default() };
         let conn = store.connect()?;
         if format(&conn)? == 1 {
             convert_from_1(&conn, &store.config.path)?;
@@ -483,8 +503,8 @@ impl SqliteTxn<'_> {
 
     fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.budget.check_read_key(key)?;
-        if let Some((sql, rid)) = self.stamped_home(key, |p| &p.get)? {
-            let stamped = query_one(self.conn()?, &sql, params![rid, key])?;
+        if let Some((sql, rid)) = self.stamped_home(key)? {
+            let stamped = query_one(self.conn()?, &sql.get, params![rid, key])?;
             if stamped.is_some() {
                 return Ok(stamped);
             }
@@ -498,36 +518,37 @@ impl SqliteTxn<'_> {
             let conn = self.conn()?;
             let mut stmt =
                 conn.prepare_cached("SELECT prefix, id, kv_clean FROM stamped_prefix").map_err(map_err)?;
-            let rows = stmt
-                .query_map([], |row| Ok(StampedPrefix::new(row.get(0)?, row.get(1)?, row.get(2)?)))
-                .map_err(map_err)?;
-            let prefixes = rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?;
+            let rows =
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?))).map_err(map_err)?;
+            let rows = rows.collect::<Result<Vec<(Vec<u8>, i64, bool)>, _>>().map_err(map_err)?;
             drop(stmt);
+            let prefixes = rows
+                .into_iter()
+                .map(|(prefix, id, kv_clean)| {
+                    StampedPrefix::new(prefix, id, kv_clean, self.store.prefix_sql(id))
+                })
+                .collect();
             self.prefixes = Some(prefixes);
         }
         Ok(self.prefixes.as_deref().unwrap_or_default())
     }
 
-    /// If `key` has the shape of a stamped key of a registered prefix: the statement `sql`
-    /// picks from that prefix's and the key's rowid in its table.
-    fn stamped_home(
-        &mut self,
-        key: &[u8],
-        sql: impl Fn(&StampedPrefix) -> &String,
-    ) -> Result<Option<(String, i64)>, StoreError> {
+    /// If `key` has the shape of a stamped key of a registered prefix: that prefix's
+    /// statements and the key's rowid in its table.
+    fn stamped_home(&mut self, key: &[u8]) -> Result<Option<(Arc<PrefixSql>, i64)>, StoreError> {
         Ok(self
             .prefixes()?
             .iter()
-            .find_map(|p| stamped_rid_of(&p.prefix, key).map(|rid| (sql(p).clone(), rid))))
+            .find_map(|p| stamped_rid_of(&p.prefix, key).map(|rid| (p.sql.clone(), rid))))
     }
 
-    /// The insert statement of `prefix`'s table and its `kv_clean`, if keys stamped under
+    /// The statements of `prefix`'s table and its `kv_clean`, if keys stamped under
     /// it go there, registering the prefix and creating its table if it is new and overlaps
     /// no registered prefix (the caller holds the write lock).
-    fn stamped_insert(&mut self, prefix: &[u8]) -> Result<Option<(String, bool)>, StoreError> {
+    fn stamped_insert(&mut self, prefix: &[u8]) -> Result<Option<(Arc<PrefixSql>, bool)>, StoreError> {
         let prefixes = self.prefixes()?;
         if let Some(known) = prefixes.iter().find(|p| p.prefix == prefix) {
-            return Ok(Some((known.insert.clone(), known.kv_clean)));
+            return Ok(Some((known.sql.clone(), known.kv_clean)));
         }
         let overlaps = prefixes.iter().any(|p| p.prefix.starts_with(prefix) || prefix.starts_with(&p.prefix));
         if prefix.is_empty() || overlaps || prefixes.len() >= MAX_STAMPED_PREFIXES {
@@ -555,19 +576,18 @@ impl SqliteTxn<'_> {
             params![prefix, id, kv_clean],
         )
         .map_err(map_err)?;
-        let registered = StampedPrefix::new(prefix.to_vec(), id, kv_clean);
-        let insert = registered.insert.clone();
+        let sql = self.store.prefix_sql(id);
         if let Some(prefixes) = &mut self.prefixes {
-            prefixes.push(registered);
+            prefixes.push(StampedPrefix::new(prefix.to_vec(), id, kv_clean, sql.clone()));
         }
-        Ok(Some((insert, kv_clean)))
+        Ok(Some((sql, kv_clean)))
     }
 
     /// Removes `key` from its prefix's table if it can be there. `to_kv`: the key is about
     /// to be written to `kv`, so its prefix is no longer `kv_clean`.
     fn unstamp(&mut self, key: &[u8], to_kv: bool) -> Result<(), StoreError> {
-        let Some((sql, rid)) = self.stamped_home(key, |p| &p.delete)? else { return Ok(()) };
-        exec(self.conn()?, &sql, params![rid, key])?;
+        let Some((sql, rid)) = self.stamped_home(key)? else { return Ok(()) };
+        exec(self.conn()?, &sql.delete, params![rid, key])?;
         if !to_kv {
             return Ok(());
         }
@@ -638,7 +658,7 @@ impl Transaction for SqliteTxn<'_> {
         };
         for p in prefixes {
             let Some(span) = StampedSpan::of(&p.prefix, p.end.as_deref(), begin, end) else { continue };
-            let mut stmt = conn.prepare_cached(&p.range[usize::from(opts.reverse)]).map_err(map_err)?;
+            let mut stmt = conn.prepare_cached(&p.sql.range[usize::from(opts.reverse)]).map_err(map_err)?;
             let params = params![span.first_rid, span.last_rid, span.begin, span.end, limit];
             let rows = stmt.query_map(params, row).map_err(map_err)?;
             let before = found.len();
@@ -681,7 +701,7 @@ impl Transaction for SqliteTxn<'_> {
         };
         for p in prefixes {
             let Some(span) = StampedSpan::of(&p.prefix, p.end.as_deref(), begin, end) else { continue };
-            exec(conn, &p.clear_range, params![span.first_rid, span.last_rid, span.begin, span.end])?;
+            exec(conn, &p.sql.clear_range, params![span.first_rid, span.last_rid, span.begin, span.end])?;
         }
         Ok(())
     }
@@ -702,18 +722,18 @@ impl Transaction for SqliteTxn<'_> {
         key.extend_from_slice(&order.to_be_bytes());
         key.extend_from_slice(suffix);
         let home = match stamped_rid(version, order) {
-            Some(rid) => self.stamped_insert(prefix)?.map(|(insert, kv_clean)| (insert, kv_clean, rid)),
+            Some(rid) => self.stamped_insert(prefix)?.map(|(sql, kv_clean)| (sql, kv_clean, rid)),
             None => None,
         };
         match home {
-            Some((insert, kv_clean, rid)) => {
+            Some((sql, kv_clean, rid)) => {
                 let conn = self.conn()?;
                 // The rowid is this commit's alone; `kv` may hold the key only if a key of
                 // this shape was written there (plainly, or by format 1).
                 if !kv_clean {
                     exec(conn, "DELETE FROM kv WHERE key = ?1", [&key])?;
                 }
-                exec(conn, &insert, params![rid, key, value])?;
+                exec(conn, &sql.insert, params![rid, key, value])?;
             }
             // Written like a plain set: the key may be shaped like a registered prefix's.
             None => self.put_plain(&key, value)?,
@@ -929,7 +949,7 @@ mod tests {
         }
         // One connection served every transaction above (the pool hands back the last one).
         let conn = store.acquire().unwrap();
-        let stamped: Vec<_> = (1..=4).map(|id| StampedPrefix::new(Vec::new(), id, true)).collect();
+        let stamped: Vec<_> = (1..=4).map(PrefixSql::new).collect();
         // Every range read runs `kv`'s statement; a prefix's own runs for its prefix only.
         let runs = std::iter::once((KV_RANGE[0], 5 * ascending))
             .chain(stamped.iter().map(|p| (p.range[0].as_str(), ascending)));
