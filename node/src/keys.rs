@@ -35,7 +35,7 @@
 //!
 //! Every barrier value is encrypted with its own key as AAD.
 
-use arca_store::tuple::{Element, encode_into, pack};
+use arca_store::tuple::{Element, Part, encode_into, pack, pack_parts};
 
 pub fn seal() -> Vec<u8> {
     pack(&["sys".into(), "seal".into()])
@@ -46,7 +46,7 @@ pub fn keyring() -> Vec<u8> {
 }
 
 pub fn token(hash: &[u8]) -> Vec<u8> {
-    pack(&["sys".into(), "token".into(), Element::Bytes(hash.to_vec())])
+    pack_parts(&[Part::Str("sys"), Part::Str("token"), Part::Bytes(hash)])
 }
 
 pub fn accessor(accessor: &str) -> Vec<u8> {
@@ -162,7 +162,7 @@ pub fn mounts() -> Vec<u8> {
 }
 
 pub fn mount(name: &str) -> Vec<u8> {
-    pack(&["sys".into(), "mount".into(), name.into()])
+    pack_parts(&[Part::Str("sys"), Part::Str("mount"), Part::Str(name)])
 }
 
 /// Every key of a KV mount's data.
@@ -171,7 +171,7 @@ pub fn kv_mount(mount: &str) -> Vec<u8> {
 }
 
 pub fn kv_meta(mount: &str, path: &str) -> Vec<u8> {
-    pack(&["kv".into(), mount.into(), "m".into(), path.into()])
+    pack_parts(&[Part::Str("kv"), Part::Str(mount), Part::Str("m"), Part::Str(path)])
 }
 
 /// The key prefix of every metadata key whose path starts with `prefix` (the string
@@ -184,7 +184,7 @@ pub fn kv_meta_prefix(mount: &str, prefix: &str) -> Vec<u8> {
 }
 
 pub fn kv_version(mount: &str, path: &str, version: u64) -> Vec<u8> {
-    pack(&["kv".into(), mount.into(), "v".into(), path.into(), version.into()])
+    pack_parts(&[Part::Str("kv"), Part::Str(mount), Part::Str("v"), Part::Str(path), Part::UInt(version)])
 }
 
 /// The region's event queue: every event, sequenced and not yet sequenced, in versionstamp

@@ -185,6 +185,40 @@ pub fn pack(elements: &[Element]) -> Vec<u8> {
     out
 }
 
+/// An element borrowed for packing: [`pack_parts`] encodes it exactly as [`pack`] encodes
+/// the owned [`Element`], without allocating it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part<'a> {
+    Str(&'a str),
+    Bytes(&'a [u8]),
+    UInt(u64),
+}
+
+impl Part<'_> {
+    /// Bytes the part takes when it holds no zero byte (each zero adds one).
+    fn len(&self) -> usize {
+        match self {
+            Part::Str(s) => s.len() + 2,
+            Part::Bytes(b) => b.len() + 2,
+            Part::UInt(_) => 9,
+        }
+    }
+}
+
+/// [`pack`] for borrowed parts, into one allocation of the right size (the request path
+/// builds a few keys per request).
+pub fn pack_parts(parts: &[Part<'_>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(Part::len).sum());
+    for part in parts {
+        match part {
+            Part::Str(s) => encode_escaped(&mut out, STRING, s.as_bytes()),
+            Part::Bytes(b) => encode_escaped(&mut out, BYTES, b),
+            Part::UInt(v) => encode_int(&mut out, i128::from(*v)),
+        }
+    }
+    out
+}
+
 /// Unpacks a whole tuple; every byte must belong to an element.
 pub fn unpack(bytes: &[u8]) -> Result<Vec<Element>, TupleError> {
     let mut elements = Vec::new();
@@ -199,12 +233,14 @@ pub fn unpack(bytes: &[u8]) -> Result<Vec<Element>, TupleError> {
 
 fn encode_escaped(out: &mut Vec<u8>, code: u8, bytes: &[u8]) {
     out.push(code);
-    for &byte in bytes {
-        out.push(byte);
-        if byte == 0 {
-            out.push(ESCAPE);
-        }
+    // Whole runs between zero bytes at once; each zero is followed by the escape.
+    let mut rest = bytes;
+    while let Some(zero) = rest.iter().position(|&b| b == 0) {
+        out.extend_from_slice(&rest[..=zero]);
+        out.push(ESCAPE);
+        rest = &rest[zero + 1..];
     }
+    out.extend_from_slice(rest);
     out.push(0);
 }
 
@@ -460,6 +496,27 @@ mod tests {
                 .find(|o| o.is_ne())
                 .unwrap_or(a.len().cmp(&b.len()));
             prop_assert_eq!(pack(&a).cmp(&pack(&b)), expected);
+        }
+
+        #[test]
+        fn borrowed_parts_pack_exactly_as_elements(parts in proptest::collection::vec(
+            prop_oneof![
+                ".{0,12}".prop_map(Element::String),
+                proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..12).prop_map(Element::Bytes),
+                any::<u64>().prop_map(Element::from),
+            ],
+            0..6,
+        )) {
+            let borrowed: Vec<Part<'_>> = parts
+                .iter()
+                .map(|e| match e {
+                    Element::String(s) => Part::Str(s),
+                    Element::Bytes(b) => Part::Bytes(b),
+                    Element::Int(i) => Part::UInt(i.as_u64().unwrap()),
+                    _ => unreachable!(),
+                })
+                .collect();
+            prop_assert_eq!(pack_parts(&borrowed), pack(&parts));
         }
 
         #[test]
