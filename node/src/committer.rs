@@ -341,7 +341,9 @@ fn run(
             // Taken, so that a retried attempt (whose first attempt wrote into the memo)
             // starts afresh.
             let mut memo = match carried.take() {
-                Some((at, mut memo)) if !memo.is_nearly_full() => match tx.read_version()? {
+                // The batch writes (its events) in any case: take the write lock now, and
+                // the version of the state it reads with it.
+                Some((at, mut memo)) if !memo.is_nearly_full() => match tx.lock_for_write()? {
                     Some(now) if journal.catch_up(&mut memo, at, now) => memo,
                     _ => Memo::default(),
                 },

@@ -273,6 +273,10 @@ impl Transaction for JournaledTxn<'_> {
         self.inner.read_version()
     }
 
+    fn lock_for_write(&mut self) -> Result<Option<u64>, StoreError> {
+        self.inner.lock_for_write()
+    }
+
     fn maybe_committed(&self) -> bool {
         self.inner.maybe_committed()
     }

@@ -246,6 +246,14 @@ pub trait Transaction {
         Ok(None)
     }
 
+    /// [`Transaction::read_version`] for an attempt that is about to write anyway (the
+    /// committer's batches): an engine that serializes writers by a lock may take it now and
+    /// answer from the same statement. Afterwards `read_version` may answer `None`, as after
+    /// any write.
+    fn lock_for_write(&mut self) -> Result<Option<u64>, StoreError> {
+        self.read_version()
+    }
+
     /// Whether an earlier attempt of this transaction failed with an unknown commit result,
     /// so that its effects may already be in the store.
     fn maybe_committed(&self) -> bool;

@@ -755,6 +755,16 @@ impl Transaction for SqliteTxn<'_> {
         u64::try_from(version).map(Some).map_err(|_| StoreError::Corrupt("negative commit version"))
     }
 
+    fn lock_for_write(&mut self) -> Result<Option<u64>, StoreError> {
+        if self.version.is_some() {
+            return Ok(None);
+        }
+        // Bumping `commit_version` takes the write lock, which SQLite grants only to a
+        // snapshot of the newest state (an older one fails with a conflict): the state the
+        // commit before this one left.
+        Ok(Some(self.write_version()? - 1))
+    }
+
     fn maybe_committed(&self) -> bool {
         // A failed SQLite commit is rolled back atomically: the result is never unknown.
         false

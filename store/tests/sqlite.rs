@@ -121,6 +121,32 @@ fn read_version_names_the_last_commit_and_a_commit_after_it_makes_writes_conflic
     assert_eq!(tx.commit().unwrap().version, Some(second + 1));
 }
 
+#[test]
+fn lock_for_write_names_the_state_it_reads_and_holds_the_lock_until_commit() {
+    use arca_store::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    let other = SqliteStore::open(SqliteConfig {
+        transaction_timeout: Duration::from_millis(50),
+        ..SqliteConfig::new(&path)
+    })
+    .unwrap();
+    let first = store.transact(|tx| tx.set(b"k", b"1")).unwrap().commit.version.unwrap();
+    let mut tx = store.begin().unwrap();
+    assert_eq!(tx.lock_for_write().unwrap(), Some(first));
+    assert_eq!(tx.get(b"k").unwrap().as_deref(), Some(&b"1"[..]));
+    // The lock is held: another connection cannot write until this attempt ends.
+    assert!(other.begin().unwrap().set(b"k", b"other").is_err());
+    tx.set(b"k", b"2").unwrap();
+    assert_eq!(tx.commit().unwrap().version, Some(first + 1));
+    // Taken over a snapshot that is no longer the newest, it fails as a write would.
+    let mut stale = store.begin().unwrap();
+    assert_eq!(stale.read_version().unwrap(), Some(first + 1));
+    other.transact(|tx| tx.set(b"k", b"3")).unwrap();
+    assert!(matches!(stale.lock_for_write(), Err(StoreError::Conflict)));
+}
+
 /// The schema and rows a format-1 store (arca before the rowid layout) wrote.
 fn format_1_file(path: &std::path::Path, rows: &[(&[u8], &[u8])], commit_version: i64) {
     let conn = rusqlite::Connection::open(path).unwrap();
