@@ -220,23 +220,39 @@ pub enum DecodeError {
     TrailingBytes(usize),
 }
 
-impl Event {
-    /// The canonical encoding. Over-long string fields are cut at [`MAX_FIELD_BYTES`] (on a
-    /// character boundary) so that encoding never fails and stays canonical.
+/// An [`Event`] borrowed from its parts, for encoding without copying them first (the
+/// request path encodes one per request). Encodes exactly as the owned event.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRef<'a> {
+    pub time_unix_ms: u64,
+    pub request_id: &'a str,
+    pub cluster: &'a str,
+    pub region: &'a str,
+    pub node: &'a str,
+    pub actor: &'a Actor,
+    pub source: &'a Source,
+    pub operation: Operation,
+    pub path: &'a str,
+    pub secret_version: Option<u64>,
+    pub outcome: &'a Outcome,
+}
+
+impl EventRef<'_> {
+    /// The canonical encoding (see [`Event::encode`]).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(160 + self.path.len());
         out.push(FORMAT_V1);
         out.extend_from_slice(&self.time_unix_ms.to_be_bytes());
-        put_str(&mut out, &self.request_id);
-        put_str(&mut out, &self.cluster);
-        put_str(&mut out, &self.region);
-        put_str(&mut out, &self.node);
+        put_str(&mut out, self.request_id);
+        put_str(&mut out, self.cluster);
+        put_str(&mut out, self.region);
+        put_str(&mut out, self.node);
         put_str(&mut out, &self.actor.entity);
         put_opt_str(&mut out, self.actor.token_accessor.as_deref());
         put_str(&mut out, &self.source.address);
         put_opt_str(&mut out, self.source.proxy.as_deref());
         out.push(self.operation.code());
-        put_str(&mut out, &self.path);
+        put_str(&mut out, self.path);
         match self.secret_version {
             None => out.push(0),
             Some(version) => {
@@ -244,7 +260,7 @@ impl Event {
                 out.extend_from_slice(&version.to_be_bytes());
             }
         }
-        match &self.outcome {
+        match self.outcome {
             Outcome::Ok => out.push(0),
             Outcome::Denied => out.push(1),
             Outcome::DeniedBy { condition } => {
@@ -257,6 +273,27 @@ impl Event {
             }
         }
         out
+    }
+}
+
+impl Event {
+    /// The canonical encoding. Over-long string fields are cut at [`MAX_FIELD_BYTES`] (on a
+    /// character boundary) so that encoding never fails and stays canonical.
+    pub fn encode(&self) -> Vec<u8> {
+        EventRef {
+            time_unix_ms: self.time_unix_ms,
+            request_id: &self.request_id,
+            cluster: &self.cluster,
+            region: &self.region,
+            node: &self.node,
+            actor: &self.actor,
+            source: &self.source,
+            operation: self.operation,
+            path: &self.path,
+            secret_version: self.secret_version,
+            outcome: &self.outcome,
+        }
+        .encode()
     }
 
     /// The time field of an encoded event, without decoding the rest.

@@ -27,4 +27,6 @@ pub mod note;
 pub mod tiles;
 pub mod verify;
 
-pub use event::{Actor, DecodeError, Event, FORMAT_V1, MAX_FIELD_BYTES, Operation, Outcome, Source};
+pub use event::{
+    Actor, DecodeError, Event, EventRef, FORMAT_V1, MAX_FIELD_BYTES, Operation, Outcome, Source,
+};

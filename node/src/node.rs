@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use arca_audit::{Actor, Event, Operation, Outcome, Source};
+use arca_audit::{Actor, EventRef, Operation, Outcome, Source};
 use arca_store::{Store, StoreError, Transaction, Versionstamp};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -584,21 +584,22 @@ impl Node {
                 Err(err) if err.is_denial() => Outcome::Denied,
                 Err(err) => Outcome::Error { code: err.code().into() },
             };
-            let event = Event {
+            let event = EventRef {
                 time_unix_ms: now,
-                request_id: request_id.clone(),
-                cluster: node.identity.cluster.clone(),
-                region: node.identity.region.clone(),
-                node: node.identity.node.clone(),
-                actor: env.actor,
-                source: source.clone(),
+                request_id: &request_id,
+                cluster: &node.identity.cluster,
+                region: &node.identity.region,
+                node: &node.identity.node,
+                actor: &env.actor,
+                source: &source,
                 operation: op,
-                path: path.clone(),
+                path: &path,
                 secret_version: env.secret_version,
-                outcome,
-            };
+                outcome: &outcome,
+            }
+            .encode();
             *job_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            Ok(event.encode())
+            Ok(event)
         });
         // `instrument`, never `enter()` across an await: the future may resume on another thread.
         let committed = tracing::Instrument::instrument(self.committer.submit(job), span).await;
