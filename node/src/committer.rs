@@ -477,6 +477,26 @@ mod tests {
         read.try_iter().last().unwrap()
     }
 
+    /// A committer on a fresh SQLite file, and the journaled store the rest of its process
+    /// would write through.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        engine: Arc<dyn Store>,
+        journaled: crate::memo::JournaledStore,
+        committer: Committer,
+    }
+
+    fn fixture() -> Fixture {
+        let _dir = tempfile::tempdir().unwrap();
+        let path = _dir.path().join("s.db");
+        let engine: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
+        let journal = Arc::new(Journal::default());
+        let journaled = crate::memo::JournaledStore::new(engine.clone(), journal.clone());
+        let committer = Committer::start(engine.clone(), journal, "r".into());
+        Fixture { _dir, path, engine, journaled, committer }
+    }
+
     /// Submits a job that reports the gate its batch read.
     fn gate_in_batch(committer: &Committer) -> Gate {
         let (seen, read) = mpsc::channel();
@@ -492,12 +512,7 @@ mod tests {
     #[test]
     fn the_gate_read_through_the_memo_follows_every_change_of_the_region_state() {
         use arca_replication::{RegionState, Role};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let engine: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
-        let journal = Arc::new(Journal::default());
-        let journaled = crate::memo::JournaledStore::new(engine.clone(), journal.clone());
-        let committer = Committer::start(engine.clone(), journal, "r".into());
+        let Fixture { _dir, path, journaled, committer, .. } = fixture();
         let state = |role| RegionState::new(role, 1, "eu", 0);
         assert!(!gate_in_batch(&committer).replicating);
         // Written through this process's journal (a promotion, a demotion)…
@@ -516,12 +531,7 @@ mod tests {
 
     #[test]
     fn the_memo_outlives_a_batch_only_while_the_store_proves_it_exact() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let engine: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).unwrap());
-        let journal = Arc::new(Journal::default());
-        let journaled = crate::memo::JournaledStore::new(engine.clone(), journal.clone());
-        let committer = Committer::start(engine.clone(), journal, "r".into());
+        let Fixture { _dir, path, engine, journaled, committer } = fixture();
         let reads = |c: &Committer| (c.stats().memo_hits, c.stats().memo_misses);
         engine.transact(|tx| tx.set(b"k", b"a")).unwrap();
 
