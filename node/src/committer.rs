@@ -465,16 +465,25 @@ mod tests {
             .unwrap();
     }
 
-    /// Submits a job that reads `key` and returns what it read.
-    fn read_in_batch(committer: &Committer, key: &'static [u8]) -> Option<Vec<u8>> {
+    /// Submits a job that runs `look` in its batch, waits for the commit, and returns what
+    /// `look` saw (its last attempt's, if the batch was retried).
+    fn seen_in_batch<T: Send + 'static>(
+        committer: &Committer,
+        mut look: impl FnMut(&mut dyn Transaction, &Gate) -> Result<T, StoreError> + Send + 'static,
+    ) -> T {
         let (seen, read) = mpsc::channel();
-        let job: JobFn = Box::new(move |tx, _gate| {
-            let _ = seen.send(tx.get(key)?);
+        let job: JobFn = Box::new(move |tx, gate| {
+            let _ = seen.send(look(tx, gate)?);
             Ok(b"event".to_vec())
         });
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(committer.submit(job)).unwrap();
         read.try_iter().last().unwrap()
+    }
+
+    /// Submits a job that reads `key` and returns what it read.
+    fn read_in_batch(committer: &Committer, key: &'static [u8]) -> Option<Vec<u8>> {
+        seen_in_batch(committer, move |tx, _gate| tx.get(key))
     }
 
     /// A committer on a fresh SQLite file, and the journaled store the rest of its process
@@ -499,14 +508,7 @@ mod tests {
 
     /// Submits a job that reports the gate its batch read.
     fn gate_in_batch(committer: &Committer) -> Gate {
-        let (seen, read) = mpsc::channel();
-        let job: JobFn = Box::new(move |_tx, gate| {
-            let _ = seen.send(gate.clone());
-            Ok(b"event".to_vec())
-        });
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        runtime.block_on(committer.submit(job)).unwrap();
-        read.try_iter().last().unwrap()
+        seen_in_batch(committer, |_tx, gate| Ok(gate.clone()))
     }
 
     #[test]
