@@ -150,27 +150,50 @@ fn render(sql: &str, name: &str, password: &str, expire_unix_ms: u64) -> Zeroizi
     )
 }
 
-/// Runs statements on the connection's database. Errors carry the SQLSTATE only (a message
-/// might quote a statement, and a statement may hold a password).
+/// Attempts at a statement batch that failed with a transient SQLSTATE (see [`transient`]).
+const SQL_ATTEMPTS: u32 = 5;
+
+/// Whether a SQLSTATE names a failure that the same statements may not meet again: a
+/// serialization failure or deadlock (class 40), a lock not available (55P03), or an internal
+/// error (XX000) — PostgreSQL's "tuple concurrently updated", raised when two sessions change
+/// the same catalog row at once: two `GRANT`s or `DROP OWNED`s on one database's ACL, say.
+/// A batch runs as one implicit transaction, so a failed attempt left nothing behind.
+fn transient(code: &str) -> bool {
+    code.starts_with("40") || code == "55P03" || code == "XX000"
+}
+
+/// Runs statements on the connection's database, retrying a transient failure
+/// ([`SQL_ATTEMPTS`] attempts, with jittered backoff from 25 ms). Errors carry the SQLSTATE
+/// only (a message might quote a statement, and a statement may hold a password).
 async fn run_sql(url: &str, sql: &str) -> Result<(), ApiError> {
-    let work = async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        let driver = tokio::spawn(connection);
-        let result = client.batch_execute(sql).await;
-        drop(client);
-        let _ = driver.await;
-        result
-    };
-    match tokio::time::timeout(SQL_TIMEOUT, work).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) => {
-            let code = err.code().map_or("connection", |c| c.code());
-            tracing::warn!(sqlstate = code, "the database refused a statement");
-            Err(ApiError::FailedPrecondition(format!(
-                "the database refused the statements (SQLSTATE {code})"
-            )))
+    let mut attempt = 1;
+    loop {
+        let work = async {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            let driver = tokio::spawn(connection);
+            let result = client.batch_execute(sql).await;
+            drop(client);
+            let _ = driver.await;
+            result
+        };
+        let err = match tokio::time::timeout(SQL_TIMEOUT, work).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(err)) => err,
+            Err(_) => return Err(ApiError::Unavailable),
+        };
+        let code = err.code().map_or("connection", |c| c.code());
+        if attempt < SQL_ATTEMPTS && transient(code) {
+            tracing::debug!(sqlstate = code, attempt, "a transient database failure; retrying");
+            let base = 25u64 << (attempt - 1);
+            let jitter = u64::from(rand::random::<u8>()) * base / 255;
+            tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+            attempt += 1;
+            continue;
         }
-        Err(_) => Err(ApiError::Unavailable),
+        tracing::warn!(sqlstate = code, "the database refused a statement");
+        return Err(ApiError::FailedPrecondition(format!(
+            "the database refused the statements (SQLSTATE {code})"
+        )));
     }
 }
 
@@ -430,7 +453,12 @@ impl Node {
 
     /// Revokes one lease in its database, then drops it (audited as `lease.reap`, by the
     /// system). A database error leaves the lease due for the next round.
+    ///
+    /// One reap at a time per node (`reaping`): the reaper, a revocation and a failed
+    /// creation's cleanup may name the same lease, and the second then finds it gone instead
+    /// of dropping the same user at the same time.
     pub(crate) async fn reap(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        let _one_at_a_time = self.reaping.lock().await;
         let lid = id.to_owned();
         let look = self
             .execute_system(Operation::LeaseReap, "sys/leases/reap".into(), move |env| {
@@ -506,5 +534,15 @@ mod tests {
                 .find("SECRET")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn only_failures_that_may_pass_on_a_second_attempt_are_retried() {
+        for code in ["40001", "40P01", "55P03", "XX000"] {
+            assert!(transient(code), "{code}");
+        }
+        for code in ["42704", "42601", "28P01", "3D000", "55006", "connection"] {
+            assert!(!transient(code), "{code}");
+        }
     }
 }

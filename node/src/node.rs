@@ -127,6 +127,8 @@ pub struct Node {
     pub(crate) caches: Caches,
     /// Secrets this node is rotating right now.
     pub(crate) rotating: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    /// Held while a lease is revoked (see `Node::reap`).
+    pub(crate) reaping: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Node {
@@ -422,6 +424,7 @@ impl Node {
             clock: std::sync::OnceLock::new(),
             lifecycle: std::sync::OnceLock::new(),
             rotating: std::sync::Mutex::new(std::collections::HashSet::new()),
+            reaping: tokio::sync::Mutex::new(()),
             caches: Caches::default(),
         })
     }

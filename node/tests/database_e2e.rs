@@ -147,6 +147,23 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
     assert_eq!(n, 3);
     assert!(held.iter().all(|(u, p, _)| !can_log_in(pg.port, u, p)));
 
+    // At once: every creation GRANTs on, and every revocation DROPs OWNED from, the same
+    // database's ACL row, and PostgreSQL fails one of two such sessions with "tuple
+    // concurrently updated" (SQLSTATE XX000), which the node retries.
+    for round in 0..2 {
+        let held: Vec<_> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..3).map(|_| s.spawn(|| creds(&server, &root))).collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert!(held.iter().all(|(u, p, _)| can_log_in(pg.port, u, p)), "round {round}");
+        std::thread::scope(|s| {
+            for (_, _, lease) in &held {
+                s.spawn(|| ok(&server, &root, &["lease", "revoke", lease]));
+            }
+        });
+        assert!(held.iter().all(|(u, p, _)| !can_log_in(pg.port, u, p)), "round {round}");
+    }
+
     // The Vault HTTP routes.
     let mut response = ureq::get(format!("{}/v1/database/creds/readonly", server.http))
         .header("X-Vault-Token", &root)
@@ -181,9 +198,9 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
     let events = audit_events(&data.join("arca.db"));
     let count =
         |op: Operation| events.iter().filter(|e| e.operation == op && e.outcome == Outcome::Ok).count();
-    assert_eq!(count(Operation::DbCreds), 7);
+    assert_eq!(count(Operation::DbCreds), 13);
     assert_eq!(count(Operation::LeaseRenew), 1);
-    assert!(count(Operation::LeaseReap) >= 7 * 2, "two events per reaped lease (look, drop)");
+    assert!(count(Operation::LeaseReap) >= 13 * 2, "two events per reaped lease (look, drop)");
     assert!(
         events
             .iter()
