@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arca_audit::Operation;
 
-use crate::committer::CommitStats;
+use crate::committer::{COMMIT_BUCKETS_SECONDS, CommitStats};
 
 const BUCKETS_SECONDS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -127,6 +127,15 @@ impl Metrics {
             "# HELP arca_audit_commit_seconds_total Time spent committing audit batches.\n# TYPE arca_audit_commit_seconds_total counter\narca_audit_commit_seconds_total {}",
             commits.commit_seconds_total
         );
+        out.push_str("# HELP arca_audit_commit_seconds Audit group-commit transactions by duration, commit and fsync included (every request of a batch waits for all of it).\n# TYPE arca_audit_commit_seconds histogram\n");
+        for (count, bound) in commits.commit_seconds_buckets.iter().zip(COMMIT_BUCKETS_SECONDS) {
+            let _ = writeln!(out, "arca_audit_commit_seconds_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(
+            out,
+            "arca_audit_commit_seconds_bucket{{le=\"+Inf\"}} {0}\narca_audit_commit_seconds_sum {1}\narca_audit_commit_seconds_count {0}",
+            commits.batches, commits.commit_seconds_total
+        );
         let _ = writeln!(
             out,
             "# HELP arca_committer_point_reads_total Point reads of committed audit batches, by where they were answered: the committer's memo or the store.\n# TYPE arca_committer_point_reads_total counter\narca_committer_point_reads_total{{source=\"memo\"}} {}\narca_committer_point_reads_total{{source=\"store\"}} {}",
@@ -165,5 +174,32 @@ impl Metrics {
             u8::from(sealed)
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commit_durations_render_as_a_prometheus_histogram() {
+        let commits = CommitStats {
+            batches: 3,
+            commit_seconds_total: 0.0123,
+            commit_seconds_buckets: [0, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3],
+            ..CommitStats::default()
+        };
+        let out = Metrics::default().render(false, &commits);
+        for line in [
+            "# TYPE arca_audit_commit_seconds histogram\n",
+            "arca_audit_commit_seconds_bucket{le=\"0.00025\"} 0\n",
+            "arca_audit_commit_seconds_bucket{le=\"0.0005\"} 1\n",
+            "arca_audit_commit_seconds_bucket{le=\"0.032\"} 3\n",
+            "arca_audit_commit_seconds_bucket{le=\"+Inf\"} 3\n",
+            "arca_audit_commit_seconds_sum 0.0123\n",
+            "arca_audit_commit_seconds_count 3\n",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from:\n{out}");
+        }
     }
 }
