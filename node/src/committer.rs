@@ -345,7 +345,7 @@ fn run(
         }
         last_batch_len = batch.len();
         let started = Instant::now();
-        let outcome = store.transact(|tx| {
+        let mut outcome = store.transact(|tx| {
             // Taken, so that a retried attempt (whose first attempt wrote into the memo)
             // starts afresh.
             let mut memo = match carried.take() {
@@ -390,15 +390,24 @@ fn run(
             Ok::<_, StoreError>((orders, memo))
         });
         let elapsed = started.elapsed().as_secs_f64();
-        let size = batch.len();
-        let failed = outcome.is_err();
+        // Counted before the replies, so a request's caller sees its batch in the statistics.
+        let mut counted = stats.lock().unwrap_or_else(|p| p.into_inner());
+        counted.batches += 1;
+        counted.jobs += batch.len() as u64;
+        counted.commit_seconds_total += elapsed;
+        for (count, bound) in counted.commit_seconds_buckets.iter_mut().zip(COMMIT_BUCKETS_SECONDS) {
+            *count += u64::from(elapsed <= bound);
+        }
+        counted.failed_batches += u64::from(outcome.is_err());
+        if let Ok(committed) = &mut outcome {
+            let memo = &mut committed.value.1;
+            counted.memo_hits += std::mem::take(&mut memo.hits);
+            counted.memo_misses += std::mem::take(&mut memo.misses);
+        }
+        drop(counted);
         match outcome {
             Ok(committed) => {
-                let (orders, mut memo) = committed.value;
-                let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
-                stats.memo_hits += std::mem::take(&mut memo.hits);
-                stats.memo_misses += std::mem::take(&mut memo.misses);
-                drop(stats);
+                let (orders, memo) = committed.value;
                 // The memo holds the state this commit left (what the batch read, with its
                 // writes applied).
                 carried = committed.commit.version.map(|version| (version, memo));
@@ -409,21 +418,12 @@ fn run(
                 }
             }
             Err(err) => {
-                tracing::error!(code = err.code(), error = %err, jobs = size, "audit batch failed to commit; failing its requests");
+                tracing::error!(code = err.code(), error = %err, jobs = batch.len(), "audit batch failed to commit; failing its requests");
                 for job in batch {
                     let _ = job.done.send(Err(CommitFailed));
                 }
             }
         }
-        let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
-        stats.batches += 1;
-        stats.jobs += size as u64;
-        stats.commit_seconds_total += elapsed;
-        for (count, bound) in stats.commit_seconds_buckets.iter_mut().zip(COMMIT_BUCKETS_SECONDS) {
-            *count += u64::from(elapsed <= bound);
-        }
-        stats.failed_batches += u64::from(failed);
-        drop(stats);
         for task in tasks.drain(..) {
             task();
         }
@@ -546,20 +546,18 @@ mod tests {
     fn batches_are_counted_by_how_long_their_transaction_took() {
         let Fixture { _dir, committer, .. } = fixture();
         read_in_batch(&committer, b"k");
-        // A job that holds its batch for 300 ms (the duration measured, not a wait).
+        // A job that holds its batch for 1.1 s (the duration measured, not a wait): over the
+        // last bucket, where a quick batch stays under it even on a loaded machine.
         seen_in_batch(&committer, |_tx, _gate| {
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::thread::sleep(std::time::Duration::from_millis(1100));
             Ok(())
         });
         let stats = committer.stats();
         let counts = stats.commit_seconds_buckets;
         assert_eq!(stats.batches, 2);
         assert!(counts.windows(2).all(|w| w[0] <= w[1]), "cumulative: {counts:?}");
-        let at_most =
-            |seconds: f64| counts[COMMIT_BUCKETS_SECONDS.iter().position(|b| *b == seconds).unwrap()];
-        assert_eq!(at_most(0.25), 1, "only the quick batch took at most 250 ms: {counts:?}");
-        assert_eq!(at_most(1.0), 2, "{counts:?}");
-        assert!(stats.commit_seconds_total >= 0.3);
+        assert_eq!(counts[counts.len() - 1], 1, "only the quick batch took at most 1 s: {counts:?}");
+        assert!(stats.commit_seconds_total >= 1.1);
     }
 
     #[test]
