@@ -24,6 +24,7 @@ use arca_store::{Store, StoreError, StoreExt, Transaction, Versionstamp};
 use tokio::sync::oneshot;
 
 use crate::memo::{Journal, Memo};
+use crate::metrics::{COMMIT_BUCKETS_SECONDS, Histogram};
 
 /// Most jobs in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -215,24 +216,29 @@ enum Work {
 #[error("the audit log could not be committed")]
 pub struct CommitFailed;
 
-/// Upper bounds of the batch-duration histogram, in seconds: a read batch takes ~0.2–0.4 ms
-/// and every request of a batch waits for all of it, so the tail is resolved below 1 ms.
-pub const COMMIT_BUCKETS_SECONDS: [f64; 11] =
-    [0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.25, 1.0];
-
 /// Statistics for metrics.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct CommitStats {
-    pub batches: u64,
+    /// Batches by how long their transaction took, commit and fsync included (its count is
+    /// the batches committed or attempted).
+    pub durations: Histogram,
     pub jobs: u64,
     pub failed_batches: u64,
-    pub commit_seconds_total: f64,
-    /// Batches by how long their transaction took, commit and fsync included: how many took
-    /// at most [`COMMIT_BUCKETS_SECONDS`]`[i]` (cumulative, as Prometheus buckets).
-    pub commit_seconds_buckets: [u64; COMMIT_BUCKETS_SECONDS.len()],
     /// Point reads of committed batches answered from the memo, and from the store.
     pub memo_hits: u64,
     pub memo_misses: u64,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            durations: Histogram::new(&COMMIT_BUCKETS_SECONDS),
+            jobs: 0,
+            failed_batches: 0,
+            memo_hits: 0,
+            memo_misses: 0,
+        }
+    }
 }
 
 /// Handle to the committer thread. Dropping every handle stops the thread.
@@ -392,12 +398,8 @@ fn run(
         let elapsed = started.elapsed().as_secs_f64();
         // Counted before the replies, so a request's caller sees its batch in the statistics.
         let mut counted = stats.lock().unwrap_or_else(|p| p.into_inner());
-        counted.batches += 1;
+        counted.durations.observe(elapsed);
         counted.jobs += batch.len() as u64;
-        counted.commit_seconds_total += elapsed;
-        for (count, bound) in counted.commit_seconds_buckets.iter_mut().zip(COMMIT_BUCKETS_SECONDS) {
-            *count += u64::from(elapsed <= bound);
-        }
         counted.failed_batches += u64::from(outcome.is_err());
         if let Ok(committed) = &mut outcome {
             let memo = &mut committed.value.1;
@@ -553,11 +555,11 @@ mod tests {
             Ok(())
         });
         let stats = committer.stats();
-        let counts = stats.commit_seconds_buckets;
-        assert_eq!(stats.batches, 2);
+        let counts: Vec<u64> = stats.durations.buckets().map(|(_, count)| count).collect();
+        assert_eq!(stats.durations.count(), 2);
         assert!(counts.windows(2).all(|w| w[0] <= w[1]), "cumulative: {counts:?}");
         assert_eq!(counts[counts.len() - 1], 1, "only the quick batch took at most 1 s: {counts:?}");
-        assert!(stats.commit_seconds_total >= 1.1);
+        assert!(stats.durations.sum_seconds() >= 1.1);
     }
 
     #[test]

@@ -11,16 +11,70 @@ use std::time::Duration;
 
 use arca_audit::Operation;
 
-use crate::committer::{COMMIT_BUCKETS_SECONDS, CommitStats};
+use crate::committer::CommitStats;
 
 const BUCKETS_SECONDS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS_SECONDS.len()],
+/// Upper bounds for the committer's batch durations, in seconds: a read batch takes
+/// ~0.2–0.4 ms and every request of a batch waits for all of it, so the tail is resolved
+/// below 1 ms.
+pub const COMMIT_BUCKETS_SECONDS: [f64; 11] =
+    [0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.25, 1.0];
+
+/// A Prometheus histogram of durations in seconds: cumulative counts per upper bound.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum_seconds: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&BUCKETS_SECONDS)
+    }
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram { bounds, counts: vec![0; bounds.len()], count: 0, sum_seconds: 0.0 }
+    }
+
+    pub fn observe(&mut self, seconds: f64) {
+        for (count, bound) in self.counts.iter_mut().zip(self.bounds) {
+            *count += u64::from(seconds <= *bound);
+        }
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The sum of the observations, in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_seconds
+    }
+
+    /// `(upper bound, observations at most that)`, bound by bound.
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        self.bounds.iter().copied().zip(self.counts.iter().copied())
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` lines of `name` with `labels`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, count) in self.buckets() {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}\n{name}_count{braces} {}", self.sum_seconds, self.count);
+    }
 }
 
 /// The node's metrics registry.
@@ -43,14 +97,7 @@ impl Metrics {
     pub fn observe_request(&self, op: Operation, outcome: &'static str, latency: Duration) {
         let seconds = latency.as_secs_f64();
         let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let h = requests.entry((op.name(), outcome)).or_default();
-        for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
-            if seconds <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum_seconds += seconds;
+        requests.entry((op.name(), outcome)).or_default().observe(seconds);
     }
 
     /// Records an integrated batch of `count` entries with delays `(min, max)` in ms.
@@ -58,13 +105,7 @@ impl Metrics {
         let seconds = delay_ms.1 as f64 / 1000.0;
         let mut guard = self.integration.lock().unwrap_or_else(|p| p.into_inner());
         let (h, entries) = &mut *guard;
-        for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
-            if seconds <= *bound {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum_seconds += seconds;
+        h.observe(seconds);
         *entries += count;
         drop(guard);
         let mut recent = self.recent_delays_ms.lock().unwrap_or_else(|p| p.into_inner());
@@ -89,17 +130,11 @@ impl Metrics {
         out.push_str("# TYPE arca_request_duration_seconds histogram\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         for ((op, outcome), h) in requests.iter() {
-            let labels = format!("operation=\"{op}\",outcome=\"{outcome}\"");
-            for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "arca_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(out, "arca_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "arca_request_duration_seconds_sum{{{labels}}} {}", h.sum_seconds);
-            let _ = writeln!(out, "arca_request_duration_seconds_count{{{labels}}} {}", h.count);
+            h.render(
+                &mut out,
+                "arca_request_duration_seconds",
+                &format!("operation=\"{op}\",outcome=\"{outcome}\""),
+            );
         }
         out.push_str("# HELP arca_requests_total Requests served, by operation and outcome.\n");
         out.push_str("# TYPE arca_requests_total counter\n");
@@ -110,7 +145,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP arca_audit_batches_total Audit group-commit transactions.\n# TYPE arca_audit_batches_total counter\narca_audit_batches_total {}",
-            commits.batches
+            commits.durations.count()
         );
         let _ = writeln!(
             out,
@@ -125,23 +160,17 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP arca_audit_commit_seconds_total Time spent committing audit batches.\n# TYPE arca_audit_commit_seconds_total counter\narca_audit_commit_seconds_total {}",
-            commits.commit_seconds_total
+            commits.durations.sum_seconds()
         );
         out.push_str("# HELP arca_audit_commit_seconds Audit group-commit transactions by duration, commit and fsync included (every request of a batch waits for all of it).\n# TYPE arca_audit_commit_seconds histogram\n");
-        for (count, bound) in commits.commit_seconds_buckets.iter().zip(COMMIT_BUCKETS_SECONDS) {
-            let _ = writeln!(out, "arca_audit_commit_seconds_bucket{{le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(
-            out,
-            "arca_audit_commit_seconds_bucket{{le=\"+Inf\"}} {0}\narca_audit_commit_seconds_sum {1}\narca_audit_commit_seconds_count {0}",
-            commits.batches, commits.commit_seconds_total
-        );
+        commits.durations.render(&mut out, "arca_audit_commit_seconds", "");
         let _ = writeln!(
             out,
             "# HELP arca_committer_point_reads_total Point reads of committed audit batches, by where they were answered: the committer's memo or the store.\n# TYPE arca_committer_point_reads_total counter\narca_committer_point_reads_total{{source=\"memo\"}} {}\narca_committer_point_reads_total{{source=\"store\"}} {}",
             commits.memo_hits, commits.memo_misses
         );
-        let mean = if commits.batches == 0 { 0.0 } else { commits.jobs as f64 / commits.batches as f64 };
+        let batches = commits.durations.count();
+        let mean = if batches == 0 { 0.0 } else { commits.jobs as f64 / batches as f64 };
         let _ = writeln!(
             out,
             "# HELP arca_audit_batch_size_mean Mean requests per audit commit.\n# TYPE arca_audit_batch_size_mean gauge\narca_audit_batch_size_mean {mean}"
@@ -154,19 +183,7 @@ impl Metrics {
                 "# HELP arca_audit_integrated_entries_total Entries this node integrated into the signed log.\n# TYPE arca_audit_integrated_entries_total counter\narca_audit_integrated_entries_total {entries}"
             );
             out.push_str("# HELP arca_audit_integration_delay_seconds Per checkpoint, the oldest entry's delay from event to signed checkpoint.\n# TYPE arca_audit_integration_delay_seconds histogram\n");
-            for (i, bound) in BUCKETS_SECONDS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "arca_audit_integration_delay_seconds_bucket{{le=\"{bound}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(out, "arca_audit_integration_delay_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(
-                out,
-                "arca_audit_integration_delay_seconds_sum {}\narca_audit_integration_delay_seconds_count {}",
-                h.sum_seconds, h.count
-            );
+            h.render(&mut out, "arca_audit_integration_delay_seconds", "");
         }
         let _ = writeln!(
             out,
@@ -183,12 +200,10 @@ mod tests {
 
     #[test]
     fn the_commit_durations_render_as_a_prometheus_histogram() {
-        let commits = CommitStats {
-            batches: 3,
-            commit_seconds_total: 0.0123,
-            commit_seconds_buckets: [0, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3],
-            ..CommitStats::default()
-        };
+        let mut commits = CommitStats::default();
+        for seconds in [0.00048828125, 0.0009765625, 0.015625] {
+            commits.durations.observe(seconds);
+        }
         let out = Metrics::default().render(false, &commits);
         for line in [
             "# TYPE arca_audit_commit_seconds histogram\n",
@@ -196,7 +211,8 @@ mod tests {
             "arca_audit_commit_seconds_bucket{le=\"0.0005\"} 1\n",
             "arca_audit_commit_seconds_bucket{le=\"0.032\"} 3\n",
             "arca_audit_commit_seconds_bucket{le=\"+Inf\"} 3\n",
-            "arca_audit_commit_seconds_sum 0.0123\n",
+            "arca_audit_commit_seconds_sum 0.01708984375\n",
+            "arca_audit_batches_total 3\n",
             "arca_audit_commit_seconds_count 3\n",
         ] {
             assert!(out.contains(line), "{line:?} missing from:\n{out}");
