@@ -1,14 +1,16 @@
 //! The sequencer: turns the region's event queue into a signed, append-only Merkle log.
 //!
-//! One node per region leads, through a lease in the store. Each step, in **one** store
-//! transaction, the leader reads the events after its cursor (versionstamp order is leaf
-//! order), assigns them the next dense leaf indexes, appends their hashes to the level-0
-//! tiles (and completed subtrees to the tiles above), records where each entry bundle
-//! starts, signs a C2SP checkpoint for the new size and stores it with the new state. The
+//! One node per region leads, through a lease in the store. Each step, the leader reads the
+//! events after its cursor from a snapshot (versionstamp order is leaf order), assigns them
+//! the next dense leaf indexes, appends their hashes to the level-0 tiles (and completed
+//! subtrees to the tiles above), records where each entry bundle starts and signs a C2SP
+//! checkpoint for the new size; then **one** store transaction writes all of it with the new
+//! state, and only if the stored state is still the one the step started from. The
 //! checkpoint is therefore durable exactly when the tiles it covers are, and it is only
 //! served (published) from the store: a crash at any point before the commit leaves no
-//! trace, and a retry re-integrates the same events in the same order — the log cannot
-//! fork, whoever leads. The lease only keeps nodes from wasting work on conflicts.
+//! trace, a step computed from a state that moved on commits nothing, and a retry
+//! re-integrates the same events in the same order — the log cannot fork, whoever leads.
+//! The lease only keeps nodes from wasting work on conflicts.
 //!
 //! Entries stay where the request path wrote them (`("audit",region,"e",stamp)`); entry
 //! bundles are read from there. The signing key is behind the barrier: a sealed node does
@@ -23,7 +25,9 @@ use arca_audit::checkpoint::Checkpoint;
 use arca_audit::merkle::{self, Frontier, Hash};
 use arca_audit::note::NoteSigner;
 use arca_audit::tiles::{self, TILE_HEIGHT, TILE_WIDTH, TileHashSource, TileReader};
-use arca_store::{RangeOptions, StoreExt, Transaction, Versionstamp, prefix_end};
+use std::ops::Bound;
+
+use arca_store::{KeyValue, RangeOptions, StoreError, StoreExt, Transaction, Versionstamp, prefix_end};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -95,9 +99,13 @@ pub struct Integrated {
 }
 
 fn load_state(tx: &mut dyn Transaction, region: &str) -> Result<State, ApiError> {
-    match tx.get(&keys::audit_state(region))? {
+    parse_state(tx.get(&keys::audit_state(region))?.as_deref())
+}
+
+fn parse_state(raw: Option<&[u8]>) -> Result<State, ApiError> {
+    match raw {
         None => Ok(State::default()),
-        Some(raw) => serde_json::from_slice(&raw).map_err(|_| ApiError::Internal),
+        Some(raw) => serde_json::from_slice(raw).map_err(|_| ApiError::Internal),
     }
 }
 
@@ -221,63 +229,85 @@ pub fn rid_index(tx: &mut dyn Transaction, region: &str, request_id: &str) -> Re
 }
 
 /// One integration step. `Ok(None)`: not the leader, or nothing to integrate.
+///
+/// The step is computed on the calling thread from a snapshot, without the store's write
+/// lock ([`prepare`]): reading the events, hashing them into the tree and the tiles, the
+/// request-id pages, signing the checkpoint. Only its writes go through the committer thread
+/// ([`apply`]), between request batches, which waits for nothing else: there they commit
+/// only if the log's state is still the one the step was computed from, so a step can never
+/// fork the log, whoever else leads or sequenced meanwhile (it is then dropped, and the next
+/// one starts from the new state). Every request of the node waits out what runs on the
+/// committer thread: before this split, the whole step did.
 pub fn integrate(
-    node: &Node,
+    node: &Arc<Node>,
     holder: &str,
     config: &SequencerConfig,
 ) -> Result<Option<Integrated>, ApiError> {
     if node.barrier().is_sealed() {
         return Ok(None);
     }
+    let Some(prepared) = prepare(node, holder, config)? else {
+        return Ok(None);
+    };
+    let applied = {
+        let (this, holder, ttl_ms) = (node.clone(), holder.to_owned(), config.lease_ttl.as_millis() as u64);
+        // A committer that is gone means the node is shutting down: nothing was written.
+        node.committer()
+            .run_task(move || apply(&this, &holder, ttl_ms, prepared))
+            .ok_or(ApiError::Internal)??
+    };
+    failpoint("sequencer.after-commit");
+    let Some((first_index, count, size, oldest_ms, newest_ms)) = applied else {
+        return Ok(None);
+    };
+    let now = now_unix_ms();
+    let delay_ms = (now.saturating_sub(newest_ms), now.saturating_sub(oldest_ms));
+    node.metrics().observe_integration(count, delay_ms);
+    tracing::debug!(first_index, count, size, "audit entries integrated");
+    Ok(Some(Integrated { first_index, count, size, delay_ms }))
+}
+
+/// A step computed from a snapshot, to be committed by [`apply`].
+#[derive(Debug)]
+pub struct Prepared {
+    /// The log's state the step extends, as stored (`None`: the log is empty).
+    from_state: Option<Vec<u8>>,
+    /// `None`: nothing to integrate, only the lease is due for renewal.
+    step: Option<StagedStep>,
+}
+
+#[derive(Debug)]
+struct StagedStep {
+    writes: BTreeMap<Vec<u8>, Vec<u8>>,
+    done: Step,
+}
+
+/// Computes the next step from a snapshot (no write lock is taken): `None` when this holder
+/// may not lead, or has neither entries to integrate nor a lease to renew.
+pub fn prepare(node: &Node, holder: &str, config: &SequencerConfig) -> Result<Option<Prepared>, ApiError> {
     let region = node.identity().region.clone();
     let origin = origin(&node.identity().cluster, &region);
     let events = keys::audit_events(&region);
     let events_end = prefix_end(&events).ok_or(ApiError::Internal)?;
     let ttl_ms = config.lease_ttl.as_millis() as u64;
     let lease_key = keys::audit_lease(&region);
-    // Phase 1, read-only (takes no write lock): may we lead, and is there anything to do?
-    let look = node.store.transact(|tx| -> Result<(bool, bool, bool), ApiError> {
-        let (may_lead, renew_due) = lease_view(tx, &lease_key, holder, now_unix_ms(), ttl_ms)?;
+    let prepared = node.store.transact(|tx| -> Result<Option<Prepared>, ApiError> {
+        let (may_lead, renew) = lease_view(tx, &lease_key, holder, now_unix_ms(), ttl_ms)?;
         if !may_lead {
-            return Ok((false, false, false));
-        }
-        let state = load_state(tx, &region)?;
-        let begin = after_cursor(&events, &state)?;
-        let pending = !tx.get_range(&begin, &events_end, RangeOptions::limit(1))?.is_empty();
-        Ok((true, renew_due, pending))
-    })?;
-    let (may_lead, renew_due, pending) = look.value;
-    if !may_lead {
-        return Ok(None);
-    }
-    if !pending {
-        if renew_due {
-            node.store.transact(|tx| -> Result<(), ApiError> {
-                if lease_view(tx, &lease_key, holder, now_unix_ms(), ttl_ms)?.0 {
-                    write_lease(tx, &lease_key, holder, now_unix_ms() + ttl_ms)?;
-                }
-                Ok(())
-            })?;
-        }
-        return Ok(None);
-    }
-    // Phase 2: the lease write comes first, so the store's write lock is taken at once and
-    // the snapshot cannot go stale under the request path's commits (on SQLite a stale
-    // snapshot would conflict and retry, over and over, under load).
-    let committed = node.store.transact(|tx| -> Result<Option<Step>, ApiError> {
-        let now = now_unix_ms();
-        if !lease_view(tx, &lease_key, holder, now, ttl_ms)?.0 {
             return Ok(None);
         }
-        write_lease(tx, &lease_key, holder, now + ttl_ms)?;
-
-        let mut state = load_state(tx, &region)?;
+        let from_state = tx.get(&keys::audit_state(&region))?;
+        let mut state = parse_state(from_state.as_deref())?;
         let begin = after_cursor(&events, &state)?;
         let batch = tx.get_range(&begin, &events_end, RangeOptions::limit(config.max_batch))?;
         if batch.is_empty() {
-            return Ok(None);
+            return Ok(renew.then_some(Prepared { from_state, step: None }));
         }
         failpoint("sequencer.after-read");
+        // The step's writes are staged here and read back by the step itself (the tiles it
+        // extends twice, the signing key it creates on first use).
+        let mut staged = Staged { tx, writes: BTreeMap::new() };
+        let tx = &mut staged;
 
         let first_index = state.size;
         let mut frontier = frontier_of(&state)?;
@@ -298,7 +328,7 @@ pub fn integrate(
             }
             // Request id → leaf index, for inclusion proofs by request id. Indexed here, off
             // the request path, in one page per time bucket (a key per entry was most of a
-            // step's time, which every request of the node waits out).
+            // step's time, which every request of the node waited out).
             if let Some(request_id) = Event::peek_request_id(&kv.value) {
                 match rid_bytes(request_id) {
                     Some(rid) => pages.entry(rid_bucket(&rid)).or_default().push((rid, index)),
@@ -353,18 +383,112 @@ pub fn integrate(
             checkpoint: signed,
         };
         tx.set(&keys::audit_state(&region), &serde_json::to_vec(&state).map_err(|_| ApiError::Internal)?)?;
-        failpoint("sequencer.before-commit");
-        Ok(Some((first_index, batch.len() as u64, frontier.size(), oldest_ms, newest_ms)))
+        let done = (first_index, batch.len() as u64, frontier.size(), oldest_ms, newest_ms);
+        Ok(Some(Prepared { from_state, step: Some(StagedStep { writes: staged.writes, done }) }))
     })?;
-    failpoint("sequencer.after-commit");
-    let Some((first_index, count, size, oldest_ms, newest_ms)) = committed.value else {
-        return Ok(None);
-    };
-    let now = now_unix_ms();
-    let delay_ms = (now.saturating_sub(newest_ms), now.saturating_sub(oldest_ms));
-    node.metrics().observe_integration(count, delay_ms);
-    tracing::debug!(first_index, count, size, "audit entries integrated");
-    Ok(Some(Integrated { first_index, count, size, delay_ms }))
+    Ok(prepared.value)
+}
+
+/// Commits a [`prepare`]d step: the lease is renewed, and the step's writes are made only if
+/// this holder still leads and the log's state is still the one the step extends (`None`
+/// otherwise, nothing written but the lease). Meant for the committer thread.
+pub fn apply(node: &Node, holder: &str, ttl_ms: u64, prepared: Prepared) -> Result<Option<Step>, ApiError> {
+    let region = &node.identity().region;
+    let lease_key = keys::audit_lease(region);
+    let state_key = keys::audit_state(region);
+    let Prepared { from_state, step } = prepared;
+    let committed = node.store.transact(|tx| -> Result<Option<Step>, ApiError> {
+        let now = now_unix_ms();
+        if !lease_view(tx, &lease_key, holder, now, ttl_ms)?.0 {
+            return Ok(None);
+        }
+        // The lease write comes first, so the store's write lock is taken at once and the
+        // state read below cannot go stale under the request path's commits (on SQLite a
+        // stale snapshot would conflict and retry, over and over, under load).
+        write_lease(tx, &lease_key, holder, now + ttl_ms)?;
+        let Some(step) = &step else {
+            return Ok(None);
+        };
+        if tx.get(&state_key)? != from_state {
+            return Ok(None);
+        }
+        for (key, value) in &step.writes {
+            tx.set(key, value)?;
+        }
+        failpoint("sequencer.before-commit");
+        Ok(Some(step.done))
+    })?;
+    Ok(committed.value)
+}
+
+/// A step's transaction: reads go to the snapshot (or to what the step wrote), writes are
+/// kept for [`apply`]. A step only reads points and the event queue, and only sets keys.
+struct Staged<'a> {
+    tx: &'a mut dyn Transaction,
+    writes: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Transaction for Staged<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(value) => Ok(Some(value.clone())),
+            None => self.tx.get(key),
+        }
+    }
+
+    fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(value) => Ok(Some(value.clone())),
+            None => self.tx.get_snapshot(key),
+        }
+    }
+
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        options: RangeOptions,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if self.writes.range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end))).next().is_some() {
+            return Err(StoreError::Corrupt("a sequencer step read a range it wrote"));
+        }
+        self.tx.get_range(begin, end, options)
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        // The store checks the limits when apply writes it.
+        self.writes.insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn clear(&mut self, _key: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::Corrupt("a sequencer step only sets keys"))
+    }
+
+    fn clear_range(&mut self, _begin: &[u8], _end: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::Corrupt("a sequencer step only sets keys"))
+    }
+
+    fn set_versionstamped_key(
+        &mut self,
+        _prefix: &[u8],
+        _suffix: &[u8],
+        _value: &[u8],
+    ) -> Result<u16, StoreError> {
+        Err(StoreError::Corrupt("a sequencer step only sets keys"))
+    }
+
+    fn maybe_committed(&self) -> bool {
+        self.tx.maybe_committed()
+    }
+
+    fn commit(&mut self) -> Result<arca_store::CommitInfo, StoreError> {
+        Err(StoreError::Corrupt("a sequencer step is committed by apply"))
+    }
+
+    fn on_error(&mut self, _err: &StoreError) -> Result<(), StoreError> {
+        Err(StoreError::Corrupt("a sequencer step is committed by apply"))
+    }
 }
 
 /// `(may lead, renewal due)` for `holder` of the lease at `key`: the lease is free, expired or ours; renew at
@@ -469,14 +593,10 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
     loop {
         let Some(node) = weak.upgrade() else { break };
         let started = Instant::now();
-        // Integrate on the committer thread, between request batches: no fight for the
-        // store's write lock with this node's own request path.
-        let step = {
-            let (node2, holder, config) = (node.clone(), holder.to_owned(), config.clone());
-            node.committer().run_task(move || integrate(&node2, &holder, &config))
-        };
+        // The step's writes commit on the committer thread, between request batches: no
+        // fight for the store's write lock with this node's own request path.
+        let outcome = integrate(&node, holder, config);
         drop(node);
-        let Some(outcome) = step else { break };
         if let Err(err) = &outcome {
             tracing::warn!(code = err.code(), "sequencer step failed; retrying");
         }
@@ -490,8 +610,9 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
 /// How long the sequencer waits after a step that integrated `done` (`None`: nothing, or
 /// the step failed), from the step's start; `None`: go again at once.
 ///
-/// A step holds the committer thread — every request of the node waits for it — for about
-/// 1 µs per entry (3 µs before the request-id index was paged), plus its commit. Under load,
+/// A step's writes hold the committer thread — every request of the node waits for them —
+/// for their commit and a few sets per tile and page (the whole step did, at ~1 µs per entry,
+/// before it was computed off that thread; 3 µs before the request-id index was paged). Under load,
 /// steps an eighth of the idle interval apart keep each one short: at 25k requests/s ~310
 /// entries every 12.5 ms instead of ~2,500 every 100 ms. arca-bench, reads at 16
 /// connections (before the paging): p99 ~3.5 ms at a quarter of the interval, ~2.4 ms at an

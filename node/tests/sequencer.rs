@@ -68,7 +68,7 @@ fn verify(
     )
 }
 
-fn drain(node: &Node, holder: &str, config: &SequencerConfig) -> u64 {
+fn drain(node: &Arc<Node>, holder: &str, config: &SequencerConfig) -> u64 {
     let mut batches = 0;
     while sequencer::integrate(node, holder, config).unwrap().is_some() {
         batches += 1;
@@ -166,6 +166,29 @@ async fn only_the_lease_holder_sequences() {
     let taken = sequencer::integrate(&node, "b", &config).unwrap().unwrap();
     assert_eq!((taken.first_index, taken.count), (21, 10));
     assert_eq!(verify(&node, None).unwrap().entries, 31);
+}
+
+/// A step is computed from a snapshot and committed later: if the log moved on meanwhile (the
+/// same holder or another leader committed a step), the stale step must commit nothing, or
+/// its older state would rewind the log and its entries would be integrated twice.
+#[tokio::test]
+async fn a_step_computed_from_a_state_that_moved_on_commits_nothing() {
+    let (_dir, node, root) = node().await;
+    let config = SequencerConfig::default();
+    let ttl_ms = config.lease_ttl.as_millis() as u64;
+    requests(&node, &root, 5).await;
+    let stale = sequencer::prepare(&node, "a", &config).unwrap().expect("entries to integrate");
+    requests(&node, &root, 3).await;
+    let done = sequencer::integrate(&node, "a", &config).unwrap().expect("a step");
+    assert_eq!((done.first_index, done.size), (0, done.count), "one step took every entry");
+    assert_eq!(sequencer::apply(&node, "a", ttl_ms, stale).unwrap(), None, "the stale step committed");
+    assert!(sequencer::integrate(&node, "a", &config).unwrap().is_none(), "entries left to integrate twice");
+    assert_eq!(verify(&node, None).unwrap().entries, done.size);
+    // A fresh step goes on from the committed state.
+    requests(&node, &root, 2).await;
+    let next = sequencer::integrate(&node, "a", &config).unwrap().expect("a step");
+    assert_eq!((next.first_index, next.count), (done.size, 2));
+    assert_eq!(verify(&node, None).unwrap().entries, done.size + 2);
 }
 
 #[tokio::test]
