@@ -409,14 +409,20 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Corrupt("sqlite refused WAL mode"));
         }
-        // mmap: reads come from the shared mapping instead of a pread per page (SQLite keeps
-        // writes on the WAL file; durability is unchanged).
+        // No mmap (mmap_size = 0): SQLite drops a connection's mapping (munmap, a TLB
+        // shootdown on every core) whenever it begins a read after another connection
+        // committed, so under load every read off the committer's connection — the
+        // sequencer's steps, the audit log's readers — unmapped and faulted the file in
+        // again: ~34% of the sequencer thread's samples under writes. The committing
+        // connection keeps its page cache across its own commits either way, and its point
+        // reads mostly come from the node's memo. (Reads went through a 256 MiB mapping from
+        // the first performance round to the eleventh; ARCHITECTURE.md.)
         // temp_store = MEMORY: a write statement inside a transaction keeps its statement
         // journal in 1 KiB chunks instead of one 64 KiB spill buffer. That buffer was malloc'd
         // and freed per statement, and glibc trimmed the committer thread's arena each time
         // (madvise plus a TLB shootdown on every core): ~4% of the committer's samples.
         conn.execute_batch(
-            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA mmap_size = 268435456; \
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA mmap_size = 0; \
              PRAGMA temp_store = MEMORY;",
         )
         .map_err(map_err)?;
