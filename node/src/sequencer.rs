@@ -233,10 +233,9 @@ pub fn rid_index(tx: &mut dyn Transaction, region: &str, request_id: &str) -> Re
 /// The step is computed on the calling thread from a snapshot, without the store's write
 /// lock ([`prepare`]): reading the events, hashing them into the tree and the tiles, the
 /// request-id pages, signing the checkpoint. Only its writes go through the committer thread
-/// ([`apply`]), between request batches, which waits for nothing else: there they commit
-/// only if the log's state is still the one the step was computed from, so a step can never
-/// fork the log, whoever else leads or sequenced meanwhile (it is then dropped, and the next
-/// one starts from the new state). Every request of the node waits out what runs on the
+/// ([`apply`]), between request batches: there they commit only if the log's state is still
+/// the one the step was computed from, so a step can never fork the log, whoever else leads
+/// or sequenced meanwhile (it is then dropped, and the next one starts from the new state). Every request of the node waits out what runs on the
 /// committer thread: before this split, the whole step did.
 pub fn integrate(
     node: &Arc<Node>,
