@@ -17,6 +17,7 @@
 //! not sequence.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,8 +26,6 @@ use arca_audit::checkpoint::Checkpoint;
 use arca_audit::merkle::{self, Frontier, Hash};
 use arca_audit::note::NoteSigner;
 use arca_audit::tiles::{self, TILE_HEIGHT, TILE_WIDTH, TileHashSource, TileReader};
-use std::ops::Bound;
-
 use arca_store::{KeyValue, RangeOptions, StoreError, StoreExt, Transaction, Versionstamp, prefix_end};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -235,8 +234,9 @@ pub fn rid_index(tx: &mut dyn Transaction, region: &str, request_id: &str) -> Re
 /// request-id pages, signing the checkpoint. Only its writes go through the committer thread
 /// ([`apply`]), between request batches: there they commit only if the log's state is still
 /// the one the step was computed from, so a step can never fork the log, whoever else leads
-/// or sequenced meanwhile (it is then dropped, and the next one starts from the new state). Every request of the node waits out what runs on the
-/// committer thread: before this split, the whole step did.
+/// or sequenced meanwhile (it is then dropped, and the next one starts from the new state).
+/// Every request of the node waits out what runs on the committer thread: before this
+/// split, the whole step did.
 pub fn integrate(
     node: &Arc<Node>,
     holder: &str,
