@@ -610,10 +610,10 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
 /// the step failed), from the step's start; `None`: go again at once.
 ///
 /// A step's writes hold the committer thread — every request of the node waits for them —
-/// for their commit and a few sets per tile and page (the whole step did, at ~1 µs per entry,
-/// before it was computed off that thread; 3 µs before the request-id index was paged). Under load,
-/// steps an eighth of the idle interval apart keep each one short: at 25k requests/s ~310
-/// entries every 12.5 ms instead of ~2,500 every 100 ms. arca-bench, reads at 16
+/// for their commit and a few sets per tile and page (the whole step did, at ~1 µs per
+/// entry, before it was computed off that thread; 3 µs before the request-id index was
+/// paged). Under load, steps an eighth of the idle interval apart keep each one short: at
+/// 25k requests/s ~310 entries every 12.5 ms instead of ~2,500 every 100 ms. arca-bench, reads at 16
 /// connections (before the paging): p99 ~3.5 ms at a quarter of the interval, ~2.4 ms at an
 /// eighth, throughput unchanged; at 64 connections p99 ~5.9 → ~4.5 ms (p90 ~2.7 → ~3.2 ms).
 /// The log is signed sooner too. An idle node still wakes once per interval.
