@@ -75,8 +75,12 @@ enum Cmd {
         #[arg(long)]
         max_errors: Option<u64>,
     },
-    /// Compare two result files side by side, with ratios (second / first).
-    Compare { baseline: PathBuf, candidate: PathBuf },
+    /// Compare result files side by side, in pairs (baseline, candidate), with ratios
+    /// (candidate ÷ baseline); with several pairs (rounds), also the median ratio.
+    Compare {
+        #[arg(required = true, value_name = "BASELINE CANDIDATE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -405,42 +409,81 @@ async fn run(
     Ok(())
 }
 
-fn compare(baseline: &PathBuf, candidate: &PathBuf) -> Result<(), BoxError> {
-    let a: Value = serde_json::from_slice(&std::fs::read(baseline)?)?;
-    let b: Value = serde_json::from_slice(&std::fs::read(candidate)?)?;
-    let (la, lb) = (a["label"].as_str().unwrap_or("baseline"), b["label"].as_str().unwrap_or("candidate"));
-    println!(
-        "{:<10} {:>4} {:>6} {:>11} {:>9} {:>9} {:>9}",
-        "system", "conc", "reads", "req/s", "p50 ms", "p99 ms", "errors"
-    );
+/// Prints result files side by side, in pairs (baseline, candidate), with each pair's ratios
+/// (candidate ÷ baseline) per load; with several pairs (rounds of the same comparison), also the
+/// median ratio and its range, so that one slow moment of a shared machine does not decide it.
+fn compare(files: &[PathBuf]) -> Result<(), BoxError> {
+    if files.is_empty() || !files.len().is_multiple_of(2) {
+        return Err("compare takes result files in pairs: BASELINE CANDIDATE [BASELINE CANDIDATE …]".into());
+    }
+    let docs = files
+        .iter()
+        .map(|file| Ok(serde_json::from_slice::<Value>(&std::fs::read(file)?)?))
+        .collect::<Result<Vec<_>, BoxError>>()?;
+    let pairs: Vec<(&Value, &Value)> = docs.chunks(2).map(|pair| (&pair[0], &pair[1])).collect();
+    let label = |doc: &Value, default: &'static str| doc["label"].as_str().unwrap_or(default).to_owned();
+    let (la, lb) = (label(pairs[0].0, "baseline"), label(pairs[0].1, "candidate"));
     let empty = Vec::new();
-    for ra in a["results"].as_array().unwrap_or(&empty) {
-        let Some(rb) = b["results"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .find(|r| r["concurrency"] == ra["concurrency"] && r["read_ratio"] == ra["read_ratio"])
-        else {
+    let results = |doc: &Value| doc["results"].as_array().unwrap_or(&empty).clone();
+    let num = |r: &Value, key: &str| r[key].as_f64().unwrap_or(0.0);
+    println!(
+        "{:<10} {:>5} {:>4} {:>6} {:>11} {:>9} {:>9} {:>9}",
+        "system", "round", "conc", "reads", "req/s", "p50 ms", "p99 ms", "errors"
+    );
+    for level in results(pairs[0].0) {
+        let same =
+            |r: &&Value| r["concurrency"] == level["concurrency"] && r["read_ratio"] == level["read_ratio"];
+        let (mut ratios, mut tails) = (Vec::new(), Vec::new());
+        for (round, (a, b)) in pairs.iter().enumerate() {
+            let (ra, rb) = (results(a), results(b));
+            let (Some(ra), Some(rb)) = (ra.iter().find(same), rb.iter().find(same)) else {
+                continue;
+            };
+            for (label, r) in [(&la, ra), (&lb, rb)] {
+                println!(
+                    "{label:<10} {:>5} {:>4} {:>5.0}% {:>11.0} {:>9.2} {:>9.2} {:>9}",
+                    round + 1,
+                    r["concurrency"],
+                    num(r, "read_ratio") * 100.0,
+                    num(r, "throughput_per_s"),
+                    num(r, "p50_us") / 1000.0,
+                    num(r, "p99_us") / 1000.0,
+                    r["errors"]
+                );
+            }
+            ratios.push(num(rb, "throughput_per_s") / num(ra, "throughput_per_s").max(1e-9));
+            tails.push(num(rb, "p99_us") / num(ra, "p50_us").max(1e-9));
+        }
+        let (Some(ratio), Some(tail)) = (median(&ratios), median(&tails)) else {
             continue;
         };
-        for (label, r) in [(la, ra), (lb, rb)] {
+        if ratios.len() == 1 {
+            println!("  ratio {lb}/{la}: throughput ×{ratio:.2}; {lb} p99 is {tail:.2}× {la} p50\n");
+        } else {
+            let list = |xs: &[f64], prefix: &str| {
+                xs.iter().map(|x| format!("{prefix}{x:.2}")).collect::<Vec<_>>().join(" ")
+            };
             println!(
-                "{label:<10} {:>4} {:>5.0}% {:>11.0} {:>9.2} {:>9.2} {:>9}",
-                r["concurrency"],
-                r["read_ratio"].as_f64().unwrap_or(0.0) * 100.0,
-                r["throughput_per_s"].as_f64().unwrap_or(0.0),
-                r["p50_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                r["p99_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                r["errors"]
+                "  ratio {lb}/{la} over {} rounds: throughput median ×{ratio:.2} ({}); {lb} p99 is median {tail:.2}× {la} p50 ({})\n",
+                ratios.len(),
+                list(&ratios, "×"),
+                list(&tails, "")
             );
         }
-        let ratio = rb["throughput_per_s"].as_f64().unwrap_or(0.0)
-            / ra["throughput_per_s"].as_f64().unwrap_or(1.0).max(1e-9);
-        let p99_vs_p50 =
-            rb["p99_us"].as_f64().unwrap_or(0.0) / ra["p50_us"].as_f64().unwrap_or(1.0).max(1e-9);
-        println!("  ratio {lb}/{la}: throughput ×{ratio:.2}; {lb} p99 is {p99_vs_p50:.2}× {la} p50\n");
     }
     Ok(())
+}
+
+/// The median of `xs` (the mean of the middle two for an even count); `None` when empty.
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if !n.is_multiple_of(2) => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -470,7 +513,7 @@ fn main() -> std::process::ExitCode {
             let cfg = RunCfg { secrets, size, read_ratio, duration, warmup };
             rt.block_on(run(target, addr, token, setup, cfg, concurrency, label, json, svg, max_errors))
         }
-        Cmd::Compare { baseline, candidate } => compare(&baseline, &candidate),
+        Cmd::Compare { files } => compare(&files),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -478,5 +521,18 @@ fn main() -> std::process::ExitCode {
             eprintln!("arca-bench: {err}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[7.0]), Some(7.0));
+        assert_eq!(median(&[9.0, 1.0, 5.0]), Some(5.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 }
