@@ -204,10 +204,23 @@ struct Job {
     done: oneshot::Sender<Result<Versionstamp, CommitFailed>>,
 }
 
-/// What the committer thread is asked to do: a request's job, or a task that must not
-/// contend with the request path for the store's write lock (the sequencer's step).
+/// Writes that join a batch's transaction with no audit event of their own (the sequencer's
+/// step): run before the batch's requests, again on every attempt of the transaction. An
+/// error fails the whole batch, so a step returns only the store's errors; its own outcome
+/// it keeps in what it captured.
+pub type StepFn = Box<dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError> + Send>;
+
+struct Step {
+    run: StepFn,
+    /// Whether the batch committed.
+    done: mpsc::Sender<bool>,
+}
+
+/// What the committer thread is asked to do: a request's job, writes to join a batch, or a
+/// task that must not contend with the request path for the store's write lock.
 enum Work {
     Request(Job),
+    Step(Step),
     Task(Box<dyn FnOnce() + Send>),
 }
 
@@ -281,6 +294,17 @@ impl Committer {
         wait.await.map_err(|_| CommitFailed)?
     }
 
+    /// Runs `step` in the next batch's transaction (alone if no request is waiting) and waits
+    /// for its commit, blocking the caller: `Some(true)` once committed, `Some(false)` if the
+    /// batch failed (nothing of it was written), `None` if the committer is gone. The step's
+    /// writes then share the batch's commit and fsync instead of taking one of their own
+    /// between batches, and they go through the batch's memo, which stays exact.
+    pub fn join_batch(&self, step: StepFn) -> Option<bool> {
+        let (done, wait) = mpsc::channel();
+        self.queue.send(Work::Step(Step { run: step, done })).ok()?;
+        wait.recv().ok()
+    }
+
     /// Runs `task` on the committer thread between batches and returns its result (blocking
     /// the caller). In one process the committer is then the only writer, so the task never
     /// waits on SQLite's busy handler against the request path. `None` if the committer is
@@ -325,15 +349,17 @@ fn run(
     let mut tasks: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
     // The memo and the version of the commit it is exact at: the last batch's.
     let mut carried: Option<(u64, Memo)> = None;
+    let mut steps: Vec<Step> = Vec::new();
     while let Ok(first) = work.recv() {
-        let first = match first {
-            Work::Request(job) => job,
+        let mut batch = Vec::new();
+        match first {
+            Work::Request(job) => batch.push(job),
+            Work::Step(step) => steps.push(step),
             Work::Task(task) => {
                 task();
                 continue;
             }
-        };
-        let mut batch = vec![first];
+        }
         // Gather what is waiting. Under concurrency (the last batch had company), give
         // in-flight requests a few microseconds to arrive so that one fsync serves more of
         // them; a lone client never waits.
@@ -342,6 +368,7 @@ fn run(
         while batch.len() < MAX_BATCH {
             match work.try_recv() {
                 Ok(Work::Request(job)) => batch.push(job),
+                Ok(Work::Step(step)) => steps.push(step),
                 Ok(Work::Task(task)) => tasks.push(task),
                 Err(_) if linger && batch.len() < LINGER_BELOW && Instant::now() < linger_until => {
                     std::thread::yield_now()
@@ -349,7 +376,9 @@ fn run(
                 Err(_) => break,
             }
         }
-        last_batch_len = batch.len();
+        if !batch.is_empty() {
+            last_batch_len = batch.len();
+        }
         let started = Instant::now();
         let mut outcome = store.transact(|tx| {
             // Taken, so that a retried attempt (whose first attempt wrote into the memo)
@@ -364,6 +393,13 @@ fn run(
                 _ => Memo::default(),
             };
             let gate = Gate::read_memoized(tx, &mut memo)?;
+            for step in steps.iter_mut() {
+                // The audit log's keys are not in the change feed (standbys get the log by its
+                // own stream), and a standby sequences its region's log too: no ops, no gate.
+                let mut recorder =
+                    Recorder { tx: &mut *tx, writable: true, keep: false, ops: Vec::new(), memo: &mut memo };
+                (step.run)(&mut recorder)?;
+            }
             let mut orders = Vec::with_capacity(batch.len());
             for job in batch.iter_mut() {
                 let mut recorder = Recorder {
@@ -396,17 +432,22 @@ fn run(
             Ok::<_, StoreError>((orders, memo))
         });
         let elapsed = started.elapsed().as_secs_f64();
-        // Counted before the replies, so a request's caller sees its batch in the statistics.
-        let mut counted = stats.lock().unwrap_or_else(|p| p.into_inner());
-        counted.durations.observe(elapsed);
-        counted.jobs += batch.len() as u64;
-        counted.failed_batches += u64::from(outcome.is_err());
-        if let Ok(committed) = &mut outcome {
-            let memo = &mut committed.value.1;
-            counted.memo_hits += std::mem::take(&mut memo.hits);
-            counted.memo_misses += std::mem::take(&mut memo.misses);
+        for step in steps.drain(..) {
+            let _ = step.done.send(outcome.is_ok());
         }
-        drop(counted);
+        // Counted before the replies, so a request's caller sees its batch in the statistics
+        // (a batch of a sequencer step alone is not a batch of requests).
+        if !batch.is_empty() {
+            let mut counted = stats.lock().unwrap_or_else(|p| p.into_inner());
+            counted.durations.observe(elapsed);
+            counted.jobs += batch.len() as u64;
+            counted.failed_batches += u64::from(outcome.is_err());
+            if let Ok(committed) = &mut outcome {
+                let memo = &mut committed.value.1;
+                counted.memo_hits += std::mem::take(&mut memo.hits);
+                counted.memo_misses += std::mem::take(&mut memo.misses);
+            }
+        }
         match outcome {
             Ok(committed) => {
                 let (orders, memo) = committed.value;
@@ -517,6 +558,27 @@ mod tests {
         let journaled = crate::memo::JournaledStore::new(engine.clone(), journal.clone());
         let committer = Committer::start(engine.clone(), journal, "r".into());
         Fixture { _dir, path, engine, journaled, committer }
+    }
+
+    #[test]
+    fn a_step_commits_in_a_batch_whose_memo_sees_its_writes_or_fails_with_it() {
+        let f = fixture();
+        let stored = |key: &'static [u8]| f.engine.transact(|tx| tx.get(key)).unwrap().value;
+        // A request reads the key first: the memo remembers it absent.
+        assert_eq!(read_in_batch(&f.committer, b"audit/x"), None);
+        // A step alone (no request waiting) is a batch of its own, and commits.
+        assert_eq!(f.committer.join_batch(Box::new(|tx| tx.set(b"audit/x", b"1"))), Some(true));
+        assert_eq!(stored(b"audit/x").as_deref(), Some(&b"1"[..]));
+        // The memo carried into the next batch has the step's write, not the absence read.
+        assert_eq!(read_in_batch(&f.committer, b"audit/x").as_deref(), Some(&b"1"[..]));
+        // A step that fails fails its batch: nothing of it is written.
+        let failing: StepFn = Box::new(|tx| {
+            tx.set(b"audit/y", b"2")?;
+            Err(StoreError::Corrupt("a failing step"))
+        });
+        assert_eq!(f.committer.join_batch(failing), Some(false));
+        assert_eq!(stored(b"audit/y"), None);
+        assert_eq!(read_in_batch(&f.committer, b"audit/y"), None);
     }
 
     /// Submits a job that reports the gate its batch read.

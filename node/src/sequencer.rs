@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arca_audit::Event;
@@ -232,7 +232,7 @@ pub fn rid_index(tx: &mut dyn Transaction, region: &str, request_id: &str) -> Re
 /// The step is computed on the calling thread from a snapshot, without the store's write
 /// lock ([`prepare`]): reading the events, hashing them into the tree and the tiles, the
 /// request-id pages, signing the checkpoint. Only its writes go through the committer thread
-/// ([`apply`]), between request batches: there they commit only if the log's state is still
+/// ([`apply`]), in a batch of requests' transaction: there they commit only if the log's state is still
 /// the one the step was computed from, so a step can never fork the log, whoever else leads
 /// or sequenced meanwhile (it is then dropped, and the next one starts from the new state).
 /// Every request of the node waits out what runs on the committer thread: before this
@@ -248,13 +248,7 @@ pub fn integrate(
     let Some(prepared) = prepare(node, holder, config)? else {
         return Ok(None);
     };
-    let applied = {
-        let (this, holder, ttl_ms) = (node.clone(), holder.to_owned(), config.lease_ttl.as_millis() as u64);
-        // A committer that is gone means the node is shutting down: nothing was written.
-        node.committer()
-            .run_task(move || apply(&this, &holder, ttl_ms, prepared))
-            .ok_or(ApiError::Internal)??
-    };
+    let applied = apply(node, holder, config.lease_ttl.as_millis() as u64, prepared)?;
     failpoint("sequencer.after-commit");
     let Some((first_index, count, size, oldest_ms, newest_ms)) = applied else {
         return Ok(None);
@@ -388,36 +382,55 @@ pub fn prepare(node: &Node, holder: &str, config: &SequencerConfig) -> Result<Op
     Ok(prepared.value)
 }
 
-/// Commits a [`prepare`]d step: the lease is renewed, and the step's writes are made only if
-/// this holder still leads and the log's state is still the one the step extends (`None`
-/// otherwise, nothing written but the lease). Meant for the committer thread.
+/// Commits a [`prepare`]d step in the committer's next batch (blocking the caller until it
+/// committed): the lease is renewed, and the step's writes are made only if this holder
+/// still leads and the log's state is still the one the step extends (`None` otherwise,
+/// nothing written but the lease). The step shares the batch's commit and fsync.
 pub fn apply(node: &Node, holder: &str, ttl_ms: u64, prepared: Prepared) -> Result<Option<Step>, ApiError> {
     let region = &node.identity().region;
-    let lease_key = keys::audit_lease(region);
-    let state_key = keys::audit_state(region);
+    let (lease_key, state_key) = (keys::audit_lease(region), keys::audit_state(region));
+    let holder = holder.to_owned();
     let Prepared { from_state, step } = prepared;
-    let committed = node.store.transact(|tx| -> Result<Option<Step>, ApiError> {
-        let now = now_unix_ms();
-        if !lease_view(tx, &lease_key, holder, now, ttl_ms)?.0 {
-            return Ok(None);
-        }
-        // The lease write comes first, so the store's write lock is taken at once and the
-        // state read below cannot go stale under the request path's commits (on SQLite a
-        // stale snapshot would conflict and retry, over and over, under load).
-        write_lease(tx, &lease_key, holder, now + ttl_ms)?;
-        let Some(step) = &step else {
-            return Ok(None);
-        };
-        if tx.get(&state_key)? != from_state {
-            return Ok(None);
-        }
-        for (key, value) in &step.writes {
-            tx.set(key, value)?;
-        }
-        failpoint("sequencer.before-commit");
-        Ok(Some(step.done))
-    })?;
-    Ok(committed.value)
+    // The outcome of the last attempt of the batch's transaction.
+    let outcome = Arc::new(Mutex::new(None));
+    let run = {
+        let outcome = outcome.clone();
+        Box::new(move |tx: &mut dyn Transaction| -> Result<(), StoreError> {
+            let now = now_unix_ms();
+            let result = (|| -> Result<Option<Step>, ApiError> {
+                if !lease_view(tx, &lease_key, &holder, now, ttl_ms)?.0 {
+                    return Ok(None);
+                }
+                write_lease(tx, &lease_key, &holder, now + ttl_ms)?;
+                let Some(step) = &step else {
+                    return Ok(None);
+                };
+                if tx.get(&state_key)? != from_state {
+                    return Ok(None);
+                }
+                for (key, value) in &step.writes {
+                    tx.set(key, value)?;
+                }
+                failpoint("sequencer.before-commit");
+                Ok(Some(step.done))
+            })();
+            match result {
+                // The transaction may hold part of the step's writes: the batch fails.
+                Err(ApiError::Store(err)) => Err(err),
+                other => {
+                    *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(other);
+                    Ok(())
+                }
+            }
+        })
+    };
+    // A committer that is gone means the node is shutting down: nothing was written.
+    match node.committer().join_batch(run) {
+        Some(true) => outcome.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(Ok(None)),
+        // The batch failed (the committer logged why): nothing of the step was written.
+        Some(false) => Err(ApiError::Unavailable),
+        None => Err(ApiError::Internal),
+    }
 }
 
 /// A step's transaction: reads go to the snapshot (or to what the step wrote), writes are
