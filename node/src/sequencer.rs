@@ -605,8 +605,8 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
     loop {
         let Some(node) = weak.upgrade() else { break };
         let started = Instant::now();
-        // The step's writes commit on the committer thread, between request batches: no
-        // fight for the store's write lock with this node's own request path.
+        // The step's writes commit on the committer thread, in its next batch of requests:
+        // no fight for the store's write lock with this node's own request path.
         let outcome = integrate(&node, holder, config);
         drop(node);
         if let Err(err) = &outcome {
@@ -622,8 +622,8 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
 /// How long the sequencer waits after a step that integrated `done` (`None`: nothing, or
 /// the step failed), from the step's start; `None`: go again at once.
 ///
-/// A step's writes hold the committer thread — every request of the node waits for them —
-/// for their commit and a few sets per tile and page (the whole step did, at ~1 µs per
+/// A step's writes hold the committer thread — every request of its batch waits for them —
+/// for a few sets per tile and page (the whole step did, at ~1 µs per
 /// entry, before it was computed off that thread; 3 µs before the request-id index was
 /// paged). Under load, steps an eighth of the idle interval apart keep each one short: at
 /// 25k requests/s ~310 entries every 12.5 ms instead of ~2,500 every 100 ms. arca-bench, reads at 16
