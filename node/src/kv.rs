@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use arca_audit::Operation;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::ApiError;
 use crate::keys;
@@ -136,6 +136,38 @@ pub struct SecretVersion {
     pub version: u64,
     pub meta: VersionMeta,
     pub custom_metadata: BTreeMap<String, String>,
+}
+
+/// A version read with its data as stored: the JSON object [`SecretData`] was written as,
+/// decrypted (authenticated by the barrier). Redacted in `Debug`, zeroized on drop.
+pub struct PlainVersion {
+    pub json: Zeroizing<Vec<u8>>,
+    pub version: u64,
+    pub meta: VersionMeta,
+    pub custom_metadata: BTreeMap<String, String>,
+}
+
+impl PlainVersion {
+    /// The data, parsed.
+    pub fn parse(self) -> Result<SecretVersion, ApiError> {
+        let data: SecretData = serde_json::from_slice(&self.json).map_err(|_| ApiError::Internal)?;
+        Ok(SecretVersion {
+            data,
+            version: self.version,
+            meta: self.meta,
+            custom_metadata: self.custom_metadata,
+        })
+    }
+}
+
+impl std::fmt::Debug for PlainVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainVersion")
+            .field("json_bytes", &self.json.len())
+            .field("version", &self.version)
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Metadata changes; `None` leaves a field as is.
@@ -387,6 +419,23 @@ impl Node {
         self.kv_read_at(ctx, mount, path, selector).await
     }
 
+    /// [`Node::kv_read`], with the version's data left as the JSON object it was stored as
+    /// (the HTTP API copies it into the reply as it stands, without parsing it and printing
+    /// it again).
+    pub async fn kv_read_plain(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        version: Option<u64>,
+    ) -> Audited<PlainVersion> {
+        let selector = match version {
+            Some(0) | None => Selector::Current,
+            Some(v) => Selector::Version(v),
+        };
+        self.kv_read_plain_at(ctx, mount, path, selector).await
+    }
+
     /// Reads the version a [`Selector`] names: `current` (the default), a version, or a
     /// rotation stage (`previous`, `pending`). A revoked version is refused as such.
     pub async fn kv_read_at(
@@ -396,6 +445,19 @@ impl Node {
         path: String,
         selector: Selector,
     ) -> Audited<SecretVersion> {
+        let Audited { result, request_id, position } =
+            self.kv_read_plain_at(ctx, mount, path, selector).await;
+        Audited { result: result.and_then(PlainVersion::parse), request_id, position }
+    }
+
+    /// [`Node::kv_read_at`], with the data as stored (see [`PlainVersion`]).
+    pub async fn kv_read_plain_at(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        selector: Selector,
+    ) -> Audited<PlainVersion> {
         let audit_path = api_path(&mount, "data", &path);
         let read = self
             .execute(ctx, Operation::KvRead, audit_path.clone(), move |env| {
@@ -442,10 +504,8 @@ impl Node {
             .await;
         let Audited { result, request_id, position } = read;
         let result = result.and_then(|sealed| {
-            let plain = self.decrypt(&sealed.ciphertext, &sealed.aad)?;
-            let data: SecretData = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
-            Ok(SecretVersion {
-                data,
+            Ok(PlainVersion {
+                json: self.decrypt(&sealed.ciphertext, &sealed.aad)?,
                 version: sealed.version,
                 meta: sealed.meta,
                 custom_metadata: sealed.custom_metadata,

@@ -251,16 +251,20 @@ fn json_response<T: serde::Serialize>(status: StatusCode, body: T) -> Response {
     }
 }
 
-/// The KV v2 read reply, serialized from the decrypted secret by reference: the response
-/// body is the only copy of its values made on the way out (a `serde_json::Value` would be
-/// another, never zeroized).
-fn kv_read_reply(s: &crate::kv::SecretVersion, request_id: &str) -> Response {
+/// The KV v2 read reply. The secret's data is copied into the body as the JSON object it
+/// was stored as (`serde_json` wrote it, and the barrier authenticated it on the way back;
+/// it is still checked to be one JSON value): no parse into strings that are printed again.
+/// The response body is the only copy of its values made on the way out.
+fn kv_read_reply(s: &crate::kv::PlainVersion, request_id: &str) -> Response {
     #[derive(serde::Serialize)]
     struct KvReadData<'a> {
-        data: &'a BTreeMap<String, String>,
+        data: &'a serde_json::value::RawValue,
         metadata: VersionMetaReply<'a>,
     }
-    let data = KvReadData { data: &s.data.0, metadata: version_meta(s.version, &s.meta, &s.custom_metadata) };
+    let Ok(raw) = serde_json::from_slice::<&serde_json::value::RawValue>(&s.json) else {
+        return api_error(&ApiError::Internal);
+    };
+    let data = KvReadData { data: raw, metadata: version_meta(s.version, &s.meta, &s.custom_metadata) };
     json_response(StatusCode::OK, envelope(request_id, data, Value::Null))
 }
 
@@ -819,7 +823,9 @@ async fn dispatch(
                             v.parse::<u64>().map_err(|_| ApiError::invalid("version must be a number"))
                         )),
                     };
-                    reply(node.kv_read(ctx, mount, secret, version).await, |s, rid| kv_read_reply(&s, rid))
+                    reply(node.kv_read_plain(ctx, mount, secret, version).await, |s, rid| {
+                        kv_read_reply(&s, rid)
+                    })
                 }
                 "POST" | "PUT" => {
                     let data = SecretData(bad!(string_map(&body["data"], "data")));
@@ -978,11 +984,13 @@ mod tests {
     async fn the_typed_kv_read_reply_is_the_vault_envelope() {
         let custom = BTreeMap::from([("owner".to_owned(), "team \"a\"".to_owned())]);
         for (deleted, custom) in [(None, BTreeMap::new()), (Some(1_795_727_994_955), custom)] {
-            let s = crate::kv::SecretVersion {
-                data: SecretData(BTreeMap::from([
-                    ("password".to_owned(), "p\u{e9}\n\"x\"".to_owned()),
-                    ("user".to_owned(), "u".to_owned()),
-                ])),
+            let data = SecretData(BTreeMap::from([
+                ("password".to_owned(), "p\u{e9}\n\"x\"\u{1}".to_owned()),
+                ("user".to_owned(), "u".to_owned()),
+            ]));
+            // As `kv_write` stores it (`Env::put_json`).
+            let s = crate::kv::PlainVersion {
+                json: Zeroizing::new(serde_json::to_vec(&data).unwrap()),
                 version: 7,
                 meta: crate::kv::VersionMeta {
                     created_unix_ms: 951_782_400_123,
@@ -1000,7 +1008,7 @@ mod tests {
             });
             let expected = json!({
                 "request_id": "rid-1", "lease_id": "", "renewable": false, "lease_duration": 0,
-                "data": {"data": s.data.0.clone(), "metadata": meta}, "wrap_info": null, "warnings": null, "auth": null,
+                "data": {"data": data.0.clone(), "metadata": meta}, "wrap_info": null, "warnings": null, "auth": null,
             });
             let response = kv_read_reply(&s, "rid-1");
             assert_eq!(response.status(), StatusCode::OK);
@@ -1008,6 +1016,31 @@ mod tests {
             let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
             assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), expected);
             assert_eq!(body, expected.to_string().as_bytes(), "same bytes, same field order");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stored_value_that_is_not_one_json_value_is_an_internal_error_not_a_broken_body() {
+        let meta = crate::kv::VersionMeta {
+            created_unix_ms: 1,
+            deletion_unix_ms: None,
+            destroyed: false,
+            revoked_unix_ms: None,
+        };
+        for bad in [&b"{\"a\":"[..], b"{}{}", b"", b"{\"a\":\"\xff\"}"] {
+            let s = crate::kv::PlainVersion {
+                json: Zeroizing::new(bad.to_vec()),
+                version: 1,
+                meta: meta.clone(),
+                custom_metadata: BTreeMap::new(),
+            };
+            let response = kv_read_reply(&s, "rid-1");
+            assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR, "{bad:?}");
+            let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            assert_eq!(
+                serde_json::from_slice::<Value>(&body).unwrap(),
+                json!({"errors": ["internal error"]})
+            );
         }
     }
 
