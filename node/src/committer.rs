@@ -470,6 +470,9 @@ fn run(
         for task in tasks.drain(..) {
             task();
         }
+        // The store's deferred upkeep (SQLite: the checkpoint that lets the WAL restart),
+        // now that nobody waits on this thread.
+        store.upkeep();
     }
 }
 

@@ -213,6 +213,10 @@ impl Store for JournaledStore {
             written: Written::default(),
         }))
     }
+
+    fn upkeep(&self) {
+        self.inner.upkeep();
+    }
 }
 
 struct JournaledTxn<'a> {

@@ -273,6 +273,12 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Starts a transaction attempt. Dropping it without commit rolls it back.
     fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError>;
+
+    /// Upkeep the engine keeps out of its commits, for the store's main writer to run when
+    /// no caller waits on it: the node's committer calls it after a batch's replies are
+    /// sent. SQLite: the WAL checkpoint that lets the log restart (see
+    /// [`SqliteStore::upkeep`]). Default: nothing.
+    fn upkeep(&self) {}
 }
 
 /// The retry loop, available on every [`Store`] (including `dyn Store`).

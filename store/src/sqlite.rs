@@ -41,7 +41,7 @@ use std::fs::OpenOptions;
 use std::hash::{BuildHasher, RandomState};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
@@ -252,17 +252,23 @@ pub struct SqliteStore {
 /// fsyncs it before it returns, and every request waiting on it waits too (~15% of the
 /// committer's time under writes). Here a helper thread, with its own connection, runs a
 /// PASSIVE checkpoint each time the WAL grows by [`HELPER_STEP_FRAMES`], concurrently with
-/// the commits; at [`INLINE_CHECKPOINT_FRAMES`] the committing connection still checkpoints
-/// itself, as SQLite would, but only the frames the helper has not copied yet. That
-/// checkpoint completes the copy, so the next write restarts the WAL from its start and the
-/// file stays bounded as before. Checkpoints never change what a transaction sees: SQLite
-/// copies only frames no reader still needs, whichever connection runs it.
+/// the commits. Only the writer itself can complete the copy under a continuous load (no
+/// commit may land while it runs), which lets the next write restart the WAL from its
+/// start and keeps the file bounded. From [`DEFERRED_CHECKPOINT_FRAMES`] that checkpoint is
+/// due, and the writer runs it in [`SqliteStore::upkeep`] when no caller waits on it (the
+/// node's committer: after a batch's replies are sent); it copies only the frames the helper
+/// has not. A writer that never calls `upkeep` still gets it inline, inside the commit that
+/// takes the WAL past [`INLINE_CHECKPOINT_FRAMES`], as SQLite would. Checkpoints never change
+/// what a transaction sees: SQLite copies only frames no reader still needs, whichever
+/// connection runs it.
 #[derive(Debug, Clone)]
 struct Checkpoints {
     /// Wakes the helper; a full channel means a pass is already due.
     helper: SyncSender<()>,
     /// The WAL's size in frames after this store's last commit.
     frames: Arc<AtomicI64>,
+    /// The WAL is past [`DEFERRED_CHECKPOINT_FRAMES`]: [`SqliteStore::upkeep`] checkpoints.
+    due: Arc<AtomicBool>,
     /// Checkpoints run, by whom (for tests and diagnostics).
     counts: Arc<CheckpointCounts>,
 }
@@ -270,13 +276,19 @@ struct Checkpoints {
 /// WAL growth, in frames, that wakes the helper thread for a pass.
 const HELPER_STEP_FRAMES: i64 = 450;
 
-/// WAL size, in frames, at which a commit checkpoints inline (SQLite's default).
-const INLINE_CHECKPOINT_FRAMES: i64 = 1000;
+/// WAL size, in frames, from which [`SqliteStore::upkeep`] checkpoints (SQLite's
+/// auto-checkpoint threshold).
+const DEFERRED_CHECKPOINT_FRAMES: i64 = 1000;
+
+/// WAL size, in frames, at which a commit checkpoints inline: the bound for writers that do
+/// not call [`SqliteStore::upkeep`].
+const INLINE_CHECKPOINT_FRAMES: i64 = 2000;
 
 #[derive(Debug, Default)]
 struct CheckpointCounts {
     helper: AtomicU64,
     inline: AtomicU64,
+    deferred: AtomicU64,
 }
 
 /// Checkpoints run since the store was opened ([`SqliteStore::checkpoints`]).
@@ -287,6 +299,8 @@ pub struct CheckpointStats {
     /// Checkpoints a committing connection ran itself (not counting those it found the
     /// helper running, which it leaves to the next commit).
     pub inline: u64,
+    /// Checkpoints [`SqliteStore::upkeep`] ran (the same, not counting busy ones).
+    pub deferred: u64,
 }
 
 impl Checkpoints {
@@ -308,7 +322,7 @@ impl Checkpoints {
                 }
             })
             .map_err(|_| StoreError::Corrupt("could not start the sqlite checkpoint thread"))?;
-        Ok(Checkpoints { helper, frames: Arc::new(AtomicI64::new(0)), counts })
+        Ok(Checkpoints { helper, frames: Arc::new(AtomicI64::new(0)), due: Arc::default(), counts })
     }
 
     /// The WAL hook of every connection: runs after each commit, with the WAL's size.
@@ -321,6 +335,9 @@ impl Checkpoints {
                 self.counts.inline.fetch_add(1, Ordering::Relaxed);
             }
             return;
+        }
+        if frames >= DEFERRED_CHECKPOINT_FRAMES {
+            self.due.store(true, Ordering::Relaxed);
         }
         // A smaller WAL than last time: it restarted from its first frame.
         let last = if frames < last { 0 } else { last };
@@ -371,6 +388,7 @@ impl SqliteStore {
         CheckpointStats {
             helper: counts.helper.load(Ordering::Relaxed),
             inline: counts.inline.load(Ordering::Relaxed),
+            deferred: counts.deferred.load(Ordering::Relaxed),
         }
     }
 
@@ -473,6 +491,29 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn engine(&self) -> &'static str {
         "sqlite"
+    }
+
+    /// Runs the checkpoint that is due (see `Checkpoints`), if one is. When the helper is
+    /// mid-pass it is busy and copies nothing; the next commit makes it due again.
+    fn upkeep(&self) {
+        if !self.checkpoints.due.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let conn = match self.acquire() {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "sqlite checkpoint: no connection");
+                return;
+            }
+        };
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get::<_, i64>(0)) {
+            Ok(0) => {
+                self.checkpoints.counts.deferred.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "sqlite checkpoint failed"),
+        }
+        self.release(conn);
     }
 
     fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
