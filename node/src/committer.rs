@@ -161,6 +161,23 @@ impl Transaction for Recorder<'_> {
         Ok(())
     }
 
+    fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        // Recorded as what it is, a clear and a set: standbys apply the two.
+        self.record(arca_replication::replicated(old), || arca_replication::Op::Clear { key: old.to_vec() })?;
+        self.record(arca_replication::replicated(new), || arca_replication::Op::Set {
+            key: new.to_vec(),
+            value: value.to_vec(),
+        })?;
+        self.tx.replace(old, new, value)?;
+        if self.memo.values.contains_key(old) {
+            self.memo.remember(old, None);
+        }
+        if self.memo.values.contains_key(new) {
+            self.memo.remember(new, Some(value));
+        }
+        Ok(())
+    }
+
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         let replicated = arca_replication::replicated(begin) || arca_replication::replicated(end);
         self.record(replicated, || arca_replication::Op::ClearRange {
@@ -517,6 +534,42 @@ mod tests {
                 assert!(!r.memo.values.contains_key(&b"b/missing"[..]));
                 assert_eq!(r.get(b"b/missing")?, None);
                 assert!(r.memo.values.contains_key(&b"c/kept"[..]));
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_replace_is_recorded_for_the_standbys_as_a_clear_and_a_set_and_kept_in_the_memo() {
+        use arca_replication::Op;
+        use arca_store::tuple::pack;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
+        let old = pack(&["kv".into(), "secret".into(), "v1".into()]);
+        let new = pack(&["kv".into(), "secret".into(), "v2".into()]);
+        store.transact(|tx| tx.set(&old, b"one")).unwrap();
+        store
+            .transact(|tx| {
+                let mut memo = Memo::default();
+                let mut r = Recorder { tx, writable: true, keep: true, ops: Vec::new(), memo: &mut memo };
+                assert_eq!(r.get(&old)?.as_deref(), Some(&b"one"[..]));
+                assert_eq!(r.get(&new)?, None);
+                r.replace(&old, &new, b"two")?;
+                assert_eq!(
+                    r.ops,
+                    vec![
+                        Op::Clear { key: old.clone() },
+                        Op::Set { key: new.clone(), value: b"two".to_vec() }
+                    ]
+                );
+                // Both remembered reads follow the write.
+                assert_eq!(r.get(&old)?, None);
+                assert_eq!(r.get(&new)?.as_deref(), Some(&b"two"[..]));
+                assert_eq!(r.memo.values.len(), 2);
+                // A region that takes no writes refuses it, before the store sees it.
+                r.writable = false;
+                assert!(r.replace(&new, &old, b"back").is_err());
+                assert_eq!(r.tx.get(&old)?, None);
                 Ok::<_, StoreError>(())
             })
             .unwrap();

@@ -339,14 +339,25 @@ pub(crate) fn write_version(
             meta.stages.insert(STAGE_PENDING.into(), version);
         }
     }
-    env.put_json(&keys::kv_version(mount, path, version), data)?;
     meta.current_version = version;
     meta.updated_unix_ms = now;
     meta.versions.insert(
         version,
         VersionMeta { created_unix_ms: now, deletion_unix_ms: None, destroyed: false, revoked_unix_ms: None },
     );
-    prune(env, mount, path, &mut meta)?;
+    let pruned = prunable(&mut meta);
+    let key = keys::kv_version(mount, path, version);
+    match pruned.split_first() {
+        // The first pruned version's row takes the new version (one row rewritten in place
+        // rather than one deleted and one appended).
+        Some((first, rest)) => {
+            env.replace_json(&keys::kv_version(mount, path, *first), &key, data)?;
+            for oldest in rest {
+                env.tx.clear(&keys::kv_version(mount, path, *oldest))?;
+            }
+        }
+        None => env.put_json(&key, data)?,
+    }
     store_meta(env, mount, path, meta)?;
     env.secret_version = Some(version);
     Ok(version)
@@ -355,13 +366,23 @@ pub(crate) fn write_version(
 /// Drops the oldest versions beyond the maximum, skipping staged ones (a rotation's
 /// `previous` stays readable); stages naming a dropped version go.
 fn prune(env: &mut Env<'_>, mount: &str, path: &str, meta: &mut Metadata) -> Result<(), ApiError> {
-    let staged: BTreeSet<u64> = meta.stages.values().copied().collect();
-    while meta.versions.len() > meta.effective_max_versions() {
-        let Some(oldest) = meta.versions.keys().copied().find(|v| !staged.contains(v)) else { break };
-        meta.versions.remove(&oldest);
+    for oldest in prunable(meta) {
         env.tx.clear(&keys::kv_version(mount, path, oldest))?;
     }
     Ok(())
+}
+
+/// Takes the versions [`prune`] drops out of `meta` and returns them, oldest first; the
+/// caller clears their keys.
+fn prunable(meta: &mut Metadata) -> Vec<u64> {
+    let staged: BTreeSet<u64> = meta.stages.values().copied().collect();
+    let mut dropped = Vec::new();
+    while meta.versions.len() > meta.effective_max_versions() {
+        let Some(oldest) = meta.versions.keys().copied().find(|v| !staged.contains(v)) else { break };
+        meta.versions.remove(&oldest);
+        dropped.push(oldest);
+    }
+    dropped
 }
 
 /// The versions a delete/undelete/destroy names: the given ones, or the current one.

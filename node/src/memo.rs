@@ -254,6 +254,12 @@ impl Transaction for JournaledTxn<'_> {
         self.inner.clear(key)
     }
 
+    fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.written.add_key(old);
+        self.written.add_key(new);
+        self.inner.replace(old, new, value)
+    }
+
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         self.written.add_range(begin, end);
         self.inner.clear_range(begin, end)

@@ -312,6 +312,19 @@ impl Env<'_> {
         self.seal_and_set(key, &json_record(value)?).map(drop)
     }
 
+    /// Clears `old` and writes `value` at `new`, encrypted for `new`
+    /// ([`Transaction::replace`]: the store may reuse `old`'s row).
+    pub fn replace_json<T: serde::Serialize>(
+        &mut self,
+        old: &[u8],
+        new: &[u8],
+        value: &T,
+    ) -> Result<(), ApiError> {
+        let ct = self.node.barrier.encrypt(&json_record(value)?, new)?;
+        self.tx.replace(old, new, &ct)?;
+        Ok(())
+    }
+
     /// The caller's token record, verified: present, known, unexpired. Records the actor.
     pub fn authenticate(&mut self) -> Result<Arc<TokenRecord>, ApiError> {
         if self.node.barrier.is_sealed() {

@@ -63,6 +63,9 @@ impl Transaction for FaultyTxn<'_> {
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.inner.clear(key)
     }
+    fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.replace(old, new, value)
+    }
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         self.inner.clear_range(begin, end)
     }
@@ -97,6 +100,9 @@ impl Store for FaultyStore {
     }
     fn begin(&self) -> Result<Box<dyn Transaction + '_>, StoreError> {
         Ok(Box::new(FaultyTxn { inner: self.inner.begin()?, fail: &self.fail_commits }))
+    }
+    fn upkeep(&self) {
+        self.inner.upkeep()
     }
 }
 
@@ -229,6 +235,41 @@ async fn versions_round_trip_with_kv_v2_semantics() {
         n.kv_read_metadata(ctx(Some(&h.root)), "secret".into(), "app/db".into()).await.result,
         Err(ApiError::NotFound(_))
     ));
+}
+
+#[tokio::test]
+async fn a_write_past_max_versions_takes_the_oldest_versions_place_and_each_version_keeps_its_own_data() {
+    let h = harness().await;
+    let n = &h.node;
+    let (mount, path) = ("secret", "app/pruned");
+    let put = |v: String| n.kv_write(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("v", &v)]), None);
+    put("1".into()).await.result.unwrap();
+    let update = MetadataUpdate { max_versions: Some(3), cas_required: None, custom_metadata: None };
+    n.kv_write_metadata(ctx(Some(&h.root)), mount.into(), path.into(), update).await.result.unwrap();
+    for v in 2..=7 {
+        assert_eq!(put(v.to_string()).await.result.unwrap(), v);
+    }
+    // In the store: the three newest versions, each readable with its own value (each is
+    // encrypted for its own key, so a row holding another version's value would not decrypt).
+    // (Version 0 packs as one byte.)
+    let prefix = keys::kv_version(mount, path, 0);
+    let prefix = &prefix[..prefix.len() - 1];
+    let stored = h
+        .store
+        .transact(|tx| tx.get_range(prefix, &prefix_end(prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
+    assert_eq!(stored.len(), 3, "{} version keys stored", stored.len());
+    for v in 1..=7u64 {
+        let read = n.kv_read(ctx(Some(&h.root)), mount.into(), path.into(), Some(v)).await.result;
+        match read {
+            Ok(s) if v >= 5 => assert_eq!(s.data.0["v"], v.to_string()),
+            Err(ApiError::NotFound(_)) if v < 5 => {}
+            other => panic!("version {v}: {other:?}"),
+        }
+    }
+    let meta = n.kv_read_metadata(ctx(Some(&h.root)), mount.into(), path.into()).await.result.unwrap();
+    assert_eq!(meta.versions.keys().copied().collect::<Vec<_>>(), vec![5, 6, 7]);
 }
 
 #[tokio::test]

@@ -758,6 +758,25 @@ impl Transaction for SqliteTxn<'_> {
         Ok(())
     }
 
+    fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.budget.charge_clear(old)?;
+        self.budget.charge_set(new, value)?;
+        self.write_version()?;
+        self.unstamp(old, false)?;
+        self.unstamp(new, true)?;
+        // `old`'s row takes the new key and value (its rowid, hence its page, stays); OR
+        // REPLACE drops another row already holding `new`, as `set` would overwrite it.
+        let moved = exec(
+            self.conn()?,
+            "UPDATE OR REPLACE kv SET key = ?2, value = ?3 WHERE key = ?1",
+            params![old, new, value],
+        )?;
+        if moved == 0 {
+            self.put_plain(new, value)?;
+        }
+        Ok(())
+    }
+
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         self.budget.charge_clear_range(begin, end)?;
         self.write_version()?;

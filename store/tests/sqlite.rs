@@ -489,6 +489,30 @@ fn a_helper_thread_copies_the_wal_into_the_database_file_and_commits_keep_the_wa
 }
 
 #[test]
+fn replace_rewrites_the_old_row_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
+    write_pages(&store, 0, 3);
+    let rowid = |key: &str| -> Option<i64> {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.query_row("SELECT rowid FROM kv WHERE key = ?1", [key.as_bytes()], |r| r.get(0)).ok()
+    };
+    let old = rowid("big/000000/0").unwrap();
+    store.transact(|tx| tx.replace(b"big/000000/0", b"big/000009/0", &[9; BIG])).unwrap();
+    // The new key took the old one's row (and so its page); nothing was appended.
+    assert_eq!(rowid("big/000000/0"), None);
+    assert_eq!(rowid("big/000009/0"), Some(old));
+    let max: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT max(rowid) FROM kv", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(max, rowid("big/000002/3").unwrap(), "no row past the last one written before");
+    let value = store.transact(|tx| tx.get(b"big/000009/0")).unwrap().value;
+    assert_eq!(value, Some(vec![9; BIG]));
+}
+
+#[test]
 fn upkeep_after_each_commit_checkpoints_out_of_the_commits_and_keeps_the_wal_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");

@@ -46,7 +46,7 @@ impl Fixture {
 macro_rules! suite {
     ($make:path, $make_short:path) => {
         $crate::suite!(@cases $make;
-            set_get_clear, read_your_writes, range_bounds_are_half_open, range_limit_and_reverse,
+            set_get_clear, read_your_writes, replace_is_a_clear_then_a_set, range_bounds_are_half_open, range_limit_and_reverse,
             empty_and_inverted_ranges, clear_range_removes_exactly_its_range,
             keys_with_special_bytes_keep_their_order, failed_closure_leaves_no_trace,
             snapshot_isolation_within_a_transaction, conflicting_transaction_is_retried,
@@ -108,6 +108,47 @@ pub fn read_your_writes(f: &Fixture) {
         })
         .unwrap();
     assert_eq!(f.all(), vec![(b"c".to_vec(), b"3".to_vec())]);
+}
+
+pub fn replace_is_a_clear_then_a_set(f: &Fixture) {
+    fill(f, &[b"v/1", b"v/2", b"w"]);
+    f.store
+        .transact(|tx| {
+            // The old key goes, the new one holds the value, read back in the transaction.
+            tx.replace(&f.key(b"v/1"), &f.key(b"v/3"), b"three")?;
+            assert_eq!(tx.get(&f.key(b"v/1"))?, None);
+            assert_eq!(tx.get(&f.key(b"v/3"))?, Some(b"three".to_vec()));
+            // An absent old key: a plain set.
+            tx.replace(&f.key(b"gone"), &f.key(b"v/4"), b"four")?;
+            // A new key that already holds a value: overwritten, as `set` would.
+            tx.replace(&f.key(b"v/2"), &f.key(b"w"), b"w2")?;
+            // The same key: its value changes.
+            tx.replace(&f.key(b"v/4"), &f.key(b"v/4"), b"four again")?;
+            let keys: Vec<_> = tx
+                .get_range(&f.key(b""), &f.key(b"z"), RangeOptions::default())?
+                .into_iter()
+                .map(|kv| kv.key)
+                .collect();
+            assert_eq!(keys, vec![f.key(b"v/3"), f.key(b"v/4"), f.key(b"w")]);
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+    assert_eq!(
+        f.all(),
+        vec![
+            (b"v/3".to_vec(), b"three".to_vec()),
+            (b"v/4".to_vec(), b"four again".to_vec()),
+            (b"w".to_vec(), b"w2".to_vec()),
+        ]
+    );
+    // A failed transaction leaves both keys as they were.
+    let failed = f.store.transact(|tx| {
+        tx.replace(&f.key(b"v/3"), &f.key(b"v/5"), b"five")?;
+        Err::<(), _>(StoreError::Corrupt("the caller gave up"))
+    });
+    assert!(failed.is_err());
+    assert_eq!(f.get(b"v/3"), Some(b"three".to_vec()));
+    assert_eq!(f.get(b"v/5"), None);
 }
 
 fn fill(f: &Fixture, keys: &[&[u8]]) {
