@@ -101,6 +101,16 @@ pub enum Selector {
     Stage(String),
 }
 
+impl Selector {
+    /// Vault's `?version=`: absent or 0 is the current version.
+    pub fn version(version: Option<u64>) -> Self {
+        match version {
+            Some(0) | None => Selector::Current,
+            Some(v) => Selector::Version(v),
+        }
+    }
+}
+
 /// How a new version takes its place among the stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NewVersionStage {
@@ -433,11 +443,7 @@ impl Node {
         path: String,
         version: Option<u64>,
     ) -> Audited<SecretVersion> {
-        let selector = match version {
-            Some(0) | None => Selector::Current,
-            Some(v) => Selector::Version(v),
-        };
-        self.kv_read_at(ctx, mount, path, selector).await
+        self.kv_read_at(ctx, mount, path, Selector::version(version)).await
     }
 
     /// [`Node::kv_read`], with the version's data left as the JSON object it was stored as
@@ -450,11 +456,7 @@ impl Node {
         path: String,
         version: Option<u64>,
     ) -> Audited<PlainVersion> {
-        let selector = match version {
-            Some(0) | None => Selector::Current,
-            Some(v) => Selector::Version(v),
-        };
-        self.kv_read_plain_at(ctx, mount, path, selector).await
+        self.kv_read_plain_at(ctx, mount, path, Selector::version(version)).await
     }
 
     /// Reads the version a [`Selector`] names: `current` (the default), a version, or a

@@ -429,6 +429,20 @@ fn write_pages(store: &SqliteStore, from: u32, n: u32) {
     }
 }
 
+/// Reopens the store at `path` and checks every `step`th of the first `n` transactions of
+/// [`write_pages`] is there, whole.
+fn reopen_with_pages(path: &std::path::Path, n: usize, step: usize) -> SqliteStore {
+    let store = SqliteStore::open(SqliteConfig::new(path)).unwrap();
+    for i in (0..n).step_by(step) {
+        for j in 0..4u8 {
+            let key = format!("big/{i:06}/{j}");
+            let value = store.transact(|tx| tx.get(key.as_bytes())).unwrap().value;
+            assert_eq!(value, Some(vec![j; BIG]), "{key}");
+        }
+    }
+    store
+}
+
 #[test]
 fn a_helper_thread_copies_the_wal_into_the_database_file_and_commits_keep_the_wal_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -471,14 +485,7 @@ fn a_helper_thread_copies_the_wal_into_the_database_file_and_commits_keep_the_wa
 
     // Everything committed is there after reopening, page by page.
     drop(store);
-    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
-    for i in (0..1290).step_by(97) {
-        for j in 0..4u8 {
-            let key = format!("big/{i:06}/{j}");
-            let value = store.transact(|tx| tx.get(key.as_bytes())).unwrap().value;
-            assert_eq!(value, Some(vec![j; BIG]), "{key}");
-        }
-    }
+    let store = reopen_with_pages(&path, 1290, 97);
     let options = arca_store::RangeOptions { limit: 0, reverse: false, snapshot: true };
     let mut keys = 0;
     for i in (0..1290).step_by(100) {
@@ -539,12 +546,5 @@ fn upkeep_after_each_commit_checkpoints_out_of_the_commits_and_keeps_the_wal_bou
     assert!(frames < 1300, "the WAL grew to {frames} frames");
 
     drop(store);
-    let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
-    for i in (0..1000).step_by(37) {
-        for j in 0..4u8 {
-            let key = format!("big/{i:06}/{j}");
-            let value = store.transact(|tx| tx.get(key.as_bytes())).unwrap().value;
-            assert_eq!(value, Some(vec![j; BIG]), "{key}");
-        }
-    }
+    reopen_with_pages(&path, 1000, 37);
 }
