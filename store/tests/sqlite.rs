@@ -245,7 +245,7 @@ fn a_store_of_an_unknown_format_is_refused_and_left_as_it_is() {
 mod stamped_table {
     //! Versionstamped keys live in their own table, merged with the plain keys on every read:
     //! a model (an ordered map) and the store must agree after any sequence of stamps, sets,
-    //! clears and range clears, including plain writes of keys shaped like stamped ones and
+    //! clears, replaces and range clears, including plain writes of keys shaped like stamped ones and
     //! prefixes that overlap a registered one (those stay in the plain table).
 
     use std::collections::BTreeMap;
@@ -263,6 +263,7 @@ mod stamped_table {
         Stamp { prefix: usize, suffix: u8, count: u8 },
         Set { key: Key, value: u8 },
         Clear { key: Key },
+        Replace { old: Key, new: Key, value: u8 },
         ClearRange { begin: Key, end: Key },
         Range { begin: Key, end: Key, limit: usize, reverse: bool },
     }
@@ -283,6 +284,7 @@ mod stamped_table {
             3 => (0..PREFIXES.len(), any::<u8>(), 1u8..4).prop_map(|(prefix, suffix, count)| Op::Stamp { prefix, suffix, count }),
             2 => (key(), any::<u8>()).prop_map(|(key, value)| Op::Set { key, value }),
             1 => key().prop_map(|key| Op::Clear { key }),
+            2 => (key(), key(), any::<u8>()).prop_map(|(old, new, value)| Op::Replace { old, new, value }),
             1 => (key(), key()).prop_map(|(begin, end)| Op::ClearRange { begin, end }),
             3 => (key(), key(), 0usize..5, any::<bool>()).prop_map(|(begin, end, limit, reverse)| Op::Range { begin, end, limit, reverse }),
         ]
@@ -332,6 +334,12 @@ mod stamped_table {
                         let key = resolve(&key, &stamped);
                         store.transact(|tx| tx.clear(&key)).unwrap();
                         model.remove(&key);
+                    }
+                    Op::Replace { old, new, value } => {
+                        let (old, new) = (resolve(&old, &stamped), resolve(&new, &stamped));
+                        store.transact(|tx| tx.replace(&old, &new, &[value, 2])).unwrap();
+                        model.remove(&old);
+                        model.insert(new, vec![value, 2]);
                     }
                     Op::ClearRange { begin, end } => {
                         let (begin, end) = (resolve(&begin, &stamped), resolve(&end, &stamped));
