@@ -169,6 +169,11 @@ impl Metrics {
             "# HELP arca_committer_point_reads_total Point reads of committed audit batches, by where they were answered: the committer's memo or the store.\n# TYPE arca_committer_point_reads_total counter\narca_committer_point_reads_total{{source=\"memo\"}} {}\narca_committer_point_reads_total{{source=\"store\"}} {}",
             commits.memo_hits, commits.memo_misses
         );
+        let _ = writeln!(
+            out,
+            "# HELP arca_store_upkeep_seconds_total Time the committer spent on the store's upkeep between batches (SQLite: the WAL checkpoint that lets the log restart); no request waits on it in its own batch.\n# TYPE arca_store_upkeep_seconds_total counter\narca_store_upkeep_seconds_total {}",
+            commits.upkeep_seconds
+        );
         let batches = commits.durations.count();
         let mean = if batches == 0 { 0.0 } else { commits.jobs as f64 / batches as f64 };
         let _ = writeln!(
@@ -204,6 +209,7 @@ mod tests {
         for seconds in [0.00048828125, 0.0009765625, 0.015625] {
             commits.durations.observe(seconds);
         }
+        commits.upkeep_seconds = 0.25;
         let out = Metrics::default().render(false, &commits);
         for line in [
             "# TYPE arca_audit_commit_seconds histogram\n",
@@ -214,6 +220,7 @@ mod tests {
             "arca_audit_commit_seconds_sum 0.01708984375\n",
             "arca_audit_batches_total 3\n",
             "arca_audit_commit_seconds_count 3\n",
+            "arca_store_upkeep_seconds_total 0.25\n",
         ] {
             assert!(out.contains(line), "{line:?} missing from:\n{out}");
         }
