@@ -90,6 +90,13 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
+    /// A write to `key` updates what the memo remembers of it (read-your-writes).
+    fn follow(&mut self, key: &[u8], value: Option<&[u8]>) {
+        if self.memo.values.contains_key(key) {
+            self.memo.remember(key, value);
+        }
+    }
+
     fn record(
         &mut self,
         replicated: bool,
@@ -146,18 +153,14 @@ impl Transaction for Recorder<'_> {
             value: value.to_vec(),
         })?;
         self.tx.set(key, value)?;
-        if self.memo.values.contains_key(key) {
-            self.memo.remember(key, Some(value));
-        }
+        self.follow(key, Some(value));
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.record(arca_replication::replicated(key), || arca_replication::Op::Clear { key: key.to_vec() })?;
         self.tx.clear(key)?;
-        if self.memo.values.contains_key(key) {
-            self.memo.remember(key, None);
-        }
+        self.follow(key, None);
         Ok(())
     }
 
@@ -169,12 +172,8 @@ impl Transaction for Recorder<'_> {
             value: value.to_vec(),
         })?;
         self.tx.replace(old, new, value)?;
-        if self.memo.values.contains_key(old) {
-            self.memo.remember(old, None);
-        }
-        if self.memo.values.contains_key(new) {
-            self.memo.remember(new, Some(value));
-        }
+        self.follow(old, None);
+        self.follow(new, Some(value));
         Ok(())
     }
 

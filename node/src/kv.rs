@@ -446,19 +446,6 @@ impl Node {
         self.kv_read_at(ctx, mount, path, Selector::version(version)).await
     }
 
-    /// [`Node::kv_read`], with the version's data left as the JSON object it was stored as
-    /// (the HTTP API copies it into the reply as it stands, without parsing it and printing
-    /// it again).
-    pub async fn kv_read_plain(
-        self: &Arc<Self>,
-        ctx: RequestContext,
-        mount: String,
-        path: String,
-        version: Option<u64>,
-    ) -> Audited<PlainVersion> {
-        self.kv_read_plain_at(ctx, mount, path, Selector::version(version)).await
-    }
-
     /// Reads the version a [`Selector`] names: `current` (the default), a version, or a
     /// rotation stage (`previous`, `pending`). A revoked version is refused as such.
     pub async fn kv_read_at(
@@ -473,7 +460,8 @@ impl Node {
         Audited { result: result.and_then(PlainVersion::parse), request_id, position }
     }
 
-    /// [`Node::kv_read_at`], with the data as stored (see [`PlainVersion`]).
+    /// [`Node::kv_read_at`], with the version's data left as the JSON object it was stored as
+    /// (see [`PlainVersion`]: the HTTP API copies it into the reply as it stands).
     pub async fn kv_read_plain_at(
         self: &Arc<Self>,
         ctx: RequestContext,

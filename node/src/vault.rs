@@ -823,9 +823,11 @@ async fn dispatch(
                             v.parse::<u64>().map_err(|_| ApiError::invalid("version must be a number"))
                         )),
                     };
-                    reply(node.kv_read_plain(ctx, mount, secret, version).await, |s, rid| {
-                        kv_read_reply(&s, rid)
-                    })
+                    reply(
+                        node.kv_read_plain_at(ctx, mount, secret, crate::kv::Selector::version(version))
+                            .await,
+                        |s, rid| kv_read_reply(&s, rid),
+                    )
                 }
                 "POST" | "PUT" => {
                     let data = SecretData(bad!(string_map(&body["data"], "data")));

@@ -672,6 +672,11 @@ impl SqliteTxn<'_> {
     /// lives in one table). The caller holds the write lock.
     fn put_plain(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.unstamp(key, true)?;
+        self.upsert(key, value)
+    }
+
+    /// Upserts `key` into `kv` (the caller took it out of its stamped table).
+    fn upsert(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         exec(
             self.conn()?,
             "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -772,7 +777,7 @@ impl Transaction for SqliteTxn<'_> {
             params![old, new, value],
         )?;
         if moved == 0 {
-            self.put_plain(new, value)?;
+            self.upsert(new, value)?;
         }
         Ok(())
     }
