@@ -257,7 +257,10 @@ pub struct SqliteStore {
 /// start and keeps the file bounded. From [`DEFERRED_CHECKPOINT_FRAMES`] that checkpoint is
 /// due, and the writer runs it in [`SqliteStore::upkeep`] when no caller waits on it (the
 /// node's committer: after a batch's replies are sent); it copies only the frames the helper
-/// has not. A writer that never calls `upkeep` still gets it inline, inside the commit that
+/// has not, but SQLite syncs the database file only when a checkpoint reaches the WAL's end,
+/// so its `fdatasync` writes back every page the helper copied since the last one (most of
+/// its time; writing them back from the helper instead was measured and lost, see
+/// ARCHITECTURE.md, fourteenth round). A writer that never calls `upkeep` still gets it inline, inside the commit that
 /// takes the WAL past [`INLINE_CHECKPOINT_FRAMES`], as SQLite would. Checkpoints never change
 /// what a transaction sees: SQLite copies only frames no reader still needs, whichever
 /// connection runs it.
