@@ -560,12 +560,13 @@ impl SqliteTxn<'_> {
         if let Some(version) = self.version {
             return Ok(version);
         }
-        let version: i64 = query_one(
-            self.conn()?,
-            "UPDATE meta SET value = value + 1 WHERE name = 'commit_version' RETURNING value",
-            [],
-        )?
-        .ok_or(StoreError::Corrupt("no commit version"))?;
+        // Two statements rather than `UPDATE … RETURNING`: SQLite runs a RETURNING clause
+        // through an ephemeral table, a b-tree of its own opened and closed on every
+        // execution, once per batch on the committer.
+        let conn = self.conn()?;
+        exec(conn, "UPDATE meta SET value = value + 1 WHERE name = 'commit_version'", [])?;
+        let version: i64 = query_one(conn, "SELECT value FROM meta WHERE name = 'commit_version'", [])?
+            .ok_or(StoreError::Corrupt("no commit version"))?;
         let version = u64::try_from(version).map_err(|_| StoreError::Corrupt("negative commit version"))?;
         self.version = Some(version);
         Ok(version)
