@@ -260,10 +260,10 @@ pub struct SqliteStore {
 /// has not, but SQLite syncs the database file only when a checkpoint reaches the WAL's end,
 /// so its `fdatasync` writes back every page the helper copied since the last one (most of
 /// its time; writing them back from the helper instead was measured and lost, see
-/// ARCHITECTURE.md, fourteenth round). A writer that never calls `upkeep` still gets it inline, inside the commit that
-/// takes the WAL past [`INLINE_CHECKPOINT_FRAMES`], as SQLite would. Checkpoints never change
-/// what a transaction sees: SQLite copies only frames no reader still needs, whichever
-/// connection runs it.
+/// ARCHITECTURE.md, fourteenth round). A writer that never calls `upkeep` still gets it
+/// inline, inside the commit that takes the WAL past [`INLINE_CHECKPOINT_FRAMES`], as SQLite
+/// would. Checkpoints never change what a transaction sees: SQLite copies only frames no
+/// reader still needs, whichever connection runs it.
 #[derive(Debug, Clone)]
 struct Checkpoints {
     /// Wakes the helper; a full channel means a pass is already due.
