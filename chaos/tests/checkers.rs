@@ -61,8 +61,9 @@ fn every_checker_fails_when_its_property_is_broken() {
     // 2. An acknowledged write vanishes from the primary's store.
     let acked = history.iter().rev().find(|o| o.kind == "write" && o.acked() && o.version.is_some()).unwrap();
     let eu = SqliteStore::open(SqliteConfig::new(&cluster.regions[0].db)).unwrap();
-    let key = arca_node::keys::kv_version("secret", &acked.path, acked.version.unwrap());
-    eu.transact(|tx| tx.clear(&key)).unwrap();
+    // Every row of the secret: its versions live in slots its (encrypted) metadata names.
+    let rows = arca_node::keys::kv_slots("secret", &acked.path);
+    eu.transact(|tx| tx.clear_range(&rows, &prefix_end(&rows).unwrap())).unwrap();
     let lost = check::no_acked_write_lost(&cluster, &history, &none);
     assert!(!lost.pass && lost.evidence.contains(&acked.path), "{}", lost.evidence);
 

@@ -165,8 +165,13 @@ impl Transaction for Recorder<'_> {
     }
 
     fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        // Recorded as what it is, a clear and a set: standbys apply the two.
-        self.record(arca_replication::replicated(old), || arca_replication::Op::Clear { key: old.to_vec() })?;
+        // Recorded as what it is, a clear and a set: standbys apply the two (the set alone
+        // when the keys are one).
+        if old != new {
+            self.record(arca_replication::replicated(old), || arca_replication::Op::Clear {
+                key: old.to_vec(),
+            })?;
+        }
         self.record(arca_replication::replicated(new), || arca_replication::Op::Set {
             key: new.to_vec(),
             value: value.to_vec(),

@@ -15,7 +15,8 @@
 //! | `("sys","cert-fp",<sha256 of the certificate>)` | certificate role name (barrier) |
 //! | `("sys","mount",<name>)` | a KV v2 mount (JSON, plain: no secrets) |
 //! | `("kv",<mount>,"m",<path>)` | secret metadata (barrier) |
-//! | `("kv",<mount>,"v",<path>,<version>)` | secret version data (barrier) |
+//! | `("kv",<mount>,"s",<path>,<slot>)` | secret version data (barrier, bound to the version: see below) |
+//! | `("kv",<mount>,"v",<path>,<version>)` | secret version data written before slots (barrier) |
 //! | `("audit",<region>,"e",<versionstamp>)` | encoded audit event (plain: no secrets), in log order |
 //! | `("audit",<region>,"rid",<request id>)` | leaf index of the request's event (written by the sequencer) |
 //! | `("audit",<region>,"state")` | sequencer state: size, right edge, cursor, last checkpoint |
@@ -33,7 +34,9 @@
 //! | `("siem",<region>,"lease")` | the SIEM exporter's lease: one active exporter per region |
 //! | `("sys","audit-key",<region>)` | the log's signing key seed (barrier) |
 //!
-//! Every barrier value is encrypted with its own key as AAD.
+//! Every barrier value is encrypted with its own key as AAD, but for a secret version's
+//! row under a slot: its AAD is the version's own key, [`kv_version`], so a row copied into
+//! another slot (or another version's place) does not decrypt.
 
 use arca_store::tuple::{Element, Part, encode_into, pack, pack_parts};
 
@@ -183,8 +186,21 @@ pub fn kv_meta_prefix(mount: &str, prefix: &str) -> Vec<u8> {
     key
 }
 
+/// A version's own key: where rows written before slots live, and every version row's AAD.
 pub fn kv_version(mount: &str, path: &str, version: u64) -> Vec<u8> {
     pack_parts(&[Part::Str("kv"), Part::Str(mount), Part::Str("v"), Part::Str(path), Part::UInt(version)])
+}
+
+/// The row a version lives in when its metadata gives it a slot: a new version takes the
+/// slot of the version it prunes, so the row keeps its key (the store rewrites the value
+/// alone, and its key index is not touched).
+pub fn kv_slot(mount: &str, path: &str, slot: u32) -> Vec<u8> {
+    pack_parts(&[Part::Str("kv"), Part::Str(mount), Part::Str("s"), Part::Str(path), Part::UInt(slot.into())])
+}
+
+/// The prefix of every slot row of one secret.
+pub fn kv_slots(mount: &str, path: &str) -> Vec<u8> {
+    pack_parts(&[Part::Str("kv"), Part::Str(mount), Part::Str("s"), Part::Str(path)])
 }
 
 /// The region's event queue: every event, sequenced and not yet sequenced, in versionstamp

@@ -3,7 +3,14 @@
 //! Each secret has metadata (current version, max versions, check-and-set requirement,
 //! custom metadata, per-version created/deleted/destroyed state) and up to `max_versions`
 //! versions of data — a map of string to string. Everything is stored through the barrier,
-//! each value bound (AAD) to its own key: path and version.
+//! each value bound (AAD) to its own key, and a version's data to the version's own key,
+//! [`keys::kv_version`]: path and version.
+//!
+//! A version's data lives in a slot row, [`keys::kv_slot`], named in its [`VersionMeta`]: a
+//! new version takes the slot of the version it prunes, so a write that prunes rewrites one
+//! row's value and leaves the store's key index alone. Invariant: no two versions of a
+//! secret share a slot. Versions written before slots have none and stay at their own key
+//! until pruned.
 //!
 //! Policies see Vault's paths: `<mount>/data/<path>` for data, `<mount>/metadata/<path>` for
 //! metadata and listing, `<mount>/delete|undelete|destroy/<path>` for version management.
@@ -64,6 +71,20 @@ pub struct VersionMeta {
     /// Revoked: never served again, on any node of any region (`arca kv revoke`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_unix_ms: Option<u64>,
+    /// The slot row holding the data ([`keys::kv_slot`]); none: the version's own key
+    /// ([`keys::kv_version`], rows written before slots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+}
+
+impl VersionMeta {
+    /// Where the version's data is stored. Its AAD is always [`keys::kv_version`].
+    pub fn data_key(&self, mount: &str, path: &str, version: u64) -> Vec<u8> {
+        match self.slot {
+            Some(slot) => keys::kv_slot(mount, path, slot),
+            None => keys::kv_version(mount, path, version),
+        }
+    }
 }
 
 /// A secret's metadata.
@@ -353,20 +374,42 @@ pub(crate) fn write_version(
     meta.updated_unix_ms = now;
     meta.versions.insert(
         version,
-        VersionMeta { created_unix_ms: now, deletion_unix_ms: None, destroyed: false, revoked_unix_ms: None },
+        VersionMeta {
+            created_unix_ms: now,
+            deletion_unix_ms: None,
+            destroyed: false,
+            revoked_unix_ms: None,
+            slot: None,
+        },
     );
+    // The new version is staged, so it is never pruned here.
     let pruned = prunable(&mut meta);
-    let key = keys::kv_version(mount, path, version);
-    match pruned.split_first() {
-        // The first pruned version's row takes the new version (one row rewritten in place
-        // rather than one deleted and one appended).
-        Some((first, rest)) => {
-            env.replace_json(&keys::kv_version(mount, path, *first), &key, data)?;
-            for oldest in rest {
-                env.tx.clear(&keys::kv_version(mount, path, *oldest))?;
-            }
+    // A pruned version's slot, else the lowest slot no version holds.
+    let slot = match pruned.iter().find_map(|(_, m)| m.slot) {
+        Some(slot) => slot,
+        None => {
+            let taken: BTreeSet<u32> = meta.versions.values().filter_map(|m| m.slot).collect();
+            (0..=u32::MAX).find(|s| !taken.contains(s)).ok_or(ApiError::Internal)?
         }
-        None => env.put_json(&key, data)?,
+    };
+    if let Some(new) = meta.versions.get_mut(&version) {
+        new.slot = Some(slot);
+    }
+    let key = keys::kv_slot(mount, path, slot);
+    let aad = keys::kv_version(mount, path, version);
+    // One pruned row takes the new version: the one already at the slot (its value alone is
+    // rewritten), else the first (a row rewritten in place rather than one deleted and one
+    // appended). The other pruned rows go.
+    let old_keys: Vec<Vec<u8>> = pruned.iter().map(|(v, m)| m.data_key(mount, path, *v)).collect();
+    let reused = old_keys.iter().position(|k| *k == key).or((!old_keys.is_empty()).then_some(0));
+    for (i, old) in old_keys.iter().enumerate() {
+        if Some(i) != reused && *old != key {
+            env.tx.clear(old)?;
+        }
+    }
+    match reused {
+        Some(i) => env.replace_json(&old_keys[i], &key, &aad, data)?,
+        None => env.put_json_as(&key, &aad, data)?,
     }
     store_meta(env, mount, path, meta)?;
     env.secret_version = Some(version);
@@ -376,23 +419,35 @@ pub(crate) fn write_version(
 /// Drops the oldest versions beyond the maximum, skipping staged ones (a rotation's
 /// `previous` stays readable); stages naming a dropped version go.
 fn prune(env: &mut Env<'_>, mount: &str, path: &str, meta: &mut Metadata) -> Result<(), ApiError> {
-    for oldest in prunable(meta) {
-        env.tx.clear(&keys::kv_version(mount, path, oldest))?;
+    for (oldest, state) in prunable(meta) {
+        env.tx.clear(&state.data_key(mount, path, oldest))?;
     }
     Ok(())
 }
 
-/// Takes the versions [`prune`] drops out of `meta` and returns them, oldest first; the
-/// caller clears their keys.
-fn prunable(meta: &mut Metadata) -> Vec<u64> {
+/// Takes the versions [`prune`] drops out of `meta` and returns them with their state,
+/// oldest first; the caller clears their rows.
+fn prunable(meta: &mut Metadata) -> Vec<(u64, VersionMeta)> {
     let staged: BTreeSet<u64> = meta.stages.values().copied().collect();
     let mut dropped = Vec::new();
     while meta.versions.len() > meta.effective_max_versions() {
         let Some(oldest) = meta.versions.keys().copied().find(|v| !staged.contains(v)) else { break };
-        meta.versions.remove(&oldest);
-        dropped.push(oldest);
+        if let Some(state) = meta.versions.remove(&oldest) {
+            dropped.push((oldest, state));
+        }
     }
     dropped
+}
+
+/// Reads and decrypts a version's data: from its row, bound to its own key.
+pub(crate) fn read_data(
+    env: &mut Env<'_>,
+    mount: &str,
+    path: &str,
+    version: u64,
+    state: &VersionMeta,
+) -> Result<Option<Zeroizing<Vec<u8>>>, ApiError> {
+    env.get_sealed_as(&state.data_key(mount, path, version), &keys::kv_version(mount, path, version))
 }
 
 /// The versions a delete/undelete/destroy names: the given ones, or the current one.
@@ -503,7 +558,8 @@ impl Node {
                     return Err(ApiError::NotFound("this version is deleted".into()));
                 }
                 let aad = keys::kv_version(&mount, &path, version);
-                let ciphertext = env.tx.get(&aad)?.ok_or(ApiError::Internal)?;
+                let ciphertext =
+                    env.tx.get(&vmeta.data_key(&mount, &path, version))?.ok_or(ApiError::Internal)?;
                 Ok(SealedRead {
                     ciphertext,
                     aad,
@@ -585,8 +641,7 @@ impl Node {
                     "the current version is deleted, destroyed or revoked".into(),
                 ));
             }
-            let plain =
-                env.get_sealed(&keys::kv_version(&mount, &path, current))?.ok_or(ApiError::Internal)?;
+            let plain = read_data(env, &mount, &path, current, state)?.ok_or(ApiError::Internal)?;
             let mut data: SecretData = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
             for key in &remove {
                 data.0.remove(key);
@@ -726,7 +781,7 @@ impl Node {
                     }
                     VersionChange::Destroy if !v.destroyed => {
                         v.destroyed = true;
-                        env.tx.clear(&keys::kv_version(&mount, &path, version))?;
+                        env.tx.clear(&v.data_key(&mount, &path, version))?;
                     }
                     _ => continue,
                 }
@@ -807,8 +862,8 @@ impl Node {
             validate_path(&path)?;
             env.authorize(&audit_path, &[Capability::Delete])?;
             let meta = require_meta(env, &mount, &path)?;
-            for version in meta.versions.keys() {
-                env.tx.clear(&keys::kv_version(&mount, &path, *version))?;
+            for (version, state) in &meta.versions {
+                env.tx.clear(&state.data_key(&mount, &path, *version))?;
             }
             env.tx.clear(&keys::kv_meta(&mount, &path))?;
             Ok(())

@@ -531,7 +531,8 @@ impl Node {
                 };
                 let read = |env: &mut Env<'_>, v: Option<u64>| -> Result<Option<SecretData>, ApiError> {
                     let Some(v) = v else { return Ok(None) };
-                    let Some(plain) = env.get_sealed(&keys::kv_version(&m, &p, v))? else { return Ok(None) };
+                    let Some(vm) = meta.versions.get(&v) else { return Ok(None) };
+                    let Some(plain) = kv::read_data(env, &m, &p, v, vm)? else { return Ok(None) };
                     Ok(Some(serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?))
                 };
                 let current = read(env, meta.stage(STAGE_CURRENT))?;
@@ -781,7 +782,7 @@ impl Node {
                 if vm.revoked_unix_ms.is_none() {
                     vm.revoked_unix_ms = Some(now);
                     vm.destroyed = true;
-                    env.tx.clear(&keys::kv_version(&mount, &path, v))?;
+                    env.tx.clear(&vm.data_key(&mount, &path, v))?;
                     revoked.push(v);
                 }
             }

@@ -217,7 +217,7 @@ fn json_record<T: serde::Serialize>(value: &T) -> Result<Zeroizing<Vec<u8>>, Api
 impl Env<'_> {
     /// Decrypts `ct` read at `key`; when another node rotated the keyring, loads the stored
     /// one and tries again.
-    fn decrypt_at(&mut self, key: &[u8], ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    pub(crate) fn decrypt_at(&mut self, key: &[u8], ct: &[u8]) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         match self.node.barrier.decrypt(ct, key) {
             Err(crate::barrier::BarrierError::UnknownTerm(_)) => {
                 let wrapped = self.tx.get(&keys::keyring())?.ok_or(ApiError::Internal)?;
@@ -269,6 +269,15 @@ impl Env<'_> {
         self.decrypt_at(key, &ct).map(Some)
     }
 
+    /// Reads and decrypts a barrier value bound to `aad` rather than to its own key (a
+    /// secret version's row under a slot).
+    pub fn get_sealed_as(&mut self, key: &[u8], aad: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ApiError> {
+        let Some(ct) = self.tx.get(key)? else {
+            return Ok(None);
+        };
+        self.decrypt_at(aad, &ct).map(Some)
+    }
+
     /// Reads and decrypts a JSON barrier value.
     pub fn get_json<T: serde::de::DeserializeOwned>(&mut self, key: &[u8]) -> Result<Option<T>, ApiError> {
         match self.get_sealed(key)? {
@@ -312,15 +321,30 @@ impl Env<'_> {
         self.seal_and_set(key, &json_record(value)?).map(drop)
     }
 
-    /// Clears `old` and writes `value` at `new`, encrypted for `new`
-    /// ([`Transaction::replace`]: the store may reuse `old`'s row).
+    /// Writes a JSON record at `key`, encrypted for `aad` (a secret version's row under a
+    /// slot is bound to the version, not to the slot).
+    pub fn put_json_as<T: serde::Serialize>(
+        &mut self,
+        key: &[u8],
+        aad: &[u8],
+        value: &T,
+    ) -> Result<(), ApiError> {
+        let ct = self.node.barrier.encrypt(&json_record(value)?, aad)?;
+        self.tx.set(key, &ct)?;
+        Ok(())
+    }
+
+    /// Clears `old` and writes `value` at `new`, encrypted for `aad`
+    /// ([`Transaction::replace`]: the store may reuse `old`'s row; when `old` is `new`, its
+    /// value alone changes).
     pub fn replace_json<T: serde::Serialize>(
         &mut self,
         old: &[u8],
         new: &[u8],
+        aad: &[u8],
         value: &T,
     ) -> Result<(), ApiError> {
-        let ct = self.node.barrier.encrypt(&json_record(value)?, new)?;
+        let ct = self.node.barrier.encrypt(&json_record(value)?, aad)?;
         self.tx.replace(old, new, &ct)?;
         Ok(())
     }

@@ -26,7 +26,8 @@ use tonic::{Request, Response, Status};
 use crate::config::ReplicationSection;
 use crate::error::ApiError;
 use crate::keys;
-use crate::node::{Audited, Node, RequestContext, now_unix_ms};
+use crate::kv::Metadata;
+use crate::node::{Audited, Env, Node, RequestContext, now_unix_ms};
 use crate::policy::Capability;
 use crate::proto;
 use crate::sequencer::{follow, lease_view, write_lease};
@@ -414,7 +415,7 @@ impl Node {
                 )));
             }
             let after = answer.applied_known.then(|| answer.applied_stamp.clone());
-            let writes = divergent_writes(env.tx, after.as_deref())?;
+            let writes = divergent_writes(env, after.as_deref())?;
             let id = count_reports(env.tx)? + 1;
             let report = StoredReport {
                 id,
@@ -467,7 +468,6 @@ impl Node {
         ctx: RequestContext,
         id: u64,
     ) -> Audited<proto::DivergentSecrets> {
-        let node = self.clone();
         self.execute(
             ctx,
             Operation::RegionDivergentSecrets,
@@ -483,20 +483,21 @@ impl Node {
                 for w in report.writes.iter().filter(|w| w.kind == "secret" && w.op == "set") {
                     let bytes = hex::decode(&w.record).map_err(|_| ApiError::Internal)?;
                     let record = ChangeRecord::decode(&bytes).map_err(|_| ApiError::Internal)?;
-                    for op in &record.ops {
-                        let Op::Set { key, value } = op else { continue };
-                        let (kind, path, version) = describe(key);
-                        if kind != "secret" || path != w.path || version != w.version {
+                    let described = describe_ops(&record.ops, |key, ct| open_metadata(env, key, ct));
+                    for (op, d) in record.ops.iter().zip(described) {
+                        let Op::Set { value, .. } = op else { continue };
+                        let (Some(version), Some(aad)) = (d.version, &d.aad) else { continue };
+                        if d.kind != "secret" || d.path != w.path || d.version != w.version {
                             continue;
                         }
-                        let plain = node.decrypt(value, key)?;
+                        let plain = env.decrypt_at(aad, value)?;
                         let data: crate::kv::SecretData =
                             serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
-                        let (mount, rest) = path.split_once('/').ok_or(ApiError::Internal)?;
+                        let (mount, rest) = d.path.split_once('/').ok_or(ApiError::Internal)?;
                         out.secrets.push(proto::DivergentSecret {
                             mount: mount.to_owned(),
                             path: rest.to_owned(),
-                            version: version.unwrap_or(0),
+                            version,
                             data: data.0.clone().into_iter().collect(),
                             position: w.position.clone(),
                         });
@@ -564,7 +565,7 @@ impl StoredReport {
 
 /// Every change this region committed after `after` (its feed position the new primary
 /// applied; `None`: all), one row per key written.
-fn divergent_writes(tx: &mut dyn Transaction, after: Option<&[u8]>) -> Result<Vec<DivergentWrite>, ApiError> {
+fn divergent_writes(env: &mut Env<'_>, after: Option<&[u8]>) -> Result<Vec<DivergentWrite>, ApiError> {
     let prefix = repl::changes();
     let end = prefix_end(&prefix).ok_or(ApiError::Internal)?;
     let mut begin = prefix.clone();
@@ -574,31 +575,26 @@ fn divergent_writes(tx: &mut dyn Transaction, after: Option<&[u8]>) -> Result<Ve
     }
     let mut out = Vec::new();
     loop {
-        let rows = tx.get_range(&begin, &end, RangeOptions::limit(1000))?;
+        let rows = env.tx.get_range(&begin, &end, RangeOptions::limit(1000))?;
         for kv in &rows {
             let stamp = &kv.key[prefix.len()..];
             let record = ChangeRecord::decode(&kv.value).map_err(|_| ApiError::Internal)?;
             let mut position = stamp.get(..10).ok_or(ApiError::Internal)?.to_vec();
             position.extend_from_slice(&record.event_order.to_be_bytes());
+            let described = describe_ops(&record.ops, |key, ct| open_metadata(env, key, ct));
             // One row per thing written: a secret version's metadata update is part of it.
-            let secrets: Vec<String> = record
-                .ops
-                .iter()
-                .map(|op| describe(op.key()))
-                .filter(|d| d.0 == "secret")
-                .map(|d| d.1)
-                .collect();
-            for op in &record.ops {
-                let (kind, path, version) = describe(op.key());
-                if kind == "metadata" && secrets.contains(&path) {
+            let secrets: Vec<&str> =
+                described.iter().filter(|d| d.kind == "secret").map(|d| d.path.as_str()).collect();
+            for (op, d) in record.ops.iter().zip(&described) {
+                if d.kind == "metadata" && secrets.contains(&d.path.as_str()) {
                     continue;
                 }
                 out.push(DivergentWrite {
                     position: hex::encode(&position),
                     time_unix_ms: record.time_unix_ms,
-                    kind,
-                    path,
-                    version,
+                    kind: d.kind.clone(),
+                    path: d.path.clone(),
+                    version: d.version,
                     op: match op {
                         Op::Set { .. } => "set",
                         Op::Clear { .. } => "clear",
@@ -620,19 +616,86 @@ fn divergent_writes(tx: &mut dyn Transaction, after: Option<&[u8]>) -> Result<Ve
     Ok(out)
 }
 
-/// What a replicated key is, for a human: kind, path, version.
+/// One replicated write, for a human: kind, path (`mount/path` for a secret), version; and
+/// for a secret version's row, the AAD its data is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Described {
+    kind: String,
+    path: String,
+    version: Option<u64>,
+    aad: Option<Vec<u8>>,
+}
+
+/// Describes each of a record's ops. A secret's slot row does not name its version: the
+/// version is the one the secret's metadata, set in the same record, keeps in that slot
+/// (`open` decrypts and parses metadata read at a key). A slot row the record's metadata
+/// does not name (the clear of a pruned version's row) has no version.
+fn describe_ops(ops: &[Op], mut open: impl FnMut(&[u8], &[u8]) -> Option<Metadata>) -> Vec<Described> {
+    let mut opened: BTreeMap<Vec<u8>, Option<Metadata>> = BTreeMap::new();
+    ops.iter()
+        .map(|op| {
+            let (kind, path, version) = describe(op.key());
+            let aad = version.is_some().then(|| op.key().to_vec());
+            let Some((mount, secret, slot)) = slot_row(op.key()) else {
+                return Described { kind, path, version, aad };
+            };
+            let meta_key = keys::kv_meta(&mount, &secret);
+            let meta = opened.entry(meta_key.clone()).or_insert_with(|| {
+                ops.iter().rev().find_map(|o| match o {
+                    Op::Set { key, value } if *key == meta_key => open(key, value),
+                    _ => None,
+                })
+            });
+            let version = meta
+                .as_ref()
+                .and_then(|m| m.versions.iter().find(|(_, state)| state.slot == Some(slot)).map(|(v, _)| *v));
+            let aad = version.map(|v| keys::kv_version(&mount, &secret, v));
+            Described { kind, path, version, aad }
+        })
+        .collect()
+}
+
+/// A secret's metadata as a change record carries it, decrypted; `None` (and a warning) when
+/// it does not open.
+fn open_metadata(env: &mut Env<'_>, key: &[u8], ct: &[u8]) -> Option<Metadata> {
+    let opened =
+        env.decrypt_at(key, ct).ok().and_then(|plain| serde_json::from_slice::<Metadata>(&plain).ok());
+    if opened.is_none() {
+        tracing::warn!(
+            "a replicated secret's metadata did not open: its slot rows are reported without versions"
+        );
+    }
+    opened
+}
+
+/// A secret version's slot row: mount, path, slot.
+fn slot_row(key: &[u8]) -> Option<(String, String, u32)> {
+    use arca_store::tuple::{Element, unpack};
+    let parts = unpack(key).ok()?;
+    match parts.as_slice() {
+        [k, mount, kind, path, Element::Int(slot)]
+            if k.as_str() == Some("kv") && kind.as_str() == Some("s") =>
+        {
+            Some((mount.as_str()?.to_owned(), path.as_str()?.to_owned(), u32::try_from(slot.as_u64()?).ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// What a replicated key is, for a human: kind, path, version (none for a slot row: see
+/// [`describe_ops`]).
 fn describe(key: &[u8]) -> (String, String, Option<u64>) {
     use arca_store::tuple::{Element, unpack};
     let Ok(parts) = unpack(key) else { return ("unknown".into(), hex::encode(key), None) };
     let text = |e: &Element| e.as_str().map(str::to_owned);
     match parts.as_slice() {
         [k, mount, kind, path, Element::Int(v)]
-            if text(k).as_deref() == Some("kv") && text(kind).as_deref() == Some("v") =>
+            if text(k).as_deref() == Some("kv") && matches!(text(kind).as_deref(), Some("v" | "s")) =>
         {
             (
                 "secret".into(),
                 format!("{}/{}", text(mount).unwrap_or_default(), text(path).unwrap_or_default()),
-                v.as_u64(),
+                if text(kind).as_deref() == Some("v") { v.as_u64() } else { None },
             )
         }
         [k, mount, kind, path] if text(k).as_deref() == Some("kv") && text(kind).as_deref() == Some("m") => (
@@ -1270,9 +1333,61 @@ mod tests {
             describe(&keys::kv_version("secret", "app/db", 3)),
             ("secret".into(), "secret/app/db".into(), Some(3))
         );
+        assert_eq!(
+            describe(&keys::kv_slot("secret", "app/db", 3)),
+            ("secret".into(), "secret/app/db".into(), None)
+        );
         assert_eq!(describe(&keys::kv_meta("secret", "app/db")).0, "metadata");
         assert_eq!(describe(&keys::policy("ops")).0, "policy");
         assert_eq!(describe(&keys::token(b"h")).0, "token");
         assert_eq!(describe(b"\xff\x00garbage").0, "unknown");
+    }
+
+    #[test]
+    fn a_slot_row_takes_its_version_from_the_metadata_in_its_record() {
+        use crate::kv::VersionMeta;
+        let state = |slot| VersionMeta {
+            created_unix_ms: 1,
+            deletion_unix_ms: None,
+            destroyed: false,
+            revoked_unix_ms: None,
+            slot,
+        };
+        let mut meta = Metadata::default();
+        meta.versions.insert(6, state(Some(1)));
+        meta.versions.insert(7, state(Some(4)));
+        meta.versions.insert(8, state(None));
+        let meta_key = keys::kv_meta("secret", "app/db");
+        // A write of version 7 into slot 4 that prunes the version in slot 2, and a row of
+        // another secret's slot 4 whose metadata the record does not carry.
+        let ops = vec![
+            Op::Clear { key: keys::kv_slot("secret", "app/db", 2) },
+            Op::Set { key: keys::kv_slot("secret", "app/db", 4), value: b"ct".to_vec() },
+            Op::Set { key: keys::kv_slot("secret", "other", 4), value: b"ct".to_vec() },
+            Op::Set { key: meta_key.clone(), value: serde_json::to_vec(&meta).unwrap() },
+            Op::Set { key: keys::kv_version("secret", "app/db", 8), value: b"ct".to_vec() },
+        ];
+        let mut opened = Vec::new();
+        let described = describe_ops(&ops, |key, ct| {
+            opened.push(key.to_vec());
+            serde_json::from_slice(ct).ok()
+        });
+        let got: Vec<_> = described.iter().map(|d| (d.kind.as_str(), d.path.as_str(), d.version)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("secret", "secret/app/db", None),
+                ("secret", "secret/app/db", Some(7)),
+                ("secret", "secret/other", None),
+                ("metadata", "secret/app/db", None),
+                ("secret", "secret/app/db", Some(8)),
+            ]
+        );
+        // The data is bound to the version's own key, never to the slot.
+        assert_eq!(described[1].aad, Some(keys::kv_version("secret", "app/db", 7)));
+        assert_eq!(described[4].aad, Some(keys::kv_version("secret", "app/db", 8)));
+        assert_eq!((described[0].aad.as_ref(), described[2].aad.as_ref()), (None, None));
+        // The metadata is opened once per secret, however many of its rows the record holds.
+        assert_eq!(opened, vec![meta_key]);
     }
 }

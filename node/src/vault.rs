@@ -341,6 +341,7 @@ fn written(version: u64, request_id: &str) -> Response {
         deletion_unix_ms: None,
         destroyed: false,
         revoked_unix_ms: None,
+        slot: None,
     };
     json_response(
         StatusCode::OK,
@@ -999,6 +1000,7 @@ mod tests {
                     deletion_unix_ms: deleted,
                     destroyed: false,
                     revoked_unix_ms: None,
+                    slot: None,
                 },
                 custom_metadata: custom,
             };
@@ -1028,6 +1030,7 @@ mod tests {
             deletion_unix_ms: None,
             destroyed: false,
             revoked_unix_ms: None,
+            slot: None,
         };
         for bad in [&b"{\"a\":"[..], b"{}{}", b"", b"{\"a\":\"\xff\"}"] {
             let s = crate::kv::PlainVersion {

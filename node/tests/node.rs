@@ -9,7 +9,7 @@ use arca_audit::{Event, Operation, Outcome, Source};
 use arca_node::auth::{CreateTokenRequest, WriteRoleRequest};
 use arca_node::error::ApiError;
 use arca_node::keys;
-use arca_node::kv::{MetadataUpdate, SecretData};
+use arca_node::kv::{Metadata, MetadataUpdate, SecretData};
 use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_store::{
     CommitInfo, KeyValue, RangeOptions, SqliteConfig, SqliteStore, Store, StoreError, StoreExt, Transaction,
@@ -131,6 +131,21 @@ async fn harness() -> Harness {
     Harness { _dir: dir, db, store, node, root, share }
 }
 
+/// The keys of every row under `prefix`.
+fn row_keys(store: &dyn Store, prefix: &[u8]) -> Vec<Vec<u8>> {
+    let rows = store
+        .transact(|tx| tx.get_range(prefix, &prefix_end(prefix).unwrap(), RangeOptions::default()))
+        .unwrap()
+        .value;
+    rows.into_iter().map(|kv| kv.key).collect()
+}
+
+/// The prefix of a secret's rows at their versions' own keys (version 0 packs as one byte).
+fn version_prefix(mount: &str, path: &str) -> Vec<u8> {
+    let key = keys::kv_version(mount, path, 0);
+    key[..key.len() - 1].to_vec()
+}
+
 fn data(pairs: &[(&str, &str)]) -> SecretData {
     SecretData(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
 }
@@ -246,20 +261,24 @@ async fn a_write_past_max_versions_takes_the_oldest_versions_place_and_each_vers
     put("1".into()).await.result.unwrap();
     let update = MetadataUpdate { max_versions: Some(3), cas_required: None, custom_metadata: None };
     n.kv_write_metadata(ctx(Some(&h.root)), mount.into(), path.into(), update).await.result.unwrap();
+    let rows = || row_keys(&*h.store, &keys::kv_slots(mount, path));
+    let mut first_three = Vec::new();
     for v in 2..=7 {
         assert_eq!(put(v.to_string()).await.result.unwrap(), v);
+        if v == 3 {
+            first_three = rows();
+        }
+        // Past the maximum, each write takes the pruned version's row, under its key: the
+        // secret's rows keep their keys.
+        if v > 3 {
+            assert_eq!(rows(), first_three, "version {v} moved a row");
+        }
     }
-    // In the store: the three newest versions, each readable with its own value (each is
-    // encrypted for its own key, so a row holding another version's value would not decrypt).
-    // (Version 0 packs as one byte.)
-    let prefix = keys::kv_version(mount, path, 0);
-    let prefix = &prefix[..prefix.len() - 1];
-    let stored = h
-        .store
-        .transact(|tx| tx.get_range(prefix, &prefix_end(prefix).unwrap(), RangeOptions::default()))
-        .unwrap()
-        .value;
-    assert_eq!(stored.len(), 3, "{} version keys stored", stored.len());
+    // In the store: three rows, none at a version's own key (the layout before slots), each
+    // readable as its own version (each is encrypted for its version's own key, so a row
+    // holding another version's value would not decrypt).
+    assert_eq!(first_three.len(), 3, "{} version rows stored", first_three.len());
+    assert_eq!(row_keys(&*h.store, &version_prefix(mount, path)), Vec::<Vec<u8>>::new());
     for v in 1..=7u64 {
         let read = n.kv_read(ctx(Some(&h.root)), mount.into(), path.into(), Some(v)).await.result;
         match read {
@@ -479,14 +498,101 @@ async fn ciphertexts_cannot_be_moved_between_versions() {
         .await
         .result
         .unwrap();
+    // Each version's row is where its metadata says (its slot).
+    let meta = n.kv_read_metadata(ctx(Some(&h.root)), "secret".into(), "a".into()).await.result.unwrap();
+    let row = |v: u64| meta.versions[&v].data_key("secret", "a", v);
+    assert_ne!(row(1), row(2));
     h.store
         .transact(|tx| {
-            let v1 = tx.get(&keys::kv_version("secret", "a", 1))?.unwrap();
-            tx.set(&keys::kv_version("secret", "a", 2), &v1)
+            let v1 = tx.get(&row(1))?.unwrap();
+            tx.set(&row(2), &v1)
         })
         .unwrap();
     let swapped = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), Some(2)).await.result;
     assert!(matches!(swapped, Err(ApiError::Internal)), "a moved ciphertext must not decrypt");
+    // The row version 1 still holds is its own, and reads.
+    let one = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), Some(1)).await.result.unwrap();
+    assert_eq!(one.data.0["v"], "one");
+}
+
+#[tokio::test]
+async fn rows_written_before_slots_stay_readable_and_move_into_slots_as_they_are_pruned() {
+    let h = harness().await;
+    let n = &h.node;
+    let (mount, path) = ("secret", "app/legacy");
+    let update = MetadataUpdate { max_versions: Some(3), cas_required: None, custom_metadata: None };
+    n.kv_write_metadata(ctx(Some(&h.root)), mount.into(), path.into(), update).await.result.unwrap();
+    for v in 1..=3 {
+        n.kv_write(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("v", &v.to_string())]), None)
+            .await
+            .result
+            .unwrap();
+    }
+    // Put the secret back in the layout before slots: each version's row at its own key,
+    // bound to it, and no slot in its metadata.
+    n.execute(ctx(Some(&h.root)), Operation::KvWrite, "test/legacy".into(), move |env| {
+        let mut meta: Metadata = env.get_json(&keys::kv_meta(mount, path))?.unwrap();
+        for (v, state) in &mut meta.versions {
+            let own = keys::kv_version(mount, path, *v);
+            let plain = env.get_sealed_as(&state.data_key(mount, path, *v), &own)?.unwrap();
+            env.tx.clear(&state.data_key(mount, path, *v))?;
+            env.put_sealed(&own, &plain)?;
+            state.slot = None;
+        }
+        env.put_json(&keys::kv_meta(mount, path), &meta)
+    })
+    .await
+    .result
+    .unwrap();
+    assert_eq!(row_keys(&*h.store, &version_prefix(mount, path)).len(), 3);
+    assert_eq!(row_keys(&*h.store, &keys::kv_slots(mount, path)).len(), 0);
+
+    let read = |v: u64| n.kv_read(ctx(Some(&h.root)), mount.into(), path.into(), Some(v));
+    for v in 1..=3u64 {
+        assert_eq!(read(v).await.result.unwrap().data.0["v"], v.to_string());
+    }
+    // A patch reads the current version from its old row; each new version prunes the
+    // oldest old row and takes a slot.
+    let patched = n
+        .kv_patch(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("w", "4")]), vec![], None)
+        .await
+        .result
+        .unwrap();
+    assert_eq!(patched, 4);
+    let four = read(4).await.result.unwrap();
+    assert_eq!((four.data.0["v"].as_str(), four.data.0["w"].as_str()), ("3", "4"));
+    assert_eq!(row_keys(&*h.store, &version_prefix(mount, path)).len(), 2);
+    assert_eq!(row_keys(&*h.store, &keys::kv_slots(mount, path)).len(), 1);
+    for v in 5..=6 {
+        n.kv_write(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("v", &v.to_string())]), None)
+            .await
+            .result
+            .unwrap();
+    }
+    assert_eq!(row_keys(&*h.store, &version_prefix(mount, path)), Vec::<Vec<u8>>::new());
+    let slots = row_keys(&*h.store, &keys::kv_slots(mount, path));
+    assert_eq!(slots.len(), 3);
+    let meta = n.kv_read_metadata(ctx(Some(&h.root)), mount.into(), path.into()).await.result.unwrap();
+    let taken: Vec<_> = meta.versions.iter().map(|(v, s)| (*v, s.slot)).collect();
+    assert_eq!(taken, vec![(4, Some(0)), (5, Some(1)), (6, Some(2))]);
+    assert!(matches!(read(3).await.result, Err(ApiError::NotFound(_))));
+    for v in 5..=6u64 {
+        assert_eq!(read(v).await.result.unwrap().data.0["v"], v.to_string());
+    }
+    // Destroying a version clears its slot's row; the next write takes the pruned slot.
+    n.kv_destroy(ctx(Some(&h.root)), mount.into(), path.into(), vec![5]).await.result.unwrap();
+    assert_eq!(row_keys(&*h.store, &keys::kv_slots(mount, path)).len(), 2);
+    n.kv_write(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("v", "7")]), None)
+        .await
+        .result
+        .unwrap();
+    let meta = n.kv_read_metadata(ctx(Some(&h.root)), mount.into(), path.into()).await.result.unwrap();
+    let taken: Vec<_> = meta.versions.iter().map(|(v, s)| (*v, s.slot)).collect();
+    assert_eq!(taken, vec![(5, Some(1)), (6, Some(2)), (7, Some(0))]);
+    assert_eq!(read(7).await.result.unwrap().data.0["v"], "7");
+    // Deleting the secret clears every row.
+    n.kv_delete_metadata(ctx(Some(&h.root)), mount.into(), path.into()).await.result.unwrap();
+    assert_eq!(row_keys(&*h.store, &keys::kv_slots(mount, path)), Vec::<Vec<u8>>::new());
 }
 
 #[tokio::test]

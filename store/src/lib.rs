@@ -218,11 +218,12 @@ pub trait Transaction {
     /// Removes `key`, if present.
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError>;
 
-    /// Removes `old` and sets `new` to `value`: exactly `clear(old)` then `set(new, value)`,
-    /// but the engine may reuse `old`'s storage for `new`. SQLite rewrites `old`'s row in
-    /// place (a KV write that prunes a secret's oldest version: the new version takes the
-    /// pruned one's row, so the row's page is the only one the two touch); the default is
-    /// the two calls.
+    /// Removes `old` and sets `new` to `value`: exactly `clear(old)` then `set(new, value)`
+    /// (so `set(new, value)` when the two are one key), but the engine may reuse `old`'s
+    /// storage for `new`. SQLite rewrites `old`'s row in place (a KV write that prunes a
+    /// secret's oldest version: the new version takes the pruned one's row, so the row's page
+    /// is the only one the two touch), and when `old` is `new` it rewrites the value alone,
+    /// leaving the key index as it was; the default is the two calls.
     fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.clear(old)?;
         self.set(new, value)

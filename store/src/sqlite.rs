@@ -771,6 +771,16 @@ impl Transaction for SqliteTxn<'_> {
         self.budget.charge_clear(old)?;
         self.budget.charge_set(new, value)?;
         self.write_version()?;
+        if old == new {
+            // The value alone changes: the key index is not touched (a KV write into the
+            // slot of the version it prunes).
+            self.unstamp(new, true)?;
+            let updated = exec(self.conn()?, "UPDATE kv SET value = ?2 WHERE key = ?1", params![new, value])?;
+            if updated == 0 {
+                self.upsert(new, value)?;
+            }
+            return Ok(());
+        }
         self.unstamp(old, false)?;
         self.unstamp(new, true)?;
         // `old`'s row takes the new key and value (its rowid, hence its page, stays); OR

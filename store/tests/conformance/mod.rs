@@ -124,12 +124,15 @@ pub fn replace_is_a_clear_then_a_set(f: &Fixture) {
             tx.replace(&f.key(b"v/2"), &f.key(b"w"), b"w2")?;
             // The same key: its value changes.
             tx.replace(&f.key(b"v/4"), &f.key(b"v/4"), b"four again")?;
+            // The same key, absent: a plain set.
+            tx.replace(&f.key(b"v/5"), &f.key(b"v/5"), b"five")?;
+            assert_eq!(tx.get(&f.key(b"v/5"))?, Some(b"five".to_vec()));
             let keys: Vec<_> = tx
                 .get_range(&f.key(b""), &f.key(b"z"), RangeOptions::default())?
                 .into_iter()
                 .map(|kv| kv.key)
                 .collect();
-            assert_eq!(keys, vec![f.key(b"v/3"), f.key(b"v/4"), f.key(b"w")]);
+            assert_eq!(keys, vec![f.key(b"v/3"), f.key(b"v/4"), f.key(b"v/5"), f.key(b"w")]);
             Ok::<_, StoreError>(())
         })
         .unwrap();
@@ -138,17 +141,20 @@ pub fn replace_is_a_clear_then_a_set(f: &Fixture) {
         vec![
             (b"v/3".to_vec(), b"three".to_vec()),
             (b"v/4".to_vec(), b"four again".to_vec()),
+            (b"v/5".to_vec(), b"five".to_vec()),
             (b"w".to_vec(), b"w2".to_vec()),
         ]
     );
     // A failed transaction leaves both keys as they were.
     let failed = f.store.transact(|tx| {
-        tx.replace(&f.key(b"v/3"), &f.key(b"v/5"), b"five")?;
+        tx.replace(&f.key(b"v/3"), &f.key(b"v/6"), b"six")?;
+        tx.replace(&f.key(b"v/4"), &f.key(b"v/4"), b"lost")?;
         Err::<(), _>(StoreError::Corrupt("the caller gave up"))
     });
     assert!(failed.is_err());
     assert_eq!(f.get(b"v/3"), Some(b"three".to_vec()));
-    assert_eq!(f.get(b"v/5"), None);
+    assert_eq!(f.get(b"v/6"), None);
+    assert_eq!(f.get(b"v/4"), Some(b"four again".to_vec()));
 }
 
 fn fill(f: &Fixture, keys: &[&[u8]]) {
