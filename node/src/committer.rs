@@ -579,10 +579,19 @@ mod tests {
                 assert_eq!(r.get(&old)?, None);
                 assert_eq!(r.get(&new)?.as_deref(), Some(&b"two"[..]));
                 assert_eq!(r.memo.values.len(), 2);
+                // A key replaced by itself (a KV write into its pruned version's slot) is
+                // recorded as the set alone: a clear before it would be a wasted op.
+                r.ops.clear();
+                r.replace(&new, &new, b"three")?;
+                assert_eq!(r.ops, vec![Op::Set { key: new.clone(), value: b"three".to_vec() }]);
+                assert_eq!(r.get(&new)?.as_deref(), Some(&b"three"[..]));
+                assert_eq!(r.tx.get(&new)?.as_deref(), Some(&b"three"[..]));
                 // A region that takes no writes refuses it, before the store sees it.
                 r.writable = false;
                 assert!(r.replace(&new, &old, b"back").is_err());
+                assert!(r.replace(&new, &new, b"back").is_err());
                 assert_eq!(r.tx.get(&old)?, None);
+                assert_eq!(r.tx.get(&new)?.as_deref(), Some(&b"three"[..]));
                 Ok::<_, StoreError>(())
             })
             .unwrap();
