@@ -263,10 +263,7 @@ impl Env<'_> {
 
     /// Reads and decrypts a barrier value.
     pub fn get_sealed(&mut self, key: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, ApiError> {
-        let Some(ct) = self.tx.get(key)? else {
-            return Ok(None);
-        };
-        self.decrypt_at(key, &ct).map(Some)
+        self.get_sealed_as(key, key)
     }
 
     /// Reads and decrypts a barrier value bound to `aad` rather than to its own key (a
@@ -296,7 +293,12 @@ impl Env<'_> {
 
     /// Encrypts `plaintext` for `key`, writes it, and returns the ciphertext written.
     fn seal_and_set(&mut self, key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ApiError> {
-        let ct = self.node.barrier.encrypt(plaintext, key)?;
+        self.seal_and_set_as(key, key, plaintext)
+    }
+
+    /// [`Env::seal_and_set`], encrypted for `aad` rather than for `key`.
+    fn seal_and_set_as(&mut self, key: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let ct = self.node.barrier.encrypt(plaintext, aad)?;
         self.tx.set(key, &ct)?;
         Ok(ct)
     }
@@ -329,9 +331,7 @@ impl Env<'_> {
         aad: &[u8],
         value: &T,
     ) -> Result<(), ApiError> {
-        let ct = self.node.barrier.encrypt(&json_record(value)?, aad)?;
-        self.tx.set(key, &ct)?;
-        Ok(())
+        self.seal_and_set_as(key, aad, &json_record(value)?).map(drop)
     }
 
     /// Clears `old` and writes `value` at `new`, encrypted for `aad`

@@ -636,7 +636,7 @@ fn describe_ops(ops: &[Op], mut open: impl FnMut(&[u8], &[u8]) -> Option<Metadat
         .map(|op| {
             let (kind, path, version) = describe(op.key());
             let aad = version.is_some().then(|| op.key().to_vec());
-            let Some((mount, secret, slot)) = slot_row(op.key()) else {
+            let Some((mount, secret, DataRow::Slot(slot))) = secret_row(op.key()) else {
                 return Described { kind, path, version, aad };
             };
             let meta_key = keys::kv_meta(&mount, &secret);
@@ -668,36 +668,40 @@ fn open_metadata(env: &mut Env<'_>, key: &[u8], ct: &[u8]) -> Option<Metadata> {
     opened
 }
 
-/// A secret version's slot row: mount, path, slot.
-fn slot_row(key: &[u8]) -> Option<(String, String, u32)> {
+/// Where a secret version's data row is.
+enum DataRow {
+    /// At the version's own key (rows written before slots).
+    Version(u64),
+    Slot(u32),
+}
+
+/// A secret version's data row: mount, path, and which row.
+fn secret_row(key: &[u8]) -> Option<(String, String, DataRow)> {
     use arca_store::tuple::{Element, unpack};
     let parts = unpack(key).ok()?;
-    match parts.as_slice() {
-        [k, mount, kind, path, Element::Int(slot)]
-            if k.as_str() == Some("kv") && kind.as_str() == Some("s") =>
-        {
-            Some((mount.as_str()?.to_owned(), path.as_str()?.to_owned(), u32::try_from(slot.as_u64()?).ok()?))
-        }
-        _ => None,
-    }
+    let [k, mount, kind, path, Element::Int(n)] = parts.as_slice() else { return None };
+    let row = match (k.as_str(), kind.as_str()) {
+        (Some("kv"), Some("v")) => DataRow::Version(n.as_u64()?),
+        (Some("kv"), Some("s")) => DataRow::Slot(u32::try_from(n.as_u64()?).ok()?),
+        _ => return None,
+    };
+    Some((mount.as_str()?.to_owned(), path.as_str()?.to_owned(), row))
 }
 
 /// What a replicated key is, for a human: kind, path, version (none for a slot row: see
 /// [`describe_ops`]).
 fn describe(key: &[u8]) -> (String, String, Option<u64>) {
     use arca_store::tuple::{Element, unpack};
+    if let Some((mount, path, row)) = secret_row(key) {
+        let version = match row {
+            DataRow::Version(v) => Some(v),
+            DataRow::Slot(_) => None,
+        };
+        return ("secret".into(), format!("{mount}/{path}"), version);
+    }
     let Ok(parts) = unpack(key) else { return ("unknown".into(), hex::encode(key), None) };
     let text = |e: &Element| e.as_str().map(str::to_owned);
     match parts.as_slice() {
-        [k, mount, kind, path, Element::Int(v)]
-            if text(k).as_deref() == Some("kv") && matches!(text(kind).as_deref(), Some("v" | "s")) =>
-        {
-            (
-                "secret".into(),
-                format!("{}/{}", text(mount).unwrap_or_default(), text(path).unwrap_or_default()),
-                if text(kind).as_deref() == Some("v") { v.as_u64() } else { None },
-            )
-        }
         [k, mount, kind, path] if text(k).as_deref() == Some("kv") && text(kind).as_deref() == Some("m") => (
             "metadata".into(),
             format!("{}/{}", text(mount).unwrap_or_default(), text(path).unwrap_or_default()),

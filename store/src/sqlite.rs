@@ -772,14 +772,9 @@ impl Transaction for SqliteTxn<'_> {
         self.budget.charge_set(new, value)?;
         self.write_version()?;
         if old == new {
-            // The value alone changes: the key index is not touched (a KV write into the
-            // slot of the version it prunes).
-            self.unstamp(new, true)?;
-            let updated = exec(self.conn()?, "UPDATE kv SET value = ?2 WHERE key = ?1", params![new, value])?;
-            if updated == 0 {
-                self.upsert(new, value)?;
-            }
-            return Ok(());
+            // A set: the upsert's conflict path rewrites the value alone, and the key index is
+            // not touched (a KV write into the slot of the version it prunes).
+            return self.put_plain(new, value);
         }
         self.unstamp(old, false)?;
         self.unstamp(new, true)?;
