@@ -164,6 +164,8 @@ impl Metrics {
         );
         out.push_str("# HELP arca_audit_commit_seconds Audit group-commit transactions by duration, commit and fsync included (every request of a batch waits for all of it).\n# TYPE arca_audit_commit_seconds histogram\n");
         commits.durations.render(&mut out, "arca_audit_commit_seconds", "");
+        out.push_str("# HELP arca_audit_step_commit_seconds Committer transactions that carried a sequencer step's writes (with the requests that joined them), by duration: set against arca_audit_commit_seconds, what a step adds to its batch.\n# TYPE arca_audit_step_commit_seconds histogram\n");
+        commits.step_durations.render(&mut out, "arca_audit_step_commit_seconds", "");
         let _ = writeln!(
             out,
             "# HELP arca_committer_point_reads_total Point reads of committed audit batches, by where they were answered: the committer's memo or the store.\n# TYPE arca_committer_point_reads_total counter\narca_committer_point_reads_total{{source=\"memo\"}} {}\narca_committer_point_reads_total{{source=\"store\"}} {}",
@@ -209,6 +211,7 @@ mod tests {
         for seconds in [0.00048828125, 0.0009765625, 0.015625] {
             commits.durations.observe(seconds);
         }
+        commits.step_durations.observe(0.0009765625);
         commits.upkeep_seconds = 0.25;
         let out = Metrics::default().render(false, &commits);
         for line in [
@@ -221,6 +224,10 @@ mod tests {
             "arca_audit_batches_total 3\n",
             "arca_audit_commit_seconds_count 3\n",
             "arca_store_upkeep_seconds_total 0.25\n",
+            "# TYPE arca_audit_step_commit_seconds histogram\n",
+            "arca_audit_step_commit_seconds_bucket{le=\"0.0005\"} 0\n",
+            "arca_audit_step_commit_seconds_bucket{le=\"0.001\"} 1\n",
+            "arca_audit_step_commit_seconds_count 1\n",
         ] {
             assert!(out.contains(line), "{line:?} missing from:\n{out}");
         }
