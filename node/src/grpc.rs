@@ -4,13 +4,24 @@
 //! comes from `authorization: Bearer …` or `x-arca-token`. The client address is the peer
 //! address, or — only when the peer is a configured trusted proxy — the first address in the
 //! configured proxy header, with the proxy's own address recorded beside it.
+//!
+//! Requests that tonic refuses before they reach a handler (undecodable protobuf, a message
+//! over [`MAX_REQUEST_BYTES`], an unknown method) are audited too: [`AuditedServer`] answers
+//! them only once their `rejected` event is durable, as the HTTP API does its refusals.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use arca_audit::Source;
+use tonic::codegen::http::{self, HeaderValue};
+use tonic::codegen::{BoxFuture, Service as TowerService};
 use tonic::metadata::MetadataValue;
+use tonic::server::NamedService;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -44,29 +55,160 @@ impl Service {
         Service { node, proxy: Arc::new(proxy) }
     }
 
-    /// The tonic server for this service, with the request size limit applied.
-    pub fn into_server(self) -> ArcaServer<Self> {
-        ArcaServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    /// The tonic server for this service, with the request size limit applied and tonic's
+    /// own refusals audited.
+    pub fn into_server(self) -> AuditedServer {
+        let (node, proxy) = (self.node.clone(), self.proxy.clone());
+        AuditedServer {
+            inner: ArcaServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES),
+            node,
+            proxy,
+        }
     }
 
+    /// The request's context. Every handler starts here, and then audits its request through a
+    /// [`Node`] operation: this is where a request is marked as having reached a handler, so
+    /// that [`AuditedServer`] does not audit it a second time.
     fn context<T>(&self, request: &Request<T>) -> RequestContext {
+        if let Some(reached) = request.extensions().get::<Reached>() {
+            reached.0.store(true, Ordering::Release);
+        }
         let meta = request.metadata();
-        let bearer = meta
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
-        let token = bearer.or_else(|| meta.get("x-arca-token").and_then(|v| v.to_str().ok()).map(str::trim));
-        let token = token.filter(|t| !t.is_empty()).map(|t| Zeroizing::new(t.to_owned()));
-        let peer = request.remote_addr();
-        let mut ctx = RequestContext::new(token, self.source(peer, request.metadata()));
+        let header = |name: &str| meta.get(name).and_then(|v| v.to_str().ok());
         // A certificate here was verified against the listener's client CA by the handshake.
-        ctx.mtls = request.peer_certs().is_some_and(|certs| !certs.is_empty());
-        ctx
+        let mtls = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        request_context(&self.proxy, request.remote_addr(), mtls, header)
+    }
+}
+
+/// A request's context from its headers (`header` looks one up by its lowercase name).
+fn request_context<'a>(
+    proxy: &ProxyConfig,
+    peer: Option<SocketAddr>,
+    mtls: bool,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> RequestContext {
+    let bearer = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
+    let token = bearer.or_else(|| header("x-arca-token").map(str::trim));
+    let token = token.filter(|t| !t.is_empty()).map(|t| Zeroizing::new(t.to_owned()));
+    let forwarded = proxy.header.as_deref().and_then(&header);
+    let mut ctx = RequestContext::new(token, client_source(proxy, peer, forwarded));
+    ctx.mtls = mtls;
+    ctx
+}
+
+/// Set once a request reaches one of [`Service`]'s handlers (see [`Service::context`]).
+#[derive(Debug, Clone, Default)]
+struct Reached(Arc<AtomicBool>);
+
+/// The gRPC service as served: [`ArcaServer`] around [`Service`], plus an audit event for each
+/// request that tonic answers without calling a handler — a message that is not the method's
+/// protobuf, one over [`MAX_REQUEST_BYTES`], an unknown method of the service. Such a request
+/// gets a `rejected` event (its path the gRPC method, its outcome `invalid_argument`, its
+/// caller named when the token is valid) that is durable before tonic's answer goes out,
+/// with the audit position and request id in its headers. If the event cannot be recorded the
+/// answer is `UNAVAILABLE` instead.
+#[derive(Debug, Clone)]
+pub struct AuditedServer {
+    inner: ArcaServer<Service>,
+    node: Arc<Node>,
+    proxy: Arc<ProxyConfig>,
+}
+
+impl NamedService for AuditedServer {
+    const NAME: &'static str = <ArcaServer<Service> as NamedService>::NAME;
+}
+
+/// What the audit of a refused request needs, taken before the request goes to tonic: cheap
+/// clones (reference-counted header values), turned into a context only if it is refused.
+struct Refusal {
+    uri: http::Uri,
+    peer: Option<SocketAddr>,
+    mtls: bool,
+    authorization: Option<HeaderValue>,
+    token: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+}
+
+impl Refusal {
+    fn of<B>(request: &http::Request<B>, proxy: &ProxyConfig) -> Refusal {
+        let (extensions, headers) = (request.extensions(), request.headers());
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        let peer = extensions
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| tls.and_then(|t| t.get_ref().remote_addr()));
+        Refusal {
+            uri: request.uri().clone(),
+            peer,
+            mtls: tls.and_then(TlsConnectInfo::peer_certs).is_some_and(|certs| !certs.is_empty()),
+            authorization: headers.get("authorization").cloned(),
+            token: headers.get("x-arca-token").cloned(),
+            forwarded: proxy.header.as_deref().and_then(|h| headers.get(h)).cloned(),
+        }
     }
 
-    fn source(&self, peer: Option<SocketAddr>, meta: &tonic::metadata::MetadataMap) -> Source {
-        let forwarded = self.proxy.header.as_deref().and_then(|h| meta.get(h)).and_then(|v| v.to_str().ok());
-        client_source(&self.proxy, peer, forwarded)
+    fn context(&self, proxy: &ProxyConfig) -> RequestContext {
+        request_context(proxy, self.peer, self.mtls, |name| {
+            let value = match name {
+                "authorization" => self.authorization.as_ref(),
+                "x-arca-token" => self.token.as_ref(),
+                _ if proxy.header.as_deref() == Some(name) => self.forwarded.as_ref(),
+                _ => None,
+            };
+            value.and_then(|v| v.to_str().ok())
+        })
+    }
+}
+
+impl TowerService<http::Request<tonic::body::Body>> for AuditedServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        TowerService::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let reached = Reached::default();
+        request.extensions_mut().insert(reached.clone());
+        let refusal = Refusal::of(&request, &self.proxy);
+        let (node, proxy) = (self.node.clone(), self.proxy.clone());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            if reached.0.load(Ordering::Acquire) {
+                return Ok(response);
+            }
+            let code = response
+                .headers()
+                .get(Status::GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map_or(tonic::Code::Unknown, tonic::Code::from_i32);
+            let ctx = refusal.context(&proxy);
+            let audited = node
+                .reject(ctx, refusal.uri.path().to_owned(), move || {
+                    ApiError::invalid(format!("request refused before it reached the node ({code:?})"))
+                })
+                .await;
+            let position = audited.position_hex();
+            if let Err(err @ (ApiError::Store(_) | ApiError::Unavailable | ApiError::Internal)) =
+                audited.result
+            {
+                // The refusal could not be recorded: say so rather than answer unaudited.
+                response = Status::from(err).into_http();
+            }
+            let headers = response.headers_mut();
+            if let Some(value) = position.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                headers.insert(AUDIT_POSITION_HEADER, value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&audited.request_id) {
+                headers.insert(REQUEST_ID_HEADER, value);
+            }
+            Ok(response)
+        })
     }
 }
 

@@ -1,11 +1,11 @@
 //! The gRPC surface in process: TLS and mutual TLS, the trusted-proxy header, request size
-//! limits and malformed protobuf.
+//! limits, malformed protobuf and unknown methods (refused by tonic, audited all the same).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arca_audit::Event;
-use arca_node::grpc::{AUDIT_POSITION_HEADER, ProxyConfig};
+use arca_audit::{Event, Operation, Outcome};
+use arca_node::grpc::{AUDIT_POSITION_HEADER, ProxyConfig, REQUEST_ID_HEADER};
 use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_node::proto;
 use arca_node::proto::arca_client::ArcaClient;
@@ -69,21 +69,50 @@ struct WrongShape {
     path: u64,
 }
 
+/// The request tonic refused is in the audit log: a `rejected` event for the gRPC method,
+/// naming the caller, whose request id and durable position the refusal carried.
+fn assert_refusal_audited(store: &dyn Store, status: &tonic::Status, method: &str, entity: &str) {
+    let event = events(store).pop().expect("an audit event");
+    assert_eq!(event.operation, Operation::Rejected, "{event:?}");
+    assert_eq!(event.path, method);
+    assert_eq!(event.outcome, Outcome::Error { code: "invalid_argument".into() });
+    assert_eq!(event.actor.entity, entity);
+    assert!(event.source.address.starts_with("127.0.0.1:"), "{:?}", event.source);
+    let request_id = status.metadata().get(REQUEST_ID_HEADER).expect("the request id").to_str().unwrap();
+    assert_eq!(event.request_id, request_id);
+    let position =
+        status.metadata().get(AUDIT_POSITION_HEADER).expect("the audit position").to_str().unwrap();
+    let key = store
+        .transact(|tx| {
+            let prefix = arca_node::keys::audit_events("local");
+            tx.get_range(&prefix, &prefix_end(&prefix).unwrap(), RangeOptions::default())
+        })
+        .unwrap()
+        .value
+        .pop()
+        .unwrap()
+        .key;
+    assert!(hex::encode(&key).ends_with(position), "the position names the event's key");
+}
+
 #[tokio::test]
-async fn malformed_protobuf_is_an_invalid_argument() {
+async fn malformed_protobuf_is_an_invalid_argument_and_audited() {
     let server = run(ProxyConfig::default(), None).await;
     let channel = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
+    let before = events(server.store.as_ref()).len();
     let codec = tonic_prost::ProstCodec::<WrongShape, proto::KvWriteResponse>::default();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arca.v1.Arca/KvPut");
     let status = grpc.unary(authed(WrongShape { path: 7 }, &server.root), path, codec).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("malformed request"), "{}", status.message());
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "one event for the refused request");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
 }
 
 #[tokio::test]
-async fn oversized_requests_are_refused_and_change_nothing() {
+async fn oversized_requests_are_refused_audited_and_change_nothing() {
     let server = run(ProxyConfig::default(), None).await;
     let mut client = plain_client(server.addr).await;
     let before = events(server.store.as_ref()).len();
@@ -95,11 +124,32 @@ async fn oversized_requests_are_refused_and_change_nothing() {
     };
     let status = client.kv_put(authed(huge, &server.root)).await.unwrap_err();
     assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status:?}");
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "the refused put is audited");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
     let get = client
         .kv_get(authed(proto::KvGetRequest { path: "big".into(), ..Default::default() }, &server.root))
         .await;
-    assert_eq!(get.unwrap_err().code(), Code::NotFound);
-    assert_eq!(events(server.store.as_ref()).len(), before + 1, "only the read was served (and audited)");
+    assert_eq!(get.unwrap_err().code(), Code::NotFound, "the refused put wrote nothing");
+    assert_eq!(events(server.store.as_ref()).len(), before + 2);
+}
+
+#[tokio::test]
+async fn unknown_methods_are_unimplemented_and_audited_without_trusting_the_token() {
+    let server = run(ProxyConfig::default(), None).await;
+    let channel = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let codec = tonic_prost::ProstCodec::<proto::Empty, proto::Empty>::default();
+    let method = "/arca.v1.Arca/NoSuchMethod";
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    let status = grpc.unary(authed(proto::Empty {}, "not-a-token"), path, codec.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_refusal_audited(server.store.as_ref(), &status, method, "anonymous");
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    let status = grpc.unary(authed(proto::Empty {}, &server.root), path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_refusal_audited(server.store.as_ref(), &status, method, "root");
 }
 
 #[tokio::test]
@@ -254,6 +304,14 @@ async fn tls_and_mutual_tls() {
         with_cert.cert_role_write(authed(bad_pem, &mutual.root)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // A request tonic refuses over mutual TLS is audited with the TLS peer's address.
+    let huge = proto::KvPutRequest {
+        path: "web/big".into(),
+        data: [("v".to_owned(), "x".repeat(300 * 1024))].into(),
+        ..Default::default()
+    };
+    let status = with_cert.kv_put(authed(huge, &login.token)).await.unwrap_err();
+    assert_refusal_audited(mutual.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "cert:web");
 
     // Over plain TLS (no client certificate) the login is denied.
     let (pki2, mut files2) = self::pki();
