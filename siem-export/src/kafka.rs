@@ -181,28 +181,33 @@ pub fn read_topic(
     Ok(out)
 }
 
-/// Follows `topic` from the beginning, calling `each` for every message, until `each`
-/// returns false. Used by `watch`; `until_end` stops at the end the topic had at start.
-pub fn follow_topic(
+/// Follows `topics` from the beginning, calling `each` with the topic's position in
+/// `topics` for every message, until `each` returns false. Used by `watch`; `until_end` reads
+/// each topic in turn up to the end it had at start.
+pub fn follow_topics(
     consumer: &BaseConsumer,
-    topic: &str,
+    topics: &[&str],
     timeout: Duration,
     until_end: bool,
-    mut each: impl FnMut(Record) -> bool,
+    mut each: impl FnMut(usize, Record) -> bool,
 ) -> Result<(), KafkaError> {
     if until_end {
-        for r in read_topic(consumer, topic, timeout)? {
-            if !each(r) {
-                break;
+        for (i, topic) in topics.iter().enumerate() {
+            for r in read_topic(consumer, topic, timeout)? {
+                if !each(i, r) {
+                    return Ok(());
+                }
             }
         }
         return Ok(());
     }
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let mut assignment = TopicPartitionList::new();
-    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-        for p in t.partitions() {
-            assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        for t in metadata.topics().iter().filter(|t| t.name() == *topic) {
+            for p in t.partitions() {
+                assignment.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
         }
     }
     consumer.assign(&assignment)?;
@@ -210,7 +215,8 @@ pub fn follow_topic(
         let Some(polled) = consumer.poll(Duration::from_millis(500)) else { continue };
         match polled {
             Ok(m) => {
-                if !each(record(&m)) {
+                let Some(i) = topics.iter().position(|t| *t == m.topic()) else { continue };
+                if !each(i, record(&m)) {
                     return Ok(());
                 }
             }

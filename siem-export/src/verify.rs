@@ -310,24 +310,22 @@ fn verify_log(origin: String, state: LogState, verifiers: &[NoteVerifier]) -> Lo
         }
     }
     report.signed_size = signed.keys().next_back().copied().unwrap_or(0);
-    // Missing leaves below the signed size (altered ones are reported as altered).
-    let mut expect = 0u64;
-    let limit = report.signed_size.max(state.leaves.keys().next_back().map_or(0, |i| i + 1));
-    let mut gap_start: Option<u64> = None;
-    for i in 0..limit {
-        let present = state.leaves.contains_key(&i) || altered_indexes.contains(&i);
-        match (present, gap_start) {
-            (false, None) => gap_start = Some(i),
-            (true, Some(start)) => {
-                report.missing.push((start, i - 1));
-                gap_start = None;
-            }
-            _ => {}
+    // Missing leaves below the signed size (altered ones are reported as altered), as ranges
+    // between the indexes received: a message's index is the sender's word, so the work is
+    // per message received, never per index claimed (an index near 2^64 costs nothing).
+    let limit =
+        u128::from(report.signed_size).max(state.leaves.keys().next_back().map_or(0, |i| u128::from(*i) + 1));
+    let mut present: Vec<u64> = state.leaves.keys().chain(&altered_indexes).copied().collect();
+    present.sort_unstable();
+    let mut next = 0u128;
+    for i in present.into_iter().map(u128::from).take_while(|i| *i < limit) {
+        if i > next {
+            report.missing.push((narrow_index(next), narrow_index(i - 1)));
         }
-        expect = i + 1;
+        next = next.max(i + 1);
     }
-    if let Some(start) = gap_start {
-        report.missing.push((start, expect - 1));
+    if next < limit {
+        report.missing.push((narrow_index(next), narrow_index(limit - 1)));
     }
     // Rebuild the tree and match every checkpoint it reaches.
     let mut frontier = Frontier::new();
@@ -369,16 +367,21 @@ fn verify_log(origin: String, state: LogState, verifiers: &[NoteVerifier]) -> Lo
     report
 }
 
+/// An index computed in `u128` below a limit of at most `u64::MAX + 1`.
+fn narrow_index(i: u128) -> u64 {
+    u64::try_from(i).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use arca_audit::checkpoint::Checkpoint;
     use arca_audit::note::NoteSigner;
     use arca_audit::{Actor, Operation, Outcome, Source};
 
-    const ORIGIN: &str = "arca/test/r1";
+    pub(crate) const ORIGIN: &str = "arca/test/r1";
 
-    fn event(i: u64) -> Event {
+    pub(crate) fn event(i: u64) -> Event {
         Event {
             time_unix_ms: 1_700_000_000_000 + i,
             request_id: format!("{i:016x}"),
@@ -394,7 +397,7 @@ mod tests {
         }
     }
 
-    fn message(index: u64, entry: &[u8]) -> Record {
+    pub(crate) fn message(index: u64, entry: &[u8]) -> Record {
         let value = ocsf::to_ocsf(ORIGIN, index, entry, &Event::decode(entry).unwrap());
         Record {
             partition: 0,
@@ -406,8 +409,13 @@ mod tests {
     }
 
     /// A log of `n` entries with checkpoints at `sizes`.
-    fn log(n: u64, sizes: &[u64]) -> (Vec<Record>, Vec<Record>, NoteVerifier) {
-        let signer = NoteSigner::from_seed(ORIGIN, &[7u8; 32]).unwrap();
+    pub(crate) fn log(n: u64, sizes: &[u64]) -> (Vec<Record>, Vec<Record>, NoteVerifier) {
+        signed_log(n, sizes, 7)
+    }
+
+    /// The same, signed with the key of seed `[seed; 32]`.
+    pub(crate) fn signed_log(n: u64, sizes: &[u64], seed: u8) -> (Vec<Record>, Vec<Record>, NoteVerifier) {
+        let signer = NoteSigner::from_seed(ORIGIN, &[seed; 32]).unwrap();
         let entries: Vec<Vec<u8>> = (0..n).map(|i| event(i).encode()).collect();
         let messages = entries.iter().enumerate().map(|(i, e)| message(i as u64, e)).collect();
         let mut cps = Vec::new();
@@ -448,6 +456,22 @@ mod tests {
         assert!(!report.ok());
         assert_eq!(report.logs[0].missing, vec![(17, 17), (31, 31)]);
         assert!(report.summary().contains("missing: index 17"), "{}", report.summary());
+    }
+
+    #[test]
+    fn a_message_claiming_a_far_index_is_reported_at_once() {
+        // Entry messages carry no signature of their own: anyone who can write to the topic
+        // can claim any index. The verifier's work must not follow the claim.
+        let (mut entries, cps, v) = log(20, &[20]);
+        let forged = event(99).encode();
+        entries.push(message(u64::MAX, &forged));
+        entries.push(message(1 << 60, &forged));
+        let report = verify(&entries, &cps, &[v]);
+        let log = &report.logs[0];
+        assert_eq!(log.checkpoints_verified, 1, "{}", report.summary());
+        assert_eq!(log.entries, 22);
+        assert_eq!(log.missing, vec![(20, (1 << 60) - 1), ((1 << 60) + 1, u64::MAX - 1)]);
+        assert!(!report.ok(), "a claimed index past the log is reported");
     }
 
     #[test]
@@ -530,9 +554,15 @@ mod tests {
             let _ = watcher.observe_message(&entries[2].payload);
             entries.push(Record { partition: 0, offset: 99, key: None, leaf_index_header: None, payload: garbage.clone() });
             let cp_garbage = Record { partition: 0, offset: 99, key: None, leaf_index_header: None, payload: garbage.clone() };
-            let report = verify(&entries, &[cps[0].clone(), cp_garbage], &[v]);
+            let report = verify(&entries, &[cps[0].clone(), cp_garbage], std::slice::from_ref(&v));
             proptest::prop_assert!(!report.ok());
             let _ = watcher.observe_message(&garbage);
+            let mut verified = crate::watch::Watcher::verified(crate::watch::Rules::default(), vec![v]);
+            for r in &entries {
+                let _ = verified.observe_message(&r.payload);
+            }
+            let _ = verified.observe_checkpoint(&garbage);
+            let _ = verified.observe_checkpoint(&cps[0].payload);
         }
     }
 }

@@ -11,13 +11,30 @@
 //!
 //! `first-access` and `new-source` learn quietly during a baseline (the first entries or
 //! seconds of each log), so that a stream's history is not one alert per identity.
+//!
+//! Entry messages carry no signature of their own: whoever can write to the topic can
+//! inject, reorder or replace them. Given the logs' verifier keys ([`Watcher::verified`]),
+//! the watcher holds each entry back until a checkpoint whose signature verifies covers it
+//! and the tree of the entries received is that checkpoint's root; only then do the rules
+//! see it. Whatever does not hold — a checkpoint that does not verify, two entries for one
+//! leaf, entries that do not make the signed root, a log without a key, more than
+//! [`HELD_LIMIT`] entries waiting — raises a `stream-integrity` alert, and a log whose
+//! entries do not make a signed root is watched no further (fail closed: its alerts could
+//! be an attacker's). Verified watching needs the stream from leaf 0, as the topics keep it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
-use arca_audit::{Event, Operation, Outcome};
+use arca_audit::merkle::{self, Frontier, Hash};
+use arca_audit::note::NoteVerifier;
+use arca_audit::{Event, Operation, Outcome, checkpoint};
 use serde::{Deserialize, Serialize};
 
 use crate::ocsf;
+
+/// Most entries a verifying watcher holds per log while it waits for a checkpoint (the
+/// exporter publishes one per round, at most a few thousand entries apart). An entry
+/// claiming a leaf this far past the last proven one is dropped.
+pub const HELD_LIMIT: u64 = 1_000_000;
 
 /// Rule settings (`[watch]` in the configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -124,26 +141,224 @@ struct LogState {
 pub struct Watcher {
     rules: Rules,
     logs: HashMap<String, LogState>,
+    /// With verifier keys: the entries held until a signed checkpoint proves them.
+    gate: Option<Gate>,
 }
 
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watcher").field("rules", &self.rules).field("logs", &self.logs.len()).finish()
+        f.debug_struct("Watcher")
+            .field("rules", &self.rules)
+            .field("logs", &self.logs.len())
+            .field("verified", &self.gate.is_some())
+            .finish()
     }
 }
 
+/// Entries waiting for their proof, per log.
+struct Gate {
+    verifiers: Vec<NoteVerifier>,
+    /// One per log with a key.
+    logs: HashMap<String, GateLog>,
+    /// Logs without a key, alerted once each (the first [`UNKNOWN_LOGS_NAMED`]).
+    unknown: HashSet<String>,
+}
+
+/// How many logs without a key are named in alerts: a message names its own log, so a
+/// writer to the topic could name any number.
+const UNKNOWN_LOGS_NAMED: usize = 100;
+
+impl Gate {
+    /// The log's state, or `None` (alerted on first sight) when there is no key for it.
+    fn log(&mut self, origin: &str, alerts: &mut Vec<Alert>) -> Option<&mut GateLog> {
+        if !self.verifiers.iter().any(|v| v.name() == origin) {
+            if self.unknown.len() < UNKNOWN_LOGS_NAMED && self.unknown.insert(origin.to_owned()) {
+                integrity(
+                    alerts,
+                    &mut GateLog::default(),
+                    origin,
+                    0,
+                    "no-key",
+                    "a message of a log without a verifier key: its entries are not watched".into(),
+                );
+            }
+            return None;
+        }
+        Some(self.logs.entry(origin.to_owned()).or_default())
+    }
+}
+
+#[derive(Default)]
+struct GateLog {
+    /// The tree of the entries proven so far (leaves `0..proven.size()`).
+    proven: Frontier,
+    /// Entries received at or past `proven.size()`: index → entry bytes (the first received).
+    held: BTreeMap<u64, Vec<u8>>,
+    /// Checkpoints whose signature verified, past `proven.size()`: size → root.
+    signed: BTreeMap<u64, Hash>,
+    /// Its entries did not make a signed root: nothing more is released.
+    stalled: bool,
+    /// Integrity alerts already raised, by id (each once per run).
+    raised: HashSet<String>,
+}
+
 impl Watcher {
+    /// A watcher that runs the rules over every entry message as it arrives, unverified.
     pub fn new(rules: Rules) -> Watcher {
-        Watcher { rules, logs: HashMap::new() }
+        Watcher { rules, logs: HashMap::new(), gate: None }
     }
 
-    /// Runs the rules over one consumed message's payload. Malformed messages and repeats
-    /// are skipped (`verify` is what reports them).
+    /// A watcher that runs the rules only over entries a signed checkpoint proved (see the
+    /// module's documentation); `verifiers` are the logs' keys.
+    pub fn verified(rules: Rules, verifiers: Vec<NoteVerifier>) -> Watcher {
+        let gate = Gate { verifiers, logs: HashMap::new(), unknown: HashSet::new() };
+        Watcher { rules, logs: HashMap::new(), gate: Some(gate) }
+    }
+
+    /// Takes one message of the entries topic. Unverified, the rules run over it at once;
+    /// verified, it is held until a checkpoint proves it, and what it completes is released
+    /// to the rules in leaf order. Malformed messages and repeats are skipped (`verify` is
+    /// what reports them).
     pub fn observe_message(&mut self, payload: &[u8]) -> Vec<Alert> {
         let Ok(value) = ocsf::parse(payload) else { return vec![] };
         let Ok(env) = ocsf::envelope(&value) else { return vec![] };
-        let Ok(event) = Event::decode(&env.entry) else { return vec![] };
-        self.observe(&env.origin, env.index, &event)
+        if self.gate.is_none() {
+            let Ok(event) = Event::decode(&env.entry) else { return vec![] };
+            return self.observe(&env.origin, env.index, &event);
+        }
+        let mut alerts = Vec::new();
+        self.hold(env.origin, env.index, env.entry, &mut alerts);
+        alerts
+    }
+
+    /// Takes one message of the checkpoints topic: verified, a checkpoint whose signature
+    /// holds releases the held entries it proves. Unverified, checkpoints are not used.
+    pub fn observe_checkpoint(&mut self, payload: &[u8]) -> Vec<Alert> {
+        let Some(gate) = &mut self.gate else { return vec![] };
+        let mut alerts = Vec::new();
+        let Ok(text) = std::str::from_utf8(payload) else { return alerts };
+        let body = arca_audit::note::unverified_text(text).unwrap_or(text);
+        let Ok(claimed) = checkpoint::Checkpoint::parse(body) else { return alerts };
+        let origin = claimed.origin;
+        let Some(verifier) = gate.verifiers.iter().find(|v| v.name() == origin).cloned() else {
+            gate.log(&origin, &mut alerts);
+            return alerts;
+        };
+        let log = gate.log(&origin, &mut alerts).expect("a key");
+        let size = claimed.size;
+        let cp = match checkpoint::open(text, &verifier) {
+            Ok(cp) => cp,
+            Err(e) => {
+                let detail = format!(
+                    "a checkpoint of size {size} does not verify ({e}): someone else wrote to the topic"
+                );
+                integrity(&mut alerts, log, &origin, size, "bad-signature", detail);
+                return alerts;
+            }
+        };
+        let (size, root) = (cp.size(), *cp.root());
+        if size < log.proven.size() {
+            return alerts; // an earlier checkpoint, already passed by a later one
+        }
+        if size == log.proven.size() {
+            if root != log.proven.root() {
+                let detail = format!("two signed checkpoints of size {size} differ: the log forked");
+                integrity(&mut alerts, log, &origin, size, "fork", detail);
+            }
+            return alerts;
+        }
+        match log.signed.get(&size) {
+            Some(other) if *other != root => {
+                let detail = format!("two signed checkpoints of size {size} differ: the log forked");
+                integrity(&mut alerts, log, &origin, size, "fork", detail);
+            }
+            Some(_) => {}
+            None => {
+                log.signed.insert(size, root);
+            }
+        }
+        self.release(&origin, &mut alerts);
+        alerts
+    }
+
+    /// Holds an entry of a verified stream and releases what it completes.
+    fn hold(&mut self, origin: String, index: u64, entry: Vec<u8>, alerts: &mut Vec<Alert>) {
+        let gate = self.gate.as_mut().expect("verified");
+        let Some(log) = gate.log(&origin, alerts) else { return };
+        if log.stalled || index < log.proven.size() {
+            return; // proven already (a repeat), or no longer watched
+        }
+        if index - log.proven.size() >= HELD_LIMIT {
+            let detail = format!(
+                "an entry claims leaf {index}, more than {HELD_LIMIT} past the last proven leaf {}: dropped",
+                log.proven.size()
+            );
+            integrity(alerts, log, &origin, log.proven.size(), "too-far", detail);
+            return;
+        }
+        match log.held.get(&index) {
+            Some(first) if *first != entry => {
+                let detail =
+                    format!("two different entries for leaf {index}: someone else wrote to the topic");
+                integrity(alerts, log, &origin, index, "conflict", detail);
+                return;
+            }
+            Some(_) => return, // a repeat
+            None => {
+                log.held.insert(index, entry);
+            }
+        }
+        self.release(&origin, alerts);
+    }
+
+    /// Releases to the rules, in leaf order, every held entry a signed checkpoint proves.
+    fn release(&mut self, origin: &str, alerts: &mut Vec<Alert>) {
+        loop {
+            let gate = self.gate.as_mut().expect("verified");
+            let Some(log) = gate.logs.get_mut(origin) else { return };
+            if log.stalled {
+                return;
+            }
+            let Some((&size, &root)) = log.signed.first_key_value() else { return };
+            let from = log.proven.size();
+            // Every leaf up to the checkpoint's size must be here (`held` has no index below
+            // `from`, so the count says it).
+            if (log.held.range(from..size).count() as u64) < size - from {
+                return;
+            }
+            let mut tree = log.proven.clone();
+            for entry in log.held.range(from..size).map(|(_, e)| e) {
+                tree.push(merkle::leaf_hash(entry));
+            }
+            if tree.root() != root {
+                let detail = format!(
+                    "the entries received for leaves {from}..{size} do not make the signed root: \
+                     the stream was altered; this log is watched no further (run `arca-siem verify`)"
+                );
+                integrity(alerts, log, origin, size, "root-mismatch", detail);
+                log.stalled = true;
+                log.held.clear();
+                log.signed.clear();
+                return;
+            }
+            let rest = log.held.split_off(&size);
+            let proven = std::mem::replace(&mut log.held, rest);
+            log.proven = tree;
+            log.signed.remove(&size);
+            for (index, entry) in proven {
+                // The signed tree covers these bytes: an entry that does not decode is the
+                // log's own (the node's sequencer wrote it), reported rather than skipped.
+                match Event::decode(&entry) {
+                    Ok(event) => alerts.extend(self.observe(origin, index, &event)),
+                    Err(e) => {
+                        let gate = self.gate.as_mut().expect("verified");
+                        let log = gate.logs.get_mut(origin).expect("held above");
+                        let detail = format!("leaf {index} is signed but does not decode: {e}");
+                        integrity(alerts, log, origin, index, "undecodable", detail);
+                    }
+                }
+            }
+        }
     }
 
     /// Runs the rules over leaf `index` of log `origin`.
@@ -153,7 +368,7 @@ impl Watcher {
         if index < log.next_index {
             return vec![];
         }
-        log.next_index = index + 1;
+        log.next_index = index.saturating_add(1);
         let t = event.time_unix_ms;
         let first = *log.first_time.get_or_insert(t);
         let learning = index < rules.baseline_entries || t < first.saturating_add(rules.baseline_secs * 1000);
@@ -185,10 +400,10 @@ impl Watcher {
 
         // denial-burst
         if event.outcome.is_denied() {
-            let window = rules.denial_burst_window_secs * 1000;
+            let window = rules.denial_burst_window_secs.saturating_mul(1000);
             let (times, alerted) = log.denials.entry(identity.clone()).or_default();
             times.push_back(t);
-            while times.front().is_some_and(|f| *f + window < t) {
+            while times.front().is_some_and(|f| f.saturating_add(window) < t) {
                 times.pop_front();
             }
             if times.len() < rules.denial_burst_threshold {
@@ -270,10 +485,10 @@ impl Watcher {
 
             // distinct-secrets
             if is_read {
-                let window = rules.distinct_secrets_window_secs * 1000;
+                let window = rules.distinct_secrets_window_secs.saturating_mul(1000);
                 let (seen, alerted) = log.reads.entry(identity.clone()).or_default();
                 seen.insert(secret.clone(), t);
-                seen.retain(|_, last| *last + window >= t);
+                seen.retain(|_, last| last.saturating_add(window) >= t);
                 if seen.len() < rules.distinct_secrets_threshold {
                     *alerted = false;
                 } else if !*alerted {
@@ -293,6 +508,35 @@ impl Watcher {
         }
         alerts
     }
+}
+
+/// Raises a `stream-integrity` alert (each kind once per leaf and run). Its time is 0: it
+/// comes from no event.
+fn integrity(
+    alerts: &mut Vec<Alert>,
+    log: &mut GateLog,
+    origin: &str,
+    index: u64,
+    kind: &str,
+    detail: String,
+) {
+    let id = format!("{origin}/{index}/stream-integrity/{kind}");
+    if !log.raised.insert(id.clone()) {
+        return;
+    }
+    alerts.push(Alert {
+        id,
+        rule: "stream-integrity",
+        severity: "critical",
+        origin: origin.to_owned(),
+        leaf_index: index,
+        time_unix_ms: 0,
+        identity: String::new(),
+        secret: None,
+        source_ip: None,
+        detail,
+        request_id: String::new(),
+    });
 }
 
 #[cfg(test)]
@@ -440,6 +684,118 @@ mod tests {
         assert_eq!(first.len(), 2); // first-access and new-source, no baseline
         assert_eq!(w.observe("o", 0, &e), vec![]);
         assert_eq!(first[0].id, "o/0/new-source");
+    }
+
+    mod verified {
+        use super::*;
+        use crate::verify::tests::{ORIGIN, event, log, message, signed_log};
+
+        fn feed(w: &mut Watcher, records: &[crate::kafka::Record]) -> Vec<Alert> {
+            records.iter().flat_map(|r| w.observe_message(&r.payload)).collect()
+        }
+
+        fn checkpoints(w: &mut Watcher, records: &[crate::kafka::Record]) -> Vec<Alert> {
+            records.iter().flat_map(|r| w.observe_checkpoint(&r.payload)).collect()
+        }
+
+        fn rules_only(alerts: &[Alert]) -> Vec<&Alert> {
+            alerts.iter().filter(|a| a.rule != "stream-integrity").collect()
+        }
+
+        fn integrity_kinds(alerts: &[Alert]) -> Vec<(&str, u64)> {
+            alerts
+                .iter()
+                .filter(|a| a.rule == "stream-integrity")
+                .map(|a| (a.id.rsplit('/').next().unwrap(), a.leaf_index))
+                .collect()
+        }
+
+        #[test]
+        fn entries_wait_for_the_checkpoint_that_proves_them() {
+            let (entries, cps, v) = log(10, &[4, 10]);
+            let unverified = feed(&mut Watcher::new(Rules::default()), &entries);
+            assert_eq!(unverified.len(), 11, "first-access for each of 10 secrets, one new source");
+
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            assert_eq!(feed(&mut w, &entries), vec![], "nothing is proven yet");
+            let first = checkpoints(&mut w, &cps[..1]);
+            assert!(first.iter().all(|a| a.leaf_index < 4), "{first:#?}");
+            assert_eq!(first, unverified[..5].to_vec(), "leaves 0..4: four first accesses, one new source");
+            let rest = checkpoints(&mut w, &cps[1..]);
+            assert_eq!([first, rest].concat(), unverified, "the same alerts, once proven");
+            assert_eq!(feed(&mut w, &entries), vec![], "repeats of proven leaves are dropped");
+        }
+
+        #[test]
+        fn the_order_of_the_two_topics_does_not_matter() {
+            let (entries, cps, v) = log(10, &[4, 10]);
+            let expected = feed(&mut Watcher::new(Rules::default()), &entries);
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let mut got = checkpoints(&mut w, &cps);
+            for r in entries.iter().rev() {
+                got.extend(w.observe_message(&r.payload));
+            }
+            assert_eq!(got, expected);
+        }
+
+        #[test]
+        fn a_forged_far_leaf_blinds_an_unverified_watcher_but_not_a_verified_one() {
+            let (entries, cps, v) = log(10, &[10]);
+            let expected = feed(&mut Watcher::new(Rules::default()), &entries);
+            let forged = message(u64::MAX - 1, &event(99).encode());
+            let with_forgery = [vec![forged], entries].concat();
+
+            let mut unverified = Watcher::new(Rules::default());
+            let blinded = feed(&mut unverified, &with_forgery);
+            assert_eq!(blinded.len(), 2, "the forged leaf's own alerts, then nothing: {blinded:#?}");
+
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let mut got = feed(&mut w, &with_forgery);
+            got.extend(checkpoints(&mut w, &cps));
+            assert_eq!(integrity_kinds(&got), vec![("too-far", 0)]);
+            assert_eq!(rules_only(&got), expected.iter().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn an_injected_entry_stops_the_log_with_an_alert_and_no_rule_sees_it() {
+            let (entries, cps, v) = log(10, &[4, 10]);
+            let mut injected = event(2);
+            injected.actor.entity = "token:intruder".into();
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let mut got = w.observe_message(&message(2, &injected.encode()).payload);
+            got.extend(feed(&mut w, &entries));
+            got.extend(checkpoints(&mut w, &cps));
+            assert_eq!(integrity_kinds(&got), vec![("conflict", 2), ("root-mismatch", 4)]);
+            assert_eq!(rules_only(&got), Vec::<&Alert>::new(), "nothing past the proven prefix (empty)");
+            assert!(got.iter().all(|a| !a.detail.contains("intruder")));
+            // Watched no further: later messages release nothing.
+            assert_eq!(feed(&mut w, &entries), vec![]);
+        }
+
+        #[test]
+        fn checkpoints_that_do_not_verify_release_nothing() {
+            let (entries, _, v) = log(6, &[6]);
+            let (_, other_cps, _) = signed_log(6, &[6], 8);
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let mut got = feed(&mut w, &entries);
+            got.extend(checkpoints(&mut w, &other_cps));
+            assert_eq!(integrity_kinds(&got), vec![("bad-signature", 6)]);
+            assert_eq!(rules_only(&got), Vec::<&Alert>::new());
+            // The same again is not raised twice.
+            assert_eq!(checkpoints(&mut w, &other_cps), vec![]);
+        }
+
+        #[test]
+        fn logs_without_a_key_are_named_once_and_not_watched() {
+            let (entries, cps, _) = log(4, &[4]);
+            let other = arca_audit::note::NoteSigner::from_seed("arca/else/r2", &[8; 32]).unwrap().verifier();
+            assert_ne!(other.name(), ORIGIN);
+            let mut w = Watcher::verified(Rules::default(), vec![other]);
+            let mut got = feed(&mut w, &entries);
+            got.extend(checkpoints(&mut w, &cps));
+            assert_eq!(integrity_kinds(&got), vec![("no-key", 0)]);
+            assert_eq!(got.len(), 1);
+        }
     }
 
     #[test]

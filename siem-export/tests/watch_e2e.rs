@@ -1,6 +1,6 @@
 //! `arca-siem watch` over a real exported stream: a quiet workload raises nothing; a
 //! scripted one raises exactly the alerts its anomalies call for, on stdout and on the
-//! alerts topic.
+//! alerts topic, verified (each entry proven by a signed checkpoint) or not.
 
 mod common;
 
@@ -12,9 +12,12 @@ use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn alerts(config: &std::path::Path) -> Vec<Value> {
-    let (code, out, err) = siem(config, &["watch", "--until-end"]);
+/// The alerts of a verified watch: entries held until a checkpoint signed by `node`'s key
+/// proves them.
+fn alerts(config: &std::path::Path, node: &Node) -> Vec<Value> {
+    let (code, out, err) = siem(config, &["watch", "--until-end", "--vkey-url", &node.vkey_url()]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("UNVERIFIED"), "{err}");
     out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
@@ -68,7 +71,7 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
         assert_eq!(node.get_as(&app, "app/api"), 200);
     }
     exporter.wait_caught_up(node, DEADLINE);
-    assert_eq!(alerts(config), Vec::<Value>::new());
+    assert_eq!(alerts(config, node), Vec::<Value>::new());
 
     // Anomalies.
     for i in 0..25 {
@@ -82,7 +85,7 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
     assert_eq!(node.get_as(&app, "app/old"), 404); // read-after-destroy
     exporter.wait_caught_up(node, DEADLINE);
 
-    let raised = alerts(config);
+    let raised = alerts(config, node);
     let s = |x: &str| x.to_owned();
     let expected: BTreeMap<(String, String, String), usize> = [
         ((s("distinct-secrets"), s("token:app"), s("")), 1),
@@ -97,9 +100,12 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
     .into_iter()
     .collect();
     assert_eq!(tally(&raised), expected, "{raised:#?}");
-    // Replays raise the same alerts, with the same ids.
+    // Replays raise the same alerts, with the same ids; unverified too (with a warning).
     let ids: Vec<&Value> = raised.iter().map(|a| &a["id"]).collect();
-    let again = alerts(config);
+    let (code, out, err) = siem(config, &["watch", "--until-end"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("UNVERIFIED"), "{err}");
+    let again: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(again.iter().map(|a| &a["id"]).collect::<Vec<_>>(), ids);
 
     // Both runs published to the alerts topic: the first quiet run nothing.

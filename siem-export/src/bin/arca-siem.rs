@@ -53,7 +53,15 @@ enum Command {
         timeout_secs: u64,
     },
     /// Run the anomaly rules over the entries topic; alerts go to stdout and the alerts topic.
+    /// With the logs' verifier keys, each entry is held until a signed checkpoint proves it.
     Watch {
+        /// A log's verifier key (C2SP vkey), pinned out of band: verified watching. Repeat for
+        /// several logs.
+        #[arg(long)]
+        vkey: Vec<String>,
+        /// Fetch a verifier key from a node's `/audit/<region>/vkey` (trust on first use).
+        #[arg(long)]
+        vkey_url: Vec<String>,
         /// Stop at the end the topic had at start (default: follow forever).
         #[arg(long)]
         until_end: bool,
@@ -99,8 +107,10 @@ fn main() -> ExitCode {
             Command::Verify { vkey, vkey_url, json, timeout_secs } => {
                 run_verify(config, vkey, vkey_url, json, Duration::from_secs(timeout_secs)).await
             }
-            Command::Watch { until_end, no_publish, timeout_secs } => {
-                watch(config, until_end, no_publish, Duration::from_secs(timeout_secs)).await
+            Command::Watch { vkey, vkey_url, until_end, no_publish, timeout_secs } => {
+                let options =
+                    WatchOptions { until_end, no_publish, timeout: Duration::from_secs(timeout_secs) };
+                watch(config, vkey, vkey_url, options).await
             }
         }
     });
@@ -207,13 +217,8 @@ fn fetch_vkey(url: &str) -> Result<String, Failure> {
     Ok(text.trim().to_owned())
 }
 
-async fn run_verify(
-    config: Config,
-    vkeys: Vec<String>,
-    vkey_urls: Vec<String>,
-    json: bool,
-    timeout: Duration,
-) -> Result<ExitCode, Failure> {
+/// The verifier keys given, and those fetched from the URLs given.
+async fn verifiers(vkeys: Vec<String>, vkey_urls: Vec<String>) -> Result<Vec<NoteVerifier>, Failure> {
     let mut keys = vkeys;
     for url in &vkey_urls {
         let url = url.clone();
@@ -223,13 +228,22 @@ async fn run_verify(
                 .map_err(|_| unavailable("interrupted"))??,
         );
     }
-    if keys.is_empty() {
+    keys.iter()
+        .map(|k| NoteVerifier::parse(k).map_err(|e| usage(format!("invalid verifier key: {e}"))))
+        .collect()
+}
+
+async fn run_verify(
+    config: Config,
+    vkeys: Vec<String>,
+    vkey_urls: Vec<String>,
+    json: bool,
+    timeout: Duration,
+) -> Result<ExitCode, Failure> {
+    let verifiers = verifiers(vkeys, vkey_urls).await?;
+    if verifiers.is_empty() {
         return Err(usage("give the logs' verifier keys with --vkey or --vkey-url"));
     }
-    let verifiers = keys
-        .iter()
-        .map(|k| NoteVerifier::parse(k).map_err(|e| usage(format!("invalid verifier key: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
     let kafka = config.kafka.clone();
     let report = tokio::task::spawn_blocking(move || {
         let consumer = kafka::reader(&kafka).map_err(|e| unavailable(format!("kafka: {e}")))?;
@@ -251,12 +265,27 @@ async fn run_verify(
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-async fn watch(
-    config: Config,
+struct WatchOptions {
     until_end: bool,
     no_publish: bool,
     timeout: Duration,
+}
+
+async fn watch(
+    config: Config,
+    vkeys: Vec<String>,
+    vkey_urls: Vec<String>,
+    options: WatchOptions,
 ) -> Result<ExitCode, Failure> {
+    let WatchOptions { until_end, no_publish, timeout } = options;
+    let verifiers = verifiers(vkeys, vkey_urls).await?;
+    if verifiers.is_empty() {
+        eprintln!(
+            "arca-siem: watching UNVERIFIED entry messages: whoever can write to the topic can raise or \
+             suppress alerts. Give the logs' verifier keys (--vkey or --vkey-url) to hold each entry \
+             until a signed checkpoint proves it."
+        );
+    }
     let kafka_cfg = config.kafka.clone();
     let producer = if no_publish {
         None
@@ -274,9 +303,23 @@ async fn watch(
     let kafka = kafka_cfg.clone();
     let consume = tokio::task::spawn_blocking(move || {
         let consumer = kafka::reader(&kafka).map_err(|e| unavailable(format!("kafka: {e}")))?;
-        let mut watcher = Watcher::new(rules);
-        kafka::follow_topic(&consumer, &kafka.entries_topic, timeout, until_end, |record| {
-            for alert in watcher.observe_message(&record.payload) {
+        let verified = !verifiers.is_empty();
+        let mut watcher = if verified { Watcher::verified(rules, verifiers) } else { Watcher::new(rules) };
+        // Verified, checkpoints too; with --until-end the checkpoints are read first, as
+        // `verify` does (the exporter publishes one only after the entries it covers).
+        let topics: Vec<&str> = if verified {
+            vec![kafka.checkpoints_topic.as_str(), kafka.entries_topic.as_str()]
+        } else {
+            vec![kafka.entries_topic.as_str()]
+        };
+        let entries = topics.len() - 1;
+        kafka::follow_topics(&consumer, &topics, timeout, until_end, |topic, record| {
+            let alerts = if topic == entries {
+                watcher.observe_message(&record.payload)
+            } else {
+                watcher.observe_checkpoint(&record.payload)
+            };
+            for alert in alerts {
                 let line = serde_json::to_string(&alert).unwrap_or_default();
                 if tx.blocking_send((alert.origin.clone(), line)).is_err() {
                     return false;
@@ -284,7 +327,7 @@ async fn watch(
             }
             true
         })
-        .map_err(|e| unavailable(format!("cannot read {}: {e}", kafka.entries_topic)))
+        .map_err(|e| unavailable(format!("cannot read {}: {e}", topics.join(", "))))
     });
     let mut published = 0u64;
     while let Some((origin, line)) = rx.recv().await {
