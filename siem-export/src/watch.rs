@@ -32,9 +32,13 @@ use serde::{Deserialize, Serialize};
 use crate::ocsf;
 
 /// Most entries a verifying watcher holds per log while it waits for a checkpoint (the
-/// exporter publishes one per round, at most a few thousand entries apart). An entry
-/// claiming a leaf this far past the last proven one is dropped.
-pub const HELD_LIMIT: u64 = 1_000_000;
+/// exporter publishes one per round, at most a few thousand entries apart; ~100 MB of
+/// entries). An entry claiming a leaf this far past the last proven one is dropped.
+pub const HELD_LIMIT: u64 = 250_000;
+
+/// Each time this many more entries are held, the watcher says why they wait (a leaf that
+/// has not arrived, or no signed checkpoint covering them).
+const WAITING_REPORT_EVERY: usize = 10_000;
 
 /// Rule settings (`[watch]` in the configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -194,6 +198,9 @@ struct GateLog {
     proven: Frontier,
     /// Entries received at or past `proven.size()`: index → entry bytes (the first received).
     held: BTreeMap<u64, Vec<u8>>,
+    /// The first leaf at or past `proven.size()` not held: leaves `proven.size()..contiguous`
+    /// are all in `held`.
+    contiguous: u64,
     /// Checkpoints whose signature verified, past `proven.size()`: size → root.
     signed: BTreeMap<u64, Hash>,
     /// Its entries did not make a signed root: nothing more is released.
@@ -306,9 +313,28 @@ impl Watcher {
             Some(_) => return, // a repeat
             None => {
                 log.held.insert(index, entry);
+                while log.held.contains_key(&log.contiguous) {
+                    log.contiguous += 1;
+                }
             }
         }
         self.release(&origin, alerts);
+        let gate = self.gate.as_mut().expect("verified");
+        if let Some(log) = gate.logs.get_mut(&origin)
+            && !log.held.is_empty()
+            && log.held.len().is_multiple_of(WAITING_REPORT_EVERY)
+        {
+            let (waiting, next) = (log.held.len(), log.contiguous);
+            if log.held.range(next..).next().is_none() {
+                let at = log.proven.size();
+                let detail =
+                    format!("{waiting} entries from leaf {at} wait and no signed checkpoint proves them");
+                integrity(alerts, log, &origin, at, "unproven", detail);
+            } else {
+                let detail = format!("leaf {next} has not arrived; {waiting} entries wait for it");
+                integrity(alerts, log, &origin, next, "gap", detail);
+            }
+        }
     }
 
     /// Releases to the rules, in leaf order, every held entry a signed checkpoint proves.
@@ -321,10 +347,8 @@ impl Watcher {
             }
             let Some((&size, &root)) = log.signed.first_key_value() else { return };
             let from = log.proven.size();
-            // Every leaf up to the checkpoint's size must be here (`held` has no index below
-            // `from`, so the count says it).
-            if (log.held.range(from..size).count() as u64) < size - from {
-                return;
+            if log.contiguous < size {
+                return; // a leaf up to the checkpoint's size has not arrived
             }
             let mut tree = log.proven.clone();
             for entry in log.held.range(from..size).map(|(_, e)| e) {
@@ -339,6 +363,7 @@ impl Watcher {
                 log.stalled = true;
                 log.held.clear();
                 log.signed.clear();
+                log.contiguous = log.proven.size();
                 return;
             }
             let rest = log.held.split_off(&size);
@@ -783,6 +808,26 @@ mod tests {
             assert_eq!(rules_only(&got), Vec::<&Alert>::new());
             // The same again is not raised twice.
             assert_eq!(checkpoints(&mut w, &other_cps), vec![]);
+        }
+
+        #[test]
+        fn entries_that_wait_say_why() {
+            let n = WAITING_REPORT_EVERY as u64 + 1;
+            let (entries, cps, v) = log(n, &[n]);
+            // Leaf 0 lost: everything waits for it.
+            let mut w = Watcher::verified(Rules::default(), vec![v.clone()]);
+            let mut got = feed(&mut w, &entries[1..]);
+            got.extend(checkpoints(&mut w, &cps));
+            assert_eq!(integrity_kinds(&got), vec![("gap", 0)]);
+            assert_eq!(rules_only(&got), Vec::<&Alert>::new());
+            // It arrives late (a re-send): all is proven.
+            let late = w.observe_message(&entries[0].payload);
+            assert_eq!(rules_only(&late).len(), late.len());
+            assert_eq!(late.iter().map(|a| a.leaf_index).max(), Some(n - 1));
+            // No checkpoint at all.
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let got = feed(&mut w, &entries);
+            assert_eq!(integrity_kinds(&got), vec![("unproven", 0)]);
         }
 
         #[test]
