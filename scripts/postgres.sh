@@ -4,10 +4,18 @@
 # password (SCRAM) authentication. Prints the admin connection URL for `arca db config`.
 #
 #   scripts/postgres.sh DIR PORT     # start (and initialise)
+#   scripts/postgres.sh DIR PORT --tls CERT KEY
+#                                    # ... serving TLS with CERT/KEY (PEM); the admin user
+#                                    # (postgres) may then only log in over TLS
 #   scripts/postgres.sh DIR stop
 set -euo pipefail
-dir=${1:?usage: postgres.sh DIR PORT|stop}
+dir=${1:?usage: postgres.sh DIR PORT|stop [--tls CERT KEY]}
 arg=${2:-55432}
+tls=()
+if [ "${3:-}" = --tls ]; then
+    cert=${4:?usage: postgres.sh DIR PORT --tls CERT KEY}
+    key=${5:?usage: postgres.sh DIR PORT --tls CERT KEY}
+fi
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 [ -n "$bin" ] || { echo "postgres.sh: PostgreSQL is missing: run scripts/setup.sh" >&2; exit 1; }
 as=()
@@ -24,6 +32,15 @@ if [ ! -f "$dir/data/PG_VERSION" ]; then
     [ "$(id -u)" -ne 0 ] || chown postgres "$dir/admin-password"
     "${as[@]}" "$bin/initdb" -D "$dir/data" -U postgres --pwfile="$dir/admin-password" -A scram-sha-256 >/dev/null
 fi
+if [ -n "${cert:-}" ]; then
+    # The server reads its key only if no one else can; the admin user gets TLS or nothing.
+    install -m 600 "$cert" "$dir/server.crt"
+    install -m 600 "$key" "$dir/server.key"
+    [ "$(id -u)" -ne 0 ] || chown postgres "$dir/server.crt" "$dir/server.key"
+    hba="$dir/data/pg_hba.conf"
+    grep -q '^hostnossl all postgres' "$hba" || "${as[@]}" sed -i '1i hostnossl all postgres all reject' "$hba"
+    tls=(-c ssl=on -c "ssl_cert_file=$dir/server.crt" -c "ssl_key_file=$dir/server.key")
+fi
 "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" \
-    -o "-p $arg -k $dir -c listen_addresses=127.0.0.1" -w start >/dev/null
+    -o "-p $arg -k $dir -c listen_addresses=127.0.0.1 ${tls[*]}" -w start >/dev/null
 echo "postgres://postgres:$(cat "$dir/admin-password")@127.0.0.1:$arg/postgres"

@@ -40,16 +40,37 @@ const DEFAULT_REVOCATION_SQL: &str = "SELECT pg_terminate_backend(pid) FROM pg_s
      EXECUTE 'DROP OWNED BY \"{{name}}\"'; EXECUTE 'DROP ROLE \"{{name}}\"'; END IF; END $$;";
 const DEFAULT_RENEW_SQL: &str = "ALTER ROLE \"{{name}}\" VALID UNTIL '{{expiration}}';";
 
-/// A database connection (sealed; the URL holds the admin password).
+/// A database connection (sealed; the URL holds the admin password). Its `sslmode` and
+/// `ca_pem` choose TLS (see [`crate::pgtls`]).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Connection {
     pub name: String,
     pub url: String,
+    /// The CA certificates (PEM) the server's certificate must chain to; Mozilla's roots
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("name", &self.name).field("url", &"<redacted>").finish()
+        f.debug_struct("Connection")
+            .field("name", &self.name)
+            .field("url", &"<redacted>")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// Where statements go: a connection's URL (zeroized when dropped) and CA certificates.
+struct Target {
+    url: Zeroizing<String>,
+    ca_pem: Option<String>,
+}
+
+impl From<Connection> for Target {
+    fn from(conn: Connection) -> Target {
+        Target { url: Zeroizing::new(conn.url), ca_pem: conn.ca_pem }
     }
 }
 
@@ -165,12 +186,28 @@ fn transient(code: &str) -> bool {
 /// Runs statements on the connection's database, retrying a transient failure
 /// ([`SQL_ATTEMPTS`] attempts, with jittered backoff from 25 ms). Errors carry the SQLSTATE
 /// only (a message might quote a statement, and a statement may hold a password).
-async fn run_sql(url: &str, sql: &str) -> Result<(), ApiError> {
+async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
+    let (url, mode) = crate::pgtls::prepare(&target.url).map_err(ApiError::FailedPrecondition)?;
+    let url = Zeroizing::new(url);
+    let tls = match mode {
+        crate::pgtls::TlsMode::Off => None,
+        mode => Some(
+            crate::pgtls::connector(mode, target.ca_pem.as_deref()).map_err(ApiError::FailedPrecondition)?,
+        ),
+    };
     let mut attempt = 1;
     loop {
         let work = async {
-            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-            let driver = tokio::spawn(connection);
+            let (client, driver) = match &tls {
+                None => {
+                    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                    (client, tokio::spawn(async move { connection.await.map(drop) }))
+                }
+                Some(tls) => {
+                    let (client, connection) = tokio_postgres::connect(&url, tls.clone()).await?;
+                    (client, tokio::spawn(async move { connection.await.map(drop) }))
+                }
+            };
             let result = client.batch_execute(sql).await;
             drop(client);
             let _ = driver.await;
@@ -230,6 +267,7 @@ impl Node {
         ctx: RequestContext,
         name: String,
         url: Zeroizing<String>,
+        ca_pem: Option<String>,
     ) -> Audited<()> {
         let path = format!("database/config/{name}");
         self.execute(ctx, Operation::DbConfigWrite, path.clone(), move |env| {
@@ -237,13 +275,22 @@ impl Node {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) || url.len() > 2048 {
                 return Err(ApiError::invalid("url: postgres://user:password@host:port/database"));
             }
-            if url.parse::<tokio_postgres::Config>().is_err() {
+            let (prepared, mode) = crate::pgtls::prepare(&url).map_err(ApiError::invalid)?;
+            if prepared.parse::<tokio_postgres::Config>().is_err() {
                 return Err(ApiError::invalid("url: not a PostgreSQL connection URL"));
+            }
+            if let Some(pem) = &ca_pem {
+                crate::pgtls::parse_ca(pem).map_err(ApiError::invalid)?;
+                if mode == crate::pgtls::TlsMode::Off {
+                    return Err(ApiError::invalid(
+                        "ca_pem needs TLS: add sslmode=verify-full (or require, verify-ca) to the url",
+                    ));
+                }
             }
             env.authorize(&path, &[Capability::Create, Capability::Update])?;
             env.put_json(
                 &keys::db_connection(&name),
-                &Connection { name: name.clone(), url: url.to_string() },
+                &Connection { name: name.clone(), url: url.to_string(), ca_pem: ca_pem.clone() },
             )
         })
         .await
@@ -316,16 +363,16 @@ impl Node {
                     owner_entity: record.entity.clone(),
                 };
                 put_lease(env, &lease, None)?;
-                Ok((lease, Zeroizing::new(conn.url), r.creation_sql))
+                Ok((lease, Target::from(conn), r.creation_sql))
             })
             .await;
         let Audited { result, request_id, position } = planned;
         let result = match result {
             Err(e) => Err(e),
-            Ok((lease, url, creation_sql)) => {
+            Ok((lease, target, creation_sql)) => {
                 let password = Zeroizing::new(random_alnum(32));
                 let sql = render(&creation_sql, &lease.username, &password, lease.expire_unix_ms);
-                match run_sql(&url, &sql).await {
+                match run_sql(&target, &sql).await {
                     Ok(()) => Ok(Credentials { lease, password }),
                     Err(err) => {
                         // Nothing to keep: drop the lease now (the user may half-exist: revoke).
@@ -361,15 +408,15 @@ impl Node {
                 lease.expire_unix_ms = (now + increment * 1000).min(lease.max_expire_unix_ms);
                 put_lease(env, &lease, Some(old))?;
                 let conn = load_conn(env, &lease.db)?;
-                Ok((lease, Zeroizing::new(conn.url), role.renew_sql))
+                Ok((lease, Target::from(conn), role.renew_sql))
             })
             .await;
         let Audited { result, request_id, position } = renewed;
         let result = match result {
             Err(e) => Err(e),
-            Ok((lease, url, sql)) => {
+            Ok((lease, target, sql)) => {
                 let sql = render(&sql, &lease.username, "", lease.expire_unix_ms);
-                run_sql(&url, &sql).await.map(|()| lease)
+                run_sql(&target, &sql).await.map(|()| lease)
             }
         };
         Audited { result, request_id, position }
@@ -467,11 +514,11 @@ impl Node {
                 let conn = load_conn(env, &lease.db)?;
                 let role: Option<Role> = env.get_json(&keys::db_role(&lease.role))?;
                 let sql = role.map_or_else(|| DEFAULT_REVOCATION_SQL.to_owned(), |r| r.revocation_sql);
-                Ok(Some((lease, Zeroizing::new(conn.url), sql)))
+                Ok(Some((lease, Target::from(conn), sql)))
             })
             .await;
-        let Some((lease, url, sql)) = look.result? else { return Ok(()) };
-        run_sql(&url, &render(&sql, &lease.username, "", lease.expire_unix_ms)).await?;
+        let Some((lease, target, sql)) = look.result? else { return Ok(()) };
+        run_sql(&target, &render(&sql, &lease.username, "", lease.expire_unix_ms)).await?;
         let dropped = self
             .execute_system(Operation::LeaseReap, format!("sys/leases/reap/{}", lease.id), move |env| {
                 env.actor.entity = "system:leases".into();
@@ -530,9 +577,12 @@ mod tests {
         let name = random_alnum(20);
         assert!(name.len() == 20 && name.bytes().all(|b| b.is_ascii_alphanumeric()));
         assert!(
-            format!("{:?}", Connection { name: "pg".into(), url: "postgres://a:SECRET@h/db".into() })
-                .find("SECRET")
-                .is_none()
+            format!(
+                "{:?}",
+                Connection { name: "pg".into(), url: "postgres://a:SECRET@h/db".into(), ca_pem: None }
+            )
+            .find("SECRET")
+            .is_none()
         );
     }
 

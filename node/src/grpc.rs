@@ -604,7 +604,9 @@ impl Arca for Service {
     async fn db_config_write(&self, request: Request<proto::DbConfigRequest>) -> Reply<proto::Empty> {
         let ctx = self.context(&request);
         let r = request.into_inner();
-        respond(self.node.db_config_write(ctx, r.name, Zeroizing::new(r.url)).await, |()| proto::Empty {})
+        respond(self.node.db_config_write(ctx, r.name, Zeroizing::new(r.url), r.ca_pem).await, |()| {
+            proto::Empty {}
+        })
     }
 
     async fn db_role_write(&self, request: Request<proto::DbRoleRequest>) -> Reply<proto::DbRoleInfo> {

@@ -2,7 +2,8 @@
 //! privately by `scripts/postgres.sh`) and a real `arcad`: credentials work for their TTL
 //! and stop working after revoke, after expiry (the reaper) and after a node restart past
 //! their expiry; renewals extend them; per-identity quotas hold; the Vault HTTP routes work;
-//! every step is audited and no password reaches the node's log.
+//! every step is audited and no password reaches the node's log. Over TLS, the server's
+//! certificate is verified (chain, and host name with `sslmode=verify-full`).
 
 mod common;
 
@@ -32,11 +33,17 @@ struct Postgres {
 
 impl Postgres {
     fn start(parent: &Path) -> Postgres {
+        Postgres::start_with(parent, &[])
+    }
+
+    /// `extra`: more arguments for `scripts/postgres.sh` (`--tls CERT KEY`).
+    fn start_with(parent: &Path, extra: &[&Path]) -> Postgres {
         std::fs::set_permissions(parent, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
         let dir = parent.join("pg");
         let port = free_port();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/postgres.sh");
-        let out = Command::new("bash").arg(&script).arg(&dir).arg(port.to_string()).output().unwrap();
+        let out =
+            Command::new("bash").arg(&script).arg(&dir).arg(port.to_string()).args(extra).output().unwrap();
         assert!(out.status.success(), "postgres.sh: {}", String::from_utf8_lossy(&out.stderr));
         let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         Postgres { dir, url, port }
@@ -81,6 +88,83 @@ fn creds(server: &Server, token: &str) -> (String, String, String) {
         v["password"].as_str().unwrap().to_owned(),
         v["lease"]["lease_id"].as_str().unwrap().to_owned(),
     )
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as files in `dir`: (ca.pem, cert, key).
+fn server_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn dynamic_credentials_over_tls_verify_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = server_pki(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = server_pki(other.path());
+    // The admin user may only log in over TLS (scripts/postgres.sh --tls).
+    let pg = Postgres::start_with(dir.path(), &[Path::new("--tls"), &cert, &key]);
+    let data = dir.path().join("data");
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let server = start_at(&data, "n1", &grpc, &[], &[]);
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    let creation =
+        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
+    let url_file = dir.path().join("pg-url");
+    let ca_arg = format!("@{}", ca.display());
+    let other_ca_arg = format!("@{}", other_ca.display());
+    let localhost = pg.url.replace("@127.0.0.1:", "@localhost:");
+    // (url, CA, whether credentials are issued)
+    let cases = [
+        (format!("{}?sslmode=verify-full", pg.url), Some(&ca_arg), true),
+        (format!("{localhost}?sslmode=verify-ca"), Some(&ca_arg), true),
+        (format!("{}?sslmode=require", pg.url), Some(&ca_arg), true),
+        (format!("{localhost}?sslmode=verify-full"), Some(&ca_arg), false), // the name is 127.0.0.1
+        (format!("{}?sslmode=verify-full", pg.url), Some(&other_ca_arg), false), // another CA
+        (format!("{}?sslmode=verify-full", pg.url), None, false),           // Mozilla's roots do not know it
+        (format!("{}?sslmode=disable", pg.url), None, false), // plaintext: refused by the server
+        (pg.url.clone(), None, false),
+    ];
+    for (i, (url, ca, issued)) in cases.iter().enumerate() {
+        let name = format!("pg{i}");
+        std::fs::write(&url_file, url).unwrap();
+        let url_arg = format!("@{}", url_file.display());
+        let mut args = vec!["db", "config", &name, "--url", &url_arg];
+        if let Some(ca) = ca {
+            args.extend(["--db-ca", ca.as_str()]);
+        }
+        ok(&server, &root, &args);
+        let role = format!("r{i}");
+        ok(&server, &root, &["db", "role", &role, "--db", &name, "--creation-sql", creation]);
+        let run = arca(&server, Some(&root), &["--format", "json", "db", "creds", &role]);
+        assert_eq!(run.code == 0, *issued, "case {i}: {}{}", run.stdout, run.stderr);
+        if *issued {
+            let v: Value = serde_json::from_str(&run.stdout).unwrap();
+            let (user, password) = (v["username"].as_str().unwrap(), v["password"].as_str().unwrap());
+            assert!(can_log_in(pg.port, user, password), "case {i}: the credentials work");
+        } else {
+            assert!(!run.stderr.contains(&pg.url), "case {i}: the url is not echoed");
+        }
+    }
+    // A CA without TLS, or garbage for a CA, is refused when the connection is written.
+    std::fs::write(&url_file, &pg.url).unwrap();
+    let url_arg = format!("@{}", url_file.display());
+    let refused = arca(&server, Some(&root), &["db", "config", "x", "--url", &url_arg, "--db-ca", &ca_arg]);
+    assert_eq!(refused.code, 5, "{}", refused.stderr);
+    assert!(refused.stderr.contains("sslmode"), "{}", refused.stderr);
+    let garbage =
+        arca(&server, Some(&root), &["db", "config", "x", "--url", &url_arg, "--db-ca", "not a pem"]);
+    assert_eq!(garbage.code, 5, "{}", garbage.stderr);
+    assert!(garbage.stderr.contains("ca_pem"), "{}", garbage.stderr);
 }
 
 #[test]

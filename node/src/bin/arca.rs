@@ -142,8 +142,12 @@ enum DbCommand {
     /// Store a connection: --url @FILE or - (stdin) keeps the admin password off the command line.
     Config {
         name: String,
+        /// postgres://admin:password@host:port/db; add ?sslmode=verify-full for TLS.
         #[arg(long)]
         url: String,
+        /// The database server's CA certificates (PEM) for TLS, @FILE (default: Mozilla's roots).
+        #[arg(long)]
+        db_ca: Option<String>,
     },
     /// Store a role: SQL with {{name}}, {{password}}, {{expiration}} (each @FILE, - or text).
     Role {
@@ -815,11 +819,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
         Command::Db(cmd) => {
             match cmd {
-                DbCommand::Config { name, url } => {
+                DbCommand::Config { name, url, db_ca } => {
                     let url = read_value(&url)?;
-                    let r =
-                        rpc!(c, Write, db_config_write, proto::DbConfigRequest { name: name.clone(), url })
-                            .await?;
+                    let ca_pem = db_ca.as_deref().map(read_value).transpose()?;
+                    let request = proto::DbConfigRequest { name: name.clone(), url, ca_pem };
+                    let r = rpc!(c, Write, db_config_write, request).await?;
                     print(
                         format,
                         || format!("Success! stored connection {name}"),
