@@ -461,8 +461,7 @@ fn run(
             Ok::<_, StoreError>((orders, memo))
         });
         let elapsed = started.elapsed().as_secs_f64();
-        let stepped = !steps.is_empty();
-        if stepped {
+        if !steps.is_empty() {
             stats.lock().unwrap_or_else(|p| p.into_inner()).step_durations.observe(elapsed);
         }
         for step in steps.drain(..) {
