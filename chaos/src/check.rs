@@ -214,7 +214,8 @@ pub fn logs_verify(cluster: &Cluster, states: &[(String, std::path::PathBuf)]) -
     verdict("logs-verify", problems.is_empty(), evidence)
 }
 
-/// The SIEM stream is complete and verifies once the exporter caught up.
+/// The SIEM stream is complete and verifies once the exporter caught up, and a verified
+/// `watch` over it proves every entry without a stream-integrity alert.
 pub fn siem_complete(cluster: &Cluster, deadline: Duration) -> Verdict {
     let Some(siem) = &cluster.siem else {
         return verdict("siem-complete", true, "no SIEM export in this run");
@@ -230,9 +231,38 @@ pub fn siem_complete(cluster: &Cluster, deadline: Duration) -> Verdict {
     if let Err(e) = caught_up {
         return verdict("siem-complete", false, e);
     }
-    match siem.verify(&format!("{}/audit/{}/vkey", node.http(), region.name)) {
-        Ok((true, out)) => verdict("siem-complete", true, out.lines().next().unwrap_or("").to_owned()),
-        Ok((false, out)) => verdict("siem-complete", false, out),
+    let vkey_url = format!("{}/audit/{}/vkey", node.http(), region.name);
+    let verified = match siem.verify(&vkey_url) {
+        Ok((true, out)) => out.lines().next().unwrap_or("").to_owned(),
+        Ok((false, out)) => return verdict("siem-complete", false, out),
+        Err(e) => return verdict("siem-complete", false, e),
+    };
+    // The verified watcher over the same stream (repeats, re-sends after broker faults and
+    // all): every entry proven, so no stream-integrity alert.
+    let size = log_size(&node.http(), &region.name).unwrap_or(0);
+    match siem.watch(&vkey_url) {
+        Ok((true, alerts, progress)) => {
+            let integrity: Vec<&str> =
+                alerts.lines().filter(|l| l.contains("\"stream-integrity\"")).collect();
+            // "arca-siem: <origin>: <n> entries proven …"
+            let proven = progress
+                .lines()
+                .filter(|l| l.starts_with("arca-siem: ") && l.contains(" entries proven "))
+                .filter_map(|l| l.split(": ").nth(2)?.split(' ').next()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            let evidence = format!(
+                "{verified}; verified watch: {proven} of {size} entries proven, {} alerts, {} stream-integrity",
+                alerts.lines().count(),
+                integrity.len()
+            );
+            if integrity.is_empty() && proven >= size {
+                verdict("siem-complete", true, evidence)
+            } else {
+                verdict("siem-complete", false, format!("{evidence}: {}", integrity.join("; ")))
+            }
+        }
+        Ok((false, _, err)) => verdict("siem-complete", false, format!("{verified}; watch failed: {err}")),
         Err(e) => verdict("siem-complete", false, e),
     }
 }

@@ -311,6 +311,21 @@ impl Siem {
             .map_err(|e| e.to_string())?;
         Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
     }
+
+    /// `arca-siem watch`, verified against the region's published key, over the stream as it
+    /// stands (`--until-end`, nothing published): whether it ran, its alerts (one JSON line
+    /// each) and what it said on stderr (how far each log was proven).
+    pub fn watch(&self, vkey_url: &str) -> Result<(bool, String, String)> {
+        let out = Command::new(self.bin.join("arca-siem"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(["watch", "--until-end", "--no-publish", "--vkey-url", vkey_url, "--timeout-secs", "60"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        Ok((out.status.success(), stdout, stderr))
+    }
 }
 
 /// Everything a run started.

@@ -222,6 +222,16 @@ impl Watcher {
         Watcher { rules, logs: HashMap::new(), gate: Some(gate) }
     }
 
+    /// Verified: each log's count of entries proven so far (and so seen by the rules), in
+    /// origin order. Unverified: nothing.
+    pub fn proven(&self) -> Vec<(String, u64)> {
+        let Some(gate) = &self.gate else { return vec![] };
+        let mut logs: Vec<(String, u64)> =
+            gate.logs.iter().map(|(origin, log)| (origin.clone(), log.proven.size())).collect();
+        logs.sort();
+        logs
+    }
+
     /// Takes one message of the entries topic. Unverified, the rules run over it at once;
     /// verified, it is held until a checkpoint proves it, and what it completes is released
     /// to the rules in leaf order. Malformed messages and repeats are skipped (`verify` is
@@ -746,8 +756,10 @@ mod tests {
             let first = checkpoints(&mut w, &cps[..1]);
             assert!(first.iter().all(|a| a.leaf_index < 4), "{first:#?}");
             assert_eq!(first, unverified[..5].to_vec(), "leaves 0..4: four first accesses, one new source");
+            assert_eq!(w.proven(), vec![(ORIGIN.to_owned(), 4)]);
             let rest = checkpoints(&mut w, &cps[1..]);
             assert_eq!([first, rest].concat(), unverified, "the same alerts, once proven");
+            assert_eq!(w.proven(), vec![(ORIGIN.to_owned(), 10)]);
             assert_eq!(feed(&mut w, &entries), vec![], "repeats of proven leaves are dropped");
         }
 

@@ -14,10 +14,23 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The alerts of a verified watch: entries held until a checkpoint signed by `node`'s key
 /// proves them.
-fn alerts(config: &std::path::Path, node: &Node) -> Vec<Value> {
+fn alerts(config: &std::path::Path, node: &Node, exported: u64) -> Vec<Value> {
     let (code, out, err) = siem(config, &["watch", "--until-end", "--vkey-url", &node.vkey_url()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!err.contains("UNVERIFIED"), "{err}");
+    // Every entry exported when the watch started was proven by a signed checkpoint.
+    let proven: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("arca-siem: ")?
+                .split(": ")
+                .nth(1)?
+                .strip_suffix(" entries proven by signed checkpoints and watched")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no progress line in {err}"));
+    assert!(proven >= exported, "{proven} entries proven of {exported}");
     out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
@@ -70,8 +83,8 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
         assert_eq!(node.get_as(&app, "app/db"), 200);
         assert_eq!(node.get_as(&app, "app/api"), 200);
     }
-    exporter.wait_caught_up(node, DEADLINE);
-    assert_eq!(alerts(config, node), Vec::<Value>::new());
+    let exported = exporter.wait_caught_up(node, DEADLINE);
+    assert_eq!(alerts(config, node, exported), Vec::<Value>::new());
 
     // Anomalies.
     for i in 0..25 {
@@ -83,9 +96,9 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
     assert_eq!(node.get_from("127.0.0.2", &app, "app/db"), 200); // new-source
     assert_eq!(node.destroy("app/old", &[1]), 204);
     assert_eq!(node.get_as(&app, "app/old"), 404); // read-after-destroy
-    exporter.wait_caught_up(node, DEADLINE);
+    let exported = exporter.wait_caught_up(node, DEADLINE);
 
-    let raised = alerts(config, node);
+    let raised = alerts(config, node, exported);
     let s = |x: &str| x.to_owned();
     let expected: BTreeMap<(String, String, String), usize> = [
         ((s("distinct-secrets"), s("token:app"), s("")), 1),

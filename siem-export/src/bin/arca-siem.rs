@@ -327,7 +327,12 @@ async fn watch(
             }
             true
         })
-        .map_err(|e| unavailable(format!("cannot read {}: {e}", topics.join(", "))))
+        .map_err(|e| unavailable(format!("cannot read {}: {e}", topics.join(", "))))?;
+        // Where each log got to (with --until-end, or when the alerts stopped being read).
+        for (origin, proven) in watcher.proven() {
+            eprintln!("arca-siem: {origin}: {proven} entries proven by signed checkpoints and watched");
+        }
+        Ok::<_, Failure>(())
     });
     let mut published = 0u64;
     while let Some((origin, line)) = rx.recv().await {
