@@ -6,7 +6,7 @@
 //! configured proxy header, with the proxy's own address recorded beside it.
 //!
 //! Requests that tonic refuses before they reach a handler (undecodable protobuf, a message
-//! over [`MAX_REQUEST_BYTES`], an unknown method) are audited too: [`AuditedServer`] answers
+//! over [`MAX_REQUEST_BYTES`], an unknown method or service) are audited too: [`AuditRefusals`] answers
 //! them only once their `rejected` event is durable, as the HTTP API does its refusals.
 
 use std::collections::BTreeMap;
@@ -20,7 +20,6 @@ use arca_audit::Source;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::codegen::{BoxFuture, Service as TowerService};
 use tonic::metadata::MetadataValue;
-use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -55,20 +54,20 @@ impl Service {
         Service { node, proxy: Arc::new(proxy) }
     }
 
-    /// The tonic server for this service, with the request size limit applied and tonic's
-    /// own refusals audited.
-    pub fn into_server(self) -> AuditedServer {
-        let (node, proxy) = (self.node.clone(), self.proxy.clone());
-        AuditedServer {
-            inner: ArcaServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES),
-            node,
-            proxy,
-        }
+    /// The tonic server for this service, with the request size limit applied. Serve it under
+    /// [`AuditRefusalsLayer`], so that tonic's own refusals are audited.
+    pub fn into_server(self) -> ArcaServer<Self> {
+        ArcaServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    /// The layer that audits what tonic refuses before this service's handlers run.
+    pub fn refusals_layer(&self) -> AuditRefusalsLayer {
+        AuditRefusalsLayer { node: self.node.clone(), proxy: self.proxy.clone() }
     }
 
     /// The request's context. Every handler starts here, and then audits its request through a
     /// [`Node`] operation: this is where a request is marked as having reached a handler, so
-    /// that [`AuditedServer`] does not audit it a second time.
+    /// that [`AuditRefusals`] does not audit it a second time.
     fn context<T>(&self, request: &Request<T>) -> RequestContext {
         if let Some(reached) = request.extensions().get::<Reached>() {
             reached.0.store(true, Ordering::Release);
@@ -101,22 +100,33 @@ fn request_context<'a>(
 #[derive(Debug, Clone, Default)]
 struct Reached(Arc<AtomicBool>);
 
-/// The gRPC service as served: [`ArcaServer`] around [`Service`], plus an audit event for each
-/// request that tonic answers without calling a handler — a message that is not the method's
-/// protobuf, one over [`MAX_REQUEST_BYTES`], an unknown method of the service. Such a request
-/// gets a `rejected` event (its path the gRPC method, its outcome `invalid_argument`, its
-/// caller named when the token is valid) that is durable before tonic's answer goes out,
-/// with the audit position and request id in its headers. If the event cannot be recorded the
-/// answer is `UNAVAILABLE` instead.
+/// The gRPC listener's requests as served: tonic's router (and [`ArcaServer`] in it) under an
+/// audit event for each request that tonic answers without calling a handler — a message
+/// that is not the method's protobuf, one over [`MAX_REQUEST_BYTES`], an unknown method or
+/// service. Such a request gets a `rejected` event (its path the gRPC method, its outcome
+/// `invalid_argument`, its caller named when the token is valid) that is durable before
+/// tonic's answer goes out, with the audit position and request id in its headers. If the
+/// event cannot be recorded the answer is `UNAVAILABLE` instead.
 #[derive(Debug, Clone)]
-pub struct AuditedServer {
-    inner: ArcaServer<Service>,
+pub struct AuditRefusals<S> {
+    inner: S,
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
 }
 
-impl NamedService for AuditedServer {
-    const NAME: &'static str = <ArcaServer<Service> as NamedService>::NAME;
+/// Puts [`AuditRefusals`] around the listener's router (`Server::builder().layer(…)`).
+#[derive(Debug, Clone)]
+pub struct AuditRefusalsLayer {
+    node: Arc<Node>,
+    proxy: Arc<ProxyConfig>,
+}
+
+impl<S> tower_layer::Layer<S> for AuditRefusalsLayer {
+    type Service = AuditRefusals<S>;
+
+    fn layer(&self, inner: S) -> AuditRefusals<S> {
+        AuditRefusals { inner, node: self.node.clone(), proxy: self.proxy.clone() }
+    }
 }
 
 /// What the audit of a refused request needs, taken before the request goes to tonic: cheap
@@ -161,13 +171,23 @@ impl Refusal {
     }
 }
 
-impl TowerService<http::Request<tonic::body::Body>> for AuditedServer {
+impl<S> TowerService<http::Request<tonic::body::Body>> for AuditRefusals<S>
+where
+    S: TowerService<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture<Self::Response, Infallible>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        TowerService::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
@@ -175,7 +195,10 @@ impl TowerService<http::Request<tonic::body::Body>> for AuditedServer {
         request.extensions_mut().insert(reached.clone());
         let refusal = Refusal::of(&request, &self.proxy);
         let (node, proxy) = (self.node.clone(), self.proxy.clone());
-        let response = self.inner.call(request);
+        // The clone that was made ready is the one called (tower's contract).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let response = inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
             if reached.0.load(Ordering::Acquire) {

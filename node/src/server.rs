@@ -137,9 +137,10 @@ pub async fn serve_listener(
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
     tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
-    let service = Service::new(node, opts.proxy).into_server();
+    let service = Service::new(node, opts.proxy);
     builder
-        .add_service(service)
+        .layer(service.refusals_layer())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;
     Ok(())

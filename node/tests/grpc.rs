@@ -134,7 +134,7 @@ async fn oversized_requests_are_refused_audited_and_change_nothing() {
 }
 
 #[tokio::test]
-async fn unknown_methods_are_unimplemented_and_audited_without_trusting_the_token() {
+async fn unknown_methods_and_services_are_unimplemented_and_audited_without_trusting_the_token() {
     let server = run(ProxyConfig::default(), None).await;
     let channel = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
@@ -147,9 +147,16 @@ async fn unknown_methods_are_unimplemented_and_audited_without_trusting_the_toke
     assert_refusal_audited(server.store.as_ref(), &status, method, "anonymous");
     grpc.ready().await.unwrap();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-    let status = grpc.unary(authed(proto::Empty {}, &server.root), path, codec).await.unwrap_err();
+    let status = grpc.unary(authed(proto::Empty {}, &server.root), path, codec.clone()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert_refusal_audited(server.store.as_ref(), &status, method, "root");
+    // A service the listener does not serve at all.
+    let other = "/grpc.health.v1.Health/Check";
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(other);
+    let status = grpc.unary(authed(proto::Empty {}, &server.root), path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_refusal_audited(server.store.as_ref(), &status, other, "root");
 }
 
 #[tokio::test]
