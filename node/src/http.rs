@@ -28,10 +28,12 @@ use crate::error::ApiError;
 use crate::node::Node;
 use crate::sequencer::LeafRef;
 
-/// The HTTP routes of a node: the Vault-compatible API under `/v1/`, metrics, the audit log.
+/// The HTTP routes of a node: the Vault-compatible API under `/v1/`, metrics, the audit log;
+/// any other path is refused with a 404 and audited ([`crate::vault::unknown_path`]).
 pub fn router(node: Arc<Node>, proxy: crate::grpc::ProxyConfig) -> Router {
     let vault = Router::new()
         .route("/v1/{*path}", axum::routing::any(crate::vault::handle))
+        .fallback(crate::vault::unknown_path)
         .with_state(crate::vault::HttpState { node: node.clone(), proxy: Arc::new(proxy) });
     Router::new()
         .route("/metrics", get(metrics))

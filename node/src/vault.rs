@@ -443,6 +443,31 @@ pub async fn handle(
     }
 }
 
+/// Any path of the HTTP listener outside `/v1/`, the metrics and the audit log: a 404 in
+/// Vault's error shape, audited like an unknown route under `/v1/` (`api.rejected`, the
+/// path as requested), durable before the answer goes out.
+pub async fn unknown_path(
+    State(state): State<HttpState>,
+    peer: Option<Extension<PeerAddr>>,
+    request: Request,
+) -> Response {
+    let (parts, _) = request.into_parts();
+    let peer = peer.and_then(|Extension(p)| p.0);
+    let ctx = context(&state.proxy, peer, &parts.headers);
+    let path = parts.uri.path().to_owned();
+    let message = "no handler for this path: the Vault-compatible API is under /v1/".to_owned();
+    let rejected =
+        state.node.reject(ctx, path, move || ApiError::NotFound("no handler for this path".into())).await;
+    let mut response = errors(StatusCode::NOT_FOUND, &[message]);
+    if let Some(value) = rejected.position_hex().and_then(|p| HeaderValue::from_str(&p).ok()) {
+        response.headers_mut().insert(AUDIT_POSITION_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&rejected.request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
 fn context(proxy: &ProxyConfig, peer: Option<SocketAddr>, headers: &HeaderMap) -> RequestContext {
     let token = headers
         .get("x-vault-token")

@@ -259,6 +259,23 @@ fn vault_status_codes_and_error_bodies_and_one_audit_event_each() {
         assert!(body["errors"].is_array(), "Vault's error shape: {body}");
     }
     assert_eq!(audit_events(&db).len(), before + cases.len(), "each request has exactly one audit event");
+    // Outside /v1/ (and the metrics and log endpoints): a 404 in Vault's shape, audited too.
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut response = agent
+        .get(format!("{}/v2/secret/data/app/db", dev.server.http))
+        .header("X-Vault-Token", &dev.root)
+        .call()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    assert!(response.headers().get("x-arca-audit-position").is_some(), "the refusal's audit position");
+    let body: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(body["errors"].is_array(), "Vault's error shape: {body}");
+    let events = audit_events(&db);
+    assert_eq!(events.len(), before + cases.len() + 1);
+    let last = events.last().unwrap();
+    assert_eq!(last.operation, arca_audit::Operation::Rejected);
+    assert_eq!((last.path.as_str(), last.actor.entity.as_str()), ("/v2/secret/data/app/db", "root"));
+    assert_eq!(last.outcome, arca_audit::Outcome::Error { code: "not_found".into() });
     // Nothing changed.
     let (status, body) = http(&dev, "GET", "secret/data/app/db", Some(&dev.root), None);
     assert_eq!((status, body["data"]["data"]["password"].as_str()), (200, Some("kept")));
