@@ -270,20 +270,24 @@ fn kv_read_reply(s: &crate::kv::PlainVersion, request_id: &str) -> Response {
 
 /// Turns an audited result into a response, with the audit headers either way.
 fn reply<T>(audited: Audited<T>, ok: impl FnOnce(T, &str) -> Response) -> Response {
+    let position = audited.position_hex();
     let mut response = match audited.result {
         Ok(value) => ok(value, &audited.request_id),
         Err(err) => api_error(&err),
     };
+    audit_headers(&mut response, position.as_deref(), &audited.request_id);
+    response
+}
+
+/// The audit position (hex) and the request id of a request, on its response.
+fn audit_headers(response: &mut Response, position: Option<&str>, request_id: &str) {
     let headers = response.headers_mut();
-    if let Some(position) = audited.position.map(|p| hex::encode(p.as_bytes()))
-        && let Ok(value) = HeaderValue::from_str(&position)
-    {
+    if let Some(value) = position.and_then(|p| HeaderValue::from_str(p).ok()) {
         headers.insert(AUDIT_POSITION_HEADER, value);
     }
-    if let Ok(value) = HeaderValue::from_str(&audited.request_id) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID_HEADER, value);
     }
-    response
 }
 
 fn no_content() -> Response {
@@ -431,13 +435,8 @@ pub async fn handle(
                     move || ApiError::invalid(message.clone())
                 })
                 .await;
-            let position = rejected.position;
             let mut response = errors(status, &[message]);
-            if let Some(p) = position.map(|p| hex::encode(p.as_bytes()))
-                && let Ok(value) = HeaderValue::from_str(&p)
-            {
-                response.headers_mut().insert(AUDIT_POSITION_HEADER, value);
-            }
+            audit_headers(&mut response, rejected.position_hex().as_deref(), &rejected.request_id);
             response
         }
     }
@@ -459,12 +458,7 @@ pub async fn unknown_path(
     let rejected =
         state.node.reject(ctx, path, move || ApiError::NotFound("no handler for this path".into())).await;
     let mut response = errors(StatusCode::NOT_FOUND, &[message]);
-    if let Some(value) = rejected.position_hex().and_then(|p| HeaderValue::from_str(&p).ok()) {
-        response.headers_mut().insert(AUDIT_POSITION_HEADER, value);
-    }
-    if let Ok(value) = HeaderValue::from_str(&rejected.request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
+    audit_headers(&mut response, rejected.position_hex().as_deref(), &rejected.request_id);
     response
 }
 

@@ -268,6 +268,7 @@ fn vault_status_codes_and_error_bodies_and_one_audit_event_each() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 404);
     assert!(response.headers().get("x-arca-audit-position").is_some(), "the refusal's audit position");
+    let request_id = response.headers().get("x-arca-request-id").unwrap().to_str().unwrap().to_owned();
     let body: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
     assert!(body["errors"].is_array(), "Vault's error shape: {body}");
     let events = audit_events(&db);
@@ -276,6 +277,7 @@ fn vault_status_codes_and_error_bodies_and_one_audit_event_each() {
     assert_eq!(last.operation, arca_audit::Operation::Rejected);
     assert_eq!((last.path.as_str(), last.actor.entity.as_str()), ("/v2/secret/data/app/db", "root"));
     assert_eq!(last.outcome, arca_audit::Outcome::Error { code: "not_found".into() });
+    assert_eq!(last.request_id, request_id, "the refusal names its event");
     // Nothing changed.
     let (status, body) = http(&dev, "GET", "secret/data/app/db", Some(&dev.root), None);
     assert_eq!((status, body["data"]["data"]["password"].as_str()), (200, Some("kept")));
