@@ -198,20 +198,10 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
     let mut attempt = 1;
     loop {
         let work = async {
-            let (client, driver) = match &tls {
-                None => {
-                    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-                    (client, tokio::spawn(async move { connection.await.map(drop) }))
-                }
-                Some(tls) => {
-                    let (client, connection) = tokio_postgres::connect(&url, tls.clone()).await?;
-                    (client, tokio::spawn(async move { connection.await.map(drop) }))
-                }
-            };
-            let result = client.batch_execute(sql).await;
-            drop(client);
-            let _ = driver.await;
-            result
+            match &tls {
+                None => batch(&url, tokio_postgres::NoTls, sql).await,
+                Some(tls) => batch(&url, tls.clone(), sql).await,
+            }
         };
         let err = match tokio::time::timeout(SQL_TIMEOUT, work).await {
             Ok(Ok(())) => return Ok(()),
@@ -232,6 +222,20 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
             "the database refused the statements (SQLSTATE {code})"
         )));
     }
+}
+
+/// One session: connect (over `tls`), run `sql` as one batch, disconnect.
+async fn batch<T>(url: &str, tls: T, sql: &str) -> Result<(), tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = tokio_postgres::connect(url, tls).await?;
+    let driver = tokio::spawn(connection);
+    let result = client.batch_execute(sql).await;
+    drop(client);
+    let _ = driver.await;
+    result
 }
 
 fn lease_key(id: &str) -> Result<Vec<u8>, ApiError> {

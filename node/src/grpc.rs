@@ -96,6 +96,17 @@ fn request_context<'a>(
     ctx
 }
 
+/// The audit position (hex) and the request id of a request, as headers of its answer: the
+/// gRPC refusals here and every answer of the HTTP API.
+pub(crate) fn audit_headers(headers: &mut http::HeaderMap, position: Option<&str>, request_id: &str) {
+    if let Some(value) = position.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert(AUDIT_POSITION_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+}
+
 /// Set once a request reaches one of [`Service`]'s handlers (see [`Service::context`]).
 #[derive(Debug, Clone, Default)]
 struct Reached(Arc<AtomicBool>);
@@ -223,13 +234,7 @@ where
                 // The refusal could not be recorded: say so rather than answer unaudited.
                 response = Status::from(err).into_http();
             }
-            let headers = response.headers_mut();
-            if let Some(value) = position.and_then(|p| HeaderValue::from_str(&p).ok()) {
-                headers.insert(AUDIT_POSITION_HEADER, value);
-            }
-            if let Ok(value) = HeaderValue::from_str(&audited.request_id) {
-                headers.insert(REQUEST_ID_HEADER, value);
-            }
+            audit_headers(response.headers_mut(), position.as_deref(), &audited.request_id);
             Ok(response)
         })
     }

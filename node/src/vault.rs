@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Extension, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::{AppRole, CreateTokenRequest, NewToken, TokenRecord, WriteRoleRequest};
 use crate::error::ApiError;
-use crate::grpc::{AUDIT_POSITION_HEADER, ProxyConfig, REQUEST_ID_HEADER};
+use crate::grpc::{ProxyConfig, audit_headers};
 use crate::kv::{Metadata, MetadataUpdate, SecretData};
 use crate::node::{Audited, Node, RequestContext, now_unix_ms};
 
@@ -275,19 +275,8 @@ fn reply<T>(audited: Audited<T>, ok: impl FnOnce(T, &str) -> Response) -> Respon
         Ok(value) => ok(value, &audited.request_id),
         Err(err) => api_error(&err),
     };
-    audit_headers(&mut response, position.as_deref(), &audited.request_id);
+    audit_headers(response.headers_mut(), position.as_deref(), &audited.request_id);
     response
-}
-
-/// The audit position (hex) and the request id of a request, on its response.
-fn audit_headers(response: &mut Response, position: Option<&str>, request_id: &str) {
-    let headers = response.headers_mut();
-    if let Some(value) = position.and_then(|p| HeaderValue::from_str(p).ok()) {
-        headers.insert(AUDIT_POSITION_HEADER, value);
-    }
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID_HEADER, value);
-    }
 }
 
 fn no_content() -> Response {
@@ -436,7 +425,7 @@ pub async fn handle(
                 })
                 .await;
             let mut response = errors(status, &[message]);
-            audit_headers(&mut response, rejected.position_hex().as_deref(), &rejected.request_id);
+            audit_headers(response.headers_mut(), rejected.position_hex().as_deref(), &rejected.request_id);
             response
         }
     }
@@ -458,7 +447,7 @@ pub async fn unknown_path(
     let rejected =
         state.node.reject(ctx, path, move || ApiError::NotFound("no handler for this path".into())).await;
     let mut response = errors(StatusCode::NOT_FOUND, &[message]);
-    audit_headers(&mut response, rejected.position_hex().as_deref(), &rejected.request_id);
+    audit_headers(response.headers_mut(), rejected.position_hex().as_deref(), &rejected.request_id);
     response
 }
 
