@@ -48,7 +48,7 @@ fn main() {
                 tokio::spawn(async move {
                     let mut i = 0u64;
                     while started.elapsed() < RUN {
-                        let data = SecretData([("v".to_owned(), i.to_string())].into());
+                        let data = [("v", i.to_string())].into_iter().collect::<SecretData>();
                         let path = format!("load/{c}");
                         node.kv_write(ctx(Some(&root)), "secret".into(), path, data, None)
                             .await

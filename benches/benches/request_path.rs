@@ -131,7 +131,7 @@ fn audited_reads(c: &mut Criterion) {
     // Proof generation from the store's tiles, after sequencing everything written so far.
     rt.block_on(async {
         for i in 0..2000 {
-            let data = SecretData([("password".to_owned(), i.to_string())].into());
+            let data = [("password", i.to_string())].into_iter().collect::<SecretData>();
             node.kv_write(ctx(Some(&root)), "secret".into(), format!("bench/p{}", i % 50), data, None)
                 .await
                 .result

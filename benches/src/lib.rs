@@ -71,7 +71,7 @@ pub fn bench_node(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> BenchN
     let root = rt.block_on(async {
         let init = node.operator_init(context(None), 1, 1).await.result.expect("init");
         let root = init.root_token.token.to_string();
-        let data = arca_node::kv::SecretData([("password".to_owned(), "x".repeat(1024))].into());
+        let data = [("password", "x".repeat(1024))].into_iter().collect::<arca_node::kv::SecretData>();
         node.kv_write(context(Some(&root)), "secret".into(), "bench/db".into(), data, None)
             .await
             .result

@@ -36,7 +36,7 @@
 mod config;
 mod error;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,15 +121,30 @@ pub struct Secret {
     pub path: String,
     pub version: u64,
     pub created_unix_ms: u64,
+    /// Each field's value as text: a string as it is, any other JSON value (an object, array,
+    /// number, boolean or null, as Vault's KV v2 allows) as its JSON text.
     pub data: BTreeMap<String, SecretValue>,
+    /// The fields whose value is not a string: their text in `data` is JSON.
+    pub json_fields: BTreeSet<String>,
     pub custom_metadata: HashMap<String, String>,
     pub receipt: Receipt,
 }
 
 impl Secret {
-    /// A field's value.
+    /// A field's value as text (JSON text for a value that is not a string).
     pub fn get(&self, field: &str) -> Option<&str> {
         self.data.get(field).map(SecretValue::expose)
+    }
+
+    /// A field's value as JSON: a string field is a JSON string. The returned value is not
+    /// zeroized when dropped.
+    pub fn value(&self, field: &str) -> Option<serde_json::Value> {
+        let text = self.data.get(field)?.expose();
+        if self.json_fields.contains(field) {
+            serde_json::from_str(text).ok()
+        } else {
+            Some(serde_json::Value::String(text.to_owned()))
+        }
     }
 }
 
@@ -420,6 +435,7 @@ impl Client {
             version: g.version,
             created_unix_ms: g.created_unix_ms,
             data: g.data.into_iter().map(|(k, v)| (k, SecretValue(Zeroizing::new(v)))).collect(),
+            json_fields: g.json_keys.into_iter().collect(),
             custom_metadata: g.custom_metadata,
             receipt,
         })
@@ -466,9 +482,42 @@ impl Client {
         K: Into<String>,
         V: Into<String>,
     {
-        let (mount, path) = split_path(full)?;
         let data = data.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        let message = proto::KvPutRequest { mount, path, data, cas };
+        self.put(full, data, Vec::new(), cas).await
+    }
+
+    /// Writes a new version whose fields may hold any JSON value (objects, arrays, numbers,
+    /// booleans, null), as Vault's KV v2 allows; only if the current version is `cas`, when
+    /// given.
+    pub async fn write_json(
+        &self,
+        full: &str,
+        data: &serde_json::Map<String, serde_json::Value>,
+        cas: Option<u64>,
+    ) -> Result<Written, Error> {
+        let mut json_keys = Vec::new();
+        let wire = data
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k.clone(), s.clone()),
+                other => {
+                    json_keys.push(k.clone());
+                    (k.clone(), other.to_string())
+                }
+            })
+            .collect();
+        self.put(full, wire, json_keys, cas).await
+    }
+
+    async fn put(
+        &self,
+        full: &str,
+        data: HashMap<String, String>,
+        json_keys: Vec<String>,
+        cas: Option<u64>,
+    ) -> Result<Written, Error> {
+        let (mount, path) = split_path(full)?;
+        let message = proto::KvPutRequest { mount, path, data, cas, json_keys };
         let (response, node) =
             self.call_routed(Route::Write, message, |mut c, r| async move { c.kv_put(r).await }).await?;
         Ok(Written { receipt: Receipt::of(&response, &node), version: response.into_inner().version })
@@ -582,12 +631,20 @@ mod tests {
             path: "secret/a".into(),
             version: 1,
             created_unix_ms: 0,
-            data: BTreeMap::from([("pw".to_owned(), SecretValue(Zeroizing::new("hunter2".into())))]),
+            data: BTreeMap::from([
+                ("pw".to_owned(), SecretValue(Zeroizing::new("hunter2".into()))),
+                ("hosts".to_owned(), SecretValue(Zeroizing::new(r#"["a",1]"#.into()))),
+            ]),
+            json_fields: BTreeSet::from(["hosts".to_owned()]),
             custom_metadata: HashMap::new(),
             receipt: Receipt::default(),
         };
         assert!(!format!("{secret:?}").contains("hunter2"));
         assert_eq!(secret.get("pw"), Some("hunter2"));
+        assert_eq!(secret.value("pw"), Some(serde_json::json!("hunter2")));
+        assert_eq!(secret.get("hosts"), Some(r#"["a",1]"#));
+        assert_eq!(secret.value("hosts"), Some(serde_json::json!(["a", 1])));
+        assert_eq!(secret.value("none"), None);
     }
 
     #[test]

@@ -26,6 +26,8 @@ use zeroize::Zeroizing;
 
 use crate::auth::{CreateTokenRequest, NewToken, TokenRecord, WriteCertRoleRequest, WriteRoleRequest};
 use crate::error::ApiError;
+use zeroize::Zeroize as _;
+
 use crate::kv::{self, Metadata, MetadataUpdate, SecretData};
 use crate::node::{Audited, Node, RequestContext};
 use crate::proto;
@@ -255,6 +257,48 @@ pub fn client_source(proxy: &ProxyConfig, peer: Option<SocketAddr>, forwarded: O
 }
 
 /// Turns an audited result into a response, attaching the audit position either way.
+/// A secret's data for the wire, moved out of `data`: strings as they are; any other value
+/// as its JSON text, its key named in the second list.
+pub fn data_to_wire(data: &mut SecretData) -> (std::collections::HashMap<String, String>, Vec<String>) {
+    let mut json_keys = Vec::new();
+    let wire = std::mem::take(&mut data.0)
+        .into_iter()
+        .map(|(key, value)| match value {
+            serde_json::Value::String(text) => (key, text),
+            mut other => {
+                let text = other.to_string();
+                kv::scrub(&mut other);
+                json_keys.push(key.clone());
+                (key, text)
+            }
+        })
+        .collect();
+    (wire, json_keys)
+}
+
+/// A secret's data from the wire: the values of `json_keys` are parsed as JSON, the others
+/// are strings. The error (for an invalid argument) names the key, never the value.
+pub fn data_from_wire(
+    wire: std::collections::HashMap<String, String>,
+    json_keys: &[String],
+) -> Result<SecretData, String> {
+    if let Some(key) = json_keys.iter().find(|k| !wire.contains_key(k.as_str())) {
+        return Err(format!("json_keys: {key:?} is not a key of the data"));
+    }
+    let mut data = SecretData::default();
+    for (key, mut text) in wire {
+        let value = if json_keys.contains(&key) {
+            let parsed = serde_json::from_str(&text);
+            text.zeroize();
+            parsed.map_err(|_| format!("data: the value of {key:?} is not valid JSON"))?
+        } else {
+            serde_json::Value::String(text)
+        };
+        data.0.insert(key, value);
+    }
+    Ok(data)
+}
+
 fn respond<T, R>(audited: Audited<T>, build: impl FnOnce(T) -> R) -> Result<Response<R>, Status> {
     let position = audited.position_hex();
     let request_id = audited.request_id.clone();
@@ -490,7 +534,16 @@ impl Arca for Service {
     async fn kv_put(&self, request: Request<proto::KvPutRequest>) -> Reply<proto::KvWriteResponse> {
         let ctx = self.context(&request);
         let r = request.into_inner();
-        let data = SecretData(r.data.into_iter().collect());
+        let data = match data_from_wire(r.data, &r.json_keys) {
+            Ok(data) => data,
+            Err(err) => {
+                let refused =
+                    self.node.reject(ctx, format!("{}/data/{}", mount(r.mount), r.path), move || {
+                        ApiError::invalid(err.clone())
+                    });
+                return respond(refused.await, |()| proto::KvWriteResponse::default());
+            }
+        };
         respond(self.node.kv_write(ctx, mount(r.mount), r.path, data, r.cas).await, |version| {
             proto::KvWriteResponse { version }
         })
@@ -512,11 +565,13 @@ impl Arca for Service {
         };
         // The values move into the reply: no further copy of the secret is left behind.
         respond(self.node.kv_read_at(ctx, mount(r.mount), r.path, selector).await, |mut s| {
+            let (data, json_keys) = data_to_wire(&mut s.data);
             proto::KvGetResponse {
-                data: std::mem::take(&mut s.data.0).into_iter().collect(),
+                data,
                 version: s.version,
                 created_unix_ms: s.meta.created_unix_ms,
                 custom_metadata: std::mem::take(&mut s.custom_metadata).into_iter().collect(),
+                json_keys,
             }
         })
     }
@@ -524,7 +579,16 @@ impl Arca for Service {
     async fn kv_patch(&self, request: Request<proto::KvPatchRequest>) -> Reply<proto::KvWriteResponse> {
         let ctx = self.context(&request);
         let r = request.into_inner();
-        let set = SecretData(r.set.into_iter().collect());
+        let set = match data_from_wire(r.set, &r.json_keys) {
+            Ok(set) => set,
+            Err(err) => {
+                let refused =
+                    self.node.reject(ctx, format!("{}/data/{}", mount(r.mount), r.path), move || {
+                        ApiError::invalid(err.clone())
+                    });
+                return respond(refused.await, |()| proto::KvWriteResponse::default());
+            }
+        };
         respond(self.node.kv_patch(ctx, mount(r.mount), r.path, set, r.remove, r.cas).await, |version| {
             proto::KvWriteResponse { version }
         })

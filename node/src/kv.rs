@@ -2,7 +2,8 @@
 //!
 //! Each secret has metadata (current version, max versions, check-and-set requirement,
 //! custom metadata, per-version created/deleted/destroyed state) and up to `max_versions`
-//! versions of data — a map of string to string. Everything is stored through the barrier,
+//! versions of data — a JSON object: string keys, values of any JSON type (strings mostly;
+//! objects, arrays, numbers, booleans and null as Vault's KV v2 allows). Everything is stored through the barrier,
 //! each value bound (AAD) to its own key, and a version's data to the version's own key,
 //! [`keys::kv_version`]: path and version.
 //!
@@ -38,15 +39,31 @@ pub const MAX_PATH_BYTES: usize = 512;
 pub const MAX_DATA_BYTES: usize = 64 * 1024;
 /// Most keys in one secret.
 pub const MAX_DATA_KEYS: usize = 256;
+/// Deepest nesting of a value: a string is depth 0, `{"a": "b"}` depth 1.
+pub const MAX_VALUE_DEPTH: usize = 32;
 /// Versions kept when max_versions is 0 (unset).
 pub const DEFAULT_MAX_VERSIONS: u32 = 10;
 const MAX_CUSTOM_METADATA: usize = 64;
 const MAX_LIST_KEYS: usize = 10_000;
 
-/// A secret's data. Redacted in `Debug`, zeroized on drop.
+/// A secret's data: a JSON object. Redacted in `Debug`; its strings, nested ones too, are
+/// zeroized on drop (numbers and booleans live inline, and keys are not secret).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct SecretData(pub BTreeMap<String, String>);
+pub struct SecretData(pub BTreeMap<String, serde_json::Value>);
+
+impl<K: Into<String>, V: Into<serde_json::Value>> FromIterator<(K, V)> for SecretData {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        SecretData(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+impl SecretData {
+    /// A field's value if it is a string.
+    pub fn text(&self, field: &str) -> Option<&str> {
+        self.0.get(field).and_then(serde_json::Value::as_str)
+    }
+}
 
 impl std::fmt::Debug for SecretData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,7 +74,52 @@ impl std::fmt::Debug for SecretData {
 impl Drop for SecretData {
     fn drop(&mut self) {
         for value in self.0.values_mut() {
-            value.zeroize();
+            scrub(value);
+        }
+    }
+}
+
+/// Zeroizes a value's strings, nested ones too (depth bounded by the parser and
+/// [`MAX_VALUE_DEPTH`]).
+pub fn scrub(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(scrub),
+        Value::Object(map) => map.values_mut().for_each(scrub),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// RFC 7396 JSON merge patch, as Vault's KV v2 PATCH applies it: an object patch merges
+/// into an object (a null member removes that member), anything else replaces the target.
+pub fn merge_patch(target: serde_json::Value, patch: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match patch {
+        Value::Object(members) => {
+            let mut merged = match target {
+                Value::Object(map) => map,
+                mut other => {
+                    scrub(&mut other);
+                    serde_json::Map::new()
+                }
+            };
+            for (name, value) in members {
+                if value.is_null() {
+                    if let Some(mut gone) = merged.remove(&name) {
+                        scrub(&mut gone);
+                    }
+                } else {
+                    let old = merged.remove(&name).unwrap_or(Value::Null);
+                    merged.insert(name, merge_patch(old, value));
+                }
+            }
+            Value::Object(merged)
+        }
+        replacement => {
+            let mut old = target;
+            scrub(&mut old);
+            replacement
         }
     }
 }
@@ -272,7 +334,9 @@ fn validate_prefix(prefix: &str) -> Result<(), ApiError> {
     }
 }
 
-fn validate_data(data: &SecretData) -> Result<(), ApiError> {
+/// Checks a secret's data: at most [`MAX_DATA_KEYS`] keys of 1–256 printable characters,
+/// values nested at most [`MAX_VALUE_DEPTH`] deep, [`MAX_DATA_BYTES`] in all.
+pub fn validate_data(data: &SecretData) -> Result<(), ApiError> {
     if data.0.len() > MAX_DATA_KEYS {
         return Err(ApiError::invalid(format!("a secret holds at most {MAX_DATA_KEYS} keys")));
     }
@@ -281,12 +345,53 @@ fn validate_data(data: &SecretData) -> Result<(), ApiError> {
         if key.is_empty() || key.len() > 256 || key.chars().any(|c| c.is_control()) {
             return Err(ApiError::invalid("data keys: 1 to 256 printable characters"));
         }
-        size += key.len() + value.len() + 6;
-    }
-    if size > MAX_DATA_BYTES {
-        return Err(ApiError::invalid(format!("secret data exceeds {MAX_DATA_BYTES} bytes")));
+        if depth(value, 0) > MAX_VALUE_DEPTH {
+            return Err(ApiError::invalid(format!(
+                "data: key {key:?} nests deeper than {MAX_VALUE_DEPTH} levels"
+            )));
+        }
+        size += key.len() + encoded_len(value) + 4;
+        if size > MAX_DATA_BYTES {
+            return Err(ApiError::invalid(format!("secret data exceeds {MAX_DATA_BYTES} bytes")));
+        }
     }
     Ok(())
+}
+
+/// A value's nesting depth, counted no further than one past [`MAX_VALUE_DEPTH`].
+fn depth(value: &serde_json::Value, at: usize) -> usize {
+    use serde_json::Value;
+    if at > MAX_VALUE_DEPTH {
+        return at;
+    }
+    match value {
+        Value::Array(items) => items.iter().map(|v| depth(v, at + 1)).max().unwrap_or(at + 1),
+        Value::Object(map) => map.values().map(|v| depth(v, at + 1)).max().unwrap_or(at + 1),
+        _ => at,
+    }
+}
+
+/// The length of a value's compact JSON encoding (a string: its bytes; escapes aside).
+fn encoded_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    match value {
+        serde_json::Value::String(s) => s.len(),
+        other => {
+            let mut count = Count(0);
+            // Writing to a counter cannot fail.
+            let _ = serde_json::to_writer(&mut count, other);
+            count.0
+        }
+    }
 }
 
 fn validate_custom(custom: &BTreeMap<String, String>) -> Result<(), ApiError> {
@@ -612,7 +717,8 @@ impl Node {
         .await
     }
 
-    /// Writes a new version from the current one with `set` applied and `remove` removed.
+    /// Writes a new version from the current one with `remove` removed and `set` merged in
+    /// ([`merge_patch`] per key; a null removes the key).
     pub async fn kv_patch(
         self: &Arc<Self>,
         ctx: RequestContext,
@@ -644,10 +750,19 @@ impl Node {
             let plain = read_data(env, &mount, &path, current, state)?.ok_or(ApiError::Internal)?;
             let mut data: SecretData = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
             for key in &remove {
-                data.0.remove(key);
+                if let Some(mut gone) = data.0.remove(key) {
+                    scrub(&mut gone);
+                }
             }
+            // Vault's PATCH is a JSON merge patch of the data: objects merge member by member,
+            // a null removes (at the top, as `remove` does), anything else replaces.
             for (key, value) in &set.0 {
-                data.0.insert(key.clone(), value.clone());
+                let mut old = data.0.remove(key).unwrap_or(serde_json::Value::Null);
+                if value.is_null() {
+                    scrub(&mut old);
+                } else {
+                    data.0.insert(key.clone(), merge_patch(old, value.clone()));
+                }
             }
             validate_data(&data)?;
             write_version(env, &mount, &path, Some(meta), &data, NewVersionStage::Current)
@@ -869,5 +984,74 @@ impl Node {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        // RFC 7396, appendix A: target, patch, result.
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "b"}), json!({"b": "c"}), json!({"a": "b", "b": "c"})),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (json!({"a": "b", "b": "c"}), json!({"a": null}), json!({"b": "c"})),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (json!({"a": "c"}), json!({"a": ["b"]}), json!({"a": ["b"]})),
+            (json!({"a": {"b": "c"}}), json!({"a": {"b": "d", "c": null}}), json!({"a": {"b": "d"}})),
+            (json!({"a": [{"b": "c"}]}), json!({"a": [1]}), json!({"a": [1]})),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
+            (json!({"a": "b"}), json!(["c"]), json!(["c"])),
+            (json!({"e": null}), json!({"a": 1}), json!({"e": null, "a": 1})),
+            (json!([1, 2]), json!({"a": "b", "c": null}), json!({"a": "b"})),
+            (json!({}), json!({"a": {"bb": {"ccc": null}}}), json!({"a": {"bb": {}}})),
+        ];
+        for (target, patch, result) in cases {
+            assert_eq!(merge_patch(target.clone(), patch.clone()), result, "{target} + {patch}");
+        }
+    }
+
+    #[test]
+    fn data_of_any_json_type_is_checked_for_depth_and_size() {
+        let data: SecretData = [
+            ("s", json!("x")),
+            ("n", json!(5432)),
+            ("f", json!(1.5)),
+            ("b", json!(true)),
+            ("z", Value::Null),
+            ("a", json!(["a", {"b": [1, 2]}])),
+        ]
+        .into_iter()
+        .collect();
+        validate_data(&data).unwrap();
+        assert_eq!(data.text("s"), Some("x"));
+        assert_eq!(data.text("n"), None, "only strings are text");
+
+        let mut deep = json!("leaf");
+        for _ in 0..MAX_VALUE_DEPTH {
+            deep = json!([deep]);
+        }
+        validate_data(&[("k", deep.clone())].into_iter().collect()).unwrap();
+        let err = validate_data(&[("k", json!({ "x": deep }))].into_iter().collect()).unwrap_err();
+        assert!(err.to_string().contains("deeper than 32"), "{err}");
+
+        // Size counts the encoding of values that are not strings.
+        let big = json!(vec![123_456_789; MAX_DATA_BYTES / 10 + 1]);
+        let err = validate_data(&[("k", big)].into_iter().collect()).unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
+        let fits = json!(vec![1; MAX_DATA_BYTES / 2 - 16]);
+        validate_data(&[("k", fits)].into_iter().collect()).unwrap();
+    }
+
+    #[test]
+    fn scrub_wipes_every_string_in_place() {
+        let mut value = json!({"a": ["secret", {"b": "also"}], "n": 1});
+        scrub(&mut value);
+        assert_eq!(value, json!({"a": ["", {"b": ""}], "n": 1}), "zeroized, then emptied");
     }
 }

@@ -19,7 +19,6 @@
 //! transaction; the mark replicates with the metadata, and every node of every region then
 //! refuses the version with "revoked" (audited as such).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,26 +285,29 @@ fn generate(rotator: &Rotator, current: &SecretData) -> Option<SecretData> {
     let mut data = SecretData(current.0.clone());
     match rotator {
         Rotator::Password { field, length, symbols } => {
-            data.0.insert(field.clone(), random_string(*length, *symbols));
+            data.0.insert(field.clone(), random_string(*length, *symbols).into());
         }
         Rotator::ApiKey { field, bytes } => {
             let mut raw = Zeroizing::new(vec![0u8; *bytes as usize]);
             rand::fill(&mut raw[..]);
-            data.0.insert(field.clone(), base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[..]));
+            data.0.insert(
+                field.clone(),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[..]).into(),
+            );
         }
         Rotator::Ed25519 => {
             let mut seed = Zeroizing::new([0u8; 32]);
             rand::fill(&mut seed[..]);
             let key = ed25519_dalek::SigningKey::from_bytes(&seed);
-            data.0.insert("private_key".into(), b64.encode(&seed[..]));
-            data.0.insert("public_key".into(), b64.encode(key.verifying_key().to_bytes()));
+            data.0.insert("private_key".into(), b64.encode(&seed[..]).into());
+            data.0.insert("public_key".into(), b64.encode(key.verifying_key().to_bytes()).into());
         }
         Rotator::X25519 => {
             let mut secret = Zeroizing::new([0u8; 32]);
             rand::fill(&mut secret[..]);
             let public = curve25519_dalek::MontgomeryPoint::mul_base_clamped(*secret);
-            data.0.insert("private_key".into(), b64.encode(&secret[..]));
-            data.0.insert("public_key".into(), b64.encode(public.to_bytes()));
+            data.0.insert("private_key".into(), b64.encode(&secret[..]).into());
+            data.0.insert("public_key".into(), b64.encode(public.to_bytes()).into());
         }
         Rotator::Exec { .. } | Rotator::Http { .. } => return None,
     }
@@ -633,7 +635,7 @@ impl Node {
 
     /// Runs an external rotator's step: `<dir>/<command> <step>`, with JSON on stdin
     /// (`path`, `step`, `pending_version`, `current`, `pending`). For `create` it prints the
-    /// new data as a JSON object of strings. Exit 0 is success.
+    /// new data as a JSON object (the secret's data). Exit 0 is success.
     async fn run_rotator(
         self: &Arc<Self>,
         command: &str,
@@ -683,16 +685,14 @@ impl Node {
         if step != Step::Create {
             return Ok(None);
         }
-        let data: BTreeMap<String, String> = serde_json::from_slice(&stdout).map_err(|_| {
-            ApiError::FailedPrecondition(format!(
-                "rotator {command}: create must print a JSON object of strings"
-            ))
+        let data: SecretData = serde_json::from_slice(&stdout).map_err(|_| {
+            ApiError::FailedPrecondition(format!("rotator {command}: create must print a JSON object"))
         })?;
-        Ok(Some(SecretData(data)))
+        Ok(Some(data))
     }
 
     /// Calls an HTTP rotator hook: POST `url` with the same JSON an exec rotator reads; a 2xx
-    /// answer is success, and for `create` its body is the new data (a JSON object of strings).
+    /// answer is success, and for `create` its body is the new data (a JSON object).
     async fn call_hook(
         self: &Arc<Self>,
         url: &str,
@@ -744,10 +744,10 @@ impl Node {
         if step != Step::Create {
             return Ok(None);
         }
-        let data: BTreeMap<String, String> = serde_json::from_str(&answer).map_err(|_| {
-            ApiError::FailedPrecondition("rotator hook: create must answer a JSON object of strings".into())
+        let data: SecretData = serde_json::from_str(&answer).map_err(|_| {
+            ApiError::FailedPrecondition("rotator hook: create must answer a JSON object".into())
         })?;
-        Ok(Some(SecretData(data)))
+        Ok(Some(data))
     }
 
     /// Revokes versions (none given and not `all`: the current one); their ciphertext is
@@ -921,24 +921,30 @@ mod tests {
 
     #[test]
     fn built_in_rotators_make_fresh_values_and_keep_other_fields() {
-        let current = SecretData(
-            [("user".to_owned(), "app".to_owned()), ("password".to_owned(), "old".to_owned())].into(),
-        );
+        let current: SecretData = [
+            ("user", serde_json::json!("app")),
+            ("password", serde_json::json!("old")),
+            ("hosts", serde_json::json!(["a", {"port": 5432}])),
+        ]
+        .into_iter()
+        .collect();
         let p = Rotator::Password { field: "password".into(), length: 40, symbols: false };
         let (a, b) = (generate(&p, &current).unwrap(), generate(&p, &current).unwrap());
         assert_eq!(a.0["user"], "app");
-        assert_eq!(a.0["password"].len(), 40);
-        assert!(a.0["password"].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert_eq!(a.0["hosts"], current.0["hosts"], "a value of any JSON type is kept");
+        let password = a.text("password").unwrap();
+        assert_eq!(password.len(), 40);
+        assert!(password.bytes().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(a.0["password"], b.0["password"]);
         let k = generate(&Rotator::Ed25519, &SecretData::default()).unwrap();
         let b64 = base64::engine::general_purpose::STANDARD;
-        let seed: [u8; 32] = b64.decode(&k.0["private_key"]).unwrap().try_into().unwrap();
+        let seed: [u8; 32] = b64.decode(k.text("private_key").unwrap()).unwrap().try_into().unwrap();
         let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes();
-        assert_eq!(b64.decode(&k.0["public_key"]).unwrap(), public);
+        assert_eq!(b64.decode(k.text("public_key").unwrap()).unwrap(), public);
         let x = generate(&Rotator::X25519, &SecretData::default()).unwrap();
-        let secret: [u8; 32] = b64.decode(&x.0["private_key"]).unwrap().try_into().unwrap();
+        let secret: [u8; 32] = b64.decode(x.text("private_key").unwrap()).unwrap().try_into().unwrap();
         assert_eq!(
-            b64.decode(&x.0["public_key"]).unwrap(),
+            b64.decode(x.text("public_key").unwrap()).unwrap(),
             curve25519_dalek::MontgomeryPoint::mul_base_clamped(secret).to_bytes()
         );
         let bad = RotationRequest {

@@ -491,15 +491,17 @@ impl Node {
                             continue;
                         }
                         let plain = env.decrypt_at(aad, value)?;
-                        let data: crate::kv::SecretData =
+                        let mut data: crate::kv::SecretData =
                             serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+                        let (data, json_keys) = crate::grpc::data_to_wire(&mut data);
                         let (mount, rest) = d.path.split_once('/').ok_or(ApiError::Internal)?;
                         out.secrets.push(proto::DivergentSecret {
                             mount: mount.to_owned(),
                             path: rest.to_owned(),
                             version,
-                            data: data.0.clone().into_iter().collect(),
+                            data,
                             position: w.position.clone(),
+                            json_keys,
                         });
                     }
                 }

@@ -499,7 +499,7 @@ async fn dispatch(
     list: bool,
     path: &str,
     query: &BTreeMap<String, String>,
-    body: Value,
+    mut body: Value,
 ) -> Dispatched {
     let segments: Vec<&str> = path.split('/').collect();
     let m = method.as_str();
@@ -839,28 +839,26 @@ async fn dispatch(
                     )
                 }
                 "POST" | "PUT" => {
-                    let data = SecretData(bad!(string_map(&body["data"], "data")));
+                    let data = match body.get_mut("data").map(Value::take) {
+                        Some(Value::Object(fields)) => SecretData(fields.into_iter().collect()),
+                        None | Some(Value::Null) => SecretData::default(),
+                        Some(_) => return Err((ctx, Reject::Bad("data: must be an object".into()))),
+                    };
                     let cas = body["options"]["cas"].as_u64();
                     reply(node.kv_write(ctx, mount, secret, data, cas).await, written)
                 }
                 "PATCH" => {
-                    let Value::Object(fields) = &body["data"] else {
+                    // A JSON merge patch (RFC 7396), as Vault's: null members remove.
+                    let Some(Value::Object(fields)) = body.get_mut("data").map(Value::take) else {
                         return Err((ctx, Reject::Bad("patch: data must be an object".into())));
                     };
                     let mut set = BTreeMap::new();
                     let mut remove = Vec::new();
                     for (k, v) in fields {
-                        match v {
-                            Value::Null => remove.push(k.clone()),
-                            Value::String(s) => {
-                                set.insert(k.clone(), s.clone());
-                            }
-                            _ => {
-                                return Err((
-                                    ctx,
-                                    Reject::Bad(format!("data: arca stores string values only (key {k:?})")),
-                                ));
-                            }
+                        if v.is_null() {
+                            remove.push(k);
+                        } else {
+                            set.insert(k, v);
                         }
                     }
                     let cas = body["options"]["cas"].as_u64();
@@ -995,10 +993,13 @@ mod tests {
     async fn the_typed_kv_read_reply_is_the_vault_envelope() {
         let custom = BTreeMap::from([("owner".to_owned(), "team \"a\"".to_owned())]);
         for (deleted, custom) in [(None, BTreeMap::new()), (Some(1_795_727_994_955), custom)] {
-            let data = SecretData(BTreeMap::from([
-                ("password".to_owned(), "p\u{e9}\n\"x\"\u{1}".to_owned()),
-                ("user".to_owned(), "u".to_owned()),
-            ]));
+            let data: SecretData = [
+                ("password", json!("p\u{e9}\n\"x\"\u{1}")),
+                ("user", json!("u")),
+                ("pool", json!({"hosts": ["a", "b"], "size": 4, "tls": true, "note": null})),
+            ]
+            .into_iter()
+            .collect();
             // As `kv_write` stores it (`Env::put_json`).
             let s = crate::kv::PlainVersion {
                 json: Zeroizing::new(serde_json::to_vec(&data).unwrap()),

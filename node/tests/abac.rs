@@ -47,7 +47,7 @@ async fn harness() -> Harness {
     node.set_clock(Arc::new(move || c.load(Ordering::SeqCst)));
     let root =
         node.operator_init(ctx(None, "127.0.0.1:1"), 1, 1).await.result.unwrap().root_token.token.to_string();
-    let data = SecretData([("password".to_owned(), "s3cr3t".to_owned())].into_iter().collect());
+    let data: SecretData = [("password", "s3cr3t")].into_iter().collect();
     node.kv_write(ctx(Some(&root), "127.0.0.1:1"), "secret".into(), "prod/db".into(), data, None)
         .await
         .result
@@ -76,7 +76,7 @@ async fn read(h: &Harness, token: &str, address: &str, mtls: bool) -> Result<Str
         .kv_read(c, "secret".into(), "prod/db".into(), None)
         .await
         .result
-        .map(|s| s.data.0["password"].clone())
+        .map(|s| s.data.text("password").unwrap_or_default().to_owned())
 }
 
 async fn token(h: &Harness, policy: &str, bound_cidrs: &[&str], meta: &[(&str, &str)]) -> String {

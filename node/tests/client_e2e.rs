@@ -100,6 +100,16 @@ async fn the_sdk_reads_follows_and_logs_in_again() {
     assert_eq!(names, vec!["db".to_owned()]);
     let cas = client.write_cas("secret/app/db", [("password", "x")], Some(1)).await.unwrap_err();
     assert_eq!(cas.kind(), &ErrorKind::FailedPrecondition, "{cas}");
+    // Values of any JSON type, as Vault's KV v2 holds them.
+    let pool = serde_json::json!({"min": 1, "hosts": ["a", "b"]});
+    let fields = serde_json::json!({"user": "app", "pool": pool, "port": 5432, "tls": true});
+    let written = client.write_json("secret/app/cfg", fields.as_object().unwrap(), Some(0)).await.unwrap();
+    assert_eq!(written.version, 1);
+    let cfg = client.read("secret/app/cfg").await.unwrap();
+    assert_eq!(cfg.json_fields.iter().collect::<Vec<_>>(), ["pool", "port", "tls"]);
+    assert_eq!((cfg.get("user"), cfg.get("port")), (Some("app"), Some("5432")));
+    assert_eq!(cfg.value("pool"), Some(pool));
+    assert_eq!(cfg.value("user"), Some(serde_json::json!("app")));
 
     // AppRole: the SDK logs in by itself; its reads are the role's.
     let (role_id, secret_id) = app_role(&server, &root, dir.path(), "600");

@@ -1,5 +1,6 @@
 //! The gRPC surface in process: TLS and mutual TLS, the trusted-proxy header, request size
-//! limits, malformed protobuf and unknown methods (refused by tonic, audited all the same).
+//! limits, malformed protobuf and unknown methods (refused by tonic, audited all the same),
+//! and secret values of any JSON type (`json_keys`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -121,6 +122,7 @@ async fn oversized_requests_are_refused_audited_and_change_nothing() {
         path: "big".into(),
         data: [("v".to_owned(), "x".repeat(300 * 1024))].into(),
         cas: None,
+        json_keys: Vec::new(),
     };
     let status = client.kv_put(authed(huge, &server.root)).await.unwrap_err();
     assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status:?}");
@@ -157,6 +159,69 @@ async fn unknown_methods_and_services_are_unimplemented_and_audited_without_trus
     let status = grpc.unary(authed(proto::Empty {}, &server.root), path, codec).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert_refusal_audited(server.store.as_ref(), &status, other, "root");
+}
+
+#[tokio::test]
+async fn values_that_are_not_strings_travel_as_json_text_named_in_json_keys() {
+    let server = run(ProxyConfig::default(), None).await;
+    let mut client = plain_client(server.addr).await;
+    let put = |data: &[(&str, &str)], json_keys: &[&str]| proto::KvPutRequest {
+        path: "cfg".into(),
+        data: data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        json_keys: json_keys.iter().map(|k| k.to_string()).collect(),
+        ..Default::default()
+    };
+    let written = put(
+        &[("user", "svc"), ("port", "5432"), ("pool", r#"{"max": 8, "hosts": ["a"]}"#)],
+        &["port", "pool"],
+    );
+    client.kv_put(authed(written, &server.root)).await.unwrap();
+    let get = || authed(proto::KvGetRequest { path: "cfg".into(), ..Default::default() }, &server.root);
+    let got = client.kv_get(get()).await.unwrap().into_inner();
+    let mut keys = got.json_keys.clone();
+    keys.sort();
+    assert_eq!(keys, ["pool", "port"], "a string is a string; the others are named");
+    assert_eq!(
+        (got.data["user"].as_str(), got.data["port"].as_str(), got.data["pool"].as_str()),
+        ("svc", "5432", r#"{"hosts":["a"],"max":8}"#)
+    );
+
+    // A merge patch of one key; a JSON null removes another.
+    let patch = proto::KvPatchRequest {
+        path: "cfg".into(),
+        set: [
+            ("pool".to_owned(), r#"{"max": null, "min": 1}"#.to_owned()),
+            ("port".to_owned(), "null".to_owned()),
+        ]
+        .into(),
+        json_keys: vec!["pool".into(), "port".into()],
+        ..Default::default()
+    };
+    assert_eq!(client.kv_patch(authed(patch, &server.root)).await.unwrap().into_inner().version, 2);
+    let got = client.kv_get(get()).await.unwrap().into_inner();
+    assert_eq!(got.data.len(), 2);
+    assert_eq!(
+        (got.data["pool"].as_str(), got.json_keys.as_slice()),
+        (r#"{"hosts":["a"],"min":1}"#, &["pool".to_owned()][..])
+    );
+
+    // Refused, audited, and nothing written: text that is not JSON (the error names the key,
+    // never the value), and a JSON key the data does not hold.
+    for (request, message) in [
+        (put(&[("token", "not-json-s3cr3t")], &["token"]), r#"the value of "token" is not valid JSON"#),
+        (put(&[("user", "svc")], &["missing"]), r#"json_keys: "missing" is not a key of the data"#),
+    ] {
+        let before = events(server.store.as_ref()).len();
+        let status = client.kv_put(authed(request, &server.root)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(message) && !status.message().contains("s3cr3t"), "{status:?}");
+        let after = events(server.store.as_ref());
+        assert_eq!(after.len(), before + 1, "one audit event");
+        let event = &after[before];
+        assert_eq!((event.operation, event.path.as_str()), (Operation::Rejected, "secret/data/cfg"));
+        assert_eq!(event.outcome, Outcome::Error { code: "invalid_argument".into() });
+    }
+    assert_eq!(client.kv_get(get()).await.unwrap().into_inner().version, 2, "nothing was written");
 }
 
 #[tokio::test]

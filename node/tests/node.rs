@@ -147,7 +147,7 @@ fn version_prefix(mount: &str, path: &str) -> Vec<u8> {
 }
 
 fn data(pairs: &[(&str, &str)]) -> SecretData {
-    SecretData(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn audit_events(store: &dyn Store) -> Vec<Event> {
@@ -172,7 +172,7 @@ async fn versions_round_trip_with_kv_v2_semantics() {
     let latest = n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), None).await;
     assert!(latest.position.is_some(), "the reply carries the audit position");
     let latest = latest.result.unwrap();
-    assert_eq!((latest.version, latest.data.0["password"].as_str()), (2, "two"));
+    assert_eq!((latest.version, latest.data.text("password").unwrap()), (2, "two"));
     let first =
         n.kv_read(ctx(Some(&h.root)), "secret".into(), "app/db".into(), Some(1)).await.result.unwrap();
     assert_eq!(first.data.0["password"], "one");
@@ -480,7 +480,7 @@ async fn a_failing_store_fails_requests_closed() {
     assert_eq!(audit_events(h.store.as_ref()).len(), before, "nothing was committed while failing");
     let after = n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), None).await.result.unwrap();
     assert_eq!(
-        (after.version, after.data.0["v"].as_str()),
+        (after.version, after.data.text("v").unwrap()),
         (1, SECRET_VALUE),
         "the failed write changed nothing"
     );
@@ -560,7 +560,7 @@ async fn rows_written_before_slots_stay_readable_and_move_into_slots_as_they_are
         .unwrap();
     assert_eq!(patched, 4);
     let four = read(4).await.result.unwrap();
-    assert_eq!((four.data.0["v"].as_str(), four.data.0["w"].as_str()), ("3", "4"));
+    assert_eq!((four.data.text("v").unwrap(), four.data.text("w").unwrap()), ("3", "4"));
     assert_eq!(row_keys(&*h.store, &version_prefix(mount, path)).len(), 2);
     assert_eq!(row_keys(&*h.store, &keys::kv_slots(mount, path)).len(), 1);
     for v in 5..=6 {
@@ -669,7 +669,7 @@ async fn seal_unseal_and_rotation() {
     assert!(!progress.sealed);
     let v1 = other.kv_read(ctx(Some(&root)), "secret".into(), "a".into(), Some(1)).await.result.unwrap();
     let v2 = other.kv_read(ctx(Some(&root)), "secret".into(), "a".into(), Some(2)).await.result.unwrap();
-    assert_eq!((v1.data.0["v"].as_str(), v2.data.0["v"].as_str()), ("before", "after"));
+    assert_eq!((v1.data.text("v").unwrap(), v2.data.text("v").unwrap()), ("before", "after"));
 
     node.operator_seal(ctx(Some(&root))).await.result.unwrap();
     assert!(node.barrier().is_sealed());

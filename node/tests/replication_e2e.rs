@@ -289,7 +289,9 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     // eu acknowledges writes us never receives, then is lost.
     c.proxy.cut();
     for i in 0..3 {
-        assert_eq!(put(&c.eu, &root, &format!("secret/lost/s{i}"), "acked").code, 0);
+        let (path, json) = (format!("secret/lost/s{i}"), format!(r#"n:={{"i":[{i},true]}}"#));
+        let run = arca(c.eu.server(), Some(&root), &["kv", "put", &path, "v=acked", &json]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
     }
     c.eu.kill();
 
@@ -343,7 +345,12 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     let reapplied: Value = serde_json::from_str(&reapplied.stdout).unwrap();
     assert_eq!(reapplied["reapplied"].as_array().map(Vec::len), Some(3), "{reapplied}");
     for i in 0..3 {
-        assert_eq!(get(&c.us, &root, &format!("secret/lost/s{i}")).as_deref(), Some("acked"));
+        let path = format!("secret/lost/s{i}");
+        assert_eq!(get(&c.us, &root, &path).as_deref(), Some("acked"));
+        // A value that is not a string is re-applied as it was, JSON and all.
+        let run = arca(c.us.server(), Some(&root), &["--format", "json", "kv", "get", &path]);
+        let read: Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(read["data"]["n"], serde_json::json!({"i": [i, true]}), "{read}");
     }
     wait_until("the re-applied writes to reach eu", || {
         get(&c.eu, &root, "secret/lost/s2").as_deref() == Some("acked")

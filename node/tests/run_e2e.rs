@@ -1,6 +1,7 @@
 //! `arca run` against a real node: secrets reach the command's environment and files (mode
 //! 0600, removed afterwards), every fetch is audited, the command's exit code comes back,
-//! signals pass through, and `--mask` hides values in the command's output.
+//! signals pass through, and `--mask` hides values in the command's output; a value that
+//! is not a string arrives as its JSON text.
 
 mod common;
 
@@ -130,4 +131,16 @@ fn run_injects_secrets_and_hands_back_the_exit_code() {
     let reads =
         audit_events(&data.join("arca.db")).iter().filter(|e| e.operation == Operation::KvRead).count();
     assert_eq!(reads - reads_before, 6, "ok, seven, files, masked, missing, signal");
+
+    // A value that is not a string reaches the command as its JSON text.
+    let put = arca(&server, Some(&root), &["kv", "put", "secret/app/cfg", r#"hosts:=["a", {"port": 5432}]"#]);
+    assert_eq!(put.code, 0, "{}", put.stderr);
+    let json = run_cmd(
+        &server,
+        &root,
+        &["--env", "H=secret/app/cfg#hosts", "--", "sh", "-c", r#"test "$H" = '["a",{"port":5432}]'"#],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(json.status.code(), Some(0), "{}", String::from_utf8_lossy(&json.stderr));
 }

@@ -82,7 +82,7 @@ async fn requests(node: &Arc<Node>, root: &str, n: usize) -> Vec<String> {
             let node = node.clone();
             let root = root.to_owned();
             tokio::spawn(async move {
-                let data = SecretData([("v".to_owned(), i.to_string())].into());
+                let data = [("v", i.to_string())].into_iter().collect::<SecretData>();
                 let audited = node
                     .kv_write(ctx(Some(&root)), "secret".into(), format!("s/{}", i % 7), data, None)
                     .await;
@@ -137,7 +137,7 @@ async fn positions_from_replies_resolve_to_their_leaf() {
     let (_dir, node, root) = node().await;
     let mut positions = Vec::new();
     for i in 0..5 {
-        let data = SecretData([("v".to_owned(), i.to_string())].into());
+        let data = [("v", i.to_string())].into_iter().collect::<SecretData>();
         let audited = node.kv_write(ctx(Some(&root)), "secret".into(), "p".into(), data, None).await;
         positions.push(audited.position.unwrap());
     }
@@ -221,7 +221,7 @@ async fn request_ids_resolve_from_their_pages_and_from_the_per_entry_index() {
     // An id that is not 16 bytes of hex goes to the per-entry index.
     let mut odd = ctx(Some(&root));
     odd.request_id = "client-chosen-id".into();
-    let data = SecretData([("v".to_owned(), "1".to_owned())].into());
+    let data = [("v", "1".to_owned())].into_iter().collect::<SecretData>();
     node.kv_write(odd, "secret".into(), "odd".into(), data, None).await.result.unwrap();
     let ids = requests(&node, &root, 40).await;
     drain(&node, "a", &SequencerConfig { max_batch: 16, ..SequencerConfig::default() });

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Server, audit_events, start};
+use common::{Server, arca, audit_events, start};
 use serde_json::Value;
 
 fn tools() -> PathBuf {
@@ -122,6 +122,92 @@ fn the_bao_cli_manages_secrets_tokens_policies_and_approle() {
     assert!(bao_json(&dev, &["secrets", "list"], &[]).get("team/").is_some());
     bao_ok(&dev, &["secrets", "disable", "team"]);
     assert!(!bao(&dev, &dev.root, &["kv", "get", "team/x"]).status.success());
+}
+
+/// Vault's KV v2 stores any JSON value, not only strings: written with `bao` from a JSON
+/// file, patched over HTTP as a JSON merge patch, read and written over gRPC by `arca`.
+#[test]
+fn json_values_of_any_type_round_trip_through_bao_http_and_grpc() {
+    let dev = dev();
+    let db = dev.data.join("arca.db");
+    let data = serde_json::json!({
+        "user": "svc", "port": 5432, "ratio": 0.25, "tls": true, "none": null,
+        "hosts": ["a.example", "b.example"], "pool": {"min": 1, "max": 8, "note": "x", "tags": ["t"]},
+    });
+    let file = dev._dir.path().join("data.json");
+    std::fs::write(&file, data.to_string()).unwrap();
+    bao_ok(&dev, &["kv", "put", "secret/cfg", &format!("@{}", file.display())]);
+    let got = bao_json(&dev, &["kv", "get"], &["secret/cfg"]);
+    assert_eq!(got["data"]["data"], data, "every value as written, of its own type");
+    assert_eq!(bao_ok(&dev, &["kv", "get", "-field=port", "secret/cfg"]), "5432");
+
+    // PATCH is a JSON merge patch (RFC 7396): objects merge, null removes, the rest replaces.
+    let patch =
+        r#"{"data": {"pool": {"max": 16, "note": null, "tags": ["u", 2]}, "tls": null, "port": "5433"}}"#;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let response = agent
+        .run(
+            ureq::http::Request::builder()
+                .method("PATCH")
+                .uri(format!("{}/v1/secret/data/cfg", dev.server.http))
+                .header("X-Vault-Token", &dev.root)
+                .header("Content-Type", "application/merge-patch+json")
+                .body(patch.as_bytes().to_vec())
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let merged = serde_json::json!({
+        "user": "svc", "port": "5433", "ratio": 0.25, "none": null,
+        "hosts": ["a.example", "b.example"], "pool": {"min": 1, "max": 16, "tags": ["u", 2]},
+    });
+    let (status, body) = http(&dev, "GET", "secret/data/cfg", Some(&dev.root), None);
+    assert_eq!((status, &body["data"]["data"]), (200, &merged));
+    assert_eq!(body["data"]["metadata"]["version"], 2);
+
+    // gRPC, through the arca CLI: the same values; `key:=JSON` writes any of them.
+    let cli = |args: &[&str]| {
+        let mut full = vec!["--format", "json"];
+        full.extend_from_slice(args);
+        let run = arca(&dev.server, Some(&dev.root), &full);
+        assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+        serde_json::from_str::<Value>(&run.stdout).unwrap()
+    };
+    assert_eq!(cli(&["kv", "get", "secret/cfg"])["data"], merged);
+    assert_eq!(
+        cli(&["kv", "get", "secret/cfg", "--field", "pool"]),
+        serde_json::json!({"pool": merged["pool"]})
+    );
+    let human = arca(&dev.server, Some(&dev.root), &["kv", "get", "secret/cfg", "--field", "hosts"]);
+    assert_eq!(
+        human.stdout.trim(),
+        r#"["a.example","b.example"]"#,
+        "JSON text for a value that is not a string"
+    );
+    cli(&["kv", "put", "secret/cli", "name=x", "port:=5432", r#"tags:=["a",{"b":false}]"#, "quoted:=\"s\""]);
+    let (_, body) = http(&dev, "GET", "secret/data/cli", Some(&dev.root), None);
+    assert_eq!(
+        body["data"]["data"],
+        serde_json::json!({"name": "x", "port": 5432, "tags": ["a", {"b": false}], "quoted": "s"})
+    );
+    cli(&["kv", "patch", "secret/cli", "port:=null", r#"tags:={"c":1}"#]);
+    let (_, body) = http(&dev, "GET", "secret/data/cli", Some(&dev.root), None);
+    assert_eq!(body["data"]["data"], serde_json::json!({"name": "x", "tags": {"c": 1}, "quoted": "s"}));
+
+    // Bad JSON is refused before anything is sent; a too-deep value by the node, audited.
+    let before = audit_events(&db).len();
+    let bad = arca(&dev.server, Some(&dev.root), &["kv", "put", "secret/cli", "port:=nope"]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("port: the value after := must be JSON"), "{}", bad.stderr);
+    assert_eq!(audit_events(&db).len(), before, "nothing was sent");
+    let deep = format!("k:={}1{}", "[".repeat(40), "]".repeat(40));
+    let refused = arca(&dev.server, Some(&dev.root), &["kv", "put", "secret/cli", &deep]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("deeper than 32"), "{}", refused.stderr);
+    let events = audit_events(&db);
+    assert_eq!(events.len(), before + 1);
+    assert_eq!(events[before].outcome, arca_audit::Outcome::Error { code: "invalid_argument".into() });
+    assert_eq!(cli(&["kv", "get", "secret/cli"])["version"], 2, "the refused write changed nothing");
 }
 
 #[test]
@@ -246,7 +332,14 @@ fn vault_status_codes_and_error_bodies_and_one_audit_event_each() {
         (403, put(Some("arca_wrong"), r#"{"data": {"password": "x"}}"#)),
         (403, put(None, r#"{"data": {"password": "x"}}"#)),
         (400, put(Some(&dev.root), r#"{"data": {"password": "#)),
-        (400, put(Some(&dev.root), r#"{"data": {"password": 5}}"#)),
+        (
+            400,
+            put(
+                Some(&dev.root),
+                &format!(r#"{{"data": {{"password": {}5{}}}}}"#, "[".repeat(33), "]".repeat(33)),
+            ),
+        ),
+        (400, put(Some(&dev.root), r#"{"data": "not an object"}"#)),
         (400, put(Some(&dev.root), r#"{"data": {"password": "x"}, "options": {"cas": 7}}"#)),
         (413, http(&dev, "POST", "secret/data/app/db", Some(&dev.root), Some(vec![b' '; 300 * 1024]))),
         (404, http(&dev, "GET", "secret/data/app/none", Some(&dev.root), None)),

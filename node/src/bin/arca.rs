@@ -405,10 +405,12 @@ struct PathArg {
 
 #[derive(Subcommand)]
 enum KvCommand {
-    /// Write a new version: `arca kv put secret/app/db user=svc password=@file token=-`.
+    /// Write a new version: `arca kv put secret/app/db user=svc password=@file token=-
+    /// ports:='[5432,5433]'`, or `arca kv put secret/app/db @data.json`.
     Put {
         path: String,
-        /// key=value pairs; a value of @FILE reads a file, - reads standard input.
+        /// key=value (a string) or key:=JSON (any JSON value); a value of @FILE reads a file,
+        /// - reads standard input. A lone @FILE or - is a JSON object of fields.
         #[arg(required = true)]
         pairs: Vec<String>,
         #[arg(long)]
@@ -429,6 +431,8 @@ enum KvCommand {
     /// Write a new version from the current one with the given keys set or removed.
     Patch {
         path: String,
+        /// As for put; a JSON object merges into the key's current value (RFC 7396, a null
+        /// member removes), and key:=null removes the key.
         pairs: Vec<String>,
         #[arg(long)]
         remove: Vec<String>,
@@ -704,6 +708,65 @@ fn parse_pairs(pairs: &[String]) -> Result<HashMap<String, String>, Failure> {
         map.insert(key.to_owned(), read_value(value)?);
     }
     Ok(map)
+}
+
+/// A secret's fields from the command line: `key=value` is a string, `key:=JSON` any JSON
+/// value (either may be `@FILE` or `-`), and a lone `@FILE` or `-` a JSON object of fields.
+/// Returns the wire form: each value's text, and the keys whose text is JSON.
+fn parse_fields(args: &[String]) -> Result<(HashMap<String, String>, Vec<String>), Failure> {
+    let mut data = HashMap::new();
+    let mut json_keys = std::collections::BTreeSet::new();
+    let mut put = |key: String, value: Value, data: &mut HashMap<String, String>| match value {
+        Value::String(text) => {
+            json_keys.remove(&key);
+            data.insert(key, text);
+        }
+        other => {
+            json_keys.insert(key.clone());
+            data.insert(key, other.to_string());
+        }
+    };
+    for arg in args {
+        match arg.split_once('=') {
+            None if arg == "-" || arg.starts_with('@') => {
+                let text = read_value(arg)?;
+                let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text) else {
+                    return Err(local(format!("{arg}: expected a JSON object of fields")));
+                };
+                for (key, value) in fields {
+                    put(key, value, &mut data);
+                }
+            }
+            None => {
+                return Err(local(format!("expected key=value or key:=JSON, got {:?}", arg)));
+            }
+            Some((key, spec)) => match key.strip_suffix(':') {
+                Some(key) => {
+                    let value = serde_json::from_str(&read_value(spec)?)
+                        .map_err(|_| local(format!("{key}: the value after := must be JSON")))?;
+                    put(key.to_owned(), value, &mut data);
+                }
+                None => put(key.to_owned(), Value::String(read_value(spec)?), &mut data),
+            },
+        }
+    }
+    Ok((data, json_keys.into_iter().collect()))
+}
+
+/// A secret's data as JSON, from the wire: the values of `json_keys` parsed, the rest strings.
+fn fields_json(data: &HashMap<String, String>, json_keys: &[String]) -> Value {
+    let fields = data
+        .iter()
+        .map(|(k, v)| {
+            let value = if json_keys.contains(k) {
+                serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()))
+            } else {
+                Value::String(v.clone())
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    Value::Object(fields)
 }
 
 fn print(format: Format, human: impl FnOnce() -> String, value: Value) {
@@ -1040,7 +1103,13 @@ async fn reapply(from: &Client, primary: &Client, format: Format, id: u64) -> Re
             primary,
             Write,
             kv_put,
-            proto::KvPutRequest { mount: s.mount.clone(), path: s.path.clone(), data: s.data, cas: None }
+            proto::KvPutRequest {
+                mount: s.mount.clone(),
+                path: s.path.clone(),
+                data: s.data,
+                cas: None,
+                json_keys: s.json_keys,
+            }
         )
         .await?;
         done.push(json!({
@@ -1100,8 +1169,8 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
     match cmd {
         KvCommand::Put { path, pairs, cas } => {
             let (mount, path) = split_mount(&path)?;
-            let data = parse_pairs(&pairs)?;
-            let r = rpc!(c, Write, kv_put, proto::KvPutRequest { mount, path, data, cas }).await?;
+            let (data, json_keys) = parse_fields(&pairs)?;
+            let r = rpc!(c, Write, kv_put, proto::KvPutRequest { mount, path, data, cas, json_keys }).await?;
             let version = r.get_ref().version;
             print(
                 format,
@@ -1122,7 +1191,10 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
                     .ok_or(Failure { code: 4, message: format!("no key {field:?} in this secret") })?;
                 match format {
                     Format::Human => println!("{value}"),
-                    Format::Json => println!("{}", json!({ field: value })),
+                    Format::Json => {
+                        let one = HashMap::from([(field.clone(), value.clone())]);
+                        println!("{}", fields_json(&one, &g.json_keys));
+                    }
                 }
                 return Ok(());
             }
@@ -1131,14 +1203,16 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
             print(
                 format,
                 || format!("version    {}\n\n{}", g.version, table(&data)),
-                json!({"data": g.data, "version": g.version, "created_unix_ms": g.created_unix_ms,
+                json!({"data": fields_json(&g.data, &g.json_keys), "version": g.version, "created_unix_ms": g.created_unix_ms,
                        "custom_metadata": g.custom_metadata, "audit_position": pos, "request_id": rid}),
             );
         }
         KvCommand::Patch { path, pairs, remove, cas } => {
             let (mount, path) = split_mount(&path)?;
-            let set = parse_pairs(&pairs)?;
-            let r = rpc!(c, Write, kv_patch, proto::KvPatchRequest { mount, path, set, remove, cas }).await?;
+            let (set, json_keys) = parse_fields(&pairs)?;
+            let r =
+                rpc!(c, Write, kv_patch, proto::KvPatchRequest { mount, path, set, remove, cas, json_keys })
+                    .await?;
             let version = r.get_ref().version;
             print(
                 format,
