@@ -197,6 +197,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Per call attempt (default 30 s).
     pub request_timeout: Duration,
+    /// Mounts of several segments (`team/kv`) the client's paths may start with; without
+    /// one, a path's first segment is its mount.
+    pub mounts: Vec<String>,
 }
 
 impl Config {
@@ -209,12 +212,14 @@ impl Config {
             retry: Retry::default(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            mounts: Vec::new(),
         })
     }
 
     /// From the environment, as the `arca` CLI reads it: `ARCA_ADDR` (default
     /// `http://127.0.0.1:8400`; a comma-separated list, items `URL` or `REGION=URL`),
-    /// `ARCA_TOKEN`, `ARCA_CACERT`, `ARCA_CLIENT_CERT`, `ARCA_CLIENT_KEY`.
+    /// `ARCA_TOKEN`, `ARCA_CACERT`, `ARCA_CLIENT_CERT`, `ARCA_CLIENT_KEY`, `ARCA_MOUNTS`
+    /// (comma-separated mounts of several segments).
     pub fn from_env() -> Result<Config, Error> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let mut config = Config::new(&var("ARCA_ADDR").unwrap_or_else(|| "http://127.0.0.1:8400".into()))?;
@@ -227,6 +232,9 @@ impl Config {
             cert.as_deref().map(Path::new),
             key.as_deref().map(Path::new),
         )?;
+        for mount in var("ARCA_MOUNTS").as_deref().unwrap_or_default().split(',') {
+            config = config.mount(mount.trim());
+        }
         Ok(config)
     }
 
@@ -242,6 +250,16 @@ impl Config {
 
     pub fn retry(mut self, retry: Retry) -> Config {
         self.retry = retry;
+        self
+    }
+
+    /// Declares a mount of several segments (`team/kv`), so that `team/kv/app/db` names
+    /// `app/db` in it (see [`split_path_in`](crate::split_path_in)). Empty: ignored.
+    pub fn mount(mut self, name: &str) -> Config {
+        let name = name.trim_matches('/');
+        if !name.is_empty() && !self.mounts.iter().any(|m| m == name) {
+            self.mounts.push(name.to_owned());
+        }
         self
     }
 }

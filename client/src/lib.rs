@@ -155,9 +155,44 @@ pub struct Written {
     pub receipt: Receipt,
 }
 
-/// Splits `<mount>/<path>` into its mount and path.
-pub fn split_path(full: &str) -> Result<(String, String), Error> {
+/// The longest of `mounts` that `full` is, or starts with at a segment boundary.
+fn declared_mount<'a>(full: &str, mounts: &'a [String]) -> Option<&'a String> {
+    mounts
+        .iter()
+        .filter(|m| full == m.as_str() || full.strip_prefix(m.as_str()).is_some_and(|r| r.starts_with('/')))
+        .max_by_key(|m| m.len())
+}
+
+/// Splits a list prefix (`<mount>`, `<mount>/` or `<mount>/<folder>/`) into its mount and
+/// folder, the mount found as by [`split_path_in`].
+pub fn split_prefix_in(full: &str, mounts: &[String]) -> Result<(String, String), Error> {
     let full = full.trim_start_matches('/');
+    let (mount, folder) = match declared_mount(full, mounts) {
+        Some(m) => (m.as_str(), full[m.len()..].trim_start_matches('/')),
+        None => full.split_once('/').unwrap_or((full, "")),
+    };
+    if mount.is_empty() {
+        return Err(Error::config("expected <mount>/ or <mount>/<folder>/"));
+    }
+    Ok((mount.to_owned(), folder.to_owned()))
+}
+
+/// Splits `<mount>/<path>` into its mount and path: the mount is the first segment.
+pub fn split_path(full: &str) -> Result<(String, String), Error> {
+    split_path_in(full, &[])
+}
+
+/// Splits `<mount>/<path>` into its mount and path: the longest of `mounts` the path starts
+/// with (at a segment boundary), else the first segment.
+pub fn split_path_in(full: &str, mounts: &[String]) -> Result<(String, String), Error> {
+    let full = full.trim_start_matches('/');
+    if let Some(mount) = declared_mount(full, mounts) {
+        let path = full[mount.len()..].strip_prefix('/').unwrap_or_default();
+        if path.is_empty() {
+            return Err(Error::config(format!("expected {mount}/<path>; got {full:?}")));
+        }
+        return Ok((mount.clone(), path.to_owned()));
+    }
     match full.split_once('/') {
         Some((mount, path)) if !mount.is_empty() && !path.is_empty() => {
             Ok((mount.to_owned(), path.to_owned()))
@@ -181,6 +216,8 @@ struct Inner {
     write_at: AtomicUsize,
     /// One login at a time.
     login: tokio::sync::Mutex<()>,
+    /// Mounts of several segments ([`Config::mount`]).
+    mounts: Vec<String>,
 }
 
 /// A connection to arca's nodes. Cheap to clone; clones share connections and the token.
@@ -248,8 +285,14 @@ impl Client {
                 read_at: AtomicUsize::new(0),
                 write_at: AtomicUsize::new(0),
                 login: tokio::sync::Mutex::new(()),
+                mounts: config.mounts,
             }),
         })
+    }
+
+    /// `<mount>/<path>` split by the declared mounts ([`split_path_in`]).
+    fn split(&self, full: &str) -> Result<(String, String), Error> {
+        split_path_in(full, &self.inner.mounts)
     }
 
     fn request<M>(&self, message: M) -> Request<M> {
@@ -424,7 +467,7 @@ impl Client {
     }
 
     async fn read_at(&self, full: &str, version: Option<u64>, stage: String) -> Result<Secret, Error> {
-        let (mount, path) = split_path(full)?;
+        let (mount, path) = self.split(full)?;
         let message = proto::KvGetRequest { mount, path, version, stage };
         let (response, node) =
             self.call_routed(Route::Read, message, |mut c, r| async move { c.kv_get(r).await }).await?;
@@ -516,7 +559,7 @@ impl Client {
         json_keys: Vec<String>,
         cas: Option<u64>,
     ) -> Result<Written, Error> {
-        let (mount, path) = split_path(full)?;
+        let (mount, path) = self.split(full)?;
         let message = proto::KvPutRequest { mount, path, data, cas, json_keys };
         let (response, node) =
             self.call_routed(Route::Write, message, |mut c, r| async move { c.kv_put(r).await }).await?;
@@ -525,13 +568,7 @@ impl Client {
 
     /// The names under `<mount>/<prefix>` (folders end in `/`).
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
-        let full = prefix.trim_start_matches('/');
-        let (mount, prefix) = full
-            .split_once('/')
-            .map_or((full.to_owned(), String::new()), |(m, p)| (m.to_owned(), p.to_owned()));
-        if mount.is_empty() {
-            return Err(Error::config("expected <mount>/ or <mount>/<folder>/"));
-        }
+        let (mount, prefix) = split_prefix_in(prefix, &self.inner.mounts)?;
         let message = proto::KvListRequest { mount, prefix };
         Ok(self
             .call(Route::Read, message, |mut c, r| async move { c.kv_list(r).await })
@@ -542,7 +579,7 @@ impl Client {
 
     /// The metadata of `<mount>/<path>`: current version, every version's state.
     pub async fn metadata(&self, full: &str) -> Result<proto::KvMetadata, Error> {
-        let (mount, path) = split_path(full)?;
+        let (mount, path) = self.split(full)?;
         let message = proto::KvPathRequest { mount, path };
         Ok(self
             .call(Route::Read, message, |mut c, r| async move { c.kv_read_metadata(r).await })
@@ -552,7 +589,7 @@ impl Client {
 
     /// Rotates now with the secret's rotation policy; returns the new current version.
     pub async fn rotate(&self, full: &str) -> Result<u64, Error> {
-        let (mount, path) = split_path(full)?;
+        let (mount, path) = self.split(full)?;
         let message = proto::KvPathRequest { mount, path };
         Ok(self
             .call(Route::Write, message, |mut c, r| async move { c.kv_rotate(r).await })
@@ -563,7 +600,7 @@ impl Client {
 
     /// Soft-deletes versions (none given: the current one). Returns the versions deleted.
     pub async fn delete(&self, full: &str, versions: &[u64]) -> Result<Vec<u64>, Error> {
-        let (mount, path) = split_path(full)?;
+        let (mount, path) = self.split(full)?;
         let message = proto::KvVersionsRequest { mount, path, versions: versions.to_vec() };
         Ok(self
             .call(Route::Write, message, |mut c, r| async move { c.kv_delete(r).await })
@@ -653,6 +690,22 @@ mod tests {
         for bad in ["", "secret", "secret/", "/x", "//a"] {
             assert!(split_path(bad).is_err(), "{bad:?}");
         }
+        // Declared mounts of several segments: the longest that ends at a segment boundary.
+        let mounts = ["team/kv".to_owned(), "team/kv/deep".to_owned(), "t".to_owned()];
+        let split = |p: &str| split_path_in(p, &mounts).unwrap();
+        assert_eq!(split("team/kv/app/db"), ("team/kv".into(), "app/db".into()));
+        assert_eq!(split("/team/kv/deep/x"), ("team/kv/deep".into(), "x".into()));
+        assert_eq!(split("team/kvx/a"), ("team".into(), "kvx/a".into()), "not at a boundary");
+        assert_eq!(split("secret/a"), ("secret".into(), "a".into()));
+        assert!(split_path_in("team/kv/", &mounts).is_err());
+        assert!(split_path_in("team/kv", &mounts).is_err(), "a declared mount alone is no path");
+        let prefix = |p: &str| split_prefix_in(p, &mounts).unwrap();
+        assert_eq!(prefix("team/kv"), ("team/kv".into(), String::new()));
+        assert_eq!(prefix("team/kv/"), ("team/kv".into(), String::new()));
+        assert_eq!(prefix("team/kv/app/"), ("team/kv".into(), "app/".into()));
+        assert_eq!(prefix("secret/app/"), ("secret".into(), "app/".into()));
+        assert_eq!(prefix("secret"), ("secret".into(), String::new()));
+        assert!(split_prefix_in("/", &mounts).is_err());
     }
 
     #[tokio::test]

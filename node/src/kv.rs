@@ -31,7 +31,7 @@ use crate::keys;
 use crate::node::{Audited, Env, Node, RequestContext};
 use crate::policy::Capability;
 
-/// The only mount until mounts can be managed.
+/// The mount every store starts with.
 pub const DEFAULT_MOUNT: &str = "secret";
 /// Longest secret path, in bytes.
 pub const MAX_PATH_BYTES: usize = 512;
@@ -271,21 +271,38 @@ pub struct MetadataUpdate {
     pub custom_metadata: Option<BTreeMap<String, String>>,
 }
 
-/// Mount names that belong to the system.
-const RESERVED_MOUNTS: &[&str] = &["sys", "auth", "audit", "identity", "cubbyhole", "v1"];
+/// Mount names that belong to the system (a mount's first segment may not be one).
+pub const RESERVED_MOUNTS: &[&str] = &["sys", "auth", "audit", "identity", "cubbyhole", "v1"];
 
-/// Checks a mount name's syntax: 1–64 characters from a-z, 0-9, '-', '_', '.'.
+/// Segment names a mount may not hold: KV v2's own path words. The HTTP API finds where a
+/// mount ends by the first of them (`team/kv/data/app/db`: mount `team/kv`).
+pub const KV_VERBS: &[&str] = &["data", "metadata", "delete", "undelete", "destroy", "subkeys", "config"];
+
+/// Longest mount name, in bytes.
+pub const MAX_MOUNT_BYTES: usize = 128;
+
+/// Checks a mount name's syntax: up to 128 bytes of segments separated by single `/`, each
+/// 1–64 characters from a-z, 0-9, '-', '_', '.' (not `.` or `..`, nor one of [`KV_VERBS`]);
+/// the first segment not a reserved name.
 pub fn validate_mount(mount: &str) -> Result<(), ApiError> {
-    let ok = !mount.is_empty()
-        && mount.len() <= 64
-        && mount.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-        && mount != "."
-        && mount != ".."
-        && !RESERVED_MOUNTS.contains(&mount);
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+            && s != "."
+            && s != ".."
+            && !KV_VERBS.contains(&s)
+    };
+    let ok = mount.len() <= MAX_MOUNT_BYTES
+        && mount.split('/').all(segment_ok)
+        && !RESERVED_MOUNTS.contains(&mount.split('/').next().unwrap_or_default());
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid("mount: 1 to 64 characters from a-z, 0-9, '-', '_', '.' (not a reserved name)"))
+        Err(ApiError::invalid(
+            "mount: up to 128 bytes of '/'-separated segments of 1 to 64 characters from a-z, 0-9, '-', '_', '.' \
+             (not a reserved name, nor data, metadata, delete, undelete, destroy, subkeys or config)",
+        ))
     }
 }
 
@@ -1046,6 +1063,22 @@ mod tests {
         assert!(err.to_string().contains("exceeds"), "{err}");
         let fits = json!(vec![1; MAX_DATA_BYTES / 2 - 16]);
         validate_data(&[("k", fits)].into_iter().collect()).unwrap();
+    }
+
+    #[test]
+    fn mount_names_are_segments_without_kv_words() {
+        for good in ["secret", "team", "team/kv", "a/b/c.d", "x-1/y_2", &["s"; 64].join("/")] {
+            validate_mount(good).unwrap();
+        }
+        let long_segment = "a".repeat(65);
+        let too_long = ["abcdefghijklmnop"; 8].join("/");
+        for bad in [
+            "", "/", "team/", "/team", "team//kv", "Team", "team/kv space", "./x", "x/..", "sys", "sys/x",
+            "auth/kv", "team/data", "data", "x/metadata/y", "team/destroy", &long_segment, &too_long,
+        ] {
+            assert!(validate_mount(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_mount("x/sys").is_ok(), "only the first segment is reserved");
     }
 
     #[test]

@@ -494,10 +494,12 @@ impl Node {
                         let mut data: crate::kv::SecretData =
                             serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
                         let (data, json_keys) = crate::grpc::data_to_wire(&mut data);
-                        let (mount, rest) = d.path.split_once('/').ok_or(ApiError::Internal)?;
+                        // The row's key names the mount and the path apart (a mount may
+                        // have several segments).
+                        let (mount, rest, _) = secret_row(op.key()).ok_or(ApiError::Internal)?;
                         out.secrets.push(proto::DivergentSecret {
-                            mount: mount.to_owned(),
-                            path: rest.to_owned(),
+                            mount,
+                            path: rest,
                             version,
                             data,
                             position: w.position.clone(),

@@ -368,8 +368,12 @@ impl Node {
                 return Err(ApiError::invalid("description: at most 1024 bytes"));
             }
             env.authorize(&path, &[Capability::Create, Capability::Update])?;
-            if env.tx.get(&keys::mount(&name))?.is_some() {
-                return Err(ApiError::invalid(format!("path is already in use at {name}/")));
+            // Mounts do not nest (as Vault's): a path names at most one mount.
+            let nested = |a: &str, b: &str| a == b || b.strip_prefix(a).is_some_and(|r| r.starts_with('/'));
+            if let Some(taken) =
+                read_mounts(env)?.into_iter().find(|m| nested(&m.name, &name) || nested(&name, &m.name))
+            {
+                return Err(ApiError::invalid(format!("path is already in use at {}/", taken.name)));
             }
             let mount = Mount {
                 name: name.clone(),
@@ -414,12 +418,22 @@ impl Node {
         let audit_path = format!("sys/internal/ui/mounts/{path}");
         self.execute(ctx, Operation::MountRead, audit_path, move |env| {
             env.authenticate()?;
-            let first = path.trim_start_matches('/').split('/').next().unwrap_or_default().to_owned();
-            validate_mount(&first).map_err(|_| ApiError::NotFound("no mount serves this path".into()))?;
-            match env.tx.get(&keys::mount(&first))? {
-                Some(raw) => serde_json::from_slice(&raw).map_err(|_| ApiError::Internal),
-                None => Err(ApiError::NotFound("no mount serves this path".into())),
+            // Each leading run of segments that could name a mount, shortest first; mounts do
+            // not nest, so at most one exists.
+            let path = path.trim_start_matches('/');
+            let mut end = 0;
+            for segment in path.split('/') {
+                end += segment.len();
+                let candidate = &path[..end];
+                if validate_mount(candidate).is_err() {
+                    break;
+                }
+                if let Some(raw) = env.tx.get(&keys::mount(candidate))? {
+                    return serde_json::from_slice(&raw).map_err(|_| ApiError::Internal);
+                }
+                end += 1;
             }
+            Err(ApiError::NotFound("no mount serves this path".into()))
         })
         .await
     }

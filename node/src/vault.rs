@@ -11,7 +11,7 @@
 //! Supported: KV v2 on any mount (`data`, `metadata`, `delete`, `undelete`, `destroy`,
 //! `LIST` and `?list=true`, `options.cas`, `?version=`), `sys/mounts`,
 //! `sys/internal/ui/mounts`, token and AppRole auth, ACL policies, and `sys/health`,
-//! `seal-status`, `init`, `unseal`, `seal`, `leader`. Secret values are strings.
+//! `seal-status`, `init`, `unseal`, `seal`, `leader`. Secret values are of any JSON type.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -501,7 +501,17 @@ async fn dispatch(
     query: &BTreeMap<String, String>,
     mut body: Value,
 ) -> Dispatched {
-    let segments: Vec<&str> = path.split('/').collect();
+    let mut segments: Vec<&str> = path.split('/').collect();
+    // A mount of several segments (`team/kv/data/app/db`) ends at the first KV verb, which
+    // no mount name holds: its segments become one, and the routes below see `[mount, …]`.
+    let joined;
+    if let Some(i) = segments.iter().position(|s| crate::kv::KV_VERBS.contains(s))
+        && i > 1
+        && !crate::kv::RESERVED_MOUNTS.contains(&segments[0])
+    {
+        joined = segments[..i].join("/");
+        segments.splice(..i, [joined.as_str()]);
+    }
     let m = method.as_str();
     let write = matches!(m, "POST" | "PUT");
     macro_rules! bad {
@@ -614,7 +624,7 @@ async fn dispatch(
             }
             json_response(StatusCode::OK, body)
         }),
-        (["sys", "mounts", name], "POST" | "PUT") => {
+        (["sys", "mounts", name @ ..], "POST" | "PUT") if !name.is_empty() => {
             let kind = body["type"].as_str().unwrap_or_default();
             let version = body["options"]["version"].as_str().unwrap_or("");
             if !(kind == "kv-v2" || (kind == "kv" && version == "2")) {
@@ -626,10 +636,10 @@ async fn dispatch(
                 ));
             }
             let description = body["description"].as_str().unwrap_or_default().to_owned();
-            reply(node.mount_enable(ctx, (*name).to_owned(), description).await, |_, _| no_content())
+            reply(node.mount_enable(ctx, name.join("/"), description).await, |_, _| no_content())
         }
-        (["sys", "mounts", name], "DELETE") => {
-            reply(node.mount_disable(ctx, (*name).to_owned()).await, |(), _| no_content())
+        (["sys", "mounts", name @ ..], "DELETE") if !name.is_empty() => {
+            reply(node.mount_disable(ctx, name.join("/")).await, |(), _| no_content())
         }
         (["sys", "internal", "ui", "mounts", rest @ ..], "GET") => {
             reply(node.mount_for_path(ctx, rest.join("/")).await, |mount, rid| {

@@ -216,12 +216,16 @@ fn cluster(with_tls: bool) -> Cluster {
     Cluster { eu, us, proxy, share, root, _dir: dir }
 }
 
+/// A mount of two segments the test enables (over HTTP: mounts are managed there).
+const TEAM_MOUNT: &str = "team/kv";
+
 fn put(region: &Region, token: &str, path: &str, value: &str) -> common::Run {
-    arca(region.server(), Some(token), &["kv", "put", path, &format!("v={value}")])
+    arca(region.server(), Some(token), &["--mounts", TEAM_MOUNT, "kv", "put", path, &format!("v={value}")])
 }
 
 fn get(region: &Region, token: &str, path: &str) -> Option<String> {
-    let run = arca(region.server(), Some(token), &["--format", "json", "kv", "get", path]);
+    let run =
+        arca(region.server(), Some(token), &["--mounts", TEAM_MOUNT, "--format", "json", "kv", "get", path]);
     if run.code != 0 {
         return None;
     }
@@ -245,6 +249,11 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
 
     // Steady replication: a write on the primary is readable on the standby within the lag.
     assert_eq!(put(&c.eu, &root, "secret/app/db", "one").code, 0);
+    let enabled = ureq::post(format!("{}/v1/sys/mounts/{TEAM_MOUNT}", c.eu.server().http))
+        .header("X-Vault-Token", &root)
+        .send(r#"{"type": "kv-v2"}"#)
+        .unwrap();
+    assert_eq!(enabled.status().as_u16(), 204);
     wait_until("the write to reach us", || get(&c.us, &root, "secret/app/db").as_deref() == Some("one"));
     // A token issued in eu works in us (tokens replicate).
     let child =
@@ -288,9 +297,14 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
 
     // eu acknowledges writes us never receives, then is lost.
     c.proxy.cut();
+    let lost = |i: usize| if i < 2 { format!("secret/lost/s{i}") } else { format!("{TEAM_MOUNT}/lost/s{i}") };
     for i in 0..3 {
-        let (path, json) = (format!("secret/lost/s{i}"), format!(r#"n:={{"i":[{i},true]}}"#));
-        let run = arca(c.eu.server(), Some(&root), &["kv", "put", &path, "v=acked", &json]);
+        let json = format!(r#"n:={{"i":[{i},true]}}"#);
+        let run = arca(
+            c.eu.server(),
+            Some(&root),
+            &["--mounts", TEAM_MOUNT, "kv", "put", &lost(i), "v=acked", &json],
+        );
         assert_eq!(run.code, 0, "{}", run.stderr);
     }
     c.eu.kill();
@@ -323,7 +337,7 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     paths.sort();
     assert_eq!(
         paths,
-        vec!["secret secret/lost/s0 v1", "secret secret/lost/s1 v1", "secret secret/lost/s2 v1"],
+        vec!["secret secret/lost/s0 v1", "secret secret/lost/s1 v1", "secret team/kv/lost/s2 v1"],
         "{report}"
     );
     assert!(report["writes"][0]["position"].as_str().is_some_and(|p| p.len() == 24));
@@ -333,8 +347,10 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     // eu re-copies us's state: it has us's write, not its own lost ones.
     wait_until("eu to follow us", || get(&c.eu, &root, "secret/app/after").as_deref() == Some("us"));
     assert_eq!(get(&c.eu, &root, "secret/lost/s0"), None);
-    // The operator re-applies them on the new primary, from the report's own copy.
+    // The operator re-applies them on the new primary, from the report's own copy (into
+    // the right mount, of one segment or two).
     assert_eq!(get(&c.us, &root, "secret/lost/s1"), None);
+    assert_eq!(get(&c.us, &root, &lost(2)), None);
     let primary_addr = c.us.server().addr.clone();
     let reapplied = arca(
         c.eu.server(),
@@ -345,15 +361,19 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     let reapplied: Value = serde_json::from_str(&reapplied.stdout).unwrap();
     assert_eq!(reapplied["reapplied"].as_array().map(Vec::len), Some(3), "{reapplied}");
     for i in 0..3 {
-        let path = format!("secret/lost/s{i}");
+        let path = lost(i);
         assert_eq!(get(&c.us, &root, &path).as_deref(), Some("acked"));
         // A value that is not a string is re-applied as it was, JSON and all.
-        let run = arca(c.us.server(), Some(&root), &["--format", "json", "kv", "get", &path]);
+        let run = arca(
+            c.us.server(),
+            Some(&root),
+            &["--mounts", TEAM_MOUNT, "--format", "json", "kv", "get", &path],
+        );
         let read: Value = serde_json::from_str(&run.stdout).unwrap();
         assert_eq!(read["data"]["n"], serde_json::json!({"i": [i, true]}), "{read}");
     }
     wait_until("the re-applied writes to reach eu", || {
-        get(&c.eu, &root, "secret/lost/s2").as_deref() == Some("acked")
+        get(&c.eu, &root, &lost(2)).as_deref() == Some("acked")
     });
 
     // Failback: promote eu, demote us (nothing diverged there), writes flow eu → us again.

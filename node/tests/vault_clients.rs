@@ -122,6 +122,40 @@ fn the_bao_cli_manages_secrets_tokens_policies_and_approle() {
     assert!(bao_json(&dev, &["secrets", "list"], &[]).get("team/").is_some());
     bao_ok(&dev, &["secrets", "disable", "team"]);
     assert!(!bao(&dev, &dev.root, &["kv", "get", "team/x"]).status.success());
+
+    // Mounts of several segments: bao finds the mount through sys/internal/ui/mounts.
+    bao_ok(&dev, &["secrets", "enable", "-path=team/a/kv", "kv-v2"]);
+    bao_ok(&dev, &["kv", "put", "team/a/kv/app/db", "k=deep"]);
+    assert_eq!(bao_ok(&dev, &["kv", "get", "-field=k", "team/a/kv/app/db"]), "deep");
+    assert_eq!(bao_json(&dev, &["kv", "list"], &["team/a/kv/app"]), serde_json::json!(["db"]));
+    let meta = bao_json(&dev, &["kv", "metadata", "get"], &["team/a/kv/app/db"]);
+    assert_eq!(meta["data"]["current_version"], 1);
+    assert!(bao_json(&dev, &["secrets", "list"], &[]).get("team/a/kv/").is_some());
+    // Mounts do not nest, and a mount name holds none of KV's path words.
+    for (path, why) in [
+        ("-path=team", "path is already in use at team/a/kv/"),
+        ("-path=team/a/kv/more", "path is already in use at team/a/kv/"),
+        ("-path=secret/inner", "path is already in use at secret/"),
+        ("-path=team/data", "not a reserved name, nor data"),
+    ] {
+        let out = bao(&dev, &dev.root, &["secrets", "enable", path, "kv-v2"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(why), "{path}: {stderr}");
+    }
+    // The arca CLI (gRPC) reads it when told the mount, by flag or environment.
+    let read = arca(
+        &dev.server,
+        Some(&dev.root),
+        &["--mounts", "team/a/kv", "kv", "get", "--field", "k", "team/a/kv/app/db"],
+    );
+    assert_eq!((read.code, read.stdout.trim()), (0, "deep"), "{}", read.stderr);
+    let listed =
+        arca(&dev.server, Some(&dev.root), &["--mounts", "x/y,team/a/kv", "kv", "list", "team/a/kv/app/"]);
+    assert_eq!((listed.code, listed.stdout.trim()), (0, "db"), "{}", listed.stderr);
+    let undeclared = arca(&dev.server, Some(&dev.root), &["kv", "get", "team/a/kv/app/db"]);
+    assert!(undeclared.code != 0 && undeclared.stderr.contains("team"), "{}", undeclared.stderr);
+    bao_ok(&dev, &["secrets", "disable", "team/a/kv"]);
+    assert!(!bao(&dev, &dev.root, &["kv", "get", "team/a/kv/app/db"]).status.success());
 }
 
 /// Vault's KV v2 stores any JSON value, not only strings: written with `bao` from a JSON

@@ -38,6 +38,10 @@ struct Cli {
     /// The client certificate's private key (PEM).
     #[arg(long, global = true, env = "ARCA_CLIENT_KEY")]
     client_key: Option<std::path::PathBuf>,
+    /// Mounts of several segments (comma-separated, e.g. team/kv): a path starting with one
+    /// names a secret in it (`team/kv/app/db`); otherwise a path's first segment is its mount.
+    #[arg(long, global = true, env = "ARCA_MOUNTS", value_delimiter = ',')]
+    mounts: Vec<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "human")]
     format: Format,
@@ -660,6 +664,9 @@ fn config_for(cli: &Cli, addr: &str) -> Result<arca_client::Config, Failure> {
         cli.client_key.as_deref(),
     )?;
     let mut config = arca_client::Config::new(addr)?.tls(tls);
+    for mount in &cli.mounts {
+        config = config.mount(mount);
+    }
     if let Some(token) = cli.token.as_deref().filter(|t| !t.is_empty()) {
         config = config.auth(arca_client::Auth::token(token));
     }
@@ -684,8 +691,11 @@ fn position<T>(response: &Response<T>) -> Value {
 
 /// Splits `mount/path` into its mount and path.
 fn split_mount(full: &str) -> Result<(String, String), Failure> {
-    Ok(arca_client::split_path(full)?)
+    Ok(arca_client::split_path_in(full, MOUNTS.get().map_or(&[], Vec::as_slice))?)
 }
+
+/// The command line's `--mounts`, set once at start.
+static MOUNTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 fn read_value(spec: &str) -> Result<String, Failure> {
     if spec == "-" {
@@ -1221,10 +1231,8 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
             );
         }
         KvCommand::List { path } => {
-            let full = path.trim_start_matches('/');
-            let (mount, prefix) = full
-                .split_once('/')
-                .map_or((full.to_owned(), String::new()), |(m, p)| (m.to_owned(), p.to_owned()));
+            let (mount, prefix) =
+                arca_client::split_prefix_in(&path, MOUNTS.get().map_or(&[], Vec::as_slice))?;
             let r = rpc!(c, Read, kv_list, proto::KvListRequest { mount, prefix }).await?;
             let names = r.get_ref().names.clone();
             print(
@@ -2126,6 +2134,8 @@ fn normalize_args() -> Vec<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_args());
+    let _ = MOUNTS
+        .set(cli.mounts.iter().map(|m| m.trim_matches('/').to_owned()).filter(|m| !m.is_empty()).collect());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
