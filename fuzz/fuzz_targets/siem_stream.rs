@@ -3,7 +3,9 @@
 //! indexes they claim; and a verified watcher's rules only ever see entries of the signed
 //! log. The input is a list of messages, each either raw bytes for either topic or a
 //! message of a real signed log (6 entries, checkpoints at 3 and 6), possibly re-addressed
-//! to another leaf index — signatures are what no input can forge.
+//! to another leaf index — signatures are what no input can forge —, or a point where the
+//! verified watcher is given the tree it asks for to start past leaf 0 (the signed log's
+//! real tree, as its tiles give it once they make a signed root).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -80,35 +82,59 @@ fn entry_message(index: u64, entry: &[u8]) -> Record {
 
 fuzz_target!(|data: &[u8]| {
     let log = log();
-    // (true: the entries topic, the record)
-    let mut messages: Vec<(bool, Record)> = Vec::new();
+    // (true: the entries topic, the record); `None`: seed the verified watcher here.
+    let mut messages: Vec<Option<(bool, Record)>> = Vec::new();
     for chunk in data.split(|b| *b == 0xff).take(64) {
         let Some((&op, rest)) = chunk.split_first() else { continue };
-        match op % 4 {
-            0 => messages.push((true, record(None, rest.to_vec()))),
-            1 => messages.push((false, record(None, rest.to_vec()))),
+        if op % 5 == 4 {
+            messages.push(None);
+            continue;
+        }
+        let message = match op % 5 {
+            0 => (true, record(None, rest.to_vec())),
+            1 => (false, record(None, rest.to_vec())),
             2 => {
                 let leaf = rest.first().map_or(0, |b| *b as usize % log.entries.len());
                 let index = match rest.get(1..9) {
                     Some(b) => u64::from_be_bytes(b.try_into().unwrap()),
                     None => leaf as u64,
                 };
-                messages.push((true, entry_message(index, &log.entries[leaf])));
+                (true, entry_message(index, &log.entries[leaf]))
             }
             _ => {
                 let k = rest.first().map_or(0, |b| *b as usize % log.checkpoints.len());
-                messages.push((false, log.checkpoints[k].clone()));
+                (false, log.checkpoints[k].clone())
             }
-        }
+        };
+        messages.push(Some(message));
     }
-    let entries: Vec<Record> = messages.iter().filter(|(e, _)| *e).map(|(_, r)| r.clone()).collect();
-    let checkpoints: Vec<Record> = messages.iter().filter(|(e, _)| !*e).map(|(_, r)| r.clone()).collect();
+    let records = || messages.iter().flatten();
+    let entries: Vec<Record> = records().filter(|(e, _)| *e).map(|(_, r)| r.clone()).collect();
+    let checkpoints: Vec<Record> = records().filter(|(e, _)| !*e).map(|(_, r)| r.clone()).collect();
     let report = verify::verify(&entries, &checkpoints, std::slice::from_ref(&log.verifier));
     let _ = report.summary();
 
     let mut unverified = Watcher::new(Rules::default());
     let mut verified = Watcher::verified(Rules::default(), vec![log.verifier.clone()]);
-    for (is_entry, r) in &messages {
+    for message in &messages {
+        let Some((is_entry, r)) = message else {
+            // Tiles give the real tree, for a leaf the signed log reaches.
+            for (origin, from) in verified.wants_seed() {
+                if from <= log.entries.len() as u64 {
+                    let mut tree = Frontier::new();
+                    for e in &log.entries[..from as usize] {
+                        tree.push(merkle::leaf_hash(e));
+                    }
+                    let alerts = verified.seed(&origin, tree).unwrap();
+                    for alert in alerts.iter().filter(|a| a.rule != "stream-integrity") {
+                        let leaf = alert.leaf_index as usize;
+                        assert!(alert.leaf_index >= from, "a rule saw leaf {leaf}, before the seed");
+                        assert_eq!(alert.request_id, log.request_ids[leaf], "not the log's entry");
+                    }
+                }
+            }
+            continue;
+        };
         let alerts = if *is_entry {
             let _ = unverified.observe_message(&r.payload);
             verified.observe_message(&r.payload)

@@ -1073,8 +1073,24 @@ mod tests {
         let long_segment = "a".repeat(65);
         let too_long = ["abcdefghijklmnop"; 8].join("/");
         for bad in [
-            "", "/", "team/", "/team", "team//kv", "Team", "team/kv space", "./x", "x/..", "sys", "sys/x",
-            "auth/kv", "team/data", "data", "x/metadata/y", "team/destroy", &long_segment, &too_long,
+            "",
+            "/",
+            "team/",
+            "/team",
+            "team//kv",
+            "Team",
+            "team/kv space",
+            "./x",
+            "x/..",
+            "sys",
+            "sys/x",
+            "auth/kv",
+            "team/data",
+            "data",
+            "x/metadata/y",
+            "team/destroy",
+            &long_segment,
+            &too_long,
         ] {
             assert!(validate_mount(bad).is_err(), "{bad:?}");
         }

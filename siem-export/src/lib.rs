@@ -10,5 +10,6 @@ pub mod config;
 pub mod export;
 pub mod kafka;
 pub mod ocsf;
+pub mod seed;
 pub mod verify;
 pub mod watch;

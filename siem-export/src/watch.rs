@@ -20,7 +20,13 @@
 //! leaf, entries that do not make the signed root, a log without a key, more than
 //! [`HELD_LIMIT`] entries waiting — raises a `stream-integrity` alert, and a log whose
 //! entries do not make a signed root is watched no further (fail closed: its alerts could
-//! be an attacker's). Verified watching needs the stream from leaf 0, as the topics keep it.
+//! be an attacker's).
+//!
+//! A verified watcher starts at leaf 0, or — when the topics no longer hold the first
+//! entries (Kafka's retention dropped them) — at the first entry it receives, leaf N, once it
+//! is given the tree of leaves `0..N` ([`Watcher::seed`], read from the log's tiles). That
+//! tree needs no trust of its own: the next signed checkpoint's root is made from it and the
+//! entries after it, so a forged one stops the log with `root-mismatch`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
@@ -130,6 +136,8 @@ pub fn secret_of(op: Operation, path: &str) -> Option<String> {
 #[derive(Default)]
 struct LogState {
     next_index: u64,
+    /// The first leaf the rules saw (the baseline counts from it), and its time.
+    first_index: Option<u64>,
     first_time: Option<u64>,
     /// identity → (secret → last read time) within the window; whether alerted this window.
     reads: HashMap<String, (BTreeMap<String, u64>, bool)>,
@@ -205,6 +213,12 @@ struct GateLog {
     signed: BTreeMap<u64, Hash>,
     /// Its entries did not make a signed root: nothing more is released.
     stalled: bool,
+    /// While nothing is proven and no seed given: the smallest leaf an entry claimed.
+    first_claimed: Option<u64>,
+    /// Started past leaf 0 from a given tree ([`Watcher::seed`]).
+    seeded: bool,
+    /// That tree's size (0: from leaf 0).
+    seed_size: u64,
     /// Integrity alerts already raised, by id (each once per run).
     raised: HashSet<String>,
 }
@@ -222,12 +236,15 @@ impl Watcher {
         Watcher { rules, logs: HashMap::new(), gate: Some(gate) }
     }
 
-    /// Verified: each log's count of entries proven so far (and so seen by the rules), in
-    /// origin order. Unverified: nothing.
+    /// Verified: each log's count of entries proven so far (and so seen by the rules; past
+    /// its seed, if it was given one), in origin order. Unverified: nothing.
     pub fn proven(&self) -> Vec<(String, u64)> {
         let Some(gate) = &self.gate else { return vec![] };
-        let mut logs: Vec<(String, u64)> =
-            gate.logs.iter().map(|(origin, log)| (origin.clone(), log.proven.size())).collect();
+        let mut logs: Vec<(String, u64)> = gate
+            .logs
+            .iter()
+            .map(|(origin, log)| (origin.clone(), log.proven.size() - log.seed_size))
+            .collect();
         logs.sort();
         logs
     }
@@ -305,12 +322,25 @@ impl Watcher {
         if log.stalled || index < log.proven.size() {
             return; // proven already (a repeat), or no longer watched
         }
-        if index - log.proven.size() >= HELD_LIMIT {
-            let detail = format!(
-                "an entry claims leaf {index}, more than {HELD_LIMIT} past the last proven leaf {}: dropped",
-                log.proven.size()
-            );
-            integrity(alerts, log, &origin, log.proven.size(), "too-far", detail);
+        // Leaves are held within HELD_LIMIT of the last proven one; before any is proven (and
+        // no seed given), of the first leaf claimed, where a seed would start the log.
+        let base = if log.proven.size() == 0 && !log.seeded {
+            let base = *log.first_claimed.insert(log.first_claimed.map_or(index, |f| f.min(index)));
+            // An earlier leaf arrived: what is held too far past it goes.
+            let far = log.held.split_off(&base.saturating_add(HELD_LIMIT));
+            if let Some(first) = far.keys().next() {
+                let detail =
+                    format!("an entry claims leaf {first}, more than {HELD_LIMIT} past leaf {base}: dropped");
+                integrity(alerts, log, &origin, base, "too-far", detail);
+            }
+            base
+        } else {
+            log.proven.size()
+        };
+        if index - base >= HELD_LIMIT || log.held.len() as u64 >= HELD_LIMIT {
+            let detail =
+                format!("an entry claims leaf {index}, more than {HELD_LIMIT} past leaf {base}: dropped");
+            integrity(alerts, log, &origin, base, "too-far", detail);
             return;
         }
         match log.held.get(&index) {
@@ -345,6 +375,57 @@ impl Watcher {
                 integrity(alerts, log, &origin, next, "gap", detail);
             }
         }
+    }
+
+    /// Verified logs that could start past leaf 0: nothing proven, no seed given, leaf 0 not
+    /// held, and an entry received; with the first leaf claimed (the seed's size to give).
+    pub fn wants_seed(&self) -> Vec<(String, u64)> {
+        let Some(gate) = &self.gate else { return vec![] };
+        let mut wanted: Vec<(String, u64)> = gate
+            .logs
+            .iter()
+            .filter(|(_, log)| log.proven.size() == 0 && !log.seeded && !log.stalled)
+            .filter_map(|(origin, log)| Some((origin.clone(), log.first_claimed.filter(|n| *n > 0)?)))
+            .collect();
+        wanted.sort();
+        wanted
+    }
+
+    /// Starts a verified log past leaf 0: `tree` is the log's tree of leaves
+    /// `0..tree.size()` (from its tiles). Only for a log with nothing proven yet; entries
+    /// before it are dropped unwatched. A signed checkpoint of that very size must have its
+    /// root (else `seed-mismatch`, and the log is watched no further); later ones prove it
+    /// together with the entries after it.
+    pub fn seed(&mut self, origin: &str, tree: Frontier) -> Result<Vec<Alert>, String> {
+        let Some(gate) = self.gate.as_mut() else { return Err("not a verified watcher".into()) };
+        let mut alerts = Vec::new();
+        let Some(log) = gate.log(origin, &mut alerts) else { return Err(format!("no key for {origin}")) };
+        if log.proven.size() != 0 || log.seeded || log.stalled {
+            return Err(format!("{origin}: the log is already being watched"));
+        }
+        let size = tree.size();
+        if let Some(root) = log.signed.get(&size)
+            && *root != tree.root()
+        {
+            let detail = format!(
+                "the tree of leaves 0..{size} given to start from is not the signed checkpoint's: \
+                 this log is watched no further"
+            );
+            integrity(&mut alerts, log, origin, size, "seed-mismatch", detail);
+            log.stalled = true;
+            return Ok(alerts);
+        }
+        log.signed = log.signed.split_off(&(size + 1));
+        log.held = log.held.split_off(&size);
+        log.contiguous = size;
+        while log.held.contains_key(&log.contiguous) {
+            log.contiguous += 1;
+        }
+        log.proven = tree;
+        log.seeded = true;
+        log.seed_size = size;
+        self.release(origin, &mut alerts);
+        Ok(alerts)
     }
 
     /// Releases to the rules, in leaf order, every held entry a signed checkpoint proves.
@@ -406,7 +487,9 @@ impl Watcher {
         log.next_index = index.saturating_add(1);
         let t = event.time_unix_ms;
         let first = *log.first_time.get_or_insert(t);
-        let learning = index < rules.baseline_entries || t < first.saturating_add(rules.baseline_secs * 1000);
+        let first_index = *log.first_index.get_or_insert(index);
+        let learning = index - first_index < rules.baseline_entries
+            || t < first.saturating_add(rules.baseline_secs * 1000);
         let identity = event.actor.entity.clone();
         let secret = secret_of(event.operation, &event.path);
         let ip = ocsf::source_ip(&event.source.address).to_owned();
@@ -791,6 +874,77 @@ mod tests {
             got.extend(checkpoints(&mut w, &cps));
             assert_eq!(integrity_kinds(&got), vec![("too-far", 0)]);
             assert_eq!(rules_only(&got), expected.iter().collect::<Vec<_>>());
+        }
+
+        /// The tree of the first `n` leaves, as a log's tiles give it.
+        fn tree_of(n: u64) -> Frontier {
+            let mut tree = Frontier::new();
+            for i in 0..n {
+                tree.push(merkle::leaf_hash(&event(i).encode()));
+            }
+            tree
+        }
+
+        #[test]
+        fn a_watcher_that_starts_late_is_seeded_and_proves_the_rest() {
+            // The topic lost leaves 0..10 to retention.
+            let (entries, cps, v) = log(20, &[8, 14, 20]);
+            let late = &entries[10..];
+            let expected = feed(&mut Watcher::new(Rules::default()), late);
+            assert!(!expected.is_empty());
+
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let mut got = checkpoints(&mut w, &cps);
+            got.extend(feed(&mut w, late));
+            assert_eq!(got, vec![], "nothing proven: leaf 0 never comes");
+            assert_eq!(w.wants_seed(), vec![(ORIGIN.to_owned(), 10)]);
+            got.extend(w.seed(ORIGIN, tree_of(10)).unwrap());
+            assert_eq!(got, expected, "the same alerts as from leaf 10 on, once proven");
+            assert_eq!(w.proven(), vec![(ORIGIN.to_owned(), 10)], "leaves 10..20");
+            assert_eq!(w.wants_seed(), vec![]);
+            assert!(w.seed(ORIGIN, tree_of(10)).is_err(), "a log is seeded once");
+        }
+
+        #[test]
+        fn a_forged_seed_stops_the_log() {
+            let (entries, cps, v) = log(20, &[8, 14, 20]);
+            let mut forged = tree_of(9);
+            forged.push(merkle::leaf_hash(b"not the log's leaf 9"));
+            let mut w = Watcher::verified(Rules::default(), vec![v.clone()]);
+            let mut got = checkpoints(&mut w, &cps);
+            got.extend(feed(&mut w, &entries[10..]));
+            got.extend(w.seed(ORIGIN, forged).unwrap());
+            assert_eq!(integrity_kinds(&got), vec![("root-mismatch", 14)]);
+            assert_eq!(rules_only(&got), Vec::<&Alert>::new());
+            assert_eq!(w.proven(), vec![(ORIGIN.to_owned(), 0)]);
+
+            // A seed at a signed checkpoint's own size must have its root.
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let mut got = checkpoints(&mut w, &cps);
+            got.extend(feed(&mut w, &entries[8..]));
+            let mut wrong = tree_of(7);
+            wrong.push(merkle::leaf_hash(b"x"));
+            got.extend(w.seed(ORIGIN, wrong).unwrap());
+            got.extend(checkpoints(&mut w, &cps));
+            assert_eq!(integrity_kinds(&got), vec![("seed-mismatch", 8)]);
+            assert_eq!(rules_only(&got), Vec::<&Alert>::new(), "watched no further");
+        }
+
+        #[test]
+        fn a_late_stream_far_past_leaf_0_is_held_from_its_first_leaf() {
+            let (_, _, v) = log(1, &[]);
+            let mut w = Watcher::verified(Rules::default(), vec![v]);
+            let start = 3 * HELD_LIMIT;
+            let mut got = Vec::new();
+            for i in start..start + 5 {
+                got.extend(w.observe_message(&message(i, &event(i).encode()).payload));
+            }
+            assert_eq!(got, vec![], "held, not too far: the stream starts there");
+            assert_eq!(w.wants_seed(), vec![(ORIGIN.to_owned(), start)]);
+            // An earlier leaf moves the start; what is then too far past it goes.
+            let early = w.observe_message(&message(start - HELD_LIMIT - 1, &event(1).encode()).payload);
+            assert_eq!(integrity_kinds(&early), vec![("too-far", start - HELD_LIMIT - 1)]);
+            assert_eq!(w.wants_seed(), vec![(ORIGIN.to_owned(), start - HELD_LIMIT - 1)]);
         }
 
         #[test]

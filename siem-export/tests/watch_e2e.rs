@@ -126,3 +126,122 @@ fn watch_raises_the_right_alerts_and_none_for_a_quiet_stream() {
     assert_eq!(published.len(), 2 * raised.len());
     assert_eq!(published[0]["id"], raised[0]["id"]);
 }
+
+/// Copies the exported topics from leaf `from` on into topics of their own, as a broker
+/// whose retention dropped the log's first entries (and the checkpoints before them) holds
+/// them; returns a configuration that reads those.
+fn retained_from(stack: &Stack, from: u64) -> std::path::PathBuf {
+    use arca_siem_export::kafka;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    let config = arca_siem_export::config::Config::load(&stack.config).unwrap();
+    let reader = kafka::reader(&config.kafka).unwrap();
+    let entries = kafka::read_topic(&reader, &config.kafka.entries_topic, DEADLINE).unwrap();
+    let checkpoints = kafka::read_topic(&reader, &config.kafka.checkpoints_topic, DEADLINE).unwrap();
+    let late = arca_siem_export::config::KafkaSection {
+        entries_topic: "late.entries".into(),
+        checkpoints_topic: "late.checkpoints".into(),
+        alerts_topic: "late.alerts".into(),
+        ..config.kafka.clone()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(kafka::ensure_topics(&late, &["late.entries", "late.checkpoints"], DEADLINE)).unwrap();
+    let producer: BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &late.brokers).create().unwrap();
+    let mut kept = (0, 0);
+    for r in &entries {
+        let index: u64 = r.leaf_index_header.as_deref().unwrap().parse().unwrap();
+        if index < from {
+            continue;
+        }
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: kafka::LEAF_INDEX_HEADER, value: Some(&index.to_string()) });
+        let record = BaseRecord::to("late.entries")
+            .key(r.key.as_deref().unwrap())
+            .payload(&r.payload)
+            .headers(headers);
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        kept.0 += 1;
+    }
+    for r in &checkpoints {
+        let text = std::str::from_utf8(&r.payload).unwrap();
+        let body = arca_audit::note::unverified_text(text).unwrap_or(text);
+        if arca_audit::checkpoint::Checkpoint::parse(body).unwrap().size <= from {
+            continue;
+        }
+        let record = BaseRecord::<[u8], [u8]>::to("late.checkpoints").payload(&r.payload[..]);
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        kept.1 += 1;
+    }
+    producer.flush(DEADLINE).unwrap();
+    assert!(kept.0 > 0 && kept.1 > 0, "{kept:?}");
+    let text = std::fs::read_to_string(&stack.config).unwrap().replace(
+        "[kafka]\n",
+        "[kafka]\nentries_topic = \"late.entries\"\ncheckpoints_topic = \"late.checkpoints\"\nalerts_topic = \"late.alerts\"\n",
+    );
+    let path = stack.dir.path().join("late.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_watcher_that_starts_after_retention_proves_the_rest_from_the_tiles() {
+    let stack = Stack::start(false, "");
+    let (node, exporter) = (&stack.node, &stack.exporter);
+    let app = node.token_reading("app", "app/");
+    for i in 0..30 {
+        assert_eq!(node.put(&format!("app/s{i}"), "v"), 200);
+        assert_eq!(node.get_as(&app, &format!("app/s{i}")), 200);
+    }
+    let exported = exporter.wait_caught_up(node, DEADLINE);
+    let from = exported / 2 + 1;
+    let late = retained_from(&stack, from);
+    let tiles = node.vkey_url().trim_end_matches("/vkey").to_owned();
+
+    // Verified, with the tiles: from leaf `from` on, every entry proven, no integrity alert,
+    // and the rules' alerts those of the same stream watched unverified.
+    let (code, out, err) = siem(
+        &late,
+        &["watch", "--until-end", "--no-publish", "--vkey-url", &node.vkey_url(), "--tiles", &tiles],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains(&format!("the topic starts at leaf {from}: watching from there")), "{err}");
+    let proven: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.split(": ")
+                .nth(2)?
+                .strip_suffix(" entries proven by signed checkpoints and watched")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no progress line in {err}"));
+    assert!(proven >= exported - from, "{proven} of {} entries proven", exported - from);
+    let verified: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(verified.iter().all(|a| a["rule"] != "stream-integrity"), "{verified:#?}");
+    assert!(verified.iter().all(|a| a["leaf_index"].as_u64().unwrap() >= from));
+    assert!(verified.iter().any(|a| a["rule"] == "first-access"), "the rules ran: {verified:#?}");
+    let (code, out, err) = siem(&late, &["watch", "--until-end", "--no-publish"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let unverified: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids =
+        |alerts: &[Value]| alerts.iter().map(|a| a["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(ids(&verified), ids(&unverified));
+
+    // Without tiles, or with the wrong ones: nothing proven, and stderr says why.
+    let (code, out, err) =
+        siem(&late, &["watch", "--until-end", "--no-publish", "--vkey-url", &node.vkey_url()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains(&format!("the topic starts at leaf {from}, not 0")), "{err}");
+    assert!(err.contains(": 0 entries proven"), "{err}");
+    assert!(out.lines().all(|l| !l.contains("\"first-access\"")), "{out}");
+    let wrong = format!("{}/audit/elsewhere", node.http);
+    let (code, out, err) = siem(
+        &late,
+        &["watch", "--until-end", "--no-publish", "--vkey-url", &node.vkey_url(), "--tiles", &wrong],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("cannot start past leaf 0"), "{err}");
+    assert!(err.contains(": 0 entries proven"), "{err}");
+}

@@ -5,18 +5,19 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arca_audit::note::NoteVerifier;
 use arca_node::sequencer::follow;
 use arca_siem_export::config::Config;
 use arca_siem_export::export::{ExportMetrics, Exporter, read_cursor};
 use arca_siem_export::kafka;
-use arca_siem_export::verify;
-use arca_siem_export::watch::Watcher;
+use arca_siem_export::watch::{Alert, Watcher};
+use arca_siem_export::{seed, verify};
 use arca_store::StoreExt;
 use clap::{Parser, Subcommand};
 use rdkafka::producer::{FutureRecord, Producer};
@@ -62,6 +63,12 @@ enum Command {
         /// Fetch a verifier key from a node's `/audit/<region>/vkey` (trust on first use).
         #[arg(long)]
         vkey_url: Vec<String>,
+        /// A log's tiles (`http://NODE/audit/<region>`, or its archive served over HTTP),
+        /// verified: when the topics no longer hold the log's first entries, watching starts
+        /// at the first entry received, from the tree before it read there. Repeat for
+        /// several logs.
+        #[arg(long)]
+        tiles: Vec<String>,
         /// Stop at the end the topic had at start (default: follow forever).
         #[arg(long)]
         until_end: bool,
@@ -107,9 +114,9 @@ fn main() -> ExitCode {
             Command::Verify { vkey, vkey_url, json, timeout_secs } => {
                 run_verify(config, vkey, vkey_url, json, Duration::from_secs(timeout_secs)).await
             }
-            Command::Watch { vkey, vkey_url, until_end, no_publish, timeout_secs } => {
+            Command::Watch { vkey, vkey_url, tiles, until_end, no_publish, timeout_secs } => {
                 let options =
-                    WatchOptions { until_end, no_publish, timeout: Duration::from_secs(timeout_secs) };
+                    WatchOptions { tiles, until_end, no_publish, timeout: Duration::from_secs(timeout_secs) };
                 watch(config, vkey, vkey_url, options).await
             }
         }
@@ -265,7 +272,75 @@ async fn run_verify(
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// Starts verified logs past leaf 0 from their tiles ([`Watcher::seed`]), when the topics
+/// no longer hold their first entries.
+struct Seeds {
+    sources: Vec<seed::HttpTiles>,
+    verifiers: Vec<NoteVerifier>,
+    /// Per log: when to try again (a checkpoint that did not reach the leaf yet), or `None`
+    /// (gave up: said why on stderr).
+    retry: HashMap<String, Option<Instant>>,
+}
+
+impl Seeds {
+    fn new(bases: &[String], verifiers: Vec<NoteVerifier>, timeout: Duration) -> Seeds {
+        let sources = bases.iter().map(|b| seed::HttpTiles::new(b, timeout)).collect();
+        Seeds { sources, verifiers, retry: HashMap::new() }
+    }
+
+    /// Seeds each log that wants it from the first source whose checkpoint is that log's.
+    fn offer(&mut self, watcher: &mut Watcher) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        if self.sources.is_empty() {
+            return alerts;
+        }
+        for (origin, from) in watcher.wants_seed() {
+            match self.retry.get(&origin) {
+                Some(None) => continue,
+                Some(Some(at)) if Instant::now() < *at => continue,
+                _ => {}
+            }
+            let mut last_error = format!("no --tiles source serves {origin}");
+            let mut seeded = false;
+            for source in &self.sources {
+                match source.tree(from, &self.verifiers) {
+                    Ok((tree, cp)) if cp.checkpoint().origin == origin => {
+                        match watcher.seed(&origin, tree) {
+                            Ok(more) => alerts.extend(more),
+                            Err(e) => {
+                                last_error = e;
+                                continue;
+                            }
+                        }
+                        alerts.extend(watcher.observe_checkpoint(cp.note().as_bytes()));
+                        eprintln!(
+                            "arca-siem: {origin}: the topic starts at leaf {from}: watching from there, the tree \
+                             before it read from {}'s tiles at the signed checkpoint of size {}",
+                            source.base(),
+                            cp.size()
+                        );
+                        seeded = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => last_error = e,
+                }
+            }
+            if seeded {
+                self.retry.remove(&origin);
+            } else if last_error.contains("does not reach") {
+                self.retry.insert(origin, Some(Instant::now() + Duration::from_secs(5)));
+            } else {
+                eprintln!("arca-siem: {origin}: cannot start past leaf 0: {last_error}");
+                self.retry.insert(origin, None);
+            }
+        }
+        alerts
+    }
+}
+
 struct WatchOptions {
+    tiles: Vec<String>,
     until_end: bool,
     no_publish: bool,
     timeout: Duration,
@@ -277,8 +352,11 @@ async fn watch(
     vkey_urls: Vec<String>,
     options: WatchOptions,
 ) -> Result<ExitCode, Failure> {
-    let WatchOptions { until_end, no_publish, timeout } = options;
+    let WatchOptions { tiles, until_end, no_publish, timeout } = options;
     let verifiers = verifiers(vkeys, vkey_urls).await?;
+    if verifiers.is_empty() && !tiles.is_empty() {
+        return Err(usage("--tiles needs the logs' verifier keys (--vkey or --vkey-url)"));
+    }
     if verifiers.is_empty() {
         eprintln!(
             "arca-siem: watching UNVERIFIED entry messages: whoever can write to the topic can raise or \
@@ -304,6 +382,7 @@ async fn watch(
     let consume = tokio::task::spawn_blocking(move || {
         let consumer = kafka::reader(&kafka).map_err(|e| unavailable(format!("kafka: {e}")))?;
         let verified = !verifiers.is_empty();
+        let mut seeds = Seeds::new(&tiles, verifiers.clone(), timeout);
         let mut watcher = if verified { Watcher::verified(rules, verifiers) } else { Watcher::new(rules) };
         // Verified, checkpoints too; with --until-end the checkpoints are read first, as
         // `verify` does (the exporter publishes one only after the entries it covers).
@@ -314,11 +393,12 @@ async fn watch(
         };
         let entries = topics.len() - 1;
         kafka::follow_topics(&consumer, &topics, timeout, until_end, |topic, record| {
-            let alerts = if topic == entries {
+            let mut alerts = if topic == entries {
                 watcher.observe_message(&record.payload)
             } else {
                 watcher.observe_checkpoint(&record.payload)
             };
+            alerts.extend(seeds.offer(&mut watcher));
             for alert in alerts {
                 let line = serde_json::to_string(&alert).unwrap_or_default();
                 if tx.blocking_send((alert.origin.clone(), line)).is_err() {
@@ -329,6 +409,12 @@ async fn watch(
         })
         .map_err(|e| unavailable(format!("cannot read {}: {e}", topics.join(", "))))?;
         // Where each log got to (with --until-end, or when the alerts stopped being read).
+        for (origin, from) in watcher.wants_seed() {
+            eprintln!(
+                "arca-siem: {origin}: the topic starts at leaf {from}, not 0, and no tiles gave the tree \
+                 before it: its entries wait unproven (give --tiles http://NODE/audit/<region>)"
+            );
+        }
         for (origin, proven) in watcher.proven() {
             eprintln!("arca-siem: {origin}: {proven} entries proven by signed checkpoints and watched");
         }
