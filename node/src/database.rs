@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use arca_audit::Operation;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::error::ApiError;
 use crate::keys;
@@ -50,6 +50,11 @@ pub struct Connection {
     /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_pem: Option<String>,
+    /// A client certificate (PEM, its chain after it) to present, and its private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_pem: Option<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -58,19 +63,64 @@ impl std::fmt::Debug for Connection {
             .field("name", &self.name)
             .field("url", &"<redacted>")
             .field("ca_pem", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_cert_pem.is_some())
             .finish()
     }
 }
 
-/// Where statements go: a connection's URL (zeroized when dropped) and CA certificates.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.url.zeroize();
+        if let Some(key) = &mut self.client_key_pem {
+            key.zeroize();
+        }
+    }
+}
+
+/// A connection's TLS material beside its URL (see [`crate::pgtls`]).
+#[derive(Clone, Default)]
+pub struct DbTls {
+    /// The server's CA certificates (PEM); Mozilla's roots when absent.
+    pub ca_pem: Option<String>,
+    /// A client certificate (PEM) and its private key (PEM), both or neither.
+    pub client_cert_pem: Option<String>,
+    pub client_key_pem: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for DbTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbTls")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DbTls {
+    fn client(&self) -> Option<crate::pgtls::ClientCert<'_>> {
+        match (&self.client_cert_pem, &self.client_key_pem) {
+            (Some(cert_pem), Some(key_pem)) => Some(crate::pgtls::ClientCert { cert_pem, key_pem }),
+            _ => None,
+        }
+    }
+}
+
+/// Where statements go: a connection's URL and TLS material (zeroized when dropped).
 struct Target {
     url: Zeroizing<String>,
-    ca_pem: Option<String>,
+    tls: DbTls,
 }
 
 impl From<Connection> for Target {
-    fn from(conn: Connection) -> Target {
-        Target { url: Zeroizing::new(conn.url), ca_pem: conn.ca_pem }
+    fn from(mut conn: Connection) -> Target {
+        Target {
+            url: Zeroizing::new(std::mem::take(&mut conn.url)),
+            tls: DbTls {
+                ca_pem: conn.ca_pem.take(),
+                client_cert_pem: conn.client_cert_pem.take(),
+                client_key_pem: conn.client_key_pem.take().map(Zeroizing::new),
+            },
+        }
     }
 }
 
@@ -192,7 +242,8 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
     let tls = match mode {
         crate::pgtls::TlsMode::Off => None,
         mode => Some(
-            crate::pgtls::connector(mode, target.ca_pem.as_deref()).map_err(ApiError::FailedPrecondition)?,
+            crate::pgtls::connector(mode, target.tls.ca_pem.as_deref(), target.tls.client())
+                .map_err(ApiError::FailedPrecondition)?,
         ),
     };
     let mut attempt = 1;
@@ -271,7 +322,7 @@ impl Node {
         ctx: RequestContext,
         name: String,
         url: Zeroizing<String>,
-        ca_pem: Option<String>,
+        tls: DbTls,
     ) -> Audited<()> {
         let path = format!("database/config/{name}");
         self.execute(ctx, Operation::DbConfigWrite, path.clone(), move |env| {
@@ -283,18 +334,32 @@ impl Node {
             if prepared.parse::<tokio_postgres::Config>().is_err() {
                 return Err(ApiError::invalid("url: not a PostgreSQL connection URL"));
             }
-            if let Some(pem) = &ca_pem {
+            if let Some(pem) = &tls.ca_pem {
                 crate::pgtls::parse_ca(pem).map_err(ApiError::invalid)?;
-                if mode == crate::pgtls::TlsMode::Off {
-                    return Err(ApiError::invalid(
-                        "ca_pem needs TLS: add sslmode=verify-full (or require, verify-ca) to the url",
-                    ));
-                }
+            }
+            if tls.client_cert_pem.is_some() != tls.client_key_pem.is_some() {
+                return Err(ApiError::invalid("client_cert_pem and client_key_pem: give both or neither"));
+            }
+            let any = tls.ca_pem.is_some() || tls.client_cert_pem.is_some();
+            if any && mode == crate::pgtls::TlsMode::Off {
+                return Err(ApiError::invalid(
+                    "ca_pem and client certificates need TLS: add sslmode=verify-full (or require, verify-ca) to the url",
+                ));
+            }
+            if tls.client().is_some() {
+                // Builds the TLS settings once: a key that is not the certificate's is refused here.
+                crate::pgtls::connector(mode, tls.ca_pem.as_deref(), tls.client()).map_err(ApiError::invalid)?;
             }
             env.authorize(&path, &[Capability::Create, Capability::Update])?;
             env.put_json(
                 &keys::db_connection(&name),
-                &Connection { name: name.clone(), url: url.to_string(), ca_pem: ca_pem.clone() },
+                &Connection {
+                    name: name.clone(),
+                    url: url.to_string(),
+                    ca_pem: tls.ca_pem.clone(),
+                    client_cert_pem: tls.client_cert_pem.clone(),
+                    client_key_pem: tls.client_key_pem.as_ref().map(|k| k.to_string()),
+                },
             )
         })
         .await
@@ -583,7 +648,13 @@ mod tests {
         assert!(
             format!(
                 "{:?}",
-                Connection { name: "pg".into(), url: "postgres://a:SECRET@h/db".into(), ca_pem: None }
+                Connection {
+                    name: "pg".into(),
+                    url: "postgres://a:SECRET@h/db".into(),
+                    ca_pem: None,
+                    client_cert_pem: Some("CERT".into()),
+                    client_key_pem: Some("KEY-SECRET".into()),
+                }
             )
             .find("SECRET")
             .is_none()

@@ -696,9 +696,15 @@ impl Arca for Service {
     async fn db_config_write(&self, request: Request<proto::DbConfigRequest>) -> Reply<proto::Empty> {
         let ctx = self.context(&request);
         let r = request.into_inner();
-        respond(self.node.db_config_write(ctx, r.name, Zeroizing::new(r.url), r.ca_pem).await, |()| {
-            proto::Empty {}
-        })
+        let tls = crate::database::DbTls {
+            ca_pem: r.ca_pem,
+            client_cert_pem: r.client_cert_pem,
+            client_key_pem: r.client_key_pem.map(Zeroizing::new),
+        };
+        respond(
+            self.node.db_config_write(ctx, r.name, Zeroizing::new(r.url), tls).await,
+            |()| proto::Empty {},
+        )
     }
 
     async fn db_role_write(&self, request: Request<proto::DbRoleRequest>) -> Reply<proto::DbRoleInfo> {

@@ -10,9 +10,13 @@
 //!   chain.)
 //! - `verify-full`: the same, and the certificate must name the URL's host.
 //!
+//! With TLS, a connection may carry a client certificate and its key (`client_cert_pem`,
+//! `client_key_pem`), for servers that ask for one (pg_hba's `clientcert=verify-full` or
+//! `cert` authentication).
+//!
 //! libpq's file parameters (`sslrootcert`, `sslcert`, `sslkey`, …) are refused: a file path
-//! means nothing on the standby region the connection replicates to, so the CA certificates
-//! travel with the connection, sealed.
+//! means nothing on the standby region the connection replicates to, so the certificates and
+//! the key travel with the connection, sealed.
 
 use std::future::Future;
 use std::io;
@@ -23,7 +27,7 @@ use std::task::{Context, Poll};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::Socket;
@@ -62,7 +66,8 @@ pub fn prepare(url: &str) -> Result<(String, TlsMode), String> {
             }
             "sslrootcert" | "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir" | "sslsni" => {
                 return Err(format!(
-                    "{key}: not supported; give the server's CA certificates as the connection's ca_pem"
+                    "{key}: not supported; give the server's CA certificates as the connection's ca_pem, \
+                     a client certificate and key as its client_cert_pem and client_key_pem"
                 ));
             }
             _ => kept.push(param),
@@ -90,9 +95,44 @@ pub fn parse_ca(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// A client certificate (PEM: the certificate, then its chain) and its private key (PEM).
+#[derive(Clone, Copy)]
+pub struct ClientCert<'a> {
+    pub cert_pem: &'a str,
+    pub key_pem: &'a str,
+}
+
+impl std::fmt::Debug for ClientCert<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert").finish_non_exhaustive()
+    }
+}
+
+/// Parses a client certificate and its key. Errors never echo the key.
+pub fn parse_client(
+    client: ClientCert<'_>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    if client.cert_pem.len() > MAX_CA_PEM_BYTES || client.key_pem.len() > MAX_CA_PEM_BYTES {
+        return Err(format!("client_cert_pem, client_key_pem: at most {MAX_CA_PEM_BYTES} bytes each"));
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| "client_cert_pem: not PEM certificates".to_owned())?;
+    if certs.is_empty() {
+        return Err("client_cert_pem: no certificate in it".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes())
+        .map_err(|_| "client_key_pem: not a PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned())?;
+    Ok((certs, key))
+}
+
 /// A tokio-postgres TLS connector over rustls for `mode` (not [`TlsMode::Off`]), trusting
-/// `ca_pem`'s certificates, or Mozilla's roots without it.
-pub fn connector(mode: TlsMode, ca_pem: Option<&str>) -> Result<RustlsConnect, String> {
+/// `ca_pem`'s certificates, or Mozilla's roots without it; presenting `client`, if given.
+pub fn connector(
+    mode: TlsMode,
+    ca_pem: Option<&str>,
+    client: Option<ClientCert<'_>>,
+) -> Result<RustlsConnect, String> {
     let mut roots = RootCertStore::empty();
     match ca_pem {
         Some(pem) => {
@@ -109,12 +149,20 @@ pub fn connector(mode: TlsMode, ca_pem: Option<&str>) -> Result<RustlsConnect, S
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;
-    let config = match mode {
-        TlsMode::VerifyFull | TlsMode::Off => builder.with_webpki_verifier(verifier).with_no_client_auth(),
-        TlsMode::VerifyChain => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
-            .with_no_client_auth(),
+    let builder = match mode {
+        TlsMode::VerifyFull | TlsMode::Off => builder.with_webpki_verifier(verifier),
+        TlsMode::VerifyChain => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)))
+        }
+    };
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let (certs, key) = parse_client(client)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client_cert_pem, client_key_pem: {e}"))?
+        }
     };
     Ok(RustlsConnect(Arc::new(config)))
 }
@@ -275,7 +323,33 @@ mod tests {
         assert!(parse_ca(&"x".repeat(MAX_CA_PEM_BYTES + 1)).is_err());
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
         assert_eq!(parse_ca(&ca.cert.pem()).unwrap().len(), 1);
-        assert!(connector(TlsMode::VerifyFull, Some(&ca.cert.pem())).is_ok());
-        assert!(connector(TlsMode::VerifyChain, None).is_ok());
+        assert!(connector(TlsMode::VerifyFull, Some(&ca.cert.pem()), None).is_ok());
+        assert!(connector(TlsMode::VerifyChain, None, None).is_ok());
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_own_key_and_errors_never_show_the_key() {
+        let client = rcgen::generate_simple_self_signed(vec!["postgres".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["other".into()]).unwrap();
+        let (cert_pem, key_pem) = (client.cert.pem(), client.signing_key.serialize_pem());
+        let good = ClientCert { cert_pem: &cert_pem, key_pem: &key_pem };
+        assert!(connector(TlsMode::VerifyFull, None, Some(good)).is_ok());
+        assert!(!format!("{good:?}").contains("PRIVATE KEY"));
+        let other_key = other.signing_key.serialize_pem();
+        let wrong = ClientCert { cert_pem: &cert_pem, key_pem: &other_key };
+        let err = connector(TlsMode::VerifyFull, None, Some(wrong)).err().unwrap();
+        assert!(err.starts_with("client_cert_pem, client_key_pem"), "{err}");
+        let secret_ish =
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0IGtleSBtYXRlcmlhbA==\n-----END PRIVATE KEY-----\n";
+        for (cert, key) in
+            [("not pem", key_pem.as_str()), (cert_pem.as_str(), "not a key"), (cert_pem.as_str(), secret_ish)]
+        {
+            let err =
+                connector(TlsMode::VerifyChain, None, Some(ClientCert { cert_pem: cert, key_pem: key }))
+                    .err()
+                    .unwrap();
+            assert!(err.starts_with("client_"), "{err}");
+            assert!(!err.contains("c2VjcmV0"), "{err}");
+        }
     }
 }

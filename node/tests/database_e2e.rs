@@ -167,6 +167,127 @@ fn dynamic_credentials_over_tls_verify_the_server() {
     assert!(garbage.stderr.contains("ca_pem"), "{}", garbage.stderr);
 }
 
+/// A client CA, and client certificates it signs for `names` (PEM certificate and key
+/// files): `(ca, [(cert, key)])`.
+fn client_pki(dir: &Path, names: &[&str]) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "client CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_path = dir.join("client-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let clients = names
+        .iter()
+        .map(|name| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, *name);
+            let cert = params.signed_by(&key, &ca).unwrap();
+            let paths = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+            std::fs::write(&paths.0, cert.pem()).unwrap();
+            std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+            paths
+        })
+        .collect();
+    (ca_path, clients)
+}
+
+#[test]
+fn dynamic_credentials_with_a_client_certificate_to_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = server_pki(dir.path());
+    let (client_ca, clients) = client_pki(&dir.path().join("clients"), &["postgres", "someone"]);
+    let (_, strangers) = client_pki(&dir.path().join("strangers"), &["postgres"]);
+    // The admin user may only log in over TLS with a certificate for "postgres" from the
+    // client CA (scripts/postgres.sh --client-ca: clientcert=verify-full).
+    let pg = Postgres::start_with(
+        dir.path(),
+        &[Path::new("--tls"), &cert, &key, Path::new("--client-ca"), &client_ca],
+    );
+    let data = dir.path().join("data");
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let server = start_at(&data, "n1", &grpc, &[], &[]);
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    let creation =
+        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
+    let url_file = dir.path().join("pg-url");
+    std::fs::write(&url_file, format!("{}?sslmode=verify-full", pg.url)).unwrap();
+    let url_arg = format!("@{}", url_file.display());
+    let ca_arg = format!("@{}", ca.display());
+    let at = |p: &PathBuf| format!("@{}", p.display());
+    // (client certificate and key, whether credentials are issued)
+    let cases = [
+        (Some(&clients[0]), true),
+        (None, false),                // no certificate
+        (Some(&clients[1]), false),   // the certificate names someone else
+        (Some(&strangers[0]), false), // another CA's
+    ];
+    for (i, (client, issued)) in cases.iter().enumerate() {
+        let name = format!("pg{i}");
+        let mut args = vec!["db".to_owned(), "config".into(), name.clone(), "--url".into(), url_arg.clone()];
+        args.extend(["--db-ca".to_owned(), ca_arg.clone()]);
+        if let Some((cert, key)) = client {
+            args.extend(["--db-client-cert".to_owned(), at(cert), "--db-client-key".into(), at(key)]);
+        }
+        ok(&server, &root, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        let role = format!("r{i}");
+        ok(&server, &root, &["db", "role", &role, "--db", &name, "--creation-sql", creation]);
+        let run = arca(&server, Some(&root), &["--format", "json", "db", "creds", &role]);
+        assert_eq!(run.code == 0, *issued, "case {i}: {}{}", run.stdout, run.stderr);
+        if *issued {
+            let v: Value = serde_json::from_str(&run.stdout).unwrap();
+            let (user, password) = (v["username"].as_str().unwrap(), v["password"].as_str().unwrap());
+            assert!(can_log_in(pg.port, user, password), "case {i}: the credentials work");
+        }
+    }
+    // Refused when the connection is written, never echoing the key: a key that is not the
+    // certificate's; a client certificate without TLS; half of the pair.
+    let wrong_key = std::fs::read_to_string(&clients[1].1).unwrap();
+    let (cert_arg, wrong_key_arg) = (at(&clients[0].0), at(&clients[1].1));
+    let mismatched = arca(
+        &server,
+        Some(&root),
+        &[
+            "db",
+            "config",
+            "x",
+            "--url",
+            &url_arg,
+            "--db-client-cert",
+            &cert_arg,
+            "--db-client-key",
+            &wrong_key_arg,
+        ],
+    );
+    assert_eq!(mismatched.code, 5, "{}", mismatched.stderr);
+    assert!(mismatched.stderr.contains("client_cert_pem, client_key_pem"), "{}", mismatched.stderr);
+    let key_body = wrong_key.lines().nth(1).unwrap();
+    assert!(!mismatched.stderr.contains(key_body), "the key is not echoed");
+    std::fs::write(&url_file, &pg.url).unwrap();
+    let plain = arca(
+        &server,
+        Some(&root),
+        &[
+            "db",
+            "config",
+            "x",
+            "--url",
+            &url_arg,
+            "--db-client-cert",
+            &cert_arg,
+            "--db-client-key",
+            &at(&clients[0].1),
+        ],
+    );
+    assert_eq!(plain.code, 5, "{}", plain.stderr);
+    assert!(plain.stderr.contains("need TLS"), "{}", plain.stderr);
+    let half =
+        arca(&server, Some(&root), &["db", "config", "x", "--url", &url_arg, "--db-client-cert", &cert_arg]);
+    assert_ne!(half.code, 0, "the CLI asks for the key too");
+}
+
 #[test]
 fn dynamic_postgres_credentials_live_for_their_lease() {
     let dir = tempfile::tempdir().unwrap();

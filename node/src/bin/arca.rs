@@ -152,6 +152,12 @@ enum DbCommand {
         /// The database server's CA certificates (PEM) for TLS, @FILE (default: Mozilla's roots).
         #[arg(long)]
         db_ca: Option<String>,
+        /// A client certificate (PEM, @FILE) to present to the database server over TLS.
+        #[arg(long, requires = "db_client_key")]
+        db_client_cert: Option<String>,
+        /// Its private key (PEM, @FILE or -): stored sealed, never shown again.
+        #[arg(long, requires = "db_client_cert")]
+        db_client_key: Option<String>,
     },
     /// Store a role: SQL with {{name}}, {{password}}, {{expiration}} (each @FILE, - or text).
     Role {
@@ -892,10 +898,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
         Command::Db(cmd) => {
             match cmd {
-                DbCommand::Config { name, url, db_ca } => {
+                DbCommand::Config { name, url, db_ca, db_client_cert, db_client_key } => {
                     let url = read_value(&url)?;
                     let ca_pem = db_ca.as_deref().map(read_value).transpose()?;
-                    let request = proto::DbConfigRequest { name: name.clone(), url, ca_pem };
+                    let client_cert_pem = db_client_cert.as_deref().map(read_value).transpose()?;
+                    let client_key_pem = db_client_key.as_deref().map(read_value).transpose()?;
+                    let request = proto::DbConfigRequest {
+                        name: name.clone(),
+                        url,
+                        ca_pem,
+                        client_cert_pem,
+                        client_key_pem,
+                    };
                     let r = rpc!(c, Write, db_config_write, request).await?;
                     print(
                         format,
