@@ -134,6 +134,8 @@ operations! {
     TokenLookup = 31, "token.lookup";
     TokenRenew = 32, "token.renew";
     TokenRevoke = 33, "token.revoke";
+    /// A token's capabilities on paths (`sys/capabilities-self`, `sys/capabilities`, …).
+    TokenCapabilities = 34, "token.capabilities";
     AppRoleWrite = 40, "approle.write";
     AppRoleRead = 41, "approle.read";
     AppRoleSecretId = 42, "approle.secret_id";

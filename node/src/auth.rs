@@ -224,6 +224,29 @@ fn login(
     Ok(token)
 }
 
+/// Whose capabilities [`Node::token_capabilities`] reports.
+pub enum CapabilitiesOf {
+    /// The caller's token.
+    Caller,
+    /// Another token, by value.
+    Token(Zeroizing<String>),
+    /// Another token, by accessor.
+    Accessor(String),
+}
+
+impl std::fmt::Debug for CapabilitiesOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CapabilitiesOf::Caller => "Caller",
+            CapabilitiesOf::Token(_) => "Token(<redacted>)",
+            CapabilitiesOf::Accessor(_) => "Accessor",
+        })
+    }
+}
+
+/// Most paths one capabilities request may ask about.
+pub const MAX_CAPABILITY_PATHS: usize = 64;
+
 pub(crate) fn record_by_accessor(env: &mut Env<'_>, accessor: &str) -> Result<Option<TokenRecord>, ApiError> {
     if accessor.len() > 64 {
         return Err(ApiError::invalid("accessor too long"));
@@ -430,6 +453,69 @@ impl Node {
                 // Vault answers 204 for an unknown token too.
                 None => Ok(0),
             }
+        })
+        .await
+    }
+
+    /// A token's capabilities on each of `paths`, as Vault's `sys/capabilities*` report them:
+    /// `["root"]` for a root token, `["deny"]` for none. The caller's own token needs nothing
+    /// more; another's, `update` on `sys/capabilities` (by value) or
+    /// `sys/capabilities-accessor`. Policy conditions are evaluated against this request.
+    pub async fn token_capabilities(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        of: CapabilitiesOf,
+        paths: Vec<String>,
+    ) -> Audited<Vec<(String, Vec<String>)>> {
+        let audit_path = match of {
+            CapabilitiesOf::Caller => "sys/capabilities-self",
+            CapabilitiesOf::Token(_) => "sys/capabilities",
+            CapabilitiesOf::Accessor(_) => "sys/capabilities-accessor",
+        };
+        self.execute(ctx, Operation::TokenCapabilities, audit_path.into(), move |env| {
+            if paths.is_empty() || paths.len() > MAX_CAPABILITY_PATHS {
+                return Err(ApiError::invalid(format!("paths: 1 to {MAX_CAPABILITY_PATHS}")));
+            }
+            if paths.iter().any(|p| p.len() > 1024 || p.chars().any(char::is_control)) {
+                return Err(ApiError::invalid("paths: at most 1024 bytes each, no control characters"));
+            }
+            let record = match &of {
+                CapabilitiesOf::Caller => env.authenticate()?,
+                CapabilitiesOf::Token(token) => {
+                    env.authorize(audit_path, &[Capability::Update])?;
+                    Arc::new(
+                        record_by_token(env, token)?
+                            .ok_or_else(|| ApiError::NotFound("no such token".into()))?,
+                    )
+                }
+                CapabilitiesOf::Accessor(accessor) => {
+                    env.authorize(audit_path, &[Capability::Update])?;
+                    Arc::new(
+                        record_by_accessor(env, accessor)?
+                            .ok_or_else(|| ApiError::NotFound("no token with that accessor".into()))?,
+                    )
+                }
+            };
+            let root = record.policies.iter().any(|p| p == "root");
+            let mut out = Vec::with_capacity(paths.len());
+            for path in &paths {
+                let path = path.trim_start_matches('/');
+                let names: Vec<String> = if root {
+                    vec!["root".into()]
+                } else {
+                    let caps = env.decide(&record, path)?.capabilities;
+                    if caps.is_empty() {
+                        vec!["deny".into()]
+                    } else {
+                        // Sorted by name, as Vault lists them.
+                        let mut names: Vec<String> = caps.iter().map(|c| c.name().to_owned()).collect();
+                        names.sort();
+                        names
+                    }
+                };
+                out.push((path.to_owned(), names));
+            }
+            Ok(out)
         })
         .await
     }

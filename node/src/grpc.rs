@@ -826,6 +826,33 @@ impl Arca for Service {
         })
     }
 
+    async fn token_capabilities(
+        &self,
+        request: Request<proto::TokenCapabilitiesRequest>,
+    ) -> Reply<proto::TokenCapabilitiesResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        let of = match (r.token.is_empty(), r.accessor.is_empty()) {
+            (true, true) => crate::auth::CapabilitiesOf::Caller,
+            (false, true) => crate::auth::CapabilitiesOf::Token(Zeroizing::new(r.token)),
+            (true, false) => crate::auth::CapabilitiesOf::Accessor(r.accessor),
+            (false, false) => {
+                let refused = self.node.reject(ctx, "sys/capabilities".into(), || {
+                    ApiError::invalid("give a token or an accessor, not both")
+                });
+                return respond(refused.await, |()| proto::TokenCapabilitiesResponse::default());
+            }
+        };
+        respond(self.node.token_capabilities(ctx, of, r.paths).await, |found| {
+            proto::TokenCapabilitiesResponse {
+                paths: found
+                    .into_iter()
+                    .map(|(path, capabilities)| proto::PathCapabilities { path, capabilities })
+                    .collect(),
+            }
+        })
+    }
+
     async fn app_role_write(
         &self,
         request: Request<proto::AppRoleWriteRequest>,

@@ -2,7 +2,6 @@
 //! transaction, and [`Node::execute`], which runs every request through the group committer
 //! so that its audit event is durable before it is answered.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -400,6 +399,17 @@ impl Env<'_> {
         if record.policies.iter().any(|p| p == "root") {
             return Ok(true);
         }
+        let decision = self.decide(record, path)?;
+        let allowed = capabilities.iter().any(|c| decision.capabilities.contains(c));
+        if !allowed && decision.failed_condition.is_some() {
+            self.denied_by = decision.failed_condition;
+        }
+        Ok(allowed)
+    }
+
+    /// What `record`'s policies (and its approved just-in-time grants) grant on `path`, with
+    /// their conditions evaluated against this request. A root token is not special here.
+    pub fn decide(&mut self, record: &TokenRecord, path: &str) -> Result<policy::Decision, ApiError> {
         // Policies held for a while through approved just-in-time grants.
         let granted = crate::access::granted_policies(record, self.now_unix_ms);
         let mut policies = Vec::with_capacity(record.policies.len() + granted.len());
@@ -419,13 +429,7 @@ impl Env<'_> {
             mtls: self.mtls,
             metadata: &record.meta,
         };
-        let decision = policy::decide(policies.iter().map(|(n, p)| (*n, p.as_ref())), path, &ctx);
-        let granted: BTreeSet<Capability> = decision.capabilities;
-        let allowed = capabilities.iter().any(|c| granted.contains(c));
-        if !allowed && decision.failed_condition.is_some() {
-            self.denied_by = decision.failed_condition;
-        }
-        Ok(allowed)
+        Ok(policy::decide(policies.iter().map(|(n, p)| (*n, p.as_ref())), path, &ctx))
     }
 
     /// The policies of a token, parsed (for callers that check several paths).

@@ -718,6 +718,48 @@ async fn dispatch(
                 json_response(StatusCode::OK, envelope(rid, token_data(&r, None), Value::Null))
             })
         }
+        (
+            ["sys", kind @ ("capabilities-self" | "capabilities" | "capabilities-accessor")],
+            "POST" | "PUT",
+        ) => {
+            let paths: Vec<String> = match body.get("paths").or_else(|| body.get("path")) {
+                Some(Value::String(p)) => vec![p.clone()],
+                Some(Value::Array(items)) => {
+                    let texts: Option<Vec<String>> =
+                        items.iter().map(|v| v.as_str().map(str::to_owned)).collect();
+                    bad!(texts.ok_or_else(|| ApiError::invalid("paths: a list of strings")))
+                }
+                _ => return Err((ctx, Reject::Bad("missing paths".into()))),
+            };
+            let of = match *kind {
+                "capabilities" => crate::auth::CapabilitiesOf::Token(Zeroizing::new(
+                    body["token"].as_str().unwrap_or_default().to_owned(),
+                )),
+                "capabilities-accessor" => crate::auth::CapabilitiesOf::Accessor(
+                    body["accessor"].as_str().unwrap_or_default().to_owned(),
+                ),
+                _ => crate::auth::CapabilitiesOf::Caller,
+            };
+            reply(node.token_capabilities(ctx, of, paths).await, |found, rid| {
+                let mut map = Map::new();
+                if let [(_, only)] = found.as_slice() {
+                    map.insert("capabilities".into(), json!(only));
+                }
+                for (path, caps) in &found {
+                    map.insert(path.clone(), json!(caps));
+                }
+                // Vault's clients read either the envelope's data or the top level (where a
+                // path never replaces one of the envelope's own fields).
+                let mut body = serde_json::to_value(envelope(rid, Value::Object(map.clone()), Value::Null))
+                    .unwrap_or_default();
+                if let Value::Object(top) = &mut body {
+                    for (path, caps) in map {
+                        top.entry(path).or_insert(caps);
+                    }
+                }
+                json_response(StatusCode::OK, body)
+            })
+        }
         (["database", "creds", role], "GET") => {
             reply(node.db_creds(ctx, (*role).to_owned()).await, |c, rid| {
                 let secs = c.lease.expire_unix_ms.saturating_sub(c.lease.issued_unix_ms) / 1000;

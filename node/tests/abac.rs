@@ -267,3 +267,66 @@ async fn a_changed_policy_or_revoked_token_takes_effect_on_the_next_request() {
     h.node.token_revoke(ctx(Some(&h.root), "127.0.0.1:1"), Some(accessor)).await.result.unwrap();
     assert!(matches!(read(&h, &t, "127.0.0.1:9", false).await, Err(ApiError::Unauthenticated)));
 }
+
+#[tokio::test]
+async fn capabilities_say_what_a_token_may_do_now_and_each_ask_is_audited() {
+    use arca_node::auth::CapabilitiesOf;
+    let h = harness().await;
+    policy(
+        &h,
+        "app",
+        r#"path "secret/data/prod/*" { capabilities = ["read", "list"] conditions { hours_utc = "08-18" } }
+path "secret/metadata/prod/*" { capabilities = ["read"] }
+path "secret/data/prod/locked" { capabilities = ["deny"] }"#,
+    )
+    .await;
+    let t = token(&h, "app", &[], &[]).await;
+    let paths = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let ask = |of: CapabilitiesOf, token: &str, p: &[&str]| {
+        h.node.token_capabilities(ctx(Some(token), "127.0.0.1:9"), of, paths(p))
+    };
+    let asked = ["secret/data/prod/db", "/secret/metadata/prod/db", "secret/data/prod/locked", "sys/mounts"];
+    let expected = |data: &[&str]| {
+        vec![
+            ("secret/data/prod/db".to_owned(), data.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            ("secret/metadata/prod/db".into(), vec!["read".into()]),
+            ("secret/data/prod/locked".into(), vec!["deny".into()]),
+            ("sys/mounts".into(), vec!["deny".into()]),
+        ]
+    };
+    let before = events(&h).len();
+    assert_eq!(ask(CapabilitiesOf::Caller, &t, &asked).await.result.unwrap(), expected(&["list", "read"]));
+    // Conditions count: at 19:00 the time-bound rule does not apply.
+    h.clock.store(THURSDAY + 19 * HOUR_MS, Ordering::SeqCst);
+    assert_eq!(ask(CapabilitiesOf::Caller, &t, &asked).await.result.unwrap(), expected(&["deny"]));
+    // Root is root; another token by value or accessor needs update on sys/capabilities*.
+    let root_view = ask(CapabilitiesOf::Caller, &h.root, &["x/y"]).await.result.unwrap();
+    assert_eq!(root_view, vec![("x/y".to_owned(), vec!["root".to_owned()])]);
+    let of_t = ask(CapabilitiesOf::Token(Zeroizing::new(t.clone())), &h.root, &["secret/metadata/prod/a"]);
+    assert_eq!(of_t.await.result.unwrap()[0].1, vec!["read".to_owned()]);
+    let by_app = ask(CapabilitiesOf::Token(Zeroizing::new(h.root.clone())), &t, &["x"]).await.result;
+    assert!(matches!(by_app, Err(ApiError::PermissionDenied)), "{by_app:?}");
+    let lookup = h.node.token_lookup(ctx(Some(&t), "127.0.0.1:9"), None).await.result.unwrap();
+    let of_accessor = ask(CapabilitiesOf::Accessor(lookup.accessor), &h.root, &["secret/metadata/prod/a"]);
+    assert_eq!(of_accessor.await.result.unwrap()[0].1, vec!["read".to_owned()]);
+    let none = ask(CapabilitiesOf::Token(Zeroizing::new("arca_nope".into())), &h.root, &["x"]).await.result;
+    assert!(matches!(none, Err(ApiError::NotFound(_))), "{none:?}");
+    // Bad asks change nothing and are refused.
+    for bad in [vec![], vec!["a\u{7}".to_owned()], vec!["p".to_owned(); 65]] {
+        let refused =
+            h.node.token_capabilities(ctx(Some(&t), "127.0.0.1:9"), CapabilitiesOf::Caller, bad).await;
+        assert!(matches!(refused.result, Err(ApiError::InvalidArgument(_))));
+    }
+    // One audit event per ask, under the asker, naming the kind of ask.
+    let asks: Vec<Event> = events(&h)
+        .into_iter()
+        .skip(before)
+        .filter(|e| e.operation != arca_audit::Operation::TokenLookup)
+        .collect();
+    assert_eq!(asks.len(), 10);
+    assert!(asks.iter().all(|e| e.operation == arca_audit::Operation::TokenCapabilities));
+    assert_eq!(asks[0].path, "sys/capabilities-self");
+    assert_eq!(asks[3].path, "sys/capabilities");
+    assert_eq!(asks[4].outcome, Outcome::Denied);
+    assert_eq!(asks[5].path, "sys/capabilities-accessor");
+}

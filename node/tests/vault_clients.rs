@@ -93,6 +93,38 @@ fn the_bao_cli_manages_secrets_tokens_policies_and_approle() {
         bao(&dev, &app_token, &["kv", "get", "secret/app/db"]).status.success(),
         "the policy allows reading app/*"
     );
+    // Capabilities, as `bao token capabilities` asks for them (sys/capabilities-self, and
+    // sys/capabilities or sys/capabilities-accessor for another token); `arca` over gRPC too.
+    let caps = |token: &str, args: &[&str]| {
+        let mut full = vec!["token", "capabilities"];
+        full.extend_from_slice(args);
+        let out = bao(&dev, token, &full);
+        assert!(out.status.success(), "bao {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(caps(&app_token, &["secret/data/app/db"]), "read");
+    assert_eq!(caps(&app_token, &["secret/data/other"]), "deny");
+    assert_eq!(caps(&dev.root, &["secret/data/other"]), "root");
+    assert_eq!(caps(&dev.root, &[&app_token, "secret/data/app/x"]), "read");
+    let app_accessor = token["auth"]["accessor"].as_str().unwrap();
+    let body = serde_json::json!({"accessor": app_accessor, "paths": ["secret/data/app/x", "data"]});
+    let (status, by_accessor) =
+        http(&dev, "POST", "sys/capabilities-accessor", Some(&dev.root), Some(body.to_string().into_bytes()));
+    assert_eq!(status, 200, "{by_accessor}");
+    assert_eq!(by_accessor["data"], serde_json::json!({"secret/data/app/x": ["read"], "data": ["deny"]}));
+    assert_eq!(by_accessor["secret/data/app/x"], serde_json::json!(["read"]), "at the top level too");
+    assert!(!bao(&dev, &app_token, &["token", "capabilities", &dev.root, "x"]).status.success());
+    let grpc = arca(
+        &dev.server,
+        Some(&app_token),
+        &["--format", "json", "token", "capabilities", "secret/data/app/db", "secret/metadata/app/db"],
+    );
+    assert_eq!(grpc.code, 0, "{}", grpc.stderr);
+    let grpc: Value = serde_json::from_str(&grpc.stdout).unwrap();
+    assert_eq!(
+        grpc["capabilities"],
+        serde_json::json!({"secret/data/app/db": ["read"], "secret/metadata/app/db": ["deny"]})
+    );
     let denied = bao(&dev, &app_token, &["kv", "put", "secret/app/db", "password=evil"]);
     assert!(!denied.status.success());
     assert!(

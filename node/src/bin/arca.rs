@@ -539,6 +539,16 @@ enum TokenCommand {
         #[arg(long, default_value = "")]
         accessor: String,
     },
+    /// Your token's capabilities on paths (as policies and grants give them now), or another
+    /// token's: by --accessor, or by value with --of-token (@FILE or -).
+    Capabilities {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long, default_value = "", conflicts_with = "of_token")]
+        accessor: String,
+        #[arg(long)]
+        of_token: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1470,6 +1480,21 @@ async fn token(c: &Client, format: Format, cmd: TokenCommand) -> Result<(), Fail
                 format,
                 || table(&token_rows(&info)),
                 json!({"info": token_json(&info), "audit_position": pos, "request_id": rid}),
+            );
+        }
+        TokenCommand::Capabilities { paths, accessor, of_token } => {
+            let token = of_token.as_deref().map(read_value).transpose()?.unwrap_or_default();
+            let request = proto::TokenCapabilitiesRequest { paths, token, accessor };
+            let r = rpc!(c, Read, token_capabilities, request).await?;
+            let found: Vec<(String, Vec<String>)> =
+                r.get_ref().paths.iter().map(|p| (p.path.clone(), p.capabilities.clone())).collect();
+            let rows: Vec<(String, String)> = found.iter().map(|(p, c)| (p.clone(), c.join(", "))).collect();
+            let map: serde_json::Map<String, Value> =
+                found.iter().map(|(p, c)| (p.clone(), json!(c))).collect();
+            print(
+                format,
+                || if rows.len() == 1 { rows[0].1.clone() } else { table(&rows) },
+                json!({"capabilities": map, "audit_position": position(&r), "request_id": request_id(&r)}),
             );
         }
         TokenCommand::Revoke { accessor } => {
