@@ -176,6 +176,12 @@ operations! {
     /// A lease revoked in its database and dropped (expiry, or after `lease.revoke`).
     LeaseReap = 105, "lease.reap";
     LeaseLookup = 106, "lease.lookup";
+    /// Response wrapping: a response stored under a single-use wrapping token.
+    WrapCreate = 110, "wrapping.wrap";
+    WrapUnwrap = 111, "wrapping.unwrap";
+    WrapLookup = 112, "wrapping.lookup";
+    /// A wrapped response dropped unread at the end of its TTL.
+    WrapExpire = 113, "wrapping.expire";
 }
 
 impl fmt::Display for Operation {

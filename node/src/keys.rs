@@ -52,6 +52,20 @@ pub fn token(hash: &[u8]) -> Vec<u8> {
     pack_parts(&[Part::Str("sys"), Part::Str("token"), Part::Bytes(hash)])
 }
 
+/// A wrapped response, by its wrapping token's hash ([`crate::wrapping`]).
+pub fn wrap(hash: &[u8]) -> Vec<u8> {
+    pack_parts(&[Part::Str("sys"), Part::Str("wrap"), Part::Bytes(hash)])
+}
+
+/// The wrapped responses by expiry, for the scheduler's sweep: `(…, expiry ms, hash)`.
+pub fn wrap_expiry(expires_unix_ms: u64, hash: &[u8]) -> Vec<u8> {
+    pack(&["sys".into(), "wrap-expiry".into(), expires_unix_ms.into(), hash.into()])
+}
+
+pub fn wrap_expiry_all() -> Vec<u8> {
+    pack(&["sys".into(), "wrap-expiry".into()])
+}
+
 pub fn accessor(accessor: &str) -> Vec<u8> {
     pack(&["sys".into(), "accessor".into(), accessor.into()])
 }

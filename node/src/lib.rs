@@ -38,6 +38,7 @@ pub mod sequencer;
 pub mod server;
 pub mod sys;
 pub mod vault;
+pub mod wrapping;
 
 /// Generated gRPC types and services (`proto/arca.proto`).
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all, clippy::pedantic)]

@@ -883,6 +883,9 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str) -> Result<(), ApiError>
     if let Err(err) = node.reap_expired().await {
         tracing::debug!(error = %err, "lease reaper");
     }
+    if let Err(err) = node.wrap_expire_sweep().await {
+        tracing::debug!(error = %err, "wrapped response expiry sweep");
+    }
     let prefix = keys::rotation_index_prefix();
     let end = arca_store::prefix_end(&prefix).ok_or(ApiError::Internal)?;
     let rows = node

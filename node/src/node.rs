@@ -378,6 +378,17 @@ impl Env<'_> {
         Ok(record)
     }
 
+    /// Names the caller in the event when its token is valid; any other token (none, unknown,
+    /// expired) changes nothing. Only a store error fails.
+    pub fn identify(&mut self) -> Result<(), ApiError> {
+        if self.credential.is_some()
+            && let Err(ApiError::Store(err)) = self.authenticate()
+        {
+            return Err(ApiError::Store(err));
+        }
+        Ok(())
+    }
+
     /// Authenticates, then checks that the token's policies grant one of `capabilities` on
     /// `path`. Deny by default.
     pub fn authorize(
@@ -693,5 +704,7 @@ pub fn mutates(op: Operation) -> bool {
             | RegionDemote
             | RegionDivergence
             | RegionDivergentSecrets
+            | TokenCapabilities
+            | WrapLookup
     )
 }

@@ -395,6 +395,17 @@ pub async fn handle(
         .unwrap_or_default();
     let list = parts.method.as_str() == "LIST"
         || (parts.method == Method::GET && query.get("list").is_some_and(|v| v == "true"));
+    // Response wrapping: the same request id and caller for the wrap's own event.
+    let wrap = parts.headers.get("x-vault-wrap-ttl").map(|v| {
+        let ttl = v.to_str().ok().and_then(parse_duration).filter(|t| *t > 0);
+        let ctx = RequestContext {
+            request_id: ctx.request_id.clone(),
+            token: ctx.token.clone(),
+            source: ctx.source.clone(),
+            mtls: ctx.mtls,
+        };
+        (ttl, ctx)
+    });
     let body = match read_body(body).await {
         Ok(body) => body,
         Err((status, message)) => {
@@ -404,8 +415,41 @@ pub async fn handle(
             return response;
         }
     };
-    match dispatch(&node, ctx, &parts.method, list, &path, &query, body).await {
-        Ok(response) => response,
+    let (wrap_ttl, wrap_ctx) = match wrap {
+        None => (None, None),
+        Some((None, _)) => {
+            let message = "X-Vault-Wrap-TTL: a duration such as 60, 60s, 5m or 1h".to_owned();
+            let rejected = node.reject(ctx, path, move || ApiError::invalid(message.clone())).await;
+            let mut response = reply(rejected, |(), _| no_content());
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            return response;
+        }
+        Some((Some(ttl), wrap_ctx)) => (Some(ttl), Some(wrap_ctx)),
+    };
+    if wrap_ttl.is_none() && path == "sys/wrapping/wrap" {
+        let message = "sys/wrapping/wrap needs a wrap TTL: send X-Vault-Wrap-TTL".to_owned();
+        let rejected = node.reject(ctx, path, move || ApiError::invalid(message.clone())).await;
+        let mut response = errors(StatusCode::BAD_REQUEST, &["sys/wrapping/wrap needs a wrap TTL".into()]);
+        audit_headers(response.headers_mut(), rejected.position_hex().as_deref(), &rejected.request_id);
+        return response;
+    }
+    let dispatched = if path == "sys/wrapping/wrap" && matches!(parts.method.as_str(), "POST" | "PUT") {
+        // What the caller sends is the response to wrap; the wrap's event is its audit.
+        Ok(json_response(StatusCode::OK, envelope(&ctx.request_id, body, Value::Null)))
+    } else {
+        dispatch(&node, ctx, &parts.method, list, &path, &query, body).await
+    };
+    match dispatched {
+        Ok(response) => match (wrap_ttl, wrap_ctx) {
+            (Some(ttl), Some(wrap_ctx))
+                if response.status() == StatusCode::OK
+                    && path != "sys/wrapping/unwrap"
+                    && path != "sys/wrapping/lookup" =>
+            {
+                wrap_response(&node, wrap_ctx, &path, response, ttl).await
+            }
+            _ => response,
+        },
         Err((ctx, err)) => {
             let route = path.clone();
             let status = match &err {
@@ -429,6 +473,32 @@ pub async fn handle(
             response
         }
     }
+}
+
+/// Replaces a response by its wrapping: stored under a single-use wrapping token, which goes
+/// back in `wrap_info` ([`crate::wrapping`]).
+async fn wrap_response(
+    node: &Arc<Node>,
+    ctx: RequestContext,
+    path: &str,
+    response: Response,
+    ttl: u64,
+) -> Response {
+    let body = match to_bytes(response.into_body(), crate::wrapping::MAX_WRAPPED_BYTES + 1).await {
+        Ok(bytes) => Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(_) => return api_error(&ApiError::invalid("the response is too large to wrap")),
+    };
+    let authenticated = path == "sys/wrapping/wrap";
+    reply(node.wrap(ctx, path.to_owned(), body, ttl, authenticated).await, |w, rid| {
+        let token = w.token.as_ref().map(|t| t.as_str()).unwrap_or_default();
+        let wrap_info = json!({
+            "token": token, "accessor": w.accessor, "ttl": w.ttl_secs, "creation_time": rfc3339(w.created_unix_ms),
+            "creation_path": w.creation_path, "wrapped_accessor": "",
+        });
+        let mut body = serde_json::to_value(envelope(rid, Value::Null, Value::Null)).unwrap_or_default();
+        body["wrap_info"] = wrap_info;
+        json_response(StatusCode::OK, body)
+    })
 }
 
 /// Any path of the HTTP listener outside `/v1/`, the metrics and the audit log: a 404 in
@@ -759,6 +829,31 @@ async fn dispatch(
                 }
                 json_response(StatusCode::OK, body)
             })
+        }
+        (["sys", "wrapping", op @ ("unwrap" | "lookup")], "POST" | "PUT") => {
+            // The wrapping token: in the body, else the request's token.
+            let token = match body["token"].as_str().filter(|t| !t.is_empty()) {
+                Some(t) => Zeroizing::new(t.to_owned()),
+                None => match &ctx.token {
+                    Some(t) => t.clone(),
+                    None => return Err((ctx, Reject::Bad("missing wrapping token".into()))),
+                },
+            };
+            if *op == "lookup" {
+                reply(node.wrap_lookup(ctx, token).await, |w, rid| {
+                    let data = json!({
+                        "creation_path": w.creation_path, "creation_time": rfc3339(w.created_unix_ms),
+                        "creation_ttl": w.ttl_secs,
+                    });
+                    json_response(StatusCode::OK, envelope(rid, data, Value::Null))
+                })
+            } else {
+                // The response as the wrapped request would have returned it.
+                reply(node.unwrap(ctx, token).await, |text, _| {
+                    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], text.to_string())
+                        .into_response()
+                })
+            }
         }
         (["database", "creds", role], "GET") => {
             reply(node.db_creds(ctx, (*role).to_owned()).await, |c, rid| {

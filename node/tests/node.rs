@@ -712,3 +712,64 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert!(listed.is_empty(), "nothing was written: {listed:?}");
     assert_eq!(n.policy_list(ctx(Some(&h.root))).await.result.unwrap(), vec!["root".to_string()]);
 }
+
+#[tokio::test]
+async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it() {
+    let h = harness().await;
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(1_795_651_200_000));
+    let c = clock.clone();
+    h.node.set_clock(Arc::new(move || c.load(std::sync::atomic::Ordering::SeqCst)));
+    let n = &h.node;
+    let response = Zeroizing::new(r#"{"data":{"password":"wrapped-s3cr3t"}}"#.to_owned());
+    let wrap = |ttl: u64| n.wrap(ctx(Some(&h.root)), "secret/data/app".into(), response.clone(), ttl, false);
+    let first = wrap(60).await;
+    let info = first.result.unwrap();
+    let token = info.token.clone().unwrap();
+    assert!(token.starts_with("arcaw_") && info.ttl_secs == 60);
+    // Stored hashed and sealed: neither the token nor the response is in the store's bytes.
+    let raw = std::fs::read(&h.db).unwrap();
+    let find = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+    assert!(!find(token.as_bytes()) && !find(b"wrapped-s3cr3t"));
+    // A lookup does not use it up; an unwrap does, once.
+    let looked = n.wrap_lookup(ctx(None), token.clone()).await.result.unwrap();
+    assert_eq!((looked.creation_path.as_str(), looked.token.is_none()), ("secret/data/app", true));
+    let unwrapped = n.unwrap(ctx(Some(&token)), token.clone()).await.result.unwrap();
+    assert_eq!(unwrapped.as_str(), response.as_str());
+    let again = n.unwrap(ctx(None), token.clone()).await.result;
+    assert!(matches!(again, Err(ApiError::InvalidArgument(_))), "single use: {again:?}");
+    // Past its TTL it is gone, and the sweep removes what was never unwrapped.
+    let expiring = wrap(1).await.result.unwrap().token.unwrap();
+    let unread = wrap(3600).await.result.unwrap().token.unwrap();
+    clock.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
+    assert!(n.unwrap(ctx(None), expiring.clone()).await.result.is_err());
+    let late = wrap(1).await.result.unwrap().token.unwrap();
+    clock.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(n.wrap_expire_sweep().await.unwrap(), 1, "the one expired and never asked for");
+    assert!(n.wrap_lookup(ctx(None), late).await.result.is_err());
+    assert_eq!(row_keys(h.store.as_ref(), &keys::wrap_expiry_all()).len(), 1, "the hour-long one stays");
+    assert!(n.unwrap(ctx(None), unread).await.result.is_ok());
+    // Bad TTLs and tokens are refused; every step was audited under its operation.
+    assert!(wrap(0).await.result.is_err() && wrap(8 * 86_400).await.result.is_err());
+    assert!(
+        n.unwrap(ctx(None), Zeroizing::new(h.root.clone())).await.result.is_err(),
+        "not a wrapping token"
+    );
+    let events = audit_events(h.store.as_ref());
+    let ops = |op: Operation| events.iter().filter(|e| e.operation == op).count();
+    assert_eq!(
+        (
+            ops(Operation::WrapCreate),
+            ops(Operation::WrapUnwrap),
+            ops(Operation::WrapLookup),
+            ops(Operation::WrapExpire)
+        ),
+        (6, 5, 2, 1)
+    );
+    let created = events.iter().find(|e| e.operation == Operation::WrapCreate).unwrap();
+    assert_eq!(
+        (created.path.as_str(), created.request_id.as_str()),
+        ("secret/data/app", first.request_id.as_str())
+    );
+    assert_eq!(created.actor.entity, "root");
+    assert!(events.iter().all(|e| !e.path.contains("arcaw_")));
+}

@@ -458,3 +458,78 @@ fn vault_status_codes_and_error_bodies_and_one_audit_event_each() {
         (200, Some(true), Some(false))
     );
 }
+
+/// Response wrapping with the real `bao` CLI: a secret read and an AppRole secret id wrapped
+/// (`-wrap-ttl`), unwrapped once by whoever holds the token, `sys/wrapping/wrap` and
+/// `lookup`; each step audited.
+#[test]
+fn bao_wraps_and_unwraps_responses_once() {
+    let dev = dev();
+    let db = dev.data.join("arca.db");
+    bao_ok(&dev, &["kv", "put", "secret/app/db", "password=wrapped-pw"]);
+    let wrapped = bao_json(&dev, &["kv", "get"], &["-wrap-ttl=5m", "secret/app/db"]);
+    let token = wrapped["wrap_info"]["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("arcaw_"), "{wrapped}");
+    assert_eq!(wrapped["wrap_info"]["creation_path"], "secret/data/app/db");
+    assert_eq!(wrapped["wrap_info"]["ttl"], 300);
+    assert!(!wrapped.to_string().contains("wrapped-pw"), "the response holds no secret");
+    // The wrap's event shares the read's request id.
+    let events = audit_events(&db);
+    let wrap_event = events.last().unwrap();
+    assert_eq!(
+        (wrap_event.operation, wrap_event.path.as_str()),
+        (arca_audit::Operation::WrapCreate, "secret/data/app/db")
+    );
+    let read_event = &events[events.len() - 2];
+    assert_eq!(
+        (read_event.operation, &read_event.request_id),
+        (arca_audit::Operation::KvRead, &wrap_event.request_id)
+    );
+
+    // Looked up without being used, then unwrapped with the token as the client token (no
+    // other credential), once.
+    let looked = bao_json(&dev, &["write"], &["sys/wrapping/lookup", &format!("token={token}")]);
+    assert_eq!(looked["data"]["creation_path"], "secret/data/app/db");
+    let out = bao(&dev, &token, &["unwrap", "-format=json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let unwrapped: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(unwrapped["data"]["data"]["password"], "wrapped-pw");
+    let again = bao(&dev, &dev.root, &["unwrap", &token]);
+    assert!(!again.status.success(), "single use");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("wrapping token is not valid"));
+
+    // Secure introduction: an AppRole secret id delivered wrapped, unwrapped by the app.
+    bao_ok(&dev, &["write", "auth/approle/role/web", "token_policies=default", "token_ttl=1h"]);
+    let role_id = bao_ok(&dev, &["read", "-field=role_id", "auth/approle/role/web/role-id"]);
+    let wrapped = bao_json(&dev, &["write"], &["-wrap-ttl=60s", "-f", "auth/approle/role/web/secret-id"]);
+    let wrap_token = wrapped["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let out = bao(&dev, &wrap_token, &["unwrap", "-format=json"]);
+    let secret_id: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let secret_id = secret_id["data"]["secret_id"].as_str().unwrap().to_owned();
+    let login = bao_json(
+        &dev,
+        &["write"],
+        &["auth/approle/login", &format!("role_id={role_id}"), &format!("secret_id={secret_id}")],
+    );
+    assert!(login["auth"]["client_token"].as_str().is_some_and(|t| t.starts_with("arca_")));
+
+    // Wrapping what the caller sends.
+    let wrapped = bao_json(&dev, &["write"], &["-wrap-ttl=1m", "sys/wrapping/wrap", "note=hello"]);
+    let note_token = wrapped["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let note = bao_json(&dev, &["unwrap"], &[&note_token]);
+    assert_eq!(note["data"]["note"], "hello");
+    // Refused, audited: a bad wrap TTL, and sys/wrapping/wrap without one.
+    let before = audit_events(&db).len();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let bad_ttl = agent
+        .get(format!("{}/v1/secret/data/app/db", dev.server.http))
+        .header("X-Vault-Token", &dev.root)
+        .header("X-Vault-Wrap-TTL", "soon")
+        .call()
+        .unwrap();
+    assert_eq!(bad_ttl.status().as_u16(), 400);
+    let (status, _) =
+        http(&dev, "POST", "sys/wrapping/wrap", Some(&dev.root), Some(br#"{"a": "b"}"#.to_vec()));
+    assert_eq!(status, 400);
+    assert_eq!(audit_events(&db).len(), before + 2);
+}
