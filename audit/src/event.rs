@@ -130,6 +130,8 @@ operations! {
     KvRotateTest = 23, "kv.rotate.test";
     KvRotateFinish = 24, "kv.rotate.finish";
     KvRevoke = 25, "kv.revoke";
+    /// A version's key structure, without its values (`<mount>/subkeys/<path>`).
+    KvSubkeys = 26, "kv.subkeys";
     TokenCreate = 30, "token.create";
     TokenLookup = 31, "token.lookup";
     TokenRenew = 32, "token.renew";

@@ -281,6 +281,25 @@ pub const KV_VERBS: &[&str] = &["data", "metadata", "delete", "undelete", "destr
 /// Longest mount name, in bytes.
 pub const MAX_MOUNT_BYTES: usize = 128;
 
+/// The key structure of `fields`: nested objects followed `depth` levels (0: all), every
+/// other value `null`. The values are scrubbed as they are dropped.
+pub fn subkeys(fields: &mut BTreeMap<String, serde_json::Value>, depth: usize) -> serde_json::Value {
+    fn walk(value: &mut serde_json::Value, left: usize) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(members) if left != 1 => serde_json::Value::Object(
+                members.iter_mut().map(|(k, v)| (k.clone(), walk(v, left.saturating_sub(1)))).collect(),
+            ),
+            other => {
+                scrub(other);
+                serde_json::Value::Null
+            }
+        }
+    }
+    serde_json::Value::Object(
+        std::mem::take(fields).into_iter().map(|(k, mut v)| (k, walk(&mut v, depth))).collect(),
+    )
+}
+
 /// Checks a mount name's syntax: up to 128 bytes of segments separated by single `/`, each
 /// 1–64 characters from a-z, 0-9, '-', '_', '.' (not `.` or `..`, nor one of [`KV_VERBS`]);
 /// the first segment not a reserved name.
@@ -646,9 +665,45 @@ impl Node {
         path: String,
         selector: Selector,
     ) -> Audited<PlainVersion> {
-        let audit_path = api_path(&mount, "data", &path);
+        self.read_version(ctx, Operation::KvRead, "data", mount, path, selector).await
+    }
+
+    /// A version's key structure without its values, as Vault's `<mount>/subkeys/<path>`
+    /// (`read` on that path): each key of the data, nested objects followed `depth` levels
+    /// (0: all), every other value `null`. Audited as `kv.subkeys`.
+    pub async fn kv_subkeys(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        path: String,
+        selector: Selector,
+        depth: usize,
+    ) -> Audited<(serde_json::Value, PlainVersion)> {
+        let Audited { result, request_id, position } =
+            self.read_version(ctx, Operation::KvSubkeys, "subkeys", mount, path, selector).await;
+        let result = result.and_then(|plain| {
+            let mut data: SecretData = serde_json::from_slice(&plain.json).map_err(|_| ApiError::Internal)?;
+            let keys = subkeys(&mut data.0, depth);
+            let plain = PlainVersion { json: Zeroizing::new(Vec::new()), ..plain };
+            Ok((keys, plain))
+        });
+        Audited { result, request_id, position }
+    }
+
+    /// Reads a version for `<mount>/<verb>/<path>`: authorized and audited in the request's
+    /// transaction, which returns the ciphertext; decrypted after the event committed.
+    async fn read_version(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        op: Operation,
+        verb: &'static str,
+        mount: String,
+        path: String,
+        selector: Selector,
+    ) -> Audited<PlainVersion> {
+        let audit_path = api_path(&mount, verb, &path);
         let read = self
-            .execute(ctx, Operation::KvRead, audit_path.clone(), move |env| {
+            .execute(ctx, op, audit_path.clone(), move |env| {
                 check_mount(env, &mount)?;
                 validate_path(&path)?;
                 env.authorize(&audit_path, &[Capability::Read])?;

@@ -706,5 +706,6 @@ pub fn mutates(op: Operation) -> bool {
             | RegionDivergentSecrets
             | TokenCapabilities
             | WrapLookup
+            | KvSubkeys
     )
 }

@@ -756,7 +756,8 @@ async fn dispatch(
         (["auth", "token", kind @ ("create" | "create-orphan")], "POST" | "PUT") => {
             let req = CreateTokenRequest {
                 policies: bad!(strings(&body["policies"], "policies")),
-                ttl_secs: bad!(duration_secs(&body["ttl"])),
+                // Vault's 0 (what `bao token create` sends without -ttl) is the default TTL.
+                ttl_secs: bad!(duration_secs(&body["ttl"])).filter(|t| *t > 0),
                 display_name: body["display_name"].as_str().unwrap_or_default().to_owned(),
                 renewable: body["renewable"].as_bool().unwrap_or(true),
                 orphan: *kind == "create-orphan" || body["no_parent"].as_bool().unwrap_or(false),
@@ -967,6 +968,24 @@ async fn dispatch(
                         Value::Null,
                     ),
                 )
+            })
+        }
+        ([mount, "subkeys", rest @ ..], "GET") if !rest.is_empty() => {
+            let (mount, secret) = ((*mount).to_owned(), rest.join("/"));
+            let number = |name: &str| match query.get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map(Some)
+                    .map_err(|_| ApiError::invalid(format!("{name} must be a number"))),
+            };
+            let version = bad!(number("version"));
+            let depth =
+                bad!(number("depth")).unwrap_or(0).min(crate::kv::MAX_VALUE_DEPTH as u64 + 1) as usize;
+            let selector = crate::kv::Selector::version(version);
+            reply(node.kv_subkeys(ctx, mount, secret, selector, depth).await, |(keys, s), rid| {
+                let data = json!({"subkeys": keys, "metadata": version_meta(s.version, &s.meta, &s.custom_metadata)});
+                json_response(StatusCode::OK, envelope(rid, data, Value::Null))
             })
         }
         ([mount, "data", rest @ ..], _) if !rest.is_empty() => {

@@ -231,6 +231,32 @@ fn json_values_of_any_type_round_trip_through_bao_http_and_grpc() {
     assert_eq!((status, &body["data"]["data"]), (200, &merged));
     assert_eq!(body["data"]["metadata"]["version"], 2);
 
+    // Subkeys: the structure without the values, for a token that may not read the data.
+    let policy = dev._dir.path().join("keys.hcl");
+    std::fs::write(&policy, "path \"secret/subkeys/*\" {\n  capabilities = [\"read\"]\n}\n").unwrap();
+    bao_ok(&dev, &["policy", "write", "keys-only", policy.to_str().unwrap()]);
+    let token = bao_json(&dev, &["token", "create"], &["-policy=keys-only"]);
+    let keys_only = token["auth"]["client_token"].as_str().unwrap().to_owned();
+    let (status, body) = http(&dev, "GET", "secret/subkeys/cfg", Some(&keys_only), None);
+    assert_eq!(status, 200, "{body}");
+    let structure = serde_json::json!({
+        "user": null, "port": null, "ratio": null, "none": null, "hosts": null,
+        "pool": {"min": null, "max": null, "tags": null},
+    });
+    assert_eq!(body["data"]["subkeys"], structure);
+    assert_eq!(body["data"]["metadata"]["version"], 2);
+    assert!(!body.to_string().contains("svc") && !body.to_string().contains("5433"), "no value: {body}");
+    let (_, top) = http(&dev, "GET", "secret/subkeys/cfg?depth=1&version=1", Some(&keys_only), None);
+    assert_eq!(top["data"]["subkeys"]["pool"], Value::Null, "depth 1: top-level keys only");
+    assert_eq!(top["data"]["subkeys"]["tls"], Value::Null, "version 1 had tls");
+    assert_eq!(top["data"]["metadata"]["version"], 1);
+    assert_eq!(http(&dev, "GET", "secret/data/cfg", Some(&keys_only), None).0, 403);
+    let last = audit_events(&db).into_iter().rev().nth(1).unwrap();
+    assert_eq!(
+        (last.operation, last.path.as_str()),
+        (arca_audit::Operation::KvSubkeys, "secret/subkeys/cfg")
+    );
+
     // gRPC, through the arca CLI: the same values; `key:=JSON` writes any of them.
     let cli = |args: &[&str]| {
         let mut full = vec!["--format", "json"];
