@@ -650,6 +650,7 @@ impl Arca for Service {
             max_versions: r.max_versions,
             cas_required: r.cas_required,
             custom_metadata: (r.replace_custom_metadata || !custom.is_empty()).then_some(custom),
+            delete_version_after_secs: None,
         };
         respond(self.node.kv_write_metadata(ctx, mount(r.mount), r.path, update).await, metadata)
     }

@@ -140,6 +140,12 @@ pub struct VersionMeta {
 }
 
 impl VersionMeta {
+    /// Deleted by `now`: soft-deleted, or past the deletion time a `delete_version_after`
+    /// set when it was written.
+    pub fn is_deleted(&self, now_unix_ms: u64) -> bool {
+        self.deletion_unix_ms.is_some_and(|t| t <= now_unix_ms)
+    }
+
     /// Where the version's data is stored. Its AAD is always [`keys::kv_version`].
     pub fn data_key(&self, mount: &str, path: &str, version: u64) -> Vec<u8> {
         match self.slot {
@@ -159,6 +165,9 @@ pub struct Metadata {
     pub cas_required: bool,
     pub custom_metadata: BTreeMap<String, String>,
     pub versions: BTreeMap<u64, VersionMeta>,
+    /// Each new version is deleted this long after it is written (0: the mount's setting).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delete_version_after_secs: u64,
     /// Rotation stages: `current`, `previous`, `pending` → version. Readers get `current`
     /// unless they ask for a version or another stage.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -217,8 +226,12 @@ impl Metadata {
         self.versions.keys().next().copied().unwrap_or(0)
     }
 
-    fn effective_max_versions(&self) -> usize {
-        if self.max_versions == 0 { DEFAULT_MAX_VERSIONS as usize } else { self.max_versions as usize }
+    /// Versions kept: the secret's own maximum, else the mount's, else 10.
+    fn effective_max_versions(&self, mount: &KvConfig) -> usize {
+        match (self.max_versions, mount.max_versions) {
+            (0, 0) => DEFAULT_MAX_VERSIONS as usize,
+            (0, m) | (m, _) => m as usize,
+        }
     }
 }
 
@@ -269,6 +282,37 @@ pub struct MetadataUpdate {
     pub max_versions: Option<u32>,
     pub cas_required: Option<bool>,
     pub custom_metadata: Option<BTreeMap<String, String>>,
+    pub delete_version_after_secs: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A KV mount's settings (`<mount>/config`), the defaults of its secrets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Versions kept when a secret sets none (0: 10).
+    #[serde(default)]
+    pub max_versions: u32,
+    /// Every write to the mount must give `cas`.
+    #[serde(default)]
+    pub cas_required: bool,
+    /// Each new version is deleted this long after it is written, when its secret sets no
+    /// such time of its own (0: never).
+    #[serde(default)]
+    pub delete_version_after_secs: u64,
+}
+
+/// Longest `delete_version_after`: 100 years.
+pub const MAX_DELETE_VERSION_AFTER_SECS: u64 = 100 * 365 * 86_400;
+
+/// Changes to a mount's settings; `None` leaves one as is.
+#[derive(Debug, Clone, Default)]
+pub struct KvConfigUpdate {
+    pub max_versions: Option<u32>,
+    pub cas_required: Option<bool>,
+    pub delete_version_after_secs: Option<u64>,
 }
 
 /// Mount names that belong to the system (a mount's first segment may not be one).
@@ -331,6 +375,18 @@ pub struct Mount {
     pub name: String,
     pub description: String,
     pub created_unix_ms: u64,
+    #[serde(default)]
+    pub config: KvConfig,
+}
+
+/// A mount's settings (inside the request's transaction; the mount must exist).
+fn mount_config(env: &mut Env<'_>, mount: &str) -> Result<KvConfig, ApiError> {
+    let raw = env
+        .tx
+        .get(&keys::mount(mount))?
+        .ok_or_else(|| ApiError::NotFound(format!("no secrets engine mounted at {mount}/")))?;
+    let stored: Mount = serde_json::from_slice(&raw).map_err(|_| ApiError::Internal)?;
+    Ok(stored.config)
 }
 
 /// Checks the mount's syntax and that it exists (inside the request's transaction).
@@ -472,9 +528,9 @@ pub(crate) fn require_meta(env: &mut Env<'_>, mount: &str, path: &str) -> Result
     load_meta(env, mount, path)?.ok_or_else(no_secret)
 }
 
-fn check_cas(meta: Option<&Metadata>, cas: Option<u64>) -> Result<(), ApiError> {
+fn check_cas(meta: Option<&Metadata>, cas: Option<u64>, mount: &KvConfig) -> Result<(), ApiError> {
     let current = meta.map_or(0, |m| m.current_version);
-    if meta.is_some_and(|m| m.cas_required) && cas.is_none() {
+    if (mount.cas_required || meta.is_some_and(|m| m.cas_required)) && cas.is_none() {
         return Err(ApiError::FailedPrecondition(
             "check-and-set is required for this secret: pass cas".into(),
         ));
@@ -498,8 +554,13 @@ pub(crate) fn write_version(
     stage: NewVersionStage,
 ) -> Result<u64, ApiError> {
     let now = env.now_unix_ms;
+    let config = mount_config(env, mount)?;
     let mut meta = meta.unwrap_or(Metadata { created_unix_ms: now, ..Metadata::default() });
     let version = meta.current_version + 1;
+    let delete_after = match meta.delete_version_after_secs {
+        0 => config.delete_version_after_secs,
+        own => own,
+    };
     match stage {
         NewVersionStage::Current => {
             if let Some(old) = meta.stage(STAGE_CURRENT) {
@@ -517,14 +578,14 @@ pub(crate) fn write_version(
         version,
         VersionMeta {
             created_unix_ms: now,
-            deletion_unix_ms: None,
+            deletion_unix_ms: (delete_after > 0).then(|| now.saturating_add(delete_after * 1000)),
             destroyed: false,
             revoked_unix_ms: None,
             slot: None,
         },
     );
     // The new version is staged, so it is never pruned here.
-    let pruned = prunable(&mut meta);
+    let pruned = prunable(&mut meta, &config);
     // A pruned version's slot, else the lowest slot no version holds.
     let slot = match pruned.iter().find_map(|(_, m)| m.slot) {
         Some(slot) => slot,
@@ -560,7 +621,8 @@ pub(crate) fn write_version(
 /// Drops the oldest versions beyond the maximum, skipping staged ones (a rotation's
 /// `previous` stays readable); stages naming a dropped version go.
 fn prune(env: &mut Env<'_>, mount: &str, path: &str, meta: &mut Metadata) -> Result<(), ApiError> {
-    for (oldest, state) in prunable(meta) {
+    let config = mount_config(env, mount)?;
+    for (oldest, state) in prunable(meta, &config) {
         env.tx.clear(&state.data_key(mount, path, oldest))?;
     }
     Ok(())
@@ -568,10 +630,10 @@ fn prune(env: &mut Env<'_>, mount: &str, path: &str, meta: &mut Metadata) -> Res
 
 /// Takes the versions [`prune`] drops out of `meta` and returns them with their state,
 /// oldest first; the caller clears their rows.
-fn prunable(meta: &mut Metadata) -> Vec<(u64, VersionMeta)> {
+fn prunable(meta: &mut Metadata, mount: &KvConfig) -> Vec<(u64, VersionMeta)> {
     let staged: BTreeSet<u64> = meta.stages.values().copied().collect();
     let mut dropped = Vec::new();
-    while meta.versions.len() > meta.effective_max_versions() {
+    while meta.versions.len() > meta.effective_max_versions(mount) {
         let Some(oldest) = meta.versions.keys().copied().find(|v| !staged.contains(v)) else { break };
         if let Some(state) = meta.versions.remove(&oldest) {
             dropped.push((oldest, state));
@@ -731,7 +793,7 @@ impl Node {
                 if vmeta.destroyed {
                     return Err(ApiError::NotFound("this version was destroyed".into()));
                 }
-                if vmeta.deletion_unix_ms.is_some() {
+                if vmeta.is_deleted(env.now_unix_ms) {
                     return Err(ApiError::NotFound("this version is deleted".into()));
                 }
                 let aad = keys::kv_version(&mount, &path, version);
@@ -783,7 +845,8 @@ impl Node {
             if !env.allowed(&record, &audit_path, &[needed])? {
                 return Err(ApiError::PermissionDenied);
             }
-            check_cas(meta.as_ref(), cas)?;
+            let config = mount_config(env, &mount)?;
+            check_cas(meta.as_ref(), cas, &config)?;
             write_version(env, &mount, &path, meta, &data, NewVersionStage::Current)
         })
         .await
@@ -810,11 +873,12 @@ impl Node {
             }
             env.authorize(&audit_path, &[Capability::Patch])?;
             let meta = require_meta(env, &mount, &path)?;
-            check_cas(Some(&meta), cas)?;
+            let config = mount_config(env, &mount)?;
+            check_cas(Some(&meta), cas, &config)?;
             let current = meta.stage(STAGE_CURRENT).unwrap_or(0);
             let state =
                 meta.versions.get(&current).ok_or_else(|| ApiError::NotFound("no current version".into()))?;
-            if state.destroyed || state.deletion_unix_ms.is_some() || state.revoked_unix_ms.is_some() {
+            if state.destroyed || state.is_deleted(env.now_unix_ms) || state.revoked_unix_ms.is_some() {
                 return Err(ApiError::NotFound(
                     "the current version is deleted, destroyed or revoked".into(),
                 ));
@@ -960,7 +1024,7 @@ impl Node {
             for version in target_versions(&meta, &versions)? {
                 let Some(v) = meta.versions.get_mut(&version) else { continue };
                 match change {
-                    VersionChange::Delete if !v.destroyed && v.deletion_unix_ms.is_none() => {
+                    VersionChange::Delete if !v.destroyed && !v.is_deleted(now) => {
                         v.deletion_unix_ms = Some(now)
                     }
                     VersionChange::Undelete if !v.destroyed && v.deletion_unix_ms.is_some() => {
@@ -1015,6 +1079,9 @@ impl Node {
             if update.max_versions.is_some_and(|m| m > 1000) {
                 return Err(ApiError::invalid("max_versions: at most 1000"));
             }
+            if update.delete_version_after_secs.is_some_and(|s| s > MAX_DELETE_VERSION_AFTER_SECS) {
+                return Err(ApiError::invalid("delete_version_after: at most 100 years"));
+            }
             env.authorize(&audit_path, &[Capability::Create, Capability::Update])?;
             let now = env.now_unix_ms;
             let mut meta = load_meta(env, &mount, &path)?
@@ -1028,10 +1095,60 @@ impl Node {
             if let Some(custom) = &update.custom_metadata {
                 meta.custom_metadata = custom.clone();
             }
+            if let Some(after) = update.delete_version_after_secs {
+                meta.delete_version_after_secs = after;
+            }
             prune(env, &mount, &path, &mut meta)?;
             meta.updated_unix_ms = now;
             store_meta(env, &mount, &path, meta.clone())?;
             Ok(meta)
+        })
+        .await
+    }
+
+    /// A mount's settings (`read` on `<mount>/config`).
+    pub async fn kv_config_read(self: &Arc<Self>, ctx: RequestContext, mount: String) -> Audited<KvConfig> {
+        let path = format!("{mount}/config");
+        self.execute(ctx, Operation::MountRead, path.clone(), move |env| {
+            check_mount(env, &mount)?;
+            env.authorize(&path, &[Capability::Read])?;
+            mount_config(env, &mount)
+        })
+        .await
+    }
+
+    /// Changes a mount's settings (`create` or `update` on `<mount>/config`); they apply to
+    /// the writes that follow (a lower `max_versions` prunes at a secret's next write).
+    pub async fn kv_config_write(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        mount: String,
+        update: KvConfigUpdate,
+    ) -> Audited<KvConfig> {
+        let path = format!("{mount}/config");
+        self.execute(ctx, Operation::MountWrite, path.clone(), move |env| {
+            check_mount(env, &mount)?;
+            if update.max_versions.is_some_and(|m| m > 1000) {
+                return Err(ApiError::invalid("max_versions: at most 1000"));
+            }
+            if update.delete_version_after_secs.is_some_and(|s| s > MAX_DELETE_VERSION_AFTER_SECS) {
+                return Err(ApiError::invalid("delete_version_after: at most 100 years"));
+            }
+            env.authorize(&path, &[Capability::Create, Capability::Update])?;
+            let key = keys::mount(&mount);
+            let raw = env.tx.get(&key)?.ok_or(ApiError::Internal)?;
+            let mut stored: Mount = serde_json::from_slice(&raw).map_err(|_| ApiError::Internal)?;
+            if let Some(max) = update.max_versions {
+                stored.config.max_versions = max;
+            }
+            if let Some(cas) = update.cas_required {
+                stored.config.cas_required = cas;
+            }
+            if let Some(after) = update.delete_version_after_secs {
+                stored.config.delete_version_after_secs = after;
+            }
+            env.tx.set(&key, &serde_json::to_vec(&stored).map_err(|_| ApiError::Internal)?)?;
+            Ok(stored.config)
         })
         .await
     }

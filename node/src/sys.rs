@@ -124,6 +124,7 @@ impl Node {
                     name: DEFAULT_MOUNT.into(),
                     description: "key/value secret storage".into(),
                     created_unix_ms: env.now_unix_ms,
+                    config: Default::default(),
                 };
                 env.tx.set(
                     &keys::mount(DEFAULT_MOUNT),
@@ -379,6 +380,7 @@ impl Node {
                 name: name.clone(),
                 description: description.clone(),
                 created_unix_ms: env.now_unix_ms,
+                config: Default::default(),
             };
             env.tx.set(&keys::mount(&name), &serde_json::to_vec(&mount).map_err(|_| ApiError::Internal)?)?;
             Ok(mount)

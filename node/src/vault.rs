@@ -353,9 +353,49 @@ fn metadata_json(m: &Metadata) -> Value {
     json!({
         "cas_required": m.cas_required, "created_time": rfc3339(m.created_unix_ms), "current_version": m.current_version,
         "custom_metadata": if m.custom_metadata.is_empty() { Value::Null } else { json!(m.custom_metadata) },
-        "delete_version_after": "0s", "max_versions": m.max_versions, "oldest_version": m.oldest_version(),
+        "delete_version_after": go_duration(m.delete_version_after_secs), "max_versions": m.max_versions, "oldest_version": m.oldest_version(),
         "updated_time": rfc3339(m.updated_unix_ms), "versions": versions,
     })
+}
+
+/// A whole number given as a number or as text (`bao write key=value` sends text).
+fn uint_field(value: &Value, name: &str) -> Result<Option<u64>, ApiError> {
+    let invalid = || ApiError::invalid(format!("{name}: a whole number"));
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(n) => n.as_u64().map(Some).ok_or_else(invalid),
+        Value::String(s) => s.trim().parse().map(Some).map_err(|_| invalid()),
+        _ => Err(invalid()),
+    }
+}
+
+/// A boolean given as one or as text.
+fn bool_field(value: &Value, name: &str) -> Result<Option<bool>, ApiError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        Value::String(s) if s == "true" || s == "1" => Ok(Some(true)),
+        Value::String(s) if s == "false" || s == "0" => Ok(Some(false)),
+        _ => Err(ApiError::invalid(format!("{name}: true or false"))),
+    }
+}
+
+fn kv_config_json(c: &crate::kv::KvConfig) -> Value {
+    json!({
+        "max_versions": c.max_versions, "cas_required": c.cas_required,
+        "delete_version_after": go_duration(c.delete_version_after_secs),
+    })
+}
+
+/// Seconds as Go prints a `time.Duration` (what Vault's clients show): `0s`, `45s`,
+/// `1m30s`, `1h0m0s`.
+fn go_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
 }
 
 fn role_json(r: &AppRole) -> Value {
@@ -970,6 +1010,18 @@ async fn dispatch(
                 )
             })
         }
+        ([mount, "config"], "GET") => reply(node.kv_config_read(ctx, (*mount).to_owned()).await, |c, rid| {
+            json_response(StatusCode::OK, envelope(rid, kv_config_json(&c), Value::Null))
+        }),
+        ([mount, "config"], "POST" | "PUT") => {
+            let update = crate::kv::KvConfigUpdate {
+                max_versions: bad!(uint_field(&body["max_versions"], "max_versions"))
+                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+                cas_required: bad!(bool_field(&body["cas_required"], "cas_required")),
+                delete_version_after_secs: bad!(duration_secs(&body["delete_version_after"])),
+            };
+            reply(node.kv_config_write(ctx, (*mount).to_owned(), update).await, |_, _| no_content())
+        }
         ([mount, "subkeys", rest @ ..], "GET") if !rest.is_empty() => {
             let (mount, secret) = ((*mount).to_owned(), rest.join("/"));
             let number = |name: &str| match query.get(name) {
@@ -1071,15 +1123,15 @@ async fn dispatch(
                 }),
                 "POST" | "PUT" | "PATCH" => {
                     let update = MetadataUpdate {
-                        max_versions: body["max_versions"]
-                            .as_u64()
+                        max_versions: bad!(uint_field(&body["max_versions"], "max_versions"))
                             .map(|v| v.min(u64::from(u32::MAX)) as u32),
-                        cas_required: body["cas_required"].as_bool(),
+                        cas_required: bad!(bool_field(&body["cas_required"], "cas_required")),
                         custom_metadata: if body["custom_metadata"].is_null() {
                             None
                         } else {
                             Some(bad!(string_map(&body["custom_metadata"], "custom_metadata")))
                         },
+                        delete_version_after_secs: bad!(duration_secs(&body["delete_version_after"])),
                     };
                     reply(node.kv_write_metadata(ctx, mount, secret, update).await, |_, _| no_content())
                 }

@@ -238,6 +238,7 @@ async fn versions_round_trip_with_kv_v2_semantics() {
                 max_versions: Some(2),
                 cas_required: None,
                 custom_metadata: Some(BTreeMap::from([("owner".into(), "team-a".into())])),
+                delete_version_after_secs: None,
             },
         )
         .await
@@ -259,7 +260,7 @@ async fn a_write_past_max_versions_takes_the_oldest_versions_place_and_each_vers
     let (mount, path) = ("secret", "app/pruned");
     let put = |v: String| n.kv_write(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("v", &v)]), None);
     put("1".into()).await.result.unwrap();
-    let update = MetadataUpdate { max_versions: Some(3), cas_required: None, custom_metadata: None };
+    let update = MetadataUpdate { max_versions: Some(3), ..Default::default() };
     n.kv_write_metadata(ctx(Some(&h.root)), mount.into(), path.into(), update).await.result.unwrap();
     let rows = || row_keys(&*h.store, &keys::kv_slots(mount, path));
     let mut first_three = Vec::new();
@@ -520,7 +521,7 @@ async fn rows_written_before_slots_stay_readable_and_move_into_slots_as_they_are
     let h = harness().await;
     let n = &h.node;
     let (mount, path) = ("secret", "app/legacy");
-    let update = MetadataUpdate { max_versions: Some(3), cas_required: None, custom_metadata: None };
+    let update = MetadataUpdate { max_versions: Some(3), ..Default::default() };
     n.kv_write_metadata(ctx(Some(&h.root)), mount.into(), path.into(), update).await.result.unwrap();
     for v in 1..=3 {
         n.kv_write(ctx(Some(&h.root)), mount.into(), path.into(), data(&[("v", &v.to_string())]), None)
@@ -772,4 +773,40 @@ async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it(
     );
     assert_eq!(created.actor.entity, "root");
     assert!(events.iter().all(|e| !e.path.contains("arcaw_")));
+}
+
+#[tokio::test]
+async fn versions_are_deleted_when_their_delete_version_after_has_passed() {
+    let h = harness().await;
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(1_795_651_200_000));
+    let c = clock.clone();
+    h.node.set_clock(Arc::new(move || c.load(std::sync::atomic::Ordering::SeqCst)));
+    let n = &h.node;
+    let tick = |secs: u64| clock.fetch_add(secs * 1000, std::sync::atomic::Ordering::SeqCst);
+    let update = arca_node::kv::KvConfigUpdate { delete_version_after_secs: Some(60), ..Default::default() };
+    n.kv_config_write(ctx(Some(&h.root)), "secret".into(), update).await.result.unwrap();
+    let write =
+        |v: &str| n.kv_write(ctx(Some(&h.root)), "secret".into(), "a".into(), data(&[("v", v)]), None);
+    let read = || n.kv_read(ctx(Some(&h.root)), "secret".into(), "a".into(), None);
+    write("one").await.result.unwrap();
+    tick(59);
+    assert_eq!(read().await.result.unwrap().data.text("v"), Some("one"));
+    tick(2);
+    assert!(matches!(read().await.result, Err(ApiError::NotFound(_))), "deleted after 60 s");
+    // Undeleting clears the deletion time; a secret's own setting wins over the mount's.
+    n.kv_undelete(ctx(Some(&h.root)), "secret".into(), "a".into(), vec![1]).await.result.unwrap();
+    tick(3600);
+    assert_eq!(read().await.result.unwrap().version, 1);
+    let own = MetadataUpdate { delete_version_after_secs: Some(3600), ..Default::default() };
+    n.kv_write_metadata(ctx(Some(&h.root)), "secret".into(), "a".into(), own).await.result.unwrap();
+    write("two").await.result.unwrap();
+    tick(61);
+    assert_eq!(read().await.result.unwrap().data.text("v"), Some("two"), "an hour, not a minute");
+    tick(3600);
+    assert!(read().await.result.is_err());
+    let config = n.kv_config_read(ctx(Some(&h.root)), "secret".into()).await.result.unwrap();
+    assert_eq!(config.delete_version_after_secs, 60);
+    let too_long =
+        arca_node::kv::KvConfigUpdate { delete_version_after_secs: Some(u64::MAX), ..Default::default() };
+    assert!(n.kv_config_write(ctx(Some(&h.root)), "secret".into(), too_long).await.result.is_err());
 }

@@ -559,3 +559,42 @@ fn bao_wraps_and_unwraps_responses_once() {
     assert_eq!(status, 400);
     assert_eq!(audit_events(&db).len(), before + 2);
 }
+
+/// A KV mount's settings (`<mount>/config`) as `bao` writes and reads them: the default
+/// maximum of versions, check-and-set for every write, and a deletion time for new versions
+/// (the mount's, or a secret's own from its metadata).
+#[test]
+fn kv_mount_config_sets_the_defaults_of_its_secrets() {
+    let dev = dev();
+    bao_ok(
+        &dev,
+        &["write", "secret/config", "max_versions=2", "cas_required=true", "delete_version_after=1h"],
+    );
+    let config = bao_json(&dev, &["read"], &["secret/config"]);
+    assert_eq!(
+        config["data"],
+        serde_json::json!({"max_versions": 2, "cas_required": true, "delete_version_after": "1h0m0s"})
+    );
+    let refused = bao(&dev, &dev.root, &["kv", "put", "secret/app/db", "v=1"]);
+    assert!(!refused.status.success(), "the mount requires check-and-set");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("check-and-set"));
+    for (cas, v) in [("0", "1"), ("1", "2"), ("2", "3")] {
+        bao_ok(&dev, &["kv", "put", &format!("-cas={cas}"), "secret/app/db", &format!("v={v}")]);
+    }
+    let meta = bao_json(&dev, &["kv", "metadata", "get"], &["secret/app/db"]);
+    let versions = meta["data"]["versions"].as_object().unwrap();
+    assert_eq!(versions.keys().collect::<Vec<_>>(), ["2", "3"], "the mount keeps two versions");
+    let deletion = versions["3"]["deletion_time"].as_str().unwrap();
+    assert!(!deletion.is_empty(), "version 3 is deleted an hour after it was written: {meta}");
+    assert_eq!(bao_ok(&dev, &["kv", "get", "-field=v", "secret/app/db"]), "3", "not yet");
+    // A secret's own setting wins, and shows in its metadata.
+    bao_ok(&dev, &["kv", "metadata", "put", "-delete-version-after=30m", "secret/app/db"]);
+    let meta = bao_json(&dev, &["kv", "metadata", "get"], &["secret/app/db"]);
+    assert_eq!(meta["data"]["delete_version_after"], "30m0s");
+    // Bad settings are refused and change nothing.
+    let bad = bao(&dev, &dev.root, &["write", "secret/config", "max_versions=-1"]);
+    assert!(!bad.status.success());
+    let bad = bao(&dev, &dev.root, &["write", "secret/config", "delete_version_after=soon"]);
+    assert!(!bad.status.success());
+    assert_eq!(bao_json(&dev, &["read"], &["secret/config"])["data"]["max_versions"], 2);
+}
