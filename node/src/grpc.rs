@@ -52,6 +52,20 @@ pub struct Service {
 }
 
 impl Service {
+    /// Refuses a write whose data did not come off the wire (`data_from_wire`), audited.
+    async fn refuse_data(
+        &self,
+        ctx: RequestContext,
+        mount_name: String,
+        path: &str,
+        err: String,
+    ) -> Reply<proto::KvWriteResponse> {
+        let refused = self.node.reject(ctx, format!("{}/data/{path}", mount(mount_name)), move || {
+            ApiError::invalid(err.clone())
+        });
+        respond(refused.await, |()| proto::KvWriteResponse::default())
+    }
+
     pub fn new(node: Arc<Node>, proxy: ProxyConfig) -> Self {
         Service { node, proxy: Arc::new(proxy) }
     }
@@ -536,13 +550,7 @@ impl Arca for Service {
         let r = request.into_inner();
         let data = match data_from_wire(r.data, &r.json_keys) {
             Ok(data) => data,
-            Err(err) => {
-                let refused =
-                    self.node.reject(ctx, format!("{}/data/{}", mount(r.mount), r.path), move || {
-                        ApiError::invalid(err.clone())
-                    });
-                return respond(refused.await, |()| proto::KvWriteResponse::default());
-            }
+            Err(err) => return self.refuse_data(ctx, r.mount, &r.path, err).await,
         };
         respond(self.node.kv_write(ctx, mount(r.mount), r.path, data, r.cas).await, |version| {
             proto::KvWriteResponse { version }
@@ -581,13 +589,7 @@ impl Arca for Service {
         let r = request.into_inner();
         let set = match data_from_wire(r.set, &r.json_keys) {
             Ok(set) => set,
-            Err(err) => {
-                let refused =
-                    self.node.reject(ctx, format!("{}/data/{}", mount(r.mount), r.path), move || {
-                        ApiError::invalid(err.clone())
-                    });
-                return respond(refused.await, |()| proto::KvWriteResponse::default());
-            }
+            Err(err) => return self.refuse_data(ctx, r.mount, &r.path, err).await,
         };
         respond(self.node.kv_patch(ctx, mount(r.mount), r.path, set, r.remove, r.cas).await, |version| {
             proto::KvWriteResponse { version }

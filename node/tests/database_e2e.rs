@@ -73,6 +73,32 @@ fn can_log_in(port: u16, user: &str, password: &str) -> bool {
     })
 }
 
+/// The role of the TLS tests: a login with a password, valid until the lease ends.
+const CREATION: &str =
+    "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
+
+/// Writes role `r<case>` on connection `name` and asks for credentials: they must be issued
+/// (and log in) or not, as `issued` says. Returns the run.
+fn creds_for(
+    server: &Server,
+    root: &str,
+    pg: &Postgres,
+    name: &str,
+    case: usize,
+    issued: bool,
+) -> common::Run {
+    let role = format!("r{case}");
+    ok(server, root, &["db", "role", &role, "--db", name, "--creation-sql", CREATION]);
+    let run = arca(server, Some(root), &["--format", "json", "db", "creds", &role]);
+    assert_eq!(run.code == 0, issued, "case {case}: {}{}", run.stdout, run.stderr);
+    if issued {
+        let v: Value = serde_json::from_str(&run.stdout).unwrap();
+        let (user, password) = (v["username"].as_str().unwrap(), v["password"].as_str().unwrap());
+        assert!(can_log_in(pg.port, user, password), "case {case}: the credentials work");
+    }
+    run
+}
+
 fn ok(server: &Server, token: &str, args: &[&str]) -> Value {
     let mut full = vec!["--format", "json"];
     full.extend_from_slice(args);
@@ -117,8 +143,6 @@ fn dynamic_credentials_over_tls_verify_the_server() {
     let grpc = format!("127.0.0.1:{}", free_port());
     let server = start_at(&data, "n1", &grpc, &[], &[]);
     let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
-    let creation =
-        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
     let url_file = dir.path().join("pg-url");
     let ca_arg = format!("@{}", ca.display());
     let other_ca_arg = format!("@{}", other_ca.display());
@@ -143,17 +167,8 @@ fn dynamic_credentials_over_tls_verify_the_server() {
             args.extend(["--db-ca", ca.as_str()]);
         }
         ok(&server, &root, &args);
-        let role = format!("r{i}");
-        ok(&server, &root, &["db", "role", &role, "--db", &name, "--creation-sql", creation]);
-        let run = arca(&server, Some(&root), &["--format", "json", "db", "creds", &role]);
-        assert_eq!(run.code == 0, *issued, "case {i}: {}{}", run.stdout, run.stderr);
-        if *issued {
-            let v: Value = serde_json::from_str(&run.stdout).unwrap();
-            let (user, password) = (v["username"].as_str().unwrap(), v["password"].as_str().unwrap());
-            assert!(can_log_in(pg.port, user, password), "case {i}: the credentials work");
-        } else {
-            assert!(!run.stderr.contains(&pg.url), "case {i}: the url is not echoed");
-        }
+        let run = creds_for(&server, &root, &pg, &name, i, *issued);
+        assert!(*issued || !run.stderr.contains(&pg.url), "case {i}: the url is not echoed");
     }
     // A CA without TLS, or garbage for a CA, is refused when the connection is written.
     std::fs::write(&url_file, &pg.url).unwrap();
@@ -210,8 +225,6 @@ fn dynamic_credentials_with_a_client_certificate_to_the_server() {
     let grpc = format!("127.0.0.1:{}", free_port());
     let server = start_at(&data, "n1", &grpc, &[], &[]);
     let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
-    let creation =
-        "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';";
     let url_file = dir.path().join("pg-url");
     std::fs::write(&url_file, format!("{}?sslmode=verify-full", pg.url)).unwrap();
     let url_arg = format!("@{}", url_file.display());
@@ -232,24 +245,14 @@ fn dynamic_credentials_with_a_client_certificate_to_the_server() {
             args.extend(["--db-client-cert".to_owned(), at(cert), "--db-client-key".into(), at(key)]);
         }
         ok(&server, &root, &args.iter().map(String::as_str).collect::<Vec<_>>());
-        let role = format!("r{i}");
-        ok(&server, &root, &["db", "role", &role, "--db", &name, "--creation-sql", creation]);
-        let run = arca(&server, Some(&root), &["--format", "json", "db", "creds", &role]);
-        assert_eq!(run.code == 0, *issued, "case {i}: {}{}", run.stdout, run.stderr);
-        if *issued {
-            let v: Value = serde_json::from_str(&run.stdout).unwrap();
-            let (user, password) = (v["username"].as_str().unwrap(), v["password"].as_str().unwrap());
-            assert!(can_log_in(pg.port, user, password), "case {i}: the credentials work");
-        }
+        creds_for(&server, &root, &pg, &name, i, *issued);
     }
     // Refused when the connection is written, never echoing the key: a key that is not the
     // certificate's; a client certificate without TLS; half of the pair.
     let wrong_key = std::fs::read_to_string(&clients[1].1).unwrap();
-    let (cert_arg, wrong_key_arg) = (at(&clients[0].0), at(&clients[1].1));
-    let mismatched = arca(
-        &server,
-        Some(&root),
-        &[
+    let cert_arg = at(&clients[0].0);
+    let config_x = |key: &PathBuf| {
+        let args = [
             "db",
             "config",
             "x",
@@ -258,29 +261,17 @@ fn dynamic_credentials_with_a_client_certificate_to_the_server() {
             "--db-client-cert",
             &cert_arg,
             "--db-client-key",
-            &wrong_key_arg,
-        ],
-    );
+            &at(key),
+        ];
+        arca(&server, Some(&root), &args)
+    };
+    let mismatched = config_x(&clients[1].1);
     assert_eq!(mismatched.code, 5, "{}", mismatched.stderr);
     assert!(mismatched.stderr.contains("client_cert_pem, client_key_pem"), "{}", mismatched.stderr);
     let key_body = wrong_key.lines().nth(1).unwrap();
     assert!(!mismatched.stderr.contains(key_body), "the key is not echoed");
     std::fs::write(&url_file, &pg.url).unwrap();
-    let plain = arca(
-        &server,
-        Some(&root),
-        &[
-            "db",
-            "config",
-            "x",
-            "--url",
-            &url_arg,
-            "--db-client-cert",
-            &cert_arg,
-            "--db-client-key",
-            &at(&clients[0].1),
-        ],
-    );
+    let plain = config_x(&clients[0].1);
     assert_eq!(plain.code, 5, "{}", plain.stderr);
     assert!(plain.stderr.contains("need TLS"), "{}", plain.stderr);
     let half =

@@ -150,6 +150,14 @@ fn data(pairs: &[(&str, &str)]) -> SecretData {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
+/// Gives the node a clock the test moves (from 2026-11-26 00:00 UTC).
+fn injected_clock(h: &Harness) -> Arc<std::sync::atomic::AtomicU64> {
+    let clock = Arc::new(std::sync::atomic::AtomicU64::new(1_795_651_200_000));
+    let c = clock.clone();
+    h.node.set_clock(Arc::new(move || c.load(std::sync::atomic::Ordering::SeqCst)));
+    clock
+}
+
 fn audit_events(store: &dyn Store) -> Vec<Event> {
     let prefix = keys::audit_events("local");
     let rows = store
@@ -717,9 +725,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it() {
     let h = harness().await;
-    let clock = Arc::new(std::sync::atomic::AtomicU64::new(1_795_651_200_000));
-    let c = clock.clone();
-    h.node.set_clock(Arc::new(move || c.load(std::sync::atomic::Ordering::SeqCst)));
+    let clock = injected_clock(&h);
     let n = &h.node;
     let response = Zeroizing::new(r#"{"data":{"password":"wrapped-s3cr3t"}}"#.to_owned());
     let wrap = |ttl: u64| n.wrap(ctx(Some(&h.root)), "secret/data/app".into(), response.clone(), ttl, false);
@@ -778,9 +784,7 @@ async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it(
 #[tokio::test]
 async fn versions_are_deleted_when_their_delete_version_after_has_passed() {
     let h = harness().await;
-    let clock = Arc::new(std::sync::atomic::AtomicU64::new(1_795_651_200_000));
-    let c = clock.clone();
-    h.node.set_clock(Arc::new(move || c.load(std::sync::atomic::Ordering::SeqCst)));
+    let clock = injected_clock(&h);
     let n = &h.node;
     let tick = |secs: u64| clock.fetch_add(secs * 1000, std::sync::atomic::Ordering::SeqCst);
     let update = arca_node::kv::KvConfigUpdate { delete_version_after_secs: Some(60), ..Default::default() };
