@@ -526,7 +526,10 @@ async fn wrap_response(
 ) -> Response {
     let body = match to_bytes(response.into_body(), crate::wrapping::MAX_WRAPPED_BYTES + 1).await {
         Ok(bytes) => Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned()),
-        Err(_) => return api_error(&ApiError::invalid("the response is too large to wrap")),
+        Err(_) => {
+            let too_large = || ApiError::invalid("the response is too large to wrap");
+            return reply(node.reject(ctx, path.to_owned(), too_large).await, |(), _| no_content());
+        }
     };
     let authenticated = path == "sys/wrapping/wrap";
     reply(node.wrap(ctx, path.to_owned(), body, ttl, authenticated).await, |w, rid| {
