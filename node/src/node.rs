@@ -27,6 +27,7 @@ pub struct NodeIdentity {
 }
 
 /// What the transport layer knows about a request.
+#[derive(Clone)]
 pub struct RequestContext {
     pub request_id: String,
     /// The bearer token, if any. Never logged, never audited.
@@ -561,10 +562,8 @@ impl Node {
     ) -> Audited<()> {
         self.execute(ctx, Operation::Rejected, path, move |env| {
             // Name the caller when the token is valid; a bad token changes nothing here.
-            if !env.node.barrier.is_sealed()
-                && let Err(ApiError::Store(err)) = env.authenticate()
-            {
-                return Err(ApiError::Store(err));
+            if !env.node.barrier.is_sealed() {
+                env.identify()?;
             }
             Err(error())
         })

@@ -436,42 +436,25 @@ pub async fn handle(
     let list = parts.method.as_str() == "LIST"
         || (parts.method == Method::GET && query.get("list").is_some_and(|v| v == "true"));
     // Response wrapping: the same request id and caller for the wrap's own event.
-    let wrap = parts.headers.get("x-vault-wrap-ttl").map(|v| {
-        let ttl = v.to_str().ok().and_then(parse_duration).filter(|t| *t > 0);
-        let ctx = RequestContext {
-            request_id: ctx.request_id.clone(),
-            token: ctx.token.clone(),
-            source: ctx.source.clone(),
-            mtls: ctx.mtls,
-        };
-        (ttl, ctx)
-    });
+    let wrap = parts
+        .headers
+        .get("x-vault-wrap-ttl")
+        .map(|v| (v.to_str().ok().and_then(parse_duration).filter(|t| *t > 0), ctx.clone()));
     let body = match read_body(body).await {
         Ok(body) => body,
-        Err((status, message)) => {
-            let rejected = node.reject(ctx, path, move || ApiError::invalid(message.clone())).await;
-            let mut response = reply(rejected, |(), _| no_content());
-            *response.status_mut() = status;
-            return response;
-        }
+        Err((status, message)) => return refuse(&node, ctx, path, status, message).await,
     };
     let (wrap_ttl, wrap_ctx) = match wrap {
         None => (None, None),
         Some((None, _)) => {
             let message = "X-Vault-Wrap-TTL: a duration such as 60, 60s, 5m or 1h".to_owned();
-            let rejected = node.reject(ctx, path, move || ApiError::invalid(message.clone())).await;
-            let mut response = reply(rejected, |(), _| no_content());
-            *response.status_mut() = StatusCode::BAD_REQUEST;
-            return response;
+            return refuse(&node, ctx, path, StatusCode::BAD_REQUEST, message).await;
         }
         Some((Some(ttl), wrap_ctx)) => (Some(ttl), Some(wrap_ctx)),
     };
     if wrap_ttl.is_none() && path == "sys/wrapping/wrap" {
         let message = "sys/wrapping/wrap needs a wrap TTL: send X-Vault-Wrap-TTL".to_owned();
-        let rejected = node.reject(ctx, path, move || ApiError::invalid(message.clone())).await;
-        let mut response = errors(StatusCode::BAD_REQUEST, &["sys/wrapping/wrap needs a wrap TTL".into()]);
-        audit_headers(response.headers_mut(), rejected.position_hex().as_deref(), &rejected.request_id);
-        return response;
+        return refuse(&node, ctx, path, StatusCode::BAD_REQUEST, message).await;
     }
     let dispatched = if path == "sys/wrapping/wrap" && matches!(parts.method.as_str(), "POST" | "PUT") {
         // What the caller sends is the response to wrap; the wrap's event is its audit.
@@ -502,17 +485,29 @@ pub async fn handle(
                 Reject::Method => "unsupported operation".to_owned(),
                 Reject::Bad(m) => m,
             };
-            let rejected = node
-                .reject(ctx, route, {
-                    let message = message.clone();
-                    move || ApiError::invalid(message.clone())
-                })
-                .await;
-            let mut response = errors(status, &[message]);
-            audit_headers(response.headers_mut(), rejected.position_hex().as_deref(), &rejected.request_id);
-            response
+            refuse(&node, ctx, route, status, message).await
         }
     }
+}
+
+/// Refuses a request: its `api.rejected` event (durable first), then `status` with
+/// `message` in Vault's error shape, carrying the event's audit headers.
+async fn refuse(
+    node: &Arc<Node>,
+    ctx: RequestContext,
+    path: String,
+    status: StatusCode,
+    message: String,
+) -> Response {
+    let rejected = node
+        .reject(ctx, path, {
+            let message = message.clone();
+            move || ApiError::invalid(message.clone())
+        })
+        .await;
+    let mut response = errors(status, &[message]);
+    audit_headers(response.headers_mut(), rejected.position_hex().as_deref(), &rejected.request_id);
+    response
 }
 
 /// Replaces a response by its wrapping: stored under a single-use wrapping token, which goes
@@ -527,8 +522,8 @@ async fn wrap_response(
     let body = match to_bytes(response.into_body(), crate::wrapping::MAX_WRAPPED_BYTES + 1).await {
         Ok(bytes) => Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned()),
         Err(_) => {
-            let too_large = || ApiError::invalid("the response is too large to wrap");
-            return reply(node.reject(ctx, path.to_owned(), too_large).await, |(), _| no_content());
+            let message = "the response is too large to wrap".to_owned();
+            return refuse(node, ctx, path.to_owned(), StatusCode::BAD_REQUEST, message).await;
         }
     };
     let authenticated = path == "sys/wrapping/wrap";
