@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::memo::{Journal, Memo};
 use crate::metrics::{COMMIT_BUCKETS_SECONDS, Histogram};
+use crate::pending::{Pending, Write};
 
 /// Most jobs in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -33,10 +34,21 @@ const LINGER: std::time::Duration = std::time::Duration::from_micros(50);
 /// Batches smaller than this linger.
 const LINGER_BELOW: usize = 8;
 
-/// A request's work: its reads and writes in `tx`; returns its encoded audit event.
-/// Errors of the request itself are *not* errors here: they are recorded in the event.
+/// A request's work: its reads and writes in `tx`; returns its encoded audit event and
+/// whether it succeeded. Errors of the request itself are *not* errors here: they are
+/// recorded in the event, and the request's writes are dropped (see [`crate::pending`]).
 /// A `StoreError` aborts the attempt (and, if retryable, re-runs the batch).
-pub type JobFn = Box<dyn FnMut(&mut dyn Transaction, &Gate) -> Result<Vec<u8>, StoreError> + Send>;
+pub type JobFn = Box<dyn FnMut(&mut dyn Transaction, &Gate) -> Result<Finished, StoreError> + Send>;
+
+/// What a request's job hands back to the committer.
+#[derive(Debug)]
+pub struct Finished {
+    /// The request's encoded audit event, appended whatever its outcome.
+    pub event: Vec<u8>,
+    /// The request succeeded: its writes are committed with its event. Otherwise they are
+    /// dropped, and the request changed nothing.
+    pub succeeded: bool,
+}
 
 /// Whether this region accepts writes, as read in the batch's own transaction (so a
 /// promotion or a fencing commits either before or after the whole batch).
@@ -66,7 +78,8 @@ impl Gate {
     /// The read is the committer's own, so the memo's request statistics do not count it.
     fn read_memoized(tx: &mut dyn Transaction, memo: &mut Memo) -> Result<Gate, StoreError> {
         let counted = (memo.hits, memo.misses);
-        let mut reader = Recorder { tx, writable: false, keep: false, ops: Vec::new(), memo: &mut *memo };
+        let mut reader =
+            Recorder { tx, writable: false, keep: false, ops: Vec::new(), memo: &mut *memo, pending: None };
         let gate = Gate::read(&mut reader);
         (memo.hits, memo.misses) = counted;
         gate
@@ -76,6 +89,7 @@ impl Gate {
 /// The transaction a job sees: every call goes to the batch's transaction; writes to the
 /// replicated keyspace are recorded for the change feed, and refused when the region does
 /// not accept writes (a backstop: operations that write are refused before they start).
+/// A request's writes are held in `pending` until its outcome is known ([`Recorder::settle`]).
 struct Recorder<'a> {
     tx: &'a mut dyn Transaction,
     writable: bool,
@@ -87,9 +101,39 @@ struct Recorder<'a> {
     /// transaction itself) and a range clear forgets its range — so a job sees exactly what
     /// it would see reading the transaction.
     memo: &'a mut Memo,
+    /// A request's writes, not yet in the transaction (`None`: writes go straight in, as a
+    /// sequencer step's).
+    pending: Option<Pending>,
 }
 
 impl Recorder<'_> {
+    /// Where a write goes: into `pending` if the writes are held. A write the region does
+    /// not accept is refused now either way.
+    fn held(&mut self, replicated: bool) -> Result<Option<&mut Pending>, StoreError> {
+        if self.pending.is_some() && replicated && !self.writable {
+            return Err(NOT_WRITABLE);
+        }
+        Ok(self.pending.as_mut())
+    }
+
+    /// Ends a request's turn: its held writes go into the transaction (recorded for the
+    /// change feed, followed by the memo) if it succeeded, and are dropped if not.
+    fn settle(&mut self, succeeded: bool) -> Result<(), StoreError> {
+        let Some(pending) = self.pending.take() else { return Ok(()) };
+        if !succeeded || pending.is_empty() {
+            return Ok(());
+        }
+        for write in pending.into_writes() {
+            match write {
+                Write::Set { key, value } => self.set(&key, &value)?,
+                Write::Clear { key } => self.clear(&key)?,
+                Write::Replace { old, new, value } => self.replace(&old, &new, &value)?,
+                Write::ClearRange { begin, end } => self.clear_range(&begin, &end)?,
+            }
+        }
+        Ok(())
+    }
+
     /// A write to `key` updates what the memo remembers of it (read-your-writes).
     fn follow(&mut self, key: &[u8], value: Option<&[u8]>) {
         if self.memo.values.contains_key(key) {
@@ -106,9 +150,7 @@ impl Recorder<'_> {
             return Ok(());
         }
         if !self.writable {
-            return Err(StoreError::Corrupt(
-                "a write reached the store of a region that does not accept writes",
-            ));
+            return Err(NOT_WRITABLE);
         }
         if self.keep {
             self.ops.push(op());
@@ -117,8 +159,14 @@ impl Recorder<'_> {
     }
 }
 
+const NOT_WRITABLE: StoreError =
+    StoreError::Corrupt("a write reached the store of a region that does not accept writes");
+
 impl Transaction for Recorder<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(held) = self.pending.as_ref().and_then(|p| p.get(key)) {
+            return Ok(held.map(<[u8]>::to_vec));
+        }
         if let Some(value) = self.memo.values.get(key) {
             self.memo.hits += 1;
             return Ok(value.clone());
@@ -130,6 +178,9 @@ impl Transaction for Recorder<'_> {
     }
 
     fn get_snapshot(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(held) = self.pending.as_ref().and_then(|p| p.get(key)) {
+            return Ok(held.map(<[u8]>::to_vec));
+        }
         // A remembered value was read with its conflict (or written) in this transaction;
         // a snapshot read is never remembered, so a later `get` still adds its conflict.
         if let Some(value) = self.memo.values.get(key) {
@@ -144,10 +195,17 @@ impl Transaction for Recorder<'_> {
         end: &[u8],
         options: arca_store::RangeOptions,
     ) -> Result<Vec<arca_store::KeyValue>, StoreError> {
-        self.tx.get_range(begin, end, options)
+        match &self.pending {
+            Some(pending) => pending.get_range(&mut *self.tx, begin, end, options),
+            None => self.tx.get_range(begin, end, options),
+        }
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if let Some(pending) = self.held(arca_replication::replicated(key))? {
+            pending.set(key, value);
+            return Ok(());
+        }
         self.record(arca_replication::replicated(key), || arca_replication::Op::Set {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -158,6 +216,10 @@ impl Transaction for Recorder<'_> {
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        if let Some(pending) = self.held(arca_replication::replicated(key))? {
+            pending.clear(key);
+            return Ok(());
+        }
         self.record(arca_replication::replicated(key), || arca_replication::Op::Clear { key: key.to_vec() })?;
         self.tx.clear(key)?;
         self.follow(key, None);
@@ -165,6 +227,11 @@ impl Transaction for Recorder<'_> {
     }
 
     fn replace(&mut self, old: &[u8], new: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let replicated = arca_replication::replicated(old) || arca_replication::replicated(new);
+        if let Some(pending) = self.held(replicated)? {
+            pending.replace(old, new, value);
+            return Ok(());
+        }
         // Recorded as what it is, a clear and a set: standbys apply the two (the set alone
         // when the keys are one).
         if old != new {
@@ -184,6 +251,13 @@ impl Transaction for Recorder<'_> {
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), StoreError> {
         let replicated = arca_replication::replicated(begin) || arca_replication::replicated(end);
+        if begin > end {
+            return Err(StoreError::InvertedRange);
+        }
+        if let Some(pending) = self.held(replicated)? {
+            pending.clear_range(begin, end);
+            return Ok(());
+        }
         self.record(replicated, || arca_replication::Op::ClearRange {
             begin: begin.to_vec(),
             end: end.to_vec(),
@@ -199,6 +273,10 @@ impl Transaction for Recorder<'_> {
         suffix: &[u8],
         value: &[u8],
     ) -> Result<u16, StoreError> {
+        // Its order is this call's answer: it cannot wait for the request's outcome.
+        if self.pending.is_some() {
+            return Err(StoreError::Corrupt("a request may not write versionstamped keys"));
+        }
         // The key is known only at commit: nothing remembered under the prefix may stand.
         match arca_store::prefix_end(prefix) {
             Some(end) => self.memo.forget_range(prefix, &end),
@@ -425,8 +503,14 @@ fn run(
             for step in steps.iter_mut() {
                 // The audit log's keys are not in the change feed (standbys get the log by its
                 // own stream), and a standby sequences its region's log too: no ops, no gate.
-                let mut recorder =
-                    Recorder { tx: &mut *tx, writable: true, keep: false, ops: Vec::new(), memo: &mut memo };
+                let mut recorder = Recorder {
+                    tx: &mut *tx,
+                    writable: true,
+                    keep: false,
+                    ops: Vec::new(),
+                    memo: &mut memo,
+                    pending: None,
+                };
                 (step.run)(&mut recorder)?;
             }
             let mut orders = Vec::with_capacity(batch.len());
@@ -437,8 +521,10 @@ fn run(
                     keep: gate.replicating,
                     ops: Vec::new(),
                     memo: &mut memo,
+                    pending: Some(Pending::default()),
                 };
-                let event = (job.run)(&mut recorder, &gate)?;
+                let Finished { event, succeeded } = (job.run)(&mut recorder, &gate)?;
+                recorder.settle(succeeded)?;
                 let ops = std::mem::take(&mut recorder.ops);
                 let order = match orders.last() {
                     // Fault injection for the chaos checkers' self-test: answer a request
@@ -520,7 +606,7 @@ mod tests {
     use arca_store::{SqliteConfig, SqliteStore};
 
     fn recorder<'a>(tx: &'a mut dyn Transaction, memo: &'a mut Memo) -> Recorder<'a> {
-        Recorder { tx, writable: true, keep: false, ops: Vec::new(), memo }
+        Recorder { tx, writable: true, keep: false, ops: Vec::new(), memo, pending: None }
     }
 
     #[test]
@@ -572,7 +658,14 @@ mod tests {
         store
             .transact(|tx| {
                 let mut memo = Memo::default();
-                let mut r = Recorder { tx, writable: true, keep: true, ops: Vec::new(), memo: &mut memo };
+                let mut r = Recorder {
+                    tx,
+                    writable: true,
+                    keep: true,
+                    ops: Vec::new(),
+                    memo: &mut memo,
+                    pending: None,
+                };
                 assert_eq!(r.get(&old)?.as_deref(), Some(&b"one"[..]));
                 assert_eq!(r.get(&new)?, None);
                 r.replace(&old, &new, b"two")?;
@@ -605,6 +698,57 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn a_requests_writes_reach_the_transaction_the_memo_and_the_feed_only_if_it_succeeds() {
+        use arca_replication::Op;
+        use arca_store::tuple::pack;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("s.db"))).unwrap();
+        let key = pack(&["kv".into(), "secret".into(), "a".into()]);
+        store.transact(|tx| tx.set(&key, b"before")).unwrap();
+        store
+            .transact(|tx| {
+                let mut memo = Memo::default();
+                let pending = Some(Pending::default());
+                let mut r =
+                    Recorder { tx, writable: true, keep: true, ops: Vec::new(), memo: &mut memo, pending };
+                assert_eq!(r.get(&key)?.as_deref(), Some(&b"before"[..]));
+                r.set(&key, b"failed")?;
+                // The request reads its write; nothing else does yet.
+                assert_eq!(r.get(&key)?.as_deref(), Some(&b"failed"[..]));
+                assert_eq!(r.tx.get(&key)?.as_deref(), Some(&b"before"[..]));
+                assert!(r.ops.is_empty());
+                r.settle(false)?;
+                assert_eq!(r.get(&key)?.as_deref(), Some(&b"before"[..]), "the memo did not follow it");
+                assert_eq!(r.tx.get(&key)?.as_deref(), Some(&b"before"[..]));
+                assert!(r.ops.is_empty(), "a failed request's writes are not sent to the standbys");
+                // The next request succeeds: its writes go in, in order, recorded for the feed.
+                r.pending = Some(Pending::default());
+                r.set(&key, b"first")?;
+                r.clear(&key)?;
+                r.set(&key, b"after")?;
+                r.settle(true)?;
+                assert_eq!(r.get(&key)?.as_deref(), Some(&b"after"[..]));
+                assert_eq!(r.tx.get(&key)?.as_deref(), Some(&b"after"[..]));
+                assert_eq!(
+                    r.ops,
+                    vec![
+                        Op::Set { key: key.clone(), value: b"first".to_vec() },
+                        Op::Clear { key: key.clone() },
+                        Op::Set { key: key.clone(), value: b"after".to_vec() },
+                    ]
+                );
+                // A held write is refused at once where the region takes none, and a request
+                // may not take a versionstamp it could not give back.
+                r.pending = Some(Pending::default());
+                r.writable = false;
+                assert!(r.set(&key, b"refused").is_err());
+                assert!(r.set_versionstamped_key(b"stamped/", b"", b"v").is_err());
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
     /// Submits a job that runs `look` in its batch, waits for the commit, and returns what
     /// `look` saw (its last attempt's, if the batch was retried).
     fn seen_in_batch<T: Send + 'static>(
@@ -614,7 +758,7 @@ mod tests {
         let (seen, read) = mpsc::channel();
         let job: JobFn = Box::new(move |tx, gate| {
             let _ = seen.send(look(tx, gate)?);
-            Ok(b"event".to_vec())
+            Ok(Finished { event: b"event".to_vec(), succeeded: true })
         });
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(committer.submit(job)).unwrap();
@@ -815,7 +959,7 @@ mod tests {
         let job: JobFn = Box::new(|tx, _gate| {
             tx.get(b"k")?;
             tx.set(b"k", b"f")?;
-            Ok(b"event".to_vec())
+            Ok(Finished { event: b"event".to_vec(), succeeded: true })
         });
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(committer.submit(job)).unwrap();

@@ -31,6 +31,7 @@ pub mod lifecycle;
 pub mod memo;
 pub mod metrics;
 pub mod node;
+mod pending;
 pub mod pgtls;
 pub mod policy;
 pub mod region;

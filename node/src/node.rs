@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::auth::TokenRecord;
 use crate::barrier::Barrier;
-use crate::committer::{Committer, Gate};
+use crate::committer::{Committer, Finished, Gate};
 use crate::error::ApiError;
 use crate::policy::{self, Capability, Policy};
 use crate::{keys, metrics::Metrics};
@@ -604,7 +604,7 @@ impl Node {
         // info, and an enabled span costs the workers ~1 µs per request (the fmt layer
         // formats its fields when it is created: ~5% of worker samples under load).
         let span = tracing::debug_span!("request", op = op.name(), request_id = %request_id);
-        let job = Box::new(move |tx: &mut dyn Transaction, gate: &Gate| -> Result<Vec<u8>, StoreError> {
+        let job = Box::new(move |tx: &mut dyn Transaction, gate: &Gate| -> Result<Finished, StoreError> {
             let now = node.now();
             let mut env = Env {
                 tx,
@@ -652,8 +652,9 @@ impl Node {
                 outcome: &outcome,
             }
             .encode();
+            let succeeded = result.is_ok();
             *job_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            Ok(event)
+            Ok(Finished { event, succeeded })
         });
         // `instrument`, never `enter()` across an await: the future may resume on another thread.
         let committed = tracing::Instrument::instrument(self.committer.submit(job), span).await;

@@ -74,18 +74,14 @@ fn info(record: &WrapRecord, token: Option<Zeroizing<String>>) -> WrapInfo {
 }
 
 /// The record a wrapping token names, if it exists and has not expired. An expired one is
-/// removed here, though the request then fails: a request's writes commit with its event,
-/// whatever its outcome.
+/// left for the sweep: a request that fails changes nothing ([`crate::pending`]).
 fn live(env: &mut Env<'_>, token: &str) -> Result<Option<([u8; 32], WrapRecord)>, ApiError> {
     if !token.starts_with(WRAP_TOKEN_PREFIX) || token.len() > 128 {
         return Ok(None);
     }
     let hash = credential_hash(token);
     let Some(record) = env.get_json::<WrapRecord>(&keys::wrap(&hash))? else { return Ok(None) };
-    let expires = record.created_unix_ms.saturating_add(record.ttl_secs * 1000);
-    if expires <= env.now_unix_ms {
-        env.tx.clear(&keys::wrap(&hash))?;
-        env.tx.clear(&keys::wrap_expiry(expires, &hash))?;
+    if record.created_unix_ms.saturating_add(record.ttl_secs * 1000) <= env.now_unix_ms {
         return Ok(None);
     }
     Ok(Some((hash, record)))
@@ -170,16 +166,7 @@ impl Node {
     ) -> Audited<WrapInfo> {
         self.execute(ctx, Operation::WrapLookup, "sys/wrapping/lookup".into(), move |env| {
             env.identify()?;
-            // An expired record is left for the sweep: a lookup does not write.
-            if !token.starts_with(WRAP_TOKEN_PREFIX) || token.len() > 128 {
-                return Err(invalid_token());
-            }
-            let record = env
-                .get_json::<WrapRecord>(&keys::wrap(&credential_hash(&token)))?
-                .ok_or_else(invalid_token)?;
-            if record.created_unix_ms.saturating_add(record.ttl_secs * 1000) <= env.now_unix_ms {
-                return Err(invalid_token());
-            }
+            let (_, record) = live(env, &token)?.ok_or_else(invalid_token)?;
             Ok(info(&record, None))
         })
         .await

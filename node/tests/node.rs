@@ -723,6 +723,54 @@ async fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn a_request_that_fails_after_writing_changes_nothing_and_is_still_audited() {
+    let h = harness().await;
+    let n = &h.node;
+    n.kv_write(ctx(Some(&h.root)), "secret".into(), "keep".into(), data(&[("v", SECRET_VALUE)]), None)
+        .await
+        .result
+        .unwrap();
+    let rows = keys::kv_slots("secret", "keep");
+    let end = prefix_end(&rows).unwrap();
+    let before = row_keys(h.store.as_ref(), &rows);
+    assert!(!before.is_empty());
+    let events = audit_events(h.store.as_ref()).len();
+    // An operation that writes, reads its writes back, then fails: whatever it wrote goes.
+    let (first, last) = (rows.clone(), end.clone());
+    let failed = n
+        .execute(ctx(Some(&h.root)), Operation::KvDestroy, "secret/destroy/keep".into(), move |env| {
+            env.tx.clear_range(&first, &last)?;
+            env.tx.set(b"kv/stray", b"written, then the request failed")?;
+            // It reads its own writes (else `Internal`, which the test tells apart).
+            let seen = env.tx.get_range(&first, &last, RangeOptions::default())?;
+            if !seen.is_empty() || env.tx.get(b"kv/stray")?.is_none() {
+                return Err(ApiError::Internal);
+            }
+            Err::<(), _>(ApiError::invalid("failed after writing"))
+        })
+        .await;
+    assert!(matches!(failed.result, Err(ApiError::InvalidArgument(_))), "{:?}", failed.result);
+    assert!(failed.position.is_some(), "the failure's event is durable");
+    assert_eq!(row_keys(h.store.as_ref(), &rows), before, "the secret's rows are untouched");
+    assert!(row_keys(h.store.as_ref(), b"kv/stray").is_empty());
+    let read = n.kv_read(ctx(Some(&h.root)), "secret".into(), "keep".into(), None).await.result.unwrap();
+    assert_eq!(read.data.text("v"), Some(SECRET_VALUE));
+    let all = audit_events(h.store.as_ref());
+    assert_eq!(all.len(), events + 2, "the failure and the read");
+    assert!(matches!(all[events].outcome, Outcome::Error { .. }), "{:?}", all[events].outcome);
+    // The same writes from a request that succeeds are committed with its event.
+    let (first, last) = (rows.clone(), end);
+    let done = n
+        .execute(ctx(Some(&h.root)), Operation::KvDestroy, "secret/destroy/keep".into(), move |env| {
+            env.tx.clear_range(&first, &last)?;
+            Ok(())
+        })
+        .await;
+    assert!(done.result.is_ok());
+    assert!(row_keys(h.store.as_ref(), &rows).is_empty());
+}
+
+#[tokio::test]
 async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it() {
     let h = harness().await;
     let clock = injected_clock(&h);
@@ -744,14 +792,16 @@ async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it(
     assert_eq!(unwrapped.as_str(), response.as_str());
     let again = n.unwrap(ctx(None), token.clone()).await.result;
     assert!(matches!(again, Err(ApiError::InvalidArgument(_))), "single use: {again:?}");
-    // Past its TTL it is gone, and the sweep removes what was never unwrapped.
+    // Past its TTL it is gone, and the sweep removes it.
     let expiring = wrap(1).await.result.unwrap().token.unwrap();
     let unread = wrap(3600).await.result.unwrap().token.unwrap();
     clock.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
     assert!(n.unwrap(ctx(None), expiring.clone()).await.result.is_err());
+    // A failed request changes nothing: the expired one stays for the sweep.
+    assert_eq!(row_keys(h.store.as_ref(), &keys::wrap_expiry_all()).len(), 2);
     let late = wrap(1).await.result.unwrap().token.unwrap();
     clock.fetch_add(2_000, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(n.wrap_expire_sweep().await.unwrap(), 1, "the one expired and never asked for");
+    assert_eq!(n.wrap_expire_sweep().await.unwrap(), 2, "the expired ones, asked for or not");
     assert!(n.wrap_lookup(ctx(None), late).await.result.is_err());
     assert_eq!(row_keys(h.store.as_ref(), &keys::wrap_expiry_all()).len(), 1, "the hour-long one stays");
     assert!(n.unwrap(ctx(None), unread).await.result.is_ok());
@@ -770,7 +820,7 @@ async fn a_wrapped_response_is_unwrapped_once_within_its_ttl_and_swept_after_it(
             ops(Operation::WrapLookup),
             ops(Operation::WrapExpire)
         ),
-        (6, 5, 2, 1)
+        (6, 5, 2, 2)
     );
     let created = events.iter().find(|e| e.operation == Operation::WrapCreate).unwrap();
     assert_eq!(
