@@ -2,7 +2,8 @@
 # Coverage-guided fuzzing (cargo-fuzz / libFuzzer) of every parser that takes outside input:
 # audit events, replication change records, tuple-encoded keys, signed notes and
 # checkpoints, tlog-tiles paths and bodies, policies and CIDRs, the node config, rotation
-# schedules, and what a SIEM consumer reads from the two Kafka topics (verify and watch). Fails on the first panic or broken round trip; the input that did it lands in
+# schedules, what a SIEM consumer reads from the two Kafka topics (verify and watch), secret
+# data, and the whole Vault HTTP API in process. Fails on the first panic or broken round trip; the input that did it lands in
 # fuzz/artifacts/<target>/.
 #
 #   scripts/fuzz.sh                 every target for 60 s

@@ -1,0 +1,171 @@
+//! The Vault-compatible HTTP API, whole: fuzzed methods, paths, queries, wrap headers and
+//! JSON bodies sent through the node's own router (no socket) to a real node on SQLite,
+//! with the root token or none. Never a panic; every request under `/v1/` (and every
+//! unknown path) has its audit event committed before its reply; no reply is a 500; every
+//! JSON reply parses.
+//!
+//! The input: a method byte, a flags byte (root token, wrap header, route table), a route
+//! byte, then the path (or a suffix to the route), the query, the wrap TTL and the body,
+//! separated by zero bytes. Left out: `sys/seal` (it would stop every later input; the node
+//! is rebuilt if it is sealed anyway) and `database/` (its routes reach out to a PostgreSQL
+//! server named in the input).
+#![no_main]
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arca_audit::Source;
+use arca_node::node::{Node, NodeIdentity, RequestContext};
+use arca_store::{SqliteConfig, SqliteStore};
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use libfuzzer_sys::fuzz_target;
+use tower::ServiceExt as _;
+
+const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "LIST", "PATCH", "HEAD"];
+
+/// Route prefixes the input's path is appended to (flag 4), so every handler's body parsing
+/// is reached without the fuzzer having to spell its path first.
+const ROUTES: [&str; 34] = [
+    "/v1/secret/data/",
+    "/v1/secret/metadata/",
+    "/v1/secret/subkeys/",
+    "/v1/secret/delete/",
+    "/v1/secret/undelete/",
+    "/v1/secret/destroy/",
+    "/v1/secret/config",
+    "/v1/team/kv/data/",
+    "/v1/sys/mounts/",
+    "/v1/sys/internal/ui/mounts/",
+    "/v1/auth/token/create",
+    "/v1/auth/token/create-orphan",
+    "/v1/auth/token/lookup",
+    "/v1/auth/token/lookup-self",
+    "/v1/auth/token/lookup-accessor",
+    "/v1/auth/token/renew-self",
+    "/v1/auth/token/revoke-accessor",
+    "/v1/sys/capabilities-self",
+    "/v1/sys/capabilities",
+    "/v1/sys/capabilities-accessor",
+    "/v1/sys/leases/lookup",
+    "/v1/sys/leases/renew",
+    "/v1/auth/approle/role/",
+    "/v1/auth/approle/login",
+    "/v1/sys/policies/acl/",
+    "/v1/sys/policy/",
+    "/v1/sys/wrapping/unwrap",
+    "/v1/sys/wrapping/lookup",
+    "/v1/sys/wrapping/wrap",
+    "/v1/sys/unseal",
+    "/v1/sys/auth/",
+    "/v1/sys/health",
+    "/audit/local/",
+    "/",
+];
+
+/// Inputs between rebuilds of the node (a fuzzed request may revoke the root token).
+const REBUILD_EVERY: u32 = 512;
+
+struct Target {
+    runtime: tokio::runtime::Runtime,
+    live: Mutex<Option<Live>>,
+}
+
+struct Live {
+    _dir: tempfile::TempDir,
+    node: Arc<Node>,
+    router: axum::Router,
+    root: String,
+    served: u32,
+}
+
+fn build(runtime: &tokio::runtime::Runtime) -> Live {
+    // On tmpfs when there is one: each request's commit is fsynced.
+    let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+    let dir = tempfile::tempdir_in(base).expect("a temporary directory");
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("arca.db"))).expect("the store"));
+    let identity = NodeIdentity { cluster: "fuzz".into(), region: "local".into(), node: "node-a".into() };
+    let node = Node::new(store, identity);
+    let ctx = RequestContext::new(None, Source { address: "127.0.0.1:1".into(), proxy: None });
+    let init = runtime.block_on(node.operator_init(ctx, 1, 1)).result.expect("init");
+    let root = init.root_token.token.to_string();
+    let router = arca_node::http::router(node.clone(), Default::default());
+    Live { _dir: dir, node, router, root, served: 0 }
+}
+
+fn target() -> &'static Target {
+    static TARGET: OnceLock<Target> = OnceLock::new();
+    TARGET.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        Target { runtime, live: Mutex::new(None) }
+    })
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [method, flags, route, rest @ ..] = data else { return };
+    let mut parts = rest.split(|&b| b == 0);
+    let (path, query, wrap, body) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let mut uri = if flags & 4 != 0 {
+        format!("{}{}", ROUTES[usize::from(*route) % ROUTES.len()], text(path))
+    } else {
+        format!("/{}", text(path))
+    };
+    if uri.contains("sys/seal") || uri.contains("database/") {
+        return;
+    }
+    if !query.is_empty() {
+        uri = format!("{uri}?{}", text(query));
+    }
+    let method = Method::from_bytes(METHODS[usize::from(*method) % METHODS.len()].as_bytes()).expect("a method");
+    let t = target();
+    let mut live = t.live.lock().unwrap_or_else(|p| p.into_inner());
+    let stale = live.as_ref().is_none_or(|l| l.served >= REBUILD_EVERY || l.node.barrier().is_sealed());
+    if stale {
+        *live = None;
+        *live = Some(build(&t.runtime));
+    }
+    let Some(l) = live.as_mut() else { return };
+    l.served += 1;
+    let mut request = Request::builder().method(method).uri(uri.as_str());
+    if flags & 1 != 0 {
+        request = request.header("x-vault-token", l.root.as_str());
+    }
+    if flags & 2 != 0 {
+        let Ok(value) = header::HeaderValue::from_bytes(wrap) else { return };
+        request = request.header("x-vault-wrap-ttl", value);
+    }
+    // A URI the HTTP layer itself refuses never reaches the node.
+    let Ok(request) = request.body(Body::from(body.to_vec())) else { return };
+    let audited = request.uri().path().starts_with("/v1/")
+        || !(request.uri().path().starts_with("/audit/") || request.uri().path() == "/metrics");
+    let jobs = l.node.committer().stats().jobs;
+    let response = t.runtime.block_on(l.router.clone().oneshot(request)).expect("the router is infallible");
+    let status = response.status();
+    assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
+    if audited {
+        assert!(l.node.committer().stats().jobs > jobs, "no audit event for {uri}");
+    }
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let bytes = t
+        .runtime
+        .block_on(axum::body::to_bytes(response.into_body(), 16 << 20))
+        .expect("the reply's body");
+    if json && !bytes.is_empty() {
+        serde_json::from_slice::<serde_json::Value>(&bytes).expect("a JSON reply parses");
+    }
+});
