@@ -3,7 +3,7 @@
 # audit events, replication change records, tuple-encoded keys, signed notes and
 # checkpoints, tlog-tiles paths and bodies, policies and CIDRs, the node config, rotation
 # schedules, what a SIEM consumer reads from the two Kafka topics (verify and watch), secret
-# data, and the whole Vault HTTP API in process. Fails on the first panic or broken round trip; the input that did it lands in
+# data, and the whole Vault HTTP and gRPC APIs in process. Fails on the first panic or broken round trip; the input that did it lands in
 # fuzz/artifacts/<target>/.
 #
 #   scripts/fuzz.sh                 every target for 60 s
@@ -12,7 +12,8 @@
 #
 # Stable Rust: cargo-fuzz's instrumentation flags are unlocked with RUSTC_BOOTSTRAP=1. No
 # sanitizer: the fuzzed crates forbid unsafe code, so libFuzzer's own checks (panics,
-# asserts, timeouts, memory limit) are what matters. Corpora persist in fuzz/corpus/.
+# asserts, timeouts, memory limit) are what matters. Corpora persist in fuzz/corpus/;
+# fuzz/seeds/<target>/ holds committed starting inputs for the API targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,8 +37,11 @@ cargo fuzz build --sanitizer none -O
 for target in "${targets[@]}"; do
     printf 'fuzz: %-16s ' "$target" >&2
     mkdir -p "corpus/$target"
+    # Hand-written inputs that reach deep (fuzz/seeds/<target>), read but never written to.
+    seeds=()
+    if [[ -d "seeds/$target" ]]; then seeds=("seeds/$target"); fi
     log=$(mktemp)
-    if ! cargo fuzz run --sanitizer none -O "$target" "corpus/$target" -- \
+    if ! cargo fuzz run --sanitizer none -O "$target" "corpus/$target" "${seeds[@]}" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 >"$log" 2>&1; then
         echo "FAILED" >&2
         grep -E "panicked|ERROR|SUMMARY|Test unit written" "$log" >&2 || tail -20 "$log" >&2

@@ -237,6 +237,12 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<i32>().ok())
                 .map_or(tonic::Code::Unknown, tonic::Code::from_i32);
+            if code == tonic::Code::Internal {
+                // tonic answers a message cut short (a frame longer than the body) with
+                // INTERNAL: the node did not fail, the request was malformed.
+                response =
+                    Status::invalid_argument("malformed request: the message is cut short").into_http();
+            }
             let ctx = refusal.context(&proxy);
             let audited = node
                 .reject(ctx, refusal.uri.path().to_owned(), move || {

@@ -113,6 +113,29 @@ async fn malformed_protobuf_is_an_invalid_argument_and_audited() {
 }
 
 #[tokio::test]
+async fn a_message_cut_short_is_an_invalid_argument_and_audited() {
+    use tonic::codegen::Service as _;
+    let server = run(ProxyConfig::default(), None).await;
+    let mut channel =
+        Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let before = events(server.store.as_ref()).len();
+    // A gRPC frame that announces 5 bytes of message and carries 2 (tonic: INTERNAL).
+    let request = tonic::codegen::http::Request::post(format!("http://{}/arca.v1.Arca/KvPut", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", server.root))
+        .body(tonic::body::Body::new("\0\0\0\0\u{5}ab".to_owned()))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let response = channel.call(request).await.unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("a trailers-only refusal");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("malformed request"), "{}", status.message());
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "one event for the refused request");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
+}
+
+#[tokio::test]
 async fn oversized_requests_are_refused_audited_and_change_nothing() {
     let server = run(ProxyConfig::default(), None).await;
     let mut client = plain_client(server.addr).await;
