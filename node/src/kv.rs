@@ -380,7 +380,7 @@ pub struct Mount {
 }
 
 /// A mount's settings (inside the request's transaction; the mount must exist).
-fn mount_config(env: &mut Env<'_>, mount: &str) -> Result<KvConfig, ApiError> {
+pub(crate) fn mount_config(env: &mut Env<'_>, mount: &str) -> Result<KvConfig, ApiError> {
     let raw = env
         .tx
         .get(&keys::mount(mount))?
@@ -544,17 +544,17 @@ fn check_cas(meta: Option<&Metadata>, cas: Option<u64>, mount: &KvConfig) -> Res
 }
 
 /// Writes a new version (inside the transaction), places it among the stages, and prunes
-/// versions beyond the maximum (never a staged one).
+/// versions beyond the maximum (never a staged one). `config` is the mount's
+/// ([`mount_config`]).
 pub(crate) fn write_version(
     env: &mut Env<'_>,
-    mount: &str,
+    (mount, config): (&str, &KvConfig),
     path: &str,
     meta: Option<Metadata>,
     data: &SecretData,
     stage: NewVersionStage,
 ) -> Result<u64, ApiError> {
     let now = env.now_unix_ms;
-    let config = mount_config(env, mount)?;
     let mut meta = meta.unwrap_or(Metadata { created_unix_ms: now, ..Metadata::default() });
     let version = meta.current_version + 1;
     let delete_after = match meta.delete_version_after_secs {
@@ -585,7 +585,7 @@ pub(crate) fn write_version(
         },
     );
     // The new version is staged, so it is never pruned here.
-    let pruned = prunable(&mut meta, &config);
+    let pruned = prunable(&mut meta, config);
     // A pruned version's slot, else the lowest slot no version holds.
     let slot = match pruned.iter().find_map(|(_, m)| m.slot) {
         Some(slot) => slot,
@@ -847,7 +847,7 @@ impl Node {
             }
             let config = mount_config(env, &mount)?;
             check_cas(meta.as_ref(), cas, &config)?;
-            write_version(env, &mount, &path, meta, &data, NewVersionStage::Current)
+            write_version(env, (&mount, &config), &path, meta, &data, NewVersionStage::Current)
         })
         .await
     }
@@ -901,7 +901,7 @@ impl Node {
                 }
             }
             validate_data(&data)?;
-            write_version(env, &mount, &path, Some(meta), &data, NewVersionStage::Current)
+            write_version(env, (&mount, &config), &path, Some(meta), &data, NewVersionStage::Current)
         })
         .await
     }

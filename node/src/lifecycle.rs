@@ -578,9 +578,10 @@ impl Node {
                             ApiError::FailedPrecondition("the rotator made no new value".into())
                         })?;
                         meta.rotation_state = None; // written below with the version
+                        let config = kv::mount_config(env, &m)?;
                         let version = kv::write_version(
                             env,
-                            &m,
+                            (&m, &config),
                             &p,
                             Some(meta.clone()),
                             &data,
