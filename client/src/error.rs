@@ -49,6 +49,14 @@ pub const AUDIT_POSITION_HEADER: &str = "x-arca-audit-position";
 pub const REQUEST_ID_HEADER: &str = "x-arca-request-id";
 /// On a refused write: the region that takes writes.
 pub const PRIMARY_REGION_HEADER: &str = "x-arca-primary-region";
+/// On a request: wrap the answer for this long (a duration: `60`, `60s`, `5m`, `1h`).
+pub const WRAP_TTL_HEADER: &str = "x-arca-wrap-ttl";
+/// On a wrapped answer: the wrapping token (`arcaw_…`), its accessor, its TTL in seconds and
+/// the gRPC method whose answer it wraps.
+pub const WRAP_TOKEN_HEADER: &str = "x-arca-wrap-token";
+pub const WRAP_ACCESSOR_HEADER: &str = "x-arca-wrap-accessor";
+pub const WRAP_TTL_SECS_HEADER: &str = "x-arca-wrap-ttl-secs";
+pub const WRAP_CREATION_PATH_HEADER: &str = "x-arca-wrap-creation-path";
 
 impl Error {
     pub(crate) fn config(message: impl Into<String>) -> Error {

@@ -48,7 +48,10 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 pub use config::{Auth, Config, NodeAddr, Retry, Tls};
-pub use error::{AUDIT_POSITION_HEADER, Error, ErrorKind, PRIMARY_REGION_HEADER, REQUEST_ID_HEADER};
+pub use error::{
+    AUDIT_POSITION_HEADER, Error, ErrorKind, PRIMARY_REGION_HEADER, REQUEST_ID_HEADER, WRAP_ACCESSOR_HEADER,
+    WRAP_CREATION_PATH_HEADER, WRAP_TOKEN_HEADER, WRAP_TTL_HEADER, WRAP_TTL_SECS_HEADER,
+};
 
 /// The generated protobuf types and gRPC client of arca's API (`node/proto/arca.proto`).
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use arca_audit::Source;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::codegen::{BoxFuture, Service as TowerService};
 use tonic::metadata::MetadataValue;
@@ -35,7 +37,10 @@ use crate::proto::arca_server::{Arca, ArcaServer};
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
-pub use arca_client::{AUDIT_POSITION_HEADER, PRIMARY_REGION_HEADER, REQUEST_ID_HEADER};
+pub use arca_client::{
+    AUDIT_POSITION_HEADER, PRIMARY_REGION_HEADER, REQUEST_ID_HEADER, WRAP_ACCESSOR_HEADER,
+    WRAP_CREATION_PATH_HEADER, WRAP_TOKEN_HEADER, WRAP_TTL_HEADER, WRAP_TTL_SECS_HEADER,
+};
 
 /// Which proxies may name the client address, and in which header.
 #[derive(Debug, Clone, Default)]
@@ -222,6 +227,19 @@ where
         request.extensions_mut().insert(reached.clone());
         let refusal = Refusal::of(&request, &self.proxy);
         let (node, proxy) = (self.node.clone(), self.proxy.clone());
+        // Response wrapping: `Some(None)` for a TTL that is not a duration.
+        let wrap = request
+            .headers()
+            .get(WRAP_TTL_HEADER)
+            .map(|v| v.to_str().ok().and_then(crate::vault::parse_duration).filter(|ttl| *ttl > 0));
+        if let Some(None) = wrap {
+            return Box::pin(async move {
+                let status = Status::invalid_argument(format!(
+                    "{WRAP_TTL_HEADER}: a duration such as 60, 60s, 5m or 1h"
+                ));
+                Ok(refusal.audit(&node, &proxy, status.into_http(), tonic::Code::InvalidArgument).await)
+            });
+        }
         // The clone that was made ready is the one called (tower's contract).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -229,7 +247,10 @@ where
         Box::pin(async move {
             let mut response = response.await?;
             if reached.0.load(Ordering::Acquire) {
-                return Ok(response);
+                return Ok(match wrap {
+                    Some(Some(ttl)) => wrapped(&node, &refusal, &proxy, response, ttl).await,
+                    _ => response,
+                });
             }
             let code = response
                 .headers()
@@ -243,22 +264,153 @@ where
                 response =
                     Status::invalid_argument("malformed request: the message is cut short").into_http();
             }
-            let ctx = refusal.context(&proxy);
-            let audited = node
-                .reject(ctx, refusal.uri.path().to_owned(), move || {
-                    ApiError::invalid(format!("request refused before it reached the node ({code:?})"))
-                })
-                .await;
-            let position = audited.position_hex();
-            if let Err(err @ (ApiError::Store(_) | ApiError::Unavailable | ApiError::Internal)) =
-                audited.result
-            {
-                // The refusal could not be recorded: say so rather than answer unaudited.
-                response = Status::from(err).into_http();
-            }
-            audit_headers(response.headers_mut(), position.as_deref(), &audited.request_id);
-            Ok(response)
+            Ok(refusal.audit(&node, &proxy, response, code).await)
         })
+    }
+}
+
+impl Refusal {
+    /// Audits a request refused before it reached a handler (tonic's `code`), and returns
+    /// `response` with the event's headers — or `UNAVAILABLE` if the event could not be
+    /// recorded.
+    async fn audit(
+        &self,
+        node: &Arc<Node>,
+        proxy: &ProxyConfig,
+        mut response: http::Response<tonic::body::Body>,
+        code: tonic::Code,
+    ) -> http::Response<tonic::body::Body> {
+        let ctx = self.context(proxy);
+        let audited = node
+            .reject(ctx, self.uri.path().to_owned(), move || {
+                ApiError::invalid(format!("request refused before it reached the node ({code:?})"))
+            })
+            .await;
+        let position = audited.position_hex();
+        if let Err(err @ (ApiError::Store(_) | ApiError::Unavailable | ApiError::Internal)) = audited.result {
+            // The refusal could not be recorded: say so rather than answer unaudited.
+            response = Status::from(err).into_http();
+        }
+        audit_headers(response.headers_mut(), position.as_deref(), &audited.request_id);
+        response
+    }
+}
+
+/// What a gRPC answer wrapped for later holds, as stored (JSON, sealed by the node).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WrappedAnswer {
+    grpc_method: String,
+    /// The answer's message, base64.
+    message: String,
+}
+
+impl Drop for WrappedAnswer {
+    fn drop(&mut self) {
+        self.message.zeroize();
+    }
+}
+
+/// Wraps a handler's successful answer (`Node::wrap`, under the handler's request id): the
+/// caller gets its method's empty message and the wrapping token in the headers. An error
+/// answer passes unwrapped, as Vault wraps only successes.
+async fn wrapped(
+    node: &Arc<Node>,
+    refusal: &Refusal,
+    proxy: &ProxyConfig,
+    response: http::Response<tonic::body::Body>,
+    ttl: u64,
+) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt as _;
+    // An error is answered trailers-only, its status in the headers.
+    if response.headers().contains_key(Status::GRPC_STATUS) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let request_id = parts.headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let collected = match body.collect().await {
+        Ok(collected) => collected,
+        Err(_) => return Status::unavailable("the answer to wrap could not be read").into_http(),
+    };
+    if let Some(trailers) = collected.trailers()
+        && let Some(status) = Status::from_header_map(trailers)
+        && status.code() != tonic::Code::Ok
+    {
+        return status.into_http();
+    }
+    let bytes = collected.to_bytes();
+    // One uncompressed frame: flag 0, the length, the message.
+    let message = match bytes.as_ref() {
+        [0, l0, l1, l2, l3, message @ ..]
+            if u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize == message.len() =>
+        {
+            message
+        }
+        _ => return Status::unavailable("the answer to wrap is not one message").into_http(),
+    };
+    let method = refusal.uri.path().to_owned();
+    let answer = WrappedAnswer { grpc_method: method.clone(), message: B64.encode(message) };
+    let stored = Zeroizing::new(serde_json::to_string(&answer).unwrap_or_default());
+    let mut ctx = refusal.context(proxy);
+    if let Some(id) = request_id {
+        ctx.request_id = id;
+    }
+    let audited = node.wrap(ctx, method, stored, ttl, false).await;
+    let position = audited.position_hex();
+    let mut response = match audited.result {
+        Ok(info) => {
+            let mut response = http::Response::new(tonic::body::Body::new(UnaryBody::empty_message()));
+            let headers = response.headers_mut();
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            let token = info.token.as_ref().map(|t| t.as_str()).unwrap_or_default();
+            for (name, value) in [
+                (WRAP_TOKEN_HEADER, token),
+                (WRAP_ACCESSOR_HEADER, info.accessor.as_str()),
+                (WRAP_TTL_SECS_HEADER, &info.ttl_secs.to_string()),
+                (WRAP_CREATION_PATH_HEADER, info.creation_path.as_str()),
+            ] {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    headers.insert(name, value);
+                }
+            }
+            response
+        }
+        Err(err) => Status::from(err).into_http(),
+    };
+    audit_headers(response.headers_mut(), position.as_deref(), &audited.request_id);
+    response
+}
+
+/// A unary answer's body: one message frame, then `grpc-status: 0` in the trailers.
+struct UnaryBody {
+    frame: Option<tonic::codegen::Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl UnaryBody {
+    /// The frame of a message with no field set (every method's answer decodes it).
+    fn empty_message() -> Self {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, HeaderValue::from_static("0"));
+        UnaryBody {
+            frame: Some(tonic::codegen::Bytes::from_static(&[0, 0, 0, 0, 0])),
+            trailers: Some(trailers),
+        }
+    }
+}
+
+impl http_body::Body for UnaryBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.frame.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(frame))));
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))))
     }
 }
 
@@ -978,6 +1130,33 @@ impl Arca for Service {
     async fn policy_delete(&self, request: Request<proto::PolicyName>) -> Reply<proto::Empty> {
         let ctx = self.context(&request);
         respond(self.node.policy_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
+    }
+
+    async fn unwrap(&self, request: Request<proto::WrapToken>) -> Reply<proto::Unwrapped> {
+        let ctx = self.context(&request);
+        let token = Zeroizing::new(request.into_inner().token);
+        respond(self.node.unwrap(ctx, token).await, |answer| {
+            // A gRPC answer, or the JSON body of one wrapped over the HTTP API.
+            match serde_json::from_str::<WrappedAnswer>(&answer) {
+                Ok(grpc) => proto::Unwrapped {
+                    grpc_method: grpc.grpc_method.clone(),
+                    message: B64.decode(grpc.message.as_bytes()).unwrap_or_default(),
+                    json: String::new(),
+                },
+                Err(_) => proto::Unwrapped { json: answer.to_string(), ..Default::default() },
+            }
+        })
+    }
+
+    async fn wrap_lookup(&self, request: Request<proto::WrapToken>) -> Reply<proto::WrapLookupResponse> {
+        let ctx = self.context(&request);
+        let token = Zeroizing::new(request.into_inner().token);
+        respond(self.node.wrap_lookup(ctx, token).await, |info| proto::WrapLookupResponse {
+            accessor: info.accessor,
+            creation_path: info.creation_path,
+            created_unix_ms: info.created_unix_ms,
+            ttl_secs: info.ttl_secs,
+        })
     }
 
     async fn region_status(&self, request: Request<proto::Empty>) -> Reply<proto::RegionStatusResponse> {

@@ -106,7 +106,8 @@ fn duration_secs(value: &Value) -> Result<Option<u64>, ApiError> {
     }
 }
 
-fn parse_duration(s: &str) -> Option<u64> {
+/// Seconds in a duration as Vault's clients write it (see [`duration_secs`]).
+pub(crate) fn parse_duration(s: &str) -> Option<u64> {
     if s.bytes().all(|b| b.is_ascii_digit()) {
         return s.parse().ok();
     }

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arca_audit::{Event, Operation, Outcome};
-use arca_node::grpc::{AUDIT_POSITION_HEADER, ProxyConfig, REQUEST_ID_HEADER};
+use arca_node::grpc::{
+    AUDIT_POSITION_HEADER, ProxyConfig, REQUEST_ID_HEADER, WRAP_CREATION_PATH_HEADER, WRAP_TOKEN_HEADER,
+    WRAP_TTL_HEADER, WRAP_TTL_SECS_HEADER,
+};
 use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_node::proto;
 use arca_node::proto::arca_client::ArcaClient;
@@ -182,6 +185,98 @@ async fn unknown_methods_and_services_are_unimplemented_and_audited_without_trus
     let status = grpc.unary(authed(proto::Empty {}, &server.root), path, codec).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert_refusal_audited(server.store.as_ref(), &status, other, "root");
+}
+
+/// `message` with the root token and a wrap TTL.
+fn wrapping<T>(message: T, token: &str, ttl: &str) -> Request<T> {
+    let mut request = authed(message, token);
+    request.metadata_mut().insert(WRAP_TTL_HEADER, ttl.parse().unwrap());
+    request
+}
+
+fn header<T>(response: &tonic::Response<T>, name: &str) -> String {
+    response.metadata().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn any_answer_may_be_wrapped_and_is_unwrapped_once() {
+    use prost::Message as _;
+    let server = run(ProxyConfig::default(), None).await;
+    let mut client = plain_client(server.addr).await;
+    let put = proto::KvPutRequest {
+        path: "app/db".into(),
+        data: [("password".to_owned(), "wrapped-s3cret".to_owned())].into(),
+        ..Default::default()
+    };
+    client.kv_put(authed(put, &server.root)).await.unwrap();
+    let get = proto::KvGetRequest { path: "app/db".into(), ..Default::default() };
+    let wrapped = client.kv_get(wrapping(get.clone(), &server.root, "5m")).await.unwrap();
+    // The answer holds no secret: the method's empty message, and the token beside it.
+    assert_eq!(wrapped.get_ref(), &proto::KvGetResponse::default());
+    let token = header(&wrapped, WRAP_TOKEN_HEADER);
+    assert!(token.starts_with("arcaw_"), "{token:?}");
+    assert_eq!(header(&wrapped, WRAP_TTL_SECS_HEADER), "300");
+    assert_eq!(header(&wrapped, WRAP_CREATION_PATH_HEADER), "/arca.v1.Arca/KvGet");
+    // The read and its wrap share one request id: two events under it.
+    let request_id = header(&wrapped, REQUEST_ID_HEADER);
+    let under: Vec<Operation> = events(server.store.as_ref())
+        .into_iter()
+        .filter(|e| e.request_id == request_id)
+        .map(|e| e.operation)
+        .collect();
+    assert_eq!(under, vec![Operation::KvRead, Operation::WrapCreate]);
+    assert!(!header(&wrapped, AUDIT_POSITION_HEADER).is_empty());
+    // Lookup, then one unwrap with the token alone; then it is gone.
+    let looked = client.wrap_lookup(Request::new(proto::WrapToken { token: token.clone() })).await.unwrap();
+    assert_eq!(looked.get_ref().creation_path, "/arca.v1.Arca/KvGet");
+    assert_eq!(looked.get_ref().ttl_secs, 300);
+    let unwrapped =
+        client.unwrap(Request::new(proto::WrapToken { token: token.clone() })).await.unwrap().into_inner();
+    assert_eq!(unwrapped.grpc_method, "/arca.v1.Arca/KvGet");
+    let answer = proto::KvGetResponse::decode(unwrapped.message.as_slice()).unwrap();
+    assert_eq!(answer.data.get("password").map(String::as_str), Some("wrapped-s3cret"));
+    assert_eq!(answer.version, 1);
+    let again = client.unwrap(Request::new(proto::WrapToken { token: token.clone() })).await.unwrap_err();
+    assert_eq!(again.code(), Code::InvalidArgument, "single use: {again:?}");
+    assert!(client.wrap_lookup(Request::new(proto::WrapToken { token })).await.is_err());
+    // An error is answered as it is, not wrapped.
+    let missing = proto::KvGetRequest { path: "app/none".into(), ..Default::default() };
+    let status = client.kv_get(wrapping(missing, &server.root, "5m")).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.metadata().get(WRAP_TOKEN_HEADER).is_none());
+    // A TTL that is not a duration, or past 7 days, is refused, audited, and runs nothing.
+    let before = events(server.store.as_ref()).len();
+    let status = client.kv_get(wrapping(get.clone(), &server.root, "soon")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvGet", "root");
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "the read did not run");
+    let status = client.kv_get(wrapping(get.clone(), &server.root, "8d")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // An AppRole secret id delivered wrapped, unwrapped by the application, used to log in.
+    let role = proto::AppRoleWriteRequest {
+        name: "web".into(),
+        policies: vec!["default".into()],
+        ..Default::default()
+    };
+    client.app_role_write(authed(role, &server.root)).await.unwrap();
+    let role_id = client
+        .app_role_role_id(authed(proto::AppRoleName { name: "web".into() }, &server.root))
+        .await
+        .unwrap()
+        .into_inner()
+        .role_id;
+    let wrapped = client
+        .app_role_secret_id(wrapping(proto::AppRoleName { name: "web".into() }, &server.root, "60s"))
+        .await
+        .unwrap();
+    assert!(wrapped.get_ref().secret_id.is_empty());
+    let token = header(&wrapped, WRAP_TOKEN_HEADER);
+    let unwrapped = client.unwrap(Request::new(proto::WrapToken { token })).await.unwrap().into_inner();
+    let secret_id = proto::SecretIdResponse::decode(unwrapped.message.as_slice()).unwrap().secret_id;
+    let login = proto::AppRoleLoginRequest { role_id, secret_id };
+    assert!(
+        client.app_role_login(Request::new(login)).await.unwrap().into_inner().token.starts_with("arca_")
+    );
 }
 
 #[tokio::test]
