@@ -158,6 +158,49 @@ pub struct Written {
     pub receipt: Receipt,
 }
 
+/// An answer wrapped for later ([`Client::call_wrapped`]): the single-use token that unwraps
+/// it. The answer itself stays on the node, sealed, until unwrapped or its TTL ends.
+#[derive(Debug, Clone)]
+pub struct Wrapped {
+    /// The wrapping token (`arcaw_…`): whoever holds it unwraps the answer, once.
+    pub token: SecretValue,
+    pub accessor: String,
+    pub ttl: Duration,
+    /// The gRPC method whose answer it wraps (`/arca.v1.Arca/KvGet`).
+    pub creation_path: String,
+    /// The wrapped call's receipt: its request id is the call's and the wrap's.
+    pub receipt: Receipt,
+}
+
+impl Wrapped {
+    fn of<T>(response: &Response<T>, node: &str) -> Option<Wrapped> {
+        let meta = |key: &str| response.metadata().get(key).and_then(|v| v.to_str().ok());
+        Some(Wrapped {
+            token: SecretValue(Zeroizing::new(meta(WRAP_TOKEN_HEADER)?.to_owned())),
+            accessor: meta(WRAP_ACCESSOR_HEADER).unwrap_or_default().to_owned(),
+            ttl: Duration::from_secs(meta(WRAP_TTL_SECS_HEADER).and_then(|t| t.parse().ok()).unwrap_or(0)),
+            creation_path: meta(WRAP_CREATION_PATH_HEADER).unwrap_or_default().to_owned(),
+            receipt: Receipt::of(response, node),
+        })
+    }
+}
+
+/// The gRPC method of a KV read, as a wrapped answer names it.
+pub const KV_GET_METHOD: &str = "/arca.v1.Arca/KvGet";
+
+/// A secret from a read's answer.
+fn secret_of(path: String, g: proto::KvGetResponse, receipt: Receipt) -> Secret {
+    Secret {
+        path,
+        version: g.version,
+        created_unix_ms: g.created_unix_ms,
+        data: g.data.into_iter().map(|(k, v)| (k, SecretValue(Zeroizing::new(v)))).collect(),
+        json_fields: g.json_keys.into_iter().collect(),
+        custom_metadata: g.custom_metadata,
+        receipt,
+    }
+}
+
 /// The longest of `mounts` that `full` is, or starts with at a segment boundary.
 fn declared_mount<'a>(full: &str, mounts: &'a [String]) -> Option<&'a String> {
     mounts
@@ -475,16 +518,70 @@ impl Client {
         let (response, node) =
             self.call_routed(Route::Read, message, |mut c, r| async move { c.kv_get(r).await }).await?;
         let receipt = Receipt::of(&response, &node);
-        let g = response.into_inner();
-        Ok(Secret {
-            path: full.trim_start_matches('/').to_owned(),
-            version: g.version,
-            created_unix_ms: g.created_unix_ms,
-            data: g.data.into_iter().map(|(k, v)| (k, SecretValue(Zeroizing::new(v)))).collect(),
-            json_fields: g.json_keys.into_iter().collect(),
-            custom_metadata: g.custom_metadata,
-            receipt,
-        })
+        Ok(secret_of(full.trim_start_matches('/').to_owned(), response.into_inner(), receipt))
+    }
+
+    /// Makes a call whose answer is wrapped for `ttl` (1 s to 7 days) instead of returned:
+    /// `client.call_wrapped(ttl, msg, |mut c, r| async move { c.app_role_secret_id(r).await })`.
+    /// Hand the token to whoever needs the answer; [`Client::unwrap`] returns it once. The
+    /// call goes to the primary region (wrapping writes).
+    pub async fn call_wrapped<M, R, F, Fut>(&self, ttl: Duration, message: M, f: F) -> Result<Wrapped, Error>
+    where
+        M: Clone,
+        F: Fn(RawClient, Request<M>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("{}s", ttl.as_secs())
+            .parse()
+            .map_err(|_| Error::config("the wrap TTL is not a duration"))?;
+        let (response, node) = self
+            .call_routed(Route::Write, message, |raw, mut request| {
+                request.metadata_mut().insert(WRAP_TTL_HEADER, value.clone());
+                f(raw, request)
+            })
+            .await?;
+        Wrapped::of(&response, &node)
+            .ok_or_else(|| Error::config(format!("{node} answered unwrapped: it predates response wrapping")))
+    }
+
+    /// Reads the current version of `<mount>/<path>`, wrapped for `ttl`
+    /// ([`Client::unwrap_secret`] unwraps it).
+    pub async fn read_wrapped(&self, full: &str, ttl: Duration) -> Result<Wrapped, Error> {
+        let (mount, path) = self.split(full)?;
+        let message = proto::KvGetRequest { mount, path, ..Default::default() };
+        self.call_wrapped(ttl, message, |mut c, r| async move { c.kv_get(r).await }).await
+    }
+
+    /// Unwraps a wrapped answer, once: the wrapping token alone is enough (no login first).
+    /// A gRPC answer comes back as its method and message, one wrapped over the HTTP API as
+    /// its JSON.
+    pub async fn unwrap(&self, token: &str) -> Result<proto::Unwrapped, Error> {
+        let message = proto::WrapToken { token: token.to_owned() };
+        let (response, _) = self
+            .call_as_is(Route::Write, message, |mut c, r| async move { c.unwrap(r).await }, false)
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Unwraps a wrapped read ([`Client::read_wrapped`]). The secret's path is not part of
+    /// what was wrapped: `path` is empty.
+    pub async fn unwrap_secret(&self, token: &str) -> Result<Secret, Error> {
+        let unwrapped = self.unwrap(token).await?;
+        if unwrapped.grpc_method != KV_GET_METHOD {
+            return Err(Error::config(format!("the token wraps {:?}, not a read", unwrapped.grpc_method)));
+        }
+        let read = <proto::KvGetResponse as prost::Message>::decode(unwrapped.message.as_slice())
+            .map_err(|_| Error::config("the wrapped read does not decode"))?;
+        Ok(secret_of(String::new(), read, Receipt::default()))
+    }
+
+    /// What a wrapping token wraps (method, TTL, creation time), without unwrapping it.
+    pub async fn wrap_lookup(&self, token: &str) -> Result<proto::WrapLookupResponse, Error> {
+        let message = proto::WrapToken { token: token.to_owned() };
+        let (response, _) = self
+            .call_as_is(Route::Read, message, |mut c, r| async move { c.wrap_lookup(r).await }, false)
+            .await?;
+        Ok(response.into_inner())
     }
 
     async fn call_routed<M, R, F, Fut>(

@@ -5,8 +5,8 @@
 //! an audit event before its answer (a handler's, or the refusal layer's); no answer is
 //! `INTERNAL`.
 //!
-//! The input: a method byte, a flags byte (root token; a wrong gRPC frame length), then the
-//! message. Left out: `Seal` and `MigrateSeal` (they would stop every later input; the node
+//! The input: a method byte, a flags byte (root token; a wrong gRPC frame length; a wrap
+//! TTL header, good or bad), then the message. Left out: `Seal` and `MigrateSeal` (they would stop every later input; the node
 //! is rebuilt if it is sealed anyway), the rotation methods (an exec rotator runs the
 //! command it is given) and the database and lease methods (they reach out to a PostgreSQL
 //! server named in the input).
@@ -22,7 +22,7 @@ use http_body_util::BodyExt as _;
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer as _, ServiceExt as _};
 
-const METHODS: [&str; 44] = [
+const METHODS: [&str; 46] = [
     "Init",
     "Unseal",
     "Status",
@@ -65,6 +65,8 @@ const METHODS: [&str; 44] = [
     "RegionStatus",
     "RegionDivergence",
     "RegionDivergentSecrets",
+    "Unwrap",
+    "WrapLookup",
     // Not methods of the service: tonic answers UNIMPLEMENTED, the layer audits it.
     "NoSuchMethod",
     "../Replication/Pull",
@@ -146,6 +148,9 @@ fuzz_target!(|data: &[u8]| {
         .header("te", "trailers");
     if flags & 1 != 0 {
         request = request.header("authorization", format!("Bearer {}", l.root));
+    }
+    if flags & 4 != 0 {
+        request = request.header("x-arca-wrap-ttl", if flags & 8 != 0 { "soon" } else { "60s" });
     }
     let body = tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame)));
     let request = request.body(body).expect("a request");

@@ -560,6 +560,68 @@ fn bao_wraps_and_unwraps_responses_once() {
     assert_eq!(audit_events(&db).len(), before + 2);
 }
 
+/// `arca --wrap-ttl` wraps any call's answer over gRPC; `arca unwrap` returns it once — and
+/// unwraps what `bao … -wrap-ttl` wrapped over HTTP too.
+#[test]
+fn arca_wraps_over_grpc_and_unwraps_what_either_api_wrapped() {
+    let dev = dev();
+    let db = dev.data.join("arca.db");
+    let json = |token: Option<&str>, args: &[&str]| {
+        let mut full = vec!["--format", "json"];
+        full.extend_from_slice(args);
+        let run = arca(&dev.server, token, &full);
+        assert_eq!(run.code, 0, "arca {args:?}: {}", run.stderr);
+        serde_json::from_str::<Value>(&run.stdout).unwrap()
+    };
+    json(Some(&dev.root), &["kv", "put", "secret/app/db", "password=grpc-wrapped-pw", "port:=5432"]);
+    let wrapped = json(Some(&dev.root), &["--wrap-ttl", "5m", "kv", "get", "secret/app/db"]);
+    assert!(!wrapped.to_string().contains("grpc-wrapped-pw"), "{wrapped}");
+    let token = wrapped["wrap_info"]["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("arcaw_"), "{wrapped}");
+    assert_eq!(wrapped["wrap_info"]["ttl"], 300);
+    // The read and its wrap are audited under one request id.
+    let events = audit_events(&db);
+    let under: Vec<_> =
+        events.iter().filter(|e| Some(e.request_id.as_str()) == wrapped["request_id"].as_str()).collect();
+    assert_eq!(under.len(), 2, "the read and the wrap");
+    // Looked up, then unwrapped with the token alone (no client token), once.
+    let looked = json(None, &["unwrap", "--lookup", &token]);
+    assert_eq!(looked["creation_path"], "/arca.v1.Arca/KvGet");
+    let unwrapped = json(None, &["unwrap", &token]);
+    assert_eq!(unwrapped["data"]["password"], "grpc-wrapped-pw");
+    assert_eq!(unwrapped["data"]["port"], 5432);
+    let again = arca(&dev.server, None, &["unwrap", &token]);
+    assert_ne!(again.code, 0, "single use");
+    assert!(again.stderr.contains("wrapping token is not valid"), "{}", again.stderr);
+
+    // What bao wrapped over HTTP, arca unwraps over gRPC (its JSON body); the token may
+    // come in as ARCA_TOKEN, as `bao unwrap` takes it.
+    let by_bao = bao_json(&dev, &["kv", "get"], &["-wrap-ttl=5m", "secret/app/db"]);
+    let bao_token = by_bao["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let body = json(Some(&bao_token), &["unwrap"]);
+    assert_eq!(body["data"]["data"]["password"], "grpc-wrapped-pw");
+
+    // Secure introduction over gRPC: a secret id delivered wrapped, unwrapped, logged in with.
+    json(Some(&dev.root), &["approle", "write", "web", "--policy", "default"]);
+    let role_id =
+        json(Some(&dev.root), &["approle", "role-id", "web"])["role_id"].as_str().unwrap().to_owned();
+    let human = arca(&dev.server, Some(&dev.root), &["--wrap-ttl", "60s", "approle", "secret-id", "web"]);
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    let line = human.stdout.lines().find(|l| l.starts_with("wrapping_token ")).unwrap();
+    let wrap_token = line.split_whitespace().nth(1).unwrap().to_owned();
+    let secret = json(None, &["unwrap", &wrap_token]);
+    let secret_id = secret["secret_id"].as_str().unwrap().to_owned();
+    let login = json(None, &["approle", "login", "--role-id", &role_id, "--secret-id", &secret_id]);
+    assert!(login["token"].as_str().is_some_and(|t| t.starts_with("arca_")), "{login}");
+
+    // Only a command that is one call can be wrapped; a bad TTL is refused before sending.
+    let refused = arca(&dev.server, Some(&dev.root), &["--wrap-ttl", "5m", "run", "--", "true"]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(refused.stderr.contains("--wrap-ttl"), "{}", refused.stderr);
+    let bad = arca(&dev.server, Some(&dev.root), &["--wrap-ttl", "soon", "kv", "get", "secret/app/db"]);
+    assert_ne!(bad.code, 0);
+}
+
 /// A KV mount's settings (`<mount>/config`) as `bao` writes and reads them: the default
 /// maximum of versions, check-and-set for every write, and a deletion time for new versions
 /// (the mount's, or a secret's own from its metadata).

@@ -18,6 +18,7 @@ use arca_client::{AUDIT_POSITION_HEADER, Client, REQUEST_ID_HEADER, proto};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tonic::Response;
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(name = "arca", version, about = "arca, the audit-first secrets store: command-line client")]
@@ -45,6 +46,10 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "human")]
     format: Format,
+    /// Wrap the call's answer for this long (90s, 15m, 2h; 1 s to 7 days) and print a
+    /// single-use wrapping token instead: `arca unwrap TOKEN` returns the answer once.
+    #[arg(long, global = true, env = "ARCA_WRAP_TTL", value_parser = parse_duration_secs)]
+    wrap_ttl: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +95,14 @@ enum Command {
     /// Just-in-time access: request a policy for a while, approve, list.
     #[command(subcommand)]
     Access(AccessCommand),
+    /// Unwrap a wrapped answer (`--wrap-ttl`, or `bao … -wrap-ttl`), once: the wrapping token
+    /// alone is enough (TOKEN, `-` for standard input, or else ARCA_TOKEN).
+    Unwrap {
+        token: Option<String>,
+        /// Show what the token wraps, without unwrapping it.
+        #[arg(long)]
+        lookup: bool,
+    },
     /// Rotate a secret now with its rotation policy (create → set → test → finish); prints the
     /// new current version. Readers switch from the old value to the new one atomically.
     Rotate { path: String },
@@ -664,11 +677,48 @@ fn local(message: impl Into<String>) -> Failure {
 }
 
 /// Calls one RPC through the SDK client (routing, retries, failover, token):
-/// `rpc!(c, Read, kv_get, message)`.
+/// `rpc!(c, Read, kv_get, message)`. With `--wrap-ttl`, the call's answer is wrapped instead,
+/// and the command ends there printing the wrapping token ([`wrapped_answer`]).
 macro_rules! rpc {
     ($c:expr, $route:ident, $method:ident, $message:expr) => {
-        $c.call(arca_client::Route::$route, $message, |mut raw, r| async move { raw.$method(r).await })
+        async {
+            match WRAP.get() {
+                Some(&(ttl, format)) => Err(wrapped_answer(
+                    format,
+                    $c.call_wrapped(ttl, $message, |mut raw, r| async move { raw.$method(r).await }).await?,
+                )),
+                None => {
+                    Ok($c
+                        .call(arca_client::Route::$route, $message, |mut raw, r| async move {
+                            raw.$method(r).await
+                        })
+                        .await?)
+                }
+            }
+        }
     };
+}
+
+/// `--wrap-ttl`, and the output format to print the wrapping token in; set once at start.
+static WRAP: std::sync::OnceLock<(std::time::Duration, Format)> = std::sync::OnceLock::new();
+
+/// Ends a command whose answer was wrapped: its output is the wrapping token (exit code 0).
+fn wrapped_answer(format: Format, w: arca_client::Wrapped) -> Failure {
+    let ttl = w.ttl.as_secs();
+    let message = match format {
+        Format::Human => table(&[
+            ("wrapping_token".into(), w.token.expose().to_owned()),
+            ("wrapping_accessor".into(), w.accessor.clone()),
+            ("wrapping_token_ttl".into(), format!("{ttl}s")),
+            ("wrapping_token_creation_path".into(), w.creation_path.clone()),
+        ]),
+        Format::Json => serde_json::to_string_pretty(&json!({
+            "wrap_info": {"token": w.token.expose(), "accessor": w.accessor, "ttl": ttl, "creation_path": w.creation_path},
+            "audit_position": w.receipt.audit_position, "request_id": w.receipt.request_id,
+        }))
+        .unwrap_or_default(),
+    };
+    Failure { code: 0, message }
 }
 
 /// The SDK configuration for `addr` (a comma-separated list for failover, items `URL` or
@@ -851,6 +901,20 @@ fn token_rows(info: &proto::TokenInfo) -> Vec<(String, String)> {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let format = cli.format;
+    if let Some(ttl) = cli.wrap_ttl {
+        let one_call = !matches!(
+            cli.command,
+            Command::Audit(_)
+                | Command::Agent { .. }
+                | Command::Run { .. }
+                | Command::Unwrap { .. }
+                | Command::Region(RegionCommand::Reapply { .. })
+        );
+        if !one_call {
+            return Err(local("--wrap-ttl wraps the answer of one call; this command is not one"));
+        }
+        let _ = WRAP.set((std::time::Duration::from_secs(ttl), format));
+    }
     if let Command::Audit(cmd) = cli.command {
         return audit::run(format == Format::Json, cmd);
     }
@@ -906,6 +970,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Operator(cmd) => operator(&c, format, cmd).await,
         Command::Region(cmd) => region(&c, format, cmd).await,
         Command::Run { .. } | Command::Agent { .. } => unreachable!("handled above"),
+        Command::Unwrap { token, lookup } => {
+            let token = match token.as_deref() {
+                Some(spec) => Zeroizing::new(read_value(spec)?),
+                None => Zeroizing::new(cli.token.clone().ok_or_else(|| local("give the wrapping token"))?),
+            };
+            unwrap(&c, format, &token, lookup).await
+        }
         Command::Db(cmd) => {
             match cmd {
                 DbCommand::Config { name, url, db_ca, db_client_cert, db_client_key } => {
@@ -1216,30 +1287,7 @@ async fn kv(c: &Client, format: Format, cmd: KvCommand) -> Result<(), Failure> {
             let (mount, path) = split_mount(&path)?;
             let stage = stage.unwrap_or_default();
             let r = rpc!(c, Read, kv_get, proto::KvGetRequest { mount, path, version, stage }).await?;
-            let (pos, rid) = (position(&r), request_id(&r));
-            let g = r.into_inner();
-            if let Some(field) = field {
-                let value = g
-                    .data
-                    .get(&field)
-                    .ok_or(Failure { code: 4, message: format!("no key {field:?} in this secret") })?;
-                match format {
-                    Format::Human => println!("{value}"),
-                    Format::Json => {
-                        let one = HashMap::from([(field.clone(), value.clone())]);
-                        println!("{}", fields_json(&one, &g.json_keys));
-                    }
-                }
-                return Ok(());
-            }
-            let mut data: Vec<_> = g.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            data.sort();
-            print(
-                format,
-                || format!("version    {}\n\n{}", g.version, table(&data)),
-                json!({"data": fields_json(&g.data, &g.json_keys), "version": g.version, "created_unix_ms": g.created_unix_ms,
-                       "custom_metadata": g.custom_metadata, "audit_position": pos, "request_id": rid}),
-            );
+            print_secret(format, r, field)?;
         }
         KvCommand::Patch { path, pairs, remove, cas } => {
             let (mount, path) = split_mount(&path)?;
@@ -1634,22 +1682,119 @@ async fn approle(c: &Client, format: Format, cmd: AppRoleCommand) -> Result<(), 
         }
         AppRoleCommand::SecretId { name } => {
             let r = rpc!(c, Write, app_role_secret_id, proto::AppRoleName { name }).await?;
-            let s = r.get_ref().clone();
-            print(
-                format,
-                || {
-                    table(&[
-                        ("secret_id".into(), s.secret_id.clone()),
-                        ("accessor".into(), s.accessor.clone()),
-                    ])
-                },
-                json!({"secret_id": s.secret_id, "accessor": s.accessor, "expire_unix_ms": s.expire_unix_ms, "audit_position": position(&r), "request_id": request_id(&r)}),
-            );
+            print_secret_id(format, r);
         }
         AppRoleCommand::Login { role_id, secret_id } => {
             let r = rpc!(c, Write, app_role_login, proto::AppRoleLoginRequest { role_id, secret_id }).await?;
             print_token_auth(format, r);
         }
+    }
+    Ok(())
+}
+
+/// Prints a read's answer (`kv get`, or an unwrapped read): one field, or the version and
+/// every field.
+fn print_secret(
+    format: Format,
+    r: Response<proto::KvGetResponse>,
+    field: Option<String>,
+) -> Result<(), Failure> {
+    let (pos, rid) = (position(&r), request_id(&r));
+    let g = r.into_inner();
+    if let Some(field) = field {
+        let value = g
+            .data
+            .get(&field)
+            .ok_or(Failure { code: 4, message: format!("no key {field:?} in this secret") })?;
+        match format {
+            Format::Human => println!("{value}"),
+            Format::Json => {
+                let one = HashMap::from([(field.clone(), value.clone())]);
+                println!("{}", fields_json(&one, &g.json_keys));
+            }
+        }
+        return Ok(());
+    }
+    let mut data: Vec<_> = g.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    data.sort();
+    print(
+        format,
+        || format!("version    {}\n\n{}", g.version, table(&data)),
+        json!({"data": fields_json(&g.data, &g.json_keys), "version": g.version, "created_unix_ms": g.created_unix_ms,
+               "custom_metadata": g.custom_metadata, "audit_position": pos, "request_id": rid}),
+    );
+    Ok(())
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Prints an AppRole secret id's answer (`approle secret-id`, or unwrapped).
+fn print_secret_id(format: Format, r: Response<proto::SecretIdResponse>) {
+    let s = r.get_ref();
+    print(
+        format,
+        || table(&[("secret_id".into(), s.secret_id.clone()), ("accessor".into(), s.accessor.clone())]),
+        json!({"secret_id": s.secret_id, "accessor": s.accessor, "expire_unix_ms": s.expire_unix_ms, "audit_position": position(&r), "request_id": request_id(&r)}),
+    );
+}
+
+/// `arca unwrap`: the wrapped answer, printed as the command that made it would print it
+/// (a read, a secret id, a token; any other gRPC answer as its message; an answer wrapped
+/// over the HTTP API as its JSON), or with `--lookup` what the token wraps.
+async fn unwrap(c: &Client, format: Format, token: &str, lookup: bool) -> Result<(), Failure> {
+    use prost::Message as _;
+    if lookup {
+        let l = c.wrap_lookup(token).await?;
+        print(
+            format,
+            || {
+                table(&[
+                    ("creation_path".into(), l.creation_path.clone()),
+                    ("creation_unix_ms".into(), l.created_unix_ms.to_string()),
+                    ("ttl".into(), format!("{}s", l.ttl_secs)),
+                    ("accessor".into(), l.accessor.clone()),
+                ])
+            },
+            json!({"creation_path": l.creation_path, "created_unix_ms": l.created_unix_ms, "ttl": l.ttl_secs, "accessor": l.accessor}),
+        );
+        return Ok(());
+    }
+    let u = c.unwrap(token).await?;
+    let undecodable = |_| local(format!("the wrapped answer of {} does not decode", u.grpc_method));
+    match u.grpc_method.rsplit('/').next().unwrap_or_default() {
+        _ if u.grpc_method.is_empty() => match format {
+            Format::Json => println!("{}", u.json),
+            Format::Human => {
+                let body: Value = serde_json::from_str(&u.json).unwrap_or(Value::String(u.json.clone()));
+                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            }
+        },
+        "KvGet" => {
+            let read = proto::KvGetResponse::decode(u.message.as_slice()).map_err(undecodable)?;
+            print_secret(format, Response::new(read), None)?;
+        }
+        "AppRoleSecretId" => {
+            let secret = proto::SecretIdResponse::decode(u.message.as_slice()).map_err(undecodable)?;
+            print_secret_id(format, Response::new(secret));
+        }
+        "TokenCreate" | "AppRoleLogin" | "CertLogin" => {
+            let auth = proto::TokenAuth::decode(u.message.as_slice()).map_err(undecodable)?;
+            print_token_auth(format, Response::new(auth));
+        }
+        _ => print(
+            format,
+            || {
+                format!(
+                    "{}: {} bytes of protobuf (decode it as that method's answer)",
+                    u.grpc_method,
+                    u.message.len()
+                )
+            },
+            json!({"grpc_method": u.grpc_method, "message_base64": base64_of(&u.message)}),
+        ),
     }
     Ok(())
 }
@@ -2184,6 +2329,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // A wrapped answer: the wrapping token is the command's output.
+        Err(Failure { code: 0, message }) if !message.is_empty() => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
         Err(failure) => {
             // `arca run` hands back its command's exit code with no message.
             if !failure.message.is_empty() {
