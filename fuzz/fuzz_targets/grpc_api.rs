@@ -12,12 +12,9 @@
 //! server named in the input).
 #![no_main]
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use arca_audit::Source;
 use arca_node::grpc::Service;
-use arca_node::node::{Node, NodeIdentity, RequestContext};
-use arca_store::{SqliteConfig, SqliteStore};
 use http_body_util::BodyExt as _;
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer as _, ServiceExt as _};
@@ -72,50 +69,12 @@ const METHODS: [&str; 46] = [
     "../Replication/Pull",
 ];
 
-/// Inputs between rebuilds of the node (a fuzzed request may revoke the root token).
-const REBUILD_EVERY: u32 = 512;
+#[path = "shared/live_node.rs"]
+mod live_node;
 
 type Stack = arca_node::grpc::AuditRefusals<arca_node::proto::arca_server::ArcaServer<Service>>;
 
-struct Live {
-    _dir: tempfile::TempDir,
-    node: Arc<Node>,
-    stack: Stack,
-    root: String,
-    served: u32,
-}
-
-fn build(runtime: &tokio::runtime::Runtime) -> Live {
-    // On tmpfs when there is one: each request's commit is fsynced.
-    let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-    let dir = tempfile::tempdir_in(base).expect("a temporary directory");
-    let store = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("arca.db"))).expect("the store"));
-    let identity = NodeIdentity { cluster: "fuzz".into(), region: "local".into(), node: "node-a".into() };
-    let node = Node::new(store, identity);
-    let ctx = RequestContext::new(None, Source { address: "127.0.0.1:1".into(), proxy: None });
-    let init = runtime.block_on(node.operator_init(ctx, 1, 1)).result.expect("init");
-    let root = init.root_token.token.to_string();
-    let service = Service::new(node.clone(), Default::default());
-    let stack = service.refusals_layer().layer(service.into_server());
-    Live { _dir: dir, node, stack, root, served: 0 }
-}
-
-struct Target {
-    runtime: tokio::runtime::Runtime,
-    live: Mutex<Option<Live>>,
-}
-
-fn target() -> &'static Target {
-    static TARGET: OnceLock<Target> = OnceLock::new();
-    TARGET.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        Target { runtime, live: Mutex::new(None) }
-    })
-}
+static TARGET: OnceLock<live_node::Target<Stack>> = OnceLock::new();
 
 /// The answer's gRPC status code: in the headers (an answer with no message) or the trailers.
 fn grpc_status(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> Option<i32> {
@@ -132,15 +91,12 @@ fuzz_target!(|data: &[u8]| {
     frame.push(0);
     frame.extend_from_slice(&length.to_be_bytes());
     frame.extend_from_slice(message);
-    let t = target();
-    let mut live = t.live.lock().unwrap_or_else(|p| p.into_inner());
-    let stale = live.as_ref().is_none_or(|l| l.served >= REBUILD_EVERY || l.node.barrier().is_sealed());
-    if stale {
-        *live = None;
-        *live = Some(build(&t.runtime));
-    }
+    let t = live_node::target(&TARGET);
+    let mut live = t.live(|node| {
+        let service = Service::new(node.clone(), Default::default());
+        service.refusals_layer().layer(service.into_server())
+    });
     let Some(l) = live.as_mut() else { return };
-    l.served += 1;
     let mut request = http::Request::builder()
         .method("POST")
         .uri(format!("http://node/arca.v1.Arca/{name}"))
@@ -155,7 +111,7 @@ fuzz_target!(|data: &[u8]| {
     let body = tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame)));
     let request = request.body(body).expect("a request");
     let jobs = l.node.committer().stats().jobs;
-    let response = t.runtime.block_on(l.stack.clone().oneshot(request)).expect("the stack is infallible");
+    let response = t.runtime.block_on(l.front.clone().oneshot(request)).expect("the stack is infallible");
     assert!(l.node.committer().stats().jobs > jobs, "no audit event for {name}");
     let (parts, body) = response.into_parts();
     let collected = t.runtime.block_on(body.collect()).expect("the answer's body");

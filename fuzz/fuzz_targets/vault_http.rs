@@ -11,11 +11,8 @@
 //! server named in the input).
 #![no_main]
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use arca_audit::Source;
-use arca_node::node::{Node, NodeIdentity, RequestContext};
-use arca_store::{SqliteConfig, SqliteStore};
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use libfuzzer_sys::fuzz_target;
@@ -62,47 +59,10 @@ const ROUTES: [&str; 34] = [
     "/",
 ];
 
-/// Inputs between rebuilds of the node (a fuzzed request may revoke the root token).
-const REBUILD_EVERY: u32 = 512;
+#[path = "shared/live_node.rs"]
+mod live_node;
 
-struct Target {
-    runtime: tokio::runtime::Runtime,
-    live: Mutex<Option<Live>>,
-}
-
-struct Live {
-    _dir: tempfile::TempDir,
-    node: Arc<Node>,
-    router: axum::Router,
-    root: String,
-    served: u32,
-}
-
-fn build(runtime: &tokio::runtime::Runtime) -> Live {
-    // On tmpfs when there is one: each request's commit is fsynced.
-    let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-    let dir = tempfile::tempdir_in(base).expect("a temporary directory");
-    let store = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("arca.db"))).expect("the store"));
-    let identity = NodeIdentity { cluster: "fuzz".into(), region: "local".into(), node: "node-a".into() };
-    let node = Node::new(store, identity);
-    let ctx = RequestContext::new(None, Source { address: "127.0.0.1:1".into(), proxy: None });
-    let init = runtime.block_on(node.operator_init(ctx, 1, 1)).result.expect("init");
-    let root = init.root_token.token.to_string();
-    let router = arca_node::http::router(node.clone(), Default::default());
-    Live { _dir: dir, node, router, root, served: 0 }
-}
-
-fn target() -> &'static Target {
-    static TARGET: OnceLock<Target> = OnceLock::new();
-    TARGET.get_or_init(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        Target { runtime, live: Mutex::new(None) }
-    })
-}
+static TARGET: OnceLock<live_node::Target<axum::Router>> = OnceLock::new();
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -128,16 +88,11 @@ fuzz_target!(|data: &[u8]| {
     if !query.is_empty() {
         uri = format!("{uri}?{}", text(query));
     }
-    let method = Method::from_bytes(METHODS[usize::from(*method) % METHODS.len()].as_bytes()).expect("a method");
-    let t = target();
-    let mut live = t.live.lock().unwrap_or_else(|p| p.into_inner());
-    let stale = live.as_ref().is_none_or(|l| l.served >= REBUILD_EVERY || l.node.barrier().is_sealed());
-    if stale {
-        *live = None;
-        *live = Some(build(&t.runtime));
-    }
+    let method =
+        Method::from_bytes(METHODS[usize::from(*method) % METHODS.len()].as_bytes()).expect("a method");
+    let t = live_node::target(&TARGET);
+    let mut live = t.live(|node| arca_node::http::router(node.clone(), Default::default()));
     let Some(l) = live.as_mut() else { return };
-    l.served += 1;
     let mut request = Request::builder().method(method).uri(uri.as_str());
     if flags & 1 != 0 {
         request = request.header("x-vault-token", l.root.as_str());
@@ -151,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
     let audited = request.uri().path().starts_with("/v1/")
         || !(request.uri().path().starts_with("/audit/") || request.uri().path() == "/metrics");
     let jobs = l.node.committer().stats().jobs;
-    let response = t.runtime.block_on(l.router.clone().oneshot(request)).expect("the router is infallible");
+    let response = t.runtime.block_on(l.front.clone().oneshot(request)).expect("the router is infallible");
     let status = response.status();
     assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
     if audited {
@@ -161,10 +116,8 @@ fuzz_target!(|data: &[u8]| {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    let bytes = t
-        .runtime
-        .block_on(axum::body::to_bytes(response.into_body(), 16 << 20))
-        .expect("the reply's body");
+    let bytes =
+        t.runtime.block_on(axum::body::to_bytes(response.into_body(), 16 << 20)).expect("the reply's body");
     if json && !bytes.is_empty() {
         serde_json::from_slice::<serde_json::Value>(&bytes).expect("a JSON reply parses");
     }
