@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked -p arca-node --bins
+# Where cargo put them (CARGO_TARGET_DIR, when it is set, moves the target directory).
+bin="${CARGO_TARGET_DIR:-target}/release"
 echo "dev: in another shell:  export ARCA_ADDR=http://127.0.0.1:8400 ARCA_TOKEN=\$(cat ${ARCA_DEV_DIR:-.arca-dev}/root-token)" >&2
-echo "dev:                    ./target/release/arca kv put secret/hello greeting=world" >&2
-exec ./target/release/arcad dev --data-dir "${ARCA_DEV_DIR:-.arca-dev}" "$@"
+echo "dev:                    $bin/arca kv put secret/hello greeting=world" >&2
+exec "$bin/arcad" dev --data-dir "${ARCA_DEV_DIR:-.arca-dev}" "$@"
