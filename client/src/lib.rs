@@ -555,24 +555,26 @@ impl Client {
     /// Unwraps a wrapped answer, once: the wrapping token alone is enough (no login first).
     /// A gRPC answer comes back as its method and message, one wrapped over the HTTP API as
     /// its JSON.
-    pub async fn unwrap(&self, token: &str) -> Result<proto::Unwrapped, Error> {
+    /// The receipt is the unwrap's own (it is audited as `wrapping.unwrap`).
+    pub async fn unwrap(&self, token: &str) -> Result<(proto::Unwrapped, Receipt), Error> {
         let message = proto::WrapToken { token: token.to_owned() };
-        let (response, _) = self
+        let (response, node) = self
             .call_as_is(Route::Write, message, |mut c, r| async move { c.unwrap(r).await }, false)
             .await?;
-        Ok(response.into_inner())
+        let receipt = Receipt::of(&response, &node);
+        Ok((response.into_inner(), receipt))
     }
 
     /// Unwraps a wrapped read ([`Client::read_wrapped`]). The secret's path is not part of
-    /// what was wrapped: `path` is empty.
+    /// what was wrapped: `path` is empty; its receipt is the unwrap's.
     pub async fn unwrap_secret(&self, token: &str) -> Result<Secret, Error> {
-        let unwrapped = self.unwrap(token).await?;
+        let (unwrapped, receipt) = self.unwrap(token).await?;
         if unwrapped.grpc_method != KV_GET_METHOD {
             return Err(Error::config(format!("the token wraps {:?}, not a read", unwrapped.grpc_method)));
         }
         let read = <proto::KvGetResponse as prost::Message>::decode(unwrapped.message.as_slice())
             .map_err(|_| Error::config("the wrapped read does not decode"))?;
-        Ok(secret_of(String::new(), read, Receipt::default()))
+        Ok(secret_of(String::new(), read, receipt))
     }
 
     /// What a wrapping token wraps (method, TTL, creation time), without unwrapping it.

@@ -590,6 +590,11 @@ fn arca_wraps_over_grpc_and_unwraps_what_either_api_wrapped() {
     let unwrapped = json(None, &["unwrap", &token]);
     assert_eq!(unwrapped["data"]["password"], "grpc-wrapped-pw");
     assert_eq!(unwrapped["data"]["port"], 5432);
+    // Printed with the unwrap's own receipt: its event is the log's latest.
+    let unwrap_event = audit_events(&db).pop().unwrap();
+    assert_eq!(unwrap_event.operation, arca_audit::Operation::WrapUnwrap);
+    assert_eq!(unwrapped["request_id"].as_str(), Some(unwrap_event.request_id.as_str()));
+    assert!(unwrapped["audit_position"].is_string(), "{unwrapped}");
     let again = arca(&dev.server, None, &["unwrap", &token]);
     assert_ne!(again.code, 0, "single use");
     assert!(again.stderr.contains("wrapping token is not valid"), "{}", again.stderr);

@@ -1741,6 +1741,20 @@ fn print_secret_id(format: Format, r: Response<proto::SecretIdResponse>) {
     );
 }
 
+/// `message` as an answer carrying `receipt`'s audit position and request id (an unwrapped
+/// answer is printed with the unwrap's own).
+fn with_receipt<T>(message: T, receipt: &arca_client::Receipt) -> Response<T> {
+    let mut response = Response::new(message);
+    for (key, value) in
+        [(AUDIT_POSITION_HEADER, &receipt.audit_position), (REQUEST_ID_HEADER, &receipt.request_id)]
+    {
+        if let Some(value) = value.as_deref().and_then(|v| v.parse().ok()) {
+            response.metadata_mut().insert(key, value);
+        }
+    }
+    response
+}
+
 /// `arca unwrap`: the wrapped answer, printed as the command that made it would print it
 /// (a read, a secret id, a token; any other gRPC answer as its message; an answer wrapped
 /// over the HTTP API as its JSON), or with `--lookup` what the token wraps.
@@ -1762,7 +1776,7 @@ async fn unwrap(c: &Client, format: Format, token: &str, lookup: bool) -> Result
         );
         return Ok(());
     }
-    let u = c.unwrap(token).await?;
+    let (u, receipt) = c.unwrap(token).await?;
     let undecodable = |_| local(format!("the wrapped answer of {} does not decode", u.grpc_method));
     match u.grpc_method.rsplit('/').next().unwrap_or_default() {
         _ if u.grpc_method.is_empty() => match format {
@@ -1774,15 +1788,15 @@ async fn unwrap(c: &Client, format: Format, token: &str, lookup: bool) -> Result
         },
         "KvGet" => {
             let read = proto::KvGetResponse::decode(u.message.as_slice()).map_err(undecodable)?;
-            print_secret(format, Response::new(read), None)?;
+            print_secret(format, with_receipt(read, &receipt), None)?;
         }
         "AppRoleSecretId" => {
             let secret = proto::SecretIdResponse::decode(u.message.as_slice()).map_err(undecodable)?;
-            print_secret_id(format, Response::new(secret));
+            print_secret_id(format, with_receipt(secret, &receipt));
         }
         "TokenCreate" | "AppRoleLogin" | "CertLogin" => {
             let auth = proto::TokenAuth::decode(u.message.as_slice()).map_err(undecodable)?;
-            print_token_auth(format, Response::new(auth));
+            print_token_auth(format, with_receipt(auth, &receipt));
         }
         _ => print(
             format,
