@@ -24,16 +24,15 @@ use tonic::codegen::{BoxFuture, Service as TowerService};
 use tonic::metadata::MetadataValue;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::auth::{CreateTokenRequest, NewToken, TokenRecord, WriteCertRoleRequest, WriteRoleRequest};
 use crate::error::ApiError;
-use zeroize::Zeroize as _;
-
 use crate::kv::{self, Metadata, MetadataUpdate, SecretData};
 use crate::node::{Audited, Node, RequestContext};
 use crate::proto;
 use crate::proto::arca_server::{Arca, ArcaServer};
+use crate::wrapping::wrap_ttl;
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
@@ -227,19 +226,20 @@ where
         request.extensions_mut().insert(reached.clone());
         let refusal = Refusal::of(&request, &self.proxy);
         let (node, proxy) = (self.node.clone(), self.proxy.clone());
-        // Response wrapping: `Some(None)` for a TTL that is not a duration.
-        let wrap = request
-            .headers()
-            .get(WRAP_TTL_HEADER)
-            .map(|v| v.to_str().ok().and_then(crate::vault::parse_duration).filter(|ttl| *ttl > 0));
-        if let Some(None) = wrap {
-            return Box::pin(async move {
-                let status = Status::invalid_argument(format!(
-                    "{WRAP_TTL_HEADER}: a duration such as 60, 60s, 5m or 1h"
-                ));
-                Ok(refusal.audit(&node, &proxy, status.into_http(), tonic::Code::InvalidArgument).await)
-            });
-        }
+        // Response wrapping: a bad TTL is refused before the call runs.
+        let wrap =
+            match request.headers().get(WRAP_TTL_HEADER).map(|v| wrap_ttl(WRAP_TTL_HEADER, v.as_bytes())) {
+                None => None,
+                Some(Ok(ttl)) => Some(ttl),
+                Some(Err(message)) => {
+                    return Box::pin(async move {
+                        let status = Status::invalid_argument(message);
+                        Ok(refusal
+                            .audit(&node, &proxy, status.into_http(), tonic::Code::InvalidArgument)
+                            .await)
+                    });
+                }
+            };
         // The clone that was made ready is the one called (tower's contract).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -248,8 +248,8 @@ where
             let mut response = response.await?;
             if reached.0.load(Ordering::Acquire) {
                 return Ok(match wrap {
-                    Some(Some(ttl)) => wrapped(&node, &refusal, &proxy, response, ttl).await,
-                    _ => response,
+                    Some(ttl) => wrapped(&node, &refusal, &proxy, response, ttl).await,
+                    None => response,
                 });
             }
             let code = response

@@ -440,18 +440,15 @@ pub async fn handle(
     let wrap = parts
         .headers
         .get("x-vault-wrap-ttl")
-        .map(|v| (v.to_str().ok().and_then(parse_duration).filter(|t| *t > 0), ctx.clone()));
+        .map(|v| (crate::wrapping::wrap_ttl("X-Vault-Wrap-TTL", v.as_bytes()), ctx.clone()));
     let body = match read_body(body).await {
         Ok(body) => body,
         Err((status, message)) => return refuse(&node, ctx, path, status, message).await,
     };
     let (wrap_ttl, wrap_ctx) = match wrap {
         None => (None, None),
-        Some((None, _)) => {
-            let message = "X-Vault-Wrap-TTL: a duration such as 60, 60s, 5m or 1h".to_owned();
-            return refuse(&node, ctx, path, StatusCode::BAD_REQUEST, message).await;
-        }
-        Some((Some(ttl), wrap_ctx)) => (Some(ttl), Some(wrap_ctx)),
+        Some((Err(message), _)) => return refuse(&node, ctx, path, StatusCode::BAD_REQUEST, message).await,
+        Some((Ok(ttl), wrap_ctx)) => (Some(ttl), Some(wrap_ctx)),
     };
     if wrap_ttl.is_none() && path == "sys/wrapping/wrap" {
         let message = "sys/wrapping/wrap needs a wrap TTL: send X-Vault-Wrap-TTL".to_owned();

@@ -26,6 +26,17 @@ pub const MAX_WRAPPED_BYTES: usize = 1 << 20;
 /// Wrapping tokens start with this (regular tokens with `arca_`).
 pub const WRAP_TOKEN_PREFIX: &str = "arcaw_";
 
+/// A wrap TTL as a caller sends it (`header` names where: Vault's `X-Vault-Wrap-TTL`, or the
+/// gRPC API's `x-arca-wrap-ttl`): a duration of 1 s to 7 days, else the message refusing it.
+/// Checked before the wrapped request runs, so a refused wrap changes nothing.
+pub(crate) fn wrap_ttl(header: &str, value: &[u8]) -> Result<u64, String> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(crate::vault::parse_duration)
+        .filter(|ttl| (1..=MAX_WRAP_TTL_SECS).contains(ttl))
+        .ok_or_else(|| format!("{header}: a duration from 1s to 7d, such as 60, 60s, 5m or 1h"))
+}
+
 /// A wrapped response as stored (sealed).
 #[derive(Serialize, Deserialize)]
 struct WrapRecord {

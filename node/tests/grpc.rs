@@ -250,8 +250,23 @@ async fn any_answer_may_be_wrapped_and_is_unwrapped_once() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvGet", "root");
     assert_eq!(events(server.store.as_ref()).len(), before + 1, "the read did not run");
-    let status = client.kv_get(wrapping(get.clone(), &server.root, "8d")).await.unwrap_err();
+    // Past 7 days: refused before the call runs too, so a write it would wrap is not made.
+    let before = events(server.store.as_ref()).len();
+    let put_again = proto::KvPutRequest {
+        path: "app/db".into(),
+        data: [("password".to_owned(), "never-written".to_owned())].into(),
+        ..Default::default()
+    };
+    let status = client.kv_put(wrapping(put_again, &server.root, "8d")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("1s to 7d"), "{status:?}");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "the write did not run");
+    let current = client.kv_get(authed(get.clone(), &server.root)).await.unwrap().into_inner();
+    assert_eq!(
+        (current.version, current.data.get("password").map(String::as_str)),
+        (1, Some("wrapped-s3cret"))
+    );
     // An AppRole secret id delivered wrapped, unwrapped by the application, used to log in.
     let role = proto::AppRoleWriteRequest {
         name: "web".into(),

@@ -557,7 +557,19 @@ fn bao_wraps_and_unwraps_responses_once() {
     let (status, _) =
         http(&dev, "POST", "sys/wrapping/wrap", Some(&dev.root), Some(br#"{"a": "b"}"#.to_vec()));
     assert_eq!(status, 400);
-    assert_eq!(audit_events(&db).len(), before + 2);
+    // A TTL past 7 days is refused before the request runs: the write it would wrap is not made.
+    let too_long = agent
+        .post(format!("{}/v1/secret/data/app/never", dev.server.http))
+        .header("X-Vault-Token", &dev.root)
+        .header("X-Vault-Wrap-TTL", "8d")
+        .send(r#"{"data": {"password": "never-written"}}"#)
+        .unwrap();
+    assert_eq!(too_long.status().as_u16(), 400);
+    let (status, _) = http(&dev, "GET", "secret/data/app/never", Some(&dev.root), None);
+    assert_eq!(status, 404, "the write did not run");
+    let events = audit_events(&db);
+    assert_eq!(events.len(), before + 4, "three refusals and the read");
+    assert!(events[before..].iter().all(|e| e.operation != arca_audit::Operation::KvWrite));
 }
 
 /// `arca --wrap-ttl` wraps any call's answer over gRPC; `arca unwrap` returns it once — and
