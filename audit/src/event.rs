@@ -164,6 +164,12 @@ operations! {
     RegionDemote = 82, "region.demote";
     RegionDivergence = 83, "region.divergence";
     RegionDivergentSecrets = 84, "region.divergence.secrets";
+    /// The replication listener: a standby's pull that shipped change records, or was refused.
+    RegionPull = 85, "region.pull";
+    /// The replication listener: a chunk of a snapshot served to a standby, or refused.
+    RegionSnapshot = 86, "region.snapshot";
+    /// The replication listener: a peer region's hello that was refused.
+    RegionHello = 87, "region.hello";
     /// Just-in-time access (`arca access …`).
     AccessRequest = 90, "access.request";
     AccessApprove = 91, "access.approve";

@@ -82,22 +82,28 @@ impl Service {
 
     /// The layer that audits what tonic refuses before this service's handlers run.
     pub fn refusals_layer(&self) -> AuditRefusalsLayer {
-        AuditRefusalsLayer { node: self.node.clone(), proxy: self.proxy.clone() }
+        AuditRefusalsLayer { node: self.node.clone(), proxy: self.proxy.clone(), wrapping: true }
     }
 
     /// The request's context. Every handler starts here, and then audits its request through a
-    /// [`Node`] operation: this is where a request is marked as having reached a handler, so
-    /// that [`AuditRefusals`] does not audit it a second time.
+    /// [`Node`] operation.
     fn context<T>(&self, request: &Request<T>) -> RequestContext {
-        if let Some(reached) = request.extensions().get::<Reached>() {
-            reached.0.store(true, Ordering::Release);
-        }
-        let meta = request.metadata();
-        let header = |name: &str| meta.get(name).and_then(|v| v.to_str().ok());
-        // A certificate here was verified against the listener's client CA by the handshake.
-        let mtls = request.peer_certs().is_some_and(|certs| !certs.is_empty());
-        request_context(&self.proxy, request.remote_addr(), mtls, header)
+        handler_context(&self.proxy, request)
     }
+}
+
+/// A request's context, for a handler under [`AuditRefusals`]: this is where a request is
+/// marked as having reached a handler, so that [`AuditRefusals`] does not audit it a second
+/// time. The handler then audits it through a [`Node`] operation.
+pub(crate) fn handler_context<T>(proxy: &ProxyConfig, request: &Request<T>) -> RequestContext {
+    if let Some(reached) = request.extensions().get::<Reached>() {
+        reached.0.store(true, Ordering::Release);
+    }
+    let meta = request.metadata();
+    let header = |name: &str| meta.get(name).and_then(|v| v.to_str().ok());
+    // A certificate here was verified against the listener's client CA by the handshake.
+    let mtls = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+    request_context(proxy, request.remote_addr(), mtls, header)
 }
 
 /// A request's context from its headers (`header` looks one up by its lowercase name).
@@ -143,6 +149,7 @@ pub struct AuditRefusals<S> {
     inner: S,
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
+    wrapping: bool,
 }
 
 /// Puts [`AuditRefusals`] around the listener's router (`Server::builder().layer(…)`).
@@ -150,13 +157,23 @@ pub struct AuditRefusals<S> {
 pub struct AuditRefusalsLayer {
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
+    /// Whether answers may be wrapped (`x-arca-wrap-ttl`): the client API's listener, not the
+    /// replication listener's.
+    wrapping: bool,
+}
+
+impl AuditRefusalsLayer {
+    /// The layer for the replication listener: no proxy, no response wrapping.
+    pub(crate) fn replication(node: Arc<Node>) -> Self {
+        AuditRefusalsLayer { node, proxy: Arc::new(ProxyConfig::default()), wrapping: false }
+    }
 }
 
 impl<S> tower_layer::Layer<S> for AuditRefusalsLayer {
     type Service = AuditRefusals<S>;
 
     fn layer(&self, inner: S) -> AuditRefusals<S> {
-        AuditRefusals { inner, node: self.node.clone(), proxy: self.proxy.clone() }
+        AuditRefusals { inner, node: self.node.clone(), proxy: self.proxy.clone(), wrapping: self.wrapping }
     }
 }
 
@@ -227,19 +244,17 @@ where
         let refusal = Refusal::of(&request, &self.proxy);
         let (node, proxy) = (self.node.clone(), self.proxy.clone());
         // Response wrapping: a bad TTL is refused before the call runs.
-        let wrap =
-            match request.headers().get(WRAP_TTL_HEADER).map(|v| wrap_ttl(WRAP_TTL_HEADER, v.as_bytes())) {
-                None => None,
-                Some(Ok(ttl)) => Some(ttl),
-                Some(Err(message)) => {
-                    return Box::pin(async move {
-                        let status = Status::invalid_argument(message);
-                        Ok(refusal
-                            .audit(&node, &proxy, status.into_http(), tonic::Code::InvalidArgument)
-                            .await)
-                    });
-                }
-            };
+        let header = self.wrapping.then(|| request.headers().get(WRAP_TTL_HEADER)).flatten();
+        let wrap = match header.map(|v| wrap_ttl(WRAP_TTL_HEADER, v.as_bytes())) {
+            None => None,
+            Some(Ok(ttl)) => Some(ttl),
+            Some(Err(message)) => {
+                return Box::pin(async move {
+                    let status = Status::invalid_argument(message);
+                    Ok(refusal.audit(&node, &proxy, status.into_http(), tonic::Code::InvalidArgument).await)
+                });
+            }
+        };
         // The clone that was made ready is the one called (tower's contract).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

@@ -704,6 +704,9 @@ pub fn mutates(op: Operation) -> bool {
             | RegionDemote
             | RegionDivergence
             | RegionDivergentSecrets
+            | RegionPull
+            | RegionSnapshot
+            | RegionHello
             | TokenCapabilities
             | WrapLookup
             | KvSubkeys

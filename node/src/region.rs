@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::ReplicationSection;
 use crate::error::ApiError;
+use crate::grpc::ProxyConfig;
 use crate::keys;
 use crate::kv::Metadata;
 use crate::node::{Audited, Env, Node, RequestContext, now_unix_ms};
@@ -863,13 +864,9 @@ impl ReplicationService {
     }
 }
 
-#[tonic::async_trait]
-impl proto::replication_server::Replication for ReplicationService {
-    async fn pull(
-        &self,
-        request: Request<proto::PullRequest>,
-    ) -> Result<Response<proto::PullResponse>, Status> {
-        let req = request.into_inner();
+/// The replication calls as served, before their audit (see [`ReplicationService::audited`]).
+impl ReplicationService {
+    async fn serve_pull(&self, req: proto::PullRequest) -> Result<Response<proto::PullResponse>, Status> {
         // What the standby confirms having applied bounds what the feed may drop, and
         // what the audit archiver may prune.
         if !req.after_stamp.is_empty() {
@@ -895,11 +892,10 @@ impl proto::replication_server::Replication for ReplicationService {
         }
     }
 
-    async fn snapshot(
+    async fn serve_snapshot(
         &self,
-        request: Request<proto::SnapshotRequest>,
+        req: proto::SnapshotRequest,
     ) -> Result<Response<proto::SnapshotChunk>, Status> {
-        let req = request.into_inner();
         let state = self.check_caller(req.epoch, "", "standby")?;
         self.require_primary(&state)?;
         let node = self.node.clone();
@@ -950,11 +946,7 @@ impl proto::replication_server::Replication for ReplicationService {
         Ok(Response::new(chunk.value))
     }
 
-    async fn hello(
-        &self,
-        request: Request<proto::HelloRequest>,
-    ) -> Result<Response<proto::HelloResponse>, Status> {
-        let req = request.into_inner();
+    async fn serve_hello(&self, req: proto::HelloRequest) -> Result<Response<proto::HelloResponse>, Status> {
         let state = self.check_caller(req.epoch, &req.primary, &req.role)?;
         // How far this region applied the caller's feed: as a standby of it, or — once
         // promoted over it — up to the promotion.
@@ -1002,6 +994,122 @@ impl proto::replication_server::Replication for ReplicationService {
             applied_known: applied.is_some(),
             applied_stamp: applied.unwrap_or_default(),
         }))
+    }
+}
+
+/// Every call on the replication listener is audited in the serving region's log, durable
+/// before its answer goes out, except the two that are the replication's own heartbeat: a
+/// hello that succeeds (every 300 ms per peer) and a pull that ships no change record (its
+/// only payload, if any, is the audit log itself, public to SIEM consumers; auditing it
+/// would feed the next pull). So a pull that ships change records, every snapshot chunk and
+/// every refusal are recorded, with the caller as `region:<name>` (the name it gives, on a
+/// connection whose certificate the regions' CA signed). tonic's own refusals (a message
+/// that does not decode, an unknown method) are audited by the listener's
+/// [`crate::grpc::AuditRefusals`] layer.
+#[tonic::async_trait]
+impl proto::replication_server::Replication for ReplicationService {
+    async fn pull(
+        &self,
+        request: Request<proto::PullRequest>,
+    ) -> Result<Response<proto::PullResponse>, Status> {
+        let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
+        let req = request.into_inner();
+        let caller = req.region.clone();
+        let answer = self.serve_pull(req).await;
+        let ships = answer.as_ref().is_ok_and(|a| !a.get_ref().changes.is_empty());
+        self.audited(ctx, Operation::RegionPull, &caller, answer, ships).await
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<proto::SnapshotChunk>, Status> {
+        let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
+        let req = request.into_inner();
+        let caller = req.region.clone();
+        let answer = self.serve_snapshot(req).await;
+        self.audited(ctx, Operation::RegionSnapshot, &caller, answer, true).await
+    }
+
+    async fn hello(
+        &self,
+        request: Request<proto::HelloRequest>,
+    ) -> Result<Response<proto::HelloResponse>, Status> {
+        let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
+        let req = request.into_inner();
+        let caller = req.region.clone();
+        let answer = self.serve_hello(req).await;
+        self.audited(ctx, Operation::RegionHello, &caller, answer, false).await
+    }
+}
+
+impl ReplicationService {
+    /// Audits a replication call when it was refused, or when `ships` (it hands over the
+    /// region's data): operation `op`, actor `region:<caller>`, path
+    /// `sys/replication/<call>/<caller>`. The event is durable before the answer goes out;
+    /// if it cannot be recorded the answer is `UNAVAILABLE` instead. The answer carries the
+    /// event's audit position and request id, as the client API's do.
+    async fn audited<T>(
+        &self,
+        ctx: RequestContext,
+        op: Operation,
+        caller: &str,
+        answer: Result<Response<T>, Status>,
+        ships: bool,
+    ) -> Result<Response<T>, Status> {
+        if answer.is_ok() && !ships {
+            return answer;
+        }
+        let caller: String = caller.chars().take(64).collect();
+        let call = match op {
+            Operation::RegionPull => "pull",
+            Operation::RegionSnapshot => "snapshot",
+            _ => "hello",
+        };
+        let path = format!("sys/replication/{call}/{caller}");
+        let refusal = answer.as_ref().err().map(|s| (s.code(), s.message().to_owned()));
+        let audited = self
+            .node
+            .execute(ctx, op, path, move |env| {
+                env.actor.entity = format!("region:{caller}");
+                match &refusal {
+                    None => Ok(()),
+                    Some((code, message)) => Err(refusal_error(*code, message)),
+                }
+            })
+            .await;
+        let position = audited.position_hex();
+        let mut answer = match (answer, position.is_some()) {
+            (Ok(answer), true) => Ok(answer),
+            (Err(status), true) => Err(status),
+            (_, false) => Err(Status::unavailable("the call could not be audited, so it was not served")),
+        };
+        let metadata = match &mut answer {
+            Ok(answer) => answer.metadata_mut(),
+            Err(status) => status.metadata_mut(),
+        };
+        if let Some(value) = position.and_then(|p| p.parse().ok()) {
+            metadata.insert(crate::grpc::AUDIT_POSITION_HEADER, value);
+        }
+        if let Ok(value) = audited.request_id.parse() {
+            metadata.insert(crate::grpc::REQUEST_ID_HEADER, value);
+        }
+        answer
+    }
+}
+
+/// A refused replication call's status, as the error its audit event records (the event
+/// keeps the error's code; the message goes back to the caller only).
+fn refusal_error(code: tonic::Code, message: &str) -> ApiError {
+    use tonic::Code;
+    match code {
+        Code::InvalidArgument | Code::OutOfRange => ApiError::invalid(message),
+        Code::FailedPrecondition | Code::Aborted => ApiError::FailedPrecondition(message.to_owned()),
+        Code::Unauthenticated => ApiError::Unauthenticated,
+        Code::PermissionDenied => ApiError::PermissionDenied,
+        Code::NotFound => ApiError::NotFound(message.to_owned()),
+        Code::Unavailable => ApiError::Unavailable,
+        _ => ApiError::Internal,
     }
 }
 

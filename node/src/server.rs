@@ -170,9 +170,10 @@ async fn serve_replication(node: Arc<Node>, opts: &ReplicationListener) -> Resul
         None => return Err("refusing to serve plaintext replication on a non-loopback address".into()),
     }
     println!("arcad: replication listening on {addr}");
-    let service = crate::region::ReplicationService::new(node).into_server();
+    let service = crate::region::ReplicationService::new(node.clone()).into_server();
     tokio::spawn(async move {
         if let Err(err) = builder
+            .layer(crate::grpc::AuditRefusalsLayer::replication(node))
             .add_service(service)
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arca_audit::Outcome;
 use arca_testkit::free_port;
 use common::{Server, arca};
 use serde_json::Value;
@@ -183,6 +184,8 @@ struct Cluster {
     proxy: Proxy,
     share: String,
     root: String,
+    /// Each region's certificate and key, with TLS.
+    tls_certs: Vec<(PathBuf, PathBuf)>,
     _dir: tempfile::TempDir,
 }
 
@@ -213,7 +216,8 @@ fn cluster(with_tls: bool) -> Cluster {
     assert_eq!(arca(eu.server(), None, &["operator", "unseal", &share]).code, 0);
     // The standby unseals with the primary's key once it has copied the primary's state.
     us.unseal_when_copied(&share);
-    Cluster { eu, us, proxy, share, root, _dir: dir }
+    let tls_certs = tls.map(|t| t.certs).unwrap_or_default();
+    Cluster { eu, us, proxy, share, root, tls_certs, _dir: dir }
 }
 
 /// A mount of two segments the test enables (over HTTP: mounts are managed there).
@@ -403,7 +407,7 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
 }
 
 #[test]
-fn the_replication_listener_requires_a_region_certificate() {
+fn the_replication_listener_requires_a_region_certificate_and_audits_what_it_serves() {
     let c = cluster(true);
     assert_eq!(put(&c.eu, &c.root, "secret/tls/a", "x").code, 0);
     wait_until("the write to reach us over mTLS", || {
@@ -436,6 +440,79 @@ fn the_replication_listener_requires_a_region_certificate() {
         }
     });
     assert!(outcome.is_err(), "a client without a region certificate pulled the feed");
+
+    // What the listener served is audited in eu's log: the pulls that shipped change records
+    // and the snapshot that seeded us, with us as the caller.
+    let eu_log = common::audit_events_in(&c._dir.path().join("eu.db"), "eu");
+    let served = |op: arca_audit::Operation| {
+        eu_log
+            .iter()
+            .filter(|e| e.operation == op && e.actor.entity == "region:us" && e.outcome == Outcome::Ok)
+            .map(|e| e.path.clone())
+            .collect::<Vec<_>>()
+    };
+    let pulls = served(arca_audit::Operation::RegionPull);
+    assert!(!pulls.is_empty() && pulls.iter().all(|p| p == "sys/replication/pull/us"), "{pulls:?}");
+    let chunks = served(arca_audit::Operation::RegionSnapshot);
+    assert!(!chunks.is_empty() && chunks.iter().all(|p| p == "sys/replication/snapshot/us"), "{chunks:?}");
+
+    // With a region certificate: a pull from the standby is refused (it is not the primary),
+    // an unknown method too; each refusal is audited in the refusing region's log, under the
+    // request id its answer carries.
+    let (cert, key) = &c.tls_certs[1];
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read_to_string(cert).unwrap(),
+        std::fs::read_to_string(key).unwrap(),
+    );
+    let ca = std::fs::read_to_string(c._dir.path().join("ca.crt")).unwrap();
+    let connect = |port: u16| {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca.clone()))
+            .identity(identity.clone())
+            .domain_name("localhost");
+        async move {
+            tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        }
+    };
+    let request_id = |status: &tonic::Status| {
+        status.metadata().get("x-arca-request-id").expect("a request id").to_str().unwrap().to_owned()
+    };
+    let (us_port, eu_port) = (c.us.repl_port, c.eu.repl_port);
+    let (refused_pull, unknown) = rt.block_on(async {
+        let mut us = arca_node::proto::replication_client::ReplicationClient::new(connect(us_port).await);
+        let pull = arca_node::proto::PullRequest { region: "mallory".into(), ..Default::default() };
+        let refused_pull = us.pull(pull).await.unwrap_err();
+        let mut grpc = tonic::client::Grpc::new(connect(eu_port).await);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<arca_node::proto::Empty, arca_node::proto::Empty>::default();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arca.v1.Replication/Nope");
+        let unknown =
+            grpc.unary(tonic::Request::new(arca_node::proto::Empty {}), path, codec).await.unwrap_err();
+        (refused_pull, unknown)
+    });
+    assert_eq!(refused_pull.code(), tonic::Code::FailedPrecondition, "{refused_pull:?}");
+    let us_log = common::audit_events_in(&c._dir.path().join("us.db"), "us");
+    let event =
+        us_log.iter().find(|e| e.request_id == request_id(&refused_pull)).expect("the refused pull's event");
+    assert_eq!(
+        (event.operation, event.actor.entity.as_str(), event.path.as_str()),
+        (arca_audit::Operation::RegionPull, "region:mallory", "sys/replication/pull/mallory")
+    );
+    assert_eq!(event.outcome, Outcome::Error { code: "failed_precondition".into() });
+    assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");
+    let eu_log = common::audit_events_in(&c._dir.path().join("eu.db"), "eu");
+    let event =
+        eu_log.iter().find(|e| e.request_id == request_id(&unknown)).expect("the unknown call's event");
+    assert_eq!(
+        (event.operation, event.path.as_str()),
+        (arca_audit::Operation::Rejected, "/arca.v1.Replication/Nope")
+    );
 }
 
 /// Polls an async condition with the test deadline.
