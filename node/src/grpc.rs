@@ -313,10 +313,20 @@ impl Refusal {
 
 /// What a gRPC answer wrapped for later holds, as stored (JSON, sealed by the node).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct WrappedAnswer {
+pub(crate) struct WrappedAnswer {
     grpc_method: String,
     /// The answer's message, base64.
     message: String,
+}
+
+impl WrappedAnswer {
+    /// The gRPC method and message of a stored answer, or `None` if `stored` is not one (a
+    /// response wrapped over the HTTP API, stored as its JSON body).
+    pub(crate) fn open(stored: &str) -> Option<(String, Zeroizing<Vec<u8>>)> {
+        let answer = serde_json::from_str::<WrappedAnswer>(stored).ok()?;
+        let message = Zeroizing::new(B64.decode(answer.message.as_bytes()).ok()?);
+        Some((answer.grpc_method.clone(), message))
+    }
 }
 
 impl Drop for WrappedAnswer {
@@ -1152,13 +1162,11 @@ impl Arca for Service {
         let token = Zeroizing::new(request.into_inner().token);
         respond(self.node.unwrap(ctx, token).await, |answer| {
             // A gRPC answer, or the JSON body of one wrapped over the HTTP API.
-            match serde_json::from_str::<WrappedAnswer>(&answer) {
-                Ok(grpc) => proto::Unwrapped {
-                    grpc_method: grpc.grpc_method.clone(),
-                    message: B64.decode(grpc.message.as_bytes()).unwrap_or_default(),
-                    json: String::new(),
-                },
-                Err(_) => proto::Unwrapped { json: answer.to_string(), ..Default::default() },
+            match WrappedAnswer::open(&answer) {
+                Some((grpc_method, message)) => {
+                    proto::Unwrapped { grpc_method, message: message.to_vec(), json: String::new() }
+                }
+                None => proto::Unwrapped { json: answer.to_string(), ..Default::default() },
             }
         })
     }

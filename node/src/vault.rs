@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Map, Value, json};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::auth::{AppRole, CreateTokenRequest, NewToken, TokenRecord, WriteRoleRequest};
 use crate::error::ApiError;
@@ -302,6 +302,122 @@ fn token_data(r: &TokenRecord, id: Option<&str>) -> Value {
         "num_uses": 0, "orphan": r.parent.is_none(), "path": "auth/token/create", "policies": r.policies,
         "renewable": r.renewable, "ttl": r.expire_unix_ms.map_or(0, |e| e.saturating_sub(now) / 1000), "type": "service",
     })
+}
+
+/// An answer wrapped over the gRPC API, as the HTTP API unwraps it (`None` when `stored` is
+/// a response wrapped over HTTP, returned as it was): in the shape a Vault client expects
+/// of the call it stands for — a KV read, an AppRole role id or secret id, a token from a
+/// create or a login — under the unwrap's request id; any other answer as its method and
+/// message (base64 protobuf) in `data`.
+fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
+    use prost::Message as _;
+
+    use crate::proto;
+    /// A KV value: text, or JSON text the secret holds as a JSON value (`json_keys`).
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Field<'a> {
+        Text(&'a str),
+        Json(&'a serde_json::value::RawValue),
+    }
+    #[derive(serde::Serialize)]
+    struct KvRead<'a> {
+        data: BTreeMap<&'a str, Field<'a>>,
+        metadata: Value,
+    }
+    #[derive(serde::Serialize)]
+    struct SecretId<'a> {
+        secret_id: &'a str,
+        secret_id_accessor: &'a str,
+        secret_id_ttl: u64,
+        secret_id_num_uses: u64,
+    }
+    /// A token as Vault's `auth` block carries it (as [`token_auth`]).
+    #[derive(serde::Serialize)]
+    struct TokenAuth<'a> {
+        client_token: &'a str,
+        accessor: &'a str,
+        policies: &'a [String],
+        token_policies: &'a [String],
+        identity_policies: Option<()>,
+        metadata: Option<()>,
+        lease_duration: u64,
+        renewable: bool,
+        entity_id: &'a str,
+        token_type: &'a str,
+        orphan: bool,
+        mfa_requirement: Option<()>,
+        num_uses: u64,
+    }
+    // The secrets are serialized from the decoded message, never copied into a `Value`, and
+    // the message is zeroized once the text is made.
+    let (method, message) = crate::grpc::WrappedAnswer::open(stored)?;
+    let message = message.as_slice();
+    let text = match method.as_str() {
+        "/arca.v1.Arca/KvGet" if let Ok(mut m) = proto::KvGetResponse::decode(message) => {
+            let data = m
+                .data
+                .iter()
+                .map(|(k, v)| {
+                    let json = m.json_keys.contains(k).then(|| serde_json::from_str(v).ok()).flatten();
+                    (k.as_str(), json.map_or(Field::Text(v), Field::Json))
+                })
+                .collect();
+            let metadata = json!({
+                "created_time": rfc3339(m.created_unix_ms),
+                "custom_metadata": (!m.custom_metadata.is_empty()).then_some(&m.custom_metadata),
+                "deletion_time": "", "destroyed": false, "version": m.version,
+            });
+            let text = serde_json::to_string(&envelope(request_id, KvRead { data, metadata }, Value::Null));
+            m.data.values_mut().for_each(|v| v.zeroize());
+            text
+        }
+        "/arca.v1.Arca/AppRoleSecretId" if let Ok(mut m) = proto::SecretIdResponse::decode(message) => {
+            let ttl =
+                if m.expire_unix_ms == 0 { 0 } else { m.expire_unix_ms.saturating_sub(now_unix_ms()) / 1000 };
+            let data = SecretId {
+                secret_id: &m.secret_id,
+                secret_id_accessor: &m.accessor,
+                secret_id_ttl: ttl,
+                secret_id_num_uses: 0,
+            };
+            let text = serde_json::to_string(&envelope(request_id, data, Value::Null));
+            m.secret_id.zeroize();
+            text
+        }
+        "/arca.v1.Arca/AppRoleRoleId" if let Ok(m) = proto::RoleIdResponse::decode(message) => {
+            serde_json::to_string(&envelope(request_id, json!({"role_id": m.role_id}), Value::Null))
+        }
+        "/arca.v1.Arca/TokenCreate" | "/arca.v1.Arca/AppRoleLogin" | "/arca.v1.Arca/CertLogin"
+            if let Ok(mut m) = proto::TokenAuth::decode(message) =>
+        {
+            let info = m.info.take().unwrap_or_default();
+            let auth = TokenAuth {
+                client_token: &m.token,
+                accessor: &info.accessor,
+                policies: &info.policies,
+                token_policies: &info.policies,
+                identity_policies: None,
+                metadata: None,
+                lease_duration: info.ttl_secs,
+                renewable: info.renewable,
+                entity_id: "",
+                token_type: "service",
+                orphan: info.parent_accessor.is_empty(),
+                mfa_requirement: None,
+                num_uses: 0,
+            };
+            let text = serde_json::to_string(&envelope(request_id, Value::Null, auth));
+            m.token.zeroize();
+            text
+        }
+        _ => serde_json::to_string(&envelope(
+            request_id,
+            json!({"grpc_method": method, "message": B64.encode(message)}),
+            Value::Null,
+        )),
+    };
+    Some(Zeroizing::new(text.ok()?))
 }
 
 /// A version's metadata as KV v2 replies carry it.
@@ -885,9 +1001,11 @@ async fn dispatch(
                     json_response(StatusCode::OK, envelope(rid, data, Value::Null))
                 })
             } else {
-                // The response as the wrapped request would have returned it.
-                reply(node.unwrap(ctx, token).await, |text, _| {
-                    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], text.to_string())
+                // The response as the wrapped request would have returned it; an answer
+                // wrapped over the gRPC API in Vault's shape.
+                reply(node.unwrap(ctx, token).await, |text, rid| {
+                    let body = unwrapped_grpc(&text, rid).unwrap_or(text);
+                    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string())
                         .into_response()
                 })
             }
@@ -1168,6 +1286,45 @@ fn seal_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grpc_answer_unwraps_over_http_in_vaults_shape_or_as_its_method_and_message() {
+        use prost::Message as _;
+        let stored = |method: &str, message: Vec<u8>| {
+            json!({"grpc_method": method, "message": B64.encode(message)}).to_string()
+        };
+        // A response wrapped over HTTP is returned as it was.
+        assert!(unwrapped_grpc(r#"{"data": {"a": "b"}}"#, "rid").is_none());
+        // A KV read: values typed as the secret holds them; a JSON key whose text is not
+        // JSON stays text.
+        let read = crate::proto::KvGetResponse {
+            data: [("pw", "s3"), ("n", "7"), ("bad", "{")].map(|(k, v)| (k.into(), v.into())).into(),
+            version: 3,
+            json_keys: vec!["n".into(), "bad".into()],
+            ..Default::default()
+        };
+        let text = unwrapped_grpc(&stored("/arca.v1.Arca/KvGet", read.encode_to_vec()), "rid").unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["data"]["data"], json!({"pw": "s3", "n": 7, "bad": "{"}));
+        assert_eq!(
+            (body["request_id"].as_str(), &body["data"]["metadata"]["version"]),
+            (Some("rid"), &json!(3))
+        );
+        // Any other answer: its method and message, in `data`.
+        let other = crate::proto::PolicyText { name: "p".into(), ..Default::default() }.encode_to_vec();
+        let text = unwrapped_grpc(&stored("/arca.v1.Arca/PolicyRead", other.clone()), "rid").unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            body["data"],
+            json!({"grpc_method": "/arca.v1.Arca/PolicyRead", "message": B64.encode(&other)})
+        );
+        // A message that does not decode as its method's falls back the same way.
+        let text = unwrapped_grpc(&stored("/arca.v1.Arca/KvGet", vec![0xff]), "rid").unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap()["data"]["grpc_method"],
+            "/arca.v1.Arca/KvGet"
+        );
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {

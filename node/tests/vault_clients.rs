@@ -631,6 +631,29 @@ fn arca_wraps_over_grpc_and_unwraps_what_either_api_wrapped() {
     let login = json(None, &["approle", "login", "--role-id", &role_id, "--secret-id", &secret_id]);
     assert!(login["token"].as_str().is_some_and(|t| t.starts_with("arca_")), "{login}");
 
+    // What arca wraps over gRPC, a Vault client unwraps over HTTP in Vault's shape: a secret
+    // id it logs in with, a KV read (its values typed), a token.
+    let wrapped = json(Some(&dev.root), &["--wrap-ttl", "60s", "approle", "secret-id", "web"]);
+    let by_bao = bao_json(&dev, &["unwrap"], &[wrapped["wrap_info"]["token"].as_str().unwrap()]);
+    let secret_id = by_bao["data"]["secret_id"].as_str().unwrap().to_owned();
+    let login = bao_json(
+        &dev,
+        &["write"],
+        &["auth/approle/login", &format!("role_id={role_id}"), &format!("secret_id={secret_id}")],
+    );
+    assert!(login["auth"]["client_token"].as_str().is_some_and(|t| t.starts_with("arca_")), "{login}");
+    let wrapped = json(Some(&dev.root), &["--wrap-ttl", "60s", "kv", "get", "secret/app/db"]);
+    let by_bao = bao_json(&dev, &["unwrap"], &[wrapped["wrap_info"]["token"].as_str().unwrap()]);
+    assert_eq!(by_bao["data"]["data"], serde_json::json!({"password": "grpc-wrapped-pw", "port": 5432}));
+    assert_eq!(by_bao["data"]["metadata"]["version"], 1, "{by_bao}");
+    let wrapped = json(Some(&dev.root), &["--wrap-ttl", "60s", "token", "create", "--policy", "default"]);
+    let by_bao = bao_json(&dev, &["unwrap"], &[wrapped["wrap_info"]["token"].as_str().unwrap()]);
+    let token = by_bao["auth"]["client_token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("arca_"), "{by_bao}");
+    assert!(by_bao["auth"]["policies"].as_array().unwrap().contains(&"default".into()), "{by_bao}");
+    let looked_up = bao_json(&dev, &["token", "lookup"], &[&token]);
+    assert_eq!(looked_up["data"]["accessor"], by_bao["auth"]["accessor"]);
+
     // Only a command that is one call can be wrapped; a bad TTL is refused before sending.
     let refused = arca(&dev.server, Some(&dev.root), &["--wrap-ttl", "5m", "run", "--", "true"]);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
