@@ -3,7 +3,7 @@
 # audit events, replication change records, tuple-encoded keys, signed notes and
 # checkpoints, tlog-tiles paths and bodies, policies and CIDRs, the node config, rotation
 # schedules, what a SIEM consumer reads from the two Kafka topics (verify and watch), secret
-# data, and the whole Vault HTTP and gRPC APIs in process. Fails on the first panic or broken round trip; the input that did it lands in
+# data, and the whole Vault HTTP and gRPC APIs and the replication listener in process. Fails on the first panic or broken round trip; the input that did it lands in
 # fuzz/artifacts/<target>/.
 #
 #   scripts/fuzz.sh                 every target for 60 s

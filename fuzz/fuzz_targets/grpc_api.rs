@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
     frame.extend_from_slice(&length.to_be_bytes());
     frame.extend_from_slice(message);
     let t = live_node::target(&TARGET);
-    let mut live = t.live(|node| {
+    let mut live = t.live(|node, _| {
         let service = Service::new(node.clone(), Default::default());
         service.refusals_layer().layer(service.into_server())
     });

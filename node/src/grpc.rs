@@ -164,7 +164,7 @@ pub struct AuditRefusalsLayer {
 
 impl AuditRefusalsLayer {
     /// The layer for the replication listener: no proxy, no response wrapping.
-    pub(crate) fn replication(node: Arc<Node>) -> Self {
+    pub fn replication(node: Arc<Node>) -> Self {
         AuditRefusalsLayer { node, proxy: Arc::new(ProxyConfig::default()), wrapping: false }
     }
 }

@@ -16,6 +16,7 @@ pub struct Live<F> {
     _dir: tempfile::TempDir,
     pub node: Arc<Node>,
     pub front: F,
+    #[allow(dead_code)] // not every target sends the root token
     pub root: String,
     served: u32,
 }
@@ -35,8 +36,9 @@ impl<F> Target<F> {
         Target { runtime, live: Mutex::new(None) }
     }
 
-    /// The live node for the next input (built, or rebuilt, with `front` over it).
-    pub fn live(&self, front: impl FnOnce(&Arc<Node>) -> F) -> MutexGuard<'_, Option<Live<F>>> {
+    /// The live node for the next input (built, or rebuilt, with `front` over it; `front`
+    /// gets the root token too).
+    pub fn live(&self, front: impl FnOnce(&Arc<Node>, &str) -> F) -> MutexGuard<'_, Option<Live<F>>> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let stale = live.as_ref().is_none_or(|l| l.served >= REBUILD_EVERY || l.node.barrier().is_sealed());
         if stale {
@@ -52,7 +54,7 @@ impl<F> Target<F> {
             let ctx = RequestContext::new(None, Source { address: "127.0.0.1:1".into(), proxy: None });
             let init = self.runtime.block_on(node.operator_init(ctx, 1, 1)).result.expect("init");
             let root = init.root_token.token.to_string();
-            let front = front(&node);
+            let front = front(&node, &root);
             *live = Some(Live { _dir: dir, node, front, root, served: 0 });
         }
         if let Some(l) = live.as_mut() {
