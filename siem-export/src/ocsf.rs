@@ -57,7 +57,8 @@ impl Activity {
         match op {
             KvWrite | TokenCreate | AppRoleSecretId => Activity::Create,
             KvRead | KvList | KvReadMetadata | TokenLookup | AppRoleRead | AppRoleList | PolicyRead
-            | PolicyList | CertRoleRead | MountRead | MountList | Status | Health => Activity::Read,
+            | PolicyList | CertRoleRead | MountRead | MountList | Status | Health | RegionPull
+            | RegionSnapshot => Activity::Read,
             KvPatch | KvUndelete | KvWriteMetadata | TokenRenew | AppRoleWrite | PolicyWrite
             | CertRoleWrite | MountWrite | Rotate => Activity::Update,
             KvDelete | KvDestroy | KvDeleteMetadata | TokenRevoke | AppRoleDelete | PolicyDelete
@@ -80,6 +81,8 @@ fn resource_type(op: Operation) -> &'static str {
         PolicyWrite | PolicyRead | PolicyList | PolicyDelete => "policy",
         CertRoleWrite | CertRoleRead | CertRoleDelete | CertLogin => "cert_role",
         MountWrite | MountRead | MountDelete | MountList => "mount",
+        // What the replication listener hands a standby region: the replicated keyspace.
+        RegionPull | RegionSnapshot => "replication_feed",
         _ => "system",
     }
 }
@@ -409,6 +412,13 @@ mod tests {
         let failed = event(Operation::KvWrite, Outcome::Error { code: "invalid".into() });
         let v = to_ocsf("o", 0, &failed.encode(), &failed);
         assert_eq!((v["activity_id"].as_u64(), v["status_code"].as_str()), (Some(1), Some("invalid")));
+        // What a standby region pulls is a read of the replication feed.
+        let pulled = event(Operation::RegionPull, Outcome::Ok);
+        let v = to_ocsf("o", 0, &pulled.encode(), &pulled);
+        assert_eq!(
+            (v["activity_name"].as_str(), v["resources"][0]["type"].as_str()),
+            (Some("Read"), Some("replication_feed"))
+        );
         // Every operation maps to some activity; none panics.
         for op in Operation::ALL {
             let e = event(*op, Outcome::Ok);
