@@ -7,8 +7,8 @@
 //! The input: a method byte, a flags byte (root token, wrap header, route table), a route
 //! byte, then the path (or a suffix to the route), the query, the wrap TTL and the body,
 //! separated by zero bytes. Left out: `sys/seal` (it would stop every later input; the node
-//! is rebuilt if it is sealed anyway) and `database/` (its routes reach out to a PostgreSQL
-//! server named in the input).
+//! is rebuilt if it is sealed anyway). `database/creds/…` and the lease routes are fuzzed:
+//! the HTTP API cannot configure a database connection, so they reach nothing outside.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -22,7 +22,7 @@ const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "LIST", "PATCH", "HE
 
 /// Route prefixes the input's path is appended to (flag 4), so every handler's body parsing
 /// is reached without the fuzzer having to spell its path first.
-const ROUTES: [&str; 34] = [
+const ROUTES: [&str; 36] = [
     "/v1/secret/data/",
     "/v1/secret/metadata/",
     "/v1/secret/subkeys/",
@@ -45,6 +45,8 @@ const ROUTES: [&str; 34] = [
     "/v1/sys/capabilities-accessor",
     "/v1/sys/leases/lookup",
     "/v1/sys/leases/renew",
+    "/v1/sys/leases/revoke",
+    "/v1/database/creds/",
     "/v1/auth/approle/role/",
     "/v1/auth/approle/login",
     "/v1/sys/policies/acl/",
@@ -82,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         format!("/{}", text(path))
     };
-    if uri.contains("sys/seal") || uri.contains("database/") {
+    if uri.contains("sys/seal") {
         return;
     }
     if !query.is_empty() {
