@@ -7,7 +7,11 @@
 //! - `new-source`: an identity appears from an IP address it never used before;
 //! - `denial-burst`: ≥ N denied requests by one identity within a window;
 //! - `read-after-destroy`: a secret is read after it was destroyed or deleted (metadata
-//!   deleted, all versions destroyed, or the very version destroyed or deleted).
+//!   deleted, all versions destroyed, or the very version destroyed or deleted);
+//! - `region-snapshot`: a region was served a snapshot — a copy of the whole replicated
+//!   keyspace (a standby seeding, or whoever holds a region certificate); once per
+//!   snapshot: its chunks come seconds apart, and a region's next snapshot event after
+//!   [`SNAPSHOT_QUIET_MS`] without one is a new snapshot.
 //!
 //! `first-access` and `new-source` learn quietly during a baseline (the first entries or
 //! seconds of each log), so that a stream's history is not one alert per identity.
@@ -46,6 +50,9 @@ pub const HELD_LIMIT: u64 = 250_000;
 /// has not arrived, or no signed checkpoint covering them).
 const WAITING_REPORT_EVERY: usize = 10_000;
 
+/// A region's snapshot events this far apart belong to two snapshots (`region-snapshot`).
+pub const SNAPSHOT_QUIET_MS: u64 = 10 * 60 * 1000;
+
 /// Rule settings (`[watch]` in the configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,6 +64,7 @@ pub struct Rules {
     pub first_access: bool,
     pub new_source: bool,
     pub read_after_destroy: bool,
+    pub region_snapshot: bool,
     /// `first-access` and `new-source` only learn during the first `baseline_entries`
     /// entries of a log ...
     pub baseline_entries: u64,
@@ -74,6 +82,7 @@ impl Default for Rules {
             first_access: true,
             new_source: true,
             read_after_destroy: true,
+            region_snapshot: true,
             baseline_entries: 0,
             baseline_secs: 0,
         }
@@ -146,6 +155,8 @@ struct LogState {
     sources: HashSet<(String, String)>,
     /// secret → destroyed versions (`None`: all of them).
     gone: HashMap<String, Option<BTreeSet<u64>>>,
+    /// identity → the time of its last snapshot event served.
+    snapshots: HashMap<String, u64>,
 }
 
 /// The rule engine; feed it entries in any order, it keeps per-log state.
@@ -541,6 +552,19 @@ impl Watcher {
             }
         }
 
+        // region-snapshot
+        if event.operation == Operation::RegionSnapshot && event.outcome == Outcome::Ok {
+            let last = log.snapshots.insert(identity.clone(), t);
+            if rules.region_snapshot && last.is_none_or(|last| last.saturating_add(SNAPSHOT_QUIET_MS) < t) {
+                alert(
+                    "region-snapshot",
+                    "high",
+                    format!("{identity} was served a snapshot of the whole replicated keyspace"),
+                    None,
+                );
+            }
+        }
+
         if let Some(secret) = secret {
             // read-after-destroy
             let is_read = event.operation == Operation::KvRead;
@@ -792,6 +816,42 @@ mod tests {
         let rules = Rules { first_access: false, new_source: false, ..quiet_rules() };
         let got: Vec<_> = run(rules, &events).iter().map(|a| (a.rule, a.leaf_index)).collect();
         assert_eq!(got, vec![("read-after-destroy", 4), ("read-after-destroy", 6)]);
+    }
+
+    #[test]
+    fn region_snapshot_fires_once_per_snapshot() {
+        let snapshot = |t: u64, who: &str, outcome: Outcome| {
+            let path = format!("sys/replication/snapshot/{}", who.trim_start_matches("region:"));
+            ev(t, who, "10.0.0.2", Operation::RegionSnapshot, &path, None, outcome)
+        };
+        let refused = Outcome::Error { code: "failed_precondition".into() };
+        let events = [
+            read(0, "app", "secret/data/db"),
+            // A refused snapshot hands nothing over.
+            snapshot(1_000, "region:us", refused),
+            // One snapshot, three chunks.
+            snapshot(2_000, "region:us", Outcome::Ok),
+            snapshot(2_050, "region:us", Outcome::Ok),
+            snapshot(2_100, "region:us", Outcome::Ok),
+            // Another region's, at the same time.
+            snapshot(2_200, "region:ap", Outcome::Ok),
+            // us again, after the quiet time: a new snapshot.
+            snapshot(2_100 + SNAPSHOT_QUIET_MS + 1, "region:us", Outcome::Ok),
+        ];
+        let rules = Rules { first_access: false, new_source: false, ..quiet_rules() };
+        let alerts = run(rules.clone(), &events);
+        let got: Vec<_> = alerts.iter().map(|a| (a.rule, a.leaf_index, a.identity.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("region-snapshot", 2, "region:us"),
+                ("region-snapshot", 5, "region:ap"),
+                ("region-snapshot", 6, "region:us")
+            ]
+        );
+        assert_eq!(alerts[0].severity, "high");
+        // Switched off: nothing.
+        assert_eq!(run(Rules { region_snapshot: false, ..rules }, &events), vec![]);
     }
 
     #[test]
