@@ -79,6 +79,8 @@ const METHODS: [&str; 52] = [
     "../Replication/Pull",
 ];
 
+#[path = "shared/grpc_wire.rs"]
+mod grpc_wire;
 #[path = "shared/live_node.rs"]
 mod live_node;
 
@@ -86,21 +88,11 @@ type Stack = arca_node::grpc::AuditRefusals<arca_node::proto::arca_server::ArcaS
 
 static TARGET: OnceLock<live_node::Target<Stack>> = OnceLock::new();
 
-/// The answer's gRPC status code: in the headers (an answer with no message) or the trailers.
-fn grpc_status(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> Option<i32> {
-    let code = |map: &http::HeaderMap| map.get("grpc-status")?.to_str().ok()?.parse().ok();
-    code(headers).or_else(|| trailers.and_then(code))
-}
-
 fuzz_target!(|data: &[u8]| {
     let [method, flags, message @ ..] = data else { return };
     let name = METHODS[usize::from(*method) % METHODS.len()];
-    // A gRPC frame: uncompressed, its length (wrong on purpose with flag 2), the message.
-    let length = u32::try_from(message.len()).unwrap_or(u32::MAX).wrapping_add(u32::from(flags & 2 != 0));
-    let mut frame = Vec::with_capacity(message.len() + 5);
-    frame.push(0);
-    frame.extend_from_slice(&length.to_be_bytes());
-    frame.extend_from_slice(message);
+    // Framed as a client would, its length wrong on purpose with flag 2.
+    let frame = grpc_wire::frame(message, flags & 2 != 0);
     let t = live_node::target(&TARGET);
     let mut live = t.live(|node, _| {
         let service = Service::new(node.clone(), Default::default());
@@ -125,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(l.node.committer().stats().jobs > jobs, "no audit event for {name}");
     let (parts, body) = response.into_parts();
     let collected = t.runtime.block_on(body.collect()).expect("the answer's body");
-    let code = grpc_status(&parts.headers, collected.trailers());
+    let code = grpc_wire::status(&parts.headers, collected.trailers());
     assert!(code.is_some(), "{name}: an answer without a gRPC status");
     assert_ne!(code, Some(tonic::Code::Internal as i32), "{name}: INTERNAL");
 });

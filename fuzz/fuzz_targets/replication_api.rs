@@ -27,18 +27,14 @@ use tower::{Layer as _, ServiceExt as _};
 
 const METHODS: [&str; 4] = ["Pull", "Snapshot", "Hello", "Nope"];
 
+#[path = "shared/grpc_wire.rs"]
+mod grpc_wire;
 #[path = "shared/live_node.rs"]
 mod live_node;
 
 type Stack = AuditRefusals<ReplicationServer<ReplicationService>>;
 
 static TARGET: OnceLock<live_node::Target<Stack>> = OnceLock::new();
-
-/// The answer's gRPC status code: in the headers (an answer with no message) or the trailers.
-fn grpc_status(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> Option<i32> {
-    let code = |map: &http::HeaderMap| map.get("grpc-status")?.to_str().ok()?.parse().ok();
-    code(headers).or_else(|| trailers.and_then(code))
-}
 
 fuzz_target!(|data: &[u8]| {
     let [method, flags, message @ ..] = data else { return };
@@ -50,12 +46,8 @@ fuzz_target!(|data: &[u8]| {
         pull.wait_ms = 0;
         message = pull.encode_to_vec();
     }
-    // A gRPC frame: uncompressed, its length (wrong on purpose with flag 1), the message.
-    let length = u32::try_from(message.len()).unwrap_or(u32::MAX).wrapping_add(u32::from(flags & 1 != 0));
-    let mut frame = Vec::with_capacity(message.len() + 5);
-    frame.push(0);
-    frame.extend_from_slice(&length.to_be_bytes());
-    frame.extend_from_slice(&message);
+    // Framed as a client would, its length wrong on purpose with flag 1.
+    let frame = grpc_wire::frame(&message, flags & 1 != 0);
     let t = live_node::target(&TARGET);
     let mut live = t.live(|node, root| {
         let section = ReplicationSection {
@@ -94,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
     let audited = l.node.committer().stats().jobs > jobs;
     let (parts, body) = response.into_parts();
     let collected = t.runtime.block_on(body.collect()).expect("the answer's body");
-    let code = grpc_status(&parts.headers, collected.trailers());
+    let code = grpc_wire::status(&parts.headers, collected.trailers());
     assert!(code.is_some(), "{name}: an answer without a gRPC status");
     assert_ne!(code, Some(tonic::Code::Internal as i32), "{name}: INTERNAL");
     if code != Some(0) {
