@@ -60,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
             peers: vec![PeerSection { region: "standby".into(), endpoint: "http://127.0.0.1:1".into() }],
         };
         let _entered = t.runtime.enter();
-        let regions = Regions::from_config(&section).expect("the regions");
+        let regions = Regions::from_config(&section, "local").expect("the regions");
         node.enable_regions(regions).expect("replication enabled");
         // Change records in the feed, for pulls to ship.
         for i in 0..3 {

@@ -28,7 +28,8 @@
 //!
 //! [replication]         # cross-region replication (absent: a single region)
 //! listen_addr = "0.0.0.0:8500"       # where standbys pull from (mTLS)
-//! tls_cert_file = "/etc/arca/repl.crt"   # this region's certificate: server and client
+//! tls_cert_file = "/etc/arca/repl.crt"   # this region's certificate: server and client;
+//!                                        # its subjectAltName names the region ("eu-west")
 //! tls_key_file = "/etc/arca/repl.key"
 //! ca_file = "/etc/arca/regions-ca.crt"   # signs every region's certificate
 //! # dangerous_plaintext = false   # loopback only, development

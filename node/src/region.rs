@@ -120,11 +120,32 @@ impl Regions {
         }
     }
 
-    pub fn from_config(section: &ReplicationSection) -> Result<Regions, crate::server::BoxError> {
+    /// The replication settings of region `own_region`. With mTLS, this region's certificate
+    /// must name the region (see [`certificate_names_region`]): its peers check that it does
+    /// on every call, so a certificate that does not is refused here, at start.
+    pub fn from_config(
+        section: &ReplicationSection,
+        own_region: &str,
+    ) -> Result<Regions, crate::server::BoxError> {
         let tls = match (&section.tls_cert_file, &section.tls_key_file, &section.ca_file) {
             (Some(cert), Some(key), Some(ca)) => {
-                let identity =
-                    tonic::transport::Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+                let pem = std::fs::read(cert)?;
+                let leaf = {
+                    use rustls::pki_types::pem::PemObject as _;
+                    rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                        .next()
+                        .ok_or_else(|| format!("{}: no certificate in the file", cert.display()))??
+                };
+                if !certificate_names_region(leaf.as_ref(), own_region) {
+                    return Err(format!(
+                        "replication: the certificate {} does not name this region {own_region:?} as a DNS \
+                         name in its subjectAltName; peers refuse calls from a region its certificate \
+                         does not name",
+                        cert.display()
+                    )
+                    .into());
+                }
+                let identity = tonic::transport::Identity::from_pem(pem, std::fs::read(key)?);
                 let ca = tonic::transport::Certificate::from_pem(std::fs::read(ca)?);
                 Some(tonic::transport::ClientTlsConfig::new().identity(identity).ca_certificate(ca))
             }
@@ -1002,8 +1023,10 @@ impl ReplicationService {
 /// hello that succeeds (every 300 ms per peer) and a pull that ships no change record (its
 /// only payload, if any, is the audit log itself, public to SIEM consumers; auditing it
 /// would feed the next pull). So a pull that ships change records, every snapshot chunk and
-/// every refusal are recorded, with the caller as `region:<name>` (the name it gives, on a
-/// connection whose certificate the regions' CA signed). tonic's own refusals (a message
+/// every refusal are recorded, with the caller as `region:<name>`. Over mTLS the name is the
+/// connection's: the regions' CA signed its certificate, and the certificate names the region
+/// (a call naming another region is refused, `PERMISSION_DENIED`, and audited); in plaintext
+/// (loopback, development only) it is the caller's claim. tonic's own refusals (a message
 /// that does not decode, an unknown method) are audited by the listener's
 /// [`crate::grpc::AuditRefusals`] layer.
 #[tonic::async_trait]
@@ -1013,9 +1036,13 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::PullRequest>,
     ) -> Result<Response<proto::PullResponse>, Status> {
         let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
+        let named = caller_named_by_certificate(&request, &request.get_ref().region);
         let req = request.into_inner();
         let caller = req.region.clone();
-        let answer = self.serve_pull(req).await;
+        let answer = match named {
+            Ok(()) => self.serve_pull(req).await,
+            Err(refused) => Err(refused),
+        };
         let ships = answer.as_ref().is_ok_and(|a| !a.get_ref().changes.is_empty());
         self.audited(ctx, Operation::RegionPull, &caller, answer, ships).await
     }
@@ -1025,9 +1052,13 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<proto::SnapshotChunk>, Status> {
         let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
+        let named = caller_named_by_certificate(&request, &request.get_ref().region);
         let req = request.into_inner();
         let caller = req.region.clone();
-        let answer = self.serve_snapshot(req).await;
+        let answer = match named {
+            Ok(()) => self.serve_snapshot(req).await,
+            Err(refused) => Err(refused),
+        };
         self.audited(ctx, Operation::RegionSnapshot, &caller, answer, true).await
     }
 
@@ -1036,9 +1067,13 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::HelloRequest>,
     ) -> Result<Response<proto::HelloResponse>, Status> {
         let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
+        let named = caller_named_by_certificate(&request, &request.get_ref().region);
         let req = request.into_inner();
         let caller = req.region.clone();
-        let answer = self.serve_hello(req).await;
+        let answer = match named {
+            Ok(()) => self.serve_hello(req).await,
+            Err(refused) => Err(refused),
+        };
         self.audited(ctx, Operation::RegionHello, &caller, answer, false).await
     }
 }
@@ -1095,6 +1130,34 @@ impl ReplicationService {
             metadata.insert(crate::grpc::REQUEST_ID_HEADER, value);
         }
         answer
+    }
+}
+
+/// Whether the X.509 certificate `der` names `region`: as a DNS name among its
+/// subjectAltName entries (the subject's common name is not read, as in TLS name checks
+/// since RFC 6125). A region's certificate thus carries its region's name beside the host
+/// names it serves under, e.g. `us-east` and `us-east.arca.internal`. A certificate that does
+/// not parse, or a region name that is not a DNS name, names nothing.
+pub fn certificate_names_region(der: &[u8], region: &str) -> bool {
+    use rustls::pki_types::{CertificateDer, DnsName, ServerName};
+    let Ok(name) = DnsName::try_from(region) else { return false };
+    let der = CertificateDer::from(der);
+    webpki::EndEntityCert::try_from(&der)
+        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&ServerName::DnsName(name)).is_ok())
+}
+
+/// Over mTLS, a replication call must name a region its connection's certificate names
+/// ([`certificate_names_region`]): one region's certificate cannot pull, snapshot or say
+/// hello as another, which would move that region's shipped position or its link's view. In
+/// plaintext (loopback only, see `server::serve_replication`) there is no certificate to ask.
+fn caller_named_by_certificate<T>(request: &Request<T>, region: &str) -> Result<(), Status> {
+    let Some(certs) = request.peer_certs() else { return Ok(()) };
+    match certs.first() {
+        Some(leaf) if certificate_names_region(leaf.as_ref(), region) => Ok(()),
+        _ => Err(Status::permission_denied(format!(
+            "the connection's certificate does not name region {:?}",
+            region.chars().take(64).collect::<String>()
+        ))),
     }
 }
 
@@ -1505,5 +1568,57 @@ mod tests {
         assert_eq!((described[0].aad.as_ref(), described[2].aad.as_ref()), (None, None));
         // The metadata is opened once per secret, however many of its rows the record holds.
         assert_eq!(opened, vec![meta_key]);
+    }
+
+    #[test]
+    fn a_region_certificate_names_its_region_and_a_region_refuses_to_start_without_one() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let issue = |sans: &[&str], common_name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params =
+                rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+            (params.signed_by(&key, &issuer).unwrap(), key)
+        };
+        let (named, _) = issue(&["us-east.arca.internal", "us-east"], "whatever");
+        assert!(certificate_names_region(named.der(), "us-east"));
+        assert!(!certificate_names_region(named.der(), "eu-west"), "another region");
+        assert!(!certificate_names_region(named.der(), "us"), "a prefix of a name");
+        assert!(!certificate_names_region(named.der(), "us-east.arca"), "a prefix of a name");
+        // Only the subjectAltName counts: a common name is no region's name.
+        let (by_cn, _) = issue(&["host.example"], "us-east");
+        assert!(!certificate_names_region(by_cn.der(), "us-east"));
+        assert!(!certificate_names_region(b"not a certificate", "us-east"));
+        assert!(!certificate_names_region(named.der(), "us east"), "not a DNS name");
+
+        // At start, a region whose certificate does not name it is refused with the reason.
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (cert, key) = issue(&["localhost", "eu"], "eu");
+        let section = |cert_file: &str| ReplicationSection {
+            listen_addr: "127.0.0.1:1".parse().unwrap(),
+            tls_cert_file: Some(write(cert_file, &cert.pem())),
+            tls_key_file: Some(write("key.pem", &key.serialize_pem())),
+            ca_file: Some(write("ca.pem", &ca.pem())),
+            dangerous_plaintext: false,
+            initial_primary: "eu".into(),
+            peers: vec![],
+        };
+        assert!(Regions::from_config(&section("eu.crt"), "eu").is_ok());
+        let refused = Regions::from_config(&section("eu.crt"), "us").unwrap_err().to_string();
+        assert!(refused.contains("does not name this region \"us\""), "{refused}");
+        let mut empty = section("eu.crt");
+        empty.tls_cert_file = Some(write("empty.crt", ""));
+        let refused = Regions::from_config(&empty, "eu").unwrap_err().to_string();
+        assert!(refused.contains("no certificate"), "{refused}");
     }
 }

@@ -189,7 +189,7 @@ async fn pruning_waits_for_the_exporter_and_the_standbys() {
             endpoint: "http://127.0.0.1:1".into(),
         }],
     };
-    s.node.enable_regions(arca_node::region::Regions::from_config(&section).unwrap()).unwrap();
+    s.node.enable_regions(arca_node::region::Regions::from_config(&section, "local").unwrap()).unwrap();
     reads(&s, 1300).await;
     let state = archive::step(&s.node, "n1:test", &s.config).unwrap().unwrap();
     assert!(state.archived_bundles >= 5);

@@ -127,10 +127,11 @@ struct Tls {
     certs: Vec<(PathBuf, PathBuf)>,
 }
 
-/// A CA and one certificate per region (`localhost`), written under `dir`.
-fn pki(dir: &Path, regions: usize) -> Tls {
+/// A CA and one certificate per region, for `localhost` (where it listens) and the region's
+/// name (which its peers check), written under `dir`.
+fn pki(dir: &Path, regions: &[&str]) -> Tls {
     let ca = common::TestCa::new(dir);
-    let certs = (0..regions).map(|i| ca.issue(&format!("r{i}"), "localhost")).collect();
+    let certs = regions.iter().map(|region| ca.issue_for(region, &["localhost", region])).collect();
     Tls { ca: ca.ca_file.clone(), certs }
 }
 
@@ -198,7 +199,7 @@ impl Drop for Cluster {
 
 fn cluster(with_tls: bool) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let tls = with_tls.then(|| pki(dir.path(), 2));
+    let tls = with_tls.then(|| pki(dir.path(), &["eu", "us"]));
     let (mut eu, mut us, eu_repl) = configs(dir.path(), tls.as_ref());
     let proxy = Proxy::start(eu_repl);
     link(&us, proxy.port);
@@ -407,7 +408,7 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
 }
 
 #[test]
-fn the_replication_listener_requires_a_region_certificate_and_audits_what_it_serves() {
+fn the_replication_listener_requires_the_callers_region_certificate_and_audits_what_it_serves() {
     let c = cluster(true);
     assert_eq!(put(&c.eu, &c.root, "secret/tls/a", "x").code, 0);
     wait_until("the write to reach us over mTLS", || {
@@ -456,9 +457,10 @@ fn the_replication_listener_requires_a_region_certificate_and_audits_what_it_ser
     let chunks = served(arca_audit::Operation::RegionSnapshot);
     assert!(!chunks.is_empty() && chunks.iter().all(|p| p == "sys/replication/snapshot/us"), "{chunks:?}");
 
-    // With a region certificate: a pull from the standby is refused (it is not the primary),
-    // an unknown method too; each refusal is audited in the refusing region's log, under the
-    // request id its answer carries.
+    // With us's certificate: a pull naming another region is refused (the certificate does
+    // not name it), a pull from the standby too (it is not the primary), an unknown method
+    // too; each refusal is audited in the refusing region's log, under the request id its
+    // answer carries.
     let (cert, key) = &c.tls_certs[1];
     let identity = tonic::transport::Identity::from_pem(
         std::fs::read_to_string(cert).unwrap(),
@@ -484,9 +486,11 @@ fn the_replication_listener_requires_a_region_certificate_and_audits_what_it_ser
         status.metadata().get("x-arca-request-id").expect("a request id").to_str().unwrap().to_owned()
     };
     let (us_port, eu_port) = (c.us.repl_port, c.eu.repl_port);
-    let (refused_pull, unknown) = rt.block_on(async {
+    let (impostor, refused_pull, unknown) = rt.block_on(async {
         let mut us = arca_node::proto::replication_client::ReplicationClient::new(connect(us_port).await);
         let pull = arca_node::proto::PullRequest { region: "mallory".into(), ..Default::default() };
+        let impostor = us.pull(pull).await.unwrap_err();
+        let pull = arca_node::proto::PullRequest { region: "us".into(), ..Default::default() };
         let refused_pull = us.pull(pull).await.unwrap_err();
         let mut grpc = tonic::client::Grpc::new(connect(eu_port).await);
         grpc.ready().await.unwrap();
@@ -494,15 +498,22 @@ fn the_replication_listener_requires_a_region_certificate_and_audits_what_it_ser
         let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arca.v1.Replication/Nope");
         let unknown =
             grpc.unary(tonic::Request::new(arca_node::proto::Empty {}), path, codec).await.unwrap_err();
-        (refused_pull, unknown)
+        (impostor, refused_pull, unknown)
     });
+    assert_eq!(impostor.code(), tonic::Code::PermissionDenied, "{impostor:?}");
     assert_eq!(refused_pull.code(), tonic::Code::FailedPrecondition, "{refused_pull:?}");
     let us_log = common::audit_events_in(&c._dir.path().join("us.db"), "us");
+    let event = us_log.iter().find(|e| e.request_id == request_id(&impostor)).expect("the impostor's event");
+    assert_eq!(
+        (event.operation, event.actor.entity.as_str(), event.path.as_str()),
+        (arca_audit::Operation::RegionPull, "region:mallory", "sys/replication/pull/mallory")
+    );
+    assert_eq!(event.outcome, Outcome::Denied);
     let event =
         us_log.iter().find(|e| e.request_id == request_id(&refused_pull)).expect("the refused pull's event");
     assert_eq!(
         (event.operation, event.actor.entity.as_str(), event.path.as_str()),
-        (arca_audit::Operation::RegionPull, "region:mallory", "sys/replication/pull/mallory")
+        (arca_audit::Operation::RegionPull, "region:us", "sys/replication/pull/us")
     );
     assert_eq!(event.outcome, Outcome::Error { code: "failed_precondition".into() });
     assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");

@@ -152,7 +152,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
     }
     let replication = match &config.replication {
         Some(r) => {
-            node.enable_regions(arca_node::region::Regions::from_config(r)?)
+            node.enable_regions(arca_node::region::Regions::from_config(r, &node.identity().region)?)
                 .map_err(|e| format!("cannot record the region's initial role: {e}"))?;
             let tls = match (&r.tls_cert_file, &r.tls_key_file) {
                 (Some(cert), Some(key)) => {

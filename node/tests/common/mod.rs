@@ -261,9 +261,14 @@ impl TestCa {
 
     /// A certificate for `san` signed by the CA: (`<name>.crt`, `<name>.key`).
     pub fn issue(&self, name: &str, san: &str) -> (PathBuf, PathBuf) {
+        self.issue_for(name, &[san])
+    }
+
+    /// A certificate for the DNS names `sans` (subjectAltName), as `<name>.crt` and `.key`.
+    pub fn issue_for(&self, name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert =
-            rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(sans).unwrap().signed_by(&key, &self.ca).unwrap();
         (
             write_private(&self.dir.join(format!("{name}.crt")), &cert.pem()),
             write_private(&self.dir.join(format!("{name}.key")), &key.serialize_pem()),
