@@ -284,13 +284,73 @@ fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-fn token_auth(t: &NewToken) -> Value {
+/// A token as Vault's `auth` block carries it. Serialized from borrowed fields, so the token
+/// is never copied into a `Value` (whose text nothing would zeroize); the unwrap of a token
+/// wrapped over gRPC fills it from the decoded message (see [`unwrapped_grpc`]).
+#[derive(serde::Serialize)]
+struct TokenAuthReply<'a> {
+    client_token: &'a str,
+    accessor: &'a str,
+    policies: &'a [String],
+    token_policies: &'a [String],
+    identity_policies: Option<()>,
+    metadata: Option<()>,
+    lease_duration: u64,
+    renewable: bool,
+    entity_id: &'static str,
+    token_type: &'static str,
+    orphan: bool,
+    mfa_requirement: Option<()>,
+    num_uses: u64,
+}
+
+impl<'a> TokenAuthReply<'a> {
+    fn new(
+        token: &'a str,
+        accessor: &'a str,
+        policies: &'a [String],
+        ttl_secs: u64,
+        renewable: bool,
+        orphan: bool,
+    ) -> Self {
+        TokenAuthReply {
+            client_token: token,
+            accessor,
+            policies,
+            token_policies: policies,
+            identity_policies: None,
+            metadata: None,
+            lease_duration: ttl_secs,
+            renewable,
+            entity_id: "",
+            token_type: "service",
+            orphan,
+            mfa_requirement: None,
+            num_uses: 0,
+        }
+    }
+}
+
+fn token_auth(t: &NewToken) -> TokenAuthReply<'_> {
     let r = &t.record;
-    json!({
-        "client_token": t.token.as_str(), "accessor": r.accessor, "policies": r.policies, "token_policies": r.policies,
-        "identity_policies": null, "metadata": null, "lease_duration": r.ttl_secs, "renewable": r.renewable,
-        "entity_id": "", "token_type": "service", "orphan": r.parent.is_none(), "mfa_requirement": null, "num_uses": 0,
-    })
+    TokenAuthReply::new(&t.token, &r.accessor, &r.policies, r.ttl_secs, r.renewable, r.parent.is_none())
+}
+
+/// An AppRole secret id as Vault replies with it (borrowed, as [`TokenAuthReply`]);
+/// `expire_unix_ms` 0 is a secret id that does not expire.
+#[derive(serde::Serialize)]
+struct SecretIdReply<'a> {
+    secret_id: &'a str,
+    secret_id_accessor: &'a str,
+    secret_id_ttl: u64,
+    secret_id_num_uses: u64,
+}
+
+impl<'a> SecretIdReply<'a> {
+    fn new(secret_id: &'a str, accessor: &'a str, expire_unix_ms: u64) -> Self {
+        let ttl = if expire_unix_ms == 0 { 0 } else { expire_unix_ms.saturating_sub(now_unix_ms()) / 1000 };
+        SecretIdReply { secret_id, secret_id_accessor: accessor, secret_id_ttl: ttl, secret_id_num_uses: 0 }
+    }
 }
 
 fn token_data(r: &TokenRecord, id: Option<&str>) -> Value {
@@ -323,31 +383,7 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
     #[derive(serde::Serialize)]
     struct KvRead<'a> {
         data: BTreeMap<&'a str, Field<'a>>,
-        metadata: Value,
-    }
-    #[derive(serde::Serialize)]
-    struct SecretId<'a> {
-        secret_id: &'a str,
-        secret_id_accessor: &'a str,
-        secret_id_ttl: u64,
-        secret_id_num_uses: u64,
-    }
-    /// A token as Vault's `auth` block carries it (as [`token_auth`]).
-    #[derive(serde::Serialize)]
-    struct TokenAuth<'a> {
-        client_token: &'a str,
-        accessor: &'a str,
-        policies: &'a [String],
-        token_policies: &'a [String],
-        identity_policies: Option<()>,
-        metadata: Option<()>,
-        lease_duration: u64,
-        renewable: bool,
-        entity_id: &'a str,
-        token_type: &'a str,
-        orphan: bool,
-        mfa_requirement: Option<()>,
-        num_uses: u64,
+        metadata: VersionMetaReply<'a>,
     }
     // The secrets are serialized from the decoded message, never copied into a `Value`, and
     // the message is zeroized once the text is made.
@@ -363,24 +399,22 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
                     (k.as_str(), json.map_or(Field::Text(v), Field::Json))
                 })
                 .collect();
-            let metadata = json!({
-                "created_time": rfc3339(m.created_unix_ms),
-                "custom_metadata": (!m.custom_metadata.is_empty()).then_some(&m.custom_metadata),
-                "deletion_time": "", "destroyed": false, "version": m.version,
-            });
+            let custom: BTreeMap<String, String> =
+                m.custom_metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let meta = crate::kv::VersionMeta {
+                created_unix_ms: m.created_unix_ms,
+                deletion_unix_ms: None,
+                destroyed: false,
+                revoked_unix_ms: None,
+                slot: None,
+            };
+            let metadata = version_meta(m.version, &meta, &custom);
             let text = serde_json::to_string(&envelope(request_id, KvRead { data, metadata }, Value::Null));
             m.data.values_mut().for_each(|v| v.zeroize());
             text
         }
         "/arca.v1.Arca/AppRoleSecretId" if let Ok(mut m) = proto::SecretIdResponse::decode(message) => {
-            let ttl =
-                if m.expire_unix_ms == 0 { 0 } else { m.expire_unix_ms.saturating_sub(now_unix_ms()) / 1000 };
-            let data = SecretId {
-                secret_id: &m.secret_id,
-                secret_id_accessor: &m.accessor,
-                secret_id_ttl: ttl,
-                secret_id_num_uses: 0,
-            };
+            let data = SecretIdReply::new(&m.secret_id, &m.accessor, m.expire_unix_ms);
             let text = serde_json::to_string(&envelope(request_id, data, Value::Null));
             m.secret_id.zeroize();
             text
@@ -392,21 +426,15 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
             if let Ok(mut m) = proto::TokenAuth::decode(message) =>
         {
             let info = m.info.take().unwrap_or_default();
-            let auth = TokenAuth {
-                client_token: &m.token,
-                accessor: &info.accessor,
-                policies: &info.policies,
-                token_policies: &info.policies,
-                identity_policies: None,
-                metadata: None,
-                lease_duration: info.ttl_secs,
-                renewable: info.renewable,
-                entity_id: "",
-                token_type: "service",
-                orphan: info.parent_accessor.is_empty(),
-                mfa_requirement: None,
-                num_uses: 0,
-            };
+            let orphan = info.parent_accessor.is_empty();
+            let auth = TokenAuthReply::new(
+                &m.token,
+                &info.accessor,
+                &info.policies,
+                info.ttl_secs,
+                info.renewable,
+                orphan,
+            );
             let text = serde_json::to_string(&envelope(request_id, Value::Null, auth));
             m.token.zeroize();
             text
@@ -1059,8 +1087,8 @@ async fn dispatch(
             let increment = bad!(duration_secs(&body["increment"]));
             let own = ctx.token.clone();
             reply(node.token_renew(ctx, increment).await, |r, rid| {
-                let auth = token_auth(&NewToken { token: own.unwrap_or_default(), record: r });
-                json_response(StatusCode::OK, envelope(rid, Value::Null, auth))
+                let token = NewToken { token: own.unwrap_or_default(), record: r };
+                json_response(StatusCode::OK, envelope(rid, Value::Null, token_auth(&token)))
             })
         }
         (["auth", "token", "revoke-self"], "POST" | "PUT") => {
@@ -1113,15 +1141,8 @@ async fn dispatch(
         }
         (["auth", "approle", "role", name, "secret-id"], "POST" | "PUT") => {
             reply(node.approle_secret_id(ctx, (*name).to_owned()).await, |s, rid| {
-                let ttl = s.expire_unix_ms.map_or(0, |e| e.saturating_sub(now_unix_ms()) / 1000);
-                json_response(
-                    StatusCode::OK,
-                    envelope(
-                        rid,
-                        json!({"secret_id": s.secret_id.as_str(), "secret_id_accessor": s.accessor, "secret_id_ttl": ttl, "secret_id_num_uses": 0}),
-                        Value::Null,
-                    ),
-                )
+                let data = SecretIdReply::new(&s.secret_id, &s.accessor, s.expire_unix_ms.unwrap_or(0));
+                json_response(StatusCode::OK, envelope(rid, data, Value::Null))
             })
         }
         ([mount, "config"], "GET") => reply(node.kv_config_read(ctx, (*mount).to_owned()).await, |c, rid| {
