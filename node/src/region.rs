@@ -1023,10 +1023,12 @@ impl ReplicationService {
 /// hello that succeeds (every 300 ms per peer) and a pull that ships no change record (its
 /// only payload, if any, is the audit log itself, public to SIEM consumers; auditing it
 /// would feed the next pull). So a pull that ships change records, every snapshot chunk and
-/// every refusal are recorded, with the caller as `region:<name>`. Over mTLS the name is the
-/// connection's: the regions' CA signed its certificate, and the certificate names the region
-/// (a call naming another region is refused, `PERMISSION_DENIED`, and audited); in plaintext
-/// (loopback, development only) it is the caller's claim. tonic's own refusals (a message
+/// every refusal are recorded, with the caller as `region:<name>`. Only configured peers may
+/// call, and over mTLS the name is the connection's: the regions' CA signed its certificate,
+/// and the certificate names the region; a call that fails either is refused
+/// (`PERMISSION_DENIED`) before anything is served or recorded (see
+/// [`ReplicationService::check_identity`]). In plaintext (loopback, development only) the
+/// name is the caller's claim. tonic's own refusals (a message
 /// that does not decode, an unknown method) are audited by the listener's
 /// [`crate::grpc::AuditRefusals`] layer.
 #[tonic::async_trait]
@@ -1036,15 +1038,15 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::PullRequest>,
     ) -> Result<Response<proto::PullResponse>, Status> {
         let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
-        let named = caller_named_by_certificate(&request, &request.get_ref().region);
+        let named = self.check_identity(&request, &request.get_ref().region);
         let req = request.into_inner();
         let caller = req.region.clone();
-        let answer = match named {
-            Ok(()) => self.serve_pull(req).await,
-            Err(refused) => Err(refused),
+        let (answer, actor) = match named {
+            Ok(()) => (self.serve_pull(req).await, None),
+            Err(Refused { status, actor }) => (Err(status), actor),
         };
         let ships = answer.as_ref().is_ok_and(|a| !a.get_ref().changes.is_empty());
-        self.audited(ctx, Operation::RegionPull, &caller, answer, ships).await
+        self.audited(ctx, Operation::RegionPull, &caller, actor, answer, ships).await
     }
 
     async fn snapshot(
@@ -1052,14 +1054,14 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<proto::SnapshotChunk>, Status> {
         let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
-        let named = caller_named_by_certificate(&request, &request.get_ref().region);
+        let named = self.check_identity(&request, &request.get_ref().region);
         let req = request.into_inner();
         let caller = req.region.clone();
-        let answer = match named {
-            Ok(()) => self.serve_snapshot(req).await,
-            Err(refused) => Err(refused),
+        let (answer, actor) = match named {
+            Ok(()) => (self.serve_snapshot(req).await, None),
+            Err(Refused { status, actor }) => (Err(status), actor),
         };
-        self.audited(ctx, Operation::RegionSnapshot, &caller, answer, true).await
+        self.audited(ctx, Operation::RegionSnapshot, &caller, actor, answer, true).await
     }
 
     async fn hello(
@@ -1067,14 +1069,14 @@ impl proto::replication_server::Replication for ReplicationService {
         request: Request<proto::HelloRequest>,
     ) -> Result<Response<proto::HelloResponse>, Status> {
         let ctx = crate::grpc::handler_context(&ProxyConfig::default(), &request);
-        let named = caller_named_by_certificate(&request, &request.get_ref().region);
+        let named = self.check_identity(&request, &request.get_ref().region);
         let req = request.into_inner();
         let caller = req.region.clone();
-        let answer = match named {
-            Ok(()) => self.serve_hello(req).await,
-            Err(refused) => Err(refused),
+        let (answer, actor) = match named {
+            Ok(()) => (self.serve_hello(req).await, None),
+            Err(Refused { status, actor }) => (Err(status), actor),
         };
-        self.audited(ctx, Operation::RegionHello, &caller, answer, false).await
+        self.audited(ctx, Operation::RegionHello, &caller, actor, answer, false).await
     }
 }
 
@@ -1089,6 +1091,7 @@ impl ReplicationService {
         ctx: RequestContext,
         op: Operation,
         caller: &str,
+        actor: Option<String>,
         answer: Result<Response<T>, Status>,
         ships: bool,
     ) -> Result<Response<T>, Status> {
@@ -1106,7 +1109,7 @@ impl ReplicationService {
         let audited = self
             .node
             .execute(ctx, op, path, move |env| {
-                env.actor.entity = format!("region:{caller}");
+                env.actor.entity = actor.clone().unwrap_or_else(|| format!("region:{caller}"));
                 match &refusal {
                     None => Ok(()),
                     Some((code, message)) => Err(refusal_error(*code, message)),
@@ -1146,19 +1149,63 @@ pub fn certificate_names_region(der: &[u8], region: &str) -> bool {
         .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&ServerName::DnsName(name)).is_ok())
 }
 
-/// Over mTLS, a replication call must name a region its connection's certificate names
-/// ([`certificate_names_region`]): one region's certificate cannot pull, snapshot or say
-/// hello as another, which would move that region's shipped position or its link's view. In
-/// plaintext (loopback only, see `server::serve_replication`) there is no certificate to ask.
-fn caller_named_by_certificate<T>(request: &Request<T>, region: &str) -> Result<(), Status> {
-    let Some(certs) = request.peer_certs() else { return Ok(()) };
-    match certs.first() {
-        Some(leaf) if certificate_names_region(leaf.as_ref(), region) => Ok(()),
-        _ => Err(Status::permission_denied(format!(
-            "the connection's certificate does not name region {:?}",
-            region.chars().take(64).collect::<String>()
-        ))),
+impl ReplicationService {
+    /// Who may call: over mTLS, a replication call must name a region its connection's
+    /// certificate names ([`certificate_names_region`]), so one region's certificate cannot
+    /// pull, snapshot or say hello as another (which would move that region's shipped
+    /// position or its link's view); in plaintext (loopback only, see
+    /// `server::serve_replication`) there is no certificate to ask. And the region must be one
+    /// of this region's configured peers: the peer list is the allow list, as it is for the
+    /// feed's trimming, which only waits for configured standbys.
+    ///
+    /// A call whose certificate does not name its region is audited with the certificate as
+    /// its actor ([`certificate_actor`]), not the region it claims.
+    fn check_identity<T>(&self, request: &Request<T>, region: &str) -> Result<(), Refused> {
+        let shown = || region.chars().take(64).collect::<String>();
+        if let Some(certs) = request.peer_certs() {
+            let leaf = certs.first().map(|c| c.as_ref()).unwrap_or_default();
+            if !certificate_names_region(leaf, region) {
+                return Err(Refused {
+                    status: Status::permission_denied(format!(
+                        "the connection's certificate does not name region {:?}",
+                        shown()
+                    )),
+                    actor: Some(certificate_actor(leaf)),
+                });
+            }
+        }
+        match self.node.regions() {
+            Some(regions) if !regions.peers.iter().any(|p| p.region == region) => Err(Refused {
+                status: Status::permission_denied(format!(
+                    "region {:?} is not a peer of this region",
+                    shown()
+                )),
+                actor: None,
+            }),
+            _ => Ok(()),
+        }
     }
+}
+
+/// A replication call refused before it is served: its status, and the audit event's actor
+/// when it is not the region the call names.
+struct Refused {
+    status: Status,
+    actor: Option<String>,
+}
+
+/// A peer certificate as an audit actor: `certificate:<its DNS names, comma-separated>
+/// sha256:<the first 16 hex digits of its DER's SHA-256>` (at most 160 characters).
+fn certificate_actor(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    let der_ref = rustls::pki_types::CertificateDer::from(der);
+    let names = match webpki::EndEntityCert::try_from(&der_ref) {
+        Ok(cert) => cert.valid_dns_names().collect::<Vec<_>>().join(","),
+        Err(_) => "(unparsed)".into(),
+    };
+    let digest = hex::encode(sha2::Sha256::digest(der));
+    let names: String = names.chars().take(120).collect();
+    format!("certificate:{names} sha256:{}", &digest[..16])
 }
 
 /// A refused replication call's status, as the error its audit event records (the event

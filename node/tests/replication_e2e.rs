@@ -199,7 +199,7 @@ impl Drop for Cluster {
 
 fn cluster(with_tls: bool) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
-    let tls = with_tls.then(|| pki(dir.path(), &["eu", "us"]));
+    let tls = with_tls.then(|| pki(dir.path(), &["eu", "us", "mallory"]));
     let (mut eu, mut us, eu_repl) = configs(dir.path(), tls.as_ref());
     let proxy = Proxy::start(eu_repl);
     link(&us, proxy.port);
@@ -457,20 +457,23 @@ fn the_replication_listener_requires_the_callers_region_certificate_and_audits_w
     let chunks = served(arca_audit::Operation::RegionSnapshot);
     assert!(!chunks.is_empty() && chunks.iter().all(|p| p == "sys/replication/snapshot/us"), "{chunks:?}");
 
-    // With us's certificate: a pull naming another region is refused (the certificate does
-    // not name it), a pull from the standby too (it is not the primary), an unknown method
-    // too; each refusal is audited in the refusing region's log, under the request id its
-    // answer carries.
-    let (cert, key) = &c.tls_certs[1];
-    let identity = tonic::transport::Identity::from_pem(
-        std::fs::read_to_string(cert).unwrap(),
-        std::fs::read_to_string(key).unwrap(),
-    );
+    // Calls with a certificate the regions' CA signed, each refused and audited in the
+    // refusing region's log under the request id its answer carries: a snapshot naming a
+    // region the certificate does not name (mallory's certificate, as us); a pull from a
+    // region that is no peer, though its certificate names it (mallory); a pull from the
+    // standby, which is not the primary (eu's certificate, as eu); an unknown method.
+    let identity = |i: usize| {
+        let (cert, key) = &c.tls_certs[i];
+        tonic::transport::Identity::from_pem(
+            std::fs::read_to_string(cert).unwrap(),
+            std::fs::read_to_string(key).unwrap(),
+        )
+    };
     let ca = std::fs::read_to_string(c._dir.path().join("ca.crt")).unwrap();
-    let connect = |port: u16| {
+    let connect = |port: u16, identity: tonic::transport::Identity| {
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(ca.clone()))
-            .identity(identity.clone())
+            .identity(identity)
             .domain_name("localhost");
         async move {
             tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
@@ -482,42 +485,55 @@ fn the_replication_listener_requires_the_callers_region_certificate_and_audits_w
                 .unwrap()
         }
     };
+    let client = arca_node::proto::replication_client::ReplicationClient::new;
     let request_id = |status: &tonic::Status| {
         status.metadata().get("x-arca-request-id").expect("a request id").to_str().unwrap().to_owned()
     };
     let (us_port, eu_port) = (c.us.repl_port, c.eu.repl_port);
-    let (impostor, refused_pull, unknown) = rt.block_on(async {
-        let mut us = arca_node::proto::replication_client::ReplicationClient::new(connect(us_port).await);
+    let (impostor, stranger, refused_pull, unknown) = rt.block_on(async {
+        let mut mallory = client(connect(eu_port, identity(2)).await);
+        let snapshot = arca_node::proto::SnapshotRequest { region: "us".into(), ..Default::default() };
+        let impostor = mallory.snapshot(snapshot).await.unwrap_err();
         let pull = arca_node::proto::PullRequest { region: "mallory".into(), ..Default::default() };
-        let impostor = us.pull(pull).await.unwrap_err();
-        let pull = arca_node::proto::PullRequest { region: "us".into(), ..Default::default() };
-        let refused_pull = us.pull(pull).await.unwrap_err();
-        let mut grpc = tonic::client::Grpc::new(connect(eu_port).await);
+        let stranger = mallory.pull(pull).await.unwrap_err();
+        let mut eu = client(connect(us_port, identity(0)).await);
+        let pull = arca_node::proto::PullRequest { region: "eu".into(), ..Default::default() };
+        let refused_pull = eu.pull(pull).await.unwrap_err();
+        let mut grpc = tonic::client::Grpc::new(connect(eu_port, identity(1)).await);
         grpc.ready().await.unwrap();
         let codec = tonic_prost::ProstCodec::<arca_node::proto::Empty, arca_node::proto::Empty>::default();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static("/arca.v1.Replication/Nope");
         let unknown =
             grpc.unary(tonic::Request::new(arca_node::proto::Empty {}), path, codec).await.unwrap_err();
-        (impostor, refused_pull, unknown)
+        (impostor, stranger, refused_pull, unknown)
     });
     assert_eq!(impostor.code(), tonic::Code::PermissionDenied, "{impostor:?}");
+    assert!(impostor.message().contains("does not name region \"us\""), "{impostor:?}");
+    assert_eq!(stranger.code(), tonic::Code::PermissionDenied, "{stranger:?}");
+    assert!(stranger.message().contains("\"mallory\" is not a peer"), "{stranger:?}");
     assert_eq!(refused_pull.code(), tonic::Code::FailedPrecondition, "{refused_pull:?}");
-    let us_log = common::audit_events_in(&c._dir.path().join("us.db"), "us");
-    let event = us_log.iter().find(|e| e.request_id == request_id(&impostor)).expect("the impostor's event");
+    let eu_log = common::audit_events_in(&c._dir.path().join("eu.db"), "eu");
+    let event = eu_log.iter().find(|e| e.request_id == request_id(&impostor)).expect("the impostor's event");
+    // The actor is the certificate that called, not the region it claimed.
+    assert_eq!(event.operation, arca_audit::Operation::RegionSnapshot);
+    assert_eq!(event.path, "sys/replication/snapshot/us");
+    assert!(event.actor.entity.starts_with("certificate:localhost,mallory sha256:"), "{:?}", event.actor);
+    assert_eq!(event.outcome, Outcome::Denied);
+    let event = eu_log.iter().find(|e| e.request_id == request_id(&stranger)).expect("the stranger's event");
     assert_eq!(
         (event.operation, event.actor.entity.as_str(), event.path.as_str()),
         (arca_audit::Operation::RegionPull, "region:mallory", "sys/replication/pull/mallory")
     );
     assert_eq!(event.outcome, Outcome::Denied);
+    let us_log = common::audit_events_in(&c._dir.path().join("us.db"), "us");
     let event =
         us_log.iter().find(|e| e.request_id == request_id(&refused_pull)).expect("the refused pull's event");
     assert_eq!(
         (event.operation, event.actor.entity.as_str(), event.path.as_str()),
-        (arca_audit::Operation::RegionPull, "region:us", "sys/replication/pull/us")
+        (arca_audit::Operation::RegionPull, "region:eu", "sys/replication/pull/eu")
     );
     assert_eq!(event.outcome, Outcome::Error { code: "failed_precondition".into() });
     assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");
-    let eu_log = common::audit_events_in(&c._dir.path().join("eu.db"), "eu");
     let event =
         eu_log.iter().find(|e| e.request_id == request_id(&unknown)).expect("the unknown call's event");
     assert_eq!(

@@ -65,6 +65,7 @@ pub struct Rules {
     pub new_source: bool,
     pub read_after_destroy: bool,
     pub region_snapshot: bool,
+    pub region_denied: bool,
     /// `first-access` and `new-source` only learn during the first `baseline_entries`
     /// entries of a log ...
     pub baseline_entries: u64,
@@ -83,6 +84,7 @@ impl Default for Rules {
             new_source: true,
             read_after_destroy: true,
             region_snapshot: true,
+            region_denied: true,
             baseline_entries: 0,
             baseline_secs: 0,
         }
@@ -157,6 +159,8 @@ struct LogState {
     gone: HashMap<String, Option<BTreeSet<u64>>>,
     /// identity → the time of its last snapshot event served.
     snapshots: HashMap<String, u64>,
+    /// identity → the time of its last replication call denied.
+    region_denials: HashMap<String, u64>,
 }
 
 /// The rule engine; feed it entries in any order, it keeps per-log state.
@@ -565,6 +569,31 @@ impl Watcher {
             }
         }
 
+        // region-denied: the replication listener refused a caller for who it is (a region
+        // that is no peer, or a certificate that does not name the region it calls as). Its
+        // certificate was signed by the regions' CA, so either a region is misconfigured or a
+        // region certificate is in other hands. A caller retries every 300 ms: one alert per
+        // identity until it has been quiet as long as between two snapshots.
+        let replication = matches!(
+            event.operation,
+            Operation::RegionPull | Operation::RegionSnapshot | Operation::RegionHello
+        );
+        if replication && event.outcome.is_denied() {
+            let last = log.region_denials.insert(identity.clone(), t);
+            if rules.region_denied && last.is_none_or(|last| last.saturating_add(SNAPSHOT_QUIET_MS) < t) {
+                alert(
+                    "region-denied",
+                    "critical",
+                    format!(
+                        "{identity} was refused by the replication listener ({}): a region certificate \
+                         used by no configured region, or as another region",
+                        event.path
+                    ),
+                    None,
+                );
+            }
+        }
+
         if let Some(secret) = secret {
             // read-after-destroy
             let is_read = event.operation == Operation::KvRead;
@@ -852,6 +881,66 @@ mod tests {
         assert_eq!(alerts[0].severity, "high");
         // Switched off: nothing.
         assert_eq!(run(Rules { region_snapshot: false, ..rules }, &events), vec![]);
+    }
+
+    #[test]
+    fn region_denied_fires_once_per_caller_until_it_is_quiet() {
+        let call = |t: u64, who: &str, op: Operation, path: &str, outcome: Outcome| {
+            ev(t, who, "10.0.0.9", op, path, None, outcome)
+        };
+        let refused = Outcome::Error { code: "failed_precondition".into() };
+        let events = [
+            // Refused for the region's role, not for who called: nothing.
+            call(0, "region:us", Operation::RegionPull, "sys/replication/pull/us", refused),
+            // A certificate calling as us, three times in a row: one alert.
+            call(
+                1_000,
+                "certificate:mallory sha256:0011",
+                Operation::RegionSnapshot,
+                "sys/replication/snapshot/us",
+                Outcome::Denied,
+            ),
+            call(
+                1_300,
+                "certificate:mallory sha256:0011",
+                Operation::RegionPull,
+                "sys/replication/pull/us",
+                Outcome::Denied,
+            ),
+            call(
+                1_600,
+                "certificate:mallory sha256:0011",
+                Operation::RegionHello,
+                "sys/replication/hello/us",
+                Outcome::Denied,
+            ),
+            // A region that is no peer: its own alert.
+            call(1_700, "region:ap", Operation::RegionPull, "sys/replication/pull/ap", Outcome::Denied),
+            // A denied read elsewhere is no replication call.
+            call(1_800, "token:app", Operation::KvRead, "secret/data/x", Outcome::Denied),
+            // The certificate again, after a quiet time: a new alert.
+            call(
+                1_600 + SNAPSHOT_QUIET_MS + 1,
+                "certificate:mallory sha256:0011",
+                Operation::RegionPull,
+                "sys/replication/pull/us",
+                Outcome::Denied,
+            ),
+        ];
+        let rules = Rules { first_access: false, new_source: false, ..quiet_rules() };
+        let alerts = run(rules.clone(), &events);
+        let got: Vec<_> = alerts.iter().map(|a| (a.rule, a.leaf_index, a.identity.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("region-denied", 1, "certificate:mallory sha256:0011"),
+                ("region-denied", 4, "region:ap"),
+                ("region-denied", 6, "certificate:mallory sha256:0011")
+            ]
+        );
+        assert_eq!(alerts[0].severity, "critical");
+        assert!(alerts[0].detail.contains("sys/replication/snapshot/us"), "{}", alerts[0].detail);
+        assert_eq!(run(Rules { region_denied: false, ..rules }, &events), vec![]);
     }
 
     #[test]
