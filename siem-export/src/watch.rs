@@ -869,9 +869,8 @@ mod tests {
         ];
         let rules = Rules { first_access: false, new_source: false, ..quiet_rules() };
         let alerts = run(rules.clone(), &events);
-        let got: Vec<_> = alerts.iter().map(|a| (a.rule, a.leaf_index, a.identity.as_str())).collect();
         assert_eq!(
-            got,
+            hits(&alerts),
             vec![
                 ("region-snapshot", 2, "region:us"),
                 ("region-snapshot", 5, "region:ap"),
@@ -885,62 +884,39 @@ mod tests {
 
     #[test]
     fn region_denied_fires_once_per_caller_until_it_is_quiet() {
-        let call = |t: u64, who: &str, op: Operation, path: &str, outcome: Outcome| {
-            ev(t, who, "10.0.0.9", op, path, None, outcome)
+        const CERT: &str = "certificate:mallory sha256:0011";
+        let call = |t: u64, who: &str, op: Operation, call: &str, outcome: Outcome| {
+            ev(t, who, "10.0.0.9", op, &format!("sys/replication/{call}/us"), None, outcome)
         };
-        let refused = Outcome::Error { code: "failed_precondition".into() };
+        let (pull, denied) = (Operation::RegionPull, Outcome::Denied);
         let events = [
             // Refused for the region's role, not for who called: nothing.
-            call(0, "region:us", Operation::RegionPull, "sys/replication/pull/us", refused),
+            call(0, "region:us", pull, "pull", Outcome::Error { code: "failed_precondition".into() }),
             // A certificate calling as us, three times in a row: one alert.
-            call(
-                1_000,
-                "certificate:mallory sha256:0011",
-                Operation::RegionSnapshot,
-                "sys/replication/snapshot/us",
-                Outcome::Denied,
-            ),
-            call(
-                1_300,
-                "certificate:mallory sha256:0011",
-                Operation::RegionPull,
-                "sys/replication/pull/us",
-                Outcome::Denied,
-            ),
-            call(
-                1_600,
-                "certificate:mallory sha256:0011",
-                Operation::RegionHello,
-                "sys/replication/hello/us",
-                Outcome::Denied,
-            ),
+            call(1_000, CERT, Operation::RegionSnapshot, "snapshot", denied.clone()),
+            call(1_300, CERT, pull, "pull", denied.clone()),
+            call(1_600, CERT, Operation::RegionHello, "hello", denied.clone()),
             // A region that is no peer: its own alert.
-            call(1_700, "region:ap", Operation::RegionPull, "sys/replication/pull/ap", Outcome::Denied),
+            call(1_700, "region:ap", pull, "pull", denied.clone()),
             // A denied read elsewhere is no replication call.
-            call(1_800, "token:app", Operation::KvRead, "secret/data/x", Outcome::Denied),
+            ev(1_800, "token:app", "10.0.0.9", Operation::KvRead, "secret/data/x", None, denied.clone()),
             // The certificate again, after a quiet time: a new alert.
-            call(
-                1_600 + SNAPSHOT_QUIET_MS + 1,
-                "certificate:mallory sha256:0011",
-                Operation::RegionPull,
-                "sys/replication/pull/us",
-                Outcome::Denied,
-            ),
+            call(1_600 + SNAPSHOT_QUIET_MS + 1, CERT, pull, "pull", denied),
         ];
         let rules = Rules { first_access: false, new_source: false, ..quiet_rules() };
         let alerts = run(rules.clone(), &events);
-        let got: Vec<_> = alerts.iter().map(|a| (a.rule, a.leaf_index, a.identity.as_str())).collect();
         assert_eq!(
-            got,
-            vec![
-                ("region-denied", 1, "certificate:mallory sha256:0011"),
-                ("region-denied", 4, "region:ap"),
-                ("region-denied", 6, "certificate:mallory sha256:0011")
-            ]
+            hits(&alerts),
+            vec![("region-denied", 1, CERT), ("region-denied", 4, "region:ap"), ("region-denied", 6, CERT)]
         );
         assert_eq!(alerts[0].severity, "critical");
         assert!(alerts[0].detail.contains("sys/replication/snapshot/us"), "{}", alerts[0].detail);
         assert_eq!(run(Rules { region_denied: false, ..rules }, &events), vec![]);
+    }
+
+    /// Each alert's rule, leaf and identity.
+    fn hits(alerts: &[Alert]) -> Vec<(&str, u64, &str)> {
+        alerts.iter().map(|a| (a.rule, a.leaf_index, a.identity.as_str())).collect()
     }
 
     #[test]
