@@ -82,7 +82,7 @@ impl Service {
 
     /// The layer that audits what tonic refuses before this service's handlers run.
     pub fn refusals_layer(&self) -> AuditRefusalsLayer {
-        AuditRefusalsLayer { node: self.node.clone(), proxy: self.proxy.clone(), wrapping: true }
+        AuditRefusalsLayer { node: self.node.clone(), proxy: self.proxy.clone(), listener: Listener::Client }
     }
 
     /// The request's context. Every handler starts here, and then audits its request through a
@@ -143,13 +143,24 @@ struct Reached(Arc<AtomicBool>);
 /// service. Such a request gets a `rejected` event (its path the gRPC method, its outcome
 /// `invalid_argument`, its caller named when the token is valid) that is durable before
 /// tonic's answer goes out, with the audit position and request id in its headers. If the
-/// event cannot be recorded the answer is `UNAVAILABLE` instead.
+/// event cannot be recorded the answer is `UNAVAILABLE` instead. On the replication
+/// listener the event's caller is the connection's certificate
+/// ([`crate::region::certificate_actor`]): no token is sent there.
 #[derive(Debug, Clone)]
 pub struct AuditRefusals<S> {
     inner: S,
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
-    wrapping: bool,
+    listener: Listener,
+}
+
+/// Which listener an [`AuditRefusals`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// The client API's: answers may be wrapped (`x-arca-wrap-ttl`); callers send tokens.
+    Client,
+    /// The replication listener's: no wrapping; callers are named by their certificate.
+    Replication,
 }
 
 /// Puts [`AuditRefusals`] around the listener's router (`Server::builder().layer(…)`).
@@ -157,15 +168,13 @@ pub struct AuditRefusals<S> {
 pub struct AuditRefusalsLayer {
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
-    /// Whether answers may be wrapped (`x-arca-wrap-ttl`): the client API's listener, not the
-    /// replication listener's.
-    wrapping: bool,
+    listener: Listener,
 }
 
 impl AuditRefusalsLayer {
     /// The layer for the replication listener: no proxy, no response wrapping.
     pub fn replication(node: Arc<Node>) -> Self {
-        AuditRefusalsLayer { node, proxy: Arc::new(ProxyConfig::default()), wrapping: false }
+        AuditRefusalsLayer { node, proxy: Arc::new(ProxyConfig::default()), listener: Listener::Replication }
     }
 }
 
@@ -173,7 +182,7 @@ impl<S> tower_layer::Layer<S> for AuditRefusalsLayer {
     type Service = AuditRefusals<S>;
 
     fn layer(&self, inner: S) -> AuditRefusals<S> {
-        AuditRefusals { inner, node: self.node.clone(), proxy: self.proxy.clone(), wrapping: self.wrapping }
+        AuditRefusals { inner, node: self.node.clone(), proxy: self.proxy.clone(), listener: self.listener }
     }
 }
 
@@ -186,10 +195,12 @@ struct Refusal {
     authorization: Option<HeaderValue>,
     token: Option<HeaderValue>,
     forwarded: Option<HeaderValue>,
+    /// The connection's certificates, on the replication listener (the caller's name).
+    certificates: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
 }
 
 impl Refusal {
-    fn of<B>(request: &http::Request<B>, proxy: &ProxyConfig) -> Refusal {
+    fn of<B>(request: &http::Request<B>, proxy: &ProxyConfig, listener: Listener) -> Refusal {
         let (extensions, headers) = (request.extensions(), request.headers());
         let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
         let peer = extensions
@@ -203,6 +214,10 @@ impl Refusal {
             authorization: headers.get("authorization").cloned(),
             token: headers.get("x-arca-token").cloned(),
             forwarded: proxy.header.as_deref().and_then(|h| headers.get(h)).cloned(),
+            certificates: match listener {
+                Listener::Replication => tls.and_then(TlsConnectInfo::peer_certs),
+                Listener::Client => None,
+            },
         }
     }
 
@@ -241,10 +256,11 @@ where
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let reached = Reached::default();
         request.extensions_mut().insert(reached.clone());
-        let refusal = Refusal::of(&request, &self.proxy);
+        let refusal = Refusal::of(&request, &self.proxy, self.listener);
         let (node, proxy) = (self.node.clone(), self.proxy.clone());
         // Response wrapping: a bad TTL is refused before the call runs.
-        let header = self.wrapping.then(|| request.headers().get(WRAP_TTL_HEADER)).flatten();
+        let wrapping = self.listener == Listener::Client;
+        let header = wrapping.then(|| request.headers().get(WRAP_TTL_HEADER)).flatten();
         let wrap = match header.map(|v| wrap_ttl(WRAP_TTL_HEADER, v.as_bytes())) {
             None => None,
             Some(Ok(ttl)) => Some(ttl),
@@ -296,8 +312,10 @@ impl Refusal {
         code: tonic::Code,
     ) -> http::Response<tonic::body::Body> {
         let ctx = self.context(proxy);
+        let certificate = self.certificates.as_ref().and_then(|certs| certs.first());
+        let actor = certificate.map(|leaf| crate::region::certificate_actor(leaf.as_ref()));
         let audited = node
-            .reject(ctx, self.uri.path().to_owned(), move || {
+            .reject_as(ctx, self.uri.path().to_owned(), actor, move || {
                 ApiError::invalid(format!("request refused before it reached the node ({code:?})"))
             })
             .await;

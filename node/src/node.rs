@@ -560,10 +560,24 @@ impl Node {
         path: String,
         error: impl Fn() -> ApiError + Send + 'static,
     ) -> Audited<()> {
+        self.reject_as(ctx, path, None, error).await
+    }
+
+    /// [`Node::reject`], with the caller named by `actor` when it is `Some` (a caller that
+    /// sends no token: a replication peer, named by its certificate) instead of its token.
+    pub async fn reject_as(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        path: String,
+        actor: Option<String>,
+        error: impl Fn() -> ApiError + Send + 'static,
+    ) -> Audited<()> {
         self.execute(ctx, Operation::Rejected, path, move |env| {
-            // Name the caller when the token is valid; a bad token changes nothing here.
-            if !env.node.barrier.is_sealed() {
-                env.identify()?;
+            match &actor {
+                Some(actor) => env.actor.entity.clone_from(actor),
+                // Name the caller when the token is valid; a bad token changes nothing here.
+                None if !env.node.barrier.is_sealed() => env.identify()?,
+                None => {}
             }
             Err(error())
         })

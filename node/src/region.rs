@@ -1196,7 +1196,7 @@ struct Refused {
 
 /// A peer certificate as an audit actor: `certificate:<its DNS names, comma-separated>
 /// sha256:<the first 16 hex digits of its DER's SHA-256>` (at most 160 characters).
-fn certificate_actor(der: &[u8]) -> String {
+pub(crate) fn certificate_actor(der: &[u8]) -> String {
     use sha2::Digest as _;
     let der_ref = rustls::pki_types::CertificateDer::from(der);
     let names = match webpki::EndEntityCert::try_from(&der_ref) {

@@ -461,7 +461,8 @@ fn the_replication_listener_requires_the_callers_region_certificate_and_audits_w
     // refusing region's log under the request id its answer carries: a snapshot naming a
     // region the certificate does not name (mallory's certificate, as us); a pull from a
     // region that is no peer, though its certificate names it (mallory); a pull from the
-    // standby, which is not the primary (eu's certificate, as eu); an unknown method.
+    // standby, which is not the primary (eu's certificate, as eu); an unknown method (us's
+    // certificate).
     let identity = |i: usize| {
         let (cert, key) = &c.tls_certs[i];
         tonic::transport::Identity::from_pem(
@@ -540,6 +541,8 @@ fn the_replication_listener_requires_the_callers_region_certificate_and_audits_w
         (event.operation, event.path.as_str()),
         (arca_audit::Operation::Rejected, "/arca.v1.Replication/Nope")
     );
+    // No token is sent there: the caller is named by its certificate.
+    assert!(event.actor.entity.starts_with("certificate:localhost,us sha256:"), "{:?}", event.actor);
 }
 
 /// Polls an async condition with the test deadline.
