@@ -1136,17 +1136,15 @@ impl ReplicationService {
     }
 }
 
-/// Whether the X.509 certificate `der` names `region`: as a DNS name among its
-/// subjectAltName entries (the subject's common name is not read, as in TLS name checks
-/// since RFC 6125). A region's certificate thus carries its region's name beside the host
-/// names it serves under, e.g. `us-east` and `us-east.arca.internal`. A certificate that does
-/// not parse, or a region name that is not a DNS name, names nothing.
+/// Whether the X.509 certificate `der` names `region`: as one of the DNS names of its
+/// subjectAltName, exactly — a wildcard names no region, and the subject's common name is
+/// not read (as in TLS name checks since RFC 6125). A region's certificate thus carries its
+/// region's name beside the host names it serves under, e.g. `us-east` and
+/// `us-east.arca.internal`. A certificate that does not parse names nothing.
 pub fn certificate_names_region(der: &[u8], region: &str) -> bool {
-    use rustls::pki_types::{CertificateDer, DnsName, ServerName};
-    let Ok(name) = DnsName::try_from(region) else { return false };
-    let der = CertificateDer::from(der);
+    let der = rustls::pki_types::CertificateDer::from(der);
     webpki::EndEntityCert::try_from(&der)
-        .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&ServerName::DnsName(name)).is_ok())
+        .is_ok_and(|cert| cert.valid_dns_names().any(|name| !name.starts_with('*') && name == region))
 }
 
 impl ReplicationService {
@@ -1642,6 +1640,11 @@ mod tests {
         assert!(!certificate_names_region(by_cn.der(), "us-east"));
         assert!(!certificate_names_region(b"not a certificate", "us-east"));
         assert!(!certificate_names_region(named.der(), "us east"), "not a DNS name");
+        assert!(!certificate_names_region(named.der(), "US-EAST"), "region names are exact");
+        // A wildcard names no region.
+        let (wildcard, _) = issue(&["*.arca.internal"], "whatever");
+        assert!(!certificate_names_region(wildcard.der(), "eu.arca.internal"));
+        assert!(!certificate_names_region(wildcard.der(), "*.arca.internal"));
 
         // At start, a region whose certificate does not name it is refused with the reason.
         let dir = tempfile::tempdir().unwrap();
