@@ -220,7 +220,7 @@ struct Envelope<'a, D, A> {
     auth: A,
     data: D,
     lease_duration: u64,
-    lease_id: &'static str,
+    lease_id: &'a str,
     renewable: bool,
     request_id: &'a str,
     warnings: Option<()>,
@@ -336,6 +336,30 @@ fn token_auth(t: &NewToken) -> TokenAuthReply<'_> {
     TokenAuthReply::new(&t.token, &r.accessor, &r.policies, r.ttl_secs, r.renewable, r.parent.is_none())
 }
 
+/// Dynamic database credentials as Vault replies with them: under their lease, renewable,
+/// the username and password in `data` (borrowed, as [`TokenAuthReply`]: the password is
+/// never copied into a `Value`).
+fn db_creds_reply<'a>(
+    request_id: &'a str,
+    lease: &'a str,
+    lease_secs: u64,
+    username: &'a str,
+    password: &'a str,
+) -> Envelope<'a, DbCredsData<'a>, Value> {
+    Envelope {
+        lease_id: lease,
+        lease_duration: lease_secs,
+        renewable: true,
+        ..envelope(request_id, DbCredsData { username, password }, Value::Null)
+    }
+}
+
+#[derive(serde::Serialize)]
+struct DbCredsData<'a> {
+    username: &'a str,
+    password: &'a str,
+}
+
 /// An AppRole secret id as Vault replies with it (borrowed, as [`TokenAuthReply`]);
 /// `expire_unix_ms` 0 is a secret id that does not expire.
 #[derive(serde::Serialize)]
@@ -367,7 +391,7 @@ fn token_data(r: &TokenRecord, id: Option<&str>) -> Value {
 /// An answer wrapped over the gRPC API, as the HTTP API unwraps it (`None` when `stored` is
 /// a response wrapped over HTTP, returned as it was): in the shape a Vault client expects
 /// of the call it stands for — a KV read, an AppRole role id or secret id, a token from a
-/// create or a login — under the unwrap's request id; any other answer as its method and
+/// create or a login, dynamic database credentials — under the unwrap's request id; any other answer as its method and
 /// message (base64 protobuf) in `data`.
 fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
     use prost::Message as _;
@@ -417,6 +441,14 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
             let data = SecretIdReply::new(&m.secret_id, &m.accessor, m.expire_unix_ms);
             let text = serde_json::to_string(&envelope(request_id, data, Value::Null));
             m.secret_id.zeroize();
+            text
+        }
+        "/arca.v1.Arca/DbCreds" if let Ok(mut m) = proto::DbCredsResponse::decode(message) => {
+            let lease = m.lease.take().unwrap_or_default();
+            let secs = lease.expire_unix_ms.saturating_sub(lease.issued_unix_ms) / 1000;
+            let reply = db_creds_reply(request_id, &lease.lease_id, secs, &m.username, &m.password);
+            let text = serde_json::to_string(&reply);
+            m.password.zeroize();
             text
         }
         "/arca.v1.Arca/AppRoleRoleId" if let Ok(m) = proto::RoleIdResponse::decode(message) => {
@@ -1043,9 +1075,7 @@ async fn dispatch(
                 let secs = c.lease.expire_unix_ms.saturating_sub(c.lease.issued_unix_ms) / 1000;
                 json_response(
                     StatusCode::OK,
-                    json!({"request_id": rid, "lease_id": c.lease.id, "renewable": true, "lease_duration": secs,
-                           "data": {"username": c.lease.username, "password": c.password.as_str()},
-                           "wrap_info": null, "warnings": null, "auth": null}),
+                    db_creds_reply(rid, &c.lease.id, secs, &c.lease.username, &c.password),
                 )
             })
         }
@@ -1331,6 +1361,25 @@ mod tests {
             (body["request_id"].as_str(), &body["data"]["metadata"]["version"]),
             (Some("rid"), &json!(3))
         );
+        // Dynamic database credentials: under their lease, the password in `data`.
+        let creds = crate::proto::DbCredsResponse {
+            lease: Some(crate::proto::LeaseInfo {
+                lease_id: "database/creds/ro/abc".into(),
+                username: "v-ro-1".into(),
+                issued_unix_ms: 1_000,
+                expire_unix_ms: 3_601_000,
+                ..Default::default()
+            }),
+            username: "v-ro-1".into(),
+            password: "pg-pw".into(),
+        };
+        let text = unwrapped_grpc(&stored("/arca.v1.Arca/DbCreds", creds.encode_to_vec()), "rid").unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&body["lease_id"], &body["lease_duration"], &body["renewable"]),
+            (&json!("database/creds/ro/abc"), &json!(3600), &json!(true))
+        );
+        assert_eq!(body["data"], json!({"username": "v-ro-1", "password": "pg-pw"}));
         // Any other answer: its method and message, in `data`.
         let other = crate::proto::PolicyText { name: "p".into(), ..Default::default() }.encode_to_vec();
         let text = unwrapped_grpc(&stored("/arca.v1.Arca/PolicyRead", other.clone()), "rid").unwrap();

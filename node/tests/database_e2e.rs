@@ -379,6 +379,31 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
         .unwrap();
     assert!(!can_log_in(pg.port, &user3, &password3));
 
+    // Credentials wrapped over gRPC (`arca --wrap-ttl`), for an application to unwrap with a
+    // Vault client over HTTP: in Vault's shape, under their lease.
+    let wrapped = ok(&server, &root, &["--wrap-ttl", "60s", "db", "creds", "readonly"]);
+    assert!(wrapped["password"].is_null() && wrapped["username"].is_null(), "{wrapped}");
+    let wrap_token = wrapped["wrap_info"]["token"].as_str().unwrap().to_owned();
+    let mut response = ureq::put(format!("{}/v1/sys/wrapping/unwrap", server.http))
+        .header("X-Vault-Token", &wrap_token)
+        .send_empty()
+        .unwrap();
+    let v: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    let (user5, password5) = (
+        v["data"]["username"].as_str().unwrap().to_owned(),
+        v["data"]["password"].as_str().unwrap().to_owned(),
+    );
+    assert!(can_log_in(pg.port, &user5, &password5));
+    assert_eq!(
+        (&v["renewable"], v["lease_duration"].as_u64().is_some_and(|s| s > 0)),
+        (&serde_json::json!(true), true),
+        "{v}"
+    );
+    let lease5 = v["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(ok(&server, &root, &["lease", "lookup", &lease5])["username"], user5.as_str());
+    ok(&server, &root, &["lease", "revoke", &lease5]);
+    assert!(!can_log_in(pg.port, &user5, &password5));
+
     // A node down past a lease's expiry: the reaper revokes it on recovery.
     let (user4, password4, lease4) = creds(&server, &root);
     drop(server);
@@ -394,7 +419,7 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
     let events = audit_events(&data.join("arca.db"));
     let count =
         |op: Operation| events.iter().filter(|e| e.operation == op && e.outcome == Outcome::Ok).count();
-    assert_eq!(count(Operation::DbCreds), 13);
+    assert_eq!(count(Operation::DbCreds), 14);
     assert_eq!(count(Operation::LeaseRenew), 1);
     assert!(count(Operation::LeaseReap) >= 13 * 2, "two events per reaped lease (look, drop)");
     assert!(
