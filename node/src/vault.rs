@@ -377,15 +377,50 @@ impl<'a> SecretIdReply<'a> {
     }
 }
 
-fn token_data(r: &TokenRecord, id: Option<&str>) -> Value {
-    let now = now_unix_ms();
-    json!({
-        "accessor": r.accessor, "creation_time": r.created_unix_ms / 1000, "creation_ttl": r.ttl_secs,
-        "display_name": r.display_name, "entity_id": "", "expire_time": r.expire_unix_ms.map(rfc3339),
-        "explicit_max_ttl": 0, "id": id.unwrap_or(""), "issue_time": rfc3339(r.created_unix_ms), "meta": null,
-        "num_uses": 0, "orphan": r.parent.is_none(), "path": "auth/token/create", "policies": r.policies,
-        "renewable": r.renewable, "ttl": r.expire_unix_ms.map_or(0, |e| e.saturating_sub(now) / 1000), "type": "service",
-    })
+/// A token's lookup as Vault replies with it; `id` is the token itself, only in a lookup of
+/// the caller's own token (borrowed, as [`TokenAuthReply`]).
+#[derive(serde::Serialize)]
+struct TokenDataReply<'a> {
+    accessor: &'a str,
+    creation_time: u64,
+    creation_ttl: u64,
+    display_name: &'a str,
+    entity_id: &'static str,
+    expire_time: Option<String>,
+    explicit_max_ttl: u64,
+    id: &'a str,
+    issue_time: String,
+    meta: Option<()>,
+    num_uses: u64,
+    orphan: bool,
+    path: &'static str,
+    policies: &'a [String],
+    renewable: bool,
+    ttl: u64,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+fn token_data<'a>(r: &'a TokenRecord, id: Option<&'a str>) -> TokenDataReply<'a> {
+    TokenDataReply {
+        accessor: &r.accessor,
+        creation_time: r.created_unix_ms / 1000,
+        creation_ttl: r.ttl_secs,
+        display_name: &r.display_name,
+        entity_id: "",
+        expire_time: r.expire_unix_ms.map(rfc3339),
+        explicit_max_ttl: 0,
+        id: id.unwrap_or(""),
+        issue_time: rfc3339(r.created_unix_ms),
+        meta: None,
+        num_uses: 0,
+        orphan: r.parent.is_none(),
+        path: "auth/token/create",
+        policies: &r.policies,
+        renewable: r.renewable,
+        ttl: r.expire_unix_ms.map_or(0, |e| e.saturating_sub(now_unix_ms()) / 1000),
+        kind: "service",
+    }
 }
 
 /// An answer wrapped over the gRPC API, as the HTTP API unwraps it (`None` when `stored` is
@@ -862,16 +897,28 @@ async fn dispatch(
             let threshold = body["secret_threshold"].as_u64().unwrap_or(3).min(255) as u8;
             let audited = node.operator_init(ctx, shares, threshold).await;
             reply(audited, |i, _| {
-                let hex_keys: Vec<String> = i.shares.iter().map(|s| s.to_string()).collect();
-                let b64_keys: Vec<String> = i
+                // The key shares and the root token go into the body from borrowed or zeroized
+                // copies, never into a `Value`.
+                #[derive(serde::Serialize)]
+                struct InitReply<'a> {
+                    keys: Vec<&'a str>,
+                    keys_base64: Vec<&'a str>,
+                    root_token: &'a str,
+                }
+                let b64_keys: Vec<Zeroizing<String>> = i
                     .shares
                     .iter()
-                    .map(|s| B64.encode(hex::decode(s.as_str()).unwrap_or_default()))
+                    .map(|s| {
+                        let raw = Zeroizing::new(hex::decode(s.as_str()).unwrap_or_default());
+                        Zeroizing::new(B64.encode(&*raw))
+                    })
                     .collect();
-                json_response(
-                    StatusCode::OK,
-                    json!({"keys": hex_keys, "keys_base64": b64_keys, "root_token": i.root_token.token.as_str()}),
-                )
+                let body = InitReply {
+                    keys: i.shares.iter().map(|s| s.as_str()).collect(),
+                    keys_base64: b64_keys.iter().map(|s| s.as_str()).collect(),
+                    root_token: &i.root_token.token,
+                };
+                json_response(StatusCode::OK, body)
             })
         }
         (["sys", "unseal"], "PUT" | "POST") => {

@@ -205,15 +205,20 @@ fn cluster(with_tls: bool) -> Cluster {
     link(&us, proxy.port);
     eu.start();
     us.start();
-    let init = arca(
-        eu.server(),
-        None,
-        &["--format", "json", "operator", "init", "--key-shares", "1", "--key-threshold", "1"],
-    );
-    assert_eq!(init.code, 0, "{}", init.stderr);
-    let init: Value = serde_json::from_str(&init.stdout).unwrap();
-    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
+    // Initialized over the Vault HTTP API (`sys/init`, as `bao operator init` does it): the
+    // share in hex and in base64, and the root token.
+    let mut response = ureq::put(format!("{}/v1/sys/init", eu.server().http))
+        .header("Content-Type", "application/json")
+        .send(r#"{"secret_shares": 1, "secret_threshold": 1}"#)
+        .unwrap();
+    let init: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    let share = init["keys"][0].as_str().unwrap().to_owned();
+    let share_b64 = init["keys_base64"][0].as_str().unwrap();
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(share_b64).unwrap();
+    assert_eq!(hex::encode(decoded), share, "the same share, in base64");
     let root = init["root_token"].as_str().unwrap().to_owned();
+    assert!(root.starts_with("arca_"), "{init}");
     assert_eq!(arca(eu.server(), None, &["operator", "unseal", &share]).code, 0);
     // The standby unseals with the primary's key once it has copied the primary's state.
     us.unseal_when_copied(&share);

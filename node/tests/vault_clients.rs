@@ -89,6 +89,10 @@ fn the_bao_cli_manages_secrets_tokens_policies_and_approle() {
     let looked = bao(&dev, &app_token, &["token", "lookup", "-format=json"]);
     let looked: Value = serde_json::from_slice(&looked.stdout).unwrap();
     assert_eq!(looked["data"]["policies"], serde_json::json!(["app-read"]));
+    assert_eq!(
+        (looked["data"]["id"].as_str(), &looked["data"]["type"]),
+        (Some(app_token.as_str()), &serde_json::json!("service"))
+    );
     assert!(
         bao(&dev, &app_token, &["kv", "get", "secret/app/db"]).status.success(),
         "the policy allows reading app/*"
