@@ -107,6 +107,11 @@ fn ok(server: &Server, token: &str, args: &[&str]) -> Value {
     serde_json::from_str(&run.stdout).unwrap()
 }
 
+/// The username and password of a Vault-shaped `database/creds` reply.
+fn vault_creds(v: &Value) -> (String, String) {
+    (v["data"]["username"].as_str().unwrap().to_owned(), v["data"]["password"].as_str().unwrap().to_owned())
+}
+
 fn creds(server: &Server, token: &str) -> (String, String, String) {
     let v = ok(server, token, &["db", "creds", "readonly"]);
     (
@@ -366,10 +371,7 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
         .call()
         .unwrap();
     let v: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
-    let (user3, password3) = (
-        v["data"]["username"].as_str().unwrap().to_owned(),
-        v["data"]["password"].as_str().unwrap().to_owned(),
-    );
+    let (user3, password3) = vault_creds(&v);
     assert!(can_log_in(pg.port, &user3, &password3));
     assert_eq!(v["renewable"], true);
     ureq::put(format!("{}/v1/sys/leases/revoke", server.http))
@@ -389,10 +391,7 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
         .send_empty()
         .unwrap();
     let v: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
-    let (user5, password5) = (
-        v["data"]["username"].as_str().unwrap().to_owned(),
-        v["data"]["password"].as_str().unwrap().to_owned(),
-    );
+    let (user5, password5) = vault_creds(&v);
     assert!(can_log_in(pg.port, &user5, &password5));
     assert_eq!(
         (&v["renewable"], v["lease_duration"].as_u64().is_some_and(|s| s > 0)),
