@@ -736,14 +736,46 @@ async fn wrap_response(
         }
     };
     let authenticated = path == "sys/wrapping/wrap";
+    /// Vault's reply to a wrapped request: the envelope with `wrap_info` and nothing else. The
+    /// wrapping token is borrowed, never copied into a `Value`.
+    #[derive(serde::Serialize)]
+    struct WrappedReply<'a> {
+        auth: Option<()>,
+        data: Option<()>,
+        lease_duration: u64,
+        lease_id: &'static str,
+        renewable: bool,
+        request_id: &'a str,
+        warnings: Option<()>,
+        wrap_info: WrapInfo<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct WrapInfo<'a> {
+        token: &'a str,
+        accessor: &'a str,
+        ttl: u64,
+        creation_time: String,
+        creation_path: &'a str,
+        wrapped_accessor: &'static str,
+    }
     reply(node.wrap(ctx, path.to_owned(), body, ttl, authenticated).await, |w, rid| {
-        let token = w.token.as_ref().map(|t| t.as_str()).unwrap_or_default();
-        let wrap_info = json!({
-            "token": token, "accessor": w.accessor, "ttl": w.ttl_secs, "creation_time": rfc3339(w.created_unix_ms),
-            "creation_path": w.creation_path, "wrapped_accessor": "",
-        });
-        let mut body = serde_json::to_value(envelope(rid, Value::Null, Value::Null)).unwrap_or_default();
-        body["wrap_info"] = wrap_info;
+        let body = WrappedReply {
+            auth: None,
+            data: None,
+            lease_duration: 0,
+            lease_id: "",
+            renewable: false,
+            request_id: rid,
+            warnings: None,
+            wrap_info: WrapInfo {
+                token: w.token.as_ref().map(|t| t.as_str()).unwrap_or_default(),
+                accessor: &w.accessor,
+                ttl: w.ttl_secs,
+                creation_time: rfc3339(w.created_unix_ms),
+                creation_path: &w.creation_path,
+                wrapped_accessor: "",
+            },
+        };
         json_response(StatusCode::OK, body)
     })
 }
