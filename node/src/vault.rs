@@ -245,10 +245,62 @@ fn envelope<D: serde::Serialize, A: serde::Serialize>(
 }
 
 /// A JSON reply serialized straight from `body`.
+///
+/// Replies carry secrets (a KV read, a token, a password), so the body's buffer is zeroized
+/// when it is dropped, once the reply is written (see [`ZeroizingBody`]).
 fn json_response<T: serde::Serialize>(status: StatusCode, body: T) -> Response {
-    match serde_json::to_vec(&body) {
-        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+    json_response_sized(status, body, 1024)
+}
+
+/// [`json_response`] into a buffer of `capacity` bytes to start with (a reply of about known
+/// size is written without growing it).
+fn json_response_sized<T: serde::Serialize>(status: StatusCode, body: T, capacity: usize) -> Response {
+    let mut buf = ZeroizingBody::with_capacity(capacity);
+    match serde_json::to_writer(&mut buf, &body) {
+        Ok(()) => json_bytes(status, buf),
         Err(_) => api_error(&ApiError::Internal),
+    }
+}
+
+/// A JSON body already made, in a buffer zeroized when the reply is done with it.
+fn json_bytes(status: StatusCode, body: ZeroizingBody) -> Response {
+    let bytes = axum::body::Bytes::from_owner(body.0);
+    (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+}
+
+/// A reply body's buffer: zeroized when it is dropped, and when it grows (the smaller buffer
+/// it leaves is zeroized before it is freed), so serializing a reply leaves no copy of its
+/// secrets in freed memory of ours. (hyper's own write buffers and the kernel's are beyond
+/// it.)
+struct ZeroizingBody(Zeroizing<Vec<u8>>);
+
+impl ZeroizingBody {
+    fn with_capacity(capacity: usize) -> Self {
+        ZeroizingBody(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    fn from_text(text: &str) -> Self {
+        let mut body = ZeroizingBody::with_capacity(text.len());
+        body.0.extend_from_slice(text.as_bytes());
+        body
+    }
+}
+
+impl std::io::Write for ZeroizingBody {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let needed = self.0.len() + data.len();
+        if needed > self.0.capacity() {
+            let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(2 * self.0.capacity())));
+            grown.extend_from_slice(&self.0);
+            // The old buffer is zeroized as it is dropped here.
+            self.0 = grown;
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -266,7 +318,10 @@ fn kv_read_reply(s: &crate::kv::PlainVersion, request_id: &str) -> Response {
         return api_error(&ApiError::Internal);
     };
     let data = KvReadData { data: raw, metadata: version_meta(s.version, &s.meta, &s.custom_metadata) };
-    json_response(StatusCode::OK, envelope(request_id, data, Value::Null))
+    // The data, and room for the envelope and the metadata.
+    let capacity =
+        s.json.len() + 512 + s.custom_metadata.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>();
+    json_response_sized(StatusCode::OK, envelope(request_id, data, Value::Null), capacity)
 }
 
 /// Turns an audited result into a response, with the audit headers either way.
@@ -1144,8 +1199,7 @@ async fn dispatch(
                 // wrapped over the gRPC API in Vault's shape.
                 reply(node.unwrap(ctx, token).await, |text, rid| {
                     let body = unwrapped_grpc(&text, rid).unwrap_or(text);
-                    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string())
-                        .into_response()
+                    json_bytes(StatusCode::OK, ZeroizingBody::from_text(&body))
                 })
             }
         }
@@ -1473,6 +1527,18 @@ mod tests {
             serde_json::from_str::<Value>(&text).unwrap()["data"]["grpc_method"],
             "/arca.v1.Arca/KvGet"
         );
+    }
+
+    #[test]
+    fn a_reply_body_grows_and_keeps_every_byte() {
+        use std::io::Write as _;
+        let value = json!({"a": "x".repeat(10_000), "b": [1, 2, 3]});
+        let mut body = ZeroizingBody::with_capacity(4);
+        serde_json::to_writer(&mut body, &value).unwrap();
+        assert_eq!(body.0.as_slice(), serde_json::to_vec(&value).unwrap().as_slice());
+        body.write_all(b" ").unwrap();
+        assert_eq!(body.0.last(), Some(&b' '));
+        assert_eq!(ZeroizingBody::from_text("{}").0.as_slice(), b"{}");
     }
 
     #[test]
