@@ -216,7 +216,7 @@ fn api_error(err: &ApiError) -> Response {
 /// Vault's response envelope, serialized as it stands (fields in alphabetical order, as
 /// `serde_json::Value` prints them).
 #[derive(serde::Serialize)]
-struct Envelope<'a, D, A> {
+struct Envelope<'a, D, A, W = Option<()>> {
     auth: A,
     data: D,
     lease_duration: u64,
@@ -224,7 +224,7 @@ struct Envelope<'a, D, A> {
     renewable: bool,
     request_id: &'a str,
     warnings: Option<()>,
-    wrap_info: Option<()>,
+    wrap_info: W,
 }
 
 fn envelope<D: serde::Serialize, A: serde::Serialize>(
@@ -255,11 +255,21 @@ fn json_response<T: serde::Serialize>(status: StatusCode, body: T) -> Response {
 /// [`json_response`] into a buffer of `capacity` bytes to start with (a reply of about known
 /// size is written without growing it).
 fn json_response_sized<T: serde::Serialize>(status: StatusCode, body: T, capacity: usize) -> Response {
-    let mut buf = ZeroizingBody::with_capacity(capacity);
-    match serde_json::to_writer(&mut buf, &body) {
-        Ok(()) => json_bytes(status, buf),
+    match to_body_sized(&body, capacity) {
+        Ok(buf) => json_bytes(status, buf),
         Err(_) => api_error(&ApiError::Internal),
     }
+}
+
+/// `value` as JSON in a [`ZeroizingBody`].
+fn to_body<T: serde::Serialize>(value: &T) -> serde_json::Result<ZeroizingBody> {
+    to_body_sized(value, 1024)
+}
+
+fn to_body_sized<T: serde::Serialize>(value: &T, capacity: usize) -> serde_json::Result<ZeroizingBody> {
+    let mut body = ZeroizingBody::with_capacity(capacity);
+    serde_json::to_writer(&mut body, value)?;
+    Ok(body)
 }
 
 /// A JSON body already made, in a buffer zeroized when the reply is done with it.
@@ -481,9 +491,10 @@ fn token_data<'a>(r: &'a TokenRecord, id: Option<&'a str>) -> TokenDataReply<'a>
 /// An answer wrapped over the gRPC API, as the HTTP API unwraps it (`None` when `stored` is
 /// a response wrapped over HTTP, returned as it was): in the shape a Vault client expects
 /// of the call it stands for — a KV read, an AppRole role id or secret id, a token from a
-/// create or a login, dynamic database credentials — under the unwrap's request id; any other answer as its method and
-/// message (base64 protobuf) in `data`.
-fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
+/// create or a login, dynamic database credentials — under the unwrap's request id; any
+/// other answer as its method and message (base64 protobuf) in `data`. Written into a
+/// [`ZeroizingBody`], the reply's own buffer.
+fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<ZeroizingBody> {
     use prost::Message as _;
 
     use crate::proto;
@@ -523,13 +534,13 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
                 slot: None,
             };
             let metadata = version_meta(m.version, &meta, &custom);
-            let text = serde_json::to_string(&envelope(request_id, KvRead { data, metadata }, Value::Null));
+            let text = to_body(&envelope(request_id, KvRead { data, metadata }, Value::Null));
             m.data.values_mut().for_each(|v| v.zeroize());
             text
         }
         "/arca.v1.Arca/AppRoleSecretId" if let Ok(mut m) = proto::SecretIdResponse::decode(message) => {
             let data = SecretIdReply::new(&m.secret_id, &m.accessor, m.expire_unix_ms);
-            let text = serde_json::to_string(&envelope(request_id, data, Value::Null));
+            let text = to_body(&envelope(request_id, data, Value::Null));
             m.secret_id.zeroize();
             text
         }
@@ -537,12 +548,12 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
             let lease = m.lease.take().unwrap_or_default();
             let secs = lease.expire_unix_ms.saturating_sub(lease.issued_unix_ms) / 1000;
             let reply = db_creds_reply(request_id, &lease.lease_id, secs, &m.username, &m.password);
-            let text = serde_json::to_string(&reply);
+            let text = to_body(&reply);
             m.password.zeroize();
             text
         }
         "/arca.v1.Arca/AppRoleRoleId" if let Ok(m) = proto::RoleIdResponse::decode(message) => {
-            serde_json::to_string(&envelope(request_id, json!({"role_id": m.role_id}), Value::Null))
+            to_body(&envelope(request_id, json!({"role_id": m.role_id}), Value::Null))
         }
         "/arca.v1.Arca/TokenCreate" | "/arca.v1.Arca/AppRoleLogin" | "/arca.v1.Arca/CertLogin"
             if let Ok(mut m) = proto::TokenAuth::decode(message) =>
@@ -557,17 +568,17 @@ fn unwrapped_grpc(stored: &str, request_id: &str) -> Option<Zeroizing<String>> {
                 info.renewable,
                 orphan,
             );
-            let text = serde_json::to_string(&envelope(request_id, Value::Null, auth));
+            let text = to_body(&envelope(request_id, Value::Null, auth));
             m.token.zeroize();
             text
         }
-        _ => serde_json::to_string(&envelope(
+        _ => to_body(&envelope(
             request_id,
             json!({"grpc_method": method, "message": B64.encode(message)}),
             Value::Null,
         )),
     };
-    Some(Zeroizing::new(text.ok()?))
+    text.ok()
 }
 
 /// A version's metadata as KV v2 replies carry it.
@@ -791,19 +802,8 @@ async fn wrap_response(
         }
     };
     let authenticated = path == "sys/wrapping/wrap";
-    /// Vault's reply to a wrapped request: the envelope with `wrap_info` and nothing else. The
-    /// wrapping token is borrowed, never copied into a `Value`.
-    #[derive(serde::Serialize)]
-    struct WrappedReply<'a> {
-        auth: Option<()>,
-        data: Option<()>,
-        lease_duration: u64,
-        lease_id: &'static str,
-        renewable: bool,
-        request_id: &'a str,
-        warnings: Option<()>,
-        wrap_info: WrapInfo<'a>,
-    }
+    /// Vault's reply to a wrapped request is the envelope with `wrap_info` and nothing else.
+    /// The wrapping token is borrowed, never copied into a `Value`.
     #[derive(serde::Serialize)]
     struct WrapInfo<'a> {
         token: &'a str,
@@ -814,9 +814,9 @@ async fn wrap_response(
         wrapped_accessor: &'static str,
     }
     reply(node.wrap(ctx, path.to_owned(), body, ttl, authenticated).await, |w, rid| {
-        let body = WrappedReply {
-            auth: None,
-            data: None,
+        let body = Envelope {
+            auth: Value::Null,
+            data: Value::Null,
             lease_duration: 0,
             lease_id: "",
             renewable: false,
@@ -1198,8 +1198,8 @@ async fn dispatch(
                 // The response as the wrapped request would have returned it; an answer
                 // wrapped over the gRPC API in Vault's shape.
                 reply(node.unwrap(ctx, token).await, |text, rid| {
-                    let body = unwrapped_grpc(&text, rid).unwrap_or(text);
-                    json_bytes(StatusCode::OK, ZeroizingBody::from_text(&body))
+                    let body = unwrapped_grpc(&text, rid).unwrap_or_else(|| ZeroizingBody::from_text(&text));
+                    json_bytes(StatusCode::OK, body)
                 })
             }
         }
@@ -1488,7 +1488,7 @@ mod tests {
             ..Default::default()
         };
         let text = unwrapped_grpc(&stored("/arca.v1.Arca/KvGet", read.encode_to_vec()), "rid").unwrap();
-        let body: Value = serde_json::from_str(&text).unwrap();
+        let body: Value = serde_json::from_slice(&text.0).unwrap();
         assert_eq!(body["data"]["data"], json!({"pw": "s3", "n": 7, "bad": "{"}));
         assert_eq!(
             (body["request_id"].as_str(), &body["data"]["metadata"]["version"]),
@@ -1507,7 +1507,7 @@ mod tests {
             password: "pg-pw".into(),
         };
         let text = unwrapped_grpc(&stored("/arca.v1.Arca/DbCreds", creds.encode_to_vec()), "rid").unwrap();
-        let body: Value = serde_json::from_str(&text).unwrap();
+        let body: Value = serde_json::from_slice(&text.0).unwrap();
         assert_eq!(
             (&body["lease_id"], &body["lease_duration"], &body["renewable"]),
             (&json!("database/creds/ro/abc"), &json!(3600), &json!(true))
@@ -1516,7 +1516,7 @@ mod tests {
         // Any other answer: its method and message, in `data`.
         let other = crate::proto::PolicyText { name: "p".into(), ..Default::default() }.encode_to_vec();
         let text = unwrapped_grpc(&stored("/arca.v1.Arca/PolicyRead", other.clone()), "rid").unwrap();
-        let body: Value = serde_json::from_str(&text).unwrap();
+        let body: Value = serde_json::from_slice(&text.0).unwrap();
         assert_eq!(
             body["data"],
             json!({"grpc_method": "/arca.v1.Arca/PolicyRead", "message": B64.encode(&other)})
@@ -1524,7 +1524,7 @@ mod tests {
         // A message that does not decode as its method's falls back the same way.
         let text = unwrapped_grpc(&stored("/arca.v1.Arca/KvGet", vec![0xff]), "rid").unwrap();
         assert_eq!(
-            serde_json::from_str::<Value>(&text).unwrap()["data"]["grpc_method"],
+            serde_json::from_slice::<Value>(&text.0).unwrap()["data"]["grpc_method"],
             "/arca.v1.Arca/KvGet"
         );
     }
