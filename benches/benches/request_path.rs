@@ -95,7 +95,7 @@ fn audited_reads(c: &mut Criterion) {
     // The same read through the transports, in process: gRPC (the tonic service called
     // directly) and the Vault HTTP API (the axum router, no socket).
     let grpc = arca_node::grpc::Service::new(node.clone(), Default::default());
-    let router = arca_node::http::router(node.clone(), Default::default());
+    let router = arca_node::http::router(node.clone(), Default::default(), &Default::default());
     let mut group = c.benchmark_group("transport");
     group.throughput(Throughput::Elements(1));
     group.bench_function("grpc_kv_get_in_process", |b| {

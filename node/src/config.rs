@@ -20,6 +20,11 @@
 //! http_addr = "127.0.0.1:8200"       # /metrics and the audit log (TLS when configured)
 //! # proxy_header = "x-forwarded-for"
 //! # trusted_proxies = ["10.0.0.2"]
+//! # max_connections = 4096          # per listener (gRPC, HTTP, replication); more wait
+//! # tls_handshake_timeout_ms = 10000
+//! # header_timeout_ms = 30000       # HTTP/1 request head, and a kept-alive connection's idle wait
+//! # body_timeout_ms = 30000         # HTTP request body
+//! # idle_timeout_ms = 120000        # a connection that sends nothing for this long is closed
 //!
 //! [sequencer]           # the audit log's sequencer (all optional)
 //! interval_ms = 100    # pause when idle; an eighth of it after a step that integrated entries
@@ -51,6 +56,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -258,6 +264,43 @@ pub struct ListenerSection {
     pub proxy_header: Option<String>,
     #[serde(default)]
     pub trusted_proxies: Vec<IpAddr>,
+    /// Connections open at once on each listener (default 4096).
+    pub max_connections: Option<usize>,
+    /// A TLS handshake (default 10 s).
+    pub tls_handshake_timeout_ms: Option<u64>,
+    /// HTTP/1: a request's line and headers, and a kept-alive connection's wait for its next
+    /// request (default 30 s).
+    pub header_timeout_ms: Option<u64>,
+    /// HTTP: a request's body (default 30 s).
+    pub body_timeout_ms: Option<u64>,
+    /// A connection that sends nothing for this long is closed (default 120 s).
+    pub idle_timeout_ms: Option<u64>,
+}
+
+impl ListenerSection {
+    /// The listeners' limits, defaults filled in.
+    pub fn limits(&self) -> Result<crate::listen::Limits, ConfigError> {
+        let default = crate::listen::Limits::default();
+        if self.max_connections.is_some_and(|n| n == 0 || n > 1_000_000) {
+            return Err(ConfigError::Invalid("listener.max_connections: 1..=1000000".into()));
+        }
+        let ms = |key: &str, value: Option<u64>, default: Duration| match value {
+            None => Ok(default),
+            Some(ms @ 100..=86_400_000) => Ok(Duration::from_millis(ms)),
+            Some(_) => Err(ConfigError::Invalid(format!("listener.{key}: 100..=86400000 (milliseconds)"))),
+        };
+        Ok(crate::listen::Limits {
+            max_connections: self.max_connections.unwrap_or(default.max_connections),
+            tls_handshake_timeout: ms(
+                "tls_handshake_timeout_ms",
+                self.tls_handshake_timeout_ms,
+                default.tls_handshake_timeout,
+            )?,
+            header_timeout: ms("header_timeout_ms", self.header_timeout_ms, default.header_timeout)?,
+            body_timeout: ms("body_timeout_ms", self.body_timeout_ms, default.body_timeout)?,
+            idle_timeout: ms("idle_timeout_ms", self.idle_timeout_ms, default.idle_timeout)?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -372,6 +415,7 @@ impl Config {
         if l.proxy_header.is_some() == l.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid("set proxy_header and trusted_proxies together".into()));
         }
+        l.limits()?;
         Ok(())
     }
 }

@@ -30,11 +30,17 @@ use crate::sequencer::LeafRef;
 
 /// The HTTP routes of a node: the Vault-compatible API under `/v1/`, metrics, the audit log;
 /// any other path is refused with a 404 and audited ([`crate::vault::unknown_path`]).
-pub fn router(node: Arc<Node>, proxy: crate::grpc::ProxyConfig) -> Router {
+pub fn router(node: Arc<Node>, proxy: crate::grpc::ProxyConfig, limits: &crate::listen::Limits) -> Router {
+    let state = crate::vault::HttpState {
+        node: node.clone(),
+        proxy: Arc::new(proxy),
+        body_timeout: limits.body_timeout,
+        stats: node.metrics().listener("http"),
+    };
     let vault = Router::new()
         .route("/v1/{*path}", axum::routing::any(crate::vault::handle))
         .fallback(crate::vault::unknown_path)
-        .with_state(crate::vault::HttpState { node: node.clone(), proxy: Arc::new(proxy) });
+        .with_state(state);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/audit/{region}/checkpoint", get(checkpoint))

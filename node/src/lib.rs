@@ -28,6 +28,7 @@ pub mod http;
 pub mod keys;
 pub mod kv;
 pub mod lifecycle;
+pub mod listen;
 pub mod memo;
 pub mod metrics;
 pub mod node;

@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arca_audit::Operation;
 
 use crate::committer::CommitStats;
+use crate::listen::ListenerStats;
 
 const BUCKETS_SECONDS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -85,6 +86,8 @@ pub struct Metrics {
     integration: Mutex<(Histogram, u64)>,
     /// The last delays (ms, per batch, the oldest entry's), for quantiles in benchmarks.
     recent_delays_ms: Mutex<std::collections::VecDeque<u64>>,
+    /// Each listener's connections and timeouts, by the listener's name.
+    listeners: Mutex<BTreeMap<&'static str, Arc<ListenerStats>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -94,6 +97,26 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    fn render_listeners(&self, out: &mut String) {
+        let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        if listeners.is_empty() {
+            return;
+        }
+        let rendered: Vec<_> = listeners.iter().map(|(name, stats)| stats.render(name)).collect();
+        let families = [
+            "# HELP arca_listener_connections Connections open, by listener.\n# TYPE arca_listener_connections gauge\n",
+            "# HELP arca_listener_max_connections Connections a listener holds open at once; past it, new ones wait in the kernel's backlog.\n# TYPE arca_listener_max_connections gauge\n",
+            "# HELP arca_listener_accepted_total Connections accepted, by listener.\n# TYPE arca_listener_accepted_total counter\n",
+            "# HELP arca_listener_timeouts_total Connections closed (HTTP body: requests refused) for taking too long, by listener and what took too long.\n# TYPE arca_listener_timeouts_total counter\n",
+        ];
+        for (i, family) in families.iter().enumerate() {
+            out.push_str(family);
+            for samples in &rendered {
+                out.push_str(&samples[i]);
+            }
+        }
+    }
+
     pub fn observe_request(&self, op: Operation, outcome: &'static str, latency: Duration) {
         let seconds = latency.as_secs_f64();
         let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,8 +147,14 @@ impl Metrics {
     }
 
     /// Renders every metric.
+    /// The counters of the listener called `name` (`grpc`, `http`, `replication`).
+    pub fn listener(&self, name: &'static str) -> Arc<ListenerStats> {
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).entry(name).or_default().clone()
+    }
+
     pub fn render(&self, sealed: bool, commits: &CommitStats) -> String {
         let mut out = String::new();
+        self.render_listeners(&mut out);
         out.push_str("# HELP arca_request_duration_seconds Request latency, by operation and outcome.\n");
         out.push_str("# TYPE arca_request_duration_seconds histogram\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());

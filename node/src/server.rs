@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use arca_audit::Source;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use zeroize::Zeroizing;
 
@@ -18,6 +17,7 @@ use arca_store::{SqliteConfig, SqliteStore, Store};
 
 use crate::config::{Engine, StorageSection};
 use crate::grpc::{ProxyConfig, Service};
+use crate::listen::{Incoming, Limits, Timeout};
 use crate::node::{Node, RequestContext};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,6 +69,8 @@ pub struct ServeOptions {
     pub proxy: ProxyConfig,
     /// The replication listener (other regions pull from it), when regions are configured.
     pub replication: Option<ReplicationListener>,
+    /// Every listener's connection limits and timeouts.
+    pub limits: Limits,
 }
 
 /// Where and how the replication service listens: mTLS (`tls` with the regions' CA as
@@ -105,12 +107,15 @@ pub async fn serve_listener(
     if opts.tls.is_none() && !grpc_addr.ip().is_loopback() {
         return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
     }
-    let mut builder = Server::builder();
+    let limits = &opts.limits;
+    let mut builder = grpc_builder(limits);
     if let Some(tls) = &opts.tls {
         let cert = std::fs::read(&tls.cert)?;
         let key = Zeroizing::new(std::fs::read(&tls.key)?);
         refuse_shared_key_file(&tls.key)?;
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, &*key));
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, &*key))
+            .timeout(limits.tls_handshake_timeout);
         if let Some(ca) = &tls.client_ca {
             config = config.client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
         }
@@ -128,29 +133,43 @@ pub async fn serve_listener(
             None => None,
         };
         println!("arcad: http listening on {}", http_listener.local_addr()?);
-        tokio::spawn(serve_http(node.clone(), http_listener, tls, opts.proxy.clone()));
+        let incoming = Incoming::new(http_listener, limits, node.metrics().listener("http"));
+        tokio::spawn(serve_http(node.clone(), incoming, tls, opts.proxy.clone(), limits.clone()));
     }
     if let Some(repl) = &opts.replication {
-        serve_replication(node.clone(), repl).await?;
+        serve_replication(node.clone(), repl, limits).await?;
         crate::region::start(&node);
     }
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
     tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
+    let incoming = Incoming::new(listener, limits, node.metrics().listener("grpc"));
     let service = Service::new(node, opts.proxy);
     builder
         .layer(service.refusals_layer())
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
 
+/// A gRPC server that pings its connections often enough that a live client's answers keep
+/// them within the idle timeout, and closes those whose peer stops answering.
+fn grpc_builder(limits: &Limits) -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval()))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout()))
+}
+
 /// Binds the replication listener and serves it in the background.
-async fn serve_replication(node: Arc<Node>, opts: &ReplicationListener) -> Result<(), BoxError> {
+async fn serve_replication(
+    node: Arc<Node>,
+    opts: &ReplicationListener,
+    limits: &Limits,
+) -> Result<(), BoxError> {
     let listener = TcpListener::bind(opts.addr).await?;
     let addr = listener.local_addr()?;
-    let mut builder = Server::builder();
+    let mut builder = grpc_builder(limits);
     match &opts.tls {
         Some(tls) => {
             let ca = tls.client_ca.as_ref().ok_or("the replication listener needs the regions' CA")?;
@@ -161,7 +180,8 @@ async fn serve_replication(node: Arc<Node>, opts: &ReplicationListener) -> Resul
             // regions may pull a feed or say hello.
             let config = ServerTlsConfig::new()
                 .identity(Identity::from_pem(cert, &*key))
-                .client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
+                .client_ca_root(Certificate::from_pem(std::fs::read(ca)?))
+                .timeout(limits.tls_handshake_timeout);
             builder = builder.tls_config(config)?;
         }
         None if addr.ip().is_loopback() => {
@@ -171,11 +191,12 @@ async fn serve_replication(node: Arc<Node>, opts: &ReplicationListener) -> Resul
     }
     println!("arcad: replication listening on {addr}");
     let service = crate::region::ReplicationService::new(node.clone()).into_server();
+    let incoming = Incoming::new(listener, limits, node.metrics().listener("replication"));
     tokio::spawn(async move {
         if let Err(err) = builder
             .layer(crate::grpc::AuditRefusalsLayer::replication(node))
             .add_service(service)
-            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .serve_with_incoming(incoming)
             .await
         {
             tracing::error!(error = %err, "the replication listener stopped");
@@ -210,38 +231,54 @@ fn http_tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BoxErr
 
 async fn serve_http(
     node: Arc<Node>,
-    listener: TcpListener,
+    mut incoming: Incoming,
     tls: Option<Arc<rustls::ServerConfig>>,
     proxy: ProxyConfig,
+    limits: Limits,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
-    let app = crate::http::router(node, proxy);
+    let app = crate::http::router(node, proxy, &limits);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut builder = Builder::new(TokioExecutor::new());
+    // hyper enforces the header timeout only with a timer.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.keepalive_interval())
+        .keep_alive_timeout(limits.keepalive_timeout());
+    let builder = Arc::new(builder);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %err, "http accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let conn = incoming.accept().await;
+        let peer = conn.peer_addr();
+        let stats = conn.stats().clone();
         let app = app.clone().layer(axum::Extension(crate::vault::PeerAddr(Some(peer))));
         let service = TowerToHyperService::new(app);
         let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let handshake_timeout = limits.tls_handshake_timeout;
         tokio::spawn(async move {
-            let builder = Builder::new(TokioExecutor::new());
             let served = match acceptor {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls_stream) => builder.serve_connection(TokioIo::new(tls_stream), service).await,
-                    Err(_) => return,
-                },
-                None => builder.serve_connection(TokioIo::new(stream), service).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(conn)).await {
+                        Ok(Ok(tls_stream)) => {
+                            builder.serve_connection(TokioIo::new(tls_stream), service).await
+                        }
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            stats.timed_out(Timeout::Handshake);
+                            return;
+                        }
+                    }
+                }
+                None => builder.serve_connection(TokioIo::new(conn), service).await,
             };
             if let Err(err) = served {
+                if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+                    stats.timed_out(Timeout::Header);
+                }
                 tracing::debug!(error = %err, "http connection ended with an error");
             }
         });

@@ -44,6 +44,10 @@ pub struct PeerAddr(pub Option<SocketAddr>);
 pub struct HttpState {
     pub node: Arc<Node>,
     pub proxy: Arc<ProxyConfig>,
+    /// How long a request's body may take to arrive.
+    pub body_timeout: std::time::Duration,
+    /// The HTTP listener's counters (a body that took too long is counted there).
+    pub stats: Arc<crate::listen::ListenerStats>,
 }
 
 /// `2026-11-26T20:37:14.123000000Z` from milliseconds since the epoch.
@@ -718,7 +722,7 @@ pub async fn handle(
         .headers
         .get("x-vault-wrap-ttl")
         .map(|v| (crate::wrapping::wrap_ttl("X-Vault-Wrap-TTL", v.as_bytes()), ctx.clone()));
-    let body = match read_body(body).await {
+    let body = match read_body(body, state.body_timeout, &state.stats).await {
         Ok(body) => body,
         Err((status, message)) => return refuse(&node, ctx, path, status, message).await,
     };
@@ -872,10 +876,30 @@ fn context(proxy: &ProxyConfig, peer: Option<SocketAddr>, headers: &HeaderMap) -
     RequestContext::new(token, crate::grpc::client_source(proxy, peer, forwarded))
 }
 
-async fn read_body(body: Body) -> Result<Value, (StatusCode, String)> {
-    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        (StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY_BYTES} bytes"))
-    })?;
+async fn read_body(
+    body: Body,
+    timeout: std::time::Duration,
+    stats: &crate::listen::ListenerStats,
+) -> Result<Value, (StatusCode, String)> {
+    // An empty body is ready at once: the timer is armed only for a body still arriving.
+    let bytes = match tokio::time::timeout(timeout, to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(err)) => {
+            return Err(if err.into_inner().is::<http_body_util::LengthLimitError>() {
+                (StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY_BYTES} bytes"))
+            } else {
+                (StatusCode::BAD_REQUEST, "the request body could not be read".into())
+            });
+        }
+        Err(_) => {
+            stats.timed_out(crate::listen::Timeout::Body);
+            let secs = timeout.as_secs_f64();
+            return Err((
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {secs} s"),
+            ));
+        }
+    };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Object(Map::new()));
     }

@@ -39,7 +39,14 @@ async fn run(proxy: ProxyConfig, tls: Option<TlsFiles>) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let opts = ServeOptions { grpc_addr: addr, tls, http_addr: None, proxy, replication: None };
+    let opts = ServeOptions {
+        grpc_addr: addr,
+        tls,
+        http_addr: None,
+        proxy,
+        replication: None,
+        limits: Default::default(),
+    };
     tokio::spawn(serve_listener(node, listener, opts, async move {
         let _ = stopped.await;
     }));

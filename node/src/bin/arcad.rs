@@ -129,6 +129,7 @@ async fn dev(
         http_addr: Some(http_addr),
         proxy: ProxyConfig::default(),
         replication: None,
+        limits: arca_node::listen::Limits::default(),
     };
     server::serve(node, opts, shutdown_signal()).await
 }
@@ -189,6 +190,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         );
     }
     let l = config.listener;
+    let limits = l.limits()?;
     let tls = match (l.tls_cert_file, l.tls_key_file) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: l.client_ca_file }),
         _ => None,
@@ -197,6 +199,7 @@ async fn run_server(config: Config) -> Result<(), BoxError> {
         grpc_addr: l.grpc_addr,
         tls,
         http_addr: l.http_addr,
+        limits,
         proxy: ProxyConfig { header: l.proxy_header, trusted: l.trusted_proxies },
         replication,
     };

@@ -1,0 +1,435 @@
+//! Accepting connections: how many each listener holds at once, and how long a connection
+//! may take or stay silent.
+//!
+//! Every listener (gRPC, HTTP, replication) accepts through [`Incoming`]:
+//! - at most [`Limits::max_connections`] connections are open at once; past that, new ones
+//!   wait in the kernel's backlog until one closes (nothing is refused, nothing is spent on
+//!   them);
+//! - a connection that sends nothing for [`Limits::idle_timeout`] is closed
+//!   ([`Guarded`]). HTTP/2 connections (gRPC) are pinged more often than that, so a live
+//!   client's acknowledgements keep its connection open, and a silent or dead peer is dropped;
+//! - a TLS handshake must finish within [`Limits::tls_handshake_timeout`].
+//!
+//! The HTTP listener also bounds, per request, how long its head (the request line and
+//! headers, and the wait for the next request on a kept-alive connection) and its body take
+//! to arrive. Without these, a client could hold every file descriptor of the node with
+//! connections that never finish a request (slowloris) or never say anything.
+//!
+//! Invariant: every accepted connection holds a permit of its listener's semaphore until it is
+//! dropped, so `arca_listener_connections` never exceeds `arca_listener_max_connections`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::time::{Instant, Sleep};
+
+/// How long to wait before accepting again after `accept` failed (out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A listener's limits (`[listener]` in the configuration file; the same for every listener).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, per listener.
+    pub max_connections: usize,
+    /// A TLS handshake, from the connection's accept.
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/1: a request's line and headers, counted from the connection's start or from the
+    /// previous reply (so also how long a kept-alive connection may wait idle).
+    pub header_timeout: Duration,
+    /// HTTP: a request's whole body, once its head has arrived.
+    pub body_timeout: Duration,
+    /// Any connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Limits {
+    /// How often an HTTP/2 connection is pinged: well within the idle timeout, so that a live
+    /// client's acknowledgement always arrives before it.
+    pub fn keepalive_interval(&self) -> Duration {
+        (self.idle_timeout / 3).min(Duration::from_secs(30))
+    }
+
+    /// How long a ping's acknowledgement may take before the connection is closed.
+    pub fn keepalive_timeout(&self) -> Duration {
+        (self.idle_timeout / 3).min(Duration::from_secs(20))
+    }
+}
+
+/// Why a listener closed a connection (or refused a request) for taking too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    Idle,
+    Handshake,
+    Header,
+    Body,
+}
+
+impl Timeout {
+    const ALL: [Timeout; 4] = [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body];
+
+    fn name(self) -> &'static str {
+        match self {
+            Timeout::Idle => "idle",
+            Timeout::Handshake => "tls_handshake",
+            Timeout::Header => "header",
+            Timeout::Body => "body",
+        }
+    }
+}
+
+/// One listener's counters, rendered on `/metrics`.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    open: AtomicU64,
+    max: AtomicU64,
+    accepted: AtomicU64,
+    timeouts: [AtomicU64; 4],
+}
+
+impl ListenerStats {
+    pub fn timed_out(&self, why: Timeout) {
+        self.timeouts[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn timeouts(&self, why: Timeout) -> u64 {
+        self.timeouts[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Appends this listener's samples (the `# TYPE` lines are the caller's).
+    pub(crate) fn render(&self, listener: &str) -> [String; 4] {
+        let timeouts = Timeout::ALL
+            .iter()
+            .map(|t| {
+                format!(
+                    "arca_listener_timeouts_total{{listener=\"{listener}\",reason=\"{}\"}} {}\n",
+                    t.name(),
+                    self.timeouts(*t)
+                )
+            })
+            .collect();
+        [
+            format!("arca_listener_connections{{listener=\"{listener}\"}} {}\n", self.open()),
+            format!(
+                "arca_listener_max_connections{{listener=\"{listener}\"}} {}\n",
+                self.max.load(Ordering::Relaxed)
+            ),
+            format!(
+                "arca_listener_accepted_total{{listener=\"{listener}\"}} {}\n",
+                self.accepted.load(Ordering::Relaxed)
+            ),
+            timeouts,
+        ]
+    }
+}
+
+type Acquiring =
+    Pin<Box<dyn std::future::Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// A listener's stream of accepted connections, at most `max_connections` open at once.
+pub struct Incoming {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    acquiring: Option<Acquiring>,
+    permit: Option<OwnedSemaphorePermit>,
+    backoff: Option<Pin<Box<Sleep>>>,
+    idle_timeout: Duration,
+    stats: Arc<ListenerStats>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").field("listener", &self.listener).finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    pub fn new(listener: TcpListener, limits: &Limits, stats: Arc<ListenerStats>) -> Self {
+        stats.max.store(limits.max_connections as u64, Ordering::Relaxed);
+        Incoming {
+            listener,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            acquiring: None,
+            permit: None,
+            backoff: None,
+            idle_timeout: limits.idle_timeout,
+            stats,
+        }
+    }
+
+    /// The next connection; accept errors (out of file descriptors) are logged and retried
+    /// after a pause.
+    pub async fn accept(&mut self) -> Guarded {
+        loop {
+            match std::future::poll_fn(|cx| self.poll_accept(cx)).await {
+                Ok(conn) => return conn,
+                Err(err) => tracing::warn!(error = %err, "accept failed"),
+            }
+        }
+    }
+
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Guarded>> {
+        if let Some(backoff) = &mut self.backoff {
+            ready!(backoff.as_mut().poll(cx));
+            self.backoff = None;
+        }
+        if self.permit.is_none() {
+            if self.acquiring.is_none() {
+                match self.permits.clone().try_acquire_owned() {
+                    Ok(permit) => self.permit = Some(permit),
+                    Err(TryAcquireError::NoPermits) => {
+                        self.acquiring = Some(Box::pin(self.permits.clone().acquire_owned()));
+                    }
+                    // The semaphore is never closed.
+                    Err(TryAcquireError::Closed) => return Poll::Pending,
+                }
+            }
+            if let Some(acquiring) = &mut self.acquiring {
+                let permit = ready!(acquiring.as_mut().poll(cx));
+                self.acquiring = None;
+                match permit {
+                    Ok(permit) => self.permit = Some(permit),
+                    Err(_) => return Poll::Pending,
+                }
+            }
+        }
+        match ready!(self.listener.poll_accept(cx)) {
+            Ok((stream, peer)) => {
+                // Requests are small and answered at once: no Nagle delay.
+                let _ = stream.set_nodelay(true);
+                let Some(permit) = self.permit.take() else { return Poll::Pending };
+                self.stats.open.fetch_add(1, Ordering::Relaxed);
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Ok(Guarded {
+                    stream,
+                    peer,
+                    _permit: permit,
+                    idle_timeout: self.idle_timeout,
+                    last_read: Instant::now(),
+                    timer: None,
+                    stats: self.stats.clone(),
+                }))
+            }
+            Err(err) => {
+                self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                Poll::Ready(Err(err))
+            }
+        }
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = io::Result<Guarded>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_accept(cx).map(Some)
+    }
+}
+
+/// An accepted connection: holds its listener's permit, and fails its reads once its peer
+/// has sent nothing for the idle timeout (the server then closes it).
+pub struct Guarded {
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    idle_timeout: Duration,
+    last_read: Instant,
+    /// Armed at some deadline at or before `last_read + idle_timeout`; moved on only when it
+    /// fires early, so a busy connection does not touch the timer on every read.
+    timer: Option<Pin<Box<Sleep>>>,
+    stats: Arc<ListenerStats>,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl Guarded {
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn stats(&self) -> &Arc<ListenerStats> {
+        &self.stats
+    }
+
+    /// `Ready(())` once the peer has been silent for the idle timeout.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let deadline = self.last_read + self.idle_timeout;
+            let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            ready!(timer.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            // Fired for an earlier deadline: the peer has spoken since.
+            timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.last_read = Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => match this.poll_idle(cx) {
+                Poll::Ready(()) => {
+                    this.stats.timed_out(Timeout::Idle);
+                    let secs = this.idle_timeout.as_secs_f64();
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer sent nothing for {secs} s"),
+                    )))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    async fn listener(limits: &Limits) -> (Incoming, SocketAddr, Arc<ListenerStats>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(ListenerStats::default());
+        (Incoming::new(listener, limits, stats.clone()), addr, stats)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_for_the_idle_timeout_fails_its_read() {
+        let idle = Duration::from_millis(1000);
+        let limits = Limits { idle_timeout: idle, ..Limits::default() };
+        let (mut incoming, addr, stats) = listener(&limits).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut conn = incoming.accept().await;
+        let started = Instant::now();
+        // A byte every 200 ms keeps it open well past the idle timeout: each read moves the
+        // deadline on.
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut byte = [0u8; 1];
+            conn.read_exact(&mut byte).await.unwrap();
+        }
+        let spoke = Instant::now();
+        assert!(spoke - started > idle, "the reads kept it open");
+        let mut byte = [0u8; 1];
+        let err = conn.read(&mut byte).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(spoke.elapsed() >= idle, "not closed before the idle timeout: {:?}", spoke.elapsed());
+        assert_eq!(stats.timeouts(Timeout::Idle), 1);
+    }
+
+    #[tokio::test]
+    async fn no_more_than_max_connections_are_accepted_until_one_closes() {
+        let limits = Limits { max_connections: 2, ..Limits::default() };
+        let (mut incoming, addr, stats) = listener(&limits).await;
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let first = incoming.accept().await;
+        let second = incoming.accept().await;
+        assert_eq!(stats.open(), 2);
+        // The third waits in the backlog: no permit, so accept is not even polled.
+        let mut third = std::pin::pin!(incoming.accept());
+        assert!(futures_poll_once(third.as_mut()).await.is_none());
+        drop(first);
+        assert_eq!(stats.open(), 1);
+        let third = third.await;
+        assert_eq!(stats.open(), 2);
+        drop((second, third));
+        assert_eq!(stats.open(), 0);
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 3);
+    }
+
+    /// Polls `fut` once: its output if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Option<F::Output> {
+        // Give the accept a chance to see the pending connection first.
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut fut).poll(cx) {
+                Poll::Ready(out) => Some(out),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+}

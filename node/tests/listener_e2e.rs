@@ -1,0 +1,164 @@
+//! The listeners' limits against real `arcad server` processes on loopback: a request head
+//! or body that never finishes, a connection that says nothing, and a TLS handshake that
+//! never starts are each closed (or refused) after their configured time, and counted on
+//! `/metrics`; a live gRPC client that stays idle longer than the idle timeout keeps its
+//! connection, because the node pings it and its answers count.
+
+mod common;
+
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::Server;
+
+const HEADER_MS: u64 = 500;
+const BODY_MS: u64 = 500;
+const IDLE_MS: u64 = 1500;
+
+fn write_config(dir: &Path, listener: &str) -> PathBuf {
+    let config = dir.join("arcad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"n1\"\nregion = \"local\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
+             [listener]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nmax_connections = 64\n{listener}",
+            dir.join("arca.db").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn host_port(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest)
+}
+
+/// Connects to `addr`, sends `bytes`, and reads until the server closes the connection;
+/// returns how long that took after the send, and everything the server sent. Fails if the
+/// connection is still open after `within`.
+fn closed_after(addr: &str, bytes: &[u8], within: Duration) -> (Duration, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(bytes).unwrap();
+    let sent = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(sent.elapsed()).unwrap_or_default();
+        assert!(!left.is_zero(), "{addr}: still open after {within:?}");
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return (sent.elapsed(), received),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (sent.elapsed(), received),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("{addr}: still open after {within:?}")
+            }
+            Err(e) => panic!("{addr}: {e}"),
+        }
+    }
+}
+
+fn metrics(server: &Server) -> String {
+    ureq::get(format!("{}/metrics", server.http)).call().unwrap().body_mut().read_to_string().unwrap()
+}
+
+/// The value of the sample `name{labels}` on `/metrics`.
+fn sample(metrics: &str, name_and_labels: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name_and_labels} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+fn timeouts(server: &Server, listener: &str, reason: &str) -> u64 {
+    sample(
+        &metrics(server),
+        &format!("arca_listener_timeouts_total{{listener=\"{listener}\",reason=\"{reason}\"}}"),
+    )
+}
+
+#[test]
+fn slow_or_silent_connections_are_closed_and_live_idle_grpc_clients_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "dangerous_plaintext = true\nheader_timeout_ms = {HEADER_MS}\nbody_timeout_ms = {BODY_MS}\nidle_timeout_ms = {IDLE_MS}\n"
+        ),
+    );
+    let server = common::start_server(&config, &[]);
+    let (http, grpc) = (host_port(&server.http).to_owned(), host_port(&server.addr).to_owned());
+    let within = Duration::from_secs(15);
+    let before = metrics(&server);
+    assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"grpc\"}"), 64);
+    assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"http\"}"), 64);
+
+    // A live gRPC client, idle for longer than the idle timeout between two calls, keeps its
+    // connection: the node's pings and the client's answers count as traffic.
+    let accepted = |m: &str| sample(m, "arca_listener_accepted_total{listener=\"grpc\"}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (first, second) = runtime.block_on(async {
+        let mut client = arca_client::RawClient::connect(server.addr.clone()).await.unwrap();
+        client.status(arca_client::proto::Empty {}).await.unwrap();
+        let first = metrics(&server);
+        tokio::time::sleep(Duration::from_millis(IDLE_MS * 3)).await;
+        let status = client.status(arca_client::proto::Empty {}).await.unwrap().into_inner();
+        assert!(status.sealed, "a server starts sealed");
+        (first, metrics(&server))
+    });
+    drop(runtime);
+    assert_eq!(accepted(&first), accepted(&second), "the idle client's connection was kept");
+    assert_eq!(sample(&second, "arca_listener_timeouts_total{listener=\"grpc\",reason=\"idle\"}"), 0);
+
+    // A request head that never ends: closed after the header timeout.
+    let (took, _) = closed_after(&http, b"GET /v1/sys/health HTTP/1.1\r\nHost: arca\r\n", within);
+    assert!(took >= Duration::from_millis(HEADER_MS), "closed after {took:?}");
+    assert_eq!(timeouts(&server, "http", "header"), 1);
+
+    // A body that never ends: 408, and counted.
+    let (took, reply) = closed_after(
+        &http,
+        b"POST /v1/secret/data/app HTTP/1.1\r\nHost: arca\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"data\":",
+        within,
+    );
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("did not arrive within 0.5 s"), "{reply}");
+    assert!(took >= Duration::from_millis(BODY_MS), "answered after {took:?}");
+    assert_eq!(timeouts(&server, "http", "body"), 1);
+
+    // Connections that say nothing at all: closed after the idle timeout, on both listeners.
+    for (listener, addr) in [("http", &http), ("grpc", &grpc)] {
+        let (took, _) = closed_after(addr, b"", within);
+        assert!(took >= Duration::from_millis(IDLE_MS), "{listener}: closed after {took:?}");
+        assert_eq!(timeouts(&server, listener, "idle"), 1, "{listener}");
+    }
+    // Every gRPC connection above is closed (the live client's too, once it went away).
+    assert_eq!(sample(&metrics(&server), "arca_listener_connections{listener=\"grpc\"}"), 0);
+}
+
+#[test]
+fn a_tls_handshake_that_never_starts_is_cut_off_on_both_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::TestCa::new(dir.path());
+    let (cert, key) = ca.issue("server", "localhost");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_handshake_timeout_ms = 500\nidle_timeout_ms = 600000\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let server = common::start_server(&config, &[]);
+    // With the idle timeout at ten minutes, only the handshake timeout can close these
+    // within the fifteen seconds allowed.
+    for url in [&server.http, &server.addr] {
+        let (took, _) = closed_after(host_port(url), b"", Duration::from_secs(15));
+        assert!(took >= Duration::from_millis(500), "{url}: closed after {took:?}");
+    }
+}
