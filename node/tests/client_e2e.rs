@@ -152,19 +152,13 @@ fn pki(dir: &Path) -> Pki {
 
 /// Starts `arcad server` with a mutual-TLS listener; returns the server (its `addr` is https).
 fn start_mtls(dir: &Path, pki: &Pki) -> Server {
-    let config = dir.join("arcad.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nid = \"n1\"\nregion = \"local\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
-             [listener]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
-            dir.join("arca.db").display(),
-            pki.server.0.display(),
-            pki.server.1.display(),
-            pki.ca.display()
-        ),
-    )
-    .unwrap();
+    let listener = format!(
+        "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        pki.server.0.display(),
+        pki.server.1.display(),
+        pki.ca.display()
+    );
+    let config = common::server_config(dir, &listener, "");
     let mut server = common::start_server(&config, &[]);
     server.addr = server.addr.replace("http://", "https://");
     server

@@ -43,17 +43,7 @@ fn config(dir: &Path, pin: Option<&Path>) -> PathBuf {
             pin.display()
         )
     });
-    let path = dir.join("arcad.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[node]\nid = \"n1\"\nregion = \"local\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
-             [listener]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\ndangerous_plaintext = true\n{seal}",
-            dir.join("arca.db").display()
-        ),
-    )
-    .unwrap();
-    path
+    common::server_config(dir, "dangerous_plaintext = true\n", &seal)
 }
 
 fn status(server: &Server) -> Value {

@@ -18,17 +18,7 @@ const BODY_MS: u64 = 500;
 const IDLE_MS: u64 = 1500;
 
 fn write_config(dir: &Path, listener: &str) -> PathBuf {
-    let config = dir.join("arcad.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nid = \"n1\"\nregion = \"local\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
-             [listener]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nmax_connections = 64\n{listener}",
-            dir.join("arca.db").display()
-        ),
-    )
-    .unwrap();
-    config
+    common::server_config(dir, &format!("max_connections = 64\n{listener}"), "")
 }
 
 fn host_port(url: &str) -> &str {

@@ -201,6 +201,23 @@ pub fn vkey(server: &Server) -> String {
     run.stdout.trim().to_owned()
 }
 
+/// Writes `dir/arcad.toml` for one node `n1` of region `local` on `dir/arca.db`, its gRPC and
+/// HTTP listeners on free loopback ports: `listener` is added to `[listener]` (TLS files,
+/// `dangerous_plaintext`, limits), `rest` after it (other sections).
+pub fn server_config(dir: &Path, listener: &str, rest: &str) -> PathBuf {
+    let path = dir.join("arcad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nid = \"n1\"\nregion = \"local\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
+             [listener]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n{listener}{rest}",
+            dir.join("arca.db").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Starts `arcad server --config CONFIG` with extra environment variables and waits for its
 /// listening lines; its stderr is appended to CONFIG with the extension `stderr`.
 pub fn start_server(config: &Path, env: &[(&str, &str)]) -> Server {
