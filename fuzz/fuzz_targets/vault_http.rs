@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     let method =
         Method::from_bytes(METHODS[usize::from(*method) % METHODS.len()].as_bytes()).expect("a method");
     let t = live_node::target(&TARGET);
-    let mut live = t.live(|node, _| arca_node::http::router(node.clone(), Default::default()));
+    let mut live = t.live(|node, _| arca_node::http::router(node.clone(), Default::default(), &Default::default()));
     let Some(l) = live.as_mut() else { return };
     let mut request = Request::builder().method(method).uri(uri.as_str());
     if flags & 1 != 0 {
