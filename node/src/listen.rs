@@ -146,6 +146,41 @@ impl ListenerStats {
     }
 }
 
+/// Raises this process's soft limit of open files to its hard limit (as Go programs do at
+/// start: a service manager's default soft limit, often 1,024, would otherwise cap every
+/// listener together far below `max_connections`), and warns when even the hard limit is
+/// below what the three listeners and the store may hold. Returns the soft limit now
+/// (`None`: unlimited).
+pub fn raise_open_files_limit(limits: &Limits) -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let raise = match (limit.current, limit.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if raise {
+        limit.current = limit.maximum;
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %err, "could not raise the open-file limit to its hard limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    // Three listeners at their cap, and room for the store's files, sockets to peers and logs.
+    let needed = 3 * limits.max_connections as u64 + 256;
+    match now {
+        Some(open_files) if open_files < needed => tracing::warn!(
+            open_files,
+            needed,
+            "the open-file limit is below what the listeners may hold (3 × listener.max_connections, and the \
+             store's files): past it, new connections wait until others close; raise the hard limit \
+             (LimitNOFILE) or lower listener.max_connections"
+        ),
+        _ => tracing::debug!(open_files = ?now, "open-file limit"),
+    }
+    now
+}
+
 type Acquiring =
     Pin<Box<dyn std::future::Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
@@ -418,6 +453,22 @@ mod tests {
         drop((second, third));
         assert_eq!(stats.open(), 0);
         assert_eq!(stats.accepted.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        // (An unlimited hard limit has nothing to raise to.)
+        let Some(maximum) = before.maximum.filter(|m| *m > 1) else { return };
+        // Lower the soft limit, as a service manager's default would be (by one only: the
+        // tests beside this one share the process).
+        let lowered = rustix::process::Rlimit { current: Some(maximum - 1), maximum: Some(maximum) };
+        setrlimit(Resource::Nofile, lowered).unwrap();
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(maximum - 1));
+        let now = raise_open_files_limit(&Limits::default());
+        assert_eq!(now, Some(maximum));
+        assert_eq!(getrlimit(Resource::Nofile).current, Some(maximum));
     }
 
     /// Polls `fut` once: its output if it was ready.

@@ -92,6 +92,7 @@ pub async fn serve(
     if opts.tls.is_none() && !opts.grpc_addr.ip().is_loopback() {
         return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
     }
+    crate::listen::raise_open_files_limit(&opts.limits);
     let listener = TcpListener::bind(opts.grpc_addr).await?;
     serve_listener(node, listener, opts, shutdown).await
 }
