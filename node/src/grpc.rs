@@ -6,7 +6,8 @@
 //! configured proxy header, with the proxy's own address recorded beside it.
 //!
 //! Requests that tonic refuses before they reach a handler (undecodable protobuf, a message
-//! over [`MAX_REQUEST_BYTES`], an unknown method or service) are audited too: [`AuditRefusals`] answers
+//! over [`MAX_REQUEST_BYTES`], an unknown method or service, a body that does not arrive within
+//! the body timeout: `DEADLINE_EXCEEDED`) are audited too: [`AuditRefusals`] answers
 //! them only once their `rejected` event is durable, as the HTTP API does its refusals.
 
 use std::collections::BTreeMap;
@@ -82,7 +83,12 @@ impl Service {
 
     /// The layer that audits what tonic refuses before this service's handlers run.
     pub fn refusals_layer(&self) -> AuditRefusalsLayer {
-        AuditRefusalsLayer { node: self.node.clone(), proxy: self.proxy.clone(), listener: Listener::Client }
+        AuditRefusalsLayer {
+            node: self.node.clone(),
+            proxy: self.proxy.clone(),
+            listener: Listener::Client,
+            body: BodyLimits::default(),
+        }
     }
 
     /// The request's context. Every handler starts here, and then audits its request through a
@@ -140,7 +146,8 @@ struct Reached(Arc<AtomicBool>);
 /// The gRPC listener's requests as served: tonic's router (and [`ArcaServer`] in it) under an
 /// audit event for each request that tonic answers without calling a handler — a message
 /// that is not the method's protobuf, one over [`MAX_REQUEST_BYTES`], an unknown method or
-/// service. Such a request gets a `rejected` event (its path the gRPC method, its outcome
+/// service, a body that does not arrive within the body timeout
+/// ([`crate::listen::BodyDeadline`]). Such a request gets a `rejected` event (its path the gRPC method, its outcome
 /// `invalid_argument`, its caller named when the token is valid) that is durable before
 /// tonic's answer goes out, with the audit position and request id in its headers. If the
 /// event cannot be recorded the answer is `UNAVAILABLE` instead. On the replication
@@ -152,6 +159,20 @@ pub struct AuditRefusals<S> {
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
     listener: Listener,
+    body: BodyLimits,
+}
+
+/// How long a request's body may take to arrive, and the listener's counters.
+#[derive(Debug, Clone)]
+struct BodyLimits {
+    timeout: std::time::Duration,
+    stats: Option<Arc<crate::listen::ListenerStats>>,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        BodyLimits { timeout: crate::listen::Limits::default().body_timeout, stats: None }
+    }
 }
 
 /// Which listener an [`AuditRefusals`] serves.
@@ -169,12 +190,29 @@ pub struct AuditRefusalsLayer {
     node: Arc<Node>,
     proxy: Arc<ProxyConfig>,
     listener: Listener,
+    body: BodyLimits,
 }
 
 impl AuditRefusalsLayer {
     /// The layer for the replication listener: no proxy, no response wrapping.
     pub fn replication(node: Arc<Node>) -> Self {
-        AuditRefusalsLayer { node, proxy: Arc::new(ProxyConfig::default()), listener: Listener::Replication }
+        AuditRefusalsLayer {
+            node,
+            proxy: Arc::new(ProxyConfig::default()),
+            listener: Listener::Replication,
+            body: BodyLimits::default(),
+        }
+    }
+
+    /// A request's body must arrive within `timeout` of its head (default: the listeners'
+    /// default body timeout); one that does not is refused with `DEADLINE_EXCEEDED`, audited,
+    /// and counted in `stats`.
+    pub fn body_timeout(
+        self,
+        timeout: std::time::Duration,
+        stats: Arc<crate::listen::ListenerStats>,
+    ) -> Self {
+        AuditRefusalsLayer { body: BodyLimits { timeout, stats: Some(stats) }, ..self }
     }
 }
 
@@ -182,7 +220,13 @@ impl<S> tower_layer::Layer<S> for AuditRefusalsLayer {
     type Service = AuditRefusals<S>;
 
     fn layer(&self, inner: S) -> AuditRefusals<S> {
-        AuditRefusals { inner, node: self.node.clone(), proxy: self.proxy.clone(), listener: self.listener }
+        AuditRefusals {
+            inner,
+            node: self.node.clone(),
+            proxy: self.proxy.clone(),
+            listener: self.listener,
+            body: self.body.clone(),
+        }
     }
 }
 
@@ -253,7 +297,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (timeout, stats) = (self.body.timeout, self.body.stats.clone());
+        let mut request = request
+            .map(|body| tonic::body::Body::new(crate::listen::BodyDeadline::new(body, timeout, stats)));
         let reached = Reached::default();
         request.extensions_mut().insert(reached.clone());
         let refusal = Refusal::of(&request, &self.proxy, self.listener);

@@ -395,6 +395,66 @@ impl tonic::transport::server::Connected for Guarded {
     }
 }
 
+/// A gRPC request's body that must end within the body timeout, counted from when its head
+/// arrived: past it, reading it fails with `DEADLINE_EXCEEDED`, which tonic answers before any
+/// handler runs (so the refusal layer audits it as a refused request). The timer is armed
+/// only if the body is not all there at the first read, as a unary request's usually is.
+pub struct BodyDeadline<B> {
+    inner: B,
+    deadline: Instant,
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    stats: Option<Arc<ListenerStats>>,
+}
+
+impl<B> BodyDeadline<B> {
+    pub fn new(inner: B, timeout: Duration, stats: Option<Arc<ListenerStats>>) -> Self {
+        BodyDeadline { inner, deadline: Instant::now() + timeout, timeout, timer: None, stats }
+    }
+}
+
+impl<B> std::fmt::Debug for BodyDeadline<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyDeadline").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for BodyDeadline<B>
+where
+    B: http_body::Body<Error = tonic::Status> + Unpin,
+{
+    type Data = B::Data;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = this.deadline;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(timer.as_mut().poll(cx));
+        if let Some(stats) = &this.stats {
+            stats.timed_out(Timeout::Body);
+        }
+        let secs = this.timeout.as_secs_f64();
+        Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
+            "the request body did not arrive within {secs} s"
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -144,10 +144,11 @@ pub async fn serve_listener(
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
     tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
-    let incoming = Incoming::new(listener, limits, node.metrics().listener("grpc"));
+    let stats = node.metrics().listener("grpc");
+    let incoming = Incoming::new(listener, limits, stats.clone());
     let service = Service::new(node, opts.proxy);
     builder
-        .layer(service.refusals_layer())
+        .layer(service.refusals_layer().body_timeout(limits.body_timeout, stats))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
@@ -192,10 +193,12 @@ async fn serve_replication(
     }
     println!("arcad: replication listening on {addr}");
     let service = crate::region::ReplicationService::new(node.clone()).into_server();
-    let incoming = Incoming::new(listener, limits, node.metrics().listener("replication"));
+    let stats = node.metrics().listener("replication");
+    let incoming = Incoming::new(listener, limits, stats.clone());
+    let body_timeout = limits.body_timeout;
     tokio::spawn(async move {
         if let Err(err) = builder
-            .layer(crate::grpc::AuditRefusalsLayer::replication(node))
+            .layer(crate::grpc::AuditRefusalsLayer::replication(node).body_timeout(body_timeout, stats))
             .add_service(service)
             .serve_with_incoming(incoming)
             .await

@@ -10,6 +10,7 @@ use arca_node::grpc::{
     AUDIT_POSITION_HEADER, ProxyConfig, REQUEST_ID_HEADER, WRAP_CREATION_PATH_HEADER, WRAP_TOKEN_HEADER,
     WRAP_TTL_HEADER, WRAP_TTL_SECS_HEADER,
 };
+use arca_node::listen::Limits;
 use arca_node::node::{Node, NodeIdentity, RequestContext};
 use arca_node::proto;
 use arca_node::proto::arca_client::ArcaClient;
@@ -27,6 +28,10 @@ struct Running {
 }
 
 async fn run(proxy: ProxyConfig, tls: Option<TlsFiles>) -> Running {
+    run_with(proxy, tls, Limits::default()).await
+}
+
+async fn run_with(proxy: ProxyConfig, tls: Option<TlsFiles>, limits: Limits) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("a.db"))).unwrap());
@@ -39,14 +44,7 @@ async fn run(proxy: ProxyConfig, tls: Option<TlsFiles>) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let opts = ServeOptions {
-        grpc_addr: addr,
-        tls,
-        http_addr: None,
-        proxy,
-        replication: None,
-        limits: Default::default(),
-    };
+    let opts = ServeOptions { grpc_addr: addr, tls, http_addr: None, proxy, replication: None, limits };
     tokio::spawn(serve_listener(node, listener, opts, async move {
         let _ = stopped.await;
     }));
@@ -141,6 +139,55 @@ async fn a_message_cut_short_is_an_invalid_argument_and_audited() {
     let status = tonic::Status::from_header_map(response.headers()).expect("a trailers-only refusal");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("malformed request"), "{}", status.message());
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "one event for the refused request");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
+}
+
+/// A request body that sends its first bytes and then nothing, never ending.
+struct Stalled(Option<tonic::codegen::Bytes>);
+
+impl http_body::Body for Stalled {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut().0.take() {
+            Some(bytes) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_request_body_that_never_ends_is_refused_after_the_body_timeout_and_audited() {
+    use tonic::codegen::Service as _;
+    let timeout = std::time::Duration::from_millis(500);
+    let server =
+        run_with(ProxyConfig::default(), None, Limits { body_timeout: timeout, ..Limits::default() }).await;
+    let mut channel =
+        Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let before = events(server.store.as_ref()).len();
+    // A gRPC frame that announces 5 bytes of message, then 2 of them, then nothing.
+    let body = Stalled(Some(tonic::codegen::Bytes::from_static(b"\0\0\0\0\x05ab")));
+    let request = tonic::codegen::http::Request::post(format!("http://{}/arca.v1.Arca/KvPut", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", server.root))
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let sent = std::time::Instant::now();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(15), channel.call(request))
+        .await
+        .expect("refused before the test's own deadline")
+        .unwrap();
+    assert!(sent.elapsed() >= timeout, "refused after {:?}", sent.elapsed());
+    let status = tonic::Status::from_header_map(response.headers()).expect("a trailers-only refusal");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("did not arrive within 0.5 s"), "{}", status.message());
     assert_eq!(events(server.store.as_ref()).len(), before + 1, "one event for the refused request");
     assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
 }
