@@ -443,6 +443,44 @@ mod tests {
     }
 
     #[test]
+    fn the_listeners_limits_default_parse_and_refuse_what_is_out_of_range() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.listener.limits().unwrap(), crate::listen::Limits::default());
+        let set = GOOD.replace(
+            "dangerous_plaintext = true",
+            "dangerous_plaintext = true\nmax_connections = 64\ntls_handshake_timeout_ms = 2000\n\
+             header_timeout_ms = 3000\nbody_timeout_ms = 4000\nidle_timeout_ms = 60000",
+        );
+        let limits = Config::parse(&set).unwrap().listener.limits().unwrap();
+        assert_eq!(
+            limits,
+            crate::listen::Limits {
+                max_connections: 64,
+                tls_handshake_timeout: Duration::from_secs(2),
+                header_timeout: Duration::from_secs(3),
+                body_timeout: Duration::from_secs(4),
+                idle_timeout: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(limits.keepalive_interval(), Duration::from_secs(20));
+        for (bad, says) in [
+            ("max_connections = 0", "max_connections"),
+            ("max_connections = 1000001", "max_connections"),
+            ("idle_timeout_ms = 99", "idle_timeout_ms"),
+            ("header_timeout_ms = 86400001", "header_timeout_ms"),
+            ("body_timeout_ms = 0", "body_timeout_ms"),
+            ("tls_handshake_timeout_ms = 1", "tls_handshake_timeout_ms"),
+        ] {
+            let file =
+                GOOD.replace("dangerous_plaintext = true", &format!("dangerous_plaintext = true\n{bad}"));
+            match Config::parse(&file) {
+                Err(ConfigError::Invalid(message)) => assert!(message.contains(says), "{bad}: {message}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_unsafe_settings() {
         let unknown = GOOD.replace("id = \"a\"", "id = \"a\"\ncolour = \"blue\"");
         assert!(matches!(Config::parse(&unknown), Err(ConfigError::Parse { .. })));
