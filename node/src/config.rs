@@ -25,6 +25,8 @@
 //! # header_timeout_ms = 30000       # HTTP/1 request head, and a kept-alive connection's idle wait
 //! # body_timeout_ms = 30000         # HTTP request body
 //! # idle_timeout_ms = 120000        # a connection that sends nothing for this long is closed
+//! # max_streams_per_connection = 128   # HTTP/2 requests at once on one connection
+//! # max_body_bytes_in_flight = 67108864  # request bodies being received, node-wide; past it 503
 //!
 //! [sequencer]           # the audit log's sequencer (all optional)
 //! interval_ms = 100    # pause when idle; an eighth of it after a step that integrated entries
@@ -275,6 +277,10 @@ pub struct ListenerSection {
     pub body_timeout_ms: Option<u64>,
     /// A connection that sends nothing for this long is closed (default 120 s).
     pub idle_timeout_ms: Option<u64>,
+    /// HTTP/2: requests at once on one connection (default 128).
+    pub max_streams_per_connection: Option<u32>,
+    /// Bytes of request bodies being received at once, across the listeners (default 64 MiB).
+    pub max_body_bytes_in_flight: Option<usize>,
 }
 
 impl ListenerSection {
@@ -283,6 +289,15 @@ impl ListenerSection {
         let default = crate::listen::Limits::default();
         if self.max_connections.is_some_and(|n| n == 0 || n > 1_000_000) {
             return Err(ConfigError::Invalid("listener.max_connections: 1..=1000000".into()));
+        }
+        if self.max_streams_per_connection.is_some_and(|n| n == 0 || n > 10_000) {
+            return Err(ConfigError::Invalid("listener.max_streams_per_connection: 1..=10000".into()));
+        }
+        // At least four requests of the largest size; at most 64 GiB.
+        if self.max_body_bytes_in_flight.is_some_and(|n| !(1 << 20..=64 << 30).contains(&n)) {
+            return Err(ConfigError::Invalid(
+                "listener.max_body_bytes_in_flight: 1048576..=68719476736 (bytes)".into(),
+            ));
         }
         let ms = |key: &str, value: Option<u64>, default: Duration| match value {
             None => Ok(default),
@@ -299,6 +314,12 @@ impl ListenerSection {
             header_timeout: ms("header_timeout_ms", self.header_timeout_ms, default.header_timeout)?,
             body_timeout: ms("body_timeout_ms", self.body_timeout_ms, default.body_timeout)?,
             idle_timeout: ms("idle_timeout_ms", self.idle_timeout_ms, default.idle_timeout)?,
+            max_streams_per_connection: self
+                .max_streams_per_connection
+                .unwrap_or(default.max_streams_per_connection),
+            max_body_bytes_in_flight: self
+                .max_body_bytes_in_flight
+                .unwrap_or(default.max_body_bytes_in_flight),
         })
     }
 }
@@ -449,7 +470,8 @@ mod tests {
         let set = GOOD.replace(
             "dangerous_plaintext = true",
             "dangerous_plaintext = true\nmax_connections = 64\ntls_handshake_timeout_ms = 2000\n\
-             header_timeout_ms = 3000\nbody_timeout_ms = 4000\nidle_timeout_ms = 60000",
+             header_timeout_ms = 3000\nbody_timeout_ms = 4000\nidle_timeout_ms = 60000\n\
+             max_streams_per_connection = 16\nmax_body_bytes_in_flight = 2097152",
         );
         let limits = Config::parse(&set).unwrap().listener.limits().unwrap();
         assert_eq!(
@@ -460,6 +482,8 @@ mod tests {
                 header_timeout: Duration::from_secs(3),
                 body_timeout: Duration::from_secs(4),
                 idle_timeout: Duration::from_secs(60),
+                max_streams_per_connection: 16,
+                max_body_bytes_in_flight: 2 << 20,
             }
         );
         assert_eq!(limits.keepalive_interval(), Duration::from_secs(20));
@@ -470,6 +494,10 @@ mod tests {
             ("header_timeout_ms = 86400001", "header_timeout_ms"),
             ("body_timeout_ms = 0", "body_timeout_ms"),
             ("tls_handshake_timeout_ms = 1", "tls_handshake_timeout_ms"),
+            ("max_streams_per_connection = 0", "max_streams_per_connection"),
+            ("max_streams_per_connection = 10001", "max_streams_per_connection"),
+            ("max_body_bytes_in_flight = 1048575", "max_body_bytes_in_flight"),
+            ("max_body_bytes_in_flight = 68719476737", "max_body_bytes_in_flight"),
         ] {
             let file =
                 GOOD.replace("dangerous_plaintext = true", &format!("dangerous_plaintext = true\n{bad}"));

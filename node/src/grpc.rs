@@ -87,7 +87,7 @@ impl Service {
             node: self.node.clone(),
             proxy: self.proxy.clone(),
             listener: Listener::Client,
-            body: BodyLimits::default(),
+            body: BodyLimits::of(&self.node),
         }
     }
 
@@ -146,8 +146,8 @@ struct Reached(Arc<AtomicBool>);
 /// The gRPC listener's requests as served: tonic's router (and [`ArcaServer`] in it) under an
 /// audit event for each request that tonic answers without calling a handler — a message
 /// that is not the method's protobuf, one over [`MAX_REQUEST_BYTES`], an unknown method or
-/// service, a body that does not arrive within the body timeout
-/// ([`crate::listen::BodyDeadline`]). Such a request gets a `rejected` event (its path the gRPC method, its outcome
+/// service, a body that does not arrive within the body timeout or does not fit in the node's
+/// budget of request-body bytes ([`crate::listen::BoundedBody`]). Such a request gets a `rejected` event (its path the gRPC method, its outcome
 /// `invalid_argument`, its caller named when the token is valid) that is durable before
 /// tonic's answer goes out, with the audit position and request id in its headers. If the
 /// event cannot be recorded the answer is `UNAVAILABLE` instead. On the replication
@@ -162,16 +162,22 @@ pub struct AuditRefusals<S> {
     body: BodyLimits,
 }
 
-/// How long a request's body may take to arrive, and the listener's counters.
+/// How long a request's body may take to arrive, the listener's counters, and the node's
+/// budget of request-body bytes ([`crate::listen::BoundedBody`]).
 #[derive(Debug, Clone)]
 struct BodyLimits {
     timeout: std::time::Duration,
     stats: Option<Arc<crate::listen::ListenerStats>>,
+    budget: Arc<crate::listen::BodyBudget>,
 }
 
-impl Default for BodyLimits {
-    fn default() -> Self {
-        BodyLimits { timeout: crate::listen::Limits::default().body_timeout, stats: None }
+impl BodyLimits {
+    fn of(node: &Node) -> Self {
+        BodyLimits {
+            timeout: crate::listen::Limits::default().body_timeout,
+            stats: None,
+            budget: node.metrics().body_budget(),
+        }
     }
 }
 
@@ -197,10 +203,10 @@ impl AuditRefusalsLayer {
     /// The layer for the replication listener: no proxy, no response wrapping.
     pub fn replication(node: Arc<Node>) -> Self {
         AuditRefusalsLayer {
+            body: BodyLimits::of(&node),
             node,
             proxy: Arc::new(ProxyConfig::default()),
             listener: Listener::Replication,
-            body: BodyLimits::default(),
         }
     }
 
@@ -212,7 +218,7 @@ impl AuditRefusalsLayer {
         timeout: std::time::Duration,
         stats: Arc<crate::listen::ListenerStats>,
     ) -> Self {
-        AuditRefusalsLayer { body: BodyLimits { timeout, stats: Some(stats) }, ..self }
+        AuditRefusalsLayer { body: BodyLimits { timeout, stats: Some(stats), ..self.body }, ..self }
     }
 }
 
@@ -298,9 +304,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let (timeout, stats) = (self.body.timeout, self.body.stats.clone());
-        let mut request = request
-            .map(|body| tonic::body::Body::new(crate::listen::BodyDeadline::new(body, timeout, stats)));
+        let BodyLimits { timeout, stats, budget } = self.body.clone();
+        let mut request = request.map(|body| {
+            tonic::body::Body::new(crate::listen::BoundedBody::new(body, timeout, stats, budget))
+        });
         let reached = Reached::default();
         request.extensions_mut().insert(reached.clone());
         let refusal = Refusal::of(&request, &self.proxy, self.listener);

@@ -15,8 +15,18 @@
 //! to arrive. Without these, a client could hold every file descriptor of the node with
 //! connections that never finish a request (slowloris) or never say anything.
 //!
-//! Invariant: every accepted connection holds a permit of its listener's semaphore until it is
-//! dropped, so `arca_listener_connections` never exceeds `arca_listener_max_connections`.
+//! Memory: an HTTP/2 connection carries at most [`Limits::max_streams_per_connection`]
+//! requests at once, and the bytes of request bodies being received, across every listener
+//! of the node, are held under one [`BodyBudget`] ([`Limits::max_body_bytes_in_flight`]). Past
+//! it a request is refused at once (HTTP 503, gRPC `RESOURCE_EXHAUSTED`) rather than buffered:
+//! without it, 4,096 connections × their streams × 256 KiB could be held before any token is
+//! checked.
+//!
+//! Invariants: every accepted connection holds a permit of its listener's semaphore until it is
+//! dropped, so `arca_listener_connections` never exceeds `arca_listener_max_connections`; every
+//! byte of a request body received holds a permit of the node's [`BodyBudget`] until the body
+//! (or, over HTTP, the request) is dropped, so `arca_request_body_bytes` never exceeds
+//! `arca_request_body_max_bytes`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,6 +58,10 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// Any connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// HTTP/2: requests (streams) open at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// Bytes of request bodies being received at once, across the node's listeners.
+    pub max_body_bytes_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +72,9 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
+            max_streams_per_connection: 128,
+            // 256 bodies of the largest size a request may have (256 KiB).
+            max_body_bytes_in_flight: 64 << 20,
         }
     }
 }
@@ -395,31 +412,139 @@ impl tonic::transport::server::Connected for Guarded {
     }
 }
 
-/// A gRPC request's body that must end within the body timeout, counted from when its head
-/// arrived: past it, reading it fails with `DEADLINE_EXCEEDED`, which tonic answers before any
-/// handler runs (so the refusal layer audits it as a refused request). The timer is armed
-/// only if the body is not all there at the first read, as a unary request's usually is.
-pub struct BodyDeadline<B> {
+/// The bytes of request bodies the node holds while they arrive, across its listeners
+/// ([`Limits::max_body_bytes_in_flight`]): a semaphore with a permit per byte. A body takes
+/// permits for each chunk as it arrives ([`BodyBudget::charge`]) and gives them back when it
+/// is dropped; a chunk that does not fit is refused at once, never waited for (two bodies
+/// each waiting for the other's bytes would hold them forever).
+#[derive(Debug)]
+pub struct BodyBudget {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    refused: AtomicU64,
+}
+
+/// What one request body holds of its node's [`BodyBudget`]; given back on drop.
+#[derive(Debug, Default)]
+pub struct Charge(Option<OwnedSemaphorePermit>);
+
+/// A request refused because the node holds its limit of request-body bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetSpent {
+    pub limit: usize,
+}
+
+impl std::fmt::Display for BudgetSpent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the node is receiving as many request bodies as it holds at once ({} bytes); retry shortly",
+            self.limit
+        )
+    }
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        BodyBudget { permits: Arc::new(Semaphore::new(limit)), limit, refused: AtomicU64::new(0) }
+    }
+
+    /// Adds `bytes` to what `charge` holds, or refuses them (and counts the refusal) when the
+    /// node does not have them to spare. A refused body should be dropped with its charge.
+    pub fn charge(&self, charge: &mut Charge, bytes: usize) -> Result<(), BudgetSpent> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let acquired =
+            u32::try_from(bytes).ok().and_then(|n| self.permits.clone().try_acquire_many_owned(n).ok());
+        match (acquired, &mut charge.0) {
+            (Some(permit), Some(held)) => held.merge(permit),
+            (Some(permit), none) => *none = Some(permit),
+            (None, _) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(BudgetSpent { limit: self.limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.limit - self.permits.available_permits()
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The budget's samples for `/metrics`, `# HELP` and `# TYPE` lines included.
+    pub(crate) fn render(&self) -> String {
+        format!(
+            "# HELP arca_request_body_bytes Bytes of request bodies being received, across the listeners.\n\
+             # TYPE arca_request_body_bytes gauge\narca_request_body_bytes {}\n\
+             # HELP arca_request_body_max_bytes Bytes of request bodies the node holds at once (listener.max_body_bytes_in_flight).\n\
+             # TYPE arca_request_body_max_bytes gauge\narca_request_body_max_bytes {}\n\
+             # HELP arca_request_body_refused_total Requests refused because the node held its limit of request-body bytes.\n\
+             # TYPE arca_request_body_refused_total counter\narca_request_body_refused_total {}\n",
+            self.held(),
+            self.limit,
+            self.refused()
+        )
+    }
+}
+
+/// A gRPC request's body, bounded in time and memory:
+/// - it must end within the body timeout, counted from when its head arrived: past it, reading
+///   it fails with `DEADLINE_EXCEEDED`. The timer is armed only if the body is not all there
+///   at the first read, as a unary request's usually is;
+/// - each chunk that arrives is charged to the node's [`BodyBudget`] until the body is dropped
+///   (tonic drops a unary request's body once its message is decoded, before the handler
+///   runs); a chunk that does not fit fails the read with `RESOURCE_EXHAUSTED`.
+///
+/// Either failure is answered by tonic before any handler runs, so the refusal layer audits
+/// it as a refused request.
+pub struct BoundedBody<B> {
     inner: B,
     deadline: Instant,
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     stats: Option<Arc<ListenerStats>>,
+    budget: Arc<BodyBudget>,
+    charge: Charge,
 }
 
-impl<B> BodyDeadline<B> {
-    pub fn new(inner: B, timeout: Duration, stats: Option<Arc<ListenerStats>>) -> Self {
-        BodyDeadline { inner, deadline: Instant::now() + timeout, timeout, timer: None, stats }
+impl<B> BoundedBody<B> {
+    pub fn new(
+        inner: B,
+        timeout: Duration,
+        stats: Option<Arc<ListenerStats>>,
+        budget: Arc<BodyBudget>,
+    ) -> Self {
+        BoundedBody {
+            inner,
+            deadline: Instant::now() + timeout,
+            timeout,
+            timer: None,
+            stats,
+            budget,
+            charge: Charge::default(),
+        }
     }
 }
 
-impl<B> std::fmt::Debug for BodyDeadline<B> {
+impl<B> std::fmt::Debug for BoundedBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BodyDeadline").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("BoundedBody").field("timeout", &self.timeout).finish_non_exhaustive()
     }
 }
 
-impl<B> http_body::Body for BodyDeadline<B>
+impl<B> http_body::Body for BoundedBody<B>
 where
     B: http_body::Body<Error = tonic::Status> + Unpin,
 {
@@ -430,8 +555,15 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use hyper::body::Buf as _;
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if let Some(Ok(frame)) = &frame {
+                let bytes = frame.data_ref().map_or(0, |data| data.remaining());
+                if let Err(spent) = this.budget.charge(&mut this.charge, bytes) {
+                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(spent.to_string()))));
+                }
+            }
             return Poll::Ready(frame);
         }
         let deadline = this.deadline;
@@ -460,6 +592,27 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    #[test]
+    fn the_body_budget_refuses_what_does_not_fit_and_takes_back_what_is_dropped() {
+        let budget = BodyBudget::new(100);
+        let (mut a, mut b) = (Charge::default(), Charge::default());
+        budget.charge(&mut a, 30).unwrap();
+        budget.charge(&mut a, 30).unwrap();
+        assert_eq!(budget.held(), 60);
+        assert_eq!(budget.charge(&mut b, 41), Err(BudgetSpent { limit: 100 }));
+        assert_eq!((budget.held(), budget.refused()), (60, 1), "a refusal takes nothing");
+        budget.charge(&mut b, 40).unwrap();
+        budget.charge(&mut b, 0).unwrap();
+        assert_eq!(budget.held(), 100);
+        drop(a);
+        assert_eq!(budget.held(), 40, "a dropped charge gives back every byte it took");
+        // More than a semaphore can take at once is refused, not truncated.
+        assert!(BodyBudget::new(usize::MAX).charge(&mut b, usize::MAX).is_err());
+        drop(b);
+        assert_eq!(budget.held(), 0);
+        assert!(budget.render().contains("arca_request_body_refused_total 1\n"));
+    }
 
     async fn listener(limits: &Limits) -> (Incoming, SocketAddr, Arc<ListenerStats>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

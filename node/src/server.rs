@@ -109,6 +109,8 @@ pub async fn serve_listener(
         return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
     }
     let limits = &opts.limits;
+    // Before any listener takes the budget.
+    node.metrics().limit_body_bytes(limits.max_body_bytes_in_flight);
     let mut builder = grpc_builder(limits);
     if let Some(tls) = &opts.tls {
         let cert = std::fs::read(&tls.cert)?;
@@ -156,11 +158,13 @@ pub async fn serve_listener(
 }
 
 /// A gRPC server that pings its connections often enough that a live client's answers keep
-/// them within the idle timeout, and closes those whose peer stops answering.
+/// them within the idle timeout, closes those whose peer stops answering, and serves at most
+/// `max_streams_per_connection` requests at once on a connection (tonic sets no limit).
 fn grpc_builder(limits: &Limits) -> Server {
     Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive_interval()))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout()))
+        .max_concurrent_streams(limits.max_streams_per_connection)
 }
 
 /// Binds the replication listener and serves it in the background.
@@ -252,7 +256,8 @@ async fn serve_http(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.keepalive_interval())
-        .keep_alive_timeout(limits.keepalive_timeout());
+        .keep_alive_timeout(limits.keepalive_timeout())
+        .max_concurrent_streams(limits.max_streams_per_connection);
     let builder = Arc::new(builder);
     loop {
         let conn = incoming.accept().await;

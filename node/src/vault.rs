@@ -48,6 +48,8 @@ pub struct HttpState {
     pub body_timeout: std::time::Duration,
     /// The HTTP listener's counters (a body that took too long is counted there).
     pub stats: Arc<crate::listen::ListenerStats>,
+    /// The node's budget of request-body bytes.
+    pub budget: Arc<crate::listen::BodyBudget>,
 }
 
 /// `2026-11-26T20:37:14.123000000Z` from milliseconds since the epoch.
@@ -722,9 +724,19 @@ pub async fn handle(
         .headers
         .get("x-vault-wrap-ttl")
         .map(|v| (crate::wrapping::wrap_ttl("X-Vault-Wrap-TTL", v.as_bytes()), ctx.clone()));
-    let body = match read_body(body, state.body_timeout, &state.stats).await {
+    // The body's bytes stay charged to the node's budget until the request is answered.
+    let mut charge = crate::listen::Charge::default();
+    let body = match read_body(body, state.body_timeout, &state.stats, &state.budget, &mut charge).await {
         Ok(body) => body,
-        Err((status, message)) => return refuse(&node, ctx, path, status, message).await,
+        Err((status, message)) => {
+            drop(charge);
+            let busy = status == StatusCode::SERVICE_UNAVAILABLE;
+            let mut response = refuse(&node, ctx, path, status, message).await;
+            if busy {
+                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            return response;
+        }
     };
     let (wrap_ttl, wrap_ctx) = match wrap {
         None => (None, None),
@@ -880,17 +892,13 @@ async fn read_body(
     body: Body,
     timeout: std::time::Duration,
     stats: &crate::listen::ListenerStats,
+    budget: &crate::listen::BodyBudget,
+    charge: &mut crate::listen::Charge,
 ) -> Result<Value, (StatusCode, String)> {
     // An empty body is ready at once: the timer is armed only for a body still arriving.
-    let bytes = match tokio::time::timeout(timeout, to_bytes(body, MAX_BODY_BYTES)).await {
+    let bytes = match tokio::time::timeout(timeout, collect(body, budget, charge)).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(err)) => {
-            return Err(if err.into_inner().is::<http_body_util::LengthLimitError>() {
-                (StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY_BYTES} bytes"))
-            } else {
-                (StatusCode::BAD_REQUEST, "the request body could not be read".into())
-            });
-        }
+        Ok(Err(refused)) => return Err(refused),
         Err(_) => {
             stats.timed_out(crate::listen::Timeout::Body);
             let secs = timeout.as_secs_f64();
@@ -910,6 +918,45 @@ async fn read_body(
         Ok(_) => Err((StatusCode::BAD_REQUEST, "failed to parse JSON input: expected an object".into())),
         Err(e) => Err((StatusCode::BAD_REQUEST, format!("failed to parse JSON input: {e}"))),
     }
+}
+
+/// A request body of at most [`MAX_BODY_BYTES`], its memory charged to the node's budget of
+/// request-body bytes as it is taken: a declared length at once (the buffer is allocated for
+/// it), chunks of an undeclared one as they arrive. Refused: a body over the size (413), one
+/// that does not fit in the budget (503), one that cannot be read (400).
+async fn collect(
+    mut body: Body,
+    budget: &crate::listen::BodyBudget,
+    charge: &mut crate::listen::Charge,
+) -> Result<Zeroizing<Vec<u8>>, (StatusCode, String)> {
+    use http_body_util::BodyExt as _;
+    let too_large =
+        || (StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY_BYTES} bytes"));
+    let spent = |spent: crate::listen::BudgetSpent| (StatusCode::SERVICE_UNAVAILABLE, spent.to_string());
+    let declared = http_body::Body::size_hint(&body).exact();
+    let mut bytes = Zeroizing::new(Vec::new());
+    let mut charged = 0;
+    if let Some(length) = declared {
+        let length = usize::try_from(length).ok().filter(|n| *n <= MAX_BODY_BYTES).ok_or_else(too_large)?;
+        budget.charge(charge, length).map_err(spent)?;
+        charged = length;
+        bytes.reserve_exact(length);
+    }
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| (StatusCode::BAD_REQUEST, "the request body could not be read".to_owned()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        let len = bytes.len() + data.len();
+        if len > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
+        if len > charged {
+            budget.charge(charge, len - charged).map_err(spent)?;
+            charged = len;
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(bytes)
 }
 
 enum Reject {

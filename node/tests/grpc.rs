@@ -21,6 +21,7 @@ use tonic::{Code, Request};
 
 struct Running {
     addr: SocketAddr,
+    node: Arc<Node>,
     store: Arc<dyn Store>,
     root: String,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -45,10 +46,10 @@ async fn run_with(proxy: ProxyConfig, tls: Option<TlsFiles>, limits: Limits) -> 
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions { grpc_addr: addr, tls, http_addr: None, proxy, replication: None, limits };
-    tokio::spawn(serve_listener(node, listener, opts, async move {
+    tokio::spawn(serve_listener(node.clone(), listener, opts, async move {
         let _ = stopped.await;
     }));
-    Running { addr, store, root, _stop: stop, _dir: dir }
+    Running { addr, node, store, root, _stop: stop, _dir: dir }
 }
 
 async fn plain_client(addr: SocketAddr) -> ArcaClient<Channel> {
@@ -190,6 +191,87 @@ async fn a_request_body_that_never_ends_is_refused_after_the_body_timeout_and_au
     assert!(status.message().contains("did not arrive within 0.5 s"), "{}", status.message());
     assert_eq!(events(server.store.as_ref()).len(), before + 1, "one event for the refused request");
     assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
+}
+
+/// A KvPut whose gRPC frame announces a message of `len` bytes and sends all but its last
+/// byte, then nothing: the node holds what arrived until the body times out or is dropped.
+fn stalled_put(server: &Running, len: usize) -> tonic::codegen::http::Request<tonic::body::Body> {
+    let mut frame = vec![b'x'; 5 + len - 1];
+    frame[0] = 0;
+    frame[1..5].copy_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+    tonic::codegen::http::Request::post(format!("http://{}/arca.v1.Arca/KvPut", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", server.root))
+        .body(tonic::body::Body::new(Stalled(Some(frame.into()))))
+        .unwrap()
+}
+
+/// Polls `done` until it holds, for at most 15 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within 15 s");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn request_bodies_past_the_nodes_budget_are_refused_audited_and_their_bytes_given_back() {
+    use tonic::codegen::Service as _;
+    let limits = Limits { max_body_bytes_in_flight: 1 << 20, ..Limits::default() };
+    let server = run_with(ProxyConfig::default(), None, limits).await;
+    let channel = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let budget = server.node.metrics().body_budget();
+    assert_eq!(budget.limit(), 1 << 20);
+    // Four bodies of nearly 250 KiB each, never finished: the node holds them.
+    let each = 5 + 250 * 1024 - 1;
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut channel, request) = (channel.clone(), stalled_put(&server, 250 * 1024));
+            tokio::spawn(async move {
+                std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+                channel.call(request).await
+            })
+        })
+        .collect();
+    eventually("the four bodies held", || budget.held() == 4 * each).await;
+    let before = events(server.store.as_ref()).len();
+    // A fifth of 100 KiB does not fit in what is left (24 KiB): refused at once, audited.
+    let mut fifth = channel.clone();
+    std::future::poll_fn(|cx| fifth.poll_ready(cx)).await.unwrap();
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        fifth.call(stalled_put(&server, 100 * 1024)),
+    )
+    .await
+    .expect("refused at once, not after the body timeout")
+    .unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("a trailers-only refusal");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("as many request bodies as it holds at once (1048576 bytes)"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(budget.refused(), 1);
+    assert_eq!(budget.held(), 4 * each, "the refused body's bytes were given back");
+    assert_eq!(events(server.store.as_ref()).len(), before + 1, "one event for the refused request");
+    assert_refusal_audited(server.store.as_ref(), &status, "/arca.v1.Arca/KvPut", "root");
+    // The clients give up: every byte held comes back.
+    for request in &held {
+        request.abort();
+    }
+    eventually("the budget given back", || budget.held() == 0).await;
+    // And a request is served again.
+    let mut client = plain_client(server.addr).await;
+    let put = proto::KvPutRequest {
+        path: "after".into(),
+        data: [("v".to_owned(), "x".repeat(60 * 1024))].into(),
+        ..Default::default()
+    };
+    client.kv_put(authed(put, &server.root)).await.unwrap();
+    assert_eq!(budget.refused(), 1);
 }
 
 #[tokio::test]

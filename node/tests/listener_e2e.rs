@@ -2,7 +2,9 @@
 //! or body that never finishes, a connection that says nothing, and a TLS handshake that
 //! never starts are each closed (or refused) after their configured time, and counted on
 //! `/metrics`; a live gRPC client that stays idle longer than the idle timeout keeps its
-//! connection, because the node pings it and its answers count.
+//! connection, because the node pings it and its answers count. Request bodies past the
+//! node's budget of bytes are refused at once (503), and the bytes come back when the
+//! requests holding them go away.
 
 mod common;
 
@@ -43,7 +45,10 @@ fn closed_after(addr: &str, bytes: &[u8], within: Duration) -> (Duration, Vec<u8
             Ok(n) => received.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return (sent.elapsed(), received),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!("{addr}: still open after {within:?}")
+                panic!(
+                    "{addr}: still open after {within:?}, having sent {:?}",
+                    String::from_utf8_lossy(&received)
+                )
             }
             Err(e) => panic!("{addr}: {e}"),
         }
@@ -151,4 +156,63 @@ fn a_tls_handshake_that_never_starts_is_cut_off_on_both_listeners() {
         let (took, _) = closed_after(host_port(url), b"", Duration::from_secs(15));
         assert!(took >= Duration::from_millis(500), "{url}: closed after {took:?}");
     }
+}
+
+/// Polls `/metrics` until `name` reads `value`, for at most 15 s.
+fn eventually_sample(server: &Server, name: &str, value: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = sample(&metrics(server), name);
+        if now == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {now}, not {value}, after 15 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn request_bodies_past_the_nodes_budget_are_refused_with_503_and_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "dangerous_plaintext = true\nmax_body_bytes_in_flight = 1048576\n");
+    let server = common::start_server(&config, &[]);
+    let http = host_port(&server.http).to_owned();
+    let before = metrics(&server);
+    assert_eq!(sample(&before, "arca_request_body_max_bytes"), 1 << 20);
+    assert_eq!(sample(&before, "arca_request_body_bytes"), 0);
+    // Four requests that declare bodies of 256 KiB and send none of it: the node allocates for
+    // what they declared, and holds the whole budget.
+    let head = b"PUT /v1/secret/data/held HTTP/1.1\r\nHost: arca\r\nContent-Length: 262144\r\n\r\n";
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&http).unwrap();
+            stream.write_all(head).unwrap();
+            stream
+        })
+        .collect();
+    eventually_sample(&server, "arca_request_body_bytes", 1 << 20);
+    // A fifth, of 18 bytes, does not fit: 503 at once, with Retry-After, audited.
+    let body = r#"{"data":{"k":"v"}}"#;
+    let fifth = format!(
+        "PUT /v1/secret/data/more HTTP/1.1\r\nHost: arca\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let fifth = fifth.as_bytes();
+    let (_, reply) = closed_after(&http, fifth, Duration::from_secs(15));
+    let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+    assert!(reply.starts_with("http/1.1 503"), "{reply}");
+    assert!(reply.contains("\r\nretry-after: 1\r\n"), "{reply}");
+    assert!(reply.contains("as many request bodies as it holds at once (1048576 bytes)"), "{reply}");
+    assert!(reply.contains("\r\nx-arca-audit-position: "), "the refusal is audited: {reply}");
+    assert_eq!(sample(&metrics(&server), "arca_request_body_refused_total"), 1);
+    // One client goes away: its 256 KiB come back, and the same request is no longer refused
+    // for its body (the node is sealed, so it is refused for that instead).
+    drop(held.pop());
+    eventually_sample(&server, "arca_request_body_bytes", 3 << 18);
+    let (_, reply) = closed_after(&http, fifth, Duration::from_secs(15));
+    let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+    assert!(!reply.contains("request bodies"), "{reply}");
+    assert_eq!(sample(&metrics(&server), "arca_request_body_refused_total"), 1);
+    drop(held);
+    eventually_sample(&server, "arca_request_body_bytes", 0);
 }
