@@ -216,3 +216,36 @@ fn request_bodies_past_the_nodes_budget_are_refused_with_503_and_given_back() {
     drop(held);
     eventually_sample(&server, "arca_request_body_bytes", 0);
 }
+
+/// The `SETTINGS_MAX_CONCURRENT_STREAMS` a listener at `addr` announces to an HTTP/2 client
+/// (prior knowledge, no TLS), read after one request has been answered.
+async fn announced_max_streams(addr: &str, path: &str) -> usize {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(stream).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    response.await.unwrap();
+    let max = send.current_max_send_streams();
+    driver.abort();
+    max
+}
+
+#[test]
+fn every_http2_listener_announces_its_cap_on_streams_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "dangerous_plaintext = true\nmax_streams_per_connection = 3\n");
+    let server = common::start_server(&config, &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (grpc, http) = runtime.block_on(async {
+        (
+            announced_max_streams(host_port(&server.addr), "/arca.v1.Arca/Status").await,
+            announced_max_streams(host_port(&server.http), "/v1/sys/health").await,
+        )
+    });
+    assert_eq!((grpc, http), (3, 3));
+}
