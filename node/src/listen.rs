@@ -44,6 +44,10 @@ use tokio::time::{Instant, Sleep};
 /// How long to wait before accepting again after `accept` failed (out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// HTTP/1: the most a connection buffers of what it has not parsed yet, so the largest request
+/// head (line and headers) it accepts; hyper answers a larger one with 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// A listener's limits (`[listener]` in the configuration file; the same for every listener).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {

@@ -250,8 +250,14 @@ async fn serve_http(
     let app = crate::http::router(node, proxy, &limits);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = Builder::new(TokioExecutor::new());
-    // hyper enforces the header timeout only with a timer.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    // hyper enforces the header timeout only with a timer. A request head over 64 KiB is
+    // answered 431 by hyper (its default buffer, ~400 KiB a connection, would let 4,096
+    // connections hold 1.6 GiB before any token is read).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(crate::listen::MAX_HEAD_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -236,7 +236,7 @@ async fn announced_max_streams(addr: &str, path: &str) -> usize {
 }
 
 #[test]
-fn every_http2_listener_announces_its_cap_on_streams_per_connection() {
+fn http_listeners_bound_streams_per_connection_and_request_heads() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "dangerous_plaintext = true\nmax_streams_per_connection = 3\n");
     let server = common::start_server(&config, &[]);
@@ -248,4 +248,19 @@ fn every_http2_listener_announces_its_cap_on_streams_per_connection() {
         )
     });
     assert_eq!((grpc, http), (3, 3));
+    // An HTTP/1 request head over 64 KiB is refused (431) and its connection closed; one just
+    // under is served.
+    let head = |filler: usize| {
+        format!(
+            "GET /v1/sys/health HTTP/1.1\r\nHost: arca\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+            "f".repeat(filler)
+        )
+    };
+    let http = host_port(&server.http);
+    let (_, reply) = closed_after(http, head(70 * 1024).as_bytes(), Duration::from_secs(15));
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    let (_, reply) = closed_after(http, head(60 * 1024).as_bytes(), Duration::from_secs(15));
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(!reply.starts_with("HTTP/1.1 431") && reply.starts_with("HTTP/1.1 "), "{reply}");
 }
