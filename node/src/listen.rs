@@ -252,31 +252,14 @@ impl Incoming {
             ready!(backoff.as_mut().poll(cx));
             self.backoff = None;
         }
-        if self.permit.is_none() {
-            if self.acquiring.is_none() {
-                match self.permits.clone().try_acquire_owned() {
-                    Ok(permit) => self.permit = Some(permit),
-                    Err(TryAcquireError::NoPermits) => {
-                        self.acquiring = Some(Box::pin(self.permits.clone().acquire_owned()));
-                    }
-                    // The semaphore is never closed.
-                    Err(TryAcquireError::Closed) => return Poll::Pending,
-                }
-            }
-            if let Some(acquiring) = &mut self.acquiring {
-                let permit = ready!(acquiring.as_mut().poll(cx));
-                self.acquiring = None;
-                match permit {
-                    Ok(permit) => self.permit = Some(permit),
-                    Err(_) => return Poll::Pending,
-                }
-            }
-        }
-        match ready!(self.listener.poll_accept(cx)) {
-            Ok((stream, peer)) => {
+        let permit = match self.permit.take() {
+            Some(permit) => permit,
+            None => ready!(self.poll_permit(cx))?,
+        };
+        match self.listener.poll_accept(cx) {
+            Poll::Ready(Ok((stream, peer))) => {
                 // Requests are small and answered at once: no Nagle delay.
                 let _ = stream.set_nodelay(true);
-                let Some(permit) = self.permit.take() else { return Poll::Pending };
                 self.stats.open.fetch_add(1, Ordering::Relaxed);
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 Poll::Ready(Ok(Guarded {
@@ -289,11 +272,37 @@ impl Incoming {
                     stats: self.stats.clone(),
                 }))
             }
-            Err(err) => {
+            // The permit waits with the listener for the next connection.
+            Poll::Pending => {
+                self.permit = Some(permit);
+                Poll::Pending
+            }
+            Poll::Ready(Err(err)) => {
+                self.permit = Some(permit);
                 self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
                 Poll::Ready(Err(err))
             }
         }
+    }
+
+    /// A permit for one more connection: at once if one is free, else once a connection
+    /// closes.
+    fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedSemaphorePermit>> {
+        // The semaphore is never closed; if it were, accepting would stop with an error.
+        let closed = |_| io::Error::other("the listener's connection limit was closed");
+        let acquiring = match self.acquiring.as_mut() {
+            Some(acquiring) => acquiring,
+            None => match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => return Poll::Ready(Ok(permit)),
+                Err(TryAcquireError::Closed) => return Poll::Ready(Err(closed(()))),
+                Err(TryAcquireError::NoPermits) => {
+                    self.acquiring.insert(Box::pin(self.permits.clone().acquire_owned()))
+                }
+            },
+        };
+        let permit = ready!(acquiring.as_mut().poll(cx));
+        self.acquiring = None;
+        Poll::Ready(permit.map_err(|_| closed(())))
     }
 }
 
