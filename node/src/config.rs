@@ -26,7 +26,7 @@
 //! # body_timeout_ms = 30000         # HTTP request body
 //! # idle_timeout_ms = 120000        # a connection that sends nothing for this long is closed
 //! # max_streams_per_connection = 128   # HTTP/2 requests at once on one connection
-//! # max_body_bytes_in_flight = 67108864  # request bodies being received, node-wide; past it 503
+//! # max_body_bytes_in_flight = 67108864  # request bodies being received, per listener; past it 503
 //!
 //! [sequencer]           # the audit log's sequencer (all optional)
 //! interval_ms = 100    # pause when idle; an eighth of it after a step that integrated entries
@@ -279,7 +279,7 @@ pub struct ListenerSection {
     pub idle_timeout_ms: Option<u64>,
     /// HTTP/2: requests at once on one connection (default 128).
     pub max_streams_per_connection: Option<u32>,
-    /// Bytes of request bodies being received at once, across the listeners (default 64 MiB).
+    /// Bytes of request bodies being received at once, per listener (default 64 MiB).
     pub max_body_bytes_in_flight: Option<usize>,
 }
 

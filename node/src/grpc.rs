@@ -87,7 +87,7 @@ impl Service {
             node: self.node.clone(),
             proxy: self.proxy.clone(),
             listener: Listener::Client,
-            body: BodyLimits::of(&self.node),
+            body: BodyLimits::of(&self.node, Listener::Client),
         }
     }
 
@@ -146,8 +146,8 @@ struct Reached(Arc<AtomicBool>);
 /// The gRPC listener's requests as served: tonic's router (and [`ArcaServer`] in it) under an
 /// audit event for each request that tonic answers without calling a handler — a message
 /// that is not the method's protobuf, one over [`MAX_REQUEST_BYTES`], an unknown method or
-/// service, a body that does not arrive within the body timeout or does not fit in the node's
-/// budget of request-body bytes ([`crate::listen::BoundedBody`]). Such a request gets a `rejected` event (its path the gRPC method, its outcome
+/// service, a body that does not arrive within the body timeout or does not fit in the
+/// listener's budget of request-body bytes ([`crate::listen::BoundedBody`]). Such a request gets a `rejected` event (its path the gRPC method, its outcome
 /// `invalid_argument`, its caller named when the token is valid) that is durable before
 /// tonic's answer goes out, with the audit position and request id in its headers. If the
 /// event cannot be recorded the answer is `UNAVAILABLE` instead. On the replication
@@ -162,21 +162,23 @@ pub struct AuditRefusals<S> {
     body: BodyLimits,
 }
 
-/// How long a request's body may take to arrive, the listener's counters, and the node's
-/// budget of request-body bytes ([`crate::listen::BoundedBody`]).
+/// How long a request's body may take to arrive, and the listener's counters and budget of
+/// request-body bytes ([`crate::listen::BoundedBody`]).
 #[derive(Debug, Clone)]
 struct BodyLimits {
     timeout: std::time::Duration,
-    stats: Option<Arc<crate::listen::ListenerStats>>,
-    budget: Arc<crate::listen::BodyBudget>,
+    stats: Arc<crate::listen::ListenerStats>,
 }
 
 impl BodyLimits {
-    fn of(node: &Node) -> Self {
+    fn of(node: &Node, listener: Listener) -> Self {
+        let name = match listener {
+            Listener::Client => "grpc",
+            Listener::Replication => "replication",
+        };
         BodyLimits {
             timeout: crate::listen::Limits::default().body_timeout,
-            stats: None,
-            budget: node.metrics().body_budget(),
+            stats: node.metrics().listener(name),
         }
     }
 }
@@ -203,7 +205,7 @@ impl AuditRefusalsLayer {
     /// The layer for the replication listener: no proxy, no response wrapping.
     pub fn replication(node: Arc<Node>) -> Self {
         AuditRefusalsLayer {
-            body: BodyLimits::of(&node),
+            body: BodyLimits::of(&node, Listener::Replication),
             node,
             proxy: Arc::new(ProxyConfig::default()),
             listener: Listener::Replication,
@@ -218,7 +220,7 @@ impl AuditRefusalsLayer {
         timeout: std::time::Duration,
         stats: Arc<crate::listen::ListenerStats>,
     ) -> Self {
-        AuditRefusalsLayer { body: BodyLimits { timeout, stats: Some(stats), ..self.body }, ..self }
+        AuditRefusalsLayer { body: BodyLimits { timeout, stats }, ..self }
     }
 }
 
@@ -304,14 +306,25 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let BodyLimits { timeout, stats, budget } = self.body.clone();
+        let BodyLimits { timeout, stats } = self.body.clone();
+        // The head is held as long as the body: both are charged to the listener's budget.
+        let mut charge = crate::listen::Charge::default();
+        let head = crate::listen::head_bytes(request.uri(), request.headers());
+        let spent = stats.body().charge(&mut charge, head).err();
         let mut request = request.map(|body| {
-            tonic::body::Body::new(crate::listen::BoundedBody::new(body, timeout, stats, budget))
+            tonic::body::Body::new(crate::listen::BoundedBody::new(body, timeout, stats, charge))
         });
         let reached = Reached::default();
         request.extensions_mut().insert(reached.clone());
         let refusal = Refusal::of(&request, &self.proxy, self.listener);
         let (node, proxy) = (self.node.clone(), self.proxy.clone());
+        if let Some(spent) = spent {
+            drop(request);
+            return Box::pin(async move {
+                let status = Status::resource_exhausted(spent.to_string());
+                Ok(refusal.audit(&node, &proxy, status.into_http(), tonic::Code::ResourceExhausted).await)
+            });
+        }
         // Response wrapping: a bad TTL is refused before the call runs.
         let wrapping = self.listener == Listener::Client;
         let header = wrapping.then(|| request.headers().get(WRAP_TTL_HEADER)).flatten();

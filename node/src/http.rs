@@ -36,7 +36,6 @@ pub fn router(node: Arc<Node>, proxy: crate::grpc::ProxyConfig, limits: &crate::
         proxy: Arc::new(proxy),
         body_timeout: limits.body_timeout,
         stats: node.metrics().listener("http"),
-        budget: node.metrics().body_budget(),
     };
     let vault = Router::new()
         .route("/v1/{*path}", axum::routing::any(crate::vault::handle))

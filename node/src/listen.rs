@@ -16,23 +16,23 @@
 //! connections that never finish a request (slowloris) or never say anything.
 //!
 //! Memory: an HTTP/2 connection carries at most [`Limits::max_streams_per_connection`]
-//! requests at once, and the bytes of request bodies being received, across every listener
-//! of the node, are held under one [`BodyBudget`] ([`Limits::max_body_bytes_in_flight`]). Past
-//! it a request is refused at once (HTTP 503, gRPC `RESOURCE_EXHAUSTED`) rather than buffered:
-//! without it, 4,096 connections × their streams × 256 KiB could be held before any token is
-//! checked.
+//! requests at once, and the bytes of request bodies a listener is receiving are held under
+//! its [`BodyBudget`] ([`Limits::max_body_bytes_in_flight`]). Past it a request is refused at
+//! once (HTTP 503, gRPC `RESOURCE_EXHAUSTED`) rather than buffered: without it, 4,096
+//! connections × their streams × 256 KiB could be held before any token is checked. Each
+//! listener has its own, so clients filling theirs cannot starve the replication listener.
 //!
 //! Invariants: every accepted connection holds a permit of its listener's semaphore until it is
 //! dropped, so `arca_listener_connections` never exceeds `arca_listener_max_connections`; every
-//! byte of a request body received holds a permit of the node's [`BodyBudget`] until the body
-//! (or, over HTTP, the request) is dropped, so `arca_request_body_bytes` never exceeds
-//! `arca_request_body_max_bytes`.
+//! byte of a request body received holds a permit of its listener's [`BodyBudget`] until the
+//! body (or, over HTTP, the request) is dropped, so `arca_listener_body_bytes` never exceeds
+//! `arca_listener_max_body_bytes`.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// HTTP/2: requests (streams) open at once on one connection.
     pub max_streams_per_connection: u32,
-    /// Bytes of request bodies being received at once, across the node's listeners.
+    /// Bytes of request bodies being received at once, per listener.
     pub max_body_bytes_in_flight: usize,
 }
 
@@ -118,13 +118,26 @@ impl Timeout {
     }
 }
 
-/// One listener's counters, rendered on `/metrics`.
-#[derive(Debug, Default)]
+/// One listener's counters, rendered on `/metrics`, and its budget of request-body bytes.
+#[derive(Debug)]
 pub struct ListenerStats {
     open: AtomicU64,
     max: AtomicU64,
     accepted: AtomicU64,
     timeouts: [AtomicU64; 4],
+    body: BodyBudget,
+}
+
+impl Default for ListenerStats {
+    fn default() -> Self {
+        ListenerStats {
+            open: AtomicU64::new(0),
+            max: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            timeouts: Default::default(),
+            body: BodyBudget::new(Limits::default().max_body_bytes_in_flight),
+        }
+    }
 }
 
 impl ListenerStats {
@@ -136,12 +149,17 @@ impl ListenerStats {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// The listener's budget of request-body bytes.
+    pub fn body(&self) -> &BodyBudget {
+        &self.body
+    }
+
     pub fn timeouts(&self, why: Timeout) -> u64 {
         self.timeouts[why as usize].load(Ordering::Relaxed)
     }
 
     /// Appends this listener's samples (the `# TYPE` lines are the caller's).
-    pub(crate) fn render(&self, listener: &str) -> [String; 4] {
+    pub(crate) fn render(&self, listener: &str) -> [String; 7] {
         let timeouts = Timeout::ALL
             .iter()
             .map(|t| {
@@ -163,6 +181,9 @@ impl ListenerStats {
                 self.accepted.load(Ordering::Relaxed)
             ),
             timeouts,
+            format!("arca_listener_body_bytes{{listener=\"{listener}\"}} {}\n", self.body.held()),
+            format!("arca_listener_max_body_bytes{{listener=\"{listener}\"}} {}\n", self.body.limit()),
+            format!("arca_listener_body_refused_total{{listener=\"{listener}\"}} {}\n", self.body.refused()),
         ]
     }
 }
@@ -225,6 +246,7 @@ impl std::fmt::Debug for Incoming {
 impl Incoming {
     pub fn new(listener: TcpListener, limits: &Limits, stats: Arc<ListenerStats>) -> Self {
         stats.max.store(limits.max_connections as u64, Ordering::Relaxed);
+        stats.body.set_limit(limits.max_body_bytes_in_flight);
         Incoming {
             listener,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
@@ -425,7 +447,7 @@ impl tonic::transport::server::Connected for Guarded {
     }
 }
 
-/// The bytes of request bodies the node holds while they arrive, across its listeners
+/// The bytes of request bodies a listener holds while they arrive
 /// ([`Limits::max_body_bytes_in_flight`]): a semaphore with a permit per byte. A body takes
 /// permits for each chunk as it arrives ([`BodyBudget::charge`]) and gives them back when it
 /// is dropped; a chunk that does not fit is refused at once, never waited for (two bodies
@@ -433,15 +455,15 @@ impl tonic::transport::server::Connected for Guarded {
 #[derive(Debug)]
 pub struct BodyBudget {
     permits: Arc<Semaphore>,
-    limit: usize,
+    limit: AtomicUsize,
     refused: AtomicU64,
 }
 
-/// What one request body holds of its node's [`BodyBudget`]; given back on drop.
+/// What one request body holds of its listener's [`BodyBudget`]; given back on drop.
 #[derive(Debug, Default)]
 pub struct Charge(Option<OwnedSemaphorePermit>);
 
-/// A request refused because the node holds its limit of request-body bytes.
+/// A request refused because its listener holds its limit of request-body bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetSpent {
     pub limit: usize,
@@ -451,7 +473,7 @@ impl std::fmt::Display for BudgetSpent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the node is receiving as many request bodies as it holds at once ({} bytes); retry shortly",
+            "the node is receiving as many request bodies on this listener as it holds at once ({} bytes); retry shortly",
             self.limit
         )
     }
@@ -460,7 +482,23 @@ impl std::fmt::Display for BudgetSpent {
 impl BodyBudget {
     pub fn new(limit: usize) -> Self {
         let limit = limit.min(Semaphore::MAX_PERMITS);
-        BodyBudget { permits: Arc::new(Semaphore::new(limit)), limit, refused: AtomicU64::new(0) }
+        BodyBudget {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit: AtomicUsize::new(limit),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the limit; meant for before the listener serves (bytes held then are not taken
+    /// back, so `held` may read low until they are given back).
+    pub fn set_limit(&self, limit: usize) {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        let old = self.limit.swap(limit, Ordering::Relaxed);
+        if limit > old {
+            self.permits.add_permits(limit - old);
+        } else {
+            self.permits.forget_permits(old - limit);
+        }
     }
 
     /// Adds `bytes` to what `charge` holds, or refuses them (and counts the refusal) when the
@@ -476,7 +514,7 @@ impl BodyBudget {
             (Some(permit), none) => *none = Some(permit),
             (None, _) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(BudgetSpent { limit: self.limit });
+                return Err(BudgetSpent { limit: self.limit() });
             }
         }
         Ok(())
@@ -484,39 +522,34 @@ impl BodyBudget {
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.limit - self.permits.available_permits()
+        self.limit().saturating_sub(self.permits.available_permits())
     }
 
     pub fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
     }
 
     /// Requests refused so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
+}
 
-    /// The budget's samples for `/metrics`, `# HELP` and `# TYPE` lines included.
-    pub(crate) fn render(&self) -> String {
-        format!(
-            "# HELP arca_request_body_bytes Bytes of request bodies being received, across the listeners.\n\
-             # TYPE arca_request_body_bytes gauge\narca_request_body_bytes {}\n\
-             # HELP arca_request_body_max_bytes Bytes of request bodies the node holds at once (listener.max_body_bytes_in_flight).\n\
-             # TYPE arca_request_body_max_bytes gauge\narca_request_body_max_bytes {}\n\
-             # HELP arca_request_body_refused_total Requests refused because the node held its limit of request-body bytes.\n\
-             # TYPE arca_request_body_refused_total counter\narca_request_body_refused_total {}\n",
-            self.held(),
-            self.limit,
-            self.refused()
-        )
-    }
+/// What a request's head holds in memory, counted as HTTP/2 counts a header list (each
+/// field's name and value, and 32 bytes; RFC 9113, section 6.5.2), with its target. A
+/// request waiting for its body holds its head too, so both are charged to the budget.
+pub fn head_bytes(uri: &axum::http::Uri, headers: &axum::http::HeaderMap) -> usize {
+    let target = uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    headers.iter().fold(target, |sum, (name, value)| sum + name.as_str().len() + value.len() + 32)
 }
 
 /// A gRPC request's body, bounded in time and memory:
 /// - it must end within the body timeout, counted from when its head arrived: past it, reading
 ///   it fails with `DEADLINE_EXCEEDED`. The timer is armed only if the body is not all there
 ///   at the first read, as a unary request's usually is;
-/// - each chunk that arrives is charged to the node's [`BodyBudget`] until the body is dropped
+/// - its head (charged by the caller, [`head_bytes`]) and each chunk that arrives are charged
+///   to the listener's [`BodyBudget`] until the body is dropped
 ///   (tonic drops a unary request's body once its message is decoded, before the handler
 ///   runs); a chunk that does not fit fails the read with `RESOURCE_EXHAUSTED`.
 ///
@@ -527,27 +560,13 @@ pub struct BoundedBody<B> {
     deadline: Instant,
     timeout: Duration,
     timer: Option<Pin<Box<Sleep>>>,
-    stats: Option<Arc<ListenerStats>>,
-    budget: Arc<BodyBudget>,
+    stats: Arc<ListenerStats>,
     charge: Charge,
 }
 
 impl<B> BoundedBody<B> {
-    pub fn new(
-        inner: B,
-        timeout: Duration,
-        stats: Option<Arc<ListenerStats>>,
-        budget: Arc<BodyBudget>,
-    ) -> Self {
-        BoundedBody {
-            inner,
-            deadline: Instant::now() + timeout,
-            timeout,
-            timer: None,
-            stats,
-            budget,
-            charge: Charge::default(),
-        }
+    pub fn new(inner: B, timeout: Duration, stats: Arc<ListenerStats>, charge: Charge) -> Self {
+        BoundedBody { inner, deadline: Instant::now() + timeout, timeout, timer: None, stats, charge }
     }
 }
 
@@ -573,7 +592,7 @@ where
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             if let Some(Ok(frame)) = &frame {
                 let bytes = frame.data_ref().map_or(0, |data| data.remaining());
-                if let Err(spent) = this.budget.charge(&mut this.charge, bytes) {
+                if let Err(spent) = this.stats.body.charge(&mut this.charge, bytes) {
                     return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(spent.to_string()))));
                 }
             }
@@ -582,9 +601,7 @@ where
         let deadline = this.deadline;
         let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         ready!(timer.as_mut().poll(cx));
-        if let Some(stats) = &this.stats {
-            stats.timed_out(Timeout::Body);
-        }
+        this.stats.timed_out(Timeout::Body);
         let secs = this.timeout.as_secs_f64();
         Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(format!(
             "the request body did not arrive within {secs} s"
@@ -624,7 +641,13 @@ mod tests {
         assert!(BodyBudget::new(usize::MAX).charge(&mut b, usize::MAX).is_err());
         drop(b);
         assert_eq!(budget.held(), 0);
-        assert!(budget.render().contains("arca_request_body_refused_total 1\n"));
+        // Resized before serving: the new limit holds at once.
+        let resized = BodyBudget::new(100);
+        resized.set_limit(10);
+        assert!(resized.charge(&mut Charge::default(), 11).is_err());
+        resized.set_limit(1000);
+        resized.charge(&mut Charge::default(), 999).unwrap();
+        assert_eq!((resized.limit(), resized.held(), resized.refused()), (1000, 0, 1));
     }
 
     async fn listener(limits: &Limits) -> (Incoming, SocketAddr, Arc<ListenerStats>) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arca_audit::Operation;
 
 use crate::committer::CommitStats;
-use crate::listen::{BodyBudget, ListenerStats};
+use crate::listen::ListenerStats;
 
 const BUCKETS_SECONDS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -88,9 +88,6 @@ pub struct Metrics {
     recent_delays_ms: Mutex<std::collections::VecDeque<u64>>,
     /// Each listener's connections and timeouts, by the listener's name.
     listeners: Mutex<BTreeMap<&'static str, Arc<ListenerStats>>>,
-    /// The node's budget of request-body bytes, shared by its listeners (created with the
-    /// default limit on first use unless [`Metrics::limit_body_bytes`] set it before).
-    body_budget: Mutex<Option<Arc<BodyBudget>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -111,6 +108,9 @@ impl Metrics {
             "# HELP arca_listener_max_connections Connections a listener holds open at once; past it, new ones wait in the kernel's backlog.\n# TYPE arca_listener_max_connections gauge\n",
             "# HELP arca_listener_accepted_total Connections accepted, by listener.\n# TYPE arca_listener_accepted_total counter\n",
             "# HELP arca_listener_timeouts_total Connections closed (HTTP body: requests refused) for taking too long, by listener and what took too long.\n# TYPE arca_listener_timeouts_total counter\n",
+            "# HELP arca_listener_body_bytes Bytes of request bodies being received, by listener.\n# TYPE arca_listener_body_bytes gauge\n",
+            "# HELP arca_listener_max_body_bytes Bytes of request bodies a listener holds at once (listener.max_body_bytes_in_flight).\n# TYPE arca_listener_max_body_bytes gauge\n",
+            "# HELP arca_listener_body_refused_total Requests refused because their listener held its limit of request-body bytes.\n# TYPE arca_listener_body_refused_total counter\n",
         ];
         for (i, family) in families.iter().enumerate() {
             out.push_str(family);
@@ -155,31 +155,9 @@ impl Metrics {
         self.listeners.lock().unwrap_or_else(|p| p.into_inner()).entry(name).or_default().clone()
     }
 
-    /// The node's budget of request-body bytes, shared by every listener.
-    pub fn body_budget(&self) -> Arc<BodyBudget> {
-        let mut budget = self.body_budget.lock().unwrap_or_else(|p| p.into_inner());
-        budget
-            .get_or_insert_with(|| {
-                Arc::new(BodyBudget::new(crate::listen::Limits::default().max_body_bytes_in_flight))
-            })
-            .clone()
-    }
-
-    /// Sets the budget of request-body bytes to `limit`, before the listeners start (a body
-    /// already charged to an earlier budget gives its bytes back there).
-    pub fn limit_body_bytes(&self, limit: usize) {
-        let mut budget = self.body_budget.lock().unwrap_or_else(|p| p.into_inner());
-        if budget.as_ref().is_none_or(|b| b.limit() != limit) {
-            *budget = Some(Arc::new(BodyBudget::new(limit)));
-        }
-    }
-
     pub fn render(&self, sealed: bool, commits: &CommitStats) -> String {
         let mut out = String::new();
         self.render_listeners(&mut out);
-        if let Some(budget) = self.body_budget.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            out.push_str(&budget.render());
-        }
         out.push_str("# HELP arca_request_duration_seconds Request latency, by operation and outcome.\n");
         out.push_str("# TYPE arca_request_duration_seconds histogram\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());

@@ -109,8 +109,6 @@ pub async fn serve_listener(
         return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
     }
     let limits = &opts.limits;
-    // Before any listener takes the budget.
-    node.metrics().limit_body_bytes(limits.max_body_bytes_in_flight);
     let mut builder = grpc_builder(limits);
     if let Some(tls) = &opts.tls {
         let cert = std::fs::read(&tls.cert)?;

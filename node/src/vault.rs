@@ -46,10 +46,9 @@ pub struct HttpState {
     pub proxy: Arc<ProxyConfig>,
     /// How long a request's body may take to arrive.
     pub body_timeout: std::time::Duration,
-    /// The HTTP listener's counters (a body that took too long is counted there).
+    /// The HTTP listener's counters (a body that took too long is counted there) and its
+    /// budget of request-body bytes.
     pub stats: Arc<crate::listen::ListenerStats>,
-    /// The node's budget of request-body bytes.
-    pub budget: Arc<crate::listen::BodyBudget>,
 }
 
 /// `2026-11-26T20:37:14.123000000Z` from milliseconds since the epoch.
@@ -724,9 +723,15 @@ pub async fn handle(
         .headers
         .get("x-vault-wrap-ttl")
         .map(|v| (crate::wrapping::wrap_ttl("X-Vault-Wrap-TTL", v.as_bytes()), ctx.clone()));
-    // The body's bytes stay charged to the node's budget until the request is answered.
+    // The head's and body's bytes stay charged to the listener's budget until the request is
+    // answered.
     let mut charge = crate::listen::Charge::default();
-    let body = match read_body(body, state.body_timeout, &state.stats, &state.budget, &mut charge).await {
+    let head = crate::listen::head_bytes(&parts.uri, &parts.headers);
+    let read = match state.stats.body().charge(&mut charge, head) {
+        Ok(()) => read_body(body, state.body_timeout, &state.stats, &mut charge).await,
+        Err(spent) => Err((StatusCode::SERVICE_UNAVAILABLE, spent.to_string())),
+    };
+    let body = match read {
         Ok(body) => body,
         Err((status, message)) => {
             drop(charge);
@@ -892,11 +897,10 @@ async fn read_body(
     body: Body,
     timeout: std::time::Duration,
     stats: &crate::listen::ListenerStats,
-    budget: &crate::listen::BodyBudget,
     charge: &mut crate::listen::Charge,
 ) -> Result<Value, (StatusCode, String)> {
     // An empty body is ready at once: the timer is armed only for a body still arriving.
-    let bytes = match tokio::time::timeout(timeout, collect(body, budget, charge)).await {
+    let bytes = match tokio::time::timeout(timeout, collect(body, stats.body(), charge)).await {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(refused)) => return Err(refused),
         Err(_) => {
@@ -920,7 +924,7 @@ async fn read_body(
     }
 }
 
-/// A request body of at most [`MAX_BODY_BYTES`], its memory charged to the node's budget of
+/// A request body of at most [`MAX_BODY_BYTES`], its memory charged to the listener's budget of
 /// request-body bytes as it is taken: a declared length at once (the buffer is allocated for
 /// it), chunks of an undeclared one as they arrive. Refused: a body over the size (413), one
 /// that does not fit in the budget (503), one that cannot be read (400).

@@ -178,43 +178,62 @@ fn request_bodies_past_the_nodes_budget_are_refused_with_503_and_given_back() {
     let server = common::start_server(&config, &[]);
     let http = host_port(&server.http).to_owned();
     let before = metrics(&server);
-    assert_eq!(sample(&before, "arca_request_body_max_bytes"), 1 << 20);
-    assert_eq!(sample(&before, "arca_request_body_bytes"), 0);
-    // Four requests that declare bodies of 256 KiB and send none of it: the node allocates for
-    // what they declared, and holds the whole budget.
-    let head = b"PUT /v1/secret/data/held HTTP/1.1\r\nHost: arca\r\nContent-Length: 262144\r\n\r\n";
+    assert_eq!(sample(&before, "arca_listener_max_body_bytes{listener=\"http\"}"), 1 << 20);
+    assert_eq!(sample(&before, "arca_listener_body_bytes{listener=\"http\"}"), 0);
+    // Four requests that declare bodies of 250,000 bytes and send none of it: the node
+    // allocates for what they declared, and charges that and their heads.
+    let head = |path: &str, length: usize| {
+        let text = format!("PUT {path} HTTP/1.1\r\nHost: arca\r\nContent-Length: {length}\r\n");
+        let parsed = tonic::codegen::http::Request::put(path)
+            .header("host", "arca")
+            .header("content-length", length.to_string())
+            .body(())
+            .unwrap();
+        (text, arca_node::listen::head_bytes(parsed.uri(), parsed.headers()))
+    };
+    let (held_head, held_head_bytes) = head("/v1/secret/data/held", 250_000);
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| {
             let mut stream = TcpStream::connect(&http).unwrap();
-            stream.write_all(head).unwrap();
+            stream.write_all(format!("{held_head}\r\n").as_bytes()).unwrap();
             stream
         })
         .collect();
-    eventually_sample(&server, "arca_request_body_bytes", 1 << 20);
-    // A fifth, of 18 bytes, does not fit: 503 at once, with Retry-After, audited.
-    let body = r#"{"data":{"k":"v"}}"#;
-    let fifth = format!(
-        "PUT /v1/secret/data/more HTTP/1.1\r\nHost: arca\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let each = 250_000 + held_head_bytes as u64;
+    eventually_sample(&server, "arca_listener_body_bytes{listener=\"http\"}", 4 * each);
+    // Each listener has its own budget: gRPC requests are still served.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = arca_client::RawClient::connect(server.addr.clone()).await.unwrap();
+        client.status(arca_client::proto::Empty {}).await.unwrap();
+    });
+    drop(runtime);
+    // A fifth, of 60,000 bytes, does not fit in what is left (48,128 bytes less the heads): 503
+    // at once, with Retry-After, audited.
+    let body = format!(r#"{{"data":{{"k":"{}"}}}}"#, "v".repeat(60_000 - 17));
+    assert_eq!(body.len(), 60_000);
+    let fifth = format!("{}Connection: close\r\n\r\n{body}", head("/v1/secret/data/more", body.len()).0);
     let fifth = fifth.as_bytes();
     let (_, reply) = closed_after(&http, fifth, Duration::from_secs(15));
     let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
     assert!(reply.starts_with("http/1.1 503"), "{reply}");
     assert!(reply.contains("\r\nretry-after: 1\r\n"), "{reply}");
-    assert!(reply.contains("as many request bodies as it holds at once (1048576 bytes)"), "{reply}");
+    assert!(
+        reply.contains("as many request bodies on this listener as it holds at once (1048576 bytes)"),
+        "{reply}"
+    );
     assert!(reply.contains("\r\nx-arca-audit-position: "), "the refusal is audited: {reply}");
-    assert_eq!(sample(&metrics(&server), "arca_request_body_refused_total"), 1);
-    // One client goes away: its 256 KiB come back, and the same request is no longer refused
-    // for its body (the node is sealed, so it is refused for that instead).
+    assert_eq!(sample(&metrics(&server), "arca_listener_body_refused_total{listener=\"http\"}"), 1);
+    // One client goes away: what it held comes back, and the same request is no longer
+    // refused for its body (the node is sealed, so it is refused for that instead).
     drop(held.pop());
-    eventually_sample(&server, "arca_request_body_bytes", 3 << 18);
+    eventually_sample(&server, "arca_listener_body_bytes{listener=\"http\"}", 3 * each);
     let (_, reply) = closed_after(&http, fifth, Duration::from_secs(15));
     let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
     assert!(!reply.contains("request bodies"), "{reply}");
-    assert_eq!(sample(&metrics(&server), "arca_request_body_refused_total"), 1);
+    assert_eq!(sample(&metrics(&server), "arca_listener_body_refused_total{listener=\"http\"}"), 1);
     drop(held);
-    eventually_sample(&server, "arca_request_body_bytes", 0);
+    eventually_sample(&server, "arca_listener_body_bytes{listener=\"http\"}", 0);
 }
 
 /// The `SETTINGS_MAX_CONCURRENT_STREAMS` a listener at `addr` announces to an HTTP/2 client
