@@ -16,16 +16,16 @@
 //! connections that never finish a request (slowloris) or never say anything.
 //!
 //! Memory: an HTTP/2 connection carries at most [`Limits::max_streams_per_connection`]
-//! requests at once, and the bytes of request bodies a listener is receiving are held under
-//! its [`BodyBudget`] ([`Limits::max_body_bytes_in_flight`]). Past it a request is refused at
+//! requests at once, and the bytes of requests a listener is receiving (heads, and bodies
+//! until they are complete) are held under its [`BodyBudget`] ([`Limits::max_body_bytes_in_flight`]). Past it a request is refused at
 //! once (HTTP 503, gRPC `RESOURCE_EXHAUSTED`) rather than buffered: without it, 4,096
 //! connections × their streams × 256 KiB could be held before any token is checked. Each
 //! listener has its own, so clients filling theirs cannot starve the replication listener.
 //!
 //! Invariants: every accepted connection holds a permit of its listener's semaphore until it is
 //! dropped, so `arca_listener_connections` never exceeds `arca_listener_max_connections`; every
-//! byte of a request body received holds a permit of its listener's [`BodyBudget`] until the
-//! body (or, over HTTP, the request) is dropped, so `arca_listener_body_bytes` never exceeds
+//! byte of a request's head and body received holds a permit of its listener's
+//! [`BodyBudget`] until the body (or, over HTTP, the request) is dropped, so `arca_listener_body_bytes` never exceeds
 //! `arca_listener_max_body_bytes`.
 
 use std::io;
