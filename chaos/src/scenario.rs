@@ -383,35 +383,27 @@ fn inject_faults(
                 us.arca(Some(&root), &["region", "promote"]).is_ok()
             })?;
             t.note("heal", "us promoted");
+            // The RTO ends at the first change (write, rotation or delete) that the promoted
+            // region acknowledged; the wait and the measure use the same test, so the wait
+            // cannot end on an operation the measure then skips.
+            let change_on_us = |o: &Op| {
+                o.region == "us"
+                    && o.acked()
+                    && matches!(o.kind, "write" | "rotate" | "delete")
+                    && o.end_ms > killed
+            };
             wait_for("a write on us", Duration::from_secs(30), || {
-                workload
-                    .history
-                    .lock()
-                    .map(|h| {
-                        h.iter().any(|o| {
-                            o.region == "us"
-                                && o.acked()
-                                && o.kind != "read"
-                                && o.kind != "denied"
-                                && o.end_ms > killed
-                        })
-                    })
-                    .unwrap_or(false)
+                workload.history.lock().map(|h| h.iter().any(change_on_us)).unwrap_or(false)
             })?;
             let first = workload
                 .history
                 .lock()
                 .map_err(|_| "history poisoned")?
                 .iter()
-                .filter(|o| {
-                    o.region == "us"
-                        && o.acked()
-                        && (o.kind == "write" || o.kind == "rotate")
-                        && o.end_ms > killed
-                })
+                .filter(|o| change_on_us(o))
                 .map(|o| o.end_ms)
                 .min()
-                .unwrap_or(killed);
+                .ok_or("no write on us")?;
             *rto_ms = Some(first - killed);
             t.note("info", format!("RTO {} ms", first - killed));
             hold(rng, 500, 1500);
