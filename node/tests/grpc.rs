@@ -2,6 +2,8 @@
 //! limits, malformed protobuf and unknown methods (refused by tonic, audited all the same),
 //! and secret values of any JSON type (`json_keys`).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -207,15 +209,6 @@ fn stalled_put(server: &Running, len: usize) -> tonic::codegen::http::Request<to
         .unwrap()
 }
 
-/// Polls `done` until it holds, for at most 15 s.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what}: not within 15 s");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn request_bodies_past_the_nodes_budget_are_refused_audited_and_their_bytes_given_back() {
     use tonic::codegen::Service as _;
@@ -237,7 +230,9 @@ async fn request_bodies_past_the_nodes_budget_are_refused_audited_and_their_byte
         })
         .collect();
     // Their heads are charged too (a few hundred bytes each).
-    eventually("the four bodies held", || budget.held() >= 4 * each).await;
+    let within = std::time::Duration::from_secs(15);
+    common::eventually("the four bodies held", within, || std::future::ready(budget.held() >= 4 * each))
+        .await;
     let before = events(server.store.as_ref()).len();
     // A fifth of 100 KiB does not fit in what is left (24 KiB): refused at once, audited.
     let mut fifth = channel.clone();
@@ -272,7 +267,7 @@ async fn request_bodies_past_the_nodes_budget_are_refused_audited_and_their_byte
     for request in &held {
         request.abort();
     }
-    eventually("the budget given back", || budget.held() == 0).await;
+    common::eventually("the budget given back", within, || std::future::ready(budget.held() == 0)).await;
     // And a request is served again.
     let mut client = plain_client(server.addr).await;
     let put = proto::KvPutRequest {

@@ -160,15 +160,8 @@ fn a_tls_handshake_that_never_starts_is_cut_off_on_both_listeners() {
 
 /// Polls `/metrics` until `name` reads `value`, for at most 15 s.
 fn eventually_sample(server: &Server, name: &str, value: u64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let now = sample(&metrics(server), name);
-        if now == value {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} is {now}, not {value}, after 15 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let what = format!("{name} to read {value}");
+    common::wait_until(&what, Duration::from_secs(15), || sample(&metrics(server), name) == value);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arca_audit::Outcome;
 use arca_testkit::free_port;
@@ -20,12 +20,8 @@ use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !ok() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+    common::wait_until(what, DEADLINE, ok);
 }
 
 /// A TCP proxy whose link can be cut (every connection closed, new ones refused) and healed.
@@ -551,12 +547,8 @@ fn the_replication_listener_requires_the_callers_region_certificate_and_audits_w
 }
 
 /// Polls an async condition with the test deadline.
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
-    let end = Instant::now() + DEADLINE;
-    while !ok().await {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, ok: impl FnMut() -> F) {
+    common::eventually(what, DEADLINE, ok).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

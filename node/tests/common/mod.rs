@@ -298,3 +298,28 @@ fn write_private(path: &Path, contents: &str) -> PathBuf {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     path.to_owned()
 }
+
+/// How often [`wait_until`] and [`eventually`] look again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `ok` until it holds; fails the test, naming `what`, once `within` has passed.
+pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// [`wait_until`] for tests on tokio: the condition is a future, and the wait yields.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut ok: impl FnMut() -> F,
+) {
+    let end = Instant::now() + within;
+    while !ok().await {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
