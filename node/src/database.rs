@@ -97,7 +97,8 @@ impl std::fmt::Debug for DbTls {
 }
 
 impl DbTls {
-    fn client(&self) -> Option<crate::pgtls::ClientCert<'_>> {
+    /// The client certificate and its key, when the connection has both.
+    pub fn client(&self) -> Option<crate::pgtls::ClientCert<'_>> {
         match (&self.client_cert_pem, &self.client_key_pem) {
             (Some(cert_pem), Some(key_pem)) => Some(crate::pgtls::ClientCert { cert_pem, key_pem }),
             _ => None,
@@ -174,6 +175,38 @@ pub struct RoleRequest {
     pub ttl_secs: Option<u64>,
     pub max_ttl_secs: Option<u64>,
     pub max_leases_per_identity: Option<u32>,
+}
+
+/// Checks a connection as `database/config/<name>` takes it, before anything is stored: the
+/// name, the URL (PostgreSQL's, its `sslmode` one arca knows and no file parameter), the CA
+/// certificates, and the client certificate with its key. Errors name the field, never the
+/// URL (it holds the admin password) or the key.
+pub fn check_connection(name: &str, url: &str, tls: &DbTls) -> Result<(), ApiError> {
+    validate_name(name)?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) || url.len() > 2048 {
+        return Err(ApiError::invalid("url: postgres://user:password@host:port/database"));
+    }
+    let (prepared, mode) = crate::pgtls::prepare(url).map_err(ApiError::invalid)?;
+    if prepared.parse::<tokio_postgres::Config>().is_err() {
+        return Err(ApiError::invalid("url: not a PostgreSQL connection URL"));
+    }
+    if let Some(pem) = &tls.ca_pem {
+        crate::pgtls::parse_ca(pem).map_err(ApiError::invalid)?;
+    }
+    if tls.client_cert_pem.is_some() != tls.client_key_pem.is_some() {
+        return Err(ApiError::invalid("client_cert_pem and client_key_pem: give both or neither"));
+    }
+    let any = tls.ca_pem.is_some() || tls.client_cert_pem.is_some();
+    if any && mode == crate::pgtls::TlsMode::Off {
+        return Err(ApiError::invalid(
+            "ca_pem and client certificates need TLS: add sslmode=verify-full (or require, verify-ca) to the url",
+        ));
+    }
+    if tls.client().is_some() {
+        // Builds the TLS settings once: a key that is not the certificate's is refused here.
+        crate::pgtls::connector(mode, tls.ca_pem.as_deref(), tls.client()).map_err(ApiError::invalid)?;
+    }
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
@@ -326,30 +359,7 @@ impl Node {
     ) -> Audited<()> {
         let path = format!("database/config/{name}");
         self.execute(ctx, Operation::DbConfigWrite, path.clone(), move |env| {
-            validate_name(&name)?;
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) || url.len() > 2048 {
-                return Err(ApiError::invalid("url: postgres://user:password@host:port/database"));
-            }
-            let (prepared, mode) = crate::pgtls::prepare(&url).map_err(ApiError::invalid)?;
-            if prepared.parse::<tokio_postgres::Config>().is_err() {
-                return Err(ApiError::invalid("url: not a PostgreSQL connection URL"));
-            }
-            if let Some(pem) = &tls.ca_pem {
-                crate::pgtls::parse_ca(pem).map_err(ApiError::invalid)?;
-            }
-            if tls.client_cert_pem.is_some() != tls.client_key_pem.is_some() {
-                return Err(ApiError::invalid("client_cert_pem and client_key_pem: give both or neither"));
-            }
-            let any = tls.ca_pem.is_some() || tls.client_cert_pem.is_some();
-            if any && mode == crate::pgtls::TlsMode::Off {
-                return Err(ApiError::invalid(
-                    "ca_pem and client certificates need TLS: add sslmode=verify-full (or require, verify-ca) to the url",
-                ));
-            }
-            if tls.client().is_some() {
-                // Builds the TLS settings once: a key that is not the certificate's is refused here.
-                crate::pgtls::connector(mode, tls.ca_pem.as_deref(), tls.client()).map_err(ApiError::invalid)?;
-            }
+            check_connection(&name, &url, &tls)?;
             env.authorize(&path, &[Capability::Create, Capability::Update])?;
             env.put_json(
                 &keys::db_connection(&name),

@@ -1,0 +1,37 @@
+//! A database connection as `DbConfigWrite` takes it (`database::check_connection`): a
+//! flags byte, then its name, URL, CA certificates and client certificate with key, split by
+//! zero bytes. Never a panic, and a refusal names the field, never the URL's password or the
+//! key: with flag 1 the URL is `postgres://u:<canary>@` and the input, and the key ends in a
+//! line holding another canary (outside its PEM block, where a parser skips it); neither
+//! canary may be in a refusal. (`grpc_api` leaves `DbConfigWrite` out: `DbCreds` would then
+//! connect to the host named in the input.)
+#![no_main]
+
+use arca_node::database::{DbTls, check_connection};
+use libfuzzer_sys::fuzz_target;
+use zeroize::Zeroizing;
+
+const PASSWORD: &str = "pw-canary-Zq8Xw3-never-shown";
+const KEY: &str = "key-canary-Jr5Tb9-never-shown";
+
+fuzz_target!(|data: &[u8]| {
+    let [flags, rest @ ..] = data else { return };
+    let canaries = flags & 1 != 0;
+    let mut fields = rest.split(|&b| b == 0).map(String::from_utf8_lossy);
+    let name = fields.next().unwrap_or_default();
+    let mut url = fields.next().unwrap_or_default().into_owned();
+    let field = |f: Option<std::borrow::Cow<'_, str>>| f.filter(|s| !s.is_empty()).map(|s| s.into_owned());
+    let ca_pem = field(fields.next());
+    let client_cert_pem = field(fields.next());
+    let mut client_key_pem = field(fields.next());
+    if canaries {
+        url = format!("postgres://u:{PASSWORD}@{url}");
+        client_key_pem = client_key_pem.map(|k| format!("{k}\n{KEY}\n"));
+    }
+    let tls = DbTls { ca_pem, client_cert_pem, client_key_pem: client_key_pem.map(Zeroizing::new) };
+    if let Err(e) = check_connection(&name, &url, &tls) {
+        let message = e.to_string();
+        assert!(!message.contains(PASSWORD), "the URL's password in a refusal: {message}");
+        assert!(!message.contains(KEY), "the key in a refusal: {message}");
+    }
+});
