@@ -8,6 +8,13 @@
 //! - a connection that sends nothing for [`Limits::idle_timeout`] is closed
 //!   ([`Guarded`]). HTTP/2 connections (gRPC) are pinged more often than that, so a live
 //!   client's acknowledgements keep its connection open, and a silent or dead peer is dropped;
+//! - so is a connection the node could write nothing more to for as long: its peer stopped
+//!   taking what it was sent (a client that stops reading its reply: its window closes, the
+//!   node's buffers fill, and the write waits). The read timer alone could not see it: a
+//!   server that is writing a reply need not read, so a peer that sends a byte now and then
+//!   but never reads would hold the connection for ever. (The kernel lets a write through
+//!   again once its send buffer is half empty, so a peer must take that much per idle
+//!   timeout: with the default 120 s and Linux's 4 MiB most, ~17 KB/s);
 //! - a TLS handshake must finish within [`Limits::tls_handshake_timeout`].
 //!
 //! The HTTP listener also bounds, per request, how long its head (the request line and
@@ -103,10 +110,14 @@ pub enum Timeout {
     Handshake,
     Header,
     Body,
+    /// The node could write nothing more to the peer for the idle timeout: the peer stopped
+    /// taking what it was sent.
+    Write,
 }
 
 impl Timeout {
-    const ALL: [Timeout; 4] = [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body];
+    const ALL: [Timeout; 5] =
+        [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body, Timeout::Write];
 
     fn name(self) -> &'static str {
         match self {
@@ -114,6 +125,7 @@ impl Timeout {
             Timeout::Handshake => "tls_handshake",
             Timeout::Header => "header",
             Timeout::Body => "body",
+            Timeout::Write => "write",
         }
     }
 }
@@ -124,7 +136,7 @@ pub struct ListenerStats {
     open: AtomicU64,
     max: AtomicU64,
     accepted: AtomicU64,
-    timeouts: [AtomicU64; 4],
+    timeouts: [AtomicU64; 5],
     body: BodyBudget,
 }
 
@@ -291,6 +303,8 @@ impl Incoming {
                     idle_timeout: self.idle_timeout,
                     last_read: Instant::now(),
                     timer: None,
+                    write_stalled: None,
+                    write_timer: None,
                     stats: self.stats.clone(),
                 }))
             }
@@ -336,8 +350,9 @@ impl tokio_stream::Stream for Incoming {
     }
 }
 
-/// An accepted connection: holds its listener's permit, and fails its reads once its peer
-/// has sent nothing for the idle timeout (the server then closes it).
+/// An accepted connection: holds its listener's permit, fails its reads once its peer has
+/// sent nothing for the idle timeout, and its writes once they have waited as long for the
+/// peer to take what it was sent (the server then closes it).
 pub struct Guarded {
     stream: TcpStream,
     peer: SocketAddr,
@@ -347,6 +362,11 @@ pub struct Guarded {
     /// Armed at some deadline at or before `last_read + idle_timeout`; moved on only when it
     /// fires early, so a busy connection does not touch the timer on every read.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Since when writes have been waiting for the peer to take bytes (`None` while they flow).
+    write_stalled: Option<Instant>,
+    /// Armed at `write_stalled + idle_timeout` while writes wait; only a write that waits
+    /// touches it.
+    write_timer: Option<Pin<Box<Sleep>>>,
     stats: Arc<ListenerStats>,
 }
 
@@ -376,6 +396,33 @@ impl Guarded {
             }
             // Fired for an earlier deadline: the peer has spoken since.
             timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// What a write that the socket took (`Ready`) or left waiting (`Pending`) means for the
+    /// connection: a write taken ends a stall; a wait starts one, or fails the write once the
+    /// stall has lasted the idle timeout.
+    fn write_outcome<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.write_stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let deadline = *self.write_stalled.get_or_insert_with(Instant::now) + self.idle_timeout;
+                let timer =
+                    self.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                ready!(timer.as_mut().poll(cx));
+                self.stats.timed_out(Timeout::Write);
+                let secs = self.idle_timeout.as_secs_f64();
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the peer took nothing more for {secs} s"),
+                )))
+            }
         }
     }
 }
@@ -415,7 +462,9 @@ impl AsyncRead for Guarded {
 
 impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.write_outcome(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -423,7 +472,9 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.write_outcome(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -680,6 +731,70 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(spoke.elapsed() >= idle, "not closed before the idle timeout: {:?}", spoke.elapsed());
         assert_eq!(stats.timeouts(Timeout::Idle), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_fails_once_the_peer_has_taken_nothing_for_the_idle_timeout() {
+        let idle = Duration::from_millis(1000);
+        let limits = Limits { idle_timeout: idle, ..Limits::default() };
+        let (mut incoming, addr, stats) = listener(&limits).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut client = socket.connect(addr).await.unwrap();
+        let mut conn = incoming.accept().await;
+        // A send buffer of a fixed size (on loopback the kernel grows it to megabytes), so that
+        // what the reader below takes soon makes room for more.
+        socket2::SockRef::from(&conn.stream).set_send_buffer_size(64 * 1024).unwrap();
+        // A reader that takes 32 KiB every 100 ms: the node's writes wait each time its
+        // buffers are full, but never for the idle timeout, and 1 MiB gets through although
+        // that takes longer than the timeout.
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            let mut total = 0;
+            while total < 1 << 20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut taken = 0;
+                while taken < buf.len() {
+                    match client.read(&mut buf[taken..]).await.unwrap() {
+                        0 => panic!("closed"),
+                        n => taken += n,
+                    }
+                }
+                total += taken;
+            }
+            client
+        });
+        let started = Instant::now();
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..16 {
+            conn.write_all(&chunk).await.unwrap();
+        }
+        let took = started.elapsed();
+        assert!(took > idle, "the writes outlasted the idle timeout: {took:?}");
+        let client = reader.await.unwrap();
+        assert_eq!(stats.timeouts(Timeout::Write), 0);
+        // Now it takes nothing: the write that waits fails after the idle timeout, not before.
+        let mut stalled = None;
+        let mut written = 0usize;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_millis(100), conn.write(&chunk)).await {
+                Ok(Ok(n)) => written += n,
+                Ok(Err(err)) => break err,
+                Err(_) => {
+                    stalled.get_or_insert_with(Instant::now);
+                }
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let stalled = stalled.expect("the writes waited");
+        assert!(
+            stalled.elapsed() + Duration::from_millis(100) >= idle,
+            "failed after {:?}",
+            stalled.elapsed()
+        );
+        assert!(written > 0);
+        assert_eq!(stats.timeouts(Timeout::Write), 1);
+        drop(client);
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The listeners' limits against real `arcad server` processes on loopback: a request head
 //! or body that never finishes, a connection that says nothing, and a TLS handshake that
 //! never starts are each closed (or refused) after their configured time, and counted on
-//! `/metrics`; a live gRPC client that stays idle longer than the idle timeout keeps its
+//! `/metrics`, as is a client that stops reading its reply while it keeps sending; a live gRPC client that stays idle longer than the idle timeout keeps its
 //! connection, because the node pings it and its answers count. Request bodies past the
 //! node's budget of bytes are refused at once (503), and the bytes come back when the
 //! requests holding them go away.
@@ -275,4 +275,62 @@ fn http_listeners_bound_streams_per_connection_and_request_heads() {
     let (_, reply) = closed_after(http, head(60 * 1024).as_bytes(), Duration::from_secs(15));
     let reply = String::from_utf8_lossy(&reply);
     assert!(!reply.starts_with("HTTP/1.1 431") && reply.starts_with("HTTP/1.1 "), "{reply}");
+}
+
+/// A client that asks for a large reply and stops reading it, while it keeps sending a byte
+/// now and then (so its connection is never silent): once the node's writes have waited the
+/// idle timeout for it to take anything, the node closes the connection and counts it.
+#[test]
+fn a_client_that_stops_taking_its_reply_is_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        write_config(dir.path(), &format!("dangerous_plaintext = true\nidle_timeout_ms = {IDLE_MS}\n"));
+    let server = common::start_server(&config, &[]);
+    let http = host_port(&server.http).to_owned();
+    let mut calls = 0;
+    let init = common::ok_json(
+        &server,
+        None,
+        &["operator", "init", "--key-shares", "1", "--key-threshold", "1"],
+        &mut calls,
+    );
+    let root = init["root_token"].as_str().unwrap().to_owned();
+    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
+    common::ok_json(&server, None, &["operator", "unseal", &share], &mut calls);
+    // A secret of 60 KB (most of the 64 KiB a secret may hold): far more than the client's
+    // receive buffer and the node's send buffer hold.
+    let body = format!(r#"{{"data":{{"v":"{}"}}}}"#, "x".repeat(60_000));
+    let put = format!(
+        "PUT /v1/secret/data/big HTTP/1.1\r\nHost: arca\r\nX-Vault-Token: {root}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (_, reply) = closed_after(&http, put.as_bytes(), Duration::from_secs(15));
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+
+    // On loopback the node's send buffer grows to megabytes with the 64 KiB segments: a small
+    // MSS (which the node adopts) and receive buffer keep both small, as on a real network.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_tcp_mss(536).unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    socket.connect(&http.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    let request = format!("GET /v1/secret/data/big HTTP/1.1\r\nHost: arca\r\nX-Vault-Token: {root}\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let before = timeouts(&server, "http", "write");
+    // A byte of a next request every 200 ms, the reply never read: closed within the idle
+    // timeout (and some), never kept open by the bytes the client sends.
+    let started = Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_millis(IDLE_MS * 6) {
+        std::thread::sleep(Duration::from_millis(200));
+        if stream.write_all(b"G").is_err() || timeouts(&server, "http", "write") > before {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a client that takes nothing kept its connection for {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_millis(IDLE_MS), "closed after {:?}", started.elapsed());
+    common::wait_until("the write timeout is counted", Duration::from_secs(10), || {
+        timeouts(&server, "http", "write") == before + 1
+    });
 }
