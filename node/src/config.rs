@@ -27,6 +27,8 @@
 //! # idle_timeout_ms = 120000        # a connection that sends nothing for this long is closed
 //! # max_streams_per_connection = 128   # HTTP/2 requests at once on one connection
 //! # max_body_bytes_in_flight = 67108864  # request bodies being received, per listener; past it 503
+//! # max_connection_age_ms = 3600000       # a connection this old is asked to close (GOAWAY)…
+//! # max_connection_age_grace_ms = 300000  # …and cut this long after if it has not
 //!
 //! [sequencer]           # the audit log's sequencer (all optional)
 //! interval_ms = 100    # pause when idle; an eighth of it after a step that integrated entries
@@ -281,6 +283,10 @@ pub struct ListenerSection {
     pub max_streams_per_connection: Option<u32>,
     /// Bytes of request bodies being received at once, per listener (default 64 MiB).
     pub max_body_bytes_in_flight: Option<usize>,
+    /// A connection this old is asked to close once its requests are answered (default 1 h).
+    pub max_connection_age_ms: Option<u64>,
+    /// How long after that a connection still open is cut (default 5 min).
+    pub max_connection_age_grace_ms: Option<u64>,
 }
 
 impl ListenerSection {
@@ -320,6 +326,16 @@ impl ListenerSection {
             max_body_bytes_in_flight: self
                 .max_body_bytes_in_flight
                 .unwrap_or(default.max_body_bytes_in_flight),
+            max_connection_age: ms(
+                "max_connection_age_ms",
+                self.max_connection_age_ms,
+                default.max_connection_age,
+            )?,
+            max_connection_age_grace: ms(
+                "max_connection_age_grace_ms",
+                self.max_connection_age_grace_ms,
+                default.max_connection_age_grace,
+            )?,
         })
     }
 }
@@ -471,7 +487,8 @@ mod tests {
             "dangerous_plaintext = true",
             "dangerous_plaintext = true\nmax_connections = 64\ntls_handshake_timeout_ms = 2000\n\
              header_timeout_ms = 3000\nbody_timeout_ms = 4000\nidle_timeout_ms = 60000\n\
-             max_streams_per_connection = 16\nmax_body_bytes_in_flight = 2097152",
+             max_streams_per_connection = 16\nmax_body_bytes_in_flight = 2097152\n\
+             max_connection_age_ms = 600000\nmax_connection_age_grace_ms = 7000",
         );
         let limits = Config::parse(&set).unwrap().listener.limits().unwrap();
         assert_eq!(
@@ -484,6 +501,8 @@ mod tests {
                 idle_timeout: Duration::from_secs(60),
                 max_streams_per_connection: 16,
                 max_body_bytes_in_flight: 2 << 20,
+                max_connection_age: Duration::from_secs(600),
+                max_connection_age_grace: Duration::from_secs(7),
             }
         );
         assert_eq!(limits.keepalive_interval(), Duration::from_secs(20));
@@ -498,6 +517,8 @@ mod tests {
             ("max_streams_per_connection = 10001", "max_streams_per_connection"),
             ("max_body_bytes_in_flight = 1048575", "max_body_bytes_in_flight"),
             ("max_body_bytes_in_flight = 68719476737", "max_body_bytes_in_flight"),
+            ("max_connection_age_ms = 86400001", "max_connection_age_ms"),
+            ("max_connection_age_grace_ms = 0", "max_connection_age_grace_ms"),
         ] {
             let file =
                 GOOD.replace("dangerous_plaintext = true", &format!("dangerous_plaintext = true\n{bad}"));

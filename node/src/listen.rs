@@ -15,7 +15,12 @@
 //!   but never reads would hold the connection for ever. (The kernel lets a write through
 //!   again once its send buffer is half empty, so a peer must take that much per idle
 //!   timeout: with the default 120 s and Linux's 4 MiB most, ~17 KB/s);
-//! - a TLS handshake must finish within [`Limits::tls_handshake_timeout`].
+//! - a TLS handshake must finish within [`Limits::tls_handshake_timeout`];
+//! - a connection is asked to close at [`Limits::max_connection_age`] (by the servers: HTTP/2
+//!   GOAWAY, HTTP/1 after its current reply) and cut [`Limits::max_connection_age_grace`]
+//!   later if it is still open ([`Guarded`]): clients spread over nodes added since, and an
+//!   HTTP/2 client that gives the node no flow-control credit for its replies cannot hold
+//!   them for as long as it answers pings.
 //!
 //! The HTTP listener also bounds, per request, how long its head (the request line and
 //! headers, and the wait for the next request on a kept-alive connection) and its body take
@@ -73,6 +78,13 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// Bytes of request bodies being received at once, per listener.
     pub max_body_bytes_in_flight: usize,
+    /// A connection this old is asked to close once its requests in flight are answered
+    /// (HTTP/2 GOAWAY; HTTP/1 closes after its current reply), so that clients spread over
+    /// nodes added since, and no connection lives for ever.
+    pub max_connection_age: Duration,
+    /// How long after `max_connection_age` a connection that has not closed yet (a request
+    /// still in flight, or an HTTP/2 reply its client gives no flow-control credit) is cut.
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for Limits {
@@ -86,6 +98,9 @@ impl Default for Limits {
             max_streams_per_connection: 128,
             // 256 bodies of the largest size a request may have (256 KiB).
             max_body_bytes_in_flight: 64 << 20,
+            max_connection_age: Duration::from_secs(3600),
+            // Well above the longest request (an exec rotator may run for 60 s).
+            max_connection_age_grace: Duration::from_secs(300),
         }
     }
 }
@@ -113,11 +128,13 @@ pub enum Timeout {
     /// The node could write nothing more to the peer for the idle timeout: the peer stopped
     /// taking what it was sent.
     Write,
+    /// The connection was still open at its age and the grace after it.
+    Age,
 }
 
 impl Timeout {
-    const ALL: [Timeout; 5] =
-        [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body, Timeout::Write];
+    const ALL: [Timeout; 6] =
+        [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body, Timeout::Write, Timeout::Age];
 
     fn name(self) -> &'static str {
         match self {
@@ -126,6 +143,7 @@ impl Timeout {
             Timeout::Header => "header",
             Timeout::Body => "body",
             Timeout::Write => "write",
+            Timeout::Age => "connection_age",
         }
     }
 }
@@ -136,7 +154,7 @@ pub struct ListenerStats {
     open: AtomicU64,
     max: AtomicU64,
     accepted: AtomicU64,
-    timeouts: [AtomicU64; 5],
+    timeouts: [AtomicU64; 6],
     body: BodyBudget,
 }
 
@@ -246,6 +264,8 @@ pub struct Incoming {
     permit: Option<OwnedSemaphorePermit>,
     backoff: Option<Pin<Box<Sleep>>>,
     idle_timeout: Duration,
+    /// From accept to the cut: the age and its grace.
+    lifetime: Duration,
     stats: Arc<ListenerStats>,
 }
 
@@ -266,6 +286,7 @@ impl Incoming {
             permit: None,
             backoff: None,
             idle_timeout: limits.idle_timeout,
+            lifetime: limits.max_connection_age + limits.max_connection_age_grace,
             stats,
         }
     }
@@ -301,6 +322,7 @@ impl Incoming {
                     peer,
                     _permit: permit,
                     idle_timeout: self.idle_timeout,
+                    expires: Instant::now() + self.lifetime,
                     last_read: Instant::now(),
                     timer: None,
                     write_stalled: None,
@@ -358,9 +380,12 @@ pub struct Guarded {
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
     idle_timeout: Duration,
+    /// When the connection is cut however busy it is: its age and the grace after it (the
+    /// server asks it to close at its age; this is for one that did not).
+    expires: Instant,
     last_read: Instant,
-    /// Armed at some deadline at or before `last_read + idle_timeout`; moved on only when it
-    /// fires early, so a busy connection does not touch the timer on every read.
+    /// Armed at some deadline at or before `last_read + idle_timeout` (or `expires`); moved on
+    /// only when it fires early, so a busy connection does not touch the timer on every read.
     timer: Option<Pin<Box<Sleep>>>,
     /// Since when writes have been waiting for the peer to take bytes (`None` while they flow).
     write_stalled: Option<Instant>,
@@ -385,18 +410,35 @@ impl Guarded {
         &self.stats
     }
 
-    /// `Ready(())` once the peer has been silent for the idle timeout.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// `Ready` once the peer has been silent for the idle timeout, or the connection has
+    /// expired.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Timeout> {
         loop {
-            let deadline = self.last_read + self.idle_timeout;
+            let deadline = (self.last_read + self.idle_timeout).min(self.expires);
             let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             ready!(timer.as_mut().poll(cx));
-            if Instant::now() >= deadline {
-                return Poll::Ready(());
+            let now = Instant::now();
+            if now >= self.expires {
+                return Poll::Ready(Timeout::Age);
+            }
+            if now >= deadline {
+                return Poll::Ready(Timeout::Idle);
             }
             // Fired for an earlier deadline: the peer has spoken since.
             timer.as_mut().reset(deadline);
         }
+    }
+
+    /// The error a read or write fails with when the connection is cut for `why` (counted).
+    fn cut(&self, why: Timeout) -> io::Error {
+        self.stats.timed_out(why);
+        let secs = self.idle_timeout.as_secs_f64();
+        let message = match why {
+            Timeout::Age => "the connection outlived its age and grace".to_owned(),
+            Timeout::Write => format!("the peer took nothing more for {secs} s"),
+            _ => format!("the peer sent nothing for {secs} s"),
+        };
+        io::Error::new(io::ErrorKind::TimedOut, message)
     }
 
     /// What a write that the socket took (`Ready`) or left waiting (`Pending`) means for the
@@ -409,19 +451,16 @@ impl Guarded {
                 Poll::Ready(result)
             }
             Poll::Pending => {
-                let deadline = *self.write_stalled.get_or_insert_with(Instant::now) + self.idle_timeout;
+                let stalled = *self.write_stalled.get_or_insert_with(Instant::now) + self.idle_timeout;
+                let deadline = stalled.min(self.expires);
                 let timer =
                     self.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if timer.deadline() != deadline {
                     timer.as_mut().reset(deadline);
                 }
                 ready!(timer.as_mut().poll(cx));
-                self.stats.timed_out(Timeout::Write);
-                let secs = self.idle_timeout.as_secs_f64();
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the peer took nothing more for {secs} s"),
-                )))
+                let why = if Instant::now() >= self.expires { Timeout::Age } else { Timeout::Write };
+                Poll::Ready(Err(self.cut(why)))
             }
         }
     }
@@ -446,14 +485,7 @@ impl AsyncRead for Guarded {
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => match this.poll_idle(cx) {
-                Poll::Ready(()) => {
-                    this.stats.timed_out(Timeout::Idle);
-                    let secs = this.idle_timeout.as_secs_f64();
-                    Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the peer sent nothing for {secs} s"),
-                    )))
-                }
+                Poll::Ready(why) => Poll::Ready(Err(this.cut(why))),
                 Poll::Pending => Poll::Pending,
             },
         }

@@ -133,19 +133,22 @@ pub async fn serve_listener(
             Some(files) => Some(http_tls_config(files)?),
             None => None,
         };
-        println!("arcad: http listening on {}", http_listener.local_addr()?);
+        let http_addr = http_listener.local_addr()?;
         let incoming = Incoming::new(http_listener, limits, node.metrics().listener("http"));
+        println!("arcad: http listening on {http_addr}");
         tokio::spawn(serve_http(node.clone(), incoming, tls, opts.proxy.clone(), limits.clone()));
     }
     if let Some(repl) = &opts.replication {
         serve_replication(node.clone(), repl, limits).await?;
         crate::region::start(&node);
     }
+    // Registered before the line that tells a supervisor (and the tests) the node is up, so
+    // that /metrics shows the listener from then on.
+    let stats = node.metrics().listener("grpc");
+    let incoming = Incoming::new(listener, limits, stats.clone());
     println!("arcad: grpc listening on {grpc_addr}");
     std::io::stdout().flush()?;
     tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
-    let stats = node.metrics().listener("grpc");
-    let incoming = Incoming::new(listener, limits, stats.clone());
     let service = Service::new(node, opts.proxy);
     builder
         .layer(service.refusals_layer().body_timeout(limits.body_timeout, stats))
@@ -156,13 +159,16 @@ pub async fn serve_listener(
 }
 
 /// A gRPC server that pings its connections often enough that a live client's answers keep
-/// them within the idle timeout, closes those whose peer stops answering, and serves at most
-/// `max_streams_per_connection` requests at once on a connection (tonic sets no limit).
+/// them within the idle timeout, closes those whose peer stops answering, serves at most
+/// `max_streams_per_connection` requests at once on a connection (tonic sets no limit), and
+/// sends a connection GOAWAY at its `max_connection_age` (`listen::Guarded` cuts it after the
+/// grace, so tonic's own grace is not set).
 fn grpc_builder(limits: &Limits) -> Server {
     Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive_interval()))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout()))
         .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_connection_age(limits.max_connection_age)
 }
 
 /// Binds the replication listener and serves it in the background.
@@ -272,12 +278,15 @@ async fn serve_http(
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let handshake_timeout = limits.tls_handshake_timeout;
+        // Counted from the accept, as `Guarded` counts the age and grace it cuts at.
+        let aged = tokio::time::Instant::now() + limits.max_connection_age;
         tokio::spawn(async move {
             let served = match acceptor {
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(conn)).await {
                         Ok(Ok(tls_stream)) => {
-                            builder.serve_connection(TokioIo::new(tls_stream), service).await
+                            let serving = builder.serve_connection(TokioIo::new(tls_stream), service);
+                            until_aged(serving, aged).await
                         }
                         Ok(Err(_)) => return,
                         Err(_) => {
@@ -286,7 +295,7 @@ async fn serve_http(
                         }
                     }
                 }
-                None => builder.serve_connection(TokioIo::new(conn), service).await,
+                None => until_aged(builder.serve_connection(TokioIo::new(conn), service), aged).await,
             };
             if let Err(err) = served {
                 if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
@@ -296,6 +305,28 @@ async fn serve_http(
             }
         });
     }
+}
+
+/// Serves an HTTP connection; at `aged`, asks it to close once its requests in flight are
+/// answered (HTTP/1: after the current reply, at once when idle; HTTP/2: GOAWAY).
+async fn until_aged<I>(
+    serving: hyper_util::server::conn::auto::Connection<
+        '_,
+        I,
+        hyper_util::service::TowerToHyperService<axum::Router>,
+        hyper_util::rt::TokioExecutor,
+    >,
+    aged: tokio::time::Instant,
+) -> Result<(), BoxError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::pin!(serving);
+    tokio::select! {
+        served = serving.as_mut() => return served,
+        () = tokio::time::sleep_until(aged) => serving.as_mut().graceful_shutdown(),
+    }
+    serving.await
 }
 
 /// Writes `contents` to a new file readable by the owner only.

@@ -334,3 +334,86 @@ fn a_client_that_stops_taking_its_reply_is_closed_after_the_idle_timeout() {
         timeouts(&server, "http", "write") == before + 1
     });
 }
+
+/// Opens an HTTP/2 connection (prior knowledge) that gives the node no flow-control credit,
+/// sends one request to `path` and reads its reply's head; its body can never come. Returns
+/// how long after the connection began the node ended it.
+async fn starved_h2_connection(addr: &str, path: &str) -> Duration {
+    let began = Instant::now();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) =
+        h2::client::Builder::new().initial_window_size(0).handshake(stream).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    // An empty message, framed as gRPC (the HTTP listener takes it as an empty body).
+    body.send_data(tonic::codegen::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    response.await.unwrap();
+    // The driver runs until the node closes the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(30), driver).await.expect("the node never ended it");
+    began.elapsed()
+}
+
+#[test]
+fn connections_are_asked_to_close_at_their_age_and_cut_after_its_grace() {
+    const AGE_MS: u64 = 1000;
+    const GRACE_MS: u64 = 1500;
+    let (age, grace) = (Duration::from_millis(AGE_MS), Duration::from_millis(GRACE_MS));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "dangerous_plaintext = true\nidle_timeout_ms = 30000\nmax_connection_age_ms = {AGE_MS}\n\
+             max_connection_age_grace_ms = {GRACE_MS}\n"
+        ),
+    );
+    let server = common::start_server(&config, &[]);
+    let (http, grpc) = (host_port(&server.http).to_owned(), host_port(&server.addr).to_owned());
+
+    // An HTTP/1 connection kept alive after its reply: closed at its age, not cut.
+    let began = Instant::now();
+    let mut stream = TcpStream::connect(&http).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream.write_all(b"GET /v1/sys/health HTTP/1.1\r\nHost: arca\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    let took = began.elapsed();
+    assert!(reply.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&reply));
+    assert!(took >= age && took < age + grace, "closed after {took:?}");
+
+    // A gRPC client's connection is asked to close at its age (GOAWAY) and closes; the
+    // client's next call opens another, unaware.
+    let accepted = || sample(&metrics(&server), "arca_listener_accepted_total{listener=\"grpc\"}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut client = runtime.block_on(async {
+        let mut client = arca_client::RawClient::connect(server.addr.clone()).await.unwrap();
+        client.status(arca_client::proto::Empty {}).await.unwrap();
+        client
+    });
+    let first = accepted();
+    common::wait_until("the client's connection closed at its age", Duration::from_secs(15), || {
+        sample(&metrics(&server), "arca_listener_connections{listener=\"grpc\"}") == 0
+    });
+    runtime.block_on(client.status(arca_client::proto::Empty {})).unwrap();
+    assert_eq!(accepted(), first + 1, "the next call opened a connection");
+    drop(client);
+    for listener in ["http", "grpc"] {
+        assert_eq!(timeouts(&server, listener, "connection_age"), 0, "{listener}: nothing was cut yet");
+    }
+
+    // An HTTP/2 reply its client gives no flow-control credit never finishes: the connection
+    // is cut after its age and grace, on both listeners, and counted.
+    for (listener, addr, path) in [("http", &http, "/v1/sys/health"), ("grpc", &grpc, "/arca.v1.Arca/Status")]
+    {
+        let took = runtime.block_on(starved_h2_connection(addr, path));
+        assert!(took >= age + grace, "{listener}: cut after {took:?}");
+        common::wait_until("the cut is counted", Duration::from_secs(10), || {
+            timeouts(&server, listener, "connection_age") == 1
+        });
+    }
+}
