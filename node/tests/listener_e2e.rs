@@ -315,11 +315,12 @@ fn a_client_that_stops_taking_its_reply_is_closed_after_the_idle_timeout() {
     socket.connect(&http.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
     let mut stream: TcpStream = socket.into();
     let request = format!("GET /v1/secret/data/big HTTP/1.1\r\nHost: arca\r\nX-Vault-Token: {root}\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
     let before = timeouts(&server, "http", "write");
+    // The node's writes cannot wait before the request is sent.
+    let started = Instant::now();
+    stream.write_all(request.as_bytes()).unwrap();
     // A byte of a next request every 200 ms, the reply never read: closed within the idle
     // timeout (and some), never kept open by the bytes the client sends.
-    let started = Instant::now();
     let mut closed = false;
     while started.elapsed() < Duration::from_millis(IDLE_MS * 6) {
         std::thread::sleep(Duration::from_millis(200));
