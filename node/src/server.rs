@@ -323,6 +323,8 @@ where
 {
     tokio::pin!(serving);
     tokio::select! {
+        // The connection first, and no random draw per poll: this runs on every request.
+        biased;
         served = serving.as_mut() => return served,
         () = tokio::time::sleep_until(aged) => serving.as_mut().graceful_shutdown(),
     }
