@@ -136,6 +136,13 @@ impl Timeout {
     const ALL: [Timeout; 6] =
         [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body, Timeout::Write, Timeout::Age];
 
+    /// Whether `listener` ever counts this reason: the HTTP listener's connections are served
+    /// by our own hyper loop (its TLS handshakes and HTTP/1 head timeouts included); tonic
+    /// serves the gRPC and replication listeners' handshakes, and HTTP/2 has no head timeout.
+    fn counted_on(self, listener: &str) -> bool {
+        listener == "http" || !matches!(self, Timeout::Handshake | Timeout::Header)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Timeout::Idle => "idle",
@@ -192,6 +199,7 @@ impl ListenerStats {
     pub(crate) fn render(&self, listener: &str) -> [String; 7] {
         let timeouts = Timeout::ALL
             .iter()
+            .filter(|t| t.counted_on(listener))
             .map(|t| {
                 format!(
                     "arca_listener_timeouts_total{{listener=\"{listener}\",reason=\"{}\"}} {}\n",

@@ -91,6 +91,14 @@ fn slow_or_silent_connections_are_closed_and_live_idle_grpc_clients_are_kept() {
     let before = metrics(&server);
     assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"grpc\"}"), 64);
     assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"http\"}"), 64);
+    // Each listener shows the reasons it counts: tonic does the gRPC listener's handshakes,
+    // and HTTP/2 has no head timeout.
+    assert_eq!(sample(&before, "arca_listener_timeouts_total{listener=\"http\",reason=\"header\"}"), 0);
+    for reason in ["header", "tls_handshake"] {
+        let line = format!("arca_listener_timeouts_total{{listener=\"grpc\",reason=\"{reason}\"}}");
+        assert!(!before.contains(&line), "{line} is never counted, so not shown");
+    }
+    assert_eq!(sample(&before, "arca_listener_timeouts_total{listener=\"grpc\",reason=\"write\"}"), 0);
 
     // A live gRPC client, idle for longer than the idle timeout between two calls, keeps its
     // connection: the node's pings and the client's answers count as traffic.
