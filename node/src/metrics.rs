@@ -107,7 +107,7 @@ impl Metrics {
             "# HELP arca_listener_connections Connections open, by listener.\n# TYPE arca_listener_connections gauge\n",
             "# HELP arca_listener_max_connections Connections a listener holds open at once; past it, new ones wait in the kernel's backlog.\n# TYPE arca_listener_max_connections gauge\n",
             "# HELP arca_listener_accepted_total Connections accepted, by listener.\n# TYPE arca_listener_accepted_total counter\n",
-            "# HELP arca_listener_timeouts_total Connections closed (HTTP body: requests refused) for taking too long, by listener and what took too long.\n# TYPE arca_listener_timeouts_total counter\n",
+            "# HELP arca_listener_timeouts_total Connections closed (HTTP body: requests refused) for taking too long, or for outliving their age and its grace, by listener and reason.\n# TYPE arca_listener_timeouts_total counter\n",
             "# HELP arca_listener_body_bytes Bytes of request bodies being received, by listener.\n# TYPE arca_listener_body_bytes gauge\n",
             "# HELP arca_listener_max_body_bytes Bytes of request bodies a listener holds at once (listener.max_body_bytes_in_flight).\n# TYPE arca_listener_max_body_bytes gauge\n",
             "# HELP arca_listener_body_refused_total Requests refused because their listener held its limit of request-body bytes.\n# TYPE arca_listener_body_refused_total counter\n",
