@@ -133,7 +133,8 @@ fn pki(dir: &Path, regions: &[&str]) -> Tls {
 
 /// Writes the configs of two regions, `eu` (the initial primary) and `us`; `us` reaches
 /// `eu`'s replication listener through `eu_endpoint_for_us` (a proxy port).
-fn configs(dir: &Path, tls: Option<&Tls>) -> (Region, Region, u16) {
+/// Both regions' configuration files; `listener` is added to their `[listener]` sections.
+fn configs(dir: &Path, tls: Option<&Tls>, listener: &str) -> (Region, Region, u16) {
     let (eu_repl, us_repl) = (free_port(), free_port());
     let scheme = if tls.is_some() { "https://localhost" } else { "http://127.0.0.1" };
     let write = |name: &str, repl: u16, peer: &str, peer_endpoint: String, i: usize| {
@@ -148,7 +149,7 @@ fn configs(dir: &Path, tls: Option<&Tls>) -> (Region, Region, u16) {
         };
         let text = format!(
             "[node]\nid = \"{name}-1\"\nregion = \"{name}\"\ncluster = \"test\"\n\n[storage]\nengine = \"sqlite\"\npath = \"{}\"\n\n\
-             [listener]\ngrpc_addr = \"127.0.0.1:0\"\ndangerous_plaintext = true\nhttp_addr = \"127.0.0.1:0\"\n\n\
+             [listener]\ngrpc_addr = \"127.0.0.1:0\"\ndangerous_plaintext = true\nhttp_addr = \"127.0.0.1:0\"\n{listener}\n\
              [sequencer]\ninterval_ms = 50\n\n\
              [replication]\nlisten_addr = \"127.0.0.1:{repl}\"\n{tls_lines}initial_primary = \"eu\"\n\
              [[replication.peers]]\nregion = \"{peer}\"\nendpoint = \"{peer_endpoint}\"\n",
@@ -194,9 +195,14 @@ impl Drop for Cluster {
 }
 
 fn cluster(with_tls: bool) -> Cluster {
+    cluster_with(with_tls, "")
+}
+
+/// A cluster whose regions' `[listener]` sections also hold `listener`.
+fn cluster_with(with_tls: bool, listener: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let tls = with_tls.then(|| pki(dir.path(), &["eu", "us", "mallory"]));
-    let (mut eu, mut us, eu_repl) = configs(dir.path(), tls.as_ref());
+    let (mut eu, mut us, eu_repl) = configs(dir.path(), tls.as_ref(), listener);
     let proxy = Proxy::start(eu_repl);
     link(&us, proxy.port);
     eu.start();
@@ -668,4 +674,48 @@ fn scheduled_rotations_run_on_the_primary_and_replicate_to_the_standby() {
             .iter()
             .any(|e| e.operation == arca_audit::Operation::KvRotateFinish)
     });
+}
+
+/// Every connection of both regions is recycled within a second (asked to close at 300 ms,
+/// cut 300 ms later): the standby's pulls reconnect each time, and every write still reaches
+/// it, in order.
+#[test]
+fn replication_keeps_up_while_its_connections_are_recycled() {
+    let c = cluster_with(false, "max_connection_age_ms = 300\nmax_connection_age_grace_ms = 300\n");
+    let root = c.root.clone();
+    let metrics = |region: &Region| {
+        ureq::get(format!("{}/metrics", region.server().http))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let accepted = |region: &Region| -> u64 {
+        let m = metrics(region);
+        let line =
+            m.lines().find(|l| l.starts_with("arca_listener_accepted_total{listener=\"replication\"}"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).expect("the replication listener's count")
+    };
+    // Write, and wait for each version on the standby, until the link has gone through
+    // three more connections.
+    let before = accepted(&c.eu);
+    let started = std::time::Instant::now();
+    let mut written = 0u64;
+    while accepted(&c.eu) < before + 3 {
+        assert!(started.elapsed() < DEADLINE, "the link was not recycled within {DEADLINE:?}");
+        written += 1;
+        let value = format!("v{written}");
+        assert_eq!(put(&c.eu, &root, "secret/app/db", &value).code, 0);
+        wait_until("the write to reach us", || get(&c.us, &root, "secret/app/db").as_deref() == Some(&value));
+    }
+    let run = arca(
+        c.us.server(),
+        Some(&root),
+        &["--mounts", TEAM_MOUNT, "--format", "json", "kv", "metadata", "get", "secret/app/db"],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let meta: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(meta["current_version"].as_u64(), Some(written), "every version replicated: {meta}");
+    assert!(metrics(&c.us).contains("arca_replication_link_up 1"));
 }
