@@ -9,7 +9,8 @@ use std::fmt;
 pub enum ErrorKind {
     /// The client's configuration (addresses, TLS files, arguments such as paths).
     Config,
-    /// No connection could be made: the request was not sent.
+    /// The request was not sent: no connection could be made, or the connection it was
+    /// queued on closed before it went out (a node recycling its connections).
     Connect,
     /// The connection failed after the request may have been sent.
     Transport,
@@ -96,7 +97,14 @@ impl Error {
                 if request_id.is_none() =>
             {
                 let text = format!("{message} {:?}", std::error::Error::source(status));
-                if ["tcp connect", "trying to connect", "Connection refused", "dns error", "No route to host"]
+                if never_sent(status)
+                    || [
+                        "tcp connect",
+                        "trying to connect",
+                        "Connection refused",
+                        "dns error",
+                        "No route to host",
+                    ]
                     .iter()
                     .any(|m| text.contains(m))
                 {
@@ -105,6 +113,9 @@ impl Error {
                     ErrorKind::Transport
                 }
             }
+            // The HTTP/2 layer's own failure (the node closing the connection, a reset), not
+            // an answer from arca: the request may or may not have been served.
+            Code::Internal if request_id.is_none() && from_http2(status) => ErrorKind::Transport,
             _ => ErrorKind::Internal,
         };
         Error {
@@ -152,6 +163,32 @@ impl Error {
     pub fn is_maybe_committed(&self) -> bool {
         self.kind == ErrorKind::Transport
     }
+}
+
+/// Whether hyper dropped the request before sending any of it: it was still queued when its
+/// connection closed (hyper returns such a request as "canceled"; a node that recycles its
+/// connections closes them). Sending it again cannot apply it twice.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Whether the status is hyper's report of an HTTP/2 failure (a GOAWAY, a reset stream).
+fn from_http2(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.downcast_ref::<hyper::Error>().is_some() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 impl fmt::Display for Error {

@@ -8,8 +8,9 @@
 //! A client knows several nodes, possibly in several regions. Reads go to the first node
 //! that answers (a standby region serves reads); writes go to the primary, found by following
 //! the "send writes to the primary region X" answer of a standby. Calls that were not served
-//! (node unreachable, sealed, storage unavailable) are retried on the next node, then after a
-//! backoff ([`Retry`]). A write whose connection broke after it was sent is never retried: its
+//! (node unreachable, sealed, storage unavailable, or never sent because the connection they
+//! were queued on closed first, as when a node recycles its connections at their age) are
+//! retried on the next node, then after a backoff ([`Retry`]). A write whose connection broke after it was sent is never retried: its
 //! error says [`Error::is_maybe_committed`].
 //!
 //! ```no_run

@@ -426,3 +426,63 @@ fn connections_are_asked_to_close_at_their_age_and_cut_after_its_grace() {
         });
     }
 }
+
+/// The SDK rides through connection recycling: with every connection asked to close after
+/// 200 ms, concurrent writes and reads for three seconds all succeed. A request that hyper
+/// dropped before sending it (its connection got GOAWAY first) is sent again, even a write.
+#[test]
+fn the_sdk_goes_through_connection_recycling_without_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "dangerous_plaintext = true\nidle_timeout_ms = 30000\nmax_connection_age_ms = 200\n\
+         max_connection_age_grace_ms = 5000\n",
+    );
+    let server = common::start_server(&config, &[]);
+    let mut calls = 0;
+    let init = common::ok_json(
+        &server,
+        None,
+        &["operator", "init", "--key-shares", "1", "--key-threshold", "1"],
+        &mut calls,
+    );
+    let root = init["root_token"].as_str().unwrap().to_owned();
+    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
+    common::ok_json(&server, None, &["operator", "unseal", &share], &mut calls);
+    let accepted = || sample(&metrics(&server), "arca_listener_accepted_total{listener=\"grpc\"}");
+    let before = accepted();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (done, failed) = runtime.block_on(async {
+        let config = arca_client::Config::new(&server.addr).unwrap().auth(arca_client::Auth::token(root));
+        let client = arca_client::Client::connect(config).await.unwrap();
+        let started = Instant::now();
+        let (mut done, mut failed) = (0, Vec::new());
+        while started.elapsed() < Duration::from_secs(3) {
+            let tasks: Vec<_> = (0..8)
+                .map(|i| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let path = format!("secret/app/k{i}");
+                        client.write(&path, [("n", done.to_string())]).await?;
+                        client.read(&path).await
+                    })
+                })
+                .collect();
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(_) => done += 1,
+                    Err(err) => failed.push(format!("{:?}: {err}", err.kind())),
+                }
+            }
+        }
+        (done, failed)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        done + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(accepted() >= before + 5, "the connections were recycled meanwhile");
+}
