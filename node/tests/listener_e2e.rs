@@ -285,6 +285,20 @@ fn http_listeners_bound_streams_per_connection_and_request_heads() {
     assert!(!reply.starts_with("HTTP/1.1 431") && reply.starts_with("HTTP/1.1 "), "{reply}");
 }
 
+/// Initializes the node (one key share) and unseals it; returns the root token.
+fn init_and_unseal(server: &Server) -> String {
+    let mut calls = 0;
+    let init = common::ok_json(
+        server,
+        None,
+        &["operator", "init", "--key-shares", "1", "--key-threshold", "1"],
+        &mut calls,
+    );
+    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
+    common::ok_json(server, None, &["operator", "unseal", &share], &mut calls);
+    init["root_token"].as_str().unwrap().to_owned()
+}
+
 /// A client that asks for a large reply and stops reading it, while it keeps sending a byte
 /// now and then (so its connection is never silent): once the node's writes have waited the
 /// idle timeout for it to take anything, the node closes the connection and counts it.
@@ -295,16 +309,7 @@ fn a_client_that_stops_taking_its_reply_is_closed_after_the_idle_timeout() {
         write_config(dir.path(), &format!("dangerous_plaintext = true\nidle_timeout_ms = {IDLE_MS}\n"));
     let server = common::start_server(&config, &[]);
     let http = host_port(&server.http).to_owned();
-    let mut calls = 0;
-    let init = common::ok_json(
-        &server,
-        None,
-        &["operator", "init", "--key-shares", "1", "--key-threshold", "1"],
-        &mut calls,
-    );
-    let root = init["root_token"].as_str().unwrap().to_owned();
-    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
-    common::ok_json(&server, None, &["operator", "unseal", &share], &mut calls);
+    let root = init_and_unseal(&server);
     // A secret of 60 KB (most of the 64 KiB a secret may hold): far more than the client's
     // receive buffer and the node's send buffer hold.
     let body = format!(r#"{{"data":{{"v":"{}"}}}}"#, "x".repeat(60_000));
@@ -439,16 +444,7 @@ fn the_sdk_goes_through_connection_recycling_without_an_error() {
          max_connection_age_grace_ms = 5000\n",
     );
     let server = common::start_server(&config, &[]);
-    let mut calls = 0;
-    let init = common::ok_json(
-        &server,
-        None,
-        &["operator", "init", "--key-shares", "1", "--key-threshold", "1"],
-        &mut calls,
-    );
-    let root = init["root_token"].as_str().unwrap().to_owned();
-    let share = init["unseal_keys"][0].as_str().unwrap().to_owned();
-    common::ok_json(&server, None, &["operator", "unseal", &share], &mut calls);
+    let root = init_and_unseal(&server);
     let accepted = || sample(&metrics(&server), "arca_listener_accepted_total{listener=\"grpc\"}");
     let before = accepted();
     let runtime = tokio::runtime::Runtime::new().unwrap();
