@@ -433,10 +433,12 @@ fn connections_are_asked_to_close_at_their_age_and_cut_after_its_grace() {
 }
 
 /// The SDK rides through connection recycling: with every connection asked to close after
-/// 200 ms, concurrent writes and reads for three seconds all succeed. A request that hyper
-/// dropped before sending it (its connection got GOAWAY first) is sent again, even a write.
+/// 200 ms, concurrent writes and reads for three seconds. A request that hyper dropped before
+/// sending it (its connection got GOAWAY first) is sent again, even a write, and a read is
+/// retried on any transport error: no read fails. A write that meets the HTTP/2 layer's
+/// GOAWAY error may have been served, so it fails, and says so (`is_maybe_committed`).
 #[test]
-fn the_sdk_goes_through_connection_recycling_without_an_error() {
+fn the_sdk_goes_through_connection_recycling() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
@@ -448,37 +450,42 @@ fn the_sdk_goes_through_connection_recycling_without_an_error() {
     let accepted = || sample(&metrics(&server), "arca_listener_accepted_total{listener=\"grpc\"}");
     let before = accepted();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (done, failed) = runtime.block_on(async {
+    let (done, maybe, failed) = runtime.block_on(async {
         let config = arca_client::Config::new(&server.addr).unwrap().auth(arca_client::Auth::token(root));
         let client = arca_client::Client::connect(config).await.unwrap();
         let started = Instant::now();
-        let (mut done, mut failed) = (0, Vec::new());
+        let (mut done, mut maybe, mut failed) = (0, 0, Vec::new());
         while started.elapsed() < Duration::from_secs(3) {
             let tasks: Vec<_> = (0..8)
                 .map(|i| {
                     let client = client.clone();
                     tokio::spawn(async move {
                         let path = format!("secret/app/k{i}");
-                        client.write(&path, [("n", done.to_string())]).await?;
-                        client.read(&path).await
+                        if let Err(err) = client.write(&path, [("n", done.to_string())]).await {
+                            return Err(("write", err));
+                        }
+                        client.read(&path).await.map_err(|err| ("read", err))
                     })
                 })
                 .collect();
             for task in tasks {
                 match task.await.unwrap() {
                     Ok(_) => done += 1,
-                    Err(err) => failed.push(format!("{:?}: {err}", err.kind())),
+                    Err(("write", err)) if err.is_maybe_committed() => maybe += 1,
+                    Err((what, err)) => failed.push(format!("{what}: {:?}: {err}", err.kind())),
                 }
             }
         }
-        (done, failed)
+        (done, maybe, failed)
     });
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",
         failed.len(),
-        done + failed.len(),
+        done + maybe + failed.len(),
         &failed[..failed.len().min(5)]
     );
+    // Most calls went through: a write is refused only when it meets a GOAWAY.
+    assert!(maybe * 20 < done, "{maybe} writes maybe committed against {done} calls served");
     assert!(accepted() >= before + 5, "the connections were recycled meanwhile");
 }
