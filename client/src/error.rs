@@ -115,7 +115,7 @@ impl Error {
             }
             // The HTTP/2 layer's own failure (the node closing the connection, a reset), not
             // an answer from arca: the request may or may not have been served.
-            Code::Internal if request_id.is_none() && from_http2(status) => ErrorKind::Transport,
+            Code::Internal if request_id.is_none() && hyper_error(status).is_some() => ErrorKind::Transport,
             _ => ErrorKind::Internal,
         };
         Error {
@@ -165,30 +165,23 @@ impl Error {
     }
 }
 
+/// The first hyper error in the status's source chain: the transport's own failure.
+fn hyper_error(status: &tonic::Status) -> Option<&hyper::Error> {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            return Some(hyper);
+        }
+        source = err.source();
+    }
+    None
+}
+
 /// Whether hyper dropped the request before sending any of it: it was still queued when its
 /// connection closed (hyper returns such a request as "canceled"; a node that recycles its
 /// connections closes them). Sending it again cannot apply it twice.
 fn never_sent(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(err) = source {
-        if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
-            return true;
-        }
-        source = err.source();
-    }
-    false
-}
-
-/// Whether the status is hyper's report of an HTTP/2 failure (a GOAWAY, a reset stream).
-fn from_http2(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(err) = source {
-        if err.downcast_ref::<hyper::Error>().is_some() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    hyper_error(status).is_some_and(hyper::Error::is_canceled)
 }
 
 impl fmt::Display for Error {
