@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{Server, sample};
 
 const HEADER_MS: u64 = 500;
 const BODY_MS: u64 = 500;
@@ -55,23 +55,9 @@ fn closed_after(addr: &str, bytes: &[u8], within: Duration) -> (Duration, Vec<u8
     }
 }
 
-fn metrics(server: &Server) -> String {
-    ureq::get(format!("{}/metrics", server.http)).call().unwrap().body_mut().read_to_string().unwrap()
-}
-
-/// The value of the sample `name{labels}` on `/metrics`.
-fn sample(metrics: &str, name_and_labels: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name_and_labels} in /metrics"))
-        .parse()
-        .unwrap()
-}
-
 fn timeouts(server: &Server, listener: &str, reason: &str) -> u64 {
     sample(
-        &metrics(server),
+        &server.metrics(),
         &format!("arca_listener_timeouts_total{{listener=\"{listener}\",reason=\"{reason}\"}}"),
     )
 }
@@ -88,7 +74,7 @@ fn slow_or_silent_connections_are_closed_and_live_idle_grpc_clients_are_kept() {
     let server = common::start_server(&config, &[]);
     let (http, grpc) = (host_port(&server.http).to_owned(), host_port(&server.addr).to_owned());
     let within = Duration::from_secs(15);
-    let before = metrics(&server);
+    let before = server.metrics();
     assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"grpc\"}"), 64);
     assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"http\"}"), 64);
     // Each listener shows the reasons it counts: tonic does the gRPC listener's handshakes,
@@ -107,11 +93,11 @@ fn slow_or_silent_connections_are_closed_and_live_idle_grpc_clients_are_kept() {
     let (first, second) = runtime.block_on(async {
         let mut client = arca_client::RawClient::connect(server.addr.clone()).await.unwrap();
         client.status(arca_client::proto::Empty {}).await.unwrap();
-        let first = metrics(&server);
+        let first = server.metrics();
         tokio::time::sleep(Duration::from_millis(IDLE_MS * 3)).await;
         let status = client.status(arca_client::proto::Empty {}).await.unwrap().into_inner();
         assert!(status.sealed, "a server starts sealed");
-        (first, metrics(&server))
+        (first, server.metrics())
     });
     drop(runtime);
     assert_eq!(accepted(&first), accepted(&second), "the idle client's connection was kept");
@@ -141,7 +127,7 @@ fn slow_or_silent_connections_are_closed_and_live_idle_grpc_clients_are_kept() {
         assert_eq!(timeouts(&server, listener, "idle"), 1, "{listener}");
     }
     // Every gRPC connection above is closed (the live client's too, once it went away).
-    assert_eq!(sample(&metrics(&server), "arca_listener_connections{listener=\"grpc\"}"), 0);
+    assert_eq!(sample(&server.metrics(), "arca_listener_connections{listener=\"grpc\"}"), 0);
 }
 
 #[test]
@@ -169,7 +155,7 @@ fn a_tls_handshake_that_never_starts_is_cut_off_on_both_listeners() {
 /// Polls `/metrics` until `name` reads `value`, for at most 15 s.
 fn eventually_sample(server: &Server, name: &str, value: u64) {
     let what = format!("{name} to read {value}");
-    common::wait_until(&what, Duration::from_secs(15), || sample(&metrics(server), name) == value);
+    common::wait_until(&what, Duration::from_secs(15), || sample(&server.metrics(), name) == value);
 }
 
 #[test]
@@ -178,7 +164,7 @@ fn request_bodies_past_the_nodes_budget_are_refused_with_503_and_given_back() {
     let config = write_config(dir.path(), "dangerous_plaintext = true\nmax_body_bytes_in_flight = 1048576\n");
     let server = common::start_server(&config, &[]);
     let http = host_port(&server.http).to_owned();
-    let before = metrics(&server);
+    let before = server.metrics();
     assert_eq!(sample(&before, "arca_listener_max_body_bytes{listener=\"http\"}"), 1 << 20);
     assert_eq!(sample(&before, "arca_listener_body_bytes{listener=\"http\"}"), 0);
     // Four requests that declare bodies of 250,000 bytes and send none of it: the node
@@ -224,7 +210,7 @@ fn request_bodies_past_the_nodes_budget_are_refused_with_503_and_given_back() {
         "{reply}"
     );
     assert!(reply.contains("\r\nx-arca-audit-position: "), "the refusal is audited: {reply}");
-    assert_eq!(sample(&metrics(&server), "arca_listener_body_refused_total{listener=\"http\"}"), 1);
+    assert_eq!(sample(&server.metrics(), "arca_listener_body_refused_total{listener=\"http\"}"), 1);
     // One client goes away: what it held comes back, and the same request is no longer
     // refused for its body (the node is sealed, so it is refused for that instead).
     drop(held.pop());
@@ -232,7 +218,7 @@ fn request_bodies_past_the_nodes_budget_are_refused_with_503_and_given_back() {
     let (_, reply) = closed_after(&http, fifth, Duration::from_secs(15));
     let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
     assert!(!reply.contains("request bodies"), "{reply}");
-    assert_eq!(sample(&metrics(&server), "arca_listener_body_refused_total{listener=\"http\"}"), 1);
+    assert_eq!(sample(&server.metrics(), "arca_listener_body_refused_total{listener=\"http\"}"), 1);
     drop(held);
     eventually_sample(&server, "arca_listener_body_bytes{listener=\"http\"}", 0);
 }
@@ -402,7 +388,7 @@ fn connections_are_asked_to_close_at_their_age_and_cut_after_its_grace() {
 
     // A gRPC client's connection is asked to close at its age (GOAWAY) and closes; the
     // client's next call opens another, unaware.
-    let accepted = || sample(&metrics(&server), "arca_listener_accepted_total{listener=\"grpc\"}");
+    let accepted = || sample(&server.metrics(), "arca_listener_accepted_total{listener=\"grpc\"}");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut client = runtime.block_on(async {
         let mut client = arca_client::RawClient::connect(server.addr.clone()).await.unwrap();
@@ -411,7 +397,7 @@ fn connections_are_asked_to_close_at_their_age_and_cut_after_its_grace() {
     });
     let first = accepted();
     common::wait_until("the client's connection closed at its age", Duration::from_secs(15), || {
-        sample(&metrics(&server), "arca_listener_connections{listener=\"grpc\"}") == 0
+        sample(&server.metrics(), "arca_listener_connections{listener=\"grpc\"}") == 0
     });
     runtime.block_on(client.status(arca_client::proto::Empty {})).unwrap();
     assert_eq!(accepted(), first + 1, "the next call opened a connection");
@@ -447,7 +433,7 @@ fn the_sdk_goes_through_connection_recycling() {
     );
     let server = common::start_server(&config, &[]);
     let root = init_and_unseal(&server);
-    let accepted = || sample(&metrics(&server), "arca_listener_accepted_total{listener=\"grpc\"}");
+    let accepted = || sample(&server.metrics(), "arca_listener_accepted_total{listener=\"grpc\"}");
     let before = accepted();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (done, maybe, failed) = runtime.block_on(async {

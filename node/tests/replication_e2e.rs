@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use arca_audit::Outcome;
 use arca_testkit::free_port;
-use common::{Server, arca};
+use common::{Server, arca, sample};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -404,12 +404,7 @@ fn replicate_cut_heal_promote_fence_demote_and_fail_back() {
     let s = c.eu.status(&root);
     assert_eq!((s["role"].as_str(), s["epoch"].as_u64()), (Some("primary"), Some(3)));
     // Metrics show the standby's lag and link.
-    let metrics = ureq::get(format!("{}/metrics", c.us.server().http))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = c.us.server().metrics();
     assert!(metrics.contains("arca_replication_link_up 1"), "{metrics}");
     assert!(metrics.contains("arca_region_role{role=\"standby\",primary=\"eu\"} 1"), "{metrics}");
 }
@@ -683,19 +678,8 @@ fn scheduled_rotations_run_on_the_primary_and_replicate_to_the_standby() {
 fn replication_keeps_up_while_its_connections_are_recycled() {
     let c = cluster_with(false, "max_connection_age_ms = 300\nmax_connection_age_grace_ms = 300\n");
     let root = c.root.clone();
-    let metrics = |region: &Region| {
-        ureq::get(format!("{}/metrics", region.server().http))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    };
-    let accepted = |region: &Region| -> u64 {
-        let m = metrics(region);
-        let line =
-            m.lines().find(|l| l.starts_with("arca_listener_accepted_total{listener=\"replication\"}"));
-        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).expect("the replication listener's count")
+    let accepted = |region: &Region| {
+        sample(&region.server().metrics(), "arca_listener_accepted_total{listener=\"replication\"}")
     };
     // Write, and wait for each version on the standby, until the link has gone through
     // three more connections.
@@ -717,5 +701,5 @@ fn replication_keeps_up_while_its_connections_are_recycled() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     let meta: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(meta["current_version"].as_u64(), Some(written), "every version replicated: {meta}");
-    assert!(metrics(&c.us).contains("arca_replication_link_up 1"));
+    assert_eq!(sample(&c.us.server().metrics(), "arca_replication_link_up"), 1);
 }

@@ -23,6 +23,23 @@ pub struct Server {
     pub stderr_log: PathBuf,
 }
 
+impl Server {
+    /// The node's `/metrics` page.
+    pub fn metrics(&self) -> String {
+        ureq::get(format!("{}/metrics", self.http)).call().unwrap().body_mut().read_to_string().unwrap()
+    }
+}
+
+/// The value of the sample `name{labels}` on a `/metrics` page.
+pub fn sample(metrics: &str, name_and_labels: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name_and_labels} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
