@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::memo::{Journal, Memo};
 use crate::metrics::{COMMIT_BUCKETS_SECONDS, Histogram};
+use crate::outage::{Level, Outage};
 use crate::pending::{Pending, Write};
 
 /// Most jobs in one transaction.
@@ -457,6 +458,9 @@ fn run(
     // The memo and the version of the commit it is exact at: the last batch's.
     let mut carried: Option<(u64, Memo)> = None;
     let mut steps: Vec<Step> = Vec::new();
+    // A failed batch fails its requests (the store's disk full, say); the log says so once,
+    // then sums up every ten seconds, and says when batches commit again.
+    let mut outage = Outage::new("audit batch commit", Level::Error);
     while let Ok(first) = work.recv() {
         let mut batch = Vec::new();
         match first {
@@ -568,6 +572,7 @@ fn run(
         }
         match outcome {
             Ok(committed) => {
+                outage.succeeded();
                 let (orders, memo) = committed.value;
                 // The memo holds the state this commit left (what the batch read, with its
                 // writes applied).
@@ -579,7 +584,7 @@ fn run(
                 }
             }
             Err(err) => {
-                tracing::error!(code = err.code(), error = %err, jobs = batch.len(), "audit batch failed to commit; failing its requests");
+                outage.failed(err.code(), &err, batch.len());
                 for job in batch {
                     let _ = job.done.send(Err(CommitFailed));
                 }

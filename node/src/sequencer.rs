@@ -602,6 +602,7 @@ pub fn start(node: &Arc<Node>, config: SequencerConfig) {
 }
 
 fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
+    let mut outage = crate::outage::Outage::new("sequencer step", crate::outage::Level::Warn);
     loop {
         let Some(node) = weak.upgrade() else { break };
         let started = Instant::now();
@@ -609,8 +610,17 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
         // no fight for the store's write lock with this node's own request path.
         let outcome = integrate(&node, holder, config);
         drop(node);
-        if let Err(err) = &outcome {
-            tracing::warn!(code = err.code(), "sequencer step failed; retrying");
+        match &outcome {
+            // A store error says more than the request-facing "storage unavailable".
+            Err(crate::error::ApiError::Store(err)) => {
+                outage.failed(err.code(), err, 0);
+            }
+            Err(err) => {
+                outage.failed(err.code(), err, 0);
+            }
+            Ok(_) => {
+                outage.succeeded();
+            }
         }
         match next_pause(outcome.as_ref().ok().and_then(Option::as_ref), config) {
             Some(pause) => std::thread::sleep(pause.saturating_sub(started.elapsed())),

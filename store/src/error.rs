@@ -56,8 +56,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The engine could not write: its disk is full (SQLite's `SQLITE_FULL`). Nothing of the
+    /// transaction was committed; it may succeed once space is freed.
+    #[error("the store's disk is full: the transaction was not committed")]
+    Full,
     /// An error from SQLite that is neither contention nor a limit.
-    #[error("sqlite error")]
+    #[error("sqlite error: {0}")]
     Sqlite(#[source] rusqlite::Error),
     /// An error from FoundationDB that is neither contention nor a limit.
     #[error("foundationdb error {code}: {message}")]
@@ -115,6 +119,7 @@ impl StoreError {
             StoreError::RetryLimitReached { .. } => "retry_limit_reached",
             StoreError::MalformedKey(_) => "malformed_key",
             StoreError::Io { .. } => "io",
+            StoreError::Full => "storage_full",
             StoreError::Sqlite(_) => "sqlite",
             StoreError::Fdb { .. } => "fdb",
             StoreError::Corrupt(_) => "corrupt",

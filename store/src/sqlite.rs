@@ -984,6 +984,7 @@ fn map_err(err: rusqlite::Error) -> StoreError {
             // SQLITE_BUSY_SNAPSHOT: our snapshot is older than the last commit.
             ErrorCode::DatabaseBusy if failure.extended_code == 517 => return StoreError::Conflict,
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => return StoreError::Busy,
+            ErrorCode::DiskFull => return StoreError::Full,
             _ => {}
         }
     }
