@@ -115,8 +115,11 @@ async fn dev(
     if !grpc_addr.ip().is_loopback() || !http_addr.ip().is_loopback() {
         return Err("arcad dev listens on loopback addresses only".into());
     }
-    std::fs::create_dir_all(&data_dir)?;
-    std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    std::fs::create_dir_all(&data_dir)
+        .and_then(|()| {
+            std::fs::set_permissions(&data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        })
+        .map_err(|err| format!("the data directory {}: {err}", data_dir.display()))?;
     let store = server::open_sqlite(&data_dir.join("arca.db"))?;
     let node = Node::new(store, NodeIdentity { cluster: "dev".into(), region, node: node_id });
     server::dev_bootstrap(&node, &data_dir).await?;
