@@ -340,13 +340,19 @@ pub fn start(node: &Arc<Node>, config: ArchiveConfig) {
     std::thread::Builder::new()
         .name("arca-archiver".into())
         .spawn(move || {
+            let mut outage = crate::outage::Outage::new("archive step", crate::outage::Level::Warn);
             loop {
                 let Some(node) = weak.upgrade() else { break };
                 let (n2, holder2, config2) = (node.clone(), holder.clone(), config.clone());
                 let outcome = step(&n2, &holder2, &config2);
                 drop((node, n2));
-                if let Err(err) = outcome {
-                    tracing::warn!(code = err.code(), "archive step failed; retrying");
+                match outcome {
+                    Err(err) => {
+                        outage.failed(err.code(), &err, None);
+                    }
+                    Ok(_) => {
+                        outage.succeeded();
+                    }
                 }
                 std::thread::sleep(config.interval);
             }

@@ -584,7 +584,7 @@ fn run(
                 }
             }
             Err(err) => {
-                outage.failed(err.code(), &err, batch.len());
+                outage.failed(err.code(), &err, Some(batch.len()));
                 for job in batch {
                     let _ = job.done.send(Err(CommitFailed));
                 }

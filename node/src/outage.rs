@@ -30,7 +30,8 @@ pub(crate) struct Outage {
 struct Run {
     since: Instant,
     failed: u64,
-    requests: u64,
+    /// Requests failed with it, for loops that serve them.
+    requests: Option<u64>,
     /// When the last line was logged, and what failed since it.
     logged: Instant,
     unlogged: u64,
@@ -53,9 +54,15 @@ impl Outage {
         Outage { what, level, run: None }
     }
 
-    /// One failure, of an attempt that carried `requests` requests. `code` and `error` are the
-    /// store's or the API's own: they never name a key or carry a value.
-    pub(crate) fn failed(&mut self, code: &str, error: &dyn std::fmt::Display, requests: usize) -> Said {
+    /// One failure, of an attempt that carried `requests` requests (for loops that serve
+    /// them). `code` and `error` are the store's, the API's or the loop's own: they never
+    /// name a key or carry a value.
+    pub(crate) fn failed(
+        &mut self,
+        code: &str,
+        error: &dyn std::fmt::Display,
+        requests: Option<usize>,
+    ) -> Said {
         self.failed_at(Instant::now(), code, error, requests)
     }
 
@@ -69,12 +76,17 @@ impl Outage {
         now: Instant,
         code: &str,
         error: &dyn std::fmt::Display,
-        requests: usize,
+        requests: Option<usize>,
     ) -> Said {
         let what = self.what;
         let Some(run) = &mut self.run else {
-            self.run =
-                Some(Run { since: now, failed: 1, requests: requests as u64, logged: now, unlogged: 0 });
+            self.run = Some(Run {
+                since: now,
+                failed: 1,
+                requests: requests.map(|n| n as u64),
+                logged: now,
+                unlogged: 0,
+            });
             match self.level {
                 Level::Warn => {
                     tracing::warn!(code, %error, requests, "{what} failed (further failures summarised every {}s)", SUMMARY_EVERY.as_secs())
@@ -86,7 +98,9 @@ impl Outage {
             return Said::Began;
         };
         run.failed += 1;
-        run.requests += requests as u64;
+        if let Some(n) = requests {
+            run.requests = Some(run.requests.unwrap_or(0) + n as u64);
+        }
         run.unlogged += 1;
         if now.duration_since(run.logged) < SUMMARY_EVERY {
             return Said::Nothing;
@@ -123,18 +137,24 @@ mod tests {
         let mut outage = Outage::new("audit batch commit", Level::Error);
         let t0 = Instant::now();
         assert_eq!(outage.succeeded_at(t0), Said::Nothing);
-        assert_eq!(outage.failed_at(t0, "storage_full", &"full", 3), Said::Began);
+        assert_eq!(outage.failed_at(t0, "storage_full", &"full", Some(3)), Said::Began);
         for i in 1..=99u64 {
             let at = t0 + SUMMARY_EVERY * (i as u32) / 100;
-            assert_eq!(outage.failed_at(at, "storage_full", &"full", 3), Said::Nothing, "failure {i}");
+            assert_eq!(outage.failed_at(at, "storage_full", &"full", Some(3)), Said::Nothing, "failure {i}");
         }
         // A hundred failures within the first period: one line, then one summary of the 99.
-        assert_eq!(outage.failed_at(t0 + SUMMARY_EVERY, "storage_full", &"full", 3), Said::Still(100));
-        assert_eq!(outage.failed_at(t0 + SUMMARY_EVERY * 3 / 2, "storage_full", &"full", 0), Said::Nothing);
-        assert_eq!(outage.failed_at(t0 + SUMMARY_EVERY * 2, "storage_full", &"full", 0), Said::Still(2));
+        assert_eq!(outage.failed_at(t0 + SUMMARY_EVERY, "storage_full", &"full", Some(3)), Said::Still(100));
+        assert_eq!(
+            outage.failed_at(t0 + SUMMARY_EVERY * 3 / 2, "storage_full", &"full", Some(0)),
+            Said::Nothing
+        );
+        assert_eq!(
+            outage.failed_at(t0 + SUMMARY_EVERY * 2, "storage_full", &"full", Some(0)),
+            Said::Still(2)
+        );
         assert_eq!(outage.succeeded_at(t0 + SUMMARY_EVERY * 2), Said::Ended(103));
         assert_eq!(outage.succeeded_at(t0 + SUMMARY_EVERY * 3), Said::Nothing);
         // A new run begins with its own line.
-        assert_eq!(outage.failed_at(t0 + SUMMARY_EVERY * 3, "unavailable", &"x", 1), Said::Began);
+        assert_eq!(outage.failed_at(t0 + SUMMARY_EVERY * 3, "unavailable", &"x", None), Said::Began);
     }
 }

@@ -1349,6 +1349,9 @@ async fn applier(weak: Weak<Node>, regions: Arc<Regions>) {
     rand::fill(&mut instance);
     let mut holder = String::new();
     let mut backoff = Duration::from_millis(100);
+    // A primary region that is down for an hour is a line per run, one per 10 s, and one
+    // when the link is back — not one per retry.
+    let mut outage = crate::outage::Outage::new("replication step", crate::outage::Level::Warn);
     loop {
         let Some(node) = weak.upgrade() else { break };
         if holder.is_empty() {
@@ -1356,6 +1359,9 @@ async fn applier(weak: Weak<Node>, regions: Arc<Regions>) {
         }
         let outcome = applier_step(&node, &regions, &holder).await;
         drop(node);
+        if outcome.is_ok() {
+            outage.succeeded();
+        }
         match outcome {
             Ok(true) => backoff = Duration::from_millis(100),
             Ok(false) => {
@@ -1364,7 +1370,7 @@ async fn applier(weak: Weak<Node>, regions: Arc<Regions>) {
             }
             Err(err) => {
                 regions.lag.link_up.store(0, Ordering::Relaxed);
-                tracing::warn!(error = %err, "replication step failed; retrying");
+                outage.failed("link_down", &err, None);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

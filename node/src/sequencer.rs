@@ -613,10 +613,10 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
         match &outcome {
             // A store error says more than the request-facing "storage unavailable".
             Err(crate::error::ApiError::Store(err)) => {
-                outage.failed(err.code(), err, 0);
+                outage.failed(err.code(), err, None);
             }
             Err(err) => {
-                outage.failed(err.code(), err, 0);
+                outage.failed(err.code(), err, None);
             }
             Ok(_) => {
                 outage.succeeded();
