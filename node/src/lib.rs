@@ -32,7 +32,7 @@ pub mod listen;
 pub mod memo;
 pub mod metrics;
 pub mod node;
-mod outage;
+pub mod outage;
 mod pending;
 pub mod pgtls;
 pub mod policy;

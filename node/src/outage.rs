@@ -12,18 +12,18 @@
 use std::time::{Duration, Instant};
 
 /// How often a run of failures is summarised, at most.
-pub(crate) const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// How loud a loop's failures are.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Level {
+pub enum Level {
     Warn,
     Error,
 }
 
 /// The failures of one loop (`what`: "audit batch commit", "sequencer step").
 #[derive(Debug)]
-pub(crate) struct Outage {
+pub struct Outage {
     what: &'static str,
     level: Level,
     /// The run of failures under way, if the last attempt failed.
@@ -53,7 +53,7 @@ struct Counts {
 
 /// What [`Outage`] logged (returned for the tests).
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Said {
+pub enum Said {
     Nothing,
     /// The first failure of a run.
     Began,
@@ -64,24 +64,19 @@ pub(crate) enum Said {
 }
 
 impl Outage {
-    pub(crate) fn new(what: &'static str, level: Level) -> Self {
+    pub fn new(what: &'static str, level: Level) -> Self {
         Outage { what, level, run: None, last_line: None, held: Counts::default() }
     }
 
     /// One failure, of an attempt that carried `requests` requests (for loops that serve
     /// them). `code` and `error` are the store's, the API's or the loop's own: they never
     /// name a key or carry a value.
-    pub(crate) fn failed(
-        &mut self,
-        code: &str,
-        error: &dyn std::fmt::Display,
-        requests: Option<usize>,
-    ) -> Said {
+    pub fn failed(&mut self, code: &str, error: &dyn std::fmt::Display, requests: Option<usize>) -> Said {
         self.failed_at(Instant::now(), code, error, requests)
     }
 
     /// The loop worked.
-    pub(crate) fn succeeded(&mut self) -> Said {
+    pub fn succeeded(&mut self) -> Said {
         self.succeeded_at(Instant::now())
     }
 

@@ -27,6 +27,7 @@ use arca_audit::checkpoint::Checkpoint;
 use arca_node::error::ApiError;
 use arca_node::keys;
 use arca_node::node::now_unix_ms;
+use arca_node::outage::{Level, Outage};
 use arca_node::sequencer::{follow, lease_view, write_lease};
 use arca_store::{Store, StoreExt, Transaction};
 use hdrhistogram::Histogram;
@@ -233,6 +234,18 @@ pub enum ExportError {
     BadCheckpoint,
 }
 
+impl ExportError {
+    /// A stable, machine-readable code for logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ExportError::Store(err) => err.code(),
+            ExportError::Kafka(_) => "kafka",
+            ExportError::LostLease => "lost_lease",
+            ExportError::BadCheckpoint => "bad_checkpoint",
+        }
+    }
+}
+
 impl Exporter {
     pub fn new(
         store: Arc<dyn Store>,
@@ -273,8 +286,15 @@ impl Exporter {
             self.settings.poll_interval(),
         ));
         let mut backoff = self.settings.poll_interval();
+        // A broker down for an hour is a line when it goes, one per 10 s, and one when it is
+        // back: not one per retry.
+        let mut outage = Outage::new("export round", Level::Warn);
         loop {
-            let pause = match self.round().await {
+            let round = self.round().await;
+            if round.is_ok() {
+                outage.succeeded();
+            }
+            let pause = match round {
                 Ok(Progress::Published { .. }) => {
                     backoff = self.settings.poll_interval();
                     Duration::ZERO
@@ -285,7 +305,7 @@ impl Exporter {
                 }
                 Err(err) => {
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "export round failed");
+                    outage.failed(err.code(), &err, None);
                     if matches!(err, ExportError::Kafka(_)) {
                         // A failed round leaves the idempotent producer's sequence state
                         // unknown to the broker (after a timeout librdkafka bumps the epoch,
