@@ -136,11 +136,10 @@ impl Timeout {
     const ALL: [Timeout; 6] =
         [Timeout::Idle, Timeout::Handshake, Timeout::Header, Timeout::Body, Timeout::Write, Timeout::Age];
 
-    /// Whether `listener` ever counts this reason: the HTTP listener's connections are served
-    /// by our own hyper loop (its TLS handshakes and HTTP/1 head timeouts included); tonic
-    /// serves the gRPC and replication listeners' handshakes, and HTTP/2 has no head timeout.
+    /// Whether `listener` ever counts this reason: only the HTTP listener serves HTTP/1, whose
+    /// request heads have a timeout (HTTP/2's have none).
     fn counted_on(self, listener: &str) -> bool {
-        listener == "http" || !matches!(self, Timeout::Handshake | Timeout::Header)
+        listener == "http" || self != Timeout::Header
     }
 
     fn name(self) -> &'static str {
@@ -377,6 +376,76 @@ impl tokio_stream::Stream for Incoming {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_accept(cx).map(Some)
+    }
+}
+
+/// A connection after its TLS handshake.
+pub type TlsConn = tokio_rustls::server::TlsStream<Guarded>;
+
+/// The TLS handshake of an accepted connection, within [`Limits::tls_handshake_timeout`]: a
+/// handshake that takes longer is counted (`reason="tls_handshake"`) and the connection
+/// dropped, as is one that fails.
+pub async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    conn: Guarded,
+    timeout: Duration,
+) -> Option<TlsConn> {
+    let stats = conn.stats().clone();
+    let accepting = acceptor.accept(conn);
+    tokio::pin!(accepting);
+    tokio::select! {
+        accepted = &mut accepting => accepted.ok(),
+        () = tokio::time::sleep(timeout) => {
+            // Counted before the connection closes (with `accepting`), so that a peer that
+            // sees it closed finds it counted.
+            stats.timed_out(Timeout::Handshake);
+            None
+        }
+    }
+}
+
+/// A listener's connections once their TLS handshake is done, for tonic (which takes a
+/// stream of them): each handshake runs on a task of its own (a slow one holds up no other),
+/// through [`handshake`]. tonic finds the peer's certificates on each request
+/// (`Request::peer_certs`) from the stream's connect info, as when it does TLS itself.
+pub struct TlsIncoming {
+    ready: tokio::sync::mpsc::UnboundedReceiver<TlsConn>,
+}
+
+impl std::fmt::Debug for TlsIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIncoming").finish_non_exhaustive()
+    }
+}
+
+impl TlsIncoming {
+    pub fn new(mut incoming: Incoming, config: Arc<rustls::ServerConfig>, timeout: Duration) -> TlsIncoming {
+        let (tx, ready) = tokio::sync::mpsc::unbounded_channel();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                // Stops accepting once the server has dropped the stream.
+                let conn = tokio::select! {
+                    conn = incoming.accept() => conn,
+                    () = tx.closed() => return,
+                };
+                let (tx, acceptor) = (tx.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Some(tls) = handshake(&acceptor, conn, timeout).await {
+                        let _ = tx.send(tls);
+                    }
+                });
+            }
+        });
+        TlsIncoming { ready }
+    }
+}
+
+impl tokio_stream::Stream for TlsIncoming {
+    type Item = io::Result<TlsConn>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().ready.poll_recv(cx).map(|conn| conn.map(Ok))
     }
 }
 

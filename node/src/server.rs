@@ -10,14 +10,14 @@ use std::sync::Arc;
 
 use arca_audit::Source;
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use zeroize::Zeroizing;
 
 use arca_store::{SqliteConfig, SqliteStore, Store};
 
 use crate::config::{Engine, StorageSection};
 use crate::grpc::{ProxyConfig, Service};
-use crate::listen::{Incoming, Limits, Timeout};
+use crate::listen::{Incoming, Limits, Timeout, TlsIncoming};
 use crate::node::{Node, RequestContext};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -109,21 +109,13 @@ pub async fn serve_listener(
         return Err("refusing to serve plaintext gRPC on a non-loopback address".into());
     }
     let limits = &opts.limits;
-    let mut builder = grpc_builder(limits);
-    if let Some(tls) = &opts.tls {
-        let cert = std::fs::read(&tls.cert)?;
-        let key = Zeroizing::new(std::fs::read(&tls.key)?);
-        refuse_shared_key_file(&tls.key)?;
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, &*key))
-            .timeout(limits.tls_handshake_timeout);
-        if let Some(ca) = &tls.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
+    let grpc_tls = match &opts.tls {
+        Some(tls) => Some(grpc_tls_config(tls, tls.client_ca.as_deref())?),
+        None => {
+            tracing::warn!(%grpc_addr, "serving gRPC in PLAINTEXT on loopback: development only");
+            None
         }
-        builder = builder.tls_config(config)?;
-    } else {
-        tracing::warn!(%grpc_addr, "serving gRPC in PLAINTEXT on loopback: development only");
-    }
+    };
     if let Some(addr) = opts.http_addr {
         if opts.tls.is_none() && !addr.ip().is_loopback() {
             return Err("refusing to serve plaintext HTTP on a non-loopback address".into());
@@ -150,12 +142,54 @@ pub async fn serve_listener(
     std::io::stdout().flush()?;
     tracing::info!(%grpc_addr, tls = opts.tls.is_some(), "node serving");
     let service = Service::new(node, opts.proxy);
-    builder
+    let router = grpc_builder(limits)
         .layer(service.refusals_layer().body_timeout(limits.body_timeout, stats))
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_service(service.into_server());
+    match grpc_tls {
+        Some(config) => {
+            let incoming = TlsIncoming::new(incoming, config, limits.tls_handshake_timeout);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?
+        }
+        None => router.serve_with_incoming_shutdown(incoming, shutdown).await?,
+    }
     Ok(())
+}
+
+/// A gRPC listener's TLS settings: the node's certificate, HTTP/2 only, and, with
+/// `client_ca`, a client certificate it signed required of every client. The handshakes
+/// are ours, not tonic's ([`TlsIncoming`]), so that they are bounded and counted like the
+/// HTTP listener's.
+fn grpc_tls_config(
+    files: &TlsFiles,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    refuse_shared_key_file(&files.key)?;
+    let certs = CertificateDer::pem_file_iter(&files.cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)? {
+                roots.add(cert?)?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no CA certificate in it", ca.display()).into());
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// A gRPC server that pings its connections often enough that a live client's answers keep
@@ -179,38 +213,35 @@ async fn serve_replication(
 ) -> Result<(), BoxError> {
     let listener = TcpListener::bind(opts.addr).await?;
     let addr = listener.local_addr()?;
-    let mut builder = grpc_builder(limits);
-    match &opts.tls {
+    let tls = match &opts.tls {
         Some(tls) => {
             let ca = tls.client_ca.as_ref().ok_or("the replication listener needs the regions' CA")?;
-            let cert = std::fs::read(&tls.cert)?;
-            refuse_shared_key_file(&tls.key)?;
-            let key = Zeroizing::new(std::fs::read(&tls.key)?);
             // A client certificate signed by the regions' CA is required: only peer
             // regions may pull a feed or say hello.
-            let config = ServerTlsConfig::new()
-                .identity(Identity::from_pem(cert, &*key))
-                .client_ca_root(Certificate::from_pem(std::fs::read(ca)?))
-                .timeout(limits.tls_handshake_timeout);
-            builder = builder.tls_config(config)?;
+            Some(grpc_tls_config(tls, Some(ca))?)
         }
         None if addr.ip().is_loopback() => {
             tracing::warn!(%addr, "serving replication in PLAINTEXT on loopback: development only");
+            None
         }
         None => return Err("refusing to serve plaintext replication on a non-loopback address".into()),
-    }
+    };
     println!("arcad: replication listening on {addr}");
     let service = crate::region::ReplicationService::new(node.clone()).into_server();
     let stats = node.metrics().listener("replication");
     let incoming = Incoming::new(listener, limits, stats.clone());
-    let body_timeout = limits.body_timeout;
+    let router = grpc_builder(limits)
+        .layer(crate::grpc::AuditRefusalsLayer::replication(node).body_timeout(limits.body_timeout, stats))
+        .add_service(service);
+    let handshake_timeout = limits.tls_handshake_timeout;
     tokio::spawn(async move {
-        if let Err(err) = builder
-            .layer(crate::grpc::AuditRefusalsLayer::replication(node).body_timeout(body_timeout, stats))
-            .add_service(service)
-            .serve_with_incoming(incoming)
-            .await
-        {
+        let served = match tls {
+            Some(config) => {
+                router.serve_with_incoming(TlsIncoming::new(incoming, config, handshake_timeout)).await
+            }
+            None => router.serve_with_incoming(incoming).await,
+        };
+        if let Err(err) = served {
             tracing::error!(error = %err, "the replication listener stopped");
         }
     });
@@ -283,17 +314,11 @@ async fn serve_http(
         tokio::spawn(async move {
             let served = match acceptor {
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(conn)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let serving = builder.serve_connection(TokioIo::new(tls_stream), service);
-                            until_aged(serving, aged).await
-                        }
-                        Ok(Err(_)) => return,
-                        Err(_) => {
-                            stats.timed_out(Timeout::Handshake);
-                            return;
-                        }
-                    }
+                    let Some(tls_stream) = crate::listen::handshake(&acceptor, conn, handshake_timeout).await
+                    else {
+                        return;
+                    };
+                    until_aged(builder.serve_connection(TokioIo::new(tls_stream), service), aged).await
                 }
                 None => until_aged(builder.serve_connection(TokioIo::new(conn), service), aged).await,
             };

@@ -77,13 +77,14 @@ fn slow_or_silent_connections_are_closed_and_live_idle_grpc_clients_are_kept() {
     let before = server.metrics();
     assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"grpc\"}"), 64);
     assert_eq!(sample(&before, "arca_listener_max_connections{listener=\"http\"}"), 64);
-    // Each listener shows the reasons it counts: tonic does the gRPC listener's handshakes,
-    // and HTTP/2 has no head timeout.
+    // Each listener shows the reasons it counts: HTTP/2 has no head timeout.
     assert_eq!(sample(&before, "arca_listener_timeouts_total{listener=\"http\",reason=\"header\"}"), 0);
-    for reason in ["header", "tls_handshake"] {
-        let line = format!("arca_listener_timeouts_total{{listener=\"grpc\",reason=\"{reason}\"}}");
-        assert!(!before.contains(&line), "{line} is never counted, so not shown");
-    }
+    assert_eq!(
+        sample(&before, "arca_listener_timeouts_total{listener=\"grpc\",reason=\"tls_handshake\"}"),
+        0
+    );
+    let line = "arca_listener_timeouts_total{listener=\"grpc\",reason=\"header\"}";
+    assert!(!before.contains(line), "{line} is never counted, so not shown");
     assert_eq!(sample(&before, "arca_listener_timeouts_total{listener=\"grpc\",reason=\"write\"}"), 0);
 
     // A live gRPC client, idle for longer than the idle timeout between two calls, keeps its
@@ -144,11 +145,32 @@ fn a_tls_handshake_that_never_starts_is_cut_off_on_both_listeners() {
         ),
     );
     let server = common::start_server(&config, &[]);
+    // /metrics over HTTPS, trusting the test CA.
+    let ca = ureq::tls::Certificate::from_pem(&std::fs::read(&ca.ca_file).unwrap()).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![ca])))
+                .build(),
+        )
+        .build()
+        .into();
+    let https = format!("https://localhost:{}", host_port(&server.http).rsplit_once(':').unwrap().1);
+    let handshakes_cut = |listener: &str| {
+        let metrics =
+            agent.get(format!("{https}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+        sample(
+            &metrics,
+            &format!("arca_listener_timeouts_total{{listener=\"{listener}\",reason=\"tls_handshake\"}}"),
+        )
+    };
     // With the idle timeout at ten minutes, only the handshake timeout can close these
-    // within the fifteen seconds allowed.
-    for url in [&server.http, &server.addr] {
+    // within the fifteen seconds allowed; each listener counts its own.
+    for (url, listener) in [(&server.http, "http"), (&server.addr, "grpc")] {
+        let before = handshakes_cut(listener);
         let (took, _) = closed_after(host_port(url), b"", Duration::from_secs(15));
         assert!(took >= Duration::from_millis(500), "{url}: closed after {took:?}");
+        assert_eq!(handshakes_cut(listener), before + 1, "{listener}: the cut handshake was not counted");
     }
 }
 
