@@ -163,11 +163,23 @@ fn grpc_tls_config(
     files: &TlsFiles,
     client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, BoxError> {
+    tls_config(files, client_ca, &[b"h2"])
+}
+
+/// A listener's rustls settings (ring, TLS 1.2 and 1.3): `files`' certificate chain and
+/// key (a key file that group or others can read is refused; its PEM is zeroized once
+/// parsed), a client certificate signed by `client_ca` required when one is given, and
+/// `alpn` in order of preference.
+fn tls_config(
+    files: &TlsFiles,
+    client_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, BoxError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     refuse_shared_key_file(&files.key)?;
     let certs = CertificateDer::pem_file_iter(&files.cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&Zeroizing::new(std::fs::read(&files.key)?))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -188,7 +200,7 @@ fn grpc_tls_config(
         }
     };
     let mut config = builder.with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -257,19 +269,9 @@ fn refuse_shared_key_file(path: &Path) -> Result<(), BoxError> {
 }
 
 /// The HTTP listener's TLS settings: the gRPC listener's certificate, no client certificate
-/// (what it serves is public).
+/// (what it serves is public), HTTP/2 or HTTP/1.1.
 fn http_tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BoxError> {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(&files.cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    tls_config(files, None, &[b"h2", b"http/1.1"])
 }
 
 async fn serve_http(

@@ -28,12 +28,13 @@ fn host_port(url: &str) -> &str {
 }
 
 /// Connects to `addr`, sends `bytes`, and reads until the server closes the connection;
-/// returns how long that took after the send, and everything the server sent. Fails if the
-/// connection is still open after `within`.
+/// returns how long that took from before the connect (the server's timers start at its
+/// accept, which may come before the client has its connection back), and everything the
+/// server sent. Fails if the connection is still open after `within`.
 fn closed_after(addr: &str, bytes: &[u8], within: Duration) -> (Duration, Vec<u8>) {
+    let sent = Instant::now();
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.write_all(bytes).unwrap();
-    let sent = Instant::now();
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
