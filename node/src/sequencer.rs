@@ -612,8 +612,15 @@ fn sequence(weak: &Weak<Node>, holder: &str, config: &SequencerConfig) {
         drop(node);
         match &outcome {
             // A store error says more than the request-facing "storage unavailable".
-            Err(crate::error::ApiError::Store(err)) => {
+            Err(ApiError::Store(err)) => {
                 outage.failed(err.code(), err, None);
+            }
+            Err(ApiError::Unavailable) => {
+                outage.failed(
+                    "batch_failed",
+                    &"the batch it joined did not commit (the committer's line says why)",
+                    None,
+                );
             }
             Err(err) => {
                 outage.failed(err.code(), err, None);
