@@ -274,6 +274,9 @@ pub struct Incoming {
     /// From accept to the cut: the age and its grace.
     lifetime: Duration,
     stats: Arc<ListenerStats>,
+    /// Accept errors (out of file descriptors: one every 50 ms while it lasts), logged a few
+    /// lines per 10 s.
+    failures: crate::outage::Outage,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -295,6 +298,7 @@ impl Incoming {
             idle_timeout: limits.idle_timeout,
             lifetime: limits.max_connection_age + limits.max_connection_age_grace,
             stats,
+            failures: crate::outage::Outage::new("accept", crate::outage::Level::Warn),
         }
     }
 
@@ -303,8 +307,13 @@ impl Incoming {
     pub async fn accept(&mut self) -> Guarded {
         loop {
             match std::future::poll_fn(|cx| self.poll_accept(cx)).await {
-                Ok(conn) => return conn,
-                Err(err) => tracing::warn!(error = %err, "accept failed"),
+                Ok(conn) => {
+                    self.failures.succeeded();
+                    return conn;
+                }
+                Err(err) => {
+                    self.failures.failed("accept", &err, None);
+                }
             }
         }
     }
