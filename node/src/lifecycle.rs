@@ -21,7 +21,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arca_audit::Operation;
 use base64::Engine as _;
@@ -833,12 +833,13 @@ pub fn start(node: &Arc<Node>, config: LifecycleConfig) {
     let node = node.clone();
     tokio::spawn(async move {
         let holder = format!("{}/{}", node.identity.node, rand_id());
+        let mut retries = Retries::default();
         loop {
             tokio::time::sleep(interval).await;
             if node.barrier.is_sealed() {
                 continue;
             }
-            match scheduler_round(&node, &holder).await {
+            match scheduler_round(&node, &holder, &mut retries).await {
                 Ok(()) => {}
                 Err(err) => tracing::debug!(error = %err, "rotation round"),
             }
@@ -852,7 +853,47 @@ fn rand_id() -> String {
     hex::encode(b)
 }
 
-async fn scheduler_round(node: &Arc<Node>, holder: &str) -> Result<(), ApiError> {
+/// The first wait before a failed rotation is tried again; it doubles with each failure.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between tries of a rotation that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Rotations that failed, and when each may be tried again. Each try is an audit event, a
+/// log line and a call to the target system, so a broken rotator is not run every round
+/// (twice a second) but after a wait that doubles, 1 s up to 5 min. Kept in memory: a new
+/// scheduler (after a restart or a lease change) tries once at once, then backs off.
+#[derive(Default)]
+struct Retries {
+    failing: std::collections::HashMap<(String, String), Retry>,
+}
+
+struct Retry {
+    failures: u32,
+    wait: Duration,
+    not_before: Instant,
+}
+
+impl Retries {
+    fn due(&self, key: &(String, String), now: Instant) -> bool {
+        self.failing.get(key).is_none_or(|r| now >= r.not_before)
+    }
+
+    /// Records a failure; answers how many in a row and the wait before the next try.
+    fn failed(&mut self, key: (String, String), now: Instant) -> (u32, Duration) {
+        let retry =
+            self.failing.entry(key).or_insert(Retry { failures: 0, wait: Duration::ZERO, not_before: now });
+        retry.failures += 1;
+        retry.wait = if retry.wait.is_zero() { RETRY_FIRST } else { (retry.wait * 2).min(RETRY_MAX) };
+        retry.not_before = now + retry.wait;
+        (retry.failures, retry.wait)
+    }
+
+    fn succeeded(&mut self, key: &(String, String)) {
+        self.failing.remove(key);
+    }
+}
+
+async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) -> Result<(), ApiError> {
     use arca_store::StoreExt as _;
     let lease_key = keys::rotation_lease(&node.identity.region);
     let holder_owned = holder.to_owned();
@@ -895,12 +936,31 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str) -> Result<(), ApiError>
             Ok(tx.get_range(&prefix, &end, arca_store::RangeOptions::default())?)
         })?
         .value;
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
     for row in rows {
         let Ok(entry) = serde_json::from_slice::<IndexEntry>(&row.value) else { continue };
-        if let Err(err) = node.rotate(&entry.mount, &entry.path, false).await {
-            tracing::warn!(mount = %entry.mount, path = %entry.path, error = %err, "rotation failed; retried next round");
+        let key = (entry.mount, entry.path);
+        seen.insert(key.clone());
+        if !retries.due(&key, Instant::now()) {
+            continue;
+        }
+        match node.rotate(&key.0, &key.1, false).await {
+            Ok(_) => retries.succeeded(&key),
+            Err(err) => {
+                let (failures, wait) = retries.failed(key.clone(), Instant::now());
+                tracing::warn!(
+                    mount = %key.0,
+                    path = %key.1,
+                    error = %err,
+                    failures,
+                    retry_in_s = wait.as_secs(),
+                    "rotation failed; tried again after a wait that doubles with each failure"
+                );
+            }
         }
     }
+    // A secret no longer scheduled (deleted, or its rotation cleared) is forgotten.
+    retries.failing.retain(|key, _| seen.contains(key));
     Ok(())
 }
 
@@ -921,6 +981,30 @@ mod tests {
         for bad in ["", "* * * *", "61 * * * *", "* 24 * * *", "*/0 * * * *", "a b c d e", "0 0 31 2 *"] {
             assert!(cron_next(bad, thursday).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_failing_rotation_waits_longer_after_each_failure_and_not_at_all_once_it_works() {
+        let mut retries = Retries::default();
+        let key = ("secret".to_owned(), "app/pg".to_owned());
+        let other = ("secret".to_owned(), "app/redis".to_owned());
+        let t0 = Instant::now();
+        assert!(retries.due(&key, t0), "a rotation that never failed is due at once");
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let (failures, wait) = retries.failed(key.clone(), now);
+            assert_eq!(failures as usize, waits.len() + 1);
+            assert!(!retries.due(&key, now + wait - Duration::from_millis(1)));
+            assert!(retries.due(&other, now), "one secret's failures hold back no other");
+            now += wait;
+            assert!(retries.due(&key, now));
+            waits.push(wait.as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        retries.succeeded(&key);
+        assert!(retries.due(&key, now));
+        assert_eq!(retries.failed(key.clone(), now).1, RETRY_FIRST, "a success starts the waits over");
     }
 
     #[test]

@@ -228,6 +228,72 @@ fn an_external_rotator_resumes_after_a_crash_between_steps() {
     );
 }
 
+/// A rotator that keeps failing is tried again after a wait that doubles (1 s, 2 s, 4 s, …),
+/// not every scheduler round (twice a second: each try an audit event, a log line and a call
+/// to the target system), and the scheduler finishes the rotation once the rotator works.
+#[test]
+fn a_failing_rotator_is_tried_again_after_growing_waits_and_finished_once_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let rotators = dir.path().join("rotators");
+    std::fs::create_dir(&rotators).unwrap();
+    let tries = dir.path().join("tries.log");
+    let broken = dir.path().join("broken");
+    std::fs::write(&broken, "").unwrap();
+    let script = rotators.join("flaky");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ninput=$(cat)\necho \"$1 $(date +%s.%N)\" >> {tries}\n[ -e {broken} ] && exit 3\n\
+             [ \"$1\" = create ] && echo '{{\"password\":\"rotated\"}}'\nexit 0\n",
+            tries = tries.display(),
+            broken = broken.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let rotators_arg = rotators.display().to_string();
+    let server = start_args(&data, "n1", &[], &["--rotators-dir", &rotators_arg]);
+    let root = root(&data);
+    ok(&server, &root, &["kv", "put", "secret/app/pg", "password=old"]);
+    ok(&server, &root, &common::rotation_set("secret/app/pg", "3600", "exec", &["--command", "flaky"]));
+    // An operator's rotation fails and stays under way: the scheduler takes it from there.
+    let failed = arca(&server, Some(&root), &["rotate", "secret/app/pg"]);
+    assert_ne!(failed.code, 0, "the rotator is broken: {}", failed.stdout);
+    let times = || -> Vec<f64> {
+        std::fs::read_to_string(&tries)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect()
+    };
+    let first = times()[0];
+    // Watch the 6.5 s after the first try (the point is what does not happen in it): tries at
+    // about 0 (the operator's), 0.5 (the scheduler's first), +1 s, +2 s, then +4 s falls
+    // outside. Every round would be ~14.
+    wait("6.5 s to pass after the first try", || {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+            > first + 6.5
+    });
+    let within: Vec<f64> = times().into_iter().filter(|t| *t <= first + 6.5).collect();
+    assert!(
+        (2..=5).contains(&within.len()),
+        "{} tries in the 6.5 s after the first: {:?}",
+        within.len(),
+        within.iter().map(|t| format!("{:.2}", t - first)).collect::<Vec<_>>()
+    );
+    for pair in within.windows(2).skip(1) {
+        assert!(pair[1] - pair[0] >= 0.9, "tries {:.2} s apart: {within:?}", pair[1] - pair[0]);
+    }
+
+    // Fixed: the scheduler's next try finishes the rotation, with no one asking.
+    std::fs::remove_file(&broken).unwrap();
+    wait("the scheduler to finish the rotation", || {
+        metadata(&server, &root, "secret/app/pg")["stages"]["current"] == 2
+    });
+    assert_eq!(ok(&server, &root, &["kv", "get", "secret/app/pg"])["data"]["password"], "rotated");
+}
+
 /// A one-route HTTP rotator hook: records each step; `create` answers new data.
 fn hook_server() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader, Read, Write};
