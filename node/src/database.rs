@@ -610,32 +610,71 @@ impl Node {
         dropped.result
     }
 
-    /// The reaper's round: revokes up to [`REAP_BATCH`] expired leases.
-    pub(crate) async fn reap_expired(self: &Arc<Self>) -> Result<usize, ApiError> {
+    /// The reaper's round: tries to revoke up to [`REAP_BATCH`] expired leases, oldest first,
+    /// passing over those still waiting after a failure (`retries`), so leases whose
+    /// revocation keeps failing (their database down, say) hold back no others.
+    pub(crate) async fn reap_expired(
+        self: &Arc<Self>,
+        retries: &mut crate::backoff::Backoff<String>,
+    ) -> Result<usize, ApiError> {
         use arca_store::StoreExt as _;
-        let begin = keys::lease_expiry_prefix();
+        let mut begin = keys::lease_expiry_prefix();
         let end = keys::lease_expiry(self.now() + 1, "");
-        let rows = self
-            .store
-            .transact(|tx| -> Result<_, ApiError> {
-                Ok(tx.get_range(&begin, &end, arca_store::RangeOptions::limit(REAP_BATCH))?)
-            })?
-            .value;
-        let mut reaped = 0;
-        for row in rows {
-            let Some(id) = arca_store::tuple::unpack(&row.key)
-                .ok()
-                .and_then(|t| t.last().and_then(|e| e.as_str().map(str::to_owned)))
-            else {
-                continue;
-            };
-            match self.reap(&id).await {
-                Ok(()) => reaped += 1,
-                Err(err) => {
-                    tracing::warn!(lease = %id, error = %err, "lease revocation failed; retried next round")
+        let (mut tried, mut reaped) = (0, 0);
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let rows = self
+                .store
+                .transact(|tx| -> Result<_, ApiError> {
+                    Ok(tx.get_range(&begin, &end, arca_store::RangeOptions::limit(REAP_BATCH))?)
+                })?
+                .value;
+            let more = rows.len() == REAP_BATCH;
+            if let Some(last) = rows.last() {
+                begin = last.key.clone();
+                begin.push(0);
+            }
+            for row in rows {
+                let Some(id) = arca_store::tuple::unpack(&row.key)
+                    .ok()
+                    .and_then(|t| t.last().and_then(|e| e.as_str().map(str::to_owned)))
+                else {
+                    continue;
+                };
+                if !retries.due(&id, std::time::Instant::now()) {
+                    seen.insert(id);
+                    continue;
+                }
+                if tried == REAP_BATCH {
+                    // The rest next round; what waits is kept, scanned or not.
+                    return Ok(reaped);
+                }
+                tried += 1;
+                match self.reap(&id).await {
+                    Ok(()) => {
+                        reaped += 1;
+                        retries.succeeded(&id);
+                    }
+                    Err(err) => {
+                        let (failures, wait) = retries.failed(id.clone(), std::time::Instant::now());
+                        tracing::warn!(
+                            lease = %id,
+                            error = %err,
+                            failures,
+                            retry_in_s = wait.as_secs(),
+                            "lease revocation failed; tried again after a wait that doubles with each failure"
+                        );
+                        seen.insert(id);
+                    }
                 }
             }
+            if !more {
+                break;
+            }
         }
+        // Every expired lease was scanned: one waiting that is gone (revoked by hand, renewed
+        // past now) is forgotten.
+        retries.keep_only(&seen);
         Ok(reaped)
     }
 }

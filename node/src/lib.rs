@@ -16,6 +16,7 @@
 pub mod access;
 pub mod archive;
 pub mod auth;
+pub mod backoff;
 pub mod barrier;
 pub mod codec;
 pub mod committer;

@@ -28,6 +28,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::backoff::Backoff;
 use crate::error::ApiError;
 use crate::keys;
 use crate::kv::{self, Metadata, NewVersionStage, STAGE_CURRENT, STAGE_PENDING, STAGE_PREVIOUS, SecretData};
@@ -853,44 +854,11 @@ fn rand_id() -> String {
     hex::encode(b)
 }
 
-/// The first wait before a failed rotation is tried again; it doubles with each failure.
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-/// The longest wait between tries of a rotation that keeps failing.
-const RETRY_MAX: Duration = Duration::from_secs(300);
-
-/// Rotations that failed, and when each may be tried again. Each try is an audit event, a
-/// log line and a call to the target system, so a broken rotator is not run every round
-/// (twice a second) but after a wait that doubles, 1 s up to 5 min. Kept in memory: a new
-/// scheduler (after a restart or a lease change) tries once at once, then backs off.
+/// The scheduler's memory of what failed: rotations by (mount, path), revocations by lease.
 #[derive(Default)]
 struct Retries {
-    failing: std::collections::HashMap<(String, String), Retry>,
-}
-
-struct Retry {
-    failures: u32,
-    wait: Duration,
-    not_before: Instant,
-}
-
-impl Retries {
-    fn due(&self, key: &(String, String), now: Instant) -> bool {
-        self.failing.get(key).is_none_or(|r| now >= r.not_before)
-    }
-
-    /// Records a failure; answers how many in a row and the wait before the next try.
-    fn failed(&mut self, key: (String, String), now: Instant) -> (u32, Duration) {
-        let retry =
-            self.failing.entry(key).or_insert(Retry { failures: 0, wait: Duration::ZERO, not_before: now });
-        retry.failures += 1;
-        retry.wait = if retry.wait.is_zero() { RETRY_FIRST } else { (retry.wait * 2).min(RETRY_MAX) };
-        retry.not_before = now + retry.wait;
-        (retry.failures, retry.wait)
-    }
-
-    fn succeeded(&mut self, key: &(String, String)) {
-        self.failing.remove(key);
-    }
+    rotations: Backoff<(String, String)>,
+    leases: Backoff<String>,
 }
 
 async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) -> Result<(), ApiError> {
@@ -922,7 +890,7 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) 
     if let Err(err) = node.access_expire_sweep().await {
         tracing::debug!(error = %err, "access expiry sweep");
     }
-    if let Err(err) = node.reap_expired().await {
+    if let Err(err) = node.reap_expired(&mut retries.leases).await {
         tracing::debug!(error = %err, "lease reaper");
     }
     if let Err(err) = node.wrap_expire_sweep().await {
@@ -941,13 +909,13 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) 
         let Ok(entry) = serde_json::from_slice::<IndexEntry>(&row.value) else { continue };
         let key = (entry.mount, entry.path);
         seen.insert(key.clone());
-        if !retries.due(&key, Instant::now()) {
+        if !retries.rotations.due(&key, Instant::now()) {
             continue;
         }
         match node.rotate(&key.0, &key.1, false).await {
-            Ok(_) => retries.succeeded(&key),
+            Ok(_) => retries.rotations.succeeded(&key),
             Err(err) => {
-                let (failures, wait) = retries.failed(key.clone(), Instant::now());
+                let (failures, wait) = retries.rotations.failed(key.clone(), Instant::now());
                 tracing::warn!(
                     mount = %key.0,
                     path = %key.1,
@@ -960,7 +928,7 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) 
         }
     }
     // A secret no longer scheduled (deleted, or its rotation cleared) is forgotten.
-    retries.failing.retain(|key, _| seen.contains(key));
+    retries.rotations.keep_only(&seen);
     Ok(())
 }
 
@@ -981,30 +949,6 @@ mod tests {
         for bad in ["", "* * * *", "61 * * * *", "* 24 * * *", "*/0 * * * *", "a b c d e", "0 0 31 2 *"] {
             assert!(cron_next(bad, thursday).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn a_failing_rotation_waits_longer_after_each_failure_and_not_at_all_once_it_works() {
-        let mut retries = Retries::default();
-        let key = ("secret".to_owned(), "app/pg".to_owned());
-        let other = ("secret".to_owned(), "app/redis".to_owned());
-        let t0 = Instant::now();
-        assert!(retries.due(&key, t0), "a rotation that never failed is due at once");
-        let mut now = t0;
-        let mut waits = Vec::new();
-        for _ in 0..12 {
-            let (failures, wait) = retries.failed(key.clone(), now);
-            assert_eq!(failures as usize, waits.len() + 1);
-            assert!(!retries.due(&key, now + wait - Duration::from_millis(1)));
-            assert!(retries.due(&other, now), "one secret's failures hold back no other");
-            now += wait;
-            assert!(retries.due(&key, now));
-            waits.push(wait.as_secs());
-        }
-        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
-        retries.succeeded(&key);
-        assert!(retries.due(&key, now));
-        assert_eq!(retries.failed(key.clone(), now).1, RETRY_FIRST, "a success starts the waits over");
     }
 
     #[test]

@@ -432,3 +432,108 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
         assert!(!log.contains(secret.as_str()), "a password is in the node's log");
     }
 }
+
+/// Seconds since midnight UTC of a log line in the node's text format
+/// (`2026-12-08T01:23:45.123456Z  WARN …`).
+fn logged_at(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s): (f64, f64, f64) =
+        (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn now_of_day() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() % 86_400.0
+}
+
+/// Expired leases whose revocation keeps failing (here a revocation statement that divides
+/// by zero until the test fills a table) are tried again after a wait that doubles (1 s,
+/// 2 s, 4 s, …), not every scheduler round (twice a second: each try an audit event, a log
+/// line and a database session), and more of them than the reaper takes in a round
+/// ([`arca_node::database::REAP_BATCH`]) hold back no other lease: before, the same
+/// hundred failed every round and a lease expiring after them was never revoked.
+#[test]
+fn leases_whose_revocation_fails_wait_longer_each_time_and_hold_back_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path());
+    let data = dir.path().join("data");
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let server = start_at(&data, "n1", &grpc, &[], &[]);
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    let url_file = dir.path().join("pg-url");
+    std::fs::write(&url_file, &pg.url).unwrap();
+    ok(&server, &root, &["db", "config", "pg", "--url", &format!("@{}", url_file.display())]);
+    let admin = |sql: &str| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.unwrap();
+        })
+    };
+    admin("CREATE TABLE gate (open int)");
+    let gated = "SELECT 1 / (SELECT count(*)::int FROM gate); DROP ROLE \"{{name}}\";";
+    let role = |name: &str, revocation: Option<&str>| {
+        let mut args = vec!["db", "role", name, "--db", "pg", "--creation-sql", CREATION, "--ttl", "1s"];
+        args.extend(["--max-ttl", "60s", "--max-leases-per-identity", "1000"]);
+        if let Some(sql) = revocation {
+            args.extend(["--revocation-sql", sql]);
+        }
+        ok(&server, &root, &args);
+    };
+    role("gated", Some(gated));
+    role("plain", None);
+    let issue = |role: &str| {
+        let mut response = ureq::get(format!("{}/v1/database/creds/{role}", server.http))
+            .header("X-Vault-Token", &root)
+            .call()
+            .unwrap();
+        let v: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        let (user, password) = vault_creds(&v);
+        (user, password, v["lease_id"].as_str().unwrap().to_owned())
+    };
+    let batch = arca_node::database::REAP_BATCH;
+    let stuck: Vec<String> = (0..=batch).map(|_| issue("gated").2).collect();
+    let (user, password, lease) = issue("plain");
+    assert!(can_log_in(pg.port, &user, &password));
+
+    // The plain lease expires after more than a round's worth of failing ones: revoked.
+    wait("the reaper to revoke the lease behind the failing ones", || {
+        arca(&server, Some(&root), &["lease", "lookup", &lease]).code == 4
+    });
+    assert!(!can_log_in(pg.port, &user, &password), "expired credentials no longer log in");
+
+    // One failing lease's tries, from the node's log: at about 0, +1 s, +3 s (then +7 s),
+    // where every round would be ~13 in 6.5 s.
+    let marker = format!("lease={} ", stuck[0]);
+    let tries = || -> Vec<f64> {
+        std::fs::read_to_string(&server.stderr_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("lease revocation failed") && l.contains(&marker))
+            .filter_map(logged_at)
+            .collect()
+    };
+    wait("the first failed revocation in the log", || !tries().is_empty());
+    let first = tries()[0];
+    wait("6.5 s to pass after the first try", || (now_of_day() - first).rem_euclid(86_400.0) > 6.5);
+    let within: Vec<f64> = tries().into_iter().filter(|t| (t - first).rem_euclid(86_400.0) <= 6.5).collect();
+    assert!(
+        (2..=4).contains(&within.len()),
+        "{} tries in the 6.5 s after the first: {:?}",
+        within.len(),
+        within.iter().map(|t| format!("{:.2}", t - first)).collect::<Vec<_>>()
+    );
+    for pair in within.windows(2) {
+        assert!(pair[1] - pair[0] >= 0.9, "tries {:.2} s apart: {within:?}", pair[1] - pair[0]);
+    }
+
+    // Fixed: the reaper's next tries revoke them, with no one asking.
+    admin("INSERT INTO gate VALUES (1)");
+    for id in [&stuck[0], &stuck[batch]] {
+        wait("the reaper to revoke a lease once its revocation works", || {
+            arca(&server, Some(&root), &["lease", "lookup", id]).code == 4
+        });
+    }
+}
