@@ -266,17 +266,39 @@ fn transient(code: &str) -> bool {
     code.starts_with("40") || code == "55P03" || code == "XX000"
 }
 
+/// Why statements failed on a connection's database.
+#[derive(Debug)]
+enum SqlError {
+    /// The database was not reached, or did not answer in time: no session, a dropped one,
+    /// or no reply within [`SQL_TIMEOUT`]. The database's failure, not the statements'.
+    Unreachable(&'static str),
+    /// The database answered and refused the statements, with this SQLSTATE.
+    Refused(String),
+    /// The connection's settings could not be used (TLS material).
+    Settings(String),
+}
+
+impl From<SqlError> for ApiError {
+    fn from(err: SqlError) -> ApiError {
+        ApiError::FailedPrecondition(match err {
+            SqlError::Unreachable(why) => format!("the database {why}"),
+            SqlError::Refused(code) => format!("the database refused the statements (SQLSTATE {code})"),
+            SqlError::Settings(why) => why,
+        })
+    }
+}
+
 /// Runs statements on the connection's database, retrying a transient failure
 /// ([`SQL_ATTEMPTS`] attempts, with jittered backoff from 25 ms). Errors carry the SQLSTATE
 /// only (a message might quote a statement, and a statement may hold a password).
-async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
-    let (url, mode) = crate::pgtls::prepare(&target.url).map_err(ApiError::FailedPrecondition)?;
+async fn run_sql(target: &Target, sql: &str) -> Result<(), SqlError> {
+    let (url, mode) = crate::pgtls::prepare(&target.url).map_err(SqlError::Settings)?;
     let url = Zeroizing::new(url);
     let tls = match mode {
         crate::pgtls::TlsMode::Off => None,
         mode => Some(
             crate::pgtls::connector(mode, target.tls.ca_pem.as_deref(), target.tls.client())
-                .map_err(ApiError::FailedPrecondition)?,
+                .map_err(SqlError::Settings)?,
         ),
     };
     let mut attempt = 1;
@@ -290,7 +312,10 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
         let err = match tokio::time::timeout(SQL_TIMEOUT, work).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(err)) => err,
-            Err(_) => return Err(ApiError::Unavailable),
+            Err(_) => {
+                tracing::warn!("the database did not answer in time");
+                return Err(SqlError::Unreachable("did not answer within 10 s"));
+            }
         };
         let code = err.code().map_or("connection", |c| c.code());
         if attempt < SQL_ATTEMPTS && transient(code) {
@@ -301,10 +326,12 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), ApiError> {
             attempt += 1;
             continue;
         }
+        if err.code().is_none() {
+            tracing::warn!("the database could not be reached, or dropped the session");
+            return Err(SqlError::Unreachable("could not be reached, or dropped the session"));
+        }
         tracing::warn!(sqlstate = code, "the database refused a statement");
-        return Err(ApiError::FailedPrecondition(format!(
-            "the database refused the statements (SQLSTATE {code})"
-        )));
+        return Err(SqlError::Refused(code.to_owned()));
     }
 }
 
@@ -456,7 +483,7 @@ impl Node {
                     Err(err) => {
                         // Nothing to keep: drop the lease now (the user may half-exist: revoke).
                         let _ = self.reap(&lease.id).await;
-                        Err(err)
+                        Err(err.into())
                     }
                 }
             }
@@ -495,7 +522,7 @@ impl Node {
             Err(e) => Err(e),
             Ok((lease, target, sql)) => {
                 let sql = render(&sql, &lease.username, "", lease.expire_unix_ms);
-                run_sql(&target, &sql).await.map(|()| lease)
+                run_sql(&target, &sql).await.map(|()| lease).map_err(ApiError::from)
             }
         };
         Audited { result, request_id, position }
@@ -584,6 +611,17 @@ impl Node {
     /// creation's cleanup may name the same lease, and the second then finds it gone instead
     /// of dropping the same user at the same time.
     pub(crate) async fn reap(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+        self.reap_unless_waiting(id, None).await
+    }
+
+    /// [`Node::reap`], for the reaper: a lease whose database is waiting after it could not
+    /// be reached (`databases`) fails at once instead of waiting out another session's
+    /// timeout, and the session's outcome says whether the database is reachable.
+    async fn reap_unless_waiting(
+        self: &Arc<Self>,
+        id: &str,
+        databases: Option<&mut crate::backoff::Backoff<String>>,
+    ) -> Result<(), ApiError> {
         let _one_at_a_time = self.reaping.lock().await;
         let lid = id.to_owned();
         let look = self
@@ -597,7 +635,31 @@ impl Node {
             })
             .await;
         let Some((lease, target, sql)) = look.result? else { return Ok(()) };
-        run_sql(&target, &render(&sql, &lease.username, "", lease.expire_unix_ms)).await?;
+        if let Some(databases) = databases.as_deref()
+            && !databases.due(&lease.db, std::time::Instant::now())
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "database connection {:?} could not be reached lately: waiting before trying it again",
+                lease.db
+            )));
+        }
+        let ran = run_sql(&target, &render(&sql, &lease.username, "", lease.expire_unix_ms)).await;
+        if let Some(databases) = databases {
+            match &ran {
+                Err(SqlError::Unreachable(_)) => {
+                    let (failures, wait) = databases.failed(lease.db.clone(), std::time::Instant::now());
+                    tracing::warn!(
+                        db = %lease.db,
+                        failures,
+                        retry_in_s = wait.as_secs(),
+                        "database connection unreachable: its leases wait before the next session"
+                    );
+                }
+                Ok(()) | Err(SqlError::Refused(_)) => databases.succeeded(&lease.db),
+                Err(SqlError::Settings(_)) => {}
+            }
+        }
+        ran?;
         let dropped = self
             .execute_system(Operation::LeaseReap, format!("sys/leases/reap/{}", lease.id), move |env| {
                 env.actor.entity = "system:leases".into();
@@ -616,6 +678,7 @@ impl Node {
     pub(crate) async fn reap_expired(
         self: &Arc<Self>,
         retries: &mut crate::backoff::Backoff<String>,
+        databases: &mut crate::backoff::Backoff<String>,
     ) -> Result<usize, ApiError> {
         use arca_store::StoreExt as _;
         let mut begin = keys::lease_expiry_prefix();
@@ -650,7 +713,7 @@ impl Node {
                     return Ok(reaped);
                 }
                 tried += 1;
-                match self.reap(&id).await {
+                match self.reap_unless_waiting(&id, Some(databases)).await {
                     Ok(()) => {
                         reaped += 1;
                         retries.succeeded(&id);

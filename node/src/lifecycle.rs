@@ -854,11 +854,14 @@ fn rand_id() -> String {
     hex::encode(b)
 }
 
-/// The scheduler's memory of what failed: rotations by (mount, path), revocations by lease.
+/// The scheduler's memory of what failed: rotations by (mount, path), revocations by lease,
+/// and databases the reaper could not reach.
 #[derive(Default)]
 struct Retries {
     rotations: Backoff<(String, String)>,
     leases: Backoff<String>,
+    /// Database connections the reaper could not reach, by name.
+    databases: Backoff<String>,
 }
 
 async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) -> Result<(), ApiError> {
@@ -890,7 +893,7 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) 
     if let Err(err) = node.access_expire_sweep().await {
         tracing::debug!(error = %err, "access expiry sweep");
     }
-    if let Err(err) = node.reap_expired(&mut retries.leases).await {
+    if let Err(err) = node.reap_expired(&mut retries.leases, &mut retries.databases).await {
         tracing::debug!(error = %err, "lease reaper");
     }
     if let Err(err) = node.wrap_expire_sweep().await {
