@@ -433,6 +433,23 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
     }
 }
 
+/// A private PostgreSQL, a node and its root token, with connection `pg` to the one.
+fn node_with_postgres(dir: &Path) -> (Postgres, Server, String) {
+    let pg = Postgres::start(dir);
+    let data = dir.join("data");
+    let server = start_at(&data, "n1", &format!("127.0.0.1:{}", free_port()), &[], &[]);
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    configure(&server, &root, dir, "pg", &pg.url);
+    (pg, server, root)
+}
+
+/// Writes connection `name` to `url`, passed in a file as an operator would (`@FILE`).
+fn configure(server: &Server, root: &str, dir: &Path, name: &str, url: &str) {
+    let file = dir.join("pg-url");
+    std::fs::write(&file, url).unwrap();
+    ok(server, root, &["db", "config", name, "--url", &format!("@{}", file.display())]);
+}
+
 /// Seconds since midnight UTC of a log line in the node's text format
 /// (`2026-12-08T01:23:45.123456Z  WARN …`).
 fn logged_at(line: &str) -> Option<f64> {
@@ -452,14 +469,7 @@ fn logged_at(line: &str) -> Option<f64> {
 #[test]
 fn leases_whose_revocation_fails_wait_longer_each_time_and_hold_back_no_other() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(dir.path());
-    let data = dir.path().join("data");
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let server = start_at(&data, "n1", &grpc, &[], &[]);
-    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
-    let url_file = dir.path().join("pg-url");
-    std::fs::write(&url_file, &pg.url).unwrap();
-    ok(&server, &root, &["db", "config", "pg", "--url", &format!("@{}", url_file.display())]);
+    let (pg, server, root) = node_with_postgres(dir.path());
     let admin = |sql: &str| {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
@@ -546,17 +556,8 @@ fn leases_whose_revocation_fails_wait_longer_each_time_and_hold_back_no_other() 
 #[test]
 fn a_database_that_never_answers_holds_back_no_lease_on_another() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(dir.path());
-    let data = dir.path().join("data");
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let server = start_at(&data, "n1", &grpc, &[], &[]);
-    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
-    let url_file = dir.path().join("pg-url");
-    let configure = |name: &str, url: &str| {
-        std::fs::write(&url_file, url).unwrap();
-        ok(&server, &root, &["db", "config", name, "--url", &format!("@{}", url_file.display())]);
-    };
-    configure("pg", &pg.url);
+    let (pg, server, root) = node_with_postgres(dir.path());
+    let configure = |name: &str, url: &str| configure(&server, &root, dir.path(), name, url);
     configure("hung", &pg.url);
     for (role, db, ttl) in [("on_hung", "hung", "3s"), ("plain", "pg", "6s")] {
         ok(&server, &root, &["db", "role", role, "--db", db, "--creation-sql", CREATION, "--ttl", ttl]);
