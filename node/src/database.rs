@@ -266,6 +266,57 @@ fn transient(code: &str) -> bool {
     code.starts_with("40") || code == "55P03" || code == "XX000"
 }
 
+/// Leases being revoked on this node, each behind its own lock, so two reaps of one lease
+/// never run at once and reaps of different leases never wait for each other.
+#[derive(Default)]
+pub(crate) struct Reaping {
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Reaping {
+    /// Waits until no other reap of lease `id` runs on this node; holds it off until dropped.
+    async fn lock(&self, id: &str) -> ReapGuard<'_> {
+        let lock = self.map().entry(id.to_owned()).or_default().clone();
+        let mut held = ReapGuard { reaping: self, id: id.to_owned(), lock: Some(lock.clone()), guard: None };
+        held.guard = Some(lock.lock_owned().await);
+        held
+    }
+
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Leases with a reap running or waiting.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map().len()
+    }
+}
+
+/// A lease's reap; the last one out removes the lease's lock (also when cancelled while
+/// waiting for it).
+struct ReapGuard<'a> {
+    reaping: &'a Reaping,
+    id: String,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ReapGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.reaping.map();
+        drop(self.lock.take());
+        // No one else holds or waits for the lock (every holder took it from the map, under
+        // the map's lock): it goes.
+        if map.get(&self.id).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            map.remove(&self.id);
+        }
+    }
+}
+
 /// Why statements failed on a connection's database.
 #[derive(Debug)]
 enum SqlError {
@@ -313,7 +364,7 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), SqlError> {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(err)) => err,
             Err(_) => {
-                tracing::warn!("the database did not answer in time");
+                tracing::debug!("the database did not answer in time");
                 return Err(SqlError::Unreachable("did not answer within 10 s"));
             }
         };
@@ -327,10 +378,10 @@ async fn run_sql(target: &Target, sql: &str) -> Result<(), SqlError> {
             continue;
         }
         if err.code().is_none() {
-            tracing::warn!("the database could not be reached, or dropped the session");
+            tracing::debug!("the database could not be reached, or dropped the session");
             return Err(SqlError::Unreachable("could not be reached, or dropped the session"));
         }
-        tracing::warn!(sqlstate = code, "the database refused a statement");
+        tracing::debug!(sqlstate = code, "the database refused a statement");
         return Err(SqlError::Refused(code.to_owned()));
     }
 }
@@ -481,9 +532,20 @@ impl Node {
                 match run_sql(&target, &sql).await {
                     Ok(()) => Ok(Credentials { lease, password }),
                     Err(err) => {
+                        let unreachable = matches!(err, SqlError::Unreachable(_));
+                        let err = ApiError::from(err);
+                        tracing::warn!(db = %lease.db, role = %lease.role, error = %err, "creating a database user failed; its lease is revoked");
                         // Nothing to keep: drop the lease now (the user may half-exist: revoke).
-                        let _ = self.reap(&lease.id).await;
-                        Err(err.into())
+                        // A database that did not answer would likely make the cleanup wait
+                        // out a second timeout: it runs on, the caller does not wait for it,
+                        // and what it leaves the reaper finishes.
+                        if unreachable {
+                            let node = self.clone();
+                            tokio::spawn(async move { node.reap(&lease.id).await });
+                        } else {
+                            let _ = self.reap(&lease.id).await;
+                        }
+                        Err(err)
                     }
                 }
             }
@@ -522,7 +584,14 @@ impl Node {
             Err(e) => Err(e),
             Ok((lease, target, sql)) => {
                 let sql = render(&sql, &lease.username, "", lease.expire_unix_ms);
-                run_sql(&target, &sql).await.map(|()| lease).map_err(ApiError::from)
+                match run_sql(&target, &sql).await {
+                    Ok(()) => Ok(lease),
+                    Err(err) => {
+                        let err = ApiError::from(err);
+                        tracing::warn!(lease = %lease.id, db = %lease.db, error = %err, "renewing a lease in its database failed");
+                        Err(err)
+                    }
+                }
             }
         };
         Audited { result, request_id, position }
@@ -607,11 +676,16 @@ impl Node {
     /// Revokes one lease in its database, then drops it (audited as `lease.reap`, by the
     /// system). A database error leaves the lease due for the next round.
     ///
-    /// One reap at a time per node (`reaping`): the reaper, a revocation and a failed
-    /// creation's cleanup may name the same lease, and the second then finds it gone instead
-    /// of dropping the same user at the same time.
+    /// One reap of a lease at a time per node ([`Reaping`]): the reaper, a revocation and a
+    /// failed creation's cleanup may name the same lease, and the second then finds it gone
+    /// instead of dropping the same user at the same time. Reaps of other leases go on
+    /// meanwhile: a session hung on one database holds back no revocation on another.
     pub(crate) async fn reap(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
-        self.reap_unless_waiting(id, None).await
+        let reaped = self.reap_unless_waiting(id, None).await;
+        if let Err(err) = &reaped {
+            tracing::warn!(lease = %id, error = %err, "lease revocation failed; the lease stays due and the reaper tries again");
+        }
+        reaped
     }
 
     /// [`Node::reap`], for the reaper: a lease whose database is waiting after it could not
@@ -622,7 +696,7 @@ impl Node {
         id: &str,
         databases: Option<&mut crate::backoff::Backoff<String>>,
     ) -> Result<(), ApiError> {
-        let _one_at_a_time = self.reaping.lock().await;
+        let _this_lease = self.reaping.lock(id).await;
         let lid = id.to_owned();
         let look = self
             .execute_system(Operation::LeaseReap, "sys/leases/reap".into(), move |env| {
@@ -648,6 +722,7 @@ impl Node {
             match &ran {
                 Err(SqlError::Unreachable(_)) => {
                     let (failures, wait) = databases.failed(lease.db.clone(), std::time::Instant::now());
+                    self.metrics().scheduler_failed(crate::metrics::Retried::Database);
                     tracing::warn!(
                         db = %lease.db,
                         failures,
@@ -720,6 +795,7 @@ impl Node {
                     }
                     Err(err) => {
                         let (failures, wait) = retries.failed(id.clone(), std::time::Instant::now());
+                        self.metrics().scheduler_failed(crate::metrics::Retried::Revocation);
                         tracing::warn!(
                             lease = %id,
                             error = %err,
@@ -771,6 +847,38 @@ mod tests {
             .find("SECRET")
             .is_none()
         );
+    }
+
+    /// Polls once: whether `future` is still waiting.
+    fn pending<F: Future>(future: std::pin::Pin<&mut F>) -> bool {
+        future.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending()
+    }
+
+    #[tokio::test]
+    async fn one_reap_of_a_lease_at_a_time_and_none_held_back_by_another() {
+        let reaping = Reaping::default();
+        let first = reaping.lock("database/creds/app/a").await;
+        // Another lease's reap goes on meanwhile.
+        let other = tokio::time::timeout(Duration::from_secs(5), reaping.lock("database/creds/app/b")).await;
+        assert!(other.is_ok(), "a reap of another lease waited");
+        drop(other);
+        // The same lease's second reap waits for the first.
+        let mut second = Box::pin(reaping.lock("database/creds/app/a"));
+        assert!(pending(second.as_mut()), "two reaps of one lease at once");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second reap runs once the first ends");
+        assert_eq!(reaping.len(), 1);
+        drop(second);
+        assert_eq!(reaping.len(), 0, "the last one out removes the lease's lock");
+        // A reap given up while it waits leaves nothing behind either.
+        let held = reaping.lock("database/creds/app/c").await;
+        let mut waiting = Box::pin(reaping.lock("database/creds/app/c"));
+        assert!(pending(waiting.as_mut()));
+        drop(waiting);
+        drop(held);
+        assert_eq!(reaping.len(), 0);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::backoff::Backoff;
 use crate::error::ApiError;
 use crate::keys;
 use crate::kv::{self, Metadata, NewVersionStage, STAGE_CURRENT, STAGE_PENDING, STAGE_PREVIOUS, SecretData};
+use crate::metrics::Retried;
 use crate::node::{Env, Node, RequestContext, now_unix_ms};
 use crate::policy::Capability;
 
@@ -888,8 +889,29 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) 
         })?
         .value;
     if !lead {
+        // Another node tries them now (or none, on a standby); a later lead starts over.
+        *retries = Retries::default();
+        retries.report(node);
         return Ok(());
     }
+    let round = scheduler_tasks(node, retries).await;
+    retries.report(node);
+    round
+}
+
+impl Retries {
+    /// `/metrics`: what waits to be tried again, as of this round.
+    fn report(&self, node: &Node) {
+        let metrics = node.metrics();
+        metrics.scheduler_waiting(Retried::Rotation, self.rotations.len());
+        metrics.scheduler_waiting(Retried::Revocation, self.leases.len());
+        metrics.scheduler_waiting(Retried::Database, self.databases.len());
+    }
+}
+
+/// The lead scheduler's round: sweeps, the reaper, due rotations.
+async fn scheduler_tasks(node: &Arc<Node>, retries: &mut Retries) -> Result<(), ApiError> {
+    use arca_store::StoreExt as _;
     if let Err(err) = node.access_expire_sweep().await {
         tracing::debug!(error = %err, "access expiry sweep");
     }
@@ -919,6 +941,7 @@ async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) 
             Ok(_) => retries.rotations.succeeded(&key),
             Err(err) => {
                 let (failures, wait) = retries.rotations.failed(key.clone(), Instant::now());
+                node.metrics().scheduler_failed(Retried::Rotation);
                 tracing::warn!(
                     mount = %key.0,
                     path = %key.1,

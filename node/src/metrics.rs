@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,6 +89,32 @@ pub struct Metrics {
     recent_delays_ms: Mutex<std::collections::VecDeque<u64>>,
     /// Each listener's connections and timeouts, by the listener's name.
     listeners: Mutex<BTreeMap<&'static str, Arc<ListenerStats>>>,
+    /// The scheduler's failed tries and what waits to be tried again, by [`Retried`].
+    scheduler_failures: [AtomicU64; 3],
+    scheduler_waiting: [AtomicU64; 3],
+}
+
+/// What the scheduler tries again after a failure (see `backoff.rs`).
+#[derive(Debug, Clone, Copy)]
+pub enum Retried {
+    /// A secret's rotation.
+    Rotation,
+    /// An expired lease's revocation.
+    Revocation,
+    /// A database connection the reaper could not reach.
+    Database,
+}
+
+impl Retried {
+    const ALL: [Retried; 3] = [Retried::Rotation, Retried::Revocation, Retried::Database];
+
+    fn name(self) -> &'static str {
+        match self {
+            Retried::Rotation => "rotation",
+            Retried::Revocation => "revocation",
+            Retried::Database => "database",
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,6 +153,30 @@ impl Metrics {
         requests.entry((op.name(), outcome)).or_default().observe(seconds);
     }
 
+    /// A failed try of the scheduler's (a rotation, a revocation, a session with a database).
+    pub fn scheduler_failed(&self, what: Retried) {
+        self.scheduler_failures[what as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many of `what` wait to be tried again after a failure, as of the scheduler's
+    /// last round on this node.
+    pub fn scheduler_waiting(&self, what: Retried, count: usize) {
+        self.scheduler_waiting[what as usize].store(count as u64, Ordering::Relaxed);
+    }
+
+    fn render_scheduler(&self, out: &mut String) {
+        out.push_str("# HELP arca_scheduler_waiting Rotations, lease revocations and database connections that failed and wait to be tried again (a wait that doubles from 1 s to 5 min), on the region's scheduler node.\n# TYPE arca_scheduler_waiting gauge\n");
+        for what in Retried::ALL {
+            let count = self.scheduler_waiting[what as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "arca_scheduler_waiting{{task=\"{}\"}} {count}", what.name());
+        }
+        out.push_str("# HELP arca_scheduler_failures_total The scheduler's failed tries: rotations, lease revocations, and sessions with a database that could not be reached.\n# TYPE arca_scheduler_failures_total counter\n");
+        for what in Retried::ALL {
+            let count = self.scheduler_failures[what as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "arca_scheduler_failures_total{{task=\"{}\"}} {count}", what.name());
+        }
+    }
+
     /// Records an integrated batch of `count` entries with delays `(min, max)` in ms.
     pub fn observe_integration(&self, count: u64, delay_ms: (u64, u64)) {
         let seconds = delay_ms.1 as f64 / 1000.0;
@@ -158,6 +209,7 @@ impl Metrics {
     pub fn render(&self, sealed: bool, commits: &CommitStats) -> String {
         let mut out = String::new();
         self.render_listeners(&mut out);
+        self.render_scheduler(&mut out);
         out.push_str("# HELP arca_request_duration_seconds Request latency, by operation and outcome.\n");
         out.push_str("# TYPE arca_request_duration_seconds histogram\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());

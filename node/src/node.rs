@@ -127,8 +127,8 @@ pub struct Node {
     pub(crate) caches: Caches,
     /// Secrets this node is rotating right now.
     pub(crate) rotating: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
-    /// Held while a lease is revoked (see `Node::reap`).
-    pub(crate) reaping: tokio::sync::Mutex<()>,
+    /// Leases being revoked on this node, one lock each (see `Node::reap`).
+    pub(crate) reaping: crate::database::Reaping,
 }
 
 impl std::fmt::Debug for Node {
@@ -477,7 +477,7 @@ impl Node {
             clock: std::sync::OnceLock::new(),
             lifecycle: std::sync::OnceLock::new(),
             rotating: std::sync::Mutex::new(std::collections::HashSet::new()),
-            reaping: tokio::sync::Mutex::new(()),
+            reaping: crate::database::Reaping::default(),
             caches: Caches::default(),
         })
     }

@@ -539,6 +539,12 @@ fn leases_whose_revocation_fails_wait_longer_each_time_and_hold_back_no_other() 
         );
     }
 
+    // An operator sees them waiting in /metrics.
+    let waiting = || common::sample(&server.metrics(), "arca_scheduler_waiting{task=\"revocation\"}");
+    wait("every failing lease to be counted as waiting", || waiting() == stuck.len() as u64);
+    let failures = common::sample(&server.metrics(), "arca_scheduler_failures_total{task=\"revocation\"}");
+    assert!(failures >= stuck.len() as u64 + 3, "{failures} failed revocations counted");
+
     // Fixed: the reaper's next tries revoke them, with no one asking.
     admin("INSERT INTO gate VALUES (1)");
     for id in [&stuck[0], &stuck[batch]] {
@@ -546,6 +552,7 @@ fn leases_whose_revocation_fails_wait_longer_each_time_and_hold_back_no_other() 
             arca(&server, Some(&root), &["lease", "lookup", id]).code == 4
         });
     }
+    wait("no lease to wait any longer", || waiting() == 0);
 }
 
 /// A database that takes connections and never answers (a firewall that drops the replies,
@@ -577,6 +584,32 @@ fn a_database_that_never_answers_holds_back_no_lease_on_another() {
         (v["username"].as_str().unwrap().to_owned(), v["password"].as_str().unwrap().to_owned());
     let expires_ms = v["lease"]["expire_unix_ms"].as_u64().unwrap();
     assert!(can_log_in(pg.port, &user, &password));
+    let by_hand = ok(&server, &root, &["db", "creds", "plain"]);
+    let (hand_user, hand_password) =
+        (by_hand["username"].as_str().unwrap().to_owned(), by_hand["password"].as_str().unwrap().to_owned());
+
+    // A revocation by hand waits for no session on another database: the test takes the
+    // reaper's first session with the silent database (once the hung leases expire), revokes
+    // a healthy lease meanwhile, and finds the reaper's session still open after. Before, one
+    // lock held every revocation through the reaper's session, up to its 10 s timeout.
+    silent.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut session = loop {
+        match silent.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the reaper never tried the silent database");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    ok(&server, &root, &["lease", "revoke", by_hand["lease"]["lease_id"].as_str().unwrap()]);
+    assert!(!can_log_in(pg.port, &hand_user, &hand_password), "revoked credentials no longer log in");
+    assert!(
+        open(&mut session),
+        "the revocation by hand waited out the reaper's session with another database"
+    );
 
     // Before: three timeouts (30 s) ahead of it. Now: one, then the healthy lease.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -596,5 +629,35 @@ fn a_database_that_never_answers_holds_back_no_lease_on_another() {
     }
     let log = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
     assert!(log.contains("database connection unreachable"), "the reaper says why it waits");
+    // So does /metrics: the database waits, and its leases.
+    let waiting =
+        |task: &str| common::sample(&server.metrics(), &format!("arca_scheduler_waiting{{task=\"{task}\"}}"));
+    wait("the hung database and its leases to be counted as waiting", || {
+        waiting("database") == 1 && waiting("revocation") >= 1
+    });
+
+    // New credentials on the hung database: refused after one timeout. The cleanup's
+    // revocation (the user may half-exist) would wait out a second one: it runs on without
+    // the caller, and the lease stays for the reaper if it fails.
+    let asked = Instant::now();
+    let refused = arca(&server, Some(&root), &["db", "creds", "on_hung"]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("did not answer within 10 s"), "{}", refused.stderr);
+    assert!(asked.elapsed() < Duration::from_secs(15), "answered after {:?}", asked.elapsed());
     drop(silent);
+}
+
+/// Whether the peer still holds `stream` open (what it sent is read and dropped).
+fn open(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read as _;
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
 }

@@ -285,6 +285,15 @@ fn a_failing_rotator_is_tried_again_after_growing_waits_and_finished_once_it_wor
     for pair in within.windows(2).skip(1) {
         assert!(pair[1] - pair[0] >= 0.9, "tries {:.2} s apart: {within:?}", pair[1] - pair[0]);
     }
+    // An operator sees it waiting, and the scheduler's failed tries (the operator's is not one).
+    let metrics = server.metrics();
+    assert_eq!(common::sample(&metrics, "arca_scheduler_waiting{task=\"rotation\"}"), 1);
+    let failures = common::sample(&metrics, "arca_scheduler_failures_total{task=\"rotation\"}");
+    assert!(
+        (1..=within.len() as u64).contains(&failures),
+        "{failures} failures counted, {} tries",
+        within.len()
+    );
 
     // Fixed: the scheduler's next try finishes the rotation, with no one asking.
     std::fs::remove_file(&broken).unwrap();
@@ -292,6 +301,9 @@ fn a_failing_rotator_is_tried_again_after_growing_waits_and_finished_once_it_wor
         metadata(&server, &root, "secret/app/pg")["stages"]["current"] == 2
     });
     assert_eq!(ok(&server, &root, &["kv", "get", "secret/app/pg"])["data"]["password"], "rotated");
+    wait("the rotation to wait no longer in /metrics", || {
+        common::sample(&server.metrics(), "arca_scheduler_waiting{task=\"rotation\"}") == 0
+    });
 }
 
 /// A one-route HTTP rotator hook: records each step; `create` answers new data.
