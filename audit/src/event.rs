@@ -184,12 +184,19 @@ operations! {
     /// A lease revoked in its database and dropped (expiry, or after `lease.revoke`).
     LeaseReap = 105, "lease.reap";
     LeaseLookup = 106, "lease.lookup";
+    DbConfigRead = 107, "database.config.read";
+    DbConfigList = 108, "database.config.list";
+    DbConfigDelete = 109, "database.config.delete";
     /// Response wrapping: a response stored under a single-use wrapping token.
     WrapCreate = 110, "wrapping.wrap";
     WrapUnwrap = 111, "wrapping.unwrap";
     WrapLookup = 112, "wrapping.lookup";
     /// A wrapped response dropped unread at the end of its TTL.
     WrapExpire = 113, "wrapping.expire";
+    /// Dynamic database credentials' roles, read, listed and deleted.
+    DbRoleRead = 114, "database.role.read";
+    DbRoleList = 115, "database.role.list";
+    DbRoleDelete = 116, "database.role.delete";
 }
 
 impl fmt::Display for Operation {

@@ -3,11 +3,13 @@
 //! zero bytes. Never a panic, and a refusal names the field, never the URL's password or the
 //! key: with flag 1 the URL is `postgres://u:<canary>@` and the input, and the key ends in a
 //! line holding another canary (outside its PEM block, where a parser skips it); neither
-//! canary may be in a refusal. (`grpc_api` leaves `DbConfigWrite` out: `DbCreds` would then
+//! canary may be in a refusal. A connection taken is shown by `url_summary` (`db read-config`):
+//! never with the canary, and never with a password tokio-postgres would read back out of it.
+//! (`grpc_api` leaves `DbConfigWrite` out: `DbCreds` would then
 //! connect to the host named in the input.)
 #![no_main]
 
-use arca_node::database::{DbTls, check_connection};
+use arca_node::database::{DbTls, check_connection, url_summary};
 use libfuzzer_sys::fuzz_target;
 use zeroize::Zeroizing;
 
@@ -29,9 +31,19 @@ fuzz_target!(|data: &[u8]| {
         client_key_pem = client_key_pem.map(|k| format!("{k}\n{KEY}\n"));
     }
     let tls = DbTls { ca_pem, client_cert_pem, client_key_pem: client_key_pem.map(Zeroizing::new) };
-    if let Err(e) = check_connection(&name, &url, &tls) {
-        let message = e.to_string();
-        assert!(!message.contains(PASSWORD), "the URL's password in a refusal: {message}");
-        assert!(!message.contains(KEY), "the key in a refusal: {message}");
+    match check_connection(&name, &url, &tls) {
+        Err(e) => {
+            let message = e.to_string();
+            assert!(!message.contains(PASSWORD), "the URL's password in a refusal: {message}");
+            assert!(!message.contains(KEY), "the key in a refusal: {message}");
+        }
+        Ok(()) => {
+            let shown = url_summary(&url);
+            assert!(!shown.contains(PASSWORD), "the URL's password shown: {shown}");
+            let driver_form = shown.replace("sslmode=verify-full", "sslmode=require").replace("sslmode=verify-ca", "sslmode=require");
+            if let Ok(parsed) = driver_form.parse::<tokio_postgres::Config>() {
+                assert!(parsed.get_password().is_none(), "a password in the shown URL: {shown}");
+            }
+        }
     }
 });

@@ -209,6 +209,54 @@ pub fn check_connection(name: &str, url: &str, tls: &DbTls) -> Result<(), ApiErr
     Ok(())
 }
 
+/// What reading a connection shows: never its password or its client key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    pub name: String,
+    /// The URL rebuilt from its user, hosts, ports, database and `sslmode` alone
+    /// ([`url_summary`]): no password, no other parameter.
+    pub url: String,
+    pub has_ca: bool,
+    pub has_client_cert: bool,
+    /// The roles that name this connection.
+    pub roles: Vec<String>,
+}
+
+/// A connection URL as it may be shown: rebuilt from what tokio-postgres parsed out of it,
+/// so a password — in the user part, in a `password` parameter, percent-encoded or not —
+/// cannot be in it.
+pub fn url_summary(url: &str) -> String {
+    let Ok((prepared, _)) = crate::pgtls::prepare(url) else { return "(unreadable)".into() };
+    let Ok(config) = prepared.parse::<tokio_postgres::Config>() else { return "(unreadable)".into() };
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(h) if h.contains(':') => format!("[{h}]"),
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                tokio_postgres::config::Host::Unix(path) => format!("({})", path.display()),
+            };
+            match ports.get(i).or(if ports.len() == 1 { ports.first() } else { None }) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    let sslmode = url
+        .split_once('?')
+        .and_then(|(_, query)| query.split('&').rev().find_map(|p| p.strip_prefix("sslmode=")))
+        .unwrap_or("disable");
+    format!(
+        "postgres://{}@{}/{}?sslmode={sslmode}",
+        config.get_user().unwrap_or_default(),
+        hosts.join(","),
+        config.get_dbname().unwrap_or_default()
+    )
+}
+
 fn validate_name(name: &str) -> Result<(), ApiError> {
     policy::validate_name(name)
         .map_err(|_| ApiError::invalid("name: 1 to 128 characters from a-z, 0-9, '-', '_', '.'"))
@@ -421,6 +469,33 @@ fn load_lease(env: &mut Env<'_>, id: &str) -> Result<Lease, ApiError> {
     env.get_json(&lease_key(id)?)?.ok_or_else(|| ApiError::NotFound("no such lease".into()))
 }
 
+fn load_role(env: &mut Env<'_>, name: &str) -> Result<Role, ApiError> {
+    env.get_json(&keys::db_role(name))?.ok_or_else(|| ApiError::NotFound(format!("no database role {name}")))
+}
+
+/// The last element of each key under `prefix`: the names stored there.
+fn names_under(env: &mut Env<'_>, prefix: &[u8]) -> Result<Vec<String>, ApiError> {
+    let (begin, end) = keys::children_range(prefix);
+    let mut names = Vec::new();
+    for kv in env.tx.get_range(&begin, &end, Default::default())? {
+        let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
+        names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
+    }
+    Ok(names)
+}
+
+/// The roles that name connection `db`.
+fn roles_on(env: &mut Env<'_>, db: &str) -> Result<Vec<String>, ApiError> {
+    let mut roles = Vec::new();
+    for name in names_under(env, &keys::db_roles())? {
+        let role = load_role(env, &name)?;
+        if role.db == db {
+            roles.push(name);
+        }
+    }
+    Ok(roles)
+}
+
 fn load_conn(env: &mut Env<'_>, name: &str) -> Result<Connection, ApiError> {
     env.get_json(&keys::db_connection(name))?
         .ok_or_else(|| ApiError::NotFound(format!("no database connection {name}")))
@@ -481,6 +556,101 @@ impl Node {
             load_conn(env, &role.db)?;
             env.put_json(&keys::db_role(&role.name), &role)?;
             Ok(role)
+        })
+        .await
+    }
+
+    /// A connection, without its password or client key (needs `read` on
+    /// `database/config/<name>`).
+    pub async fn db_config_read(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        name: String,
+    ) -> Audited<ConnectionInfo> {
+        let path = format!("database/config/{name}");
+        self.execute(ctx, Operation::DbConfigRead, path.clone(), move |env| {
+            validate_name(&name)?;
+            env.authorize(&path, &[Capability::Read])?;
+            let conn = load_conn(env, &name)?;
+            let roles = roles_on(env, &name)?;
+            Ok(ConnectionInfo {
+                name: name.clone(),
+                url: url_summary(&conn.url),
+                has_ca: conn.ca_pem.is_some(),
+                has_client_cert: conn.client_cert_pem.is_some(),
+                roles,
+            })
+        })
+        .await
+    }
+
+    /// The connections' names (needs `list` on `database/config`).
+    pub async fn db_config_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
+        self.execute(ctx, Operation::DbConfigList, "database/config".into(), move |env| {
+            env.authorize("database/config", &[Capability::List])?;
+            names_under(env, &keys::db_connections())
+        })
+        .await
+    }
+
+    /// Deletes a connection (needs `delete` on `database/config/<name>`). Refused while a
+    /// role names it: its leases could no longer be revoked.
+    pub async fn db_config_delete(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("database/config/{name}");
+        self.execute(ctx, Operation::DbConfigDelete, path.clone(), move |env| {
+            validate_name(&name)?;
+            env.authorize(&path, &[Capability::Delete])?;
+            load_conn(env, &name)?;
+            let roles = roles_on(env, &name)?;
+            if !roles.is_empty() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "roles {} use connection {name}: delete them first",
+                    roles.join(", ")
+                )));
+            }
+            env.tx.clear(&keys::db_connection(&name))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A role, its statements included (needs `read` on `database/roles/<name>`).
+    pub async fn db_role_read(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<Role> {
+        let path = format!("database/roles/{name}");
+        self.execute(ctx, Operation::DbRoleRead, path.clone(), move |env| {
+            validate_name(&name)?;
+            env.authorize(&path, &[Capability::Read])?;
+            load_role(env, &name)
+        })
+        .await
+    }
+
+    /// The roles' names (needs `list` on `database/roles`).
+    pub async fn db_role_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
+        self.execute(ctx, Operation::DbRoleList, "database/roles".into(), move |env| {
+            env.authorize("database/roles", &[Capability::List])?;
+            names_under(env, &keys::db_roles())
+        })
+        .await
+    }
+
+    /// Deletes a role (needs `delete` on `database/roles/<name>`). Refused while leases on it
+    /// remain: their revocation runs the role's statements.
+    pub async fn db_role_delete(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("database/roles/{name}");
+        self.execute(ctx, Operation::DbRoleDelete, path.clone(), move |env| {
+            validate_name(&name)?;
+            env.authorize(&path, &[Capability::Delete])?;
+            load_role(env, &name)?;
+            let begin = keys::lease_id_prefix(&format!("database/creds/{name}/"));
+            let end = arca_store::prefix_end(&begin).ok_or(ApiError::Internal)?;
+            if !env.tx.get_range(&begin, &end, arca_store::RangeOptions::limit(1))?.is_empty() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "leases on role {name} remain: revoke them first (lease revoke-prefix database/creds/{name}/)"
+                )));
+            }
+            env.tx.clear(&keys::db_role(&name))?;
+            Ok(())
         })
         .await
     }
@@ -879,6 +1049,24 @@ mod tests {
         drop(waiting);
         drop(held);
         assert_eq!(reaping.len(), 0);
+    }
+
+    #[test]
+    fn a_connection_is_shown_without_its_password_wherever_the_url_held_it() {
+        for (url, shown) in [
+            ("postgres://admin:s3cret@db.internal:5433/app", "postgres://admin@db.internal:5433/app?sslmode=disable"),
+            (
+                "postgresql://admin:s3cret@db.internal/app?sslmode=verify-full&connect_timeout=5",
+                "postgres://admin@db.internal:5432/app?sslmode=verify-full",
+            ),
+            ("postgres://admin@db.internal/app?password=s3cret", "postgres://admin@db.internal:5432/app?sslmode=disable"),
+            ("postgres://admin@db.internal/app?pass%77ord=s3cret", "postgres://admin@db.internal:5432/app?sslmode=disable"),
+            ("postgres://admin:s3%63ret@a:1,b:2/app?sslmode=require", "postgres://admin@a:1,b:2/app?sslmode=require"),
+            ("postgres://admin:s3cret@[::1]:5432/app", "postgres://admin@[::1]:5432/app?sslmode=disable"),
+        ] {
+            assert!(check_connection("pg", url, &DbTls::default()).is_ok(), "{url}");
+            assert_eq!(url_summary(url), shown, "{url}");
+        }
     }
 
     #[test]

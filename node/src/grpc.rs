@@ -641,6 +641,19 @@ fn token_info(r: TokenRecord) -> proto::TokenInfo {
     }
 }
 
+fn db_role_info(role: crate::database::Role) -> proto::DbRoleInfo {
+    proto::DbRoleInfo {
+        name: role.name,
+        db: role.db,
+        ttl_secs: role.ttl_secs,
+        max_ttl_secs: role.max_ttl_secs,
+        max_leases_per_identity: role.max_leases_per_identity,
+        creation_sql: role.creation_sql,
+        revocation_sql: role.revocation_sql,
+        renew_sql: role.renew_sql,
+    }
+}
+
 fn lease_info(l: crate::database::Lease) -> proto::LeaseInfo {
     proto::LeaseInfo {
         lease_id: l.id,
@@ -992,13 +1005,43 @@ impl Arca for Service {
             max_ttl_secs: r.max_ttl_secs,
             max_leases_per_identity: r.max_leases_per_identity,
         };
-        respond(self.node.db_role_write(ctx, req).await, |role| proto::DbRoleInfo {
-            name: role.name,
-            db: role.db,
-            ttl_secs: role.ttl_secs,
-            max_ttl_secs: role.max_ttl_secs,
-            max_leases_per_identity: role.max_leases_per_identity,
+        respond(self.node.db_role_write(ctx, req).await, db_role_info)
+    }
+
+    async fn db_config_read(&self, request: Request<proto::DbName>) -> Reply<proto::DbConfigInfo> {
+        let ctx = self.context(&request);
+        respond(self.node.db_config_read(ctx, request.into_inner().name).await, |c| proto::DbConfigInfo {
+            name: c.name,
+            url: c.url,
+            has_ca: c.has_ca,
+            has_client_cert: c.has_client_cert,
+            roles: c.roles,
         })
+    }
+
+    async fn db_config_list(&self, request: Request<proto::Empty>) -> Reply<proto::NameList> {
+        let ctx = self.context(&request);
+        respond(self.node.db_config_list(ctx).await, |names| proto::NameList { names })
+    }
+
+    async fn db_config_delete(&self, request: Request<proto::DbName>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.db_config_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
+    }
+
+    async fn db_role_read(&self, request: Request<proto::DbName>) -> Reply<proto::DbRoleInfo> {
+        let ctx = self.context(&request);
+        respond(self.node.db_role_read(ctx, request.into_inner().name).await, db_role_info)
+    }
+
+    async fn db_role_list(&self, request: Request<proto::Empty>) -> Reply<proto::NameList> {
+        let ctx = self.context(&request);
+        respond(self.node.db_role_list(ctx).await, |names| proto::NameList { names })
+    }
+
+    async fn db_role_delete(&self, request: Request<proto::DbName>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.db_role_delete(ctx, request.into_inner().name).await, |()| proto::Empty {})
     }
 
     async fn db_creds(&self, request: Request<proto::DbCredsRequest>) -> Reply<proto::DbCredsResponse> {

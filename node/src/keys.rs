@@ -101,6 +101,24 @@ pub fn lease_prefix() -> Vec<u8> {
     pack(&["sys".into(), "lease".into(), "id".into()])
 }
 
+/// The start of the keys of every lease whose id starts with `text` (a tuple's string ends
+/// with a 0x00 terminator; without it, the bytes are a prefix of every longer string's).
+pub fn lease_id_prefix(text: &str) -> Vec<u8> {
+    let mut key = lease(text);
+    key.pop();
+    key
+}
+
+/// Every database connection (`db_connection` under it).
+pub fn db_connections() -> Vec<u8> {
+    pack(&["sys".into(), "db".into(), "conn".into()])
+}
+
+/// Every database role (`db_role` under it).
+pub fn db_roles() -> Vec<u8> {
+    pack(&["sys".into(), "db".into(), "role".into()])
+}
+
 /// The reaper's index: leases by expiry.
 pub fn lease_expiry(expire_unix_ms: u64, id: &str) -> Vec<u8> {
     pack(&["sys".into(), "lease".into(), "exp".into(), expire_unix_ms.into(), id.into()])
@@ -370,6 +388,16 @@ mod tests {
             assert_eq!(audit_rid("eu", id), expected, "{id}");
             assert_eq!(audit_rid_under(&audit_rid_prefix("eu"), id), expected, "{id}");
             assert!(expected.starts_with(&audit_rid_prefix("eu")));
+        }
+    }
+
+    #[test]
+    fn a_lease_id_prefix_starts_the_keys_of_the_ids_it_starts() {
+        let prefix = lease_id_prefix("database/creds/ro/");
+        assert!(lease("database/creds/ro/abc").starts_with(&prefix));
+        assert!(lease("database/creds/ro/").starts_with(&prefix));
+        for other in ["database/creds/ro2/abc", "database/creds/r/abc", "database/creds/ro"] {
+            assert!(!lease(other).starts_with(&prefix), "{other}");
         }
     }
 }

@@ -714,6 +714,10 @@ pub fn mutates(op: Operation) -> bool {
             | RegionStatus
             | AccessList
             | LeaseLookup
+            | DbConfigRead
+            | DbConfigList
+            | DbRoleRead
+            | DbRoleList
             | RegionPromote
             | RegionDemote
             | RegionDivergence

@@ -1278,6 +1278,45 @@ async fn dispatch(
                 })
             }
         }
+        (["database", "config"], _) if list => reply(node.db_config_list(ctx).await, |names, rid| {
+            json_response(StatusCode::OK, envelope(rid, json!({"keys": names}), Value::Null))
+        }),
+        (["database", "config", name], "GET") => {
+            reply(node.db_config_read(ctx, (*name).to_owned()).await, |c, rid| {
+                // Vault's shape; the URL is rebuilt without its password, as Vault shows it.
+                let data = json!({
+                    "plugin_name": "postgresql-database-plugin",
+                    "connection_details": {"connection_url": c.url},
+                    "allowed_roles": c.roles,
+                    "has_ca": c.has_ca,
+                    "has_client_cert": c.has_client_cert,
+                });
+                json_response(StatusCode::OK, envelope(rid, data, Value::Null))
+            })
+        }
+        (["database", "config", name], "DELETE") => {
+            reply(node.db_config_delete(ctx, (*name).to_owned()).await, |(), _| no_content())
+        }
+        (["database", "roles"], _) if list => reply(node.db_role_list(ctx).await, |names, rid| {
+            json_response(StatusCode::OK, envelope(rid, json!({"keys": names}), Value::Null))
+        }),
+        (["database", "roles", name], "GET") => {
+            reply(node.db_role_read(ctx, (*name).to_owned()).await, |r, rid| {
+                let data = json!({
+                    "db_name": r.db,
+                    "creation_statements": [r.creation_sql],
+                    "revocation_statements": [r.revocation_sql],
+                    "renew_statements": [r.renew_sql],
+                    "default_ttl": r.ttl_secs,
+                    "max_ttl": r.max_ttl_secs,
+                    "max_leases_per_identity": r.max_leases_per_identity,
+                });
+                json_response(StatusCode::OK, envelope(rid, data, Value::Null))
+            })
+        }
+        (["database", "roles", name], "DELETE") => {
+            reply(node.db_role_delete(ctx, (*name).to_owned()).await, |(), _| no_content())
+        }
         (["database", "creds", role], "GET") => {
             reply(node.db_creds(ctx, (*role).to_owned()).await, |c, rid| {
                 let secs = c.lease.expire_unix_ms.saturating_sub(c.lease.issued_unix_ms) / 1000;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arca_audit::{Operation, Outcome};
 use arca_testkit::free_port;
 use common::{Server, arca, audit_events, start_at};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn wait(what: &str, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs(30);
@@ -660,4 +660,103 @@ fn open(stream: &mut std::net::TcpStream) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// Connections and roles are read, listed and deleted (over the CLI's gRPC and Vault's HTTP
+/// routes), a connection never shown with its password; a delete that would strand leases
+/// — a connection a role names, a role with leases — is refused and changes nothing.
+#[test]
+fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pg, server, root) = node_with_postgres(dir.path());
+    let password = pg.url.split_once("://").unwrap().1.split_once('@').unwrap().0.split_once(':').unwrap().1;
+    ok(&server, &root, &["db", "role", "ro", "--db", "pg", "--creation-sql", CREATION, "--ttl", "1h"]);
+
+    let conn = ok(&server, &root, &["db", "read-config", "pg"]);
+    let shown = conn["url"].as_str().unwrap();
+    assert_eq!(shown, format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", pg.port));
+    assert!(!shown.contains(password));
+    assert_eq!(
+        (&conn["roles"], &conn["has_ca"], &conn["has_client_cert"]),
+        (&json!(["ro"]), &json!(false), &json!(false))
+    );
+    assert_eq!(ok(&server, &root, &["db", "list-configs"])["connections"], json!(["pg"]));
+    assert_eq!(ok(&server, &root, &["db", "list-roles"])["roles"], json!(["ro"]));
+    let role = ok(&server, &root, &["db", "read-role", "ro"]);
+    assert_eq!(
+        (role["db"].as_str(), role["creation_sql"].as_str(), role["ttl_secs"].as_u64()),
+        (Some("pg"), Some(CREATION), Some(3600))
+    );
+    assert!(
+        role["revocation_sql"].as_str().unwrap().contains("DROP ROLE"),
+        "the default revocation is shown"
+    );
+
+    // Vault's routes: the same, in Vault's shapes.
+    let vault = |method: &str, path: &str| -> (u16, Value) {
+        let response = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}/v1/{path}", server.http))
+            .header("X-Vault-Token", &root)
+            .body(())
+            .unwrap();
+        let mut response = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .allow_non_standard_methods(true)
+            .build()
+            .new_agent()
+            .run(response)
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (response.status().as_u16(), serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    let (status, config) = vault("GET", "database/config/pg");
+    assert_eq!(status, 200);
+    assert_eq!(config["data"]["connection_details"]["connection_url"].as_str(), Some(shown));
+    assert_eq!(config["data"]["allowed_roles"], json!(["ro"]));
+    assert_eq!(vault("LIST", "database/roles").1["data"]["keys"], json!(["ro"]));
+    assert_eq!(vault("GET", "database/config?list=true").1["data"]["keys"], json!(["pg"]));
+    let (status, role) = vault("GET", "database/roles/ro");
+    assert_eq!(
+        (status, role["data"]["db_name"].as_str(), role["data"]["default_ttl"].as_u64()),
+        (200, Some("pg"), Some(3600))
+    );
+    assert_eq!(role["data"]["creation_statements"], json!([CREATION]));
+
+    // Deletes that would strand leases are refused, and change nothing.
+    let lease = ok(&server, &root, &["db", "creds", "ro"])["lease"]["lease_id"].as_str().unwrap().to_owned();
+    let refused = arca(&server, Some(&root), &["db", "delete-role", "ro"]);
+    assert_eq!(refused.code, 5, "{}", refused.stderr);
+    assert!(refused.stderr.contains("revoke them first"), "{}", refused.stderr);
+    let refused = arca(&server, Some(&root), &["db", "delete-config", "pg"]);
+    assert_eq!(refused.code, 5, "{}", refused.stderr);
+    assert!(refused.stderr.contains("roles ro use connection pg"), "{}", refused.stderr);
+    assert_eq!(vault("DELETE", "database/config/pg").0, 400, "Vault's status for a failed precondition");
+    assert_eq!(
+        ok(&server, &root, &["db", "read-role", "ro"])["db"],
+        "pg",
+        "the refused delete kept the role"
+    );
+    assert_eq!(ok(&server, &root, &["lease", "lookup", &lease])["lease_id"], lease.as_str());
+
+    // Once the leases are revoked, the role goes; then the connection.
+    ok(&server, &root, &["lease", "revoke-prefix", "database/creds/ro/"]);
+    ok(&server, &root, &["db", "delete-role", "ro"]);
+    assert_eq!(arca(&server, Some(&root), &["db", "read-role", "ro"]).code, 4, "the role is gone");
+    assert_eq!(ok(&server, &root, &["db", "read-config", "pg"])["roles"], json!([]));
+    assert_eq!(vault("DELETE", "database/config/pg").0, 204);
+    assert_eq!(arca(&server, Some(&root), &["db", "read-config", "pg"]).code, 4, "the connection is gone");
+    assert_eq!(ok(&server, &root, &["db", "list-configs"])["connections"], json!([]));
+
+    // Each was audited, the refusals too; no password in the log or the node's output.
+    let events = audit_events(&dir.path().join("data").join("arca.db"));
+    let count = |op: Operation, ok: bool| {
+        events.iter().filter(|e| e.operation == op && (e.outcome == Outcome::Ok) == ok).count()
+    };
+    assert_eq!(count(Operation::DbConfigRead, true), 3);
+    assert_eq!((count(Operation::DbRoleDelete, true), count(Operation::DbRoleDelete, false)), (1, 1));
+    assert_eq!((count(Operation::DbConfigDelete, true), count(Operation::DbConfigDelete, false)), (1, 2));
+    assert!(count(Operation::DbConfigList, true) >= 2 && count(Operation::DbRoleList, true) >= 2);
+    let log = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
+    assert!(!log.contains(password), "the admin password is in the node's log");
 }

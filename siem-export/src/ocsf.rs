@@ -58,11 +58,11 @@ impl Activity {
             KvWrite | TokenCreate | AppRoleSecretId => Activity::Create,
             KvRead | KvList | KvReadMetadata | TokenLookup | AppRoleRead | AppRoleList | PolicyRead
             | PolicyList | CertRoleRead | MountRead | MountList | Status | Health | RegionPull
-            | RegionSnapshot => Activity::Read,
+            | RegionSnapshot | DbConfigRead | DbConfigList | DbRoleRead | DbRoleList => Activity::Read,
             KvPatch | KvUndelete | KvWriteMetadata | TokenRenew | AppRoleWrite | PolicyWrite
-            | CertRoleWrite | MountWrite | Rotate => Activity::Update,
+            | CertRoleWrite | MountWrite | Rotate | DbConfigWrite | DbRoleWrite => Activity::Update,
             KvDelete | KvDestroy | KvDeleteMetadata | TokenRevoke | AppRoleDelete | PolicyDelete
-            | CertRoleDelete | MountDelete => Activity::Delete,
+            | CertRoleDelete | MountDelete | DbConfigDelete | DbRoleDelete => Activity::Delete,
             _ => Activity::Other,
         }
     }
@@ -81,6 +81,8 @@ fn resource_type(op: Operation) -> &'static str {
         PolicyWrite | PolicyRead | PolicyList | PolicyDelete => "policy",
         CertRoleWrite | CertRoleRead | CertRoleDelete | CertLogin => "cert_role",
         MountWrite | MountRead | MountDelete | MountList => "mount",
+        DbConfigWrite | DbConfigRead | DbConfigList | DbConfigDelete => "database_connection",
+        DbRoleWrite | DbRoleRead | DbRoleList | DbRoleDelete => "database_role",
         // What the replication listener hands a standby region: the replicated keyspace.
         RegionPull | RegionSnapshot => "replication_feed",
         _ => "system",

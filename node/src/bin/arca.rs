@@ -192,6 +192,18 @@ enum DbCommand {
     },
     /// Fresh credentials with a lease (the password is shown once).
     Creds { role: String },
+    /// Show a connection: its URL without the password, its TLS material's presence, its roles.
+    ReadConfig { name: String },
+    /// List the connections.
+    ListConfigs,
+    /// Delete a connection (refused while a role names it).
+    DeleteConfig { name: String },
+    /// Show a role, its statements included.
+    ReadRole { name: String },
+    /// List the roles.
+    ListRoles,
+    /// Delete a role (refused while leases on it remain: revoke-prefix them first).
+    DeleteRole { name: String },
 }
 
 #[derive(Subcommand)]
@@ -1033,6 +1045,76 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         },
                         json!({"name": role.name, "db": role.db, "ttl_secs": role.ttl_secs, "max_ttl_secs": role.max_ttl_secs,
                                "max_leases_per_identity": role.max_leases_per_identity, "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::ReadConfig { name } => {
+                    let r = rpc!(c, Read, db_config_read, proto::DbName { name }).await?;
+                    let conn = r.get_ref();
+                    let rows = vec![
+                        ("name".to_owned(), conn.name.clone()),
+                        ("url".into(), conn.url.clone()),
+                        ("ca".into(), conn.has_ca.to_string()),
+                        ("client_cert".into(), conn.has_client_cert.to_string()),
+                        ("roles".into(), conn.roles.join(", ")),
+                    ];
+                    print(
+                        format,
+                        || table(&rows),
+                        json!({"name": conn.name, "url": conn.url, "has_ca": conn.has_ca, "has_client_cert": conn.has_client_cert,
+                               "roles": conn.roles, "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::ReadRole { name } => {
+                    let r = rpc!(c, Read, db_role_read, proto::DbName { name }).await?;
+                    let role = r.get_ref();
+                    let rows = vec![
+                        ("name".to_owned(), role.name.clone()),
+                        ("db".into(), role.db.clone()),
+                        ("ttl".into(), format!("{}s", role.ttl_secs)),
+                        ("max_ttl".into(), format!("{}s", role.max_ttl_secs)),
+                        ("max_leases_per_identity".into(), role.max_leases_per_identity.to_string()),
+                        ("creation_sql".into(), role.creation_sql.clone()),
+                        ("revocation_sql".into(), role.revocation_sql.clone()),
+                        ("renew_sql".into(), role.renew_sql.clone()),
+                    ];
+                    print(
+                        format,
+                        || table(&rows),
+                        json!({"name": role.name, "db": role.db, "ttl_secs": role.ttl_secs, "max_ttl_secs": role.max_ttl_secs,
+                               "max_leases_per_identity": role.max_leases_per_identity, "creation_sql": role.creation_sql,
+                               "revocation_sql": role.revocation_sql, "renew_sql": role.renew_sql,
+                               "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::ListConfigs | DbCommand::ListRoles => {
+                    let configs = matches!(cmd, DbCommand::ListConfigs);
+                    let r = if configs {
+                        rpc!(c, Read, db_config_list, proto::Empty {}).await?
+                    } else {
+                        rpc!(c, Read, db_role_list, proto::Empty {}).await?
+                    };
+                    let names = r.get_ref().names.clone();
+                    let key = if configs { "connections" } else { "roles" };
+                    print(
+                        format,
+                        || names.join("\n"),
+                        json!({key: names, "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::DeleteConfig { name } => {
+                    let r = rpc!(c, Write, db_config_delete, proto::DbName { name: name.clone() }).await?;
+                    print(
+                        format,
+                        || format!("Success! deleted connection {name}"),
+                        json!({"audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::DeleteRole { name } => {
+                    let r = rpc!(c, Write, db_role_delete, proto::DbName { name: name.clone() }).await?;
+                    print(
+                        format,
+                        || format!("Success! deleted role {name}"),
+                        json!({"audit_position": position(&r), "request_id": request_id(&r)}),
                     );
                 }
                 DbCommand::Creds { role } => {
