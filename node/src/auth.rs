@@ -631,13 +631,7 @@ impl Node {
     pub async fn approle_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
         self.execute(ctx, Operation::AppRoleList, "auth/approle/role".into(), move |env| {
             env.authorize("auth/approle/role", &[Capability::List])?;
-            let (begin, end) = keys::children_range(&keys::approles());
-            let mut names = Vec::new();
-            for kv in env.tx.get_range(&begin, &end, Default::default())? {
-                let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
-                names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
-            }
-            Ok(names)
+            env.names_under(&keys::approles())
         })
         .await
     }

@@ -473,21 +473,10 @@ fn load_role(env: &mut Env<'_>, name: &str) -> Result<Role, ApiError> {
     env.get_json(&keys::db_role(name))?.ok_or_else(|| ApiError::NotFound(format!("no database role {name}")))
 }
 
-/// The last element of each key under `prefix`: the names stored there.
-fn names_under(env: &mut Env<'_>, prefix: &[u8]) -> Result<Vec<String>, ApiError> {
-    let (begin, end) = keys::children_range(prefix);
-    let mut names = Vec::new();
-    for kv in env.tx.get_range(&begin, &end, Default::default())? {
-        let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
-        names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
-    }
-    Ok(names)
-}
-
 /// The roles that name connection `db`.
 fn roles_on(env: &mut Env<'_>, db: &str) -> Result<Vec<String>, ApiError> {
     let mut roles = Vec::new();
-    for name in names_under(env, &keys::db_roles())? {
+    for name in env.names_under(&keys::db_roles())? {
         let role = load_role(env, &name)?;
         if role.db == db {
             roles.push(name);
@@ -588,7 +577,7 @@ impl Node {
     pub async fn db_config_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
         self.execute(ctx, Operation::DbConfigList, "database/config".into(), move |env| {
             env.authorize("database/config", &[Capability::List])?;
-            names_under(env, &keys::db_connections())
+            env.names_under(&keys::db_connections())
         })
         .await
     }
@@ -629,7 +618,7 @@ impl Node {
     pub async fn db_role_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
         self.execute(ctx, Operation::DbRoleList, "database/roles".into(), move |env| {
             env.authorize("database/roles", &[Capability::List])?;
-            names_under(env, &keys::db_roles())
+            env.names_under(&keys::db_roles())
         })
         .await
     }
@@ -1054,14 +1043,26 @@ mod tests {
     #[test]
     fn a_connection_is_shown_without_its_password_wherever_the_url_held_it() {
         for (url, shown) in [
-            ("postgres://admin:s3cret@db.internal:5433/app", "postgres://admin@db.internal:5433/app?sslmode=disable"),
+            (
+                "postgres://admin:s3cret@db.internal:5433/app",
+                "postgres://admin@db.internal:5433/app?sslmode=disable",
+            ),
             (
                 "postgresql://admin:s3cret@db.internal/app?sslmode=verify-full&connect_timeout=5",
                 "postgres://admin@db.internal:5432/app?sslmode=verify-full",
             ),
-            ("postgres://admin@db.internal/app?password=s3cret", "postgres://admin@db.internal:5432/app?sslmode=disable"),
-            ("postgres://admin@db.internal/app?pass%77ord=s3cret", "postgres://admin@db.internal:5432/app?sslmode=disable"),
-            ("postgres://admin:s3%63ret@a:1,b:2/app?sslmode=require", "postgres://admin@a:1,b:2/app?sslmode=require"),
+            (
+                "postgres://admin@db.internal/app?password=s3cret",
+                "postgres://admin@db.internal:5432/app?sslmode=disable",
+            ),
+            (
+                "postgres://admin@db.internal/app?pass%77ord=s3cret",
+                "postgres://admin@db.internal:5432/app?sslmode=disable",
+            ),
+            (
+                "postgres://admin:s3%63ret@a:1,b:2/app?sslmode=require",
+                "postgres://admin@a:1,b:2/app?sslmode=require",
+            ),
             ("postgres://admin:s3cret@[::1]:5432/app", "postgres://admin@[::1]:5432/app?sslmode=disable"),
         ] {
             assert!(check_connection("pg", url, &DbTls::default()).is_ok(), "{url}");

@@ -275,6 +275,17 @@ impl Env<'_> {
         self.decrypt_at(aad, &ct).map(Some)
     }
 
+    /// The names stored under `prefix`: the last element of each key below it, in key order.
+    pub fn names_under(&mut self, prefix: &[u8]) -> Result<Vec<String>, ApiError> {
+        let (begin, end) = keys::children_range(prefix);
+        let mut names = Vec::new();
+        for kv in self.tx.get_range(&begin, &end, Default::default())? {
+            let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
+            names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
+        }
+        Ok(names)
+    }
+
     /// Reads and decrypts a JSON barrier value.
     pub fn get_json<T: serde::de::DeserializeOwned>(&mut self, key: &[u8]) -> Result<Option<T>, ApiError> {
         match self.get_sealed(key)? {

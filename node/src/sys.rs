@@ -315,12 +315,8 @@ impl Node {
     pub async fn policy_list(self: &Arc<Self>, ctx: RequestContext) -> Audited<Vec<String>> {
         self.execute(ctx, Operation::PolicyList, "sys/policies/acl".into(), move |env| {
             env.authorize("sys/policies/acl", &[Capability::List])?;
-            let (begin, end) = keys::children_range(&keys::policies());
-            let mut names = vec!["root".to_owned()];
-            for kv in env.tx.get_range(&begin, &end, Default::default())? {
-                let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
-                names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
-            }
+            let mut names = env.names_under(&keys::policies())?;
+            names.push("root".to_owned());
             names.sort();
             Ok(names)
         })
