@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let mut fields = rest.split(|&b| b == 0).map(String::from_utf8_lossy);
     let name = fields.next().unwrap_or_default();
     let mut url = fields.next().unwrap_or_default().into_owned();
+    let input = url.clone();
     let field = |f: Option<std::borrow::Cow<'_, str>>| f.filter(|s| !s.is_empty()).map(|s| s.into_owned());
     let ca_pem = field(fields.next());
     let client_cert_pem = field(fields.next());
@@ -39,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(()) => {
             let shown = url_summary(&url);
-            assert!(!shown.contains(PASSWORD), "the URL's password shown: {shown}");
+            // (The input may hold the canary's text in another part, a database name.)
+            if canaries && !input.contains(PASSWORD) {
+                assert!(!shown.contains(PASSWORD), "the URL's password shown: {shown}");
+            }
             let driver_form = shown.replace("sslmode=verify-full", "sslmode=require").replace("sslmode=verify-ca", "sslmode=require");
             if let Ok(parsed) = driver_form.parse::<tokio_postgres::Config>() {
                 assert!(parsed.get_password().is_none(), "a password in the shown URL: {shown}");

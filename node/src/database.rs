@@ -228,6 +228,18 @@ pub struct ConnectionInfo {
 pub fn url_summary(url: &str) -> String {
     let Ok((prepared, _)) = crate::pgtls::prepare(url) else { return "(unreadable)".into() };
     let Ok(config) = prepared.parse::<tokio_postgres::Config>() else { return "(unreadable)".into() };
+    // Each part percent-encoded, so that none can read as another (a database named
+    // `x?password=y` stays a database name).
+    let encode = |text: &str| -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
     let ports = config.get_ports();
     let hosts: Vec<String> = config
         .get_hosts()
@@ -235,9 +247,11 @@ pub fn url_summary(url: &str) -> String {
         .enumerate()
         .map(|(i, host)| {
             let host = match host {
-                tokio_postgres::config::Host::Tcp(h) if h.contains(':') => format!("[{h}]"),
-                tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                tokio_postgres::config::Host::Unix(path) => format!("({})", path.display()),
+                tokio_postgres::config::Host::Tcp(h) if h.parse::<std::net::Ipv6Addr>().is_ok() => {
+                    format!("[{h}]")
+                }
+                tokio_postgres::config::Host::Tcp(h) => encode(h),
+                tokio_postgres::config::Host::Unix(path) => encode(&path.to_string_lossy()),
             };
             match ports.get(i).or(if ports.len() == 1 { ports.first() } else { None }) {
                 Some(port) => format!("{host}:{port}"),
@@ -251,9 +265,9 @@ pub fn url_summary(url: &str) -> String {
         .unwrap_or("disable");
     format!(
         "postgres://{}@{}/{}?sslmode={sslmode}",
-        config.get_user().unwrap_or_default(),
+        encode(config.get_user().unwrap_or_default()),
         hosts.join(","),
-        config.get_dbname().unwrap_or_default()
+        encode(config.get_dbname().unwrap_or_default())
     )
 }
 
@@ -473,6 +487,13 @@ fn load_role(env: &mut Env<'_>, name: &str) -> Result<Role, ApiError> {
     env.get_json(&keys::db_role(name))?.ok_or_else(|| ApiError::NotFound(format!("no database role {name}")))
 }
 
+/// Whether any lease on `role` remains.
+fn has_leases(env: &mut Env<'_>, role: &str) -> Result<bool, ApiError> {
+    let begin = keys::lease_id_prefix(&format!("database/creds/{role}/"));
+    let end = arca_store::prefix_end(&begin).ok_or(ApiError::Internal)?;
+    Ok(!env.tx.get_range(&begin, &end, arca_store::RangeOptions::limit(1))?.is_empty())
+}
+
 /// The roles that name connection `db`.
 fn roles_on(env: &mut Env<'_>, db: &str) -> Result<Vec<String>, ApiError> {
     let mut roles = Vec::new();
@@ -543,6 +564,17 @@ impl Node {
             validate_sql("renew_sql", &role.renew_sql)?;
             env.authorize(&path, &[Capability::Create, Capability::Update])?;
             load_conn(env, &role.db)?;
+            // A lease is revoked on its own connection: a role keeps its connection while
+            // leases on it remain, so no connection a lease needs can be deleted.
+            if let Some(old) = env.get_json::<Role>(&keys::db_role(&role.name))?
+                && old.db != role.db
+                && has_leases(env, &role.name)?
+            {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "leases on role {} remain on connection {}: revoke them before moving the role",
+                    role.name, old.db
+                )));
+            }
             env.put_json(&keys::db_role(&role.name), &role)?;
             Ok(role)
         })
@@ -583,7 +615,8 @@ impl Node {
     }
 
     /// Deletes a connection (needs `delete` on `database/config/<name>`). Refused while a
-    /// role names it: its leases could no longer be revoked.
+    /// role names it: its leases could no longer be revoked (a role with leases keeps its
+    /// connection, so no lease outlives its connection).
     pub async fn db_config_delete(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
         let path = format!("database/config/{name}");
         self.execute(ctx, Operation::DbConfigDelete, path.clone(), move |env| {
@@ -631,9 +664,7 @@ impl Node {
             validate_name(&name)?;
             env.authorize(&path, &[Capability::Delete])?;
             load_role(env, &name)?;
-            let begin = keys::lease_id_prefix(&format!("database/creds/{name}/"));
-            let end = arca_store::prefix_end(&begin).ok_or(ApiError::Internal)?;
-            if !env.tx.get_range(&begin, &end, arca_store::RangeOptions::limit(1))?.is_empty() {
+            if has_leases(env, &name)? {
                 return Err(ApiError::FailedPrecondition(format!(
                     "leases on role {name} remain: revoke them first (lease revoke-prefix database/creds/{name}/)"
                 )));
@@ -1064,6 +1095,11 @@ mod tests {
                 "postgres://admin@a:1,b:2/app?sslmode=require",
             ),
             ("postgres://admin:s3cret@[::1]:5432/app", "postgres://admin@[::1]:5432/app?sslmode=disable"),
+            // A database whose name reads as a parameter stays a name.
+            (
+                "postgres://admin:s3cret@h:1/x%3Fpassword%3Dy",
+                "postgres://admin@h:1/x%3Fpassword%3Dy?sslmode=disable",
+            ),
         ] {
             assert!(check_connection("pg", url, &DbTls::default()).is_ok(), "{url}");
             assert_eq!(url_summary(url), shown, "{url}");

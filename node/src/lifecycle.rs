@@ -918,6 +918,14 @@ async fn scheduler_tasks(node: &Arc<Node>, retries: &mut Retries) -> Result<(), 
     if let Err(err) = node.reap_expired(&mut retries.leases, &mut retries.databases).await {
         tracing::debug!(error = %err, "lease reaper");
     }
+    if !retries.databases.is_empty() {
+        // A deleted connection no longer waits (no lease names it: see `db_config_delete`).
+        let names = node.store.transact(|tx| crate::node::names_under(tx, &keys::db_connections()));
+        match names {
+            Ok(names) => retries.databases.keep_only(&names.value.into_iter().collect()),
+            Err(err) => tracing::debug!(error = %err, "database connections"),
+        }
+    }
     if let Err(err) = node.wrap_expire_sweep().await {
         tracing::debug!(error = %err, "wrapped response expiry sweep");
     }

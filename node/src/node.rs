@@ -275,15 +275,9 @@ impl Env<'_> {
         self.decrypt_at(aad, &ct).map(Some)
     }
 
-    /// The names stored under `prefix`: the last element of each key below it, in key order.
+    /// The names stored under `prefix` (see [`names_under`]).
     pub fn names_under(&mut self, prefix: &[u8]) -> Result<Vec<String>, ApiError> {
-        let (begin, end) = keys::children_range(prefix);
-        let mut names = Vec::new();
-        for kv in self.tx.get_range(&begin, &end, Default::default())? {
-            let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
-            names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
-        }
-        Ok(names)
+        names_under(self.tx, prefix)
     }
 
     /// Reads and decrypts a JSON barrier value.
@@ -699,6 +693,17 @@ impl Node {
         self.metrics.observe_request(op, outcome, started.elapsed());
         audited
     }
+}
+
+/// The names stored under `prefix`: the last element of each key below it, in key order.
+pub fn names_under(tx: &mut dyn Transaction, prefix: &[u8]) -> Result<Vec<String>, ApiError> {
+    let (begin, end) = keys::children_range(prefix);
+    let mut names = Vec::new();
+    for kv in tx.get_range(&begin, &end, Default::default())? {
+        let tuple = arca_store::tuple::unpack(&kv.key).map_err(|_| ApiError::Internal)?;
+        names.extend(tuple.last().and_then(|e| e.as_str().map(str::to_owned)));
+    }
+    Ok(names)
 }
 
 /// Whether an operation may write to the replicated keyspace (and so needs the primary).

@@ -732,6 +732,12 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
     assert_eq!(refused.code, 5, "{}", refused.stderr);
     assert!(refused.stderr.contains("roles ro use connection pg"), "{}", refused.stderr);
     assert_eq!(vault("DELETE", "database/config/pg").0, 400, "Vault's status for a failed precondition");
+    // Nor may the role move to another connection while its leases need this one.
+    configure(&server, &root, dir.path(), "pg2", &pg.url);
+    let moved = arca(&server, Some(&root), &["db", "role", "ro", "--db", "pg2", "--creation-sql", CREATION]);
+    assert_eq!(moved.code, 5, "{}", moved.stderr);
+    assert!(moved.stderr.contains("revoke them before moving the role"), "{}", moved.stderr);
+    ok(&server, &root, &["db", "delete-config", "pg2"]);
     assert_eq!(
         ok(&server, &root, &["db", "read-role", "ro"])["db"],
         "pg",
@@ -755,7 +761,7 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
     };
     assert_eq!(count(Operation::DbConfigRead, true), 3);
     assert_eq!((count(Operation::DbRoleDelete, true), count(Operation::DbRoleDelete, false)), (1, 1));
-    assert_eq!((count(Operation::DbConfigDelete, true), count(Operation::DbConfigDelete, false)), (1, 2));
+    assert_eq!((count(Operation::DbConfigDelete, true), count(Operation::DbConfigDelete, false)), (2, 2));
     assert!(count(Operation::DbConfigList, true) >= 2 && count(Operation::DbRoleList, true) >= 2);
     let log = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
     assert!(!log.contains(password), "the admin password is in the node's log");
