@@ -7,8 +7,10 @@
 //! The input: a method byte, a flags byte (root token, wrap header, route table), a route
 //! byte, then the path (or a suffix to the route), the query, the wrap TTL and the body,
 //! separated by zero bytes. Every route is fuzzed, `sys/seal` too: the node is rebuilt when
-//! an input sealed it. `database/creds/…` and the lease routes reach nothing outside: the
-//! HTTP API cannot configure a database connection.
+//! an input sealed it, but one: a write to `database/config/…` is skipped (a connection the
+//! node took would send `database/creds/…` to the host the input names; the connection's
+//! checks are fuzzed by `db_config`), so `database/creds/…` and the lease routes reach
+//! nothing outside.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -91,6 +93,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let method =
         Method::from_bytes(METHODS[usize::from(*method) % METHODS.len()].as_bytes()).expect("a method");
+    // No database connection may be written (see above); the router matches path segments
+    // as written, never decoded, so a route to it holds this text.
+    if matches!(method, Method::POST | Method::PUT) && uri.contains("database/config") {
+        return;
+    }
     let t = live_node::target(&TARGET);
     let mut live =
         t.live(|node, _| arca_node::http::router(node.clone(), Default::default(), &Default::default()));

@@ -230,16 +230,7 @@ pub fn url_summary(url: &str) -> String {
     let Ok(config) = prepared.parse::<tokio_postgres::Config>() else { return "(unreadable)".into() };
     // Each part percent-encoded, so that none can read as another (a database named
     // `x?password=y` stays a database name).
-    let encode = |text: &str| -> String {
-        text.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
+    let encode = percent_encode;
     let ports = config.get_ports();
     let hosts: Vec<String> = config
         .get_hosts()
@@ -269,6 +260,19 @@ pub fn url_summary(url: &str) -> String {
         hosts.join(","),
         encode(config.get_dbname().unwrap_or_default())
     )
+}
+
+/// `text` with every byte but URL-unreserved ones (`A-Z a-z 0-9 - . _ ~`) as `%XX`: safe in
+/// any part of a URL.
+pub(crate) fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {

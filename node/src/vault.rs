@@ -158,6 +158,141 @@ fn strings(value: &Value, field: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
+/// Refuses a field outside `known` (named, with the list), so a Vault field arca does not
+/// honour is never silently dropped.
+fn only_fields(body: &Value, known: &[&str]) -> Result<(), ApiError> {
+    let Value::Object(fields) = body else { return Err(ApiError::invalid("the body: a JSON object")) };
+    match fields.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => {
+            Err(ApiError::invalid(format!("{key}: not a field arca takes here ({})", known.join(", "))))
+        }
+        None => Ok(()),
+    }
+}
+
+/// A string field, or nothing.
+fn opt_string(body: &Value, field: &str) -> Result<Option<String>, ApiError> {
+    match &body[field] {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        _ => Err(ApiError::invalid(format!("{field}: a string"))),
+    }
+}
+
+/// A connection as Vault's `database/config/<name>` takes it, with the PostgreSQL plugin's
+/// fields: `connection_url` with `{{username}}` and `{{password}}` filled in from `username`
+/// and `password` (percent-encoded), `tls_ca`, `tls_certificate` and `private_key`.
+/// `allowed_roles` other than `*` is refused (every role may name a connection in arca), and
+/// `verify_connection` is taken and not acted on (the first credentials try it).
+fn db_config_request(body: &Value) -> Result<(Zeroizing<String>, crate::database::DbTls), ApiError> {
+    only_fields(
+        body,
+        &[
+            "plugin_name",
+            "connection_url",
+            "username",
+            "password",
+            "allowed_roles",
+            "verify_connection",
+            "tls_ca",
+            "tls_certificate",
+            "private_key",
+        ],
+    )?;
+    if opt_string(body, "plugin_name")?.is_some_and(|p| p != "postgresql-database-plugin") {
+        return Err(ApiError::invalid(
+            "plugin_name: arca's connections are PostgreSQL's (postgresql-database-plugin)",
+        ));
+    }
+    if !strings(&body["allowed_roles"], "allowed_roles")?.iter().all(|r| r == "*") {
+        return Err(ApiError::invalid(
+            "allowed_roles: arca lets every role name a connection (policies on database/roles/<name> decide who may write one); give \"*\" or leave it out",
+        ));
+    }
+    if !matches!(body["verify_connection"], Value::Null | Value::Bool(_)) {
+        return Err(ApiError::invalid("verify_connection: true or false"));
+    }
+    let template = Zeroizing::new(
+        opt_string(body, "connection_url")?.ok_or_else(|| ApiError::invalid("connection_url: required"))?,
+    );
+    let username = opt_string(body, "username")?.unwrap_or_default();
+    let password = Zeroizing::new(opt_string(body, "password")?.unwrap_or_default());
+    let url = Zeroizing::new(
+        template
+            .replace("{{username}}", &crate::database::percent_encode(&username))
+            .replace("{{password}}", &crate::database::percent_encode(&password)),
+    );
+    let tls = crate::database::DbTls {
+        ca_pem: opt_string(body, "tls_ca")?,
+        client_cert_pem: opt_string(body, "tls_certificate")?,
+        client_key_pem: opt_string(body, "private_key")?.map(Zeroizing::new),
+    };
+    Ok((url, tls))
+}
+
+/// SQL as Vault's roles take it: one string, or a list of statements (each ended by a `;`).
+fn statements(body: &Value, field: &str) -> Result<Option<String>, ApiError> {
+    let parts: Vec<String> = match &body[field] {
+        Value::Null => return Ok(None),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::invalid(format!("{field}: a list of strings")))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::invalid(format!("{field}: a string or a list of strings"))),
+    };
+    let ended: Vec<String> = parts
+        .iter()
+        .map(|p| p.trim_end())
+        .filter(|p| !p.is_empty())
+        .map(|p| if p.ends_with(';') { p.to_owned() } else { format!("{p};") })
+        .collect();
+    Ok((!ended.is_empty()).then(|| ended.join("\n")))
+}
+
+/// A role as Vault's `database/roles/<name>` takes it.
+fn db_role_request(name: &str, body: &Value) -> Result<crate::database::RoleRequest, ApiError> {
+    only_fields(
+        body,
+        &[
+            "db_name",
+            "creation_statements",
+            "revocation_statements",
+            "renew_statements",
+            "default_ttl",
+            "max_ttl",
+            "credential_type",
+            "max_leases_per_identity",
+        ],
+    )?;
+    if opt_string(body, "credential_type")?.is_some_and(|t| t != "password") {
+        return Err(ApiError::invalid("credential_type: arca's credentials are passwords"));
+    }
+    let max_leases = match &body["max_leases_per_identity"] {
+        Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| ApiError::invalid("max_leases_per_identity: a whole number"))?,
+        ),
+    };
+    Ok(crate::database::RoleRequest {
+        name: name.to_owned(),
+        db: opt_string(body, "db_name")?.ok_or_else(|| ApiError::invalid("db_name: required"))?,
+        creation_sql: statements(body, "creation_statements")?
+            .ok_or_else(|| ApiError::invalid("creation_statements: required"))?,
+        revocation_sql: statements(body, "revocation_statements")?,
+        renew_sql: statements(body, "renew_statements")?,
+        ttl_secs: duration_secs(&body["default_ttl"])?,
+        max_ttl_secs: duration_secs(&body["max_ttl"])?,
+        max_leases_per_identity: max_leases,
+    })
+}
+
 fn versions(value: &Value) -> Result<Vec<u64>, ApiError> {
     match value {
         Value::Null => Ok(Vec::new()),
@@ -1293,6 +1428,14 @@ async fn dispatch(
                 });
                 json_response(StatusCode::OK, envelope(rid, data, Value::Null))
             })
+        }
+        (["database", "config", name], "POST" | "PUT") => {
+            let (url, tls) = bad!(db_config_request(&body));
+            reply(node.db_config_write(ctx, (*name).to_owned(), url, tls).await, |(), _| no_content())
+        }
+        (["database", "roles", name], "POST" | "PUT") => {
+            let req = bad!(db_role_request(name, &body));
+            reply(node.db_role_write(ctx, req).await, |_, _| no_content())
         }
         (["database", "config", name], "DELETE") => {
             reply(node.db_config_delete(ctx, (*name).to_owned()).await, |(), _| no_content())

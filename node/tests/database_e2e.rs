@@ -766,3 +766,112 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
     let log = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
     assert!(!log.contains(password), "the admin password is in the node's log");
 }
+
+/// The real `bao` CLI drives the database engine over Vault's routes, as with Vault: a
+/// connection written with `{{username}}`/`{{password}}` templating, a role with a list of
+/// statements, credentials that log in, reads that show no password; fields arca would not
+/// honour are refused and store nothing.
+#[test]
+fn the_bao_cli_configures_connections_and_roles_and_gets_credentials() {
+    let bao_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bao");
+    assert!(bao_bin.exists(), "the bao CLI is missing: run scripts/setup.sh (the test command does)");
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path());
+    let data = dir.path().join("data");
+    let server = start_at(&data, "n1", &format!("127.0.0.1:{}", free_port()), &[], &[]);
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    let bao = |args: &[&str]| {
+        let out = Command::new(&bao_bin)
+            .args(args)
+            .env("BAO_ADDR", &server.http)
+            .env("BAO_TOKEN", &root)
+            .env("HOME", dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let bao_ok = |args: &[&str]| {
+        let (ok, stdout, stderr) = bao(args);
+        assert!(ok, "bao {args:?}: {stderr}");
+        stdout
+    };
+    let password =
+        pg.url.split_once("://").unwrap().1.split_once('@').unwrap().0.split_once(':').unwrap().1.to_owned();
+    let template = format!(
+        "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let password_arg = format!("password={password}");
+    let config = [
+        "write",
+        "database/config/pg",
+        "plugin_name=postgresql-database-plugin",
+        &template,
+        "username=postgres",
+        &password_arg,
+    ];
+
+    // Fields arca would not honour are refused, naming the field; nothing is stored.
+    for (extra, field) in [("allowed_roles=ro", "allowed_roles"), ("rotation_period=24h", "rotation_period")]
+    {
+        let mut args = config.to_vec();
+        args.push(extra);
+        let (ok, _, stderr) = bao(&args);
+        assert!(!ok && stderr.contains(field), "{extra}: {stderr}");
+    }
+    let mut mysql = config.to_vec();
+    mysql[2] = "plugin_name=mysql-database-plugin";
+    let (ok, _, stderr) = bao(&mysql);
+    assert!(!ok && stderr.contains("plugin_name"), "{stderr}");
+    let (_, listed, _) = bao(&["list", "-format=json", "database/config"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&listed).unwrap_or(json!([])),
+        json!([]),
+        "no connection was stored"
+    );
+
+    let mut taken = config.to_vec();
+    taken.push("allowed_roles=*");
+    bao_ok(&taken);
+    bao_ok(&[
+        "write",
+        "database/roles/ro",
+        "db_name=pg",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'",
+        "creation_statements=GRANT pg_read_all_data TO \"{{name}}\";",
+        "default_ttl=1h",
+        "max_ttl=24h",
+    ]);
+    let role: Value = serde_json::from_str(&bao_ok(&["read", "-format=json", "database/roles/ro"])).unwrap();
+    assert_eq!(role["data"]["default_ttl"], 3600);
+    let creation = role["data"]["creation_statements"][0].as_str().unwrap();
+    assert!(
+        creation.ends_with("';\nGRANT pg_read_all_data TO \"{{name}}\";"),
+        "the statements, each ended: {creation}"
+    );
+
+    let creds: Value = serde_json::from_str(&bao_ok(&["read", "-format=json", "database/creds/ro"])).unwrap();
+    let (user, user_password) = vault_creds(&creds);
+    assert!(can_log_in(pg.port, &user, &user_password), "the credentials log in");
+    assert_eq!(creds["lease_duration"], 3600);
+
+    let shown = bao_ok(&["read", "-format=json", "database/config/pg"]);
+    assert!(!shown.contains(&password), "the admin password is shown: {shown}");
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["data"]["connection_details"]["connection_url"],
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", pg.port)
+    );
+
+    bao_ok(&["lease", "revoke", "-prefix", "database/creds/ro/"]);
+    assert!(!can_log_in(pg.port, &user, &user_password), "revoked credentials no longer log in");
+    bao_ok(&["delete", "database/roles/ro"]);
+    bao_ok(&["delete", "database/config/pg"]);
+    let (ok, _, _) = bao(&["read", "database/config/pg"]);
+    assert!(!ok, "the connection is gone");
+}
