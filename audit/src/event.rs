@@ -197,6 +197,8 @@ operations! {
     DbRoleRead = 114, "database.role.read";
     DbRoleList = 115, "database.role.list";
     DbRoleDelete = 116, "database.role.delete";
+    /// A connection's admin password rotated (`database/rotate-root/<name>`).
+    DbRotateRoot = 117, "database.rotate_root";
 }
 
 impl fmt::Display for Operation {

@@ -22,7 +22,7 @@ use http_body_util::BodyExt as _;
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer as _, ServiceExt as _};
 
-const METHODS: [&str; 61] = [
+const METHODS: [&str; 62] = [
     "Init",
     "Unseal",
     "Status",
@@ -89,6 +89,7 @@ const METHODS: [&str; 61] = [
     "DbRoleRead",
     "DbRoleList",
     "DbRoleDelete",
+    "DbRotateRoot",
 ];
 
 #[path = "shared/grpc_wire.rs"]

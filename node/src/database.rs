@@ -55,6 +55,11 @@ pub struct Connection {
     pub client_cert_pem: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key_pem: Option<String>,
+    /// The URL with a new admin password, while a rotation of it is under way
+    /// ([`Node::db_rotate_root`]): stored before the database is told, so a rotation whose
+    /// answer was lost can be finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_url: Option<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -73,6 +78,9 @@ impl Drop for Connection {
         self.url.zeroize();
         if let Some(key) = &mut self.client_key_pem {
             key.zeroize();
+        }
+        if let Some(url) = &mut self.pending_url {
+            url.zeroize();
         }
     }
 }
@@ -220,6 +228,8 @@ pub struct ConnectionInfo {
     pub has_client_cert: bool,
     /// The roles that name this connection.
     pub roles: Vec<String>,
+    /// A rotation of the admin password was interrupted: `rotate-root` again finishes it.
+    pub root_rotation_pending: bool,
 }
 
 /// A connection URL as it may be shown: rebuilt from what tokio-postgres parsed out of it,
@@ -273,6 +283,42 @@ pub(crate) fn percent_encode(text: &str) -> String {
         }
     }
     out
+}
+
+/// `url` with the admin password in its user part replaced by `password` (alphanumeric),
+/// and the user it is for. Refused unless the URL is `postgres://user:password@…` and the
+/// driver reads the new password back out of the result (a `password` parameter would win).
+fn with_password(url: &str, password: &str) -> Result<(Zeroizing<String>, String), ApiError> {
+    let unfit = || {
+        ApiError::FailedPrecondition(
+            "rotate-root needs the admin password in the URL's user part: postgres://user:password@host/db"
+                .into(),
+        )
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(unfit)?;
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (userinfo, hosts) = rest[..authority_end].rsplit_once('@').ok_or_else(unfit)?;
+    let (user, _) = userinfo.split_once(':').ok_or_else(unfit)?;
+    if user.is_empty() {
+        return Err(unfit());
+    }
+    let rotated = Zeroizing::new(format!("{scheme}://{user}:{password}@{hosts}{}", &rest[authority_end..]));
+    let (prepared, _) = crate::pgtls::prepare(&rotated).map_err(|_| unfit())?;
+    let prepared = Zeroizing::new(prepared);
+    let config: tokio_postgres::Config = prepared.parse().map_err(|_| unfit())?;
+    if config.get_password() != Some(password.as_bytes()) {
+        return Err(unfit());
+    }
+    let user = config.get_user().ok_or_else(unfit)?.to_owned();
+    Ok((rotated, user))
+}
+
+/// The password in a URL [`with_password`] made.
+fn password_of(url: &str) -> Option<Zeroizing<String>> {
+    let (prepared, _) = crate::pgtls::prepare(url).ok()?;
+    let prepared = Zeroizing::new(prepared);
+    let config: tokio_postgres::Config = prepared.parse().ok()?;
+    Some(Zeroizing::new(String::from_utf8(config.get_password()?.to_vec()).ok()?))
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
@@ -536,6 +582,7 @@ impl Node {
                     ca_pem: tls.ca_pem.clone(),
                     client_cert_pem: tls.client_cert_pem.clone(),
                     client_key_pem: tls.client_key_pem.as_ref().map(|k| k.to_string()),
+                    pending_url: None,
                 },
             )
         })
@@ -604,6 +651,7 @@ impl Node {
                 has_ca: conn.ca_pem.is_some(),
                 has_client_cert: conn.client_cert_pem.is_some(),
                 roles,
+                root_rotation_pending: conn.pending_url.is_some(),
             })
         })
         .await
@@ -677,6 +725,99 @@ impl Node {
             Ok(())
         })
         .await
+    }
+
+    /// Rotates a connection's admin password (needs `update` on `database/rotate-root/<name>`):
+    /// a fresh random one is set in the database over the connection, then stored, so that
+    /// afterwards only arca knows it. The URL with the new password is stored (pending)
+    /// before the database is told, and replaces the old once the database confirmed it. If
+    /// the database's answer is lost, the pending URL stays and the next `rotate-root` tries
+    /// it first; a database that refused the change leaves the old URL alone.
+    pub async fn db_rotate_root(self: &Arc<Self>, ctx: RequestContext, name: String) -> Audited<()> {
+        let path = format!("database/rotate-root/{name}");
+        let name_owned = name.clone();
+        let planned = self
+            .execute(ctx, Operation::DbRotateRoot, path.clone(), move |env| {
+                validate_name(&name)?;
+                env.authorize(&path, &[Capability::Update])?;
+                let mut conn = load_conn(env, &name)?;
+                let resumed = conn.pending_url.is_some();
+                let password = match conn.pending_url.as_deref().and_then(password_of) {
+                    Some(password) => password,
+                    None => Zeroizing::new(random_alnum(32)),
+                };
+                let (rotated, user) = with_password(&conn.url, &password)?;
+                conn.pending_url = Some(rotated.to_string());
+                env.put_json(&keys::db_connection(&name), &conn)?;
+                let pending = Target {
+                    url: rotated,
+                    tls: DbTls {
+                        ca_pem: conn.ca_pem.clone(),
+                        client_cert_pem: conn.client_cert_pem.clone(),
+                        client_key_pem: conn.client_key_pem.clone().map(Zeroizing::new),
+                    },
+                };
+                conn.pending_url = None;
+                Ok((Target::from(conn.clone()), pending, user, password, resumed))
+            })
+            .await;
+        let Audited { result, request_id, position } = planned;
+        let result = match result {
+            Err(e) => Err(e),
+            Ok((current, pending, user, password, resumed)) => {
+                self.finish_rotation(name_owned, current, pending, &user, &password, resumed).await
+            }
+        };
+        Audited { result, request_id, position }
+    }
+
+    /// [`Node::db_rotate_root`]'s second half: the database told, the pending URL settled.
+    async fn finish_rotation(
+        self: &Arc<Self>,
+        name: String,
+        current: Target,
+        pending: Target,
+        user: &str,
+        password: &str,
+        resumed: bool,
+    ) -> Result<(), ApiError> {
+        // A rotation whose answer was lost may have reached the database.
+        let done = resumed && run_sql(&pending, "SELECT 1").await.is_ok();
+        let sql = Zeroizing::new(format!(
+            "ALTER ROLE \"{}\" WITH PASSWORD '{password}';",
+            user.replace('"', "\"\"")
+        ));
+        let ran = if done { Ok(()) } else { run_sql(&current, &sql).await };
+        // Settle the pending URL: in use (confirmed), dropped (refused), or kept for the
+        // next try (the answer lost: it may be in use).
+        let confirmed = match &ran {
+            Ok(()) => true,
+            Err(SqlError::Unreachable(_)) => {
+                let err = ApiError::from(ran.unwrap_err());
+                tracing::warn!(db = %name, error = %err, "rotating a connection's admin password: no answer");
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{err}: the new password may or may not be in use; rotate-root again finishes the rotation"
+                )));
+            }
+            Err(_) => false,
+        };
+        let path = format!("database/rotate-root/{name}");
+        self.execute_system(Operation::DbRotateRoot, path, move |env| {
+            let mut conn = load_conn(env, &name)?;
+            if let Some(url) = conn.pending_url.take()
+                && confirmed
+            {
+                conn.url = url;
+            }
+            env.put_json(&keys::db_connection(&name), &conn)
+        })
+        .await
+        .result?;
+        ran.map_err(|err| {
+            let err = ApiError::from(err);
+            tracing::warn!(error = %err, "rotating a connection's admin password: refused");
+            err
+        })
     }
 
     /// Creates fresh credentials for `role` (needs `read` on `database/creds/<role>`).
@@ -1036,6 +1177,7 @@ mod tests {
                     ca_pem: None,
                     client_cert_pem: Some("CERT".into()),
                     client_key_pem: Some("KEY-SECRET".into()),
+                    pending_url: Some("postgres://a:NEW-SECRET@h/db".into()),
                 }
             )
             .find("SECRET")
@@ -1107,6 +1249,27 @@ mod tests {
         ] {
             assert!(check_connection("pg", url, &DbTls::default()).is_ok(), "{url}");
             assert_eq!(url_summary(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_rotated_url_differs_in_its_password_alone() {
+        let (url, user) =
+            with_password("postgres://ad%6Din:old@db:5432/app?sslmode=require", "NEWpw123").unwrap();
+        assert_eq!(url.as_str(), "postgres://ad%6Din:NEWpw123@db:5432/app?sslmode=require");
+        assert_eq!(user, "admin");
+        assert_eq!(password_of(&url).unwrap().as_str(), "NEWpw123");
+        assert_eq!(
+            with_password("postgres://admin:old@db", "x1").unwrap().0.as_str(),
+            "postgres://admin:x1@db"
+        );
+        for unfit in [
+            "postgres://admin@db/app",                    // no password in the user part
+            "postgres://admin:old@db/app?password=other", // a parameter the driver prefers
+            "postgres://:old@db/app",                     // no user
+            "postgres://admin:o/ld@db/app",               // a password the URL cannot hold as written
+        ] {
+            assert!(with_password(unfit, "NEWpw123").is_err(), "{unfit}");
         }
     }
 

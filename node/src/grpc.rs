@@ -1016,7 +1016,13 @@ impl Arca for Service {
             has_ca: c.has_ca,
             has_client_cert: c.has_client_cert,
             roles: c.roles,
+            root_rotation_pending: c.root_rotation_pending,
         })
+    }
+
+    async fn db_rotate_root(&self, request: Request<proto::DbName>) -> Reply<proto::Empty> {
+        let ctx = self.context(&request);
+        respond(self.node.db_rotate_root(ctx, request.into_inner().name).await, |()| proto::Empty {})
     }
 
     async fn db_config_list(&self, request: Request<proto::Empty>) -> Reply<proto::NameList> {

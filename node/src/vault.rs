@@ -1425,6 +1425,7 @@ async fn dispatch(
                     "allowed_roles": c.roles,
                     "has_ca": c.has_ca,
                     "has_client_cert": c.has_client_cert,
+                    "root_rotation_pending": c.root_rotation_pending,
                 });
                 json_response(StatusCode::OK, envelope(rid, data, Value::Null))
             })
@@ -1436,6 +1437,9 @@ async fn dispatch(
         (["database", "roles", name], "POST" | "PUT") => {
             let req = bad!(db_role_request(name, &body));
             reply(node.db_role_write(ctx, req).await, |_, _| no_content())
+        }
+        (["database", "rotate-root", name], "POST" | "PUT") => {
+            reply(node.db_rotate_root(ctx, (*name).to_owned()).await, |(), _| no_content())
         }
         (["database", "config", name], "DELETE") => {
             reply(node.db_config_delete(ctx, (*name).to_owned()).await, |(), _| no_content())

@@ -692,6 +692,18 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
         "the default revocation is shown"
     );
 
+    // The admin password rotated, twice (once over Vault's route): the one the operator
+    // gave stops working, credentials keep coming, and nothing shows the new one.
+    assert!(can_log_in(pg.port, "postgres", password), "the operator's admin password works");
+    ok(&server, &root, &["db", "rotate-root", "pg"]);
+    assert!(!can_log_in(pg.port, "postgres", password), "the old admin password still logs in");
+    let fresh = ok(&server, &root, &["db", "creds", "ro"]);
+    let (user, user_password) = (fresh["username"].as_str().unwrap(), fresh["password"].as_str().unwrap());
+    assert!(can_log_in(pg.port, user, user_password), "credentials after the rotation log in");
+    let after = ok(&server, &root, &["db", "read-config", "pg"]);
+    assert_eq!((&after["url"], &after["root_rotation_pending"]), (&conn["url"], &json!(false)));
+    ok(&server, &root, &["lease", "revoke-prefix", "database/creds/ro/"]);
+
     // Vault's routes: the same, in Vault's shapes.
     let vault = |method: &str, path: &str| -> (u16, Value) {
         let response = ureq::http::Request::builder()
@@ -710,6 +722,7 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
         let text = response.body_mut().read_to_string().unwrap_or_default();
         (response.status().as_u16(), serde_json::from_str(&text).unwrap_or(Value::Null))
     };
+    assert_eq!(vault("POST", "database/rotate-root/pg").0, 204);
     let (status, config) = vault("GET", "database/config/pg");
     assert_eq!(status, 200);
     assert_eq!(config["data"]["connection_details"]["connection_url"].as_str(), Some(shown));
@@ -759,7 +772,9 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
     let count = |op: Operation, ok: bool| {
         events.iter().filter(|e| e.operation == op && (e.outcome == Outcome::Ok) == ok).count()
     };
-    assert_eq!(count(Operation::DbConfigRead, true), 3);
+    assert_eq!(count(Operation::DbConfigRead, true), 4);
+    // Each rotation: the request's event, and the system's once the database confirmed it.
+    assert_eq!(count(Operation::DbRotateRoot, true), 4);
     assert_eq!((count(Operation::DbRoleDelete, true), count(Operation::DbRoleDelete, false)), (1, 1));
     assert_eq!((count(Operation::DbConfigDelete, true), count(Operation::DbConfigDelete, false)), (2, 2));
     assert!(count(Operation::DbConfigList, true) >= 2 && count(Operation::DbRoleList, true) >= 2);
@@ -874,4 +889,104 @@ fn the_bao_cli_configures_connections_and_roles_and_gets_credentials() {
     bao_ok(&["delete", "database/config/pg"]);
     let (ok, _, _) = bao(&["read", "database/config/pg"]);
     assert!(!ok, "the connection is gone");
+}
+
+/// A TCP proxy to PostgreSQL that, once armed, passes on the next `ALTER ROLE` and then
+/// drops every reply on that connection: the database applies the statement, its answer is
+/// lost.
+struct MutingProxy {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MutingProxy {
+    fn start(target: u16) -> MutingProxy {
+        use std::io::{Read as _, Write as _};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(AtomicBool::new(false));
+        let armed2 = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let muted = std::sync::Arc::new(AtomicBool::new(false));
+                let (mut up_from, mut up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut down_from, mut down_to) = (server, client);
+                let (armed, muted_up, muted_down) = (armed2.clone(), muted.clone(), muted);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = up_from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if armed.load(Ordering::SeqCst) && buf[..n].windows(10).any(|w| w == b"ALTER ROLE") {
+                            muted_up.store(true, Ordering::SeqCst);
+                        }
+                        if up_to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = up_to.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = down_from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if !muted_down.load(Ordering::SeqCst) && down_to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = down_to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        MutingProxy { port, armed }
+    }
+}
+
+/// A rotation of the admin password whose answer is lost (the database applied it) keeps the
+/// new URL pending, and the next `rotate-root` finds it in use and finishes, rather than
+/// locking arca out with a third password.
+#[test]
+fn an_interrupted_admin_password_rotation_is_finished_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start(dir.path());
+    let proxy = MutingProxy::start(pg.port);
+    let data = dir.path().join("data");
+    let server = start_at(&data, "n1", &format!("127.0.0.1:{}", free_port()), &[], &[]);
+    let root = std::fs::read_to_string(data.join("root-token")).unwrap().trim().to_owned();
+    let password = pg.url.split_once("://").unwrap().1.split_once('@').unwrap().0.split_once(':').unwrap().1;
+    configure(
+        &server,
+        &root,
+        dir.path(),
+        "pg",
+        &pg.url.replace(&format!(":{}/", pg.port), &format!(":{}/", proxy.port)),
+    );
+    ok(&server, &root, &["db", "role", "ro", "--db", "pg", "--creation-sql", CREATION]);
+    let creds_log_in = || {
+        let run = arca(&server, Some(&root), &["--format", "json", "db", "creds", "ro"]);
+        run.code == 0 && {
+            let v: Value = serde_json::from_str(&run.stdout).unwrap();
+            can_log_in(pg.port, v["username"].as_str().unwrap(), v["password"].as_str().unwrap())
+        }
+    };
+    assert!(creds_log_in());
+
+    proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = arca(&server, Some(&root), &["db", "rotate-root", "pg"]);
+    assert_eq!(lost.code, 5, "{}", lost.stderr);
+    assert!(lost.stderr.contains("rotate-root again finishes the rotation"), "{}", lost.stderr);
+    assert!(!can_log_in(pg.port, "postgres", password), "the database took the new password");
+    assert_eq!(ok(&server, &root, &["db", "read-config", "pg"])["root_rotation_pending"], true);
+    assert!(!creds_log_in(), "the stored URL's password is the old one until the rotation ends");
+
+    proxy.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    ok(&server, &root, &["db", "rotate-root", "pg"]);
+    assert_eq!(ok(&server, &root, &["db", "read-config", "pg"])["root_rotation_pending"], false);
+    assert!(creds_log_in(), "the pending password was the database's: credentials work again");
 }

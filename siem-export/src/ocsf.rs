@@ -60,7 +60,9 @@ impl Activity {
             | PolicyList | CertRoleRead | MountRead | MountList | Status | Health | RegionPull
             | RegionSnapshot | DbConfigRead | DbConfigList | DbRoleRead | DbRoleList => Activity::Read,
             KvPatch | KvUndelete | KvWriteMetadata | TokenRenew | AppRoleWrite | PolicyWrite
-            | CertRoleWrite | MountWrite | Rotate | DbConfigWrite | DbRoleWrite => Activity::Update,
+            | CertRoleWrite | MountWrite | Rotate | DbConfigWrite | DbRoleWrite | DbRotateRoot => {
+                Activity::Update
+            }
             KvDelete | KvDestroy | KvDeleteMetadata | TokenRevoke | AppRoleDelete | PolicyDelete
             | CertRoleDelete | MountDelete | DbConfigDelete | DbRoleDelete => Activity::Delete,
             _ => Activity::Other,
@@ -81,7 +83,7 @@ fn resource_type(op: Operation) -> &'static str {
         PolicyWrite | PolicyRead | PolicyList | PolicyDelete => "policy",
         CertRoleWrite | CertRoleRead | CertRoleDelete | CertLogin => "cert_role",
         MountWrite | MountRead | MountDelete | MountList => "mount",
-        DbConfigWrite | DbConfigRead | DbConfigList | DbConfigDelete => "database_connection",
+        DbConfigWrite | DbConfigRead | DbConfigList | DbConfigDelete | DbRotateRoot => "database_connection",
         DbRoleWrite | DbRoleRead | DbRoleList | DbRoleDelete => "database_role",
         // What the replication listener hands a standby region: the replicated keyspace.
         RegionPull | RegionSnapshot => "replication_feed",

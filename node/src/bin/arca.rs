@@ -204,6 +204,8 @@ enum DbCommand {
     ListRoles,
     /// Delete a role (refused while leases on it remain: revoke-prefix them first).
     DeleteRole { name: String },
+    /// Give a connection's admin user a fresh random password, known to arca alone.
+    RotateRoot { name: String },
 }
 
 #[derive(Subcommand)]
@@ -1056,12 +1058,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         ("ca".into(), conn.has_ca.to_string()),
                         ("client_cert".into(), conn.has_client_cert.to_string()),
                         ("roles".into(), conn.roles.join(", ")),
+                        ("root_rotation_pending".into(), conn.root_rotation_pending.to_string()),
                     ];
                     print(
                         format,
                         || table(&rows),
                         json!({"name": conn.name, "url": conn.url, "has_ca": conn.has_ca, "has_client_cert": conn.has_client_cert,
-                               "roles": conn.roles, "audit_position": position(&r), "request_id": request_id(&r)}),
+                               "roles": conn.roles, "root_rotation_pending": conn.root_rotation_pending,
+                               "audit_position": position(&r), "request_id": request_id(&r)}),
                     );
                 }
                 DbCommand::ReadRole { name } => {
@@ -1106,6 +1110,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     print(
                         format,
                         || format!("Success! deleted connection {name}"),
+                        json!({"audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
+                }
+                DbCommand::RotateRoot { name } => {
+                    let r = rpc!(c, Write, db_rotate_root, proto::DbName { name: name.clone() }).await?;
+                    print(
+                        format,
+                        || format!("Success! rotated the admin password of connection {name}"),
                         json!({"audit_position": position(&r), "request_id": request_id(&r)}),
                     );
                 }
