@@ -234,15 +234,9 @@ fn db_config_request(body: &Value) -> Result<(Zeroizing<String>, crate::database
 fn statements(body: &Value, field: &str) -> Result<Option<String>, ApiError> {
     let parts: Vec<String> = match &body[field] {
         Value::Null => return Ok(None),
+        // One string is one piece of SQL, commas and all (`strings` would split it).
         Value::String(s) => vec![s.clone()],
-        Value::Array(items) => items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| ApiError::invalid(format!("{field}: a list of strings")))
-            })
-            .collect::<Result<_, _>>()?,
+        list @ Value::Array(_) => strings(list, field)?,
         _ => return Err(ApiError::invalid(format!("{field}: a string or a list of strings"))),
     };
     let ended: Vec<String> = parts
