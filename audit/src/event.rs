@@ -199,6 +199,8 @@ operations! {
     DbRoleDelete = 116, "database.role.delete";
     /// A connection's admin password rotated (`database/rotate-root/<name>`).
     DbRotateRoot = 117, "database.rotate_root";
+    /// Leases listed by id prefix (`sys/leases/lookup/<prefix>`).
+    LeaseList = 118, "lease.list";
 }
 
 impl fmt::Display for Operation {

@@ -22,7 +22,7 @@ use http_body_util::BodyExt as _;
 use libfuzzer_sys::fuzz_target;
 use tower::{Layer as _, ServiceExt as _};
 
-const METHODS: [&str; 62] = [
+const METHODS: [&str; 63] = [
     "Init",
     "Unseal",
     "Status",
@@ -90,6 +90,7 @@ const METHODS: [&str; 62] = [
     "DbRoleList",
     "DbRoleDelete",
     "DbRotateRoot",
+    "LeaseList",
 ];
 
 #[path = "shared/grpc_wire.rs"]

@@ -32,6 +32,8 @@ use crate::policy::{self, Capability};
 
 /// Expired leases revoked per reaper round.
 pub const REAP_BATCH: usize = 100;
+/// Most leases one list returns.
+pub const LEASE_LIST_LIMIT: usize = 1000;
 const SQL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Ends the user's sessions, drops its privileges (also on shared objects such as the
 /// database's CONNECT) and the user; does nothing when it was never created.
@@ -997,6 +999,65 @@ impl Node {
             }
         };
         Audited { result, request_id, position }
+    }
+
+    /// The leases whose id starts with `prefix`, in id order, at most [`LEASE_LIST_LIMIT`]
+    /// (and whether more matched). With `expired`, only those past their expiry, in expiry
+    /// order: revocations the reaper has not managed yet (their database down, a statement
+    /// it refuses). Needs `list` and `sudo` on `sys/leases/lookup/<prefix>`, as Vault.
+    pub async fn lease_list(
+        self: &Arc<Self>,
+        ctx: RequestContext,
+        prefix: String,
+        expired: bool,
+    ) -> Audited<(Vec<Lease>, bool)> {
+        let path = format!("sys/leases/lookup/{prefix}");
+        self.execute(ctx, Operation::LeaseList, path.clone(), move |env| {
+            if prefix.len() > 256 || prefix.chars().any(char::is_control) {
+                return Err(ApiError::invalid("prefix: up to 256 printable characters"));
+            }
+            let record = env.authorize(&path, &[Capability::List])?;
+            if !env.allowed(&record, &path, &[Capability::Sudo])? {
+                return Err(ApiError::PermissionDenied);
+            }
+            let mut leases = Vec::new();
+            if !expired {
+                let begin = keys::lease_id_prefix(&prefix);
+                let end = arca_store::prefix_end(&begin).ok_or(ApiError::Internal)?;
+                let rows =
+                    env.tx.get_range(&begin, &end, arca_store::RangeOptions::limit(LEASE_LIST_LIMIT + 1))?;
+                let truncated = rows.len() > LEASE_LIST_LIMIT;
+                for row in rows.iter().take(LEASE_LIST_LIMIT) {
+                    leases.extend(env.get_json::<Lease>(&row.key)?);
+                }
+                return Ok((leases, truncated));
+            }
+            // The reaper's index, oldest expiry first, read up to a bound (ids of other
+            // prefixes may come between).
+            let scan = 10 * LEASE_LIST_LIMIT;
+            let begin = keys::lease_expiry_prefix();
+            let end = keys::lease_expiry(env.now_unix_ms + 1, "");
+            let rows = env.tx.get_range(&begin, &end, arca_store::RangeOptions::limit(scan))?;
+            let mut truncated = rows.len() == scan;
+            for row in &rows {
+                let Some(id) = arca_store::tuple::unpack(&row.key)
+                    .ok()
+                    .and_then(|t| t.last().and_then(|e| e.as_str().map(str::to_owned)))
+                else {
+                    continue;
+                };
+                if !id.starts_with(&prefix) {
+                    continue;
+                }
+                if leases.len() == LEASE_LIST_LIMIT {
+                    truncated = true;
+                    break;
+                }
+                leases.extend(env.get_json::<Lease>(&lease_key(&id)?)?);
+            }
+            Ok((leases, truncated))
+        })
+        .await
     }
 
     /// A lease's record (needs `update` on `sys/leases/lookup`, as Vault).

@@ -1081,6 +1081,14 @@ impl Arca for Service {
         respond(self.node.lease_lookup(ctx, request.into_inner().lease_id).await, lease_info)
     }
 
+    async fn lease_list(&self, request: Request<proto::LeaseListRequest>) -> Reply<proto::LeaseListResponse> {
+        let ctx = self.context(&request);
+        let r = request.into_inner();
+        respond(self.node.lease_list(ctx, r.prefix, r.expired).await, |(leases, truncated)| {
+            proto::LeaseListResponse { leases: leases.into_iter().map(lease_info).collect(), truncated }
+        })
+    }
+
     async fn access_request(
         &self,
         request: Request<proto::AccessRequestRequest>,

@@ -730,6 +730,7 @@ pub fn mutates(op: Operation) -> bool {
             | RegionStatus
             | AccessList
             | LeaseLookup
+            | LeaseList
             | DbConfigRead
             | DbConfigList
             | DbRoleRead

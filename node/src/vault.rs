@@ -1483,6 +1483,28 @@ async fn dispatch(
             let id = body["lease_id"].as_str().unwrap_or_default().to_owned();
             reply(node.lease_revoke(ctx, id, false).await, |_, _| no_content())
         }
+        (["sys", "leases", "lookup", rest @ ..], _) if list => {
+            // Vault lists a lease prefix as a directory: the next segment of each id under it.
+            let mut prefix = rest.join("/");
+            if !prefix.is_empty() && !prefix.ends_with('/') {
+                prefix.push('/');
+            }
+            let cut = prefix.len();
+            reply(node.lease_list(ctx, prefix, false).await, |(leases, _), rid| {
+                let mut keys: Vec<String> = Vec::new();
+                for lease in &leases {
+                    let under = &lease.id[cut.min(lease.id.len())..];
+                    let key = match under.find('/') {
+                        Some(i) => &under[..=i],
+                        None => under,
+                    };
+                    if keys.last().is_none_or(|k| k != key) {
+                        keys.push(key.to_owned());
+                    }
+                }
+                json_response(StatusCode::OK, envelope(rid, json!({"keys": keys}), Value::Null))
+            })
+        }
         (["sys", "leases", "revoke-prefix", rest @ ..], "POST" | "PUT") if !rest.is_empty() => {
             reply(node.lease_revoke(ctx, rest.join("/"), true).await, |_, _| no_content())
         }

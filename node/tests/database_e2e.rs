@@ -433,6 +433,25 @@ fn dynamic_postgres_credentials_live_for_their_lease() {
     }
 }
 
+/// A request to Vault's API (`LIST` too): its status and JSON body (`Null` when none).
+fn vault_call(server: &Server, token: &str, method: &str, path: &str) -> (u16, Value) {
+    let request = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{}/v1/{path}", server.http))
+        .header("X-Vault-Token", token)
+        .body(())
+        .unwrap();
+    let mut response = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .allow_non_standard_methods(true)
+        .build()
+        .new_agent()
+        .run(request)
+        .unwrap();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (response.status().as_u16(), serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
 /// A private PostgreSQL, a node and its root token, with connection `pg` to the one.
 fn node_with_postgres(dir: &Path) -> (Postgres, Server, String) {
     let pg = Postgres::start(dir);
@@ -544,6 +563,36 @@ fn leases_whose_revocation_fails_wait_longer_each_time_and_hold_back_no_other() 
     wait("every failing lease to be counted as waiting", || waiting() == stuck.len() as u64);
     let failures = common::sample(&server.metrics(), "arca_scheduler_failures_total{task=\"revocation\"}");
     assert!(failures >= stuck.len() as u64 + 3, "{failures} failed revocations counted");
+    // And lists them: the expired leases on the role, every one of them failing.
+    let overdue = ok(&server, &root, &["lease", "list", "--expired", "database/creds/gated/"]);
+    let ids: Vec<&str> =
+        overdue["leases"].as_array().unwrap().iter().map(|l| l["lease_id"].as_str().unwrap()).collect();
+    let mut expected: Vec<&str> = stuck.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    let mut listed = ids.clone();
+    listed.sort_unstable();
+    assert_eq!((listed, &overdue["truncated"]), (expected, &json!(false)));
+    assert_eq!(
+        ok(&server, &root, &["lease", "list", "--expired", "database/creds/plain/"])["leases"],
+        json!([])
+    );
+    // Vault's directory-style listing of the same.
+    let (status, listing) = vault_call(&server, &root, "LIST", "sys/leases/lookup/database/creds/");
+    assert_eq!((status, &listing["data"]["keys"]), (200, &json!(["gated/"])));
+    let (_, under) = vault_call(&server, &root, "LIST", "sys/leases/lookup/database/creds/gated/");
+    assert_eq!(under["data"]["keys"].as_array().unwrap().len(), stuck.len());
+    // Listing leases needs sudo, as in Vault: list alone is refused.
+    for (name, caps, allowed) in
+        [("lister", r#"["list"]"#, false), ("sudo-lister", r#"["list", "sudo"]"#, true)]
+    {
+        let policy = dir.path().join(format!("{name}.hcl"));
+        std::fs::write(&policy, format!("path \"sys/leases/lookup/*\" {{ capabilities = {caps} }}")).unwrap();
+        ok(&server, &root, &["policy", "write", name, &policy.display().to_string()]);
+        let token =
+            ok(&server, &root, &["token", "create", "--policy", name])["token"].as_str().unwrap().to_owned();
+        let run = arca(&server, Some(&token), &["lease", "list", "database/creds/gated/"]);
+        assert_eq!(run.code == 0, allowed, "{name}: {}", run.stderr);
+    }
 
     // Fixed: the reaper's next tries revoke them, with no one asking.
     admin("INSERT INTO gate VALUES (1)");
@@ -705,23 +754,7 @@ fn connections_and_roles_are_read_listed_and_deleted_with_no_password_shown() {
     ok(&server, &root, &["lease", "revoke-prefix", "database/creds/ro/"]);
 
     // Vault's routes: the same, in Vault's shapes.
-    let vault = |method: &str, path: &str| -> (u16, Value) {
-        let response = ureq::http::Request::builder()
-            .method(method)
-            .uri(format!("{}/v1/{path}", server.http))
-            .header("X-Vault-Token", &root)
-            .body(())
-            .unwrap();
-        let mut response = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .allow_non_standard_methods(true)
-            .build()
-            .new_agent()
-            .run(response)
-            .unwrap();
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        (response.status().as_u16(), serde_json::from_str(&text).unwrap_or(Value::Null))
-    };
+    let vault = |method: &str, path: &str| vault_call(&server, &root, method, path);
     assert_eq!(vault("POST", "database/rotate-root/pg").0, 204);
     let (status, config) = vault("GET", "database/config/pg");
     assert_eq!(status, 200);

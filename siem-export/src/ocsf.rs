@@ -58,7 +58,8 @@ impl Activity {
             KvWrite | TokenCreate | AppRoleSecretId => Activity::Create,
             KvRead | KvList | KvReadMetadata | TokenLookup | AppRoleRead | AppRoleList | PolicyRead
             | PolicyList | CertRoleRead | MountRead | MountList | Status | Health | RegionPull
-            | RegionSnapshot | DbConfigRead | DbConfigList | DbRoleRead | DbRoleList => Activity::Read,
+            | RegionSnapshot | DbConfigRead | DbConfigList | DbRoleRead | DbRoleList | LeaseLookup
+            | LeaseList => Activity::Read,
             KvPatch | KvUndelete | KvWriteMetadata | TokenRenew | AppRoleWrite | PolicyWrite
             | CertRoleWrite | MountWrite | Rotate | DbConfigWrite | DbRoleWrite | DbRotateRoot => {
                 Activity::Update

@@ -225,6 +225,14 @@ enum LeaseCommand {
     Lookup {
         lease_id: String,
     },
+    /// List leases whose id starts with PREFIX (default: all; needs sudo), at most 1000.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Only leases past their expiry: revocations not done yet.
+        #[arg(long)]
+        expired: bool,
+    },
 }
 
 /// Whether a revoke names one lease or a prefix.
@@ -1166,6 +1174,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     let mut out = lease_json(r.get_ref());
                     out["audit_position"] = position(&r);
                     print(format, || table(&lease_rows(r.get_ref())), out);
+                }
+                LeaseCommand::List { prefix, expired } => {
+                    let r = rpc!(c, Read, lease_list, proto::LeaseListRequest { prefix, expired }).await?;
+                    let list = r.get_ref();
+                    let rows: Vec<(String, String)> = list
+                        .leases
+                        .iter()
+                        .map(|l| (l.lease_id.clone(), format!("expires {}", l.expire_unix_ms)))
+                        .collect();
+                    let truncated = list.truncated;
+                    print(
+                        format,
+                        || {
+                            let mut text = table(&rows);
+                            if truncated {
+                                text.push_str("\n(more leases match: give a longer prefix)");
+                            }
+                            text
+                        },
+                        json!({"leases": list.leases.iter().map(lease_json).collect::<Vec<_>>(), "truncated": truncated,
+                               "audit_position": position(&r), "request_id": request_id(&r)}),
+                    );
                 }
                 LeaseCommand::Lookup { lease_id } => {
                     let r = rpc!(c, Read, lease_lookup, proto::LeaseId { lease_id }).await?;
