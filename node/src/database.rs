@@ -32,6 +32,9 @@ use crate::policy::{self, Capability};
 
 /// Expired leases revoked per reaper round.
 pub const REAP_BATCH: usize = 100;
+/// How long after a rotation of an admin password began the scheduler may finish it: past
+/// any wait of its own request on the database.
+pub const RESUME_ROTATION_AFTER: Duration = Duration::from_secs(30);
 /// Most leases one list returns.
 pub const LEASE_LIST_LIMIT: usize = 1000;
 const SQL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -535,6 +538,42 @@ fn load_lease(env: &mut Env<'_>, id: &str) -> Result<Lease, ApiError> {
     env.get_json(&lease_key(id)?)?.ok_or_else(|| ApiError::NotFound("no such lease".into()))
 }
 
+/// What a rotation of connection `name`'s admin password needs: the connection as it is,
+/// the connection with the new password, its user, the password, and whether it resumes
+/// an interrupted rotation (whose pending password it reuses). A new rotation (`start`)
+/// draws a password and stores the pending URL (and its plaintext index) first; without
+/// `start`, nothing is pending: `None`.
+type Rotation = (Target, Target, String, Zeroizing<String>, bool);
+
+fn plan_rotation(env: &mut Env<'_>, name: &str, start: bool) -> Result<Option<Rotation>, ApiError> {
+    let mut conn = load_conn(env, name)?;
+    let resumed = conn.pending_url.is_some();
+    if !resumed && !start {
+        env.tx.clear(&keys::db_rotation_pending(name))?;
+        return Ok(None);
+    }
+    let password = match conn.pending_url.as_deref().and_then(password_of) {
+        Some(password) => password,
+        None => Zeroizing::new(random_alnum(32)),
+    };
+    let (rotated, user) = with_password(&conn.url, &password)?;
+    if !resumed {
+        conn.pending_url = Some(rotated.to_string());
+        env.put_json(&keys::db_connection(name), &conn)?;
+        env.tx.set(&keys::db_rotation_pending(name), &env.now_unix_ms.to_be_bytes())?;
+    }
+    let pending = Target {
+        url: rotated,
+        tls: DbTls {
+            ca_pem: conn.ca_pem.clone(),
+            client_cert_pem: conn.client_cert_pem.clone(),
+            client_key_pem: conn.client_key_pem.clone().map(Zeroizing::new),
+        },
+    };
+    conn.pending_url = None;
+    Ok(Some((Target::from(conn.clone()), pending, user, password, resumed)))
+}
+
 fn load_role(env: &mut Env<'_>, name: &str) -> Result<Role, ApiError> {
     env.get_json(&keys::db_role(name))?.ok_or_else(|| ApiError::NotFound(format!("no database role {name}")))
 }
@@ -586,7 +625,10 @@ impl Node {
                     client_key_pem: tls.client_key_pem.as_ref().map(|k| k.to_string()),
                     pending_url: None,
                 },
-            )
+            )?;
+            // A new URL ends any rotation of the old one.
+            env.tx.clear(&keys::db_rotation_pending(&name))?;
+            Ok(())
         })
         .await
     }
@@ -685,6 +727,7 @@ impl Node {
                 )));
             }
             env.tx.clear(&keys::db_connection(&name))?;
+            env.tx.clear(&keys::db_rotation_pending(&name))?;
             Ok(())
         })
         .await
@@ -742,25 +785,7 @@ impl Node {
             .execute(ctx, Operation::DbRotateRoot, path.clone(), move |env| {
                 validate_name(&name)?;
                 env.authorize(&path, &[Capability::Update])?;
-                let mut conn = load_conn(env, &name)?;
-                let resumed = conn.pending_url.is_some();
-                let password = match conn.pending_url.as_deref().and_then(password_of) {
-                    Some(password) => password,
-                    None => Zeroizing::new(random_alnum(32)),
-                };
-                let (rotated, user) = with_password(&conn.url, &password)?;
-                conn.pending_url = Some(rotated.to_string());
-                env.put_json(&keys::db_connection(&name), &conn)?;
-                let pending = Target {
-                    url: rotated,
-                    tls: DbTls {
-                        ca_pem: conn.ca_pem.clone(),
-                        client_cert_pem: conn.client_cert_pem.clone(),
-                        client_key_pem: conn.client_key_pem.clone().map(Zeroizing::new),
-                    },
-                };
-                conn.pending_url = None;
-                Ok((Target::from(conn.clone()), pending, user, password, resumed))
+                plan_rotation(env, &name, true)?.ok_or(ApiError::Internal)
             })
             .await;
         let Audited { result, request_id, position } = planned;
@@ -771,6 +796,69 @@ impl Node {
             }
         };
         Audited { result, request_id, position }
+    }
+
+    /// The scheduler's part in rotations: finishes those whose database answer was lost
+    /// (a pending URL left), each after a wait that doubles while it fails (`retries`).
+    pub(crate) async fn finish_interrupted_rotations(
+        self: &Arc<Self>,
+        retries: &mut crate::backoff::Backoff<String>,
+    ) {
+        use arca_store::StoreExt as _;
+        let (begin, end) = keys::children_range(&keys::db_rotations_pending());
+        let rows = self
+            .store
+            .transact(|tx| -> Result<_, ApiError> { Ok(tx.get_range(&begin, &end, Default::default())?) });
+        let rows = match rows {
+            Ok(rows) => rows.value,
+            Err(err) => {
+                tracing::debug!(error = %err, "interrupted rotations");
+                return;
+            }
+        };
+        // (name, when its rotation started)
+        let pending: Vec<(String, u64)> = rows
+            .iter()
+            .filter_map(|row| {
+                let name = arca_store::tuple::unpack(&row.key).ok()?.last()?.as_str()?.to_owned();
+                let started =
+                    row.value.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+                Some((name, started))
+            })
+            .collect();
+        retries.keep_only(&pending.iter().map(|(name, _)| name.clone()).collect());
+        let now = self.now();
+        for (name, started) in pending {
+            // A rotation still under way (its request waiting on the database, here or on
+            // another node) is left to it.
+            if now.saturating_sub(started) < RESUME_ROTATION_AFTER.as_millis() as u64
+                || !retries.due(&name, std::time::Instant::now())
+            {
+                continue;
+            }
+            let path = format!("database/rotate-root/{name}");
+            let owned = name.clone();
+            let planned = self
+                .execute_system(Operation::DbRotateRoot, path, move |env| {
+                    env.actor.entity = "system:rotation".into();
+                    plan_rotation(env, &owned, false)
+                })
+                .await;
+            let finished = match planned.result {
+                Ok(None) => Ok(()),
+                Ok(Some((current, pending, user, password, _))) => {
+                    self.finish_rotation(name.clone(), current, pending, &user, &password, true).await
+                }
+                Err(err) => Err(err),
+            };
+            match finished {
+                Ok(()) => retries.succeeded(&name),
+                Err(err) => {
+                    let (failures, wait) = retries.failed(name.clone(), std::time::Instant::now());
+                    tracing::warn!(db = %name, error = %err, failures, retry_in_s = wait.as_secs(), "an interrupted admin password rotation is not finished yet; tried again after a wait");
+                }
+            }
+        }
     }
 
     /// [`Node::db_rotate_root`]'s second half: the database told, the pending URL settled.
@@ -798,7 +886,7 @@ impl Node {
                 let err = ApiError::from(ran.unwrap_err());
                 tracing::warn!(db = %name, error = %err, "rotating a connection's admin password: no answer");
                 return Err(ApiError::FailedPrecondition(format!(
-                    "{err}: the new password may or may not be in use; rotate-root again finishes the rotation"
+                    "{err}: the new password may or may not be in use; the scheduler finishes the rotation (or rotate-root again)"
                 )));
             }
             Err(_) => false,
@@ -811,6 +899,7 @@ impl Node {
             {
                 conn.url = url;
             }
+            env.tx.clear(&keys::db_rotation_pending(&name))?;
             env.put_json(&keys::db_connection(&name), &conn)
         })
         .await

@@ -114,6 +114,16 @@ pub fn db_connections() -> Vec<u8> {
     pack(&["sys".into(), "db".into(), "conn".into()])
 }
 
+/// A connection whose admin password rotation was interrupted (plaintext, empty): what
+/// the scheduler finishes without decrypting every connection each round.
+pub fn db_rotation_pending(name: &str) -> Vec<u8> {
+    pack(&["sys".into(), "db".into(), "pending".into(), name.into()])
+}
+
+pub fn db_rotations_pending() -> Vec<u8> {
+    pack(&["sys".into(), "db".into(), "pending".into()])
+}
+
 /// Every database role (`db_role` under it).
 pub fn db_roles() -> Vec<u8> {
     pack(&["sys".into(), "db".into(), "role".into()])

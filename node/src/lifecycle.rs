@@ -863,6 +863,8 @@ struct Retries {
     leases: Backoff<String>,
     /// Database connections the reaper could not reach, by name.
     databases: Backoff<String>,
+    /// Connections whose interrupted admin password rotation is not finished yet.
+    root_rotations: Backoff<String>,
 }
 
 async fn scheduler_round(node: &Arc<Node>, holder: &str, retries: &mut Retries) -> Result<(), ApiError> {
@@ -918,6 +920,7 @@ async fn scheduler_tasks(node: &Arc<Node>, retries: &mut Retries) -> Result<(), 
     if let Err(err) = node.reap_expired(&mut retries.leases, &mut retries.databases).await {
         tracing::debug!(error = %err, "lease reaper");
     }
+    node.finish_interrupted_rotations(&mut retries.root_rotations).await;
     if !retries.databases.is_empty() {
         // A deleted connection no longer waits (no lease names it: see `db_config_delete`).
         let names = node.store.transact(|tx| crate::node::names_under(tx, &keys::db_connections()));

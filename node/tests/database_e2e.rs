@@ -983,9 +983,9 @@ impl MutingProxy {
 
 /// A rotation of the admin password whose answer is lost (the database applied it) keeps the
 /// new URL pending, and the next `rotate-root` finds it in use and finishes, rather than
-/// locking arca out with a third password.
+/// locking arca out with a third password; left alone, the scheduler finishes it.
 #[test]
-fn an_interrupted_admin_password_rotation_is_finished_by_the_next() {
+fn an_interrupted_admin_password_rotation_is_finished_by_the_next_or_by_the_scheduler() {
     let dir = tempfile::tempdir().unwrap();
     let pg = Postgres::start(dir.path());
     let proxy = MutingProxy::start(pg.port);
@@ -1013,7 +1013,7 @@ fn an_interrupted_admin_password_rotation_is_finished_by_the_next() {
     proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let lost = arca(&server, Some(&root), &["db", "rotate-root", "pg"]);
     assert_eq!(lost.code, 5, "{}", lost.stderr);
-    assert!(lost.stderr.contains("rotate-root again finishes the rotation"), "{}", lost.stderr);
+    assert!(lost.stderr.contains("the scheduler finishes the rotation"), "{}", lost.stderr);
     assert!(!can_log_in(pg.port, "postgres", password), "the database took the new password");
     assert_eq!(ok(&server, &root, &["db", "read-config", "pg"])["root_rotation_pending"], true);
     assert!(!creds_log_in(), "the stored URL's password is the old one until the rotation ends");
@@ -1022,4 +1022,21 @@ fn an_interrupted_admin_password_rotation_is_finished_by_the_next() {
     ok(&server, &root, &["db", "rotate-root", "pg"]);
     assert_eq!(ok(&server, &root, &["db", "read-config", "pg"])["root_rotation_pending"], false);
     assert!(creds_log_in(), "the pending password was the database's: credentials work again");
+
+    // Lost again, and left alone: the scheduler finishes it, once the rotation's own request
+    // is surely over (`RESUME_ROTATION_AFTER` after it began).
+    proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let began = Instant::now();
+    assert_eq!(arca(&server, Some(&root), &["db", "rotate-root", "pg"]).code, 5);
+    proxy.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = began + arca_node::database::RESUME_ROTATION_AFTER + Duration::from_secs(30);
+    while ok(&server, &root, &["db", "read-config", "pg"])["root_rotation_pending"] == true {
+        assert!(Instant::now() < deadline, "the scheduler never finished the rotation");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        began.elapsed() >= arca_node::database::RESUME_ROTATION_AFTER,
+        "the scheduler took over a rotation whose request may still have been waiting"
+    );
+    assert!(creds_log_in(), "credentials work after the scheduler's finish");
 }
