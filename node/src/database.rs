@@ -878,19 +878,20 @@ impl Node {
             user.replace('"', "\"\"")
         ));
         let ran = if done { Ok(()) } else { run_sql(&current, &sql).await };
-        // Settle the pending URL: in use (confirmed), dropped (refused), or kept for the
-        // next try (the answer lost: it may be in use).
-        let confirmed = match &ran {
-            Ok(()) => true,
-            Err(SqlError::Unreachable(_)) => {
-                let err = ApiError::from(ran.unwrap_err());
+        // Settle the pending URL: in use (confirmed) or dropped (refused); a lost answer
+        // keeps it for the next try (it may be in use).
+        let refused = match ran {
+            Ok(()) => None,
+            Err(lost @ SqlError::Unreachable(_)) => {
+                let err = ApiError::from(lost);
                 tracing::warn!(db = %name, error = %err, "rotating a connection's admin password: no answer");
                 return Err(ApiError::FailedPrecondition(format!(
                     "{err}: the new password may or may not be in use; the scheduler finishes the rotation (or rotate-root again)"
                 )));
             }
-            Err(_) => false,
+            Err(other) => Some(ApiError::from(other)),
         };
+        let confirmed = refused.is_none();
         let path = format!("database/rotate-root/{name}");
         self.execute_system(Operation::DbRotateRoot, path, move |env| {
             let mut conn = load_conn(env, &name)?;
@@ -904,11 +905,13 @@ impl Node {
         })
         .await
         .result?;
-        ran.map_err(|err| {
-            let err = ApiError::from(err);
-            tracing::warn!(error = %err, "rotating a connection's admin password: refused");
-            err
-        })
+        match refused {
+            None => Ok(()),
+            Some(err) => {
+                tracing::warn!(error = %err, "rotating a connection's admin password: refused");
+                Err(err)
+            }
+        }
     }
 
     /// Creates fresh credentials for `role` (needs `read` on `database/creds/<role>`).
@@ -918,7 +921,7 @@ impl Node {
             .execute(ctx, Operation::DbCreds, path.clone(), move |env| {
                 validate_name(&role)?;
                 let record = env.authorize(&path, &[Capability::Read])?;
-                let r: Role = env.get_json(&keys::db_role(&role))?.ok_or_else(|| ApiError::NotFound(format!("no database role {role}")))?;
+                let r = load_role(env, &role)?;
                 let conn = load_conn(env, &r.db)?;
                 // The quota, counted in the same transaction as the new lease.
                 let prefix = keys::lease_owner_prefix(&record.entity, &role);
